@@ -1,0 +1,1 @@
+"""The ``hub`` command line and the built-in demo."""

@@ -1,0 +1,249 @@
+"""The ``hub`` command line.
+
+Every command that touches a store takes ``--store PATH`` (default ``$MERGEHUB_HOME``, else
+``~/.cache/mergehub``). Errors caused by input print one line ``error: ...`` naming the file,
+model or tensor and exit with status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mergehub import __version__
+from mergehub.errors import MergehubError
+from mergehub.storage.store import KINDS, ModelInfo, Store, default_root
+from mergehub.storage.writer import parse_size
+
+
+class _Group(click.Group):
+    """Turns :class:`MergehubError` and OS errors into one line on stderr and exit status 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (MergehubError, OSError) as e:
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+def human_bytes(n: float) -> str:
+    """``1234567`` -> ``"1.23 MB"`` (decimal units, as file managers and the HF Hub show)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+def _open_store(ctx: click.Context, create: bool = False) -> Store:
+    return Store(ctx.obj["store"], create=create)
+
+
+def _json_arg(value: str | None, option: str) -> dict[str, Any] | None:
+    """Parse a JSON object given inline or as ``@FILE`` / a path to a JSON file."""
+    if value is None:
+        return None
+    text = value
+    if value.startswith("@") or Path(value).is_file():
+        path = Path(value.removeprefix("@"))
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise click.BadParameter(f"{path}: {e.strerror or e}", param_hint=option) from e
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"not valid JSON ({e})", param_hint=option) from e
+    if not isinstance(obj, dict):
+        raise click.BadParameter("must be a JSON object", param_hint=option)
+    return obj
+
+
+def _summary(info: ModelInfo) -> str:
+    of = f" of {info.base!r}" if info.base else ""
+    return (f"{info.name!r} ({info.kind}{of}): {info.tensors} tensors, "
+            f"{human_bytes(info.logical_bytes)} logical, {human_bytes(info.stored_bytes)} stored "
+            f"({info.saving:.1%} saved)")
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--store", "store", type=click.Path(file_okay=False, path_type=Path),
+              help=f"Store root directory. Default: $MERGEHUB_HOME, else {default_root()}.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.version_option(__version__, prog_name="mergehub")
+@click.pass_context
+def cli(ctx: click.Context, store: Path | None, debug: bool) -> None:
+    """mergehub: keep fine-tunes and adapters of one base as compressed deltas, merge and ship them.
+
+    A store keeps each base checkpoint once and every fine-tune as a lossless delta against it.
+    Start with `hub demo`, or `hub init` then `hub add`.
+    """
+    ctx.obj = {"store": store, "debug": debug}
+
+
+@cli.command()
+@click.pass_context
+def init(ctx: click.Context) -> None:
+    """Create the store (a directory with a SQLite catalog and content-addressed blobs)."""
+    root = ctx.obj["store"] or default_root()
+    existed = (root / "mergehub-store.json").is_file()
+    with Store.init(root) as store:
+        click.echo(f"{'store already exists' if existed else 'initialized store'} at {store.root}")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--name", "-n", required=True, help="Name of the new model in the store (unique).")
+@click.option("--base", "-b", default=None,
+              help="Stored model this one was fine-tuned from: unchanged tensors cost nothing, "
+                   "changed ones are kept as lossless deltas. Names and shapes must match.")
+@click.option("--kind", type=click.Choice(KINDS), default=None,
+              help="Model kind. Default: adapter for a PEFT dir, finetune with --base, else base.")
+@click.option("--metrics", default=None,
+              help='Metrics as a JSON object, inline (\'{"loss": 0.41}\') or @FILE.')
+@click.option("--provenance", default=None,
+              help="Extra provenance (recipe, run id, ...) as a JSON object, inline or @FILE.")
+@click.pass_context
+def add(ctx: click.Context, path: Path, name: str, base: str | None, kind: str | None,
+        metrics: str | None, provenance: str | None) -> None:
+    """Add the checkpoint at PATH: an HF model dir (sharded or not), a PEFT adapter dir, or a
+    .safetensors file. Creates the store if needed. Pickle files (.bin/.pt/...) are refused."""
+    m, p = _json_arg(metrics, "--metrics"), _json_arg(provenance, "--provenance")
+    with _open_store(ctx, create=True) as store:
+        info = store.add(path, name, base=base, kind=kind, metrics=m, provenance=p,
+                         progress=_progress())
+    click.echo(f"added {_summary(info)}")
+
+
+@cli.command(name="ls")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def ls_(ctx: click.Context, as_json: bool) -> None:
+    """List stored models with their kind, base and sizes."""
+    with _open_store(ctx) as store:
+        models = store.ls()
+    if as_json:
+        click.echo(json.dumps([m.to_dict() for m in models], indent=2))
+        return
+    rows = [("NAME", "KIND", "BASE", "TENSORS", "LOGICAL", "STORED", "SAVED", "CREATED")]
+    rows += [(m.name, m.kind, m.base or "-", str(m.tensors), human_bytes(m.logical_bytes),
+              human_bytes(m.stored_bytes), f"{m.saving:.1%}", m.created) for m in models]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    if models:
+        logical = sum(m.logical_bytes for m in models)
+        stored = sum(m.stored_bytes for m in models)
+        click.echo(f"total: {human_bytes(logical)} logical in {human_bytes(stored)} stored "
+                   f"({1 - stored / logical:.1%} saved)")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.pass_context
+def show(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Show one model: kind, base, tensor count, logical and stored bytes, metrics, provenance."""
+    with _open_store(ctx) as store:
+        info = store.show(name)
+    if as_json:
+        click.echo(json.dumps(info.to_dict(), indent=2))
+        return
+    ratio = info.logical_bytes / info.stored_bytes if info.stored_bytes else float("inf")
+    for key, value in (("name", info.name), ("kind", info.kind), ("base", info.base or "-"),
+                       ("format", info.format), ("created", info.created),
+                       ("tensors", info.tensors),
+                       ("logical bytes", f"{info.logical_bytes} ({human_bytes(info.logical_bytes)})"),
+                       ("bytes on disk", f"{info.stored_bytes} ({human_bytes(info.stored_bytes)})"),
+                       ("saving vs raw", f"{info.saving:.1%} ({ratio:.2f}x smaller)"),
+                       ("metrics", json.dumps(info.metrics, sort_keys=True)),
+                       ("provenance", json.dumps(info.provenance, sort_keys=True))):
+        click.echo(f"{key + ':':15s}{value}")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path),
+              help="Directory to write (must not exist or be empty, unless --overwrite).")
+@click.option("--max-shard-size", default=None,
+              help="Re-shard an HF model into shards of at most this size (e.g. 2GB, 500MiB). "
+                   "Default: re-create the files exactly as they were added.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
+@click.pass_context
+def export(ctx: click.Context, name: str, output: Path, max_shard_size: str | None,
+           overwrite: bool) -> None:
+    """Write model NAME to a directory, bit for bit as it was added. The output appears only
+    once complete: a failed export leaves nothing at OUTPUT."""
+    size = parse_size(max_shard_size) if max_shard_size is not None else None
+    with _open_store(ctx) as store:
+        store.export(name, output, max_shard_size=size, overwrite=overwrite, progress=_progress())
+    click.echo(f"exported {name!r} to {output}")
+
+
+@cli.command()
+@click.argument("name")
+@click.pass_context
+def rm(ctx: click.Context, name: str) -> None:
+    """Remove model NAME from the catalog (refused while other models use it as base).
+    Its blobs are freed by `hub gc`."""
+    with _open_store(ctx) as store:
+        store.rm(name)
+    click.echo(f"removed {name!r} (run `hub gc` to free its blobs)")
+
+
+@cli.command()
+@click.pass_context
+def gc(ctx: click.Context) -> None:
+    """Delete blobs that no model references and leftovers of interrupted adds.
+    Waits for running adds and exports of other processes to finish."""
+    with _open_store(ctx) as store:
+        report = store.gc()
+    click.echo(f"removed {report.blobs_removed} blobs ({human_bytes(report.bytes_freed)}) and "
+               f"{report.temp_files_removed} temporary files")
+
+
+@cli.command()
+@click.pass_context
+def verify(ctx: click.Context) -> None:
+    """Check every blob against its sha256, decode it, and check the decoded bytes against the
+    original's sha256. Exits with status 2 and names the affected models if anything is wrong."""
+    with _open_store(ctx) as store:
+        report = store.verify(progress=_progress())
+    for problem in report.problems:
+        click.echo(f"error: {problem}", err=True)
+    note = (f"; {report.unreferenced_files} unreferenced blob files (`hub gc` removes them)"
+            if report.unreferenced_files else "")
+    status = "OK" if report.ok else f"{len(report.problems)} problems"
+    click.echo(f"checked {report.blobs} blobs ({human_bytes(report.bytes)}): {status}{note}")
+    if not report.ok:
+        ctx.exit(2)
+
+
+@cli.command()
+@click.option("--keep", type=click.Path(path_type=Path), default=None,
+              help="Build the demo in this directory and keep it (default: a temp dir, removed).")
+def demo(keep: Path | None) -> None:
+    """Build a tiny transformers model, fine-tune-like variants and a LoRA adapter, store them
+    against the base, show the savings, export and check the exports are bit-exact."""
+    from mergehub.hub.demo import run_demo
+
+    run_demo(keep, echo=click.echo)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="hub")

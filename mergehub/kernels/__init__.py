@@ -1,0 +1,1 @@
+"""Fused Triton kernels for merging and decompress-and-apply, with torch references."""

@@ -1,0 +1,1 @@
+"""Merge methods composing deltas tensor by tensor (task arithmetic, TIES, DARE, ...)."""

@@ -1,0 +1,1 @@
+"""Checkpoint I/O (safetensors, HF and PEFT dirs), the blob codecs, and the local store."""

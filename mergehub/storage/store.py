@@ -1,0 +1,648 @@
+"""The local store: content-addressed blobs plus a SQLite catalog, embedded, no server.
+
+Layout of a store root::
+
+    mergehub-store.json     marker with the layout version
+    catalog.sqlite          models, their files and tensors, and the blob index (WAL mode)
+    blobs/ab/cdef...        one file per blob, named by the sha256 of its bytes
+    tmp/                    blobs being written (removed by ``gc``)
+    lock                    flock: adds/exports share it, ``gc`` takes it exclusively
+
+A model is a list of files as they were on disk: side files (config, tokenizer, index json) are
+kept whole; each safetensors file is kept as its exact header plus one blob per tensor. So export
+re-creates every file byte for byte. A tensor equal to one already stored (in the base, or in
+any model) costs nothing; a tensor of a fine-tune that differs from the same-named tensor of its
+base is stored losslessly as a delta against it (see :mod:`mergehub.storage.codec`).
+
+Crash safety: blobs are written to ``tmp/``, fsynced and renamed into place before the catalog
+transaction that references them commits, so a process killed at any point leaves, at worst,
+unreferenced blob files (removed by ``gc``), never a catalog row pointing at a missing or
+partial blob. Every blob is checked against its id when read and every decoded tensor against
+the sha256 of the original bytes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mergehub import __version__
+from mergehub.errors import BaseMismatchError, InputError, IntegrityError, StoreError
+from mergehub.storage.atomic import atomic_output_dir, fsync_dir, write_file_atomic
+from mergehub.storage.checkpoint import Checkpoint, open_checkpoint, peft_target_weight
+from mergehub.storage.codec import (
+    BlobFormatError, BlobHeader, decode_blob, encode_lossless, sha256, unpack_blob)
+from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
+from mergehub.storage.writer import MODEL_SIDE_FILES, write_model_dir
+
+MARKER = "mergehub-store.json"
+LAYOUT_VERSION = 1
+KINDS = ("base", "finetune", "adapter", "merged")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+=/:-]{0,199}$")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS models(
+  id INTEGER PRIMARY KEY,
+  name TEXT NOT NULL UNIQUE,
+  kind TEXT NOT NULL CHECK (kind IN ('base', 'finetune', 'adapter', 'merged')),
+  base_id INTEGER REFERENCES models(id),
+  format TEXT NOT NULL CHECK (format IN ('hf', 'peft', 'safetensors')),
+  metrics TEXT NOT NULL,
+  provenance TEXT NOT NULL,
+  created TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS blobs(
+  id TEXT PRIMARY KEY,            -- sha256 of the blob file
+  codec TEXT NOT NULL,
+  ref TEXT REFERENCES blobs(id),  -- blob this one is a delta against
+  raw_sha256 TEXT NOT NULL,       -- sha256 of the decoded bytes
+  raw_size INTEGER NOT NULL,
+  size INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS blobs_by_raw ON blobs(raw_sha256);
+CREATE TABLE IF NOT EXISTS files(
+  model_id INTEGER NOT NULL REFERENCES models(id) ON DELETE CASCADE,
+  path TEXT NOT NULL,
+  role TEXT NOT NULL CHECK (role IN ('weights', 'side')),
+  blob TEXT NOT NULL REFERENCES blobs(id),  -- weights: the exact header; side: the content
+  PRIMARY KEY (model_id, path));
+CREATE TABLE IF NOT EXISTS tensors(
+  model_id INTEGER NOT NULL REFERENCES models(id) ON DELETE CASCADE,
+  name TEXT NOT NULL,
+  file TEXT NOT NULL,
+  offset INTEGER NOT NULL,        -- in the file's data section
+  dtype TEXT NOT NULL,
+  shape TEXT NOT NULL,            -- JSON list
+  blob TEXT NOT NULL REFERENCES blobs(id),
+  PRIMARY KEY (model_id, name));
+"""
+
+
+def default_root() -> Path:
+    """``$MERGEHUB_HOME`` if set, else ``~/.cache/mergehub``."""
+    env = os.environ.get("MERGEHUB_HOME")
+    return Path(env) if env else Path.home() / ".cache" / "mergehub"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Catalog entry of one model, with its sizes.
+
+    ``logical_bytes`` is what an export writes; ``stored_bytes`` is what this model adds to the
+    store on disk beyond its base (blobs it references that its base does not).
+    """
+
+    name: str
+    kind: str
+    base: str | None
+    format: str
+    created: str
+    metrics: dict[str, Any]
+    provenance: dict[str, Any]
+    tensors: int
+    logical_bytes: int
+    stored_bytes: int
+
+    @property
+    def saving(self) -> float:
+        """Fraction of the logical bytes not spent on disk (0.75 = stored in a quarter)."""
+        return 1.0 - self.stored_bytes / self.logical_bytes if self.logical_bytes else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "saving": self.saving}
+
+
+@dataclass
+class VerifyReport:
+    """Result of :meth:`Store.verify`: what was checked and every problem found."""
+
+    blobs: int = 0
+    bytes: int = 0
+    problems: list[str] = field(default_factory=list)
+    unreferenced_files: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """Result of :meth:`Store.gc`."""
+
+    blobs_removed: int
+    bytes_freed: int
+    temp_files_removed: int
+
+
+class StoredModel:
+    """A model in the store, read like a checkpoint: specs, then one tensor at a time."""
+
+    def __init__(self, store: "Store", info: ModelInfo, tensors: dict[str, tuple[TensorSpec, str]],
+                 side_files: dict[str, str]):
+        self.store = store
+        self.info = info
+        self._tensors = tensors
+        self._side = side_files
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    def specs(self) -> list[TensorSpec]:
+        """Specs of all tensors, in the order they were stored."""
+        return [spec for spec, _ in self._tensors.values()]
+
+    def read_bytes(self, name: str) -> bytes:
+        """The tensor's exact bytes, verified against their checksum."""
+        spec, blob = self._lookup(name)
+        return self.store._read_raw(blob, f"model {self.name!r}, tensor {name!r}")
+
+    def load(self, name: str) -> torch.Tensor:
+        """The tensor as a CPU torch tensor."""
+        spec = self._lookup(name)[0]
+        if spec.dtype not in TORCH_DTYPE:
+            raise InputError(f"model {self.name!r}: tensor {name!r} has dtype {spec.dtype}, "
+                             "which torch cannot represent")
+        raw = bytearray(self.read_bytes(name))
+        return torch.frombuffer(raw, dtype=TORCH_DTYPE[spec.dtype]).reshape(spec.shape)
+
+    def side_file(self, path: str) -> bytes:
+        """Content of a kept side file (``config.json``, tokenizer files, ...)."""
+        if path not in self._side:
+            raise StoreError(f"model {self.name!r} has no file {path!r}")
+        return self.store._read_raw(self._side[path], f"model {self.name!r}, file {path!r}")
+
+    @property
+    def side_files(self) -> list[str]:
+        return list(self._side)
+
+    def _lookup(self, name: str) -> tuple[TensorSpec, str]:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise StoreError(f"model {self.name!r} has no tensor {name!r}") from None
+
+
+class Store:
+    """A mergehub store rooted at a directory (see the module docstring for the layout).
+
+    ``Store(root)`` opens an existing store; ``create=True`` (or :meth:`init`) creates it.
+    ``root`` defaults to ``$MERGEHUB_HOME``, else ``~/.cache/mergehub``. Safe to use from several
+    processes at once: adds of different models proceed in parallel, ``gc`` waits for them.
+    """
+
+    def __init__(self, root: str | Path | None = None, *, create: bool = False):
+        self.root = Path(root).expanduser() if root is not None else default_root()
+        if not (self.root / MARKER).is_file():
+            if not create:
+                raise StoreError(f"no mergehub store at {self.root} (run `hub init`, or pass "
+                                 "--store / set MERGEHUB_HOME)")
+            self._create_layout()
+        marker = json.loads((self.root / MARKER).read_text())
+        if marker.get("layout") != LAYOUT_VERSION:
+            raise StoreError(f"{self.root}: store layout {marker.get('layout')} is not supported "
+                             f"by mergehub {__version__} (layout {LAYOUT_VERSION})")
+        self._db = self._connect()
+
+    @classmethod
+    def init(cls, root: str | Path | None = None) -> "Store":
+        """Create (or open, if it exists) the store at ``root``."""
+        return cls(root, create=True)
+
+    # --- setup ----------------------------------------------------------------------------
+
+    def _create_layout(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"{self.root}: exists and is not a directory")
+        if self.root.is_dir() and any(p.name != "lock" for p in self.root.iterdir()):
+            raise StoreError(f"{self.root}: directory is not empty and is not a mergehub store")
+        for sub in ("blobs", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        db = self._connect()
+        db.close()
+        write_file_atomic(self.root / MARKER, json.dumps({"layout": LAYOUT_VERSION}).encode())
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.root / "catalog.sqlite", timeout=120, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.executescript(_SCHEMA)
+        return db
+
+    def close(self) -> None:
+        """Close the catalog connection."""
+        self._db.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _lock(self, exclusive: bool) -> Iterator[None]:
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the flock (the kernel also does on SIGKILL)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # --- blobs ----------------------------------------------------------------------------
+
+    def _blob_path(self, blob_id: str) -> Path:
+        return self.root / "blobs" / blob_id[:2] / blob_id[2:]
+
+    def _write_blob(self, data: bytes) -> tuple[str, Path]:
+        """Store ``data`` under its sha256 (durable once the returned dir is fsynced)."""
+        blob_id = sha256(data)
+        path = self._blob_path(blob_id)
+        if not path.exists():
+            path.parent.mkdir(exist_ok=True)
+            tmp = self.root / "tmp" / f"{blob_id}.{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        return blob_id, path.parent
+
+    def _load_blob(self, blob_id: str, what: str) -> tuple[BlobHeader, memoryview]:
+        """Read a blob file, check it against its id, and split header from payload."""
+        try:
+            data = self._blob_path(blob_id).read_bytes()
+        except FileNotFoundError:
+            raise IntegrityError(f"{what}: blob {blob_id[:16]} is missing from {self.root}/blobs "
+                                 "(store damaged; `hub verify` lists what is affected)") from None
+        if sha256(data) != blob_id:
+            raise IntegrityError(f"{what}: blob {blob_id[:16]} is corrupt (its sha256 does not "
+                                 "match; `hub verify` lists what is affected)")
+        try:
+            return unpack_blob(data)
+        except BlobFormatError as e:
+            raise IntegrityError(f"{what}: blob {blob_id[:16]} is malformed: {e}") from e
+
+    def _read_raw(self, blob_id: str, what: str, _depth: int = 0) -> bytes:
+        """Decode a blob to the original bytes, checking the blob and the decoded bytes."""
+        header, payload = self._load_blob(blob_id, what)
+        try:
+            if _depth > 16:
+                raise BlobFormatError("reference chain too long")
+            ref_raw = self._read_raw(header.ref, what, _depth + 1) if header.ref else None
+            raw = decode_blob(header, payload, ref_raw)
+        except (BlobFormatError, ValueError, KeyError) as e:  # zstd errors are ValueErrors
+            raise IntegrityError(f"{what}: blob {blob_id[:16]} cannot be decoded: {e}") from e
+        if sha256(raw) != header.sha256:
+            raise IntegrityError(f"{what}: blob {blob_id[:16]} decodes to bytes whose sha256 "
+                                 "does not match the original")
+        return raw
+
+    def _find_blob(self, raw_sha256: str) -> str | None:
+        """A stored blob that decodes to bytes with this hash, if its file is present."""
+        for (blob_id,) in self._db.execute("SELECT id FROM blobs WHERE raw_sha256 = ?",
+                                           (raw_sha256,)):
+            if self._blob_path(blob_id).is_file():
+                return blob_id
+        return None
+
+    # --- catalog helpers ------------------------------------------------------------------
+
+    def _model_row(self, name: str) -> tuple[int, str, int | None, str] | None:
+        return self._db.execute("SELECT id, kind, base_id, format FROM models WHERE name = ?",
+                                (name,)).fetchone()
+
+    def _require(self, name: str) -> tuple[int, str, int | None, str]:
+        row = self._model_row(name)
+        if row is None:
+            raise StoreError(f"no model named {name!r} in store {self.root} (`hub ls` lists them)")
+        return row
+
+    def _tensor_rows(self, model_id: int) -> list[tuple[str, str, int, str, str, str]]:
+        return self._db.execute(
+            "SELECT name, file, offset, dtype, shape, blob FROM tensors WHERE model_id = ? "
+            "ORDER BY file, offset", (model_id,)).fetchall()
+
+    # --- verbs ----------------------------------------------------------------------------
+
+    def add(self, path: str | Path, name: str, *, base: str | None = None,
+            kind: str | None = None, metrics: dict[str, Any] | None = None,
+            provenance: dict[str, Any] | None = None, progress: bool = True) -> ModelInfo:
+        """Add the checkpoint at ``path`` under ``name``.
+
+        Args:
+            path: an HF model dir, a PEFT adapter dir or a ``.safetensors`` file.
+            name: the new model's name (unique in the store).
+            base: name of a stored model this one was fine-tuned from. A fine-tune must have the
+                same tensor names and shapes as its base; tensors equal to the base's cost
+                nothing and the others are stored as lossless deltas against it. An adapter's
+                target modules must exist in the base.
+            kind: ``base``, ``finetune``, ``adapter`` or ``merged``; default: ``adapter`` for a
+                PEFT dir, else ``finetune`` with a base and ``base`` without.
+            metrics: JSON-able metrics (loss, accuracy, step, ...) kept with the model.
+            provenance: JSON-able facts about where it came from (recipe, run, ...); the source
+                path and mergehub version are always recorded.
+            progress: show a progress bar on stderr.
+        """
+        if not _NAME.match(name):
+            raise StoreError(f"invalid model name {name!r}: use letters, digits and ._@+=/:- "
+                             "(at most 200 characters, starting with a letter or digit)")
+        if kind is not None and kind not in KINDS:
+            raise StoreError(f"invalid kind {kind!r}: one of {', '.join(KINDS)}")
+        ckpt = open_checkpoint(path)
+        kind = kind or ("adapter" if ckpt.format == "peft" else "finetune" if base else "base")
+        for label, obj in (("metrics", metrics), ("provenance", provenance)):
+            if obj is not None and not isinstance(obj, dict):
+                raise StoreError(f"{label} must be a JSON object, got {type(obj).__name__}")
+        with self._lock(exclusive=False):
+            if self._model_row(name) is not None:
+                raise StoreError(f"a model named {name!r} already exists in store {self.root} "
+                                 f"(choose another name, or `hub rm {name}` first)")
+            base_id, base_tensors = None, {}
+            if base is not None:
+                base_id = self._require(base)[0]
+                base_tensors = {r[0]: (TensorSpec(r[0], r[3], tuple(json.loads(r[4]))), r[5])
+                                for r in self._tensor_rows(base_id)}
+                _check_fits_base(ckpt, kind, base, base_tensors)
+            return self._add_locked(ckpt, name, kind, base_id, base_tensors, metrics or {},
+                                    provenance or {}, progress)
+
+    def _add_locked(self, ckpt: Checkpoint, name: str, kind: str, base_id: int | None,
+                    base_tensors: dict[str, tuple[TensorSpec, str]], metrics: dict[str, Any],
+                    provenance: dict[str, Any], progress: bool) -> ModelInfo:
+        new_blobs: dict[str, tuple[str, str | None, str, int, int]] = {}
+        by_raw: dict[str, str] = {}
+        dirs: set[Path] = set()
+
+        def put(raw: bytes, dtype: str, ref_blob: str | None = None) -> str:
+            digest = sha256(raw)
+            blob_id = by_raw.get(digest) or self._find_blob(digest)
+            if blob_id is None:
+                ref = (ref_blob, self._read_raw(ref_blob, f"base of {name!r}")) if ref_blob else None
+                blob = encode_lossless(raw, dtype, digest, ref)
+                blob_id, parent = self._write_blob(blob)
+                dirs.add(parent)
+                header = unpack_blob(blob)[0]
+                new_blobs[blob_id] = (header.codec, header.ref, digest, len(raw), len(blob))
+            by_raw[digest] = blob_id
+            return blob_id
+
+        tensor_rows = []
+        total = sum(t.nbytes for t in ckpt.tensors.values())
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"add {name}",
+                  disable=not progress, leave=False) as bar:
+            for tname, info in ckpt.tensors.items():
+                raw = ckpt.read_bytes(tname)
+                base_entry = base_tensors.get(tname)
+                ref = (base_entry[1] if base_entry and base_entry[0].dtype == info.spec.dtype
+                       and base_entry[0].shape == info.spec.shape else None)
+                blob_id = put(raw, info.spec.dtype, ref)
+                offset = info.offset - ckpt.headers[info.file].data_start
+                tensor_rows.append((tname, info.file, offset, info.spec.dtype,
+                                    json.dumps(list(info.spec.shape)), blob_id))
+                bar.update(info.nbytes)
+        file_rows = [(rel, "weights", put(h.raw, "U8")) for rel, h in ckpt.headers.items()]
+        for rel in ckpt.side_files:
+            try:
+                content = (ckpt.root / rel).read_bytes()
+            except OSError as e:
+                raise InputError(f"{ckpt.root / rel}: cannot read: {e.strerror or e}") from e
+            file_rows.append((rel, "side", put(content, "U8")))
+        for d in dirs:
+            fsync_dir(d)
+        prov = {"source": str(Path(ckpt.path).absolute()), "source_format": ckpt.format,
+                "mergehub_version": __version__, **provenance}
+        if ckpt.adapter_config and ckpt.adapter_config.get("base_model_name_or_path"):
+            prov.setdefault("base_model_name_or_path", ckpt.adapter_config["base_model_name_or_path"])
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        with self._transaction() as db:
+            if self._model_row(name) is not None:  # another process took the name meanwhile
+                raise StoreError(f"a model named {name!r} already exists in store {self.root}")
+            db.executemany("INSERT OR IGNORE INTO blobs(id, codec, ref, raw_sha256, raw_size, size)"
+                           " VALUES (?, ?, ?, ?, ?, ?)", [(k, *v) for k, v in new_blobs.items()])
+            model_id = db.execute(
+                "INSERT INTO models(name, kind, base_id, format, metrics, provenance, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (name, kind, base_id, ckpt.format, json.dumps(metrics), json.dumps(prov),
+                 created)).lastrowid
+            db.executemany("INSERT INTO files(model_id, path, role, blob) VALUES (?, ?, ?, ?)",
+                           [(model_id, *r) for r in file_rows])
+            db.executemany("INSERT INTO tensors(model_id, name, file, offset, dtype, shape, blob) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)", [(model_id, *r) for r in tensor_rows])
+        return self.show(name)
+
+    def ls(self) -> list[ModelInfo]:
+        """All models, oldest first."""
+        names = [r[0] for r in self._db.execute("SELECT name FROM models ORDER BY id")]
+        return [self.show(n) for n in names]
+
+    def show(self, name: str) -> ModelInfo:
+        """One model's catalog entry and sizes."""
+        model_id, kind, base_id, fmt = self._require(name)
+        _, _, metrics, provenance, created = self._db.execute(
+            "SELECT name, kind, metrics, provenance, created FROM models WHERE id = ?",
+            (model_id,)).fetchone()
+        base = (self._db.execute("SELECT name FROM models WHERE id = ?", (base_id,)).fetchone()[0]
+                if base_id is not None else None)
+        count, tensor_bytes = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(b.raw_size), 0) FROM tensors t "
+            "JOIN blobs b ON b.id = t.blob WHERE t.model_id = ?", (model_id,)).fetchone()
+        (file_bytes,) = self._db.execute(
+            "SELECT COALESCE(SUM(b.raw_size), 0) FROM files f JOIN blobs b ON b.id = f.blob "
+            "WHERE f.model_id = ?", (model_id,)).fetchone()
+        (stored,) = self._db.execute(
+            "WITH mine AS (SELECT blob FROM tensors WHERE model_id = :m "
+            "              UNION SELECT blob FROM files WHERE model_id = :m), "
+            "     base AS (SELECT blob FROM tensors WHERE model_id = :b "
+            "              UNION SELECT blob FROM files WHERE model_id = :b) "
+            "SELECT COALESCE(SUM(size), 0) FROM blobs "
+            "WHERE id IN (SELECT blob FROM mine EXCEPT SELECT blob FROM base)",
+            {"m": model_id, "b": base_id}).fetchone()
+        return ModelInfo(name, kind, base, fmt, created, json.loads(metrics),
+                         json.loads(provenance), count, tensor_bytes + file_bytes, stored)
+
+    def open(self, name: str) -> StoredModel:
+        """Open a stored model for reading tensor by tensor."""
+        model_id = self._require(name)[0]
+        tensors = {r[0]: (TensorSpec(r[0], r[3], tuple(json.loads(r[4]))), r[5])
+                   for r in self._tensor_rows(model_id)}
+        side = dict(self._db.execute(
+            "SELECT path, blob FROM files WHERE model_id = ? AND role = 'side' ORDER BY path",
+            (model_id,)).fetchall())
+        return StoredModel(self, self.show(name), tensors, side)
+
+    def export(self, name: str, out: str | Path, *, max_shard_size: int | str | None = None,
+               overwrite: bool = False, progress: bool = True) -> Path:
+        """Write model ``name`` to the directory ``out``, atomically.
+
+        By default the files are re-created exactly as they were added (same names, same
+        bytes). With ``max_shard_size`` an HF model is re-sharded instead (new shard files and
+        index, the config/tokenizer files kept).
+        """
+        model_id, _, _, fmt = self._require(name)
+        with self._lock(exclusive=False):
+            rows = self._tensor_rows(model_id)
+            files = self._db.execute("SELECT path, role, blob FROM files WHERE model_id = ? "
+                                     "ORDER BY path", (model_id,)).fetchall()
+            total = sum(TensorSpec(r[0], r[3], tuple(json.loads(r[4]))).nbytes for r in rows)
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"export {name}",
+                       disable=not progress, leave=False)
+            with bar:
+                if max_shard_size is None:
+                    return self._export_exact(name, out, rows, files, overwrite, bar)
+                if fmt == "peft":
+                    raise StoreError(f"model {name!r} is a PEFT adapter: it cannot be re-sharded")
+                return self._export_resharded(name, out, rows, files, max_shard_size, overwrite)
+
+    def _export_exact(self, name: str, out: str | Path, rows: list, files: list,
+                      overwrite: bool, bar: tqdm) -> Path:
+        by_file: dict[str, list] = {}
+        for r in rows:
+            by_file.setdefault(r[1], []).append(r)
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            for path, role, blob in files:
+                content = self._read_raw(blob, f"model {name!r}, file {path!r}")
+                with open(tmp / path, "wb") as f:
+                    f.write(content)
+                    if role == "weights":
+                        for tname, _, _, _, _, tblob in by_file.get(path, []):
+                            data = self._read_raw(tblob, f"model {name!r}, tensor {tname!r}")
+                            f.write(data)
+                            bar.update(len(data))
+        return Path(out)
+
+    def _export_resharded(self, name: str, out: str | Path, rows: list, files: list,
+                          max_shard_size: int | str, overwrite: bool) -> Path:
+        blobs = {r[0]: r[5] for r in rows}
+        specs = [TensorSpec(r[0], r[3], tuple(json.loads(r[4]))) for r in rows]
+        side = {p: self._read_raw(b, f"model {name!r}, file {p!r}")
+                for p, role, b in files if role == "side" and MODEL_SIDE_FILES.match(p)}
+        return write_model_dir(
+            out, specs, lambda s: self._read_raw(blobs[s.name], f"model {name!r}, tensor {s.name!r}"),
+            max_shard_size=max_shard_size, side_files=side, overwrite=overwrite)
+
+    def rm(self, name: str) -> None:
+        """Remove a model from the catalog (``gc`` then frees its blobs).
+
+        Refused while other models are stored against it as their base.
+        """
+        model_id = self._require(name)[0]
+        with self._transaction() as db:
+            dependents = [r[0] for r in db.execute(
+                "SELECT name FROM models WHERE base_id = ? ORDER BY name", (model_id,))]
+            if dependents:
+                raise StoreError(f"cannot remove {name!r}: it is the base of "
+                                 f"{', '.join(map(repr, dependents))}; remove those first")
+            db.execute("DELETE FROM models WHERE id = ?", (model_id,))
+
+    def gc(self) -> GcReport:
+        """Delete blobs no model references, and leftovers of interrupted adds."""
+        with self._lock(exclusive=True):
+            with self._transaction() as db:
+                dead = db.execute(
+                    "WITH RECURSIVE live(id) AS ("
+                    "  SELECT blob FROM tensors UNION SELECT blob FROM files"
+                    "  UNION SELECT b.ref FROM blobs b JOIN live ON b.id = live.id"
+                    "  WHERE b.ref IS NOT NULL) "
+                    "SELECT id, size FROM blobs WHERE id NOT IN (SELECT id FROM live)").fetchall()
+                db.executemany("DELETE FROM blobs WHERE id = ?", [(d[0],) for d in dead])
+            known = {r[0] for r in self._db.execute("SELECT id FROM blobs")}
+            removed, freed = 0, 0
+            for path in self._blob_files():
+                blob_id = path.parent.name + path.name
+                if blob_id not in known:
+                    freed += path.stat().st_size
+                    path.unlink()
+                    removed += 1
+            temps = list((self.root / "tmp").iterdir())
+            for t in temps:
+                t.unlink()
+        return GcReport(removed, freed, len(temps))
+
+    def _blob_files(self) -> Iterator[Path]:
+        for sub in sorted((self.root / "blobs").iterdir()):
+            if sub.is_dir():
+                yield from sorted(sub.iterdir())
+
+    def verify(self, progress: bool = True) -> VerifyReport:
+        """Check every blob against its hash, decode it and check the decoded bytes' hash.
+
+        Problems name the models and tensors affected. Blob files no catalog row references
+        (left by an interrupted add) are counted, not reported: ``gc`` removes them.
+        """
+        report = VerifyReport()
+        with self._lock(exclusive=False):
+            for (msg,) in self._db.execute("PRAGMA integrity_check"):
+                if msg != "ok":
+                    report.problems.append(f"catalog: {msg}")
+            users: dict[str, str] = {}
+            for model, tname, blob in self._db.execute(
+                    "SELECT m.name, t.name, t.blob FROM tensors t JOIN models m ON m.id = t.model_id "
+                    "UNION ALL SELECT m.name, f.path, f.blob FROM files f "
+                    "JOIN models m ON m.id = f.model_id"):
+                users.setdefault(blob, f"model {model!r}, {tname!r}")
+            rows = self._db.execute("SELECT id, ref, raw_sha256, size FROM blobs").fetchall()
+            known = {r[0] for r in rows}
+            for blob in sorted(set(users) - known):
+                report.problems.append(f"{users[blob]}: blob {blob[:16]} has no catalog entry")
+            for blob_id, ref, raw_sha, size in tqdm(rows, desc="verify", unit="blob",
+                                                    disable=not progress, leave=False):
+                what = users.get(blob_id, f"blob {blob_id[:16]} (base of a stored delta)")
+                try:
+                    header = self._load_blob(blob_id, what)[0]
+                    if header.sha256 != raw_sha or header.ref != ref:
+                        report.problems.append(f"{what}: blob {blob_id[:16]} disagrees with "
+                                               "its catalog entry")
+                    self._read_raw(blob_id, what)
+                except IntegrityError as e:
+                    report.problems.append(str(e))
+                report.blobs += 1
+                report.bytes += size
+            report.unreferenced_files = sum(
+                1 for p in self._blob_files() if p.parent.name + p.name not in known)
+        return report
+
+
+def _check_fits_base(ckpt: Checkpoint, kind: str, base: str,
+                     base_tensors: dict[str, tuple[TensorSpec, str]]) -> None:
+    """Raise :class:`BaseMismatchError` naming the first tensor that does not fit ``base``."""
+    if ckpt.format == "peft" or kind == "adapter":
+        for name in ckpt.tensors:
+            target = peft_target_weight(name)
+            if target is not None and target not in base_tensors:
+                raise BaseMismatchError(
+                    f"{ckpt.path}: adapter tensor {name!r} targets {target!r}, which base "
+                    f"{base!r} does not have")
+        return
+    for name in sorted(set(ckpt.tensors) | set(base_tensors)):
+        if name not in base_tensors:
+            raise BaseMismatchError(f"{ckpt.path}: tensor {name!r} is not in base {base!r} "
+                                    "(different architecture, or resized/extra layers?)")
+        if name not in ckpt.tensors:
+            raise BaseMismatchError(f"{ckpt.path}: tensor {name!r} of base {base!r} is missing")
+        mine, theirs = ckpt.tensors[name].spec.shape, base_tensors[name][0].shape
+        if mine != theirs:
+            raise BaseMismatchError(f"{ckpt.path}: tensor {name!r} has shape {list(mine)} but "
+                                    f"{list(theirs)} in base {base!r}")

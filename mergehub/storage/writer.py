@@ -1,0 +1,132 @@
+"""Write HF model dirs: sharded safetensors plus ``model.safetensors.index.json``, streamed.
+
+The tensor list is planned up front (names, dtypes, shapes), so each shard's header is written
+before its data and every tensor is requested, written and dropped one at a time: peak memory
+is one tensor, whatever the model size. (``safetensors.torch.save_file`` needs every tensor of a
+file in memory at once, which is why the header is serialized here.) The layout follows
+transformers' ``save_pretrained``: one ``model.safetensors`` when everything fits in one shard,
+else ``model-0000i-of-0000n.safetensors`` with an index.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mergehub.errors import InputError
+from mergehub.storage.atomic import atomic_output_dir
+from mergehub.storage.safetensors_format import SAFETENSORS_DTYPE, TensorSpec, build_header
+
+DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
+SHARD_METADATA = {"format": "pt"}
+
+#: Files that describe a model beside its weights: copied from a source model into merge outputs.
+MODEL_SIDE_FILES = re.compile(
+    r"^(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|"
+    r"added_tokens\.json|vocab\..*|merges\.txt|.*\.model|chat_template\..*|"
+    r"preprocessor_config\.json)$")
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"`` -> 5e9, ``"500MiB"`` -> 500 * 2**20, ``1024`` -> 1024 (HF's conventions)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).upper() if m else None
+    if not m or unit not in _UNITS:
+        raise InputError(f"cannot read size {text!r}: use bytes or a number with KB/MB/GB/MiB/GiB")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def plan_shards(specs: list[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
+    """Split ``specs`` in order into shards of at most ``max_shard_size`` data bytes.
+
+    A tensor larger than the limit gets a shard of its own, as in transformers.
+    """
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def tensor_bytes(tensor: torch.Tensor, spec: TensorSpec) -> memoryview:
+    """The raw little-endian bytes of ``tensor``, after checking it matches ``spec``."""
+    dtype = SAFETENSORS_DTYPE.get(tensor.dtype)
+    if dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+        raise InputError(f"tensor {spec.name!r}: got {dtype} {tuple(tensor.shape)}, "
+                         f"planned {spec.dtype} {spec.shape}")
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+TensorSource = Callable[[TensorSpec], "torch.Tensor | bytes | memoryview"]
+
+
+def write_model_dir(out: str | Path, specs: list[TensorSpec], get: TensorSource, *,
+                    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                    side_files: Mapping[str, bytes | Path] | None = None,
+                    overwrite: bool = False, progress: bool = True) -> Path:
+    """Write an HF model dir at ``out`` atomically, streaming tensors one at a time.
+
+    Args:
+        out: the directory to create (must not exist or be empty unless ``overwrite``).
+        specs: every tensor to write, in order.
+        get: called once per spec, returns the tensor (or its raw bytes) to write.
+        max_shard_size: bytes per shard (``"2GB"`` style strings accepted).
+        side_files: extra files by name (``config.json``, tokenizer files, ...), as bytes or a
+            path to copy; see :func:`model_side_files`.
+        overwrite: replace a non-empty ``out``.
+        progress: show a progress bar (bytes/s) on stderr.
+    """
+    shards = plan_shards(specs, parse_size(max_shard_size))
+    total = sum(s.nbytes for s in specs)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        names = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        with tqdm(total=total, unit="B", unit_scale=True, desc="write", disable=not progress,
+                  leave=False) as bar:
+            for name, shard in zip(names, shards):
+                with open(tmp / name, "wb") as f:
+                    f.write(build_header(shard, SHARD_METADATA))
+                    for spec in shard:
+                        data = get(spec)
+                        if isinstance(data, torch.Tensor):
+                            data = tensor_bytes(data, spec)
+                        if len(data) != spec.nbytes:
+                            raise InputError(f"tensor {spec.name!r}: got {len(data)} bytes, "
+                                             f"expected {spec.nbytes}")
+                        f.write(data)
+                        bar.update(spec.nbytes)
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {s.name: n for n, shard in zip(names, shards) for s in shard}}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        for name, content in (side_files or {}).items():
+            if isinstance(content, Path):
+                shutil.copyfile(content, tmp / name)
+            else:
+                (tmp / name).write_bytes(content)
+    return Path(out)
+
+
+def model_side_files(source: str | Path) -> dict[str, Path]:
+    """The config, generation config and tokenizer files of the model dir ``source``."""
+    source = Path(source)
+    if not source.is_dir():
+        raise InputError(f"{source}: not a model directory to copy config/tokenizer files from")
+    return {p.name: p for p in sorted(source.iterdir())
+            if p.is_file() and MODEL_SIDE_FILES.match(p.name)}
