@@ -10,7 +10,7 @@ The ``lossless`` codec (measured in ``benchmarks/RESULTS.md``):
 
 * without a reference: for floats (f16, bf16, f32, f64) the exponent bits of every value go to
   byte planes of their own and sign + mantissa to others (``exp``); other dtypes are split into
-  byte planes (``planes``); then zstd level 1.
+  byte planes (``planes``); then each plane is zstd-compressed (level 1) in a frame of its own.
   Exponents of trained weights are low-entropy; sign and mantissa bits are close to random, so
   grouping like with like is what lets zstd compress (bf16 weights: ~0.68 of raw);
 * against a reference tensor of the same size (a fine-tune's base): the integer difference of
@@ -95,12 +95,13 @@ def sha256(data: bytes | memoryview) -> str:
 
 # --- byte-level transforms ------------------------------------------------------------------
 
-def _planes(x: np.ndarray, keep: int | None = None) -> bytes:
-    """Byte planes of an unsigned array: all first bytes, then all second bytes, ..."""
+def _planes(x: np.ndarray, keep: int | None = None) -> list[bytes]:
+    """Byte planes of an unsigned array: all first bytes, all second bytes, ... (``keep`` first)."""
     w = x.dtype.itemsize
     if w == 1:
-        return x.tobytes()
-    return np.ascontiguousarray(x.view(np.uint8).reshape(-1, w)[:, :keep].T).tobytes()
+        return [x.tobytes()]
+    cols = x.view(np.uint8).reshape(-1, w)
+    return [np.ascontiguousarray(cols[:, i]).tobytes() for i in range(keep or w)]
 
 
 def _unplanes(buf: bytes | memoryview, w: int, n: int) -> np.ndarray:
@@ -113,7 +114,7 @@ def _unplanes(buf: bytes | memoryview, w: int, n: int) -> np.ndarray:
     return out.view(_UINT[w]).reshape(-1)
 
 
-def _exp_split(x: np.ndarray, e: int, m: int) -> bytes:
+def _exp_split(x: np.ndarray, e: int, m: int) -> list[bytes]:
     """Byte planes of the exponents, then byte planes of (sign, mantissa), of a float array."""
     t = x.dtype.type
     exp = (x >> t(m)) & t((1 << e) - 1)
@@ -144,6 +145,32 @@ def _width(dtype: str, nbytes: int) -> int:
     return w if nbytes % w == 0 else 1
 
 
+def _compress_planes(planes: list[bytes]) -> bytes:
+    """One zstd frame per plane, so each gets entropy tables of its own.
+
+    (In one frame, a 128 KiB block that mixes a low-entropy exponent plane with a near-random
+    mantissa plane compresses to nothing: measured 1.01x on 50k fp16 weights vs 0.88x.)
+    """
+    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    frames = [compressor.compress(p) for p in planes]
+    return struct.pack(f"<I{len(frames)}Q", len(frames), *map(len, frames)) + b"".join(frames)
+
+
+def _decompress_planes(payload: memoryview, nbytes: int) -> memoryview:
+    """Inverse of :func:`_compress_planes`; no plane may exceed ``nbytes`` (bounds a bad blob)."""
+    (count,) = struct.unpack_from("<I", payload)
+    sizes = struct.unpack_from(f"<{count}Q", payload, 4)
+    pos = 4 + 8 * count
+    out = bytearray()
+    for size in sizes:
+        out += zstandard.ZstdDecompressor().decompress(payload[pos:pos + size],
+                                                       max_output_size=nbytes)
+        pos += size
+    if pos != len(payload):
+        raise BlobFormatError("plane sizes do not add up")
+    return memoryview(out)
+
+
 # --- the lossless codec ---------------------------------------------------------------------
 
 def encode_lossless(raw: bytes | memoryview, dtype: str, raw_sha256: str,
@@ -167,7 +194,7 @@ def encode_lossless(raw: bytes | memoryview, dtype: str, raw_sha256: str,
         transform, ref_id, body = "exp", None, _exp_split(x, *_FLOAT_BITS[dtype])
     else:
         transform, ref_id, body = "planes", None, _planes(x)
-    payload = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(body)
+    payload = _compress_planes(body)
     if len(payload) >= nbytes:
         transform, ref_id, payload = "none", None, bytes(raw)
     header = BlobHeader("lossless", dtype, nbytes, raw_sha256, ref_id,
@@ -180,7 +207,7 @@ def decode_lossless(header: BlobHeader, payload: memoryview, ref_raw: bytes | No
     transform, w = header.params["transform"], header.params["width"]
     if transform == "none":
         return bytes(payload)
-    body = memoryview(zstandard.ZstdDecompressor().decompress(payload, max_output_size=header.nbytes))
+    body = _decompress_planes(payload, header.nbytes)
     n = header.nbytes // w
     if transform == "delta":
         if ref_raw is None or len(ref_raw) != header.nbytes:

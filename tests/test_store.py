@@ -1,0 +1,269 @@
+"""The store through its Python API: bit-exact add -> export, dedup, deltas, rm/gc, integrity."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergehub.errors import BaseMismatchError, IntegrityError, StoreError
+from mergehub.hub.demo import dir_digests, make_tiny_llama
+from mergehub.storage.checkpoint import open_checkpoint
+from mergehub.storage.store import Store
+
+
+def _blob_bytes(store: Store) -> int:
+    return sum(p.stat().st_size for p in (store.root / "blobs").rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("key", ["base-bf16", "base-fp16", "base-fp32",
+                                 "sharded-bf16", "sharded-fp16", "sharded-fp32", "lora"])
+def test_add_export_bit_exact(store, models, tmp_path, key):
+    info = store.add(models[key], "m", progress=False)
+    assert info.kind == ("adapter" if key == "lora" else "base")
+    out = store.export("m", tmp_path / "out", progress=False)
+    assert dir_digests(out) == dir_digests(models[key])
+
+
+def test_finetunes_against_base_bit_exact_and_small(store, models, tmp_path):
+    base = store.add(models["base-bf16"], "base", progress=False)
+    for key in ("ft-mlp", "ft-attn", "ft-sharded", "lora"):
+        info = store.add(models[key], key, base="base", progress=False)
+        assert info.base == "base"
+        out = store.export(key, tmp_path / key, progress=False)
+        assert dir_digests(out) == dir_digests(models[key]), key
+    ft = store.show("ft-mlp")
+    assert ft.kind == "finetune" and ft.logical_bytes == base.logical_bytes
+    # only the MLP tensors changed; each is stored as a delta well under its raw size
+    ckpt = open_checkpoint(models["ft-mlp"])
+    changed = sum(t.nbytes for n, t in ckpt.tensors.items() if "mlp" in n)
+    assert 0 < ft.stored_bytes < 0.7 * changed
+    assert store.show("lora").kind == "adapter"
+
+
+def test_identical_tensors_stored_once(store, models):
+    store.add(models["base-bf16"], "a", progress=False)
+    size = _blob_bytes(store)
+    info = store.add(models["base-bf16"], "b", base="a", progress=False)
+    assert info.stored_bytes == 0 and _blob_bytes(store) == size
+    # the same bytes in another layout (sharded) reuse every tensor blob
+    store.add(models["sharded-bf16"], "c", progress=False)
+    tensor_blobs = {r[0] for r in store._db.execute("SELECT DISTINCT blob FROM tensors")}
+    ckpt = open_checkpoint(models["base-bf16"])
+    distinct = {ckpt.read_bytes(n) for n in ckpt.tensors}  # the RMSNorm weights are all ones
+    assert len(tensor_blobs) == len(distinct) < len(ckpt.tensors)
+
+
+def test_unchanged_tensors_reference_base_blobs(store, models):
+    store.add(models["base-bf16"], "base", progress=False)
+    store.add(models["ft-attn"], "ft", base="base", progress=False)
+    rows = dict(store._db.execute(
+        "SELECT t.name, t.blob = b.blob FROM tensors t JOIN tensors b ON b.name = t.name "
+        "JOIN models mt ON mt.id = t.model_id JOIN models mb ON mb.id = b.model_id "
+        "WHERE mt.name = 'ft' AND mb.name = 'base'").fetchall())
+    assert rows and all(bool(same) != ("self_attn" in name) for name, same in rows.items())
+
+
+def test_open_loads_tensors(store, models):
+    store.add(models["base-fp16"], "m", progress=False)
+    stored = store.open("m")
+    ckpt = open_checkpoint(models["base-fp16"])
+    assert [s.name for s in stored.specs()] == list(ckpt.tensors)
+    for name in ckpt.tensors:
+        assert torch.equal(stored.load(name), ckpt.load(name))
+    assert json.loads(stored.side_file("config.json"))["hidden_size"] == 64
+
+
+def test_metrics_provenance_and_kinds(store, models):
+    info = store.add(models["base-bf16"], "m", kind="merged", metrics={"loss": 0.25},
+                     provenance={"recipe": "ties.yaml"}, progress=False)
+    assert info.kind == "merged" and info.metrics == {"loss": 0.25}
+    assert info.provenance["recipe"] == "ties.yaml"
+    assert info.provenance["source"] == str(models["base-bf16"].absolute())
+    assert "mergehub_version" in info.provenance
+    lora = store.add(models["lora"], "l", progress=False)
+    assert lora.provenance["base_model_name_or_path"]
+    with pytest.raises(StoreError, match="invalid kind"):
+        store.add(models["base-bf16"], "x", kind="weird", progress=False)
+    with pytest.raises(StoreError, match="invalid model name"):
+        store.add(models["base-bf16"], "bad name", progress=False)
+
+
+def test_errors(store, models, tmp_path):
+    store.add(models["base-bf16"], "base", progress=False)
+    with pytest.raises(StoreError, match="'base' already exists"):
+        store.add(models["base-bf16"], "base", progress=False)
+    with pytest.raises(StoreError, match="no model named 'nope'"):
+        store.add(models["ft-mlp"], "ft", base="nope", progress=False)
+    for call in (lambda: store.show("nope"), lambda: store.rm("nope"),
+                 lambda: store.export("nope", tmp_path / "o", progress=False)):
+        with pytest.raises(StoreError, match="no model named 'nope'"):
+            call()
+    assert [m.name for m in store.ls()] == ["base"]
+
+
+def test_base_mismatch_names_tensor(store, models, tmp_path):
+    store.add(models["base-bf16"], "base", progress=False)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mergehub.hub.demo import TINY_LLAMA
+    wider = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "vocab_size": 300}))
+    wider.save_pretrained(tmp_path / "wider")
+    with pytest.raises(BaseMismatchError, match=r"'lm_head.weight' has shape \[300, 64\] but "
+                                                r"\[256, 64\] in base 'base'"):
+        store.add(tmp_path / "wider", "w", base="base", progress=False)
+    deeper = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "num_hidden_layers": 3}))
+    deeper.save_pretrained(tmp_path / "deeper")
+    with pytest.raises(BaseMismatchError, match=r"'model.layers.2.input_layernorm.weight' is not in base"):
+        store.add(tmp_path / "deeper", "d", base="base", progress=False)
+    store.add(tmp_path / "deeper", "deeper", progress=False)
+    with pytest.raises(BaseMismatchError, match="of base 'deeper' is missing"):
+        store.add(models["ft-mlp"], "ft", base="deeper", progress=False)
+    # a LoRA whose target modules the base lacks
+    store.add(models["lora"].parent / "lora" / "adapter_model.safetensors", "raw-lora", progress=False)
+    with pytest.raises(BaseMismatchError, match=r"targets 'model.layers.0.self_attn.q_proj.weight'"):
+        store.add(models["lora"], "lora", base="raw-lora", progress=False)
+    assert not (store.root / "tmp").exists() or not any((store.root / "tmp").iterdir())
+
+
+def test_rm_and_gc(store, models, tmp_path):
+    store.add(models["base-bf16"], "base", progress=False)
+    store.add(models["ft-mlp"], "ft", base="base", progress=False)
+    store.add(models["base-fp32"], "other", progress=False)
+    with pytest.raises(StoreError, match="it is the base of 'ft'"):
+        store.rm("base")
+    before = _blob_bytes(store)
+    store.rm("other")
+    report = store.gc()
+    assert report.blobs_removed > 0 and _blob_bytes(store) == before - report.bytes_freed
+    store.rm("ft")
+    assert store.gc().blobs_removed > 0
+    out = store.export("base", tmp_path / "out", progress=False)  # survivors intact
+    assert dir_digests(out) == dir_digests(models["base-bf16"])
+    assert store.verify(progress=False).ok
+    store.rm("base")
+    store.gc()
+    assert _blob_bytes(store) == 0
+
+
+def test_gc_keeps_base_blobs_of_deltas(store, models, tmp_path):
+    """A delta blob needs its reference even when no tensor row points at the reference."""
+    store.add(models["base-bf16"], "base", progress=False)
+    store.add(models["ft-mlp"], "ft", base="base", progress=False)
+    store._db.execute("PRAGMA foreign_keys=OFF")  # simulate a base whose rows are gone
+    store._db.execute("DELETE FROM models WHERE name = 'base'")
+    store._db.execute("UPDATE models SET base_id = NULL")
+    store.gc()
+    out = store.export("ft", tmp_path / "out", progress=False)
+    assert dir_digests(out) == dir_digests(models["ft-mlp"])
+
+
+def _flip_byte(path: Path, offset: int = -1) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_blob_detected_with_model_and_tensor(store, models, tmp_path):
+    store.add(models["base-bf16"], "base", progress=False)
+    name, blob = store._db.execute(
+        "SELECT name, blob FROM tensors WHERE name LIKE '%q_proj%' LIMIT 1").fetchone()
+    _flip_byte(store._blob_path(blob))
+    with pytest.raises(IntegrityError, match=rf"model 'base', tensor '{name}': blob .* is corrupt"):
+        store.export("base", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    report = store.verify(progress=False)
+    assert not report.ok and any(name in p and "corrupt" in p for p in report.problems)
+    store._blob_path(blob).unlink()
+    assert any("is missing" in p for p in store.verify(progress=False).problems)
+
+
+def test_verify_checks_decoded_bytes(store, models):
+    """A blob whose header lies about the original's hash is caught after decoding."""
+    from mergehub.storage.codec import BlobHeader, pack_blob, unpack_blob
+
+    store.add(models["base-bf16"], "base", progress=False)
+    name, blob = store._db.execute("SELECT name, blob FROM tensors LIMIT 1").fetchone()
+    header, payload = unpack_blob(store._blob_path(blob).read_bytes())
+    forged = pack_blob(BlobHeader(header.codec, header.dtype, header.nbytes, "0" * 64,
+                                  header.ref, header.params), bytes(payload))
+    forged_id, _ = store._write_blob(forged)
+    store._db.execute("INSERT INTO blobs VALUES (?, 'lossless', NULL, ?, ?, ?)",
+                      (forged_id, "0" * 64, header.nbytes, len(forged)))
+    store._db.execute("UPDATE tensors SET blob = ? WHERE name = ?", (forged_id, name))
+    problems = store.verify(progress=False).problems
+    assert any(name in p and "decodes to bytes whose sha256 does not match" in p for p in problems)
+
+
+def test_resharded_export_loads(store, models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    store.add(models["base-bf16"], "base", progress=False)
+    out = store.export("base", tmp_path / "out", max_shard_size="50KB", progress=False)
+    assert (out / "model.safetensors.index.json").is_file() and (out / "config.json").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype="auto").state_dict()
+    ckpt = open_checkpoint(models["base-bf16"])
+    assert all(torch.equal(loaded[n], ckpt.load(n)) for n in ckpt.tensors)
+    store.add(models["lora"], "lora", progress=False)
+    with pytest.raises(StoreError, match="PEFT adapter: it cannot be re-sharded"):
+        store.export("lora", tmp_path / "o2", max_shard_size="1GB", progress=False)
+
+
+def test_export_overwrite(store, models, tmp_path):
+    store.add(models["base-bf16"], "base", progress=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(Exception, match="not empty"):
+        store.export("base", out, progress=False)
+    store.export("base", out, overwrite=True, progress=False)
+    assert dir_digests(out) == dir_digests(models["base-bf16"])
+
+
+def test_store_root_resolution(tmp_path, monkeypatch, models):
+    monkeypatch.setenv("MERGEHUB_HOME", str(tmp_path / "env-store"))
+    with Store.init() as s:
+        assert s.root == tmp_path / "env-store"
+    monkeypatch.delenv("MERGEHUB_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with Store.init() as s:
+        assert s.root == tmp_path / "home" / ".cache" / "mergehub"
+    with pytest.raises(StoreError, match="no mergehub store at"):
+        Store(tmp_path / "missing")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(StoreError, match="not empty and is not a mergehub store"):
+        Store.init(tmp_path / "full")
+
+
+def test_reopen_store_keeps_models(tmp_path, models):
+    with Store.init(tmp_path / "s") as s:
+        s.add(models["base-bf16"], "base", progress=False)
+    with Store(tmp_path / "s") as s:
+        assert [m.name for m in s.ls()] == ["base"]
+        assert s.verify(progress=False).ok
+
+
+def test_tied_duplicate_tensors_share_blob(store, tmp_path):
+    from safetensors.torch import save_file
+
+    t = torch.randn(64, 32)
+    save_file({"a": t, "b": t.clone(), "c": torch.randn(5)}, tmp_path / "m.safetensors")
+    store.add(tmp_path / "m.safetensors", "m", progress=False)
+    blobs = dict(store._db.execute("SELECT name, blob FROM tensors"))
+    assert blobs["a"] == blobs["b"] != blobs["c"]
+    out = store.export("m", tmp_path / "out", progress=False)
+    assert (out / "m.safetensors").read_bytes() == (tmp_path / "m.safetensors").read_bytes()
+
+
+def test_unreadable_side_file_is_clear(store, models, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(models["base-bf16"], d)
+    (d / "config.json").unlink()
+    (d / "config.json").symlink_to(tmp_path / "dangling")
+    # a dangling symlink is not a regular file: skipped, not an error
+    store.add(d, "m", progress=False)
+    assert "config.json" not in store.open("m").side_files
