@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +18,7 @@ TINY_LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hid
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
 
 
-def make_tiny_llama(out: Path, *, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+def make_tiny_llama(out: str | Path, *, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
                     max_shard_size: str | None = None) -> Path:
     """Save a randomly initialized tiny Llama (``save_pretrained``, safetensors) to ``out``."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -26,10 +27,10 @@ def make_tiny_llama(out: Path, *, dtype: torch.dtype = torch.bfloat16, seed: int
     model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).to(dtype)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kwargs)
-    return out
+    return Path(out)
 
 
-def make_finetune(base: Path, out: Path, *, pattern: str, scale: float = 0.05, seed: int = 1,
+def make_finetune(base: str | Path, out: str | Path, *, pattern: str, scale: float = 0.05, seed: int = 1,
                   max_shard_size: str | None = None) -> Path:
     """Copy of the model at ``base`` whose tensors with ``pattern`` in their name are perturbed.
 
@@ -47,10 +48,10 @@ def make_finetune(base: Path, out: Path, *, pattern: str, scale: float = 0.05, s
                 param.copy_((param.float() + noise).to(param.dtype))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kwargs)
-    return out
+    return Path(out)
 
 
-def make_lora(base: Path, out: Path, *, rank: int = 4, seed: int = 2,
+def make_lora(base: str | Path, out: str | Path, *, rank: int = 4, seed: int = 2,
               target_modules: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
     """A PEFT LoRA adapter dir for the model at ``base`` (random, non-zero A and B)."""
     from peft import LoraConfig, get_peft_model
@@ -61,7 +62,7 @@ def make_lora(base: Path, out: Path, *, rank: int = 4, seed: int = 2,
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(target_modules),
                         init_lora_weights=False)
     get_peft_model(model, config).save_pretrained(out)
-    return out
+    return Path(out)
 
 
 def dir_digests(path: Path) -> dict[str, str]:
@@ -79,6 +80,7 @@ def run_demo(keep: Path | None = None, echo: Callable[[str], None] = print) -> N
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # peft/transformers deprecations
     work = Path(tempfile.mkdtemp(prefix="mergehub-demo-")) if keep is None else keep
     work.mkdir(parents=True, exist_ok=True)
     try:
