@@ -19,8 +19,8 @@ Perturbation model of fine-tune ``i`` (i = 1, 2, 3):
   ``lm_head`` for even ``i``. That is about half of the weight bytes (17 of 34 layers and one
   of the two 32000x1024 matrices at full size). Each perturbed tensor becomes
   ``bf16(w + N(0, 1) * std(w) * rel)``, computed in float32, with the noise drawn from a
-  generator seeded from ``(i, tensor name)`` and ``rel`` = ``--rel`` (0.05 by default): the
-  size of update a short full fine-tune makes (about 5% of the weights' spread);
+  generator seeded from ``(i, tensor name)`` and ``rel`` = ``--rel`` (0.05 by default), meant
+  to resemble a short full fine-tune (an update of ~5% of the weights' spread);
 * unchanged, bit for bit: every other tensor (the other layers, the other embedding matrix, all
   RMSNorm weights -- their std is 0, so the formula above would leave them unchanged anyway).
 
@@ -29,8 +29,11 @@ Fine-tunes 1 and 3 perturb the same tensors with different noise.
 Measured in one run, on the same disk, page cache warm for every phase (the models were just
 written, so copy and add both read them from memory); ``os.sync()`` runs before each timed phase:
 
-(a) ``shutil.copytree`` of each model dir (the reference throughput; copytree does not fsync,
-    so the time of copy + ``os.sync()`` is reported too);
+(a) ``shutil.copytree`` of each model dir followed by ``os.sync()``: the reference throughput.
+    add and export fsync what they write, and copytree alone only measures how fast the kernel
+    takes dirty pages (from ~300 MB/s to ~1.5 GB/s on the test VM), so the sync is counted;
+    the copytree time alone is printed too. The base is copied once more after the exports, to
+    show how much the disk drifted during the run;
 (b) ``Store.add`` of the base, then of each fine-tune with ``base="base"`` (add fsyncs every
     blob it writes);
 (c) ``Store.export`` of the base and of fine-tune 1 (export fsyncs the dir it writes), each
@@ -159,11 +162,18 @@ def dir_blocks(path: Path) -> int:
     return sum(p.stat().st_blocks * 512 for p in path.rglob("*") if p.is_file())
 
 
+def cpu_s() -> float:
+    """CPU seconds (user + system) this process has used so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def timed(fn):
+    """``os.sync()``, then run ``fn``: its result, wall seconds and CPU seconds."""
     os.sync()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_s()
     result = fn()
-    return result, time.perf_counter() - t0
+    return result, time.perf_counter() - t0, cpu_s() - c0
 
 
 def best_of(fn, k: int = 3) -> float:
@@ -269,23 +279,29 @@ def run(args: argparse.Namespace, work: Path, rss_start: float) -> None:
           f"{', '.join(shards)}), {human(raw_total)} in all; peak RSS so far {rss_mb():.0f} MB",
           flush=True)
 
-    rows: list[tuple[str, int, float]] = []  # (phase, bytes, seconds)
+    rows: list[tuple[str, int, float, float]] = []  # (phase, bytes, wall s, CPU s)
 
     # --- (a) plain copy ------------------------------------------------------------------------
     copies = work / "copies"
     copies.mkdir()
-    copy_t = {}
+
+    def copy_model(name: str, dest: Path) -> tuple[float, float, float]:
+        """Wall seconds of ``copytree``, of the ``os.sync()`` after it, and CPU seconds of both."""
+        _, t_copy, c_copy = timed(lambda: shutil.copytree(paths[name], dest))
+        t0, c0 = time.perf_counter(), cpu_s()
+        os.sync()
+        return t_copy, time.perf_counter() - t0, c_copy + cpu_s() - c0
+
+    copy_t, sync_t, copy_c = {}, {}, {}
     for name in names:
         log(f"copytree {name}")
-        _, copy_t[name] = timed(lambda: shutil.copytree(paths[name], copies / name))
-        rows.append((f"copy {name} (shutil.copytree)", raw[name], copy_t[name]))
-    t0 = time.perf_counter()
-    os.sync()
-    t_sync = time.perf_counter() - t0
-    copy_all = sum(copy_t.values())
+        copy_t[name], sync_t[name], copy_c[name] = copy_model(name, copies / name)
+        rows.append((f"copy {name} (copytree + os.sync)", raw[name],
+                     copy_t[name] + sync_t[name], copy_c[name]))
+    copy_all = sum(copy_t.values()) + sum(sync_t.values())
     copy_mbs = raw_total / copy_all / MB
-    rows.append(("copy all 4 (copytree)", raw_total, copy_all))
-    rows.append(("copy all 4 + final os.sync()", raw_total, copy_all + t_sync))
+    rows.append(("copy all 4 (copytree + os.sync)", raw_total, copy_all, sum(copy_c.values())))
+    rows.append(("  the same, copytree time alone", raw_total, sum(copy_t.values()), float("nan")))
     shutil.rmtree(copies)
 
     # --- (b) add -------------------------------------------------------------------------------
@@ -295,9 +311,10 @@ def run(args: argparse.Namespace, work: Path, rss_start: float) -> None:
         for name in names:
             log(f"store.add {name}")
             base = None if name == "base" else "base"
-            infos[name], t = timed(lambda: store.add(paths[name], name, base=base, progress=False))
+            infos[name], t, c = timed(
+                lambda: store.add(paths[name], name, base=base, progress=False))
             rows.append((f"add {name}" + (" (base=base)" if base else ""),
-                         infos[name].logical_bytes, t))
+                         infos[name].logical_bytes, t, c))
         rss_after_add = rss_mb()
 
         # --- (c) export ------------------------------------------------------------------------
@@ -305,9 +322,14 @@ def run(args: argparse.Namespace, work: Path, rss_start: float) -> None:
         exported = {}
         for name in ("base", "ft1"):
             log(f"store.export {name}")
-            exported[name], t = timed(lambda: store.export(name, exports / name, progress=False))
-            rows.append((f"export {name}", infos[name].logical_bytes, t))
+            exported[name], t, c = timed(
+                lambda: store.export(name, exports / name, progress=False))
+            rows.append((f"export {name}", infos[name].logical_bytes, t, c))
         rss_after_export = rss_mb()
+        log("copytree base again (drift check)")
+        t_copy, t_sync, c = copy_model("base", work / "copies" / "base")
+        rows.append(("copy base again, after the exports", raw["base"], t_copy + t_sync, c))
+        shutil.rmtree(work / "copies")
         for name, out in exported.items():
             log(f"checking export of {name} with dir_digests")
             assert dir_digests(out) == dir_digests(paths[name]), f"export of {name} differs"
@@ -320,12 +342,15 @@ def run(args: argparse.Namespace, work: Path, rss_start: float) -> None:
     stored_sum = sum(i.stored_bytes for i in infos.values())
 
     # --- report --------------------------------------------------------------------------------
-    print("\n## Throughput (MB = 10^6 bytes; page cache warm; reference = copy all 4, "
-          f"{copy_mbs:.0f} MB/s)")
-    print(f"{'phase':34s} {'bytes':>14s} {'seconds':>8s} {'MB/s':>8s} {'vs copy':>8s}")
-    for phase, nbytes, secs in rows:
+    print("\n## Throughput (MB = 10^6 bytes; page cache warm; 'vs copy' is relative to copy "
+          f"all 4 (copytree + os.sync), {copy_mbs:.0f} MB/s)")
+    print(f"{'phase':36s} {'bytes':>14s} {'seconds':>8s} {'CPU s':>6s} {'MB/s':>8s} "
+          f"{'vs copy':>8s}")
+    for phase, nbytes, secs, cpu in rows:
         mbs = nbytes / secs / MB
-        print(f"{phase:34s} {nbytes:>14,d} {secs:8.2f} {mbs:8.1f} {mbs / copy_mbs:7.2f}x")
+        cpu_text = "-" if cpu != cpu else f"{cpu:.2f}"
+        print(f"{phase:36s} {nbytes:>14,d} {secs:8.2f} {cpu_text:>6s} {mbs:8.1f} "
+              f"{mbs / copy_mbs:7.2f}x")
     print(f"exports: {exact}")
 
     print("\n## Size")

@@ -267,3 +267,30 @@ def test_unreadable_side_file_is_clear(store, models, tmp_path):
     # a dangling symlink is not a regular file: skipped, not an error
     store.add(d, "m", progress=False)
     assert "config.json" not in store.open("m").side_files
+
+
+def test_chain_of_finetunes_stays_one_delta_deep(store, models, tmp_path):
+    """Fine-tunes of fine-tunes: every delta references a self-contained blob, reads stay cheap."""
+    from mergehub.hub.demo import make_finetune
+
+    store.add(models["base-bf16"], "ft0", progress=False)
+    previous = models["base-bf16"]
+    for i in range(1, 20):
+        path = make_finetune(previous, tmp_path / f"ft{i}", pattern="mlp" if i % 2 else "self_attn",
+                             seed=100 + i)
+        store.add(path, f"ft{i}", base=f"ft{i - 1}", progress=False)
+        previous = path
+    (deltas_of_deltas,) = store._db.execute(
+        "SELECT COUNT(*) FROM blobs b JOIN blobs r ON r.id = b.ref WHERE r.ref IS NOT NULL").fetchone()
+    assert deltas_of_deltas == 0
+    assert store._db.execute("SELECT COUNT(*) FROM blobs WHERE ref IS NOT NULL").fetchone()[0] > 19
+    out = store.export("ft19", tmp_path / "out", progress=False)
+    assert dir_digests(out) == dir_digests(previous)
+    assert store.verify(progress=False).ok
+
+
+def test_disk_bytes_counts_shared_blobs_once(store, models):
+    store.add(models["base-bf16"], "a", progress=False)
+    store.add(models["base-bf16"], "b", progress=False)  # no base: each "stores" everything
+    assert store.disk_bytes() == store.show("a").stored_bytes == store.show("b").stored_bytes
+    assert store.disk_bytes() == _blob_bytes(store)

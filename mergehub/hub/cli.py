@@ -136,6 +136,7 @@ def ls_(ctx: click.Context, as_json: bool) -> None:
     """List stored models with their kind, base and sizes."""
     with _open_store(ctx) as store:
         models = store.ls()
+        disk = store.disk_bytes()
     if as_json:
         click.echo(json.dumps([m.to_dict() for m in models], indent=2))
         return
@@ -147,9 +148,8 @@ def ls_(ctx: click.Context, as_json: bool) -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     if models:
         logical = sum(m.logical_bytes for m in models)
-        stored = sum(m.stored_bytes for m in models)
-        click.echo(f"total: {human_bytes(logical)} logical in {human_bytes(stored)} stored "
-                   f"({1 - stored / logical:.1%} saved)")
+        click.echo(f"total: {human_bytes(logical)} logical in {human_bytes(disk)} of blobs "
+                   f"({1 - disk / logical:.1%} saved)")
 
 
 @cli.command()

@@ -104,7 +104,7 @@ def run_demo(keep: Path | None = None, echo: Callable[[str], None] = print) -> N
                      f"{info.tensors:3d} tensors  {human_bytes(info.logical_bytes):>9s} logical  "
                      f"{human_bytes(info.stored_bytes):>9s} on disk  ({info.saving:.1%} saved)")
             logical = sum(i.logical_bytes for i in infos)
-            stored = sum(i.stored_bytes for i in infos)
+            stored = store.disk_bytes()
             echo(f"  all {len(infos)} models: {human_bytes(logical)} as files, "
                  f"{human_bytes(stored)} in the store ({logical / stored:.2f}x smaller)")
             for name, (path, _) in inputs.items():

@@ -28,6 +28,7 @@ import json
 import os
 import re
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -45,6 +46,7 @@ from mergehub.storage.atomic import atomic_output_dir, fsync_dir, write_file_ato
 from mergehub.storage.checkpoint import Checkpoint, open_checkpoint, peft_target_weight
 from mergehub.storage.codec import (
     BlobFormatError, BlobHeader, decode_blob, encode_lossless, sha256, unpack_blob)
+from mergehub.storage.parallel import ordered_map
 from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
 from mergehub.storage.writer import MODEL_SIDE_FILES, write_model_dir
 
@@ -100,7 +102,9 @@ class ModelInfo:
     """Catalog entry of one model, with its sizes.
 
     ``logical_bytes`` is what an export writes; ``stored_bytes`` is what this model adds to the
-    store on disk beyond its base (blobs it references that its base does not).
+    store on disk beyond its base (blobs it references that its base does not). Blobs shared by
+    two models that are not base and fine-tune count for both, so for the store's real size use
+    :meth:`Store.disk_bytes`.
     """
 
     name: str
@@ -215,6 +219,8 @@ class Store:
             raise StoreError(f"{self.root}: store layout {marker.get('layout')} is not supported "
                              f"by mergehub {__version__} (layout {LAYOUT_VERSION})")
         self._db = self._connect()
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
 
     @classmethod
     def init(cls, root: str | Path | None = None) -> "Store":
@@ -243,8 +249,9 @@ class Store:
         return db
 
     def close(self) -> None:
-        """Close the catalog connection."""
-        self._db.close()
+        """Close the catalog connections."""
+        for db in [self._db, *self._readers]:
+            db.close()
 
     def __enter__(self) -> "Store":
         return self
@@ -305,13 +312,25 @@ class Store:
         except BlobFormatError as e:
             raise IntegrityError(f"{what}: blob {blob_id[:16]} is malformed: {e}") from e
 
-    def _read_raw(self, blob_id: str, what: str, _depth: int = 0) -> bytes:
-        """Decode a blob to the original bytes, checking the blob and the decoded bytes."""
+    def _read_raw(self, blob_id: str, what: str) -> bytes:
+        """Decode a blob to the original bytes, checking the blob and the decoded bytes.
+
+        A delta's reference is always a self-contained blob (``add`` keeps it so), so a read
+        decodes at most two blobs however long a chain of fine-tunes of fine-tunes gets.
+        """
         header, payload = self._load_blob(blob_id, what)
+        ref_raw = None
+        if header.ref:
+            ref_header, ref_payload = self._load_blob(header.ref, what)
+            if ref_header.ref:
+                raise IntegrityError(f"{what}: blob {blob_id[:16]} is a delta against a delta")
+            ref_raw = self._decode(header.ref, ref_header, ref_payload, None, what)
+        return self._decode(blob_id, header, payload, ref_raw, what)
+
+    @staticmethod
+    def _decode(blob_id: str, header: BlobHeader, payload: memoryview, ref_raw: bytes | None,
+                what: str) -> bytes:
         try:
-            if _depth > 16:
-                raise BlobFormatError("reference chain too long")
-            ref_raw = self._read_raw(header.ref, what, _depth + 1) if header.ref else None
             raw = decode_blob(header, payload, ref_raw)
         except (BlobFormatError, ValueError, KeyError) as e:  # zstd errors are ValueErrors
             raise IntegrityError(f"{what}: blob {blob_id[:16]} cannot be decoded: {e}") from e
@@ -320,9 +339,19 @@ class Store:
                                  "does not match the original")
         return raw
 
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read-only catalog connection (sqlite connections are per thread)."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.root / "catalog.sqlite", timeout=120,
+                                 check_same_thread=False)
+            self._local.db = db
+            self._readers.append(db)
+        return db
+
     def _find_blob(self, raw_sha256: str) -> str | None:
         """A stored blob that decodes to bytes with this hash, if its file is present."""
-        for (blob_id,) in self._db.execute("SELECT id FROM blobs WHERE raw_sha256 = ?",
+        for (blob_id,) in self._reader().execute("SELECT id FROM blobs WHERE raw_sha256 = ?",
                                            (raw_sha256,)):
             if self._blob_path(blob_id).is_file():
                 return blob_id
@@ -383,8 +412,11 @@ class Store:
             base_id, base_tensors = None, {}
             if base is not None:
                 base_id = self._require(base)[0]
-                base_tensors = {r[0]: (TensorSpec(r[0], r[3], tuple(json.loads(r[4]))), r[5])
-                                for r in self._tensor_rows(base_id)}
+                base_tensors = {  # the self-contained blob each base tensor is, or is a delta of
+                    r[0]: (TensorSpec(r[0], r[1], tuple(json.loads(r[2]))), r[3])
+                    for r in self._db.execute(
+                        "SELECT t.name, t.dtype, t.shape, COALESCE(b.ref, t.blob) FROM tensors t "
+                        "JOIN blobs b ON b.id = t.blob WHERE t.model_id = ?", (base_id,))}
                 _check_fits_base(ckpt, kind, base, base_tensors)
             return self._add_locked(ckpt, name, kind, base_id, base_tensors, metrics or {},
                                     provenance or {}, progress)
@@ -393,32 +425,33 @@ class Store:
                     base_tensors: dict[str, tuple[TensorSpec, str]], metrics: dict[str, Any],
                     provenance: dict[str, Any], progress: bool) -> ModelInfo:
         new_blobs: dict[str, tuple[str, str | None, str, int, int]] = {}
-        by_raw: dict[str, str] = {}
         dirs: set[Path] = set()
 
         def put(raw: bytes, dtype: str, ref_blob: str | None = None) -> str:
+            """Store ``raw`` unless already stored; runs on worker threads."""
             digest = sha256(raw)
-            blob_id = by_raw.get(digest) or self._find_blob(digest)
+            blob_id = self._find_blob(digest)
             if blob_id is None:
                 ref = (ref_blob, self._read_raw(ref_blob, f"base of {name!r}")) if ref_blob else None
                 blob = encode_lossless(raw, dtype, digest, ref)
+                header = unpack_blob(blob)[0]
                 blob_id, parent = self._write_blob(blob)
                 dirs.add(parent)
-                header = unpack_blob(blob)[0]
                 new_blobs[blob_id] = (header.codec, header.ref, digest, len(raw), len(blob))
-            by_raw[digest] = blob_id
             return blob_id
 
+        def put_tensor(item: tuple[str, Any]) -> str:
+            tname, info = item
+            base_entry = base_tensors.get(tname)
+            ref = (base_entry[1] if base_entry and base_entry[0].dtype == info.spec.dtype
+                   and base_entry[0].shape == info.spec.shape else None)
+            return put(ckpt.read_bytes(tname), info.spec.dtype, ref)
+
         tensor_rows = []
-        total = sum(t.nbytes for t in ckpt.tensors.values())
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"add {name}",
-                  disable=not progress, leave=False) as bar:
-            for tname, info in ckpt.tensors.items():
-                raw = ckpt.read_bytes(tname)
-                base_entry = base_tensors.get(tname)
-                ref = (base_entry[1] if base_entry and base_entry[0].dtype == info.spec.dtype
-                       and base_entry[0].shape == info.spec.shape else None)
-                blob_id = put(raw, info.spec.dtype, ref)
+        items = list(ckpt.tensors.items())
+        with tqdm(total=sum(t.nbytes for _, t in items), unit="B", unit_scale=True,
+                  desc=f"add {name}", disable=not progress, leave=False) as bar:
+            for (tname, info), blob_id in zip(items, ordered_map(put_tensor, items)):
                 offset = info.offset - ckpt.headers[info.file].data_start
                 tensor_rows.append((tname, info.file, offset, info.spec.dtype,
                                     json.dumps(list(info.spec.shape)), blob_id))
@@ -483,6 +516,10 @@ class Store:
         return ModelInfo(name, kind, base, fmt, created, json.loads(metrics),
                          json.loads(provenance), count, tensor_bytes + file_bytes, stored)
 
+    def disk_bytes(self) -> int:
+        """Bytes of all blobs in the store (each counted once, however many models share it)."""
+        return self._db.execute("SELECT COALESCE(SUM(size), 0) FROM blobs").fetchone()[0]
+
     def open(self, name: str) -> StoredModel:
         """Open a stored model for reading tensor by tensor."""
         model_id = self._require(name)[0]
@@ -527,8 +564,8 @@ class Store:
                 with open(tmp / path, "wb") as f:
                     f.write(content)
                     if role == "weights":
-                        for tname, _, _, _, _, tblob in by_file.get(path, []):
-                            data = self._read_raw(tblob, f"model {name!r}, tensor {tname!r}")
+                        decode = lambda r: self._read_raw(r[5], f"model {name!r}, tensor {r[0]!r}")  # noqa: E731
+                        for data in ordered_map(decode, by_file.get(path, [])):
                             f.write(data)
                             bar.update(len(data))
         return Path(out)

@@ -1,0 +1,44 @@
+"""Run per-tensor work on a few threads, in order, with bounded memory.
+
+Hashing (hashlib), zstd and numpy's elementwise kernels release the GIL, so encoding and
+decoding tensors on threads uses every core without copying tensors between processes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def default_workers() -> int:
+    """One thread per core, at most 4 (beyond that the disk is the limit)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> Iterator[R]:
+    """``map(fn, items)`` on a thread pool, yielding results in input order.
+
+    At most ``workers + 1`` items are in flight, so memory stays at a few tensors. If the
+    consumer stops early or ``fn`` raises, pending work is cancelled.
+    """
+    workers = workers or default_workers()
+    if workers == 1:
+        yield from map(fn, items)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="mergehub")
+    pending: deque[Future[R]] = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
