@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from mergehub.errors import InputError
 from mergehub.storage.checkpoint import open_checkpoint, peft_target_weight
 from mergehub.storage.safetensors_format import SAFETENSORS_DTYPE, TensorSpec
-from mergehub.storage.writer import model_side_files, parse_size, plan_shards, write_model_dir
+from mergehub.storage.writer import model_side_files, plan_shards, write_model_dir
+from mergehub.units import parse_size
 
 
 def _reference(path: Path) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ import click
 from mergehub import __version__
 from mergehub.errors import MergehubError
 from mergehub.storage.store import KINDS, ModelInfo, Store, default_root
-from mergehub.storage.writer import parse_size
+from mergehub.units import human_bytes, parse_size
 
 
 class _Group(click.Group):
@@ -34,15 +34,6 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
-
-
-def human_bytes(n: float) -> str:
-    """``1234567`` -> ``"1.23 MB"`` (decimal units, as file managers and the HF Hub show)."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
 
 
 def _progress() -> bool:
@@ -231,6 +222,58 @@ def verify(ctx: click.Context) -> None:
     click.echo(f"checked {report.blobs} blobs ({human_bytes(report.bytes)}): {status}{note}")
     if not report.ok:
         ctx.exit(2)
+
+
+@cli.command(name="merge")
+@click.argument("recipe", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="HF model dir to write (appears only when the whole merge succeeded).")
+@click.option("--to-store", default=None,
+              help="Also (or instead) add the result to the store under this name, with the "
+                   "recipe in its provenance.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the arithmetic runs (always in float32).")
+@click.option("--missing", type=click.Choice(["error", "take-base"]), default="error",
+              show_default=True,
+              help="Tensors some input lacks or has with another shape: stop with an error, or "
+                   "use the base's tensor there (each case is reported).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the random methods (DARE): same seed, same output.")
+@click.option("--max-shard-size", default="5GB", show_default=True,
+              help="Largest output shard (e.g. 2GB, 500MiB).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
+@click.option("--dry-run", is_flag=True,
+              help="Check the recipe and inputs and print the plan (tensors, bytes, inputs) "
+                   "without computing anything.")
+@click.pass_context
+def merge_(ctx: click.Context, recipe: Path, output: Path | None, to_store: str | None,
+           device: str, missing: str, seed: int, max_shard_size: str, overwrite: bool,
+           dry_run: bool) -> None:
+    """Merge models as RECIPE (mergekit-style YAML) says. Inputs are HF model dirs, PEFT LoRA
+    dirs (used as dense deltas B·A·scaling), .safetensors files or store names."""
+    from mergehub.merge.engine import merge
+
+    store = None
+    root = ctx.obj["store"]
+    if to_store is not None:
+        store = Store(root, create=True)
+    elif (root or default_root()).joinpath("mergehub-store.json").is_file():
+        store = Store(root)
+    try:
+        result = merge(recipe, output, store=store, to_store=to_store, device=device,
+                       missing=missing, seed=seed, dry_run=dry_run,
+                       max_shard_size=parse_size(max_shard_size), overwrite=overwrite,
+                       progress=_progress(), echo=lambda t: click.echo(t, err=True))
+    finally:
+        if store is not None:
+            store.close()
+    if dry_run:
+        return
+    where = " and ".join(x for x in (str(output) if output else "",
+                                     f"store entry {to_store!r}" if to_store else "") if x)
+    click.echo(f"merged {result.tensors} tensors ({human_bytes(result.bytes)}) in "
+               f"{result.seconds:.1f} s ({result.bytes / max(result.seconds, 1e-9) / 1e9:.2f} GB/s) "
+               f"into {where}")
 
 
 @cli.command()

@@ -73,7 +73,7 @@ def dir_digests(path: Path) -> dict[str, str]:
 
 def run_demo(keep: Path | None = None, echo: Callable[[str], None] = print) -> None:
     """Build the demo models, store them against the base, show savings, export and check."""
-    from mergehub.hub.cli import human_bytes
+    from mergehub.units import human_bytes
     from mergehub.storage.store import Store
 
     import transformers

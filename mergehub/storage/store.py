@@ -516,6 +516,10 @@ class Store:
         return ModelInfo(name, kind, base, fmt, created, json.loads(metrics),
                          json.loads(provenance), count, tensor_bytes + file_bytes, stored)
 
+    def __contains__(self, name: object) -> bool:
+        """``name in store``: whether a model of that name exists."""
+        return isinstance(name, str) and self._model_row(name) is not None
+
     def disk_bytes(self) -> int:
         """Bytes of all blobs in the store (each counted once, however many models share it)."""
         return self._db.execute("SELECT COALESCE(SUM(size), 0) FROM blobs").fetchone()[0]

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from mergehub.errors import InputError
 from mergehub.storage.atomic import atomic_output_dir
 from mergehub.storage.safetensors_format import SAFETENSORS_DTYPE, TensorSpec, build_header
+from mergehub.units import parse_size
 
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 SHARD_METADATA = {"format": "pt"}
@@ -31,21 +32,6 @@ MODEL_SIDE_FILES = re.compile(
     r"^(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|"
     r"added_tokens\.json|vocab\..*|merges\.txt|.*\.model|chat_template\..*|"
     r"preprocessor_config\.json)$")
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str | int) -> int:
-    """``"5GB"`` -> 5e9, ``"500MiB"`` -> 500 * 2**20, ``1024`` -> 1024 (HF's conventions)."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
-    unit = m.group(2).upper() if m else None
-    if not m or unit not in _UNITS:
-        raise InputError(f"cannot read size {text!r}: use bytes or a number with KB/MB/GB/MiB/GiB")
-    return int(float(m.group(1)) * _UNITS[unit])
-
 
 def plan_shards(specs: list[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
     """Split ``specs`` in order into shards of at most ``max_shard_size`` data bytes.

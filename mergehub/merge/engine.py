@@ -1,0 +1,340 @@
+"""Streamed merge execution: plan, check every input, then merge and write tensor by tensor.
+
+For each output tensor the engine loads that tensor from the base and every input (a LoRA's
+dense delta is built on the fly), hands float32 values to the method, casts the result to the
+output dtype and writes it into the current shard. Peak memory is a few tensors whatever the
+model size. Everything is checked before the first tensor is computed, and the output dir
+appears only when the whole merge has succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mergehub.errors import BaseMismatchError, InputError
+from mergehub.merge.inputs import FLOAT_DTYPES, Source, resolve_input
+from mergehub.merge.methods import METHODS, MergeMethod, REQUIRED, TensorContext
+from mergehub.merge.recipe import (
+    DTYPES, LineDict, Recipe, RecipeError, _suggest, layer_index, load_recipe, resolve_value)
+from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
+from mergehub.storage.store import Store
+from mergehub.units import human_bytes
+from mergehub.storage.writer import DEFAULT_MAX_SHARD_SIZE, MODEL_SIDE_FILES, write_model_dir
+
+MISSING_POLICIES = ("error", "take-base")
+
+
+@dataclass
+class MergePlan:
+    """Everything resolved and checked: what will be read, computed and written."""
+
+    recipe: Recipe
+    method: MergeMethod
+    base: Source | None
+    inputs: list[Source]
+    model_params: list[dict[str, Any]]  # raw recipe values, per input, defaults filled in
+    specs: list[TensorSpec]  # output tensors, in output order
+    copy_from_base: set[str]  # non-float tensors, or tensors some input lacks (take-base)
+    notes: list[str] = field(default_factory=list)
+    num_layers: int = 1
+    out_dtype: str | None = None
+
+    def describe(self) -> str:
+        """The plan as text (what ``--dry-run`` prints)."""
+        total = sum(s.nbytes for s in self.specs)
+        lines = [f"method: {self.recipe.merge_method}  parameters: {self.method.params}",
+                 f"base: {self.base.label if self.base else '-'}"]
+        for src, params in zip(self.inputs, self.model_params):
+            kind = f"LoRA ({len(src.lora)} target modules)" if src.is_lora else \
+                f"dense ({len(src.specs)} tensors)"
+            lines.append(f"input: {src.label}  {kind}  parameters: {params}")
+        lines.append(f"output: {len(self.specs)} tensors, {human_bytes(total)}, dtype "
+                     f"{self.out_dtype or 'as base'}; {len(self.copy_from_base)} copied from the "
+                     "base unmerged")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _line(mapping: dict[str, Any], key: str, default: int | None) -> int | None:
+    """The recipe line of ``key`` in a parsed mapping, else ``default``."""
+    return mapping.line_of(key) if isinstance(mapping, LineDict) else default
+
+
+def _check_params(recipe: Recipe, method_cls: type[MergeMethod]) -> None:
+    known_global = sorted(method_cls.global_params)
+    for key in recipe.parameters:
+        if key not in method_cls.global_params:
+            raise RecipeError(f"{recipe.where(_line(recipe.parameters, key, recipe.lines.get('parameters')))}: unknown parameter "
+                              f"{key!r} for merge_method {method_cls.name}{_suggest(key, known_global)}"
+                              f" (known: {', '.join(known_global) or 'none'})")
+    known_model = sorted(method_cls.model_params)
+    for entry in recipe.models:
+        for key in entry.parameters:
+            if key not in method_cls.model_params:
+                raise RecipeError(
+                    f"{recipe.where(_line(entry.parameters, key, entry.line))}: unknown parameter {key!r} for a model of "
+                    f"merge_method {method_cls.name}{_suggest(key, known_model)} "
+                    f"(known: {', '.join(known_model)})")
+        for key, default in method_cls.model_params.items():
+            if default is REQUIRED and key not in entry.parameters and key not in recipe.parameters:
+                raise RecipeError(f"{recipe.where(entry.line)}: {entry.model}: parameter {key!r} "
+                                  f"is required by merge_method {method_cls.name}")
+    for key, default in method_cls.global_params.items():
+        if default is REQUIRED and key not in recipe.parameters:
+            raise RecipeError(f"{recipe.where()}: parameter {key!r} is required by "
+                              f"merge_method {method_cls.name}")
+
+
+def plan_merge(recipe: Recipe, *, store: Store | None = None, missing: str = "error",
+               device: str = "cpu") -> MergePlan:
+    """Resolve the recipe's inputs and check that they can be merged, reading headers only."""
+    if missing not in MISSING_POLICIES:
+        raise InputError(f"--missing must be one of {', '.join(MISSING_POLICIES)}, not {missing!r}")
+    method_cls = METHODS.get(recipe.merge_method)
+    if method_cls is None:
+        raise RecipeError(f"{recipe.where(recipe.lines.get('merge_method'))}: unknown merge_method "
+                          f"{recipe.merge_method!r}{_suggest(recipe.merge_method, sorted(METHODS))} "
+                          f"(known: {', '.join(sorted(METHODS))})")
+    _check_params(recipe, method_cls)
+    global_params = {k: v for k, v in recipe.parameters.items() if k in method_cls.global_params}
+    method = method_cls(global_params)
+    base = (resolve_input(recipe.base_model, store, recipe.where(recipe.lines.get("base_model")))
+            if recipe.base_model is not None else None)
+    if method_cls.needs_base and base is None:
+        raise RecipeError(f"{recipe.where()}: merge_method {method_cls.name} needs a base_model")
+    if base is not None and base.is_lora:
+        raise RecipeError(f"{recipe.where(recipe.lines.get('base_model'))}: base_model "
+                          f"{base.label!r} is a LoRA adapter, not a model")
+    entries = [e for e in recipe.models
+               if not (base is not None and e.model == recipe.base_model and method_cls.on_deltas)]
+    notes = []
+    if len(entries) < len(recipe.models):
+        notes.append("base_model is also listed in models: its task vector is zero, skipped")
+    inputs = [resolve_input(e.model, store, recipe.where(e.line)) for e in entries]
+    if not inputs:
+        raise RecipeError(f"{recipe.where()}: nothing to merge besides the base model")
+    model_params = []
+    for e in entries:
+        params = {k: d for k, d in method_cls.model_params.items() if d is not REQUIRED}
+        params.update({k: v for k, v in recipe.parameters.items() if k in method_cls.model_params})
+        params.update(e.parameters)
+        model_params.append(params)
+    reference = base if base is not None else inputs[0]
+    if reference.is_lora:
+        raise RecipeError(f"{recipe.where()}: LoRA inputs need a base_model to merge into")
+    specs, copy = _check_tensors(reference, inputs, entries, recipe, missing, notes)
+    out_dtype = DTYPES.get(str(recipe.out_dtype or recipe.dtype)) if (recipe.out_dtype or recipe.dtype) else None
+    if out_dtype:
+        specs = [TensorSpec(s.name, out_dtype, s.shape) if s.dtype in FLOAT_DTYPES else s
+                 for s in specs]
+    layers = [layer_index(s.name) for s in specs]
+    num_layers = max((i for i in layers if i is not None), default=0) + 1
+    return MergePlan(recipe, method, base, inputs, model_params, specs, copy, notes,
+                     num_layers, out_dtype)
+
+
+def _check_tensors(reference: Source, inputs: list[Source], entries: list, recipe: Recipe,
+                   missing: str, notes: list[str]) -> tuple[list[TensorSpec], set[str]]:
+    """Output specs and the tensors to copy from the reference; errors for what cannot merge."""
+    ref_specs = reference.specs
+    copy: set[str] = {n for n, s in ref_specs.items() if s.dtype not in FLOAT_DTYPES}
+    for src, entry in zip(inputs, entries):
+        where = f"{recipe.where(entry.line)}: input {src.label!r}"
+        if src.is_lora:
+            for target in src.lora:
+                if target not in ref_specs:
+                    raise BaseMismatchError(f"{where}: LoRA targets {target!r}, which the base "
+                                            f"{reference.label!r} does not have")
+            continue
+        for name, spec in ref_specs.items():
+            if name in copy:
+                continue
+            theirs = src.specs.get(name)
+            problem = None
+            if theirs is None:
+                problem = f"has no tensor {name!r} (the base has it)"
+            elif theirs.shape != spec.shape:
+                problem = (f"tensor {name!r} has shape {list(theirs.shape)} but the base has "
+                           f"{list(spec.shape)}")
+            elif theirs.dtype not in FLOAT_DTYPES:
+                problem = f"tensor {name!r} is {theirs.dtype}, not a float"
+            if problem:
+                if missing == "error":
+                    raise BaseMismatchError(f"{where} {problem}; pass --missing take-base to use "
+                                            "the base's tensor there")
+                copy.add(name)
+                notes.append(f"{src.label} {problem}: taking the base's tensor")
+        extra = sorted(set(src.specs) - set(ref_specs))
+        if extra:
+            if missing == "error":
+                raise BaseMismatchError(f"{where} has tensor {extra[0]!r}, which the base lacks "
+                                        f"({len(extra)} such); pass --missing take-base to "
+                                        "ignore them")
+            notes.append(f"{src.label}: {len(extra)} tensors the base lacks are ignored")
+    return list(ref_specs.values()), copy
+
+
+def _side_files(plan: MergePlan) -> dict[str, bytes]:
+    """config/generation config from the base, tokenizer files from ``tokenizer_source``."""
+    def files_of(src: Source) -> dict[str, bytes]:
+        reader = src.reader
+        if hasattr(reader, "side_file"):  # a stored model
+            return {p: reader.side_file(p) for p in reader.side_files if MODEL_SIDE_FILES.match(p)}
+        root = reader.root
+        return {p: (root / p).read_bytes() for p in reader.side_files if MODEL_SIDE_FILES.match(p)}
+
+    reference = plan.base or plan.inputs[0]
+    out = files_of(reference)
+    source = plan.recipe.tokenizer_source
+    if source not in (None, "base"):
+        match = [s for s in plan.inputs if s.label == source]
+        if not match:
+            raise RecipeError(f"{plan.recipe.where(plan.recipe.lines.get('tokenizer_source'))}: "
+                              f"tokenizer_source {source!r} is not one of the models")
+        out = {k: v for k, v in out.items() if not k.startswith(("tokenizer", "special_tokens",
+                                                                 "added_tokens", "vocab", "merges"))}
+        out.update({k: v for k, v in files_of(match[0]).items() if k not in ("config.json",
+                                                                            "generation_config.json")})
+    if "config.json" in out and plan.out_dtype:
+        config = json.loads(out["config.json"])
+        name = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[plan.out_dtype]
+        for key in ("torch_dtype", "dtype"):
+            if key in config:
+                config[key] = name
+        out["config.json"] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    return out
+
+
+@dataclass
+class MergeResult:
+    """What a merge produced."""
+
+    out: Path | None
+    tensors: int
+    bytes: int
+    seconds: float
+    store_name: str | None = None
+    plan: MergePlan | None = None
+
+
+def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
+            max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
+            progress: bool = True) -> MergeResult:
+    """Run a checked plan, writing an HF model dir at ``out`` (atomically)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available")
+    method = plan.method
+    state: dict[str, Any] = {}
+    start = time.perf_counter()
+
+    def inputs_for(spec: TensorSpec) -> tuple[torch.Tensor | None, list[torch.Tensor],
+                                              list[dict[str, Any]]]:
+        base = plan.base.theta(spec.name, None, dev) if plan.base is not None else None
+        xs = [src.tau(spec.name, base, dev) if method.on_deltas else src.theta(spec.name, base, dev)
+              for src in plan.inputs]
+        params = [{k: resolve_value(v, spec.name, plan.num_layers) for k, v in p.items()}
+                  for p in plan.model_params]
+        return base, xs, params
+
+    mergeable = [s for s in plan.specs if s.name not in plan.copy_from_base]
+    for rnd in range(method.prepass_rounds()):
+        for spec in tqdm(mergeable, desc=f"pre-pass {rnd + 1}", unit="tensor",
+                         disable=not progress, leave=False):
+            _, xs, params = inputs_for(spec)
+            method.observe(rnd, xs, params, TensorContext(spec.name, dev, seed, state))
+        method.finish_round(rnd, state)
+
+    reference = plan.base or plan.inputs[0]
+    bar = tqdm(total=len(plan.specs), desc="merge", unit="tensor", disable=not progress,
+               leave=False)
+    done_bytes = 0
+
+    def get(spec: TensorSpec) -> torch.Tensor:
+        nonlocal done_bytes
+        if spec.name in plan.copy_from_base:
+            result = reference.reader.load(spec.name)
+            if spec.dtype != reference.specs[spec.name].dtype:
+                result = result.to(TORCH_DTYPE[spec.dtype])
+        else:
+            base, xs, params = inputs_for(spec)
+            merged = method.merge(base, xs, params, TensorContext(spec.name, dev, seed, state))
+            result = merged.to(TORCH_DTYPE[spec.dtype]).cpu()
+        done_bytes += spec.nbytes
+        bar.update(1)
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        bar.set_postfix_str(f"{done_bytes / elapsed / 1e9:.2f} GB/s", refresh=False)
+        return result
+
+    with bar:
+        write_model_dir(out, plan.specs, get, max_shard_size=max_shard_size,
+                        side_files=_side_files(plan), overwrite=overwrite, progress=False)
+    return MergeResult(Path(out), len(plan.specs), sum(s.nbytes for s in plan.specs),
+                       time.perf_counter() - start, plan=plan)
+
+
+def merge(recipe: str | Path | Recipe, out: str | Path | None = None, *,
+          store: Store | None = None, to_store: str | None = None, device: str = "cpu",
+          missing: str = "error", seed: int = 0, dry_run: bool = False,
+          max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
+          progress: bool = True, echo: Callable[[str], Any] | None = None) -> MergeResult:
+    """Merge as a recipe says: write an HF model dir at ``out`` and/or a store entry ``to_store``.
+
+    Args:
+        recipe: a recipe file path, YAML text, or a parsed :class:`Recipe`.
+        out: output directory (created atomically; must not exist unless ``overwrite``).
+        store: store to resolve store names against and to add ``to_store`` into.
+        to_store: add the result to ``store`` under this name (kind ``merged``, the recipe in
+            its provenance).
+        device: ``cpu`` or ``cuda``.
+        missing: ``error`` (default) or ``take-base`` for tensors some inputs lack or have with
+            another shape: the base's tensor is used there.
+        seed: seed of the random methods (DARE); same seed, same output.
+        dry_run: only plan and check; print the plan through ``echo``.
+    """
+    parsed = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    plan = plan_merge(parsed, store=store, missing=missing, device=device)
+    say = echo or (lambda text: print(text, file=sys.stderr))
+    for note in plan.notes:
+        say(f"note: {note}")
+    if dry_run:
+        say(plan.describe())
+        return MergeResult(None, len(plan.specs), sum(s.nbytes for s in plan.specs), 0.0, plan=plan)
+    if out is None and to_store is None:
+        raise InputError("give an output directory (-o) and/or a store name (--to-store)")
+    if to_store is not None and store is None:
+        raise InputError("--to-store needs a store")
+    if to_store is not None and out is None:
+        with tempfile.TemporaryDirectory(dir=store.root / "tmp", prefix="merge-") as tmp:
+            result = execute(plan, Path(tmp) / "out", device=device, seed=seed,
+                             max_shard_size=max_shard_size, progress=progress)
+            _add_result(store, to_store, result, parsed, plan)
+        result.out = None
+        result.store_name = to_store
+        return result
+    result = execute(plan, Path(out), device=device, seed=seed, max_shard_size=max_shard_size,
+                     overwrite=overwrite, progress=progress)
+    if to_store is not None:
+        _add_result(store, to_store, result, parsed, plan)
+        result.store_name = to_store
+    return result
+
+
+def _add_result(store: Store, name: str, result: MergeResult, recipe: Recipe,
+                plan: MergePlan) -> None:
+    base = plan.base.label if plan.base is not None else None
+    base_in_store = base if base is not None and base in store else None
+    store.add(result.out, name, kind="merged", base=base_in_store,
+              provenance={"recipe": recipe.text, "merge_method": recipe.merge_method,
+                          "inputs": [s.label for s in plan.inputs], "base_model": base},
+              progress=False)

@@ -1,0 +1,187 @@
+"""Merge inputs: HF model dirs, ``.safetensors`` files, store entries and PEFT LoRA adapters.
+
+Every input is read one tensor at a time. A dense input gives fine-tuned weights θt; a LoRA
+adapter gives its task vector directly, ``τ = B·A·scaling`` per target module (scaling =
+``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA; ``alpha_pattern`` honoured), and
+``θ = θ0 + τ``, so every method can ask any input for either. All values come back as float32
+on the requested device (the spec's convention: merge arithmetic in float32).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from mergehub.errors import BaseMismatchError, InputError, StoreError
+from mergehub.storage.checkpoint import ADAPTER_CONFIG, open_checkpoint, peft_target_weight
+from mergehub.storage.safetensors_format import TensorSpec
+from mergehub.storage.store import Store
+
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+class TensorReader(Protocol):
+    """What :class:`~mergehub.storage.checkpoint.Checkpoint` and stored models both offer."""
+
+    def specs(self) -> list[TensorSpec]: ...
+
+    def load(self, name: str) -> torch.Tensor: ...
+
+
+@dataclass
+class Source:
+    """One resolved merge input.
+
+    Attributes:
+        label: the input as the recipe names it (used in every message).
+        reader: where its tensors come from.
+        metrics: metrics from the store, or a JSON / ``trainer_state.json`` beside it.
+        lora: for a LoRA adapter, target weight name -> (A name, B name, scaling, transpose).
+    """
+
+    label: str
+    reader: TensorReader
+    metrics: dict[str, Any] = field(default_factory=dict)
+    lora: dict[str, tuple[str, str, float, bool]] | None = None
+
+    def __post_init__(self) -> None:
+        self.specs = {s.name: s for s in self.reader.specs()}
+
+    @property
+    def is_lora(self) -> bool:
+        return self.lora is not None
+
+    def has(self, name: str) -> bool:
+        """Whether this input says anything about the base tensor ``name``."""
+        return name in (self.lora if self.lora is not None else self.specs)
+
+    def theta(self, name: str, base: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """The input's weights for ``name`` as float32 (base + τ for a LoRA)."""
+        if self.lora is None:
+            return self.reader.load(name).to(device=device, dtype=torch.float32)
+        if base is None:
+            raise InputError(f"{self.label}: a LoRA adapter needs a base_model to merge into")
+        return base + self.tau(name, base, device)
+
+    def tau(self, name: str, base: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """The task vector θt − θ0 for ``name`` as float32 (zeros where a LoRA has no module)."""
+        if self.lora is None:
+            if base is None:
+                raise InputError(f"{self.label}: task vectors need a base_model")
+            return self.theta(name, base, device) - base
+        entry = self.lora.get(name)
+        if entry is None:
+            shape = base.shape if base is not None else ()
+            return torch.zeros(shape, dtype=torch.float32, device=device)
+        a_name, b_name, scaling, transpose = entry
+        a = self.reader.load(a_name).to(device=device, dtype=torch.float32)
+        b = self.reader.load(b_name).to(device=device, dtype=torch.float32)
+        delta = (b @ a) * scaling
+        delta = delta.T if transpose else delta
+        if base is not None and delta.shape != base.shape:
+            raise BaseMismatchError(f"{self.label}: LoRA for {name!r} gives a {list(delta.shape)} "
+                                    f"delta but the base tensor is {list(base.shape)}")
+        return delta
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """peft's ``rank_pattern`` / ``alpha_pattern`` lookup: a key matches a module name suffix."""
+    for key, value in patterns.items():
+        if re.fullmatch(rf"(.*\.)?{key}", module):
+            return value
+    return default
+
+
+def lora_targets(label: str, config: dict[str, Any],
+                 specs: dict[str, TensorSpec]) -> dict[str, tuple[str, str, float, bool]]:
+    """Map each base weight a LoRA adapter modifies to (A name, B name, scaling, transpose).
+
+    The rank of each module is read off its A matrix (so ``rank_pattern`` needs no parsing);
+    alpha comes from ``alpha_pattern`` or ``lora_alpha``. Embedding LoRAs (``lora_embedding_A``
+    of shape (r, vocab), ``lora_embedding_B`` of (dim, r)) give ``(B @ A).T``, as in peft.
+    """
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise InputError(f"{label}: peft_type {peft_type} cannot be turned into dense deltas "
+                         "(only LoRA, including rsLoRA, can)")
+    if config.get("use_dora"):
+        raise InputError(f"{label}: DoRA adapters rescale the whole weight and are not a plain "
+                         "delta; merge them after peft's merge_and_unload instead")
+    by_target: dict[str, dict[str, str]] = {}
+    for name in specs:
+        target = peft_target_weight(name)
+        m = re.search(r"\.lora_(embedding_)?(A|B)(\.[^.]+)?(\.weight)?$", name)
+        if target is None or m is None:
+            raise InputError(f"{label}: adapter tensor {name!r} is not a LoRA A/B matrix "
+                             "(modules_to_save and other extras cannot be merged as deltas)")
+        by_target.setdefault(target, {})[m.group(2)] = name
+    out = {}
+    for target, parts in sorted(by_target.items()):
+        if set(parts) != {"A", "B"}:
+            missing = "A" if "A" not in parts else "B"
+            raise InputError(f"{label}: {target!r} has no lora_{missing} matrix")
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, target.removesuffix(".weight"),
+                               config.get("lora_alpha", 8))
+        r = specs[parts["A"]].shape[0]
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        embedding = "lora_embedding_" in parts["A"]
+        out[target] = (parts["A"], parts["B"], scaling,
+                       embedding != bool(config.get("fan_in_fan_out")))
+    return out
+
+
+def _side_metrics(path: Path) -> dict[str, Any]:
+    """Metrics kept beside a checkpoint: ``metrics.json``, ``all_results.json`` or the last
+    ``log_history`` entry with a loss in ``trainer_state.json`` (plus its ``global_step``)."""
+    root = path if path.is_dir() else path.parent
+    for name in ("metrics.json", "all_results.json", "eval_results.json"):
+        if (root / name).is_file():
+            data = json.loads((root / name).read_text())
+            if isinstance(data, dict):
+                return data
+    state_path = root / "trainer_state.json"
+    if state_path.is_file():
+        state = json.loads(state_path.read_text())
+        metrics: dict[str, Any] = {"step": state.get("global_step")}
+        for entry in state.get("log_history", []):
+            for key in ("eval_loss", "loss"):
+                if key in entry:
+                    metrics[key] = entry[key]
+        return metrics
+    return {}
+
+
+def resolve_input(ref: str, store: Store | None, where: str) -> Source:
+    """Turn a recipe's model reference into a :class:`Source`.
+
+    ``ref`` is a path (HF dir, PEFT dir, ``.safetensors`` file) or, failing that, the name of a
+    model in ``store``. ``where`` locates the reference in the recipe for error messages.
+    """
+    path = Path(ref).expanduser()
+    if path.exists():
+        ckpt = open_checkpoint(path)
+        lora = None
+        if ckpt.format == "peft":
+            specs = {s.name: s for s in ckpt.specs()}
+            lora = lora_targets(ref, ckpt.adapter_config or {}, specs)
+        return Source(ref, ckpt, _side_metrics(path), lora)
+    if store is not None:
+        try:
+            model = store.open(ref)
+        except StoreError:
+            model = None
+        if model is not None:
+            lora = None
+            if model.info.format == "peft":
+                config = json.loads(model.side_file(ADAPTER_CONFIG))
+                lora = lora_targets(ref, config, {s.name: s for s in model.specs()})
+            return Source(ref, model, dict(model.info.metrics), lora)
+    where_store = f" nor a model in store {store.root}" if store is not None else ""
+    raise InputError(f"{where}: input {ref!r} is neither a local path{where_store} (mergehub does "
+                     "not download models: fetch it first, e.g. `hub pull`)")

@@ -1,0 +1,80 @@
+"""The interface every merge method implements, and the registry the engine looks them up in."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+REQUIRED = object()  # default of a parameter the recipe must set
+
+
+@dataclass
+class TensorContext:
+    """What a method may know about the tensor it merges besides the values.
+
+    ``state`` carries results of a method's pre-pass (e.g. global TIES thresholds per input).
+    """
+
+    name: str
+    device: torch.device
+    seed: int = 0
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def generator(self, *salt: object) -> torch.Generator:
+        """A generator seeded from (seed, tensor name, salt): the same random draws whatever
+        the order tensors are merged in or the number of workers."""
+        digest = hashlib.sha256(repr((self.seed, self.name, salt)).encode()).digest()
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+        return gen
+
+
+class MergeMethod:
+    """A merge method: per-model and global parameters with defaults, and a per-tensor merge.
+
+    Subclasses set ``name``, ``model_params`` and ``global_params`` (name -> default, or
+    :data:`REQUIRED`), ``needs_base`` and ``on_deltas`` (whether :meth:`merge` gets task vectors
+    τt = θt − θ0 or the weights θt), and implement :meth:`merge`.
+    """
+
+    name: ClassVar[str]
+    model_params: ClassVar[dict[str, Any]] = {"weight": 1.0}
+    global_params: ClassVar[dict[str, Any]] = {}
+    needs_base: ClassVar[bool] = True
+    on_deltas: ClassVar[bool] = True
+
+    def __init__(self, params: dict[str, Any]):
+        self.params = {**self.global_params, **params}
+
+    def prepass_rounds(self) -> int:
+        """How many full passes over all tensors :meth:`observe` needs before merging (0: none)."""
+        return 0
+
+    def observe(self, round: int, xs: list[torch.Tensor], model_params: list[dict[str, Any]],
+                ctx: TensorContext) -> None:
+        """See one tensor's inputs during pre-pass ``round``."""
+
+    def finish_round(self, round: int, state: dict[str, Any]) -> None:
+        """End of pre-pass ``round``: put what :meth:`merge` needs into ``state``."""
+
+    def merge(self, base: torch.Tensor | None, xs: list[torch.Tensor],
+              model_params: list[dict[str, Any]], ctx: TensorContext) -> torch.Tensor:
+        """Merge one tensor: return the merged weights (float32)."""
+        raise NotImplementedError
+
+
+METHODS: dict[str, type[MergeMethod]] = {}
+
+
+def register(cls: type[MergeMethod]) -> type[MergeMethod]:
+    """Class decorator adding a method to :data:`METHODS` under its ``name``."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def weighted(xs: list[torch.Tensor], model_params: list[dict[str, Any]]) -> list[torch.Tensor]:
+    """Each input multiplied by its ``weight``."""
+    return [x * float(p["weight"]) for x, p in zip(xs, model_params)]
