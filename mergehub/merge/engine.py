@@ -25,7 +25,7 @@ from mergehub.errors import BaseMismatchError, InputError
 from mergehub.merge.inputs import FLOAT_DTYPES, Source, resolve_input
 from mergehub.merge.methods import METHODS, MergeMethod, REQUIRED, TensorContext
 from mergehub.merge.recipe import (
-    DTYPES, LineDict, Recipe, RecipeError, _suggest, layer_index, load_recipe, resolve_value)
+    DTYPES, LineDict, ModelEntry, Recipe, RecipeError, _suggest, layer_index, load_recipe, resolve_value)
 from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
 from mergehub.storage.store import Store
 from mergehub.units import human_bytes
@@ -120,15 +120,26 @@ def plan_merge(recipe: Recipe, *, store: Store | None = None, missing: str = "er
     notes = []
     if len(entries) < len(recipe.models):
         notes.append("base_model is also listed in models: its task vector is zero, skipped")
-    inputs = [resolve_input(e.model, store, recipe.where(e.line)) for e in entries]
+    listed = {e.model for e in entries}
+    if (method_cls.base_is_input and base is not None and recipe.base_model not in listed
+            and "weight" in recipe.parameters):
+        entries.append(ModelEntry(recipe.base_model, {}, recipe.lines.get("base_model", 0)))
+        notes.append("base_model joins the average with the top-level weight (as in mergekit)")
+    inputs = [base if e.model == recipe.base_model and base is not None else
+              resolve_input(e.model, store, recipe.where(e.line)) for e in entries]
     if not inputs:
         raise RecipeError(f"{recipe.where()}: nothing to merge besides the base model")
     model_params = []
-    for e in entries:
+    for e, src in zip(entries, inputs):
         params = {k: d for k, d in method_cls.model_params.items() if d is not REQUIRED}
+        params.update(method_cls.params_from_metrics(src.metrics))
         params.update({k: v for k, v in recipe.parameters.items() if k in method_cls.model_params})
         params.update(e.parameters)
         model_params.append(params)
+    try:
+        method.validate(model_params, [s.label for s in inputs])
+    except ValueError as err:
+        raise RecipeError(f"{recipe.where()}: merge_method {method_cls.name}: {err}") from err
     reference = base if base is not None else inputs[0]
     if reference.is_lora:
         raise RecipeError(f"{recipe.where()}: LoRA inputs need a base_model to merge into")

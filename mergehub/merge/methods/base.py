@@ -37,7 +37,9 @@ class MergeMethod:
 
     Subclasses set ``name``, ``model_params`` and ``global_params`` (name -> default, or
     :data:`REQUIRED`), ``needs_base`` and ``on_deltas`` (whether :meth:`merge` gets task vectors
-    τt = θt − θ0 or the weights θt), and implement :meth:`merge`.
+    τt = θt − θ0 or the weights θt), and implement :meth:`merge`. With ``base_is_input`` a
+    base_model that ``models:`` does not list joins the inputs when the recipe gives a
+    top-level ``weight`` for it (mergekit's linear).
     """
 
     name: ClassVar[str]
@@ -45,9 +47,19 @@ class MergeMethod:
     global_params: ClassVar[dict[str, Any]] = {}
     needs_base: ClassVar[bool] = True
     on_deltas: ClassVar[bool] = True
+    base_is_input: ClassVar[bool] = False  # mergekit's linear: the base is one of the averaged
 
     def __init__(self, params: dict[str, Any]):
         self.params = {**self.global_params, **params}
+
+    @classmethod
+    def params_from_metrics(cls, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Per-model parameter defaults taken from an input's metrics (store, or JSON beside it);
+        the recipe's own values win. Most methods use none."""
+        return {}
+
+    def validate(self, model_params: list[dict[str, Any]], labels: list[str]) -> None:
+        """Check the resolved per-model parameters; raise ``ValueError`` naming the input."""
 
     def prepass_rounds(self) -> int:
         """How many full passes over all tensors :meth:`observe` needs before merging (0: none)."""

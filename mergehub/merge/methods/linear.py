@@ -16,6 +16,7 @@ class Linear(MergeMethod):
     global_params = {"normalize": True}
     needs_base = False
     on_deltas = False
+    base_is_input = True
 
     def merge(self, base: torch.Tensor | None, xs: list[torch.Tensor],
               model_params: list[dict[str, Any]], ctx: TensorContext) -> torch.Tensor:

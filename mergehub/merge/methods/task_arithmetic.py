@@ -1,4 +1,4 @@
-"""Task arithmetic (Ilharco et al. 2023): θ = θ0 + λ Σ wt τt."""
+"""Task arithmetic (Ilharco et al. 2023): θ = θ0 + λ Σ wt τt (divided by Σ wt if ``normalize``)."""
 
 from __future__ import annotations
 
@@ -6,25 +6,17 @@ from typing import Any
 
 import torch
 
-from mergehub.merge.methods.base import MergeMethod, TensorContext, register, weighted
-
-
-def task_sum(xs: list[torch.Tensor], model_params: list[dict[str, Any]],
-             normalize: bool) -> torch.Tensor:
-    """Σ wt τt, divided by Σ wt when ``normalize``."""
-    out = sum(weighted(xs, model_params))
-    if normalize:
-        out = out / sum(float(p["weight"]) for p in model_params)
-    return out
+from mergehub.merge.methods.base import MergeMethod, TensorContext, register
+from mergehub.merge.methods.sparsify import combine
 
 
 @register
 class TaskArithmetic(MergeMethod):
     name = "task_arithmetic"
     model_params = {"weight": 1.0}
-    global_params = {"lambda": 1.0, "normalize": False}
+    global_params = {"lambda": 1.0, "normalize": False, "int8_mask": False}
 
     def merge(self, base: torch.Tensor | None, xs: list[torch.Tensor],
               model_params: list[dict[str, Any]], ctx: TensorContext) -> torch.Tensor:
-        return base + float(self.params["lambda"]) * task_sum(xs, model_params,
-                                                             self.params["normalize"])
+        mixed = combine(xs, model_params, None, self.params["normalize"])
+        return base + float(self.params["lambda"]) * mixed

@@ -1,0 +1,252 @@
+"""Each merge method against the spec's worked example and the plain reference implementation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import merge_reference as ref
+from mergehub.merge.methods import METHODS, TensorContext
+
+BASE = [0.50, -0.20, 0.10, 0.00, 0.30, -0.40]
+TAUS = [[0.30, -0.10, 0.05, 0.00, 0.20, -0.60],
+        [-0.40, 0.20, 0.01, 0.10, -0.05, -0.30],
+        [0.10, 0.50, -0.02, -0.30, 0.15, 0.02]]
+
+
+def run(method: str, params: dict, model_params: list[dict], base=BASE, taus=TAUS,
+        seed: int = 0) -> list[float]:
+    cls = METHODS[method]
+    m = cls(params)
+    full = [{**{k: v for k, v in cls.model_params.items()}, **p} for p in model_params]
+    m.validate(full, [f"m{i}" for i in range(len(full))])
+    b = torch.tensor(base, dtype=torch.float32)
+    xs = [torch.tensor(t, dtype=torch.float32) for t in taus]
+    if not cls.on_deltas:
+        xs = [b + x for x in xs]
+    ctx = TensorContext("t", torch.device("cpu"), seed)
+    for rnd in range(m.prepass_rounds()):
+        m.observe(rnd, xs, full, ctx)
+        m.finish_round(rnd, ctx.state)
+    return m.merge(b, xs, full, ctx).tolist()
+
+
+def close(a, b, tol=1e-6):
+    assert len(a) == len(b) and all(abs(x - y) <= tol for x, y in zip(a, b)), (a, b)
+
+
+def test_task_arithmetic_spec_example():
+    out = run("task_arithmetic", {"lambda": 0.5}, [{}, {}, {}])
+    close(out, [0.50, 0.10, 0.12, -0.10, 0.45, -0.84], 1e-6)
+
+
+@pytest.mark.parametrize("weights, lam", [((1, 1, 1), 1.0), ((1, 0.5, 2), 0.3), ((0, 2, -1), 1.5)])
+def test_task_arithmetic_reference(weights, lam):
+    out = run("task_arithmetic", {"lambda": lam}, [{"weight": w} for w in weights])
+    close(out, ref.task_arithmetic(BASE, TAUS, list(weights), lam))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_reference(normalize):
+    weights = [1.0, 0.5, 2.0]
+    thetas = [[b + t for b, t in zip(BASE, tau)] for tau in TAUS]
+    out = run("linear", {"normalize": normalize}, [{"weight": w} for w in weights])
+    close(out, ref.linear(thetas, weights, normalize))
+
+
+def test_linear_equal_weights_is_soup():
+    thetas = [[b + t for b, t in zip(BASE, tau)] for tau in TAUS]
+    close(run("linear", {}, [{}, {}, {}]), [sum(c) / 3 for c in zip(*thetas)])
+
+
+def test_consensus_task_arithmetic_spec_example():
+    # spec: τMTL = Σ τt, λt = 0.4, k = 2 -> τcons = [0, 0.60, 0, 0, 0.30, -0.88]
+    out = run("consensus_task_arithmetic", {"lambda": 1.0, "k": 2}, [{}, {}, {}])
+    close(out, [b + c for b, c in zip(BASE, [0.0, 0.60, 0.0, 0.0, 0.30, -0.88])])
+    mtl = [sum(c) for c in zip(*TAUS)]
+    for k in (0, 1, 2, 3):
+        for lam in (0.2, 0.6):
+            out = run("consensus_task_arithmetic", {"lambda": 0.7, "k": k},
+                      [{"tall_lambda": lam}] * 3)
+            close(out, ref.tall_consensus(BASE, TAUS, mtl, [lam] * 3, k, 0.7))
+
+
+def test_tall_masks_spec_example():
+    from mergehub.merge.methods.consensus import tall_masks
+
+    xs = [torch.tensor(t) for t in TAUS]
+    mtl = sum(xs)
+    masks = [m.int().tolist() for m in tall_masks(xs, mtl, [0.4] * 3)]
+    assert masks == [[1, 0, 1, 0, 1, 1], [1, 1, 0, 0, 0, 1], [1, 1, 0, 1, 1, 0]]
+
+
+@pytest.mark.parametrize("metric, values, p, expected", [
+    ("loss", [1.2, 0.9, 0.8, 0.85], 2, [0.1424, 0.2532, 0.3205, 0.2839]),
+    ("step", [250, 500, 750, 1000], 2, [0.0333, 0.1333, 0.3, 0.5333]),
+    ("loss", [1.2, 0.9, 0.8, 0.85], 0, [0.25] * 4),
+])
+def test_metric_weighted_spec_weights(metric, values, p, expected):
+    from mergehub.merge.methods.metric_weighted import mwa_weights
+
+    close(mwa_weights(values, metric, p), expected, 5e-5)
+    close(mwa_weights(values, metric, p), ref.mwa_weights(values, metric, p))
+    taus = TAUS + [[0.01] * 6]
+    out = run("metric_weighted", {"metric": metric, "penalty": p},
+              [{metric: v} for v in values], taus=taus)
+    thetas = [[b + t for b, t in zip(BASE, tau)] for tau in taus]
+    close(out, ref.linear(thetas, ref.mwa_weights(values, metric, p), normalize=True))
+
+
+def test_metric_weighted_needs_metrics():
+    with pytest.raises(ValueError, match="input 'm1' has no positive loss"):
+        run("metric_weighted", {}, [{"loss": 1.0}, {}, {"loss": 2.0}])
+    with pytest.raises(ValueError, match="penalty must be"):
+        run("metric_weighted", {"penalty": -1}, [{"loss": 1.0}] * 3)
+
+
+# --- TIES and friends: the spec's example, mergekit 0.1.5's outputs, the plain reference ----
+
+# mergekit 0.1.5 `merge_tensors` on θt = fp32(θ0 + τt) (outputs recorded by running it)
+MK_TIES = [0.800000011920929, 0.23999999463558197, 0.10000000149011612, -0.30000001192092896,
+           0.46666669845581055, -0.9000000953674316]
+MK_TIES_NO_NORM = [0.800000011920929, 0.9000000357627869, 0.10000000149011612,
+                   -0.6000000238418579, 0.800000011920929, -1.1500000953674316]
+MK_TIES_RESCALE = [0.8409091234207153, 0.30605852603912354, 0.10000000149011612,
+                   -0.34421053528785706, 0.49049443006515503, -0.9723232984542847]
+MK_TA_W = [0.6500000357627869, 0.30000001192092896, 0.10750000178813934, -0.2750000059604645,
+           0.5375000238418579, -0.7549999952316284]
+MK_TA_W_NORM = [0.5428571701049805, -0.05714285373687744, 0.10214285552501678,
+                -0.07857143133878708, 0.3678571581840515, -0.5014286041259766]
+MK_BREADCRUMBS = [1.0, -0.20000001788139343, 0.10000000149011612, -0.550000011920929,
+                  0.800000011920929, -0.550000011920929]
+MK_BREADCRUMBS_TIES = [1.0, -0.30000001192092896, 0.10000000149011612, -0.6000000238418579,
+                       0.800000011920929, -0.550000011920929]
+MK_LINEAR = [0.5857143402099609, 0.08571428805589676, 0.10428571701049805, -0.15714286267757416,
+             0.4357143044471741, -0.6028571724891663]
+W = [1.0, 0.5, 2.0]
+
+
+def fp32_taus():
+    """The deltas mergekit sees: fp32(θ0 + τt) − θ0 in fp32."""
+    b = torch.tensor(BASE)
+    return [((b + torch.tensor(t)) - b).tolist() for t in TAUS]
+
+
+def test_ties_spec_example_unit_weights():
+    out = run("ties", {"lambda": 1.0}, [{"density": 0.5}] * 3)
+    close(out, [0.10, 0.15, 0.10, -0.30, 0.475, -0.85])
+
+
+@pytest.mark.parametrize("params, expected", [
+    ({}, MK_TIES), ({"normalize": False}, MK_TIES_NO_NORM), ({"rescale": True}, MK_TIES_RESCALE)])
+def test_ties_matches_mergekit(params, expected):
+    out = run("ties", params, [{"weight": w, "density": 0.5} for w in W], taus=fp32_taus())
+    close(out, expected, 1e-6)
+
+
+@pytest.mark.parametrize("params, expected", [({"lambda": 0.5}, MK_TA_W),
+                                              ({"lambda": 0.5, "normalize": True}, MK_TA_W_NORM)])
+def test_task_arithmetic_matches_mergekit(params, expected):
+    close(run("task_arithmetic", params, [{"weight": w} for w in W], taus=fp32_taus()), expected)
+
+
+def test_linear_matches_mergekit():
+    close(run("linear", {}, [{"weight": w} for w in W], taus=fp32_taus()), MK_LINEAR)
+
+
+@pytest.mark.parametrize("method, expected", [("breadcrumbs", MK_BREADCRUMBS),
+                                              ("breadcrumbs_ties", MK_BREADCRUMBS_TIES)])
+def test_breadcrumbs_matches_mergekit(method, expected):
+    params = [{"weight": w, "density": 0.5, "gamma": 0.2} for w in W]
+    close(run(method, {}, params, taus=fp32_taus()), expected)
+
+
+def test_breadcrumbs_gamma_below_one_entry_is_magnitude_trim():
+    """gamma·n < 1 drops no outlier: a plain top-3 trim, no sign election (mergekit 0.1.5)."""
+    params = [{"weight": w, "density": 0.5, "gamma": 0.01} for w in W]
+    close(run("breadcrumbs", {}, params, taus=fp32_taus()),
+          [0.6000000238418579, 0.9000000357627869, 0.10000000149011612, -0.6000000238418579,
+           0.800000011920929, -1.1500000953674316])
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("elect", ["sum", "count"])
+def test_ties_reference_random(seed, elect):
+    gen = torch.Generator().manual_seed(seed)
+    n = 257
+    base = torch.randn(n, generator=gen).tolist()
+    taus = [(torch.randn(n, generator=gen) * 0.1).tolist() for _ in range(4)]
+    weights = (torch.rand(4, generator=gen) * 2 - 0.5).tolist()
+    densities = [0.1, 0.3, 0.5, 1.0]
+    params = [{"weight": w, "density": d} for w, d in zip(weights, densities)]
+    out = run("ties", {"lambda": 0.8, "sign_method": elect}, params, base=base, taus=taus)
+    close(out, ref.ties(base, taus, weights, densities, 0.8, True, elect), 1e-5)
+
+
+def test_ties_keeps_entries_tied_at_threshold():
+    taus = [[0.1, -0.1, 0.1, 0.2, -0.1, 0.0, 0.1, 0.05]]
+    out = run("ties", {}, [{"density": 0.5}], base=[0.0] * 8, taus=taus)
+    close(out, [0.1, -0.1, 0.1, 0.2, -0.1, 0.0, 0.1, 0.0])  # k = 4, five tie at 0.1
+
+
+def test_consensus_ties_reference():
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(300, generator=gen).tolist()
+    taus = [(torch.randn(300, generator=gen) * 0.1).tolist() for _ in range(3)]
+    params = [{"density": 0.4, "tall_lambda": 0.3}] * 3
+    out = run("consensus_ties", {"k": 2, "lambda": 0.9}, params, base=base, taus=taus)
+    mtl = [m - b for m, b in zip(ref.ties(base, taus, [1.0] * 3, [0.4] * 3), base)]
+    close(out, ref.tall_consensus(base, taus, mtl, [0.3] * 3, 2, 0.9), 1e-5)
+
+
+def test_dare_statistics_and_reproducibility():
+    gen = torch.Generator().manual_seed(0)
+    n = 200_000
+    tau = (torch.randn(n, generator=gen) * 0.1).tolist()
+    base = [0.0] * n
+    for density in (0.1, 0.5, 0.9):
+        out = torch.tensor(run("dare_linear", {}, [{"density": density}], base=base, taus=[tau]))
+        kept = (out != 0).float().mean().item()
+        assert abs(kept - density) < 4 * (density * (1 - density) / n) ** 0.5 + 1e-4
+        t = torch.tensor(tau)
+        survivors = out != 0
+        assert torch.allclose(out[survivors], t[survivors] / density, rtol=1e-5)
+        # E[output] = τ: the mean of output/τ is 1 (within sampling error)
+        ratio = (out * t).sum() / (t * t).sum()
+        assert abs(ratio.item() - 1) < 6 * ((1 - density) / density / n) ** 0.5
+    a = run("dare_ties", {}, [{"density": 0.3}] * 3, seed=7)
+    b = run("dare_ties", {}, [{"density": 0.3}] * 3, seed=7)
+    c = run("dare_ties", {}, [{"density": 0.3}] * 3, seed=8)
+    assert a == b and a != c
+
+
+def test_dare_l1_rescale_matches_mergekit_with_its_masks():
+    """mergekit 0.1.5 drew these masks (torch.manual_seed(0)); rescale l1 then gives its output."""
+    from mergehub.merge.methods.sparsify import apply_mask, combine
+
+    masks = [[1, 0, 1, 1, 1, 0], [1, 0, 1, 0, 1, 1], [1, 1, 1, 0, 0, 0]]
+    deltas = [apply_mask(torch.tensor(t), torch.tensor(m, dtype=torch.bool), 0.5, "l1")
+              for t, m in zip(fp32_taus(), masks)]
+    mixed = combine(deltas, [{"weight": w} for w in W], None, False)
+    close((torch.tensor(BASE) + mixed).tolist(),
+          [1.2544838190078735, 1.5580644607543945, 0.150287464261055, 0.0, 0.7196769714355469,
+           -0.6092105507850647], 1e-6)
+
+
+def test_global_trim_matches_full_sort():
+    """trim_scope: global finds each task's exact k-th largest |τ| over all its tensors."""
+    from mergehub.merge.methods.ties import GlobalThresholds
+
+    gen = torch.Generator().manual_seed(1)
+    tensors = [[torch.randn((1000,), generator=gen) * 0.01, torch.randn((37, 11), generator=gen),
+                torch.randn((5000,), generator=gen) * 1e-4] for _ in range(2)]
+    densities = [0.2, 0.05]
+    g = GlobalThresholds(densities)
+    for rnd in (0, 1):
+        for i in range(3):
+            g.observe(rnd, [tensors[0][i], tensors[1][i]])
+        thresholds = g.finish(rnd)
+    for t, density in enumerate(densities):
+        flat = torch.cat([x.reshape(-1) for x in tensors[t]]).abs()
+        k = max(1, int(density * flat.numel()))
+        assert thresholds[t] == torch.sort(flat, descending=True).values[k - 1].item()
