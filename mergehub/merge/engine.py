@@ -21,17 +21,21 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mergehub.errors import BaseMismatchError, InputError
+from mergehub.errors import BaseMismatchError, InputError, MergehubError
 from mergehub.merge.inputs import FLOAT_DTYPES, Source, resolve_input
-from mergehub.merge.methods import METHODS, MergeMethod, REQUIRED, TensorContext
+from mergehub.merge.methods import METHODS, MergeMethod, TensorContext
 from mergehub.merge.recipe import (
-    DTYPES, LineDict, ModelEntry, Recipe, RecipeError, _suggest, layer_index, load_recipe, resolve_value)
+    DTYPES, LineDict, ModelEntry, Recipe, RecipeError, _suggest, layer_index, load_recipe, resolve_params)
 from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
 from mergehub.storage.store import Store
 from mergehub.units import human_bytes
 from mergehub.storage.writer import DEFAULT_MAX_SHARD_SIZE, MODEL_SIDE_FILES, write_model_dir
 
 MISSING_POLICIES = ("error", "take-base")
+
+
+class MergeError(MergehubError):
+    """A merge that cannot be computed for some tensor (e.g. weights summing to zero)."""
 
 
 @dataclass
@@ -42,7 +46,7 @@ class MergePlan:
     method: MergeMethod
     base: Source | None
     inputs: list[Source]
-    model_params: list[dict[str, Any]]  # raw recipe values, per input, defaults filled in
+    model_params: list[dict[str, list[Any]]]  # per input: candidate values by priority
     specs: list[TensorSpec]  # output tensors, in output order
     copy_from_base: set[str]  # non-float tensors, or tensors some input lacks (take-base)
     notes: list[str] = field(default_factory=list)
@@ -57,7 +61,8 @@ class MergePlan:
         for src, params in zip(self.inputs, self.model_params):
             kind = f"LoRA ({len(src.lora)} target modules)" if src.is_lora else \
                 f"dense ({len(src.specs)} tensors)"
-            lines.append(f"input: {src.label}  {kind}  parameters: {params}")
+            shown = {k: v[0] if v else None for k, v in params.items()}
+            lines.append(f"input: {src.label}  {kind}  parameters: {shown}")
         lines.append(f"output: {len(self.specs)} tensors, {human_bytes(total)}, dtype "
                      f"{self.out_dtype or 'as base'}; {len(self.copy_from_base)} copied from the "
                      "base unmerged")
@@ -74,25 +79,18 @@ def _check_params(recipe: Recipe, method_cls: type[MergeMethod]) -> None:
     known_global = sorted(method_cls.global_params)
     for key in recipe.parameters:
         if key not in method_cls.global_params:
-            raise RecipeError(f"{recipe.where(_line(recipe.parameters, key, recipe.lines.get('parameters')))}: unknown parameter "
-                              f"{key!r} for merge_method {method_cls.name}{_suggest(key, known_global)}"
-                              f" (known: {', '.join(known_global) or 'none'})")
+            line = _line(recipe.parameters, key, recipe.lines.get("parameters"))
+            raise RecipeError(f"{recipe.where(line)}: unknown parameter {key!r} for merge_method "
+                              f"{method_cls.name}{_suggest(key, known_global)} "
+                              f"(known: {', '.join(known_global) or 'none'})")
     known_model = sorted(method_cls.model_params)
     for entry in recipe.models:
         for key in entry.parameters:
             if key not in method_cls.model_params:
                 raise RecipeError(
-                    f"{recipe.where(_line(entry.parameters, key, entry.line))}: unknown parameter {key!r} for a model of "
-                    f"merge_method {method_cls.name}{_suggest(key, known_model)} "
-                    f"(known: {', '.join(known_model)})")
-        for key, default in method_cls.model_params.items():
-            if default is REQUIRED and key not in entry.parameters and key not in recipe.parameters:
-                raise RecipeError(f"{recipe.where(entry.line)}: {entry.model}: parameter {key!r} "
-                                  f"is required by merge_method {method_cls.name}")
-    for key, default in method_cls.global_params.items():
-        if default is REQUIRED and key not in recipe.parameters:
-            raise RecipeError(f"{recipe.where()}: parameter {key!r} is required by "
-                              f"merge_method {method_cls.name}")
+                    f"{recipe.where(_line(entry.parameters, key, entry.line))}: unknown parameter "
+                    f"{key!r} for a model of merge_method {method_cls.name}"
+                    f"{_suggest(key, known_model)} (known: {', '.join(known_model)})")
 
 
 def plan_merge(recipe: Recipe, *, store: Store | None = None, missing: str = "error",
@@ -131,13 +129,19 @@ def plan_merge(recipe: Recipe, *, store: Store | None = None, missing: str = "er
         raise RecipeError(f"{recipe.where()}: nothing to merge besides the base model")
     model_params = []
     for e, src in zip(entries, inputs):
-        params = {k: d for k, d in method_cls.model_params.items() if d is not REQUIRED}
-        params.update(method_cls.params_from_metrics(src.metrics))
-        params.update({k: v for k, v in recipe.parameters.items() if k in method_cls.model_params})
-        params.update(e.parameters)
-        model_params.append(params)
+        from_metrics = method_cls.params_from_metrics(src.metrics)
+        model_params.append({
+            key: [v for v in (e.parameters.get(key), recipe.parameters.get(key),
+                              from_metrics.get(key), default)
+                  if v is not None]
+            for key, default in method_cls.model_params.items()})
+    if method.prepass_rounds() and any(isinstance(v[0], (list, dict)) for p in model_params
+                                       for v in p.values() if v):
+        raise RecipeError(f"{recipe.where()}: merge_method {method_cls.name} with these global "
+                          "parameters needs plain numbers per model, not gradients or filters")
     try:
-        method.validate(model_params, [s.label for s in inputs])
+        method.validate([resolve_params(p, "", 1) for p in model_params],
+                        [s.label for s in inputs])
     except ValueError as err:
         raise RecipeError(f"{recipe.where()}: merge_method {method_cls.name}: {err}") from err
     reference = base if base is not None else inputs[0]
@@ -254,8 +258,7 @@ def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
         base = plan.base.theta(spec.name, None, dev) if plan.base is not None else None
         xs = [src.tau(spec.name, base, dev) if method.on_deltas else src.theta(spec.name, base, dev)
               for src in plan.inputs]
-        params = [{k: resolve_value(v, spec.name, plan.num_layers) for k, v in p.items()}
-                  for p in plan.model_params]
+        params = [resolve_params(p, spec.name, plan.num_layers) for p in plan.model_params]
         return base, xs, params
 
     mergeable = [s for s in plan.specs if s.name not in plan.copy_from_base]
@@ -279,7 +282,10 @@ def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
                 result = result.to(TORCH_DTYPE[spec.dtype])
         else:
             base, xs, params = inputs_for(spec)
-            merged = method.merge(base, xs, params, TensorContext(spec.name, dev, seed, state))
+            try:
+                merged = method.merge(base, xs, params, TensorContext(spec.name, dev, seed, state))
+            except (ValueError, TypeError) as err:  # bad parameter values for this tensor
+                raise MergeError(f"tensor {spec.name!r}: {plan.recipe.merge_method}: {err}") from err
             result = merged.to(TORCH_DTYPE[spec.dtype]).cpu()
         done_bytes += spec.nbytes
         bar.update(1)

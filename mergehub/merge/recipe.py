@@ -16,7 +16,8 @@ A recipe (mergekit's keys, accepted as is for the methods both tools have)::
 
 Unknown keys and parameters are errors naming the line (a typo must not be ignored silently).
 Parameter values are scalars, or mergekit's gradient lists (``[0, 0.5, 1]``, interpolated over
-the layer index) and filter lists (``[{filter: self_attn, value: 0.5}, {value: 1}]``).
+the layer index) and filter lists (``[{filter: self_attn, value: 0.5}, {value: 1}]``); see
+:func:`resolve_value`.
 """
 
 from __future__ import annotations
@@ -183,32 +184,49 @@ def layer_index(tensor_name: str) -> int | None:
 
 
 def resolve_value(value: Any, tensor_name: str, num_layers: int) -> Any:
-    """A parameter's value for one tensor.
+    """A parameter's value for one tensor, as mergekit 0.1.5 evaluates it.
 
     * scalar: itself;
-    * filter list ``[{filter: S, value: V}, ..., {value: default}]``: the first entry whose
-      ``filter`` is a substring of the tensor name (an entry without ``filter`` matches all);
-    * gradient list ``[v0, v1, ...]``: linear interpolation over the layer index, the first
-      value at layer 0 and the last at the last layer; tensors outside the layers (embeddings,
-      final norm, head) take the first value for names before the layers and the last after
-      them, as mergekit's gradients do (see docs/merging.md for the exact rule used).
+    * filter list ``[{filter: S, value: V}, ..., {value: default}]`` (or one such mapping): the
+      first entry whose ``filter`` is absent, ``"*"`` or a substring of the tensor name; ``None``
+      when none matches (the caller then falls back to the next scope);
+    * gradient list ``[v0, ..., vm]``: at t = layer / (num_layers − 1) (t = 1 for one layer,
+      t = 0 for tensors outside the layers: embeddings, final norm, head), numbers are
+      interpolated linearly between the two nearest values; other values are picked at
+      index int(t·m).
     """
+    if isinstance(value, dict) and "value" in value:
+        value = [value]
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
         for entry in value:
             f = entry.get("filter")
-            if f is None or f in tensor_name:
-                return resolve_value(entry["value"], tensor_name, num_layers)
+            if f is None or f == "*" or f in tensor_name:
+                return resolve_value(entry.get("value"), tensor_name, num_layers)
         return None
-    if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
-        if len(value) == 1:
-            return float(value[0])
+    if isinstance(value, list) and value:
         idx = layer_index(tensor_name)
-        if idx is None:
-            t = 1.0 if any(k in tensor_name for k in ("lm_head", "norm.weight", "final")) else 0.0
-        else:
-            t = idx / max(1, num_layers - 1)
-        pos = t * (len(value) - 1)
-        lo = min(int(pos), len(value) - 2)
+        t = 0.0 if idx is None else (1.0 if num_layers <= 1 else idx / (num_layers - 1))
+        m = len(value) - 1
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return value[int(t * m)]
+        pos = t * m
+        lo = int(pos)
+        hi = min(m, lo + 1)
         frac = pos - lo
-        return float(value[lo]) * (1 - frac) + float(value[lo + 1]) * frac
+        return (1 - frac) * float(value[lo]) + frac * float(value[hi])
     return value
+
+
+def resolve_params(candidates: dict[str, list[Any]], tensor_name: str,
+                   num_layers: int) -> dict[str, Any]:
+    """Per-tensor parameters from candidate values in priority order (model, top level,
+    metrics, default): the first that resolves to something other than ``None`` wins."""
+    out: dict[str, Any] = {}
+    for key, options in candidates.items():
+        out[key] = None
+        for option in options:
+            value = resolve_value(option, tensor_name, num_layers)
+            if value is not None:
+                out[key] = value
+                break
+    return out

@@ -1,7 +1,7 @@
 """Merge methods, one module each, registered by name in :data:`METHODS`."""
 
-from mergehub.merge.methods.base import METHODS, REQUIRED, MergeMethod, TensorContext, register
+from mergehub.merge.methods.base import METHODS, MergeMethod, TensorContext, register
 from mergehub.merge.methods import (  # noqa: F401  (importing registers them)
     breadcrumbs, consensus, dare, linear, metric_weighted, task_arithmetic, ties)
 
-__all__ = ["METHODS", "REQUIRED", "MergeMethod", "TensorContext", "register"]
+__all__ = ["METHODS", "MergeMethod", "TensorContext", "register"]

@@ -8,9 +8,6 @@ from typing import Any, ClassVar
 
 import torch
 
-REQUIRED = object()  # default of a parameter the recipe must set
-
-
 @dataclass
 class TensorContext:
     """What a method may know about the tensor it merges besides the values.
@@ -35,8 +32,8 @@ class TensorContext:
 class MergeMethod:
     """A merge method: per-model and global parameters with defaults, and a per-tensor merge.
 
-    Subclasses set ``name``, ``model_params`` and ``global_params`` (name -> default, or
-    :data:`REQUIRED`), ``needs_base`` and ``on_deltas`` (whether :meth:`merge` gets task vectors
+    Subclasses set ``name``, ``model_params`` and ``global_params`` (name -> default),
+    ``needs_base`` and ``on_deltas`` (whether :meth:`merge` gets task vectors
     τt = θt − θ0 or the weights θt), and implement :meth:`merge`. With ``base_is_input`` a
     base_model that ``models:`` does not list joins the inputs when the recipe gives a
     top-level ``weight`` for it (mergekit's linear).

@@ -1,0 +1,657 @@
+#!/usr/bin/env python
+"""Benchmark of mergehub's merge against mergekit 0.1.5: time, peak RSS, I/O floor, outputs.
+
+What it builds (no transformers, no downloads): a Llama-style bf16 model written with
+:func:`mergehub.storage.writer.write_model_dir`, one tensor at a time, and 4 fine-tune-like
+variants of it. Default size: hidden 2048, intermediate 5632, 16 layers, vocab 32000, 32 heads
+(MHA, no GQA), untied embed_tokens/lm_head: per layer q/k/v/o (2048x2048), gate/up (5632x2048),
+down (2048x5632) and two RMSNorm weights (2048); plus embed_tokens and lm_head (32000x2048) and
+the final norm: 953,706,496 parameters, ~1.9 GB of bf16 per model (one ``model.safetensors``,
+shards of ``--shard-size``, default 2GB). ``config.json`` is a LlamaForCausalLM config that
+transformers (and hence mergekit) can parse.
+
+Weights (the base): ``N(0, 0.02)`` in bf16; RMSNorm weights 1.0. Every tensor comes from a
+``torch.Generator`` seeded from a hash of (model tag, tensor name), so it can be re-created on
+its own and generation memory stays at about one tensor.
+
+Fine-tune ``i`` (i = 1..4), every tensor changed: in float32,
+``w + N(0, 1) * 0.05 * s + sparse``, cast to bf16, where ``s`` is the std of the base tensor
+(0.02 for the RMSNorm weights, whose std is 0) and ``sparse`` puts ``±10 * s`` (random signs)
+on ``max(1, round(0.005 * n))`` random entries (drawn with replacement): small dense noise,
+like a short fine-tune, plus a few large changes. (On the RMSNorm weights, 1.0 in bf16 has a
+spacing of 2**-7, so the dense noise mostly rounds away there and only the sparse entries
+change.)
+
+Recipes (mergekit YAML, the same file given to both tools, written into the work dir):
+
+* ``ties``: base_model + the 4 fine-tunes with weights 1, 0.5, 0.75, 1 and density 0.2;
+  normalize true, lambda 1.0; ``dtype: float32`` (mergekit computes in fp32, as mergehub
+  always does), ``out_dtype: bfloat16``;
+* ``task_arithmetic``: the same models and weights, normalize false, lambda 0.5, same dtypes.
+
+For each recipe both tools run as child processes (``mergekit-yaml RECIPE OUT --no-cuda
+--no-copy-tokenizer --quiet`` from ``--mergekit``, and ``hub merge RECIPE -o OUT``), each under
+``/usr/bin/time -v`` when it exists (else ``os.wait4``): wall time, user + system CPU, and peak
+RSS (``ru_maxrss``; it counts file pages a process has memory-mapped, e.g. safetensors inputs,
+as well as its own memory). A sampler also reads the child's ``/proc/PID/status`` every 0.1 s
+for the peak of ``RssAnon`` (private memory) and ``RssFile`` (mapped file pages) separately.
+``os.sync()`` runs before each child, and the ``os.sync()`` right after it is timed and shown:
+mergehub fsyncs its output before it returns, mergekit does not, so "wall + sync" is the fair
+comparison of the two. The order of the two tools alternates between recipes (and between
+repeats, ``--repeats``).
+
+Page cache: nothing is dropped from it (that needs root and disturbs other users of the
+machine); instead every input byte is read once before anything is timed (the models have also
+just been written), so both tools and the I/O floor see a warm page cache.
+
+I/O floor (same run, same warm cache): the time to read every input file once (base + 4
+fine-tunes, 64 MB ``readinto`` chunks into one reused buffer; best of 2 passes), and the time to
+write the output bytes (a copy of one merge output with ``shutil.copyfile``, then ``fsync``).
+
+Outputs: for each recipe the two outputs are compared tensor by tensor (``safe_open``, in
+float32): max abs difference, max relative difference ``|a - b| / max(|b|, tiny)``, the number
+of differing elements and the worst tensor. TIES outputs of bf16 inputs can differ legitimately
+(see ``TIES_NOTE``), so the TIES comparison is repeated on a small float32 model
+(``--fp32-check``, on by default, at most 2 layers / hidden 512 / intermediate 1408 / vocab
+4000) with float32 output, where ties at the trim threshold are rare, to check the "equal
+within 1e-6 relative" target.
+
+Run (repository root; ~19 GB of scratch disk at the peak at full size)::
+
+    python benchmarks/bench_merge.py                                   # full size
+    python benchmarks/bench_merge.py --layers 2 --hidden 256 --intermediate 512 --vocab 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from mergehub.storage.safetensors_format import TensorSpec
+from mergehub.storage.writer import write_model_dir
+
+MB = 1_000_000
+N_FINETUNES = 4
+WEIGHTS = (1.0, 0.5, 0.75, 1.0)
+DENSITY = 0.2
+DENSE_REL = 0.05  # dense noise std, relative to the tensor's std
+SPARSE_FRAC = 0.005  # fraction of entries with a large change
+SPARSE_REL = 10.0  # size of a large change, relative to the tensor's std
+NORM_STD = 0.02  # reference scale for RMSNorm weights (their own std is 0)
+CHUNK = 64 << 20
+TIME_BIN = "/usr/bin/time"
+TIES_NOTE = (
+    "Why TIES outputs may differ: both tools keep the k = int(density * n) largest |delta| of "
+    "each task vector per tensor, but mergehub keeps every entry tied with the k-th largest "
+    "(the TIES paper's rule, deterministic everywhere) while mergekit keeps exactly k, chosen "
+    "among tied entries by torch's unstable CPU argsort order. Deltas of bf16 weights take few "
+    "distinct values, so many entries tie at the threshold: at those positions one tool keeps "
+    "a delta the other drops, which also changes the sign election and the divisor there. "
+    "Task arithmetic has no trim, so it should match exactly. The float32 check below has "
+    "(almost) no ties.")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --- the synthetic models -----------------------------------------------------------------------
+
+def llama_specs(layers: int, hidden: int, inter: int, vocab: int, dtype: str) -> list[TensorSpec]:
+    """Tensor names and shapes of a Llama-style causal LM (MHA, untied embeddings)."""
+    specs = [TensorSpec("model.embed_tokens.weight", dtype, (vocab, hidden))]
+    for layer in range(layers):
+        p = f"model.layers.{layer}."
+        specs += [TensorSpec(p + f"self_attn.{m}.weight", dtype, (hidden, hidden))
+                  for m in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        specs += [TensorSpec(p + "mlp.gate_proj.weight", dtype, (inter, hidden)),
+                  TensorSpec(p + "mlp.up_proj.weight", dtype, (inter, hidden)),
+                  TensorSpec(p + "mlp.down_proj.weight", dtype, (hidden, inter)),
+                  TensorSpec(p + "input_layernorm.weight", dtype, (hidden,)),
+                  TensorSpec(p + "post_attention_layernorm.weight", dtype, (hidden,))]
+    specs += [TensorSpec("model.norm.weight", dtype, (hidden,)),
+              TensorSpec("lm_head.weight", dtype, (vocab, hidden))]
+    return specs
+
+
+def config_json(layers: int, hidden: int, inter: int, vocab: int, dtype: str) -> bytes:
+    heads = max(1, hidden // 64)
+    return json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": dtype,
+        "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": heads, "vocab_size": vocab,
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 2048,
+        "tie_word_embeddings": False}, indent=2).encode() + b"\n"
+
+
+def generator(tag: str, name: str) -> torch.Generator:
+    seed = int.from_bytes(hashlib.sha256(f"{tag}:{name}".encode()).digest()[:8], "little")
+    return torch.Generator().manual_seed(seed & (2**63 - 1))
+
+
+def base_f32(spec: TensorSpec, tag: str) -> torch.Tensor:
+    if spec.name.endswith("norm.weight"):
+        return torch.ones(spec.shape)
+    return torch.randn(spec.shape, generator=generator(tag, spec.name)).mul_(0.02)
+
+
+def finetune_f32(base: torch.Tensor, spec: TensorSpec, tag: str) -> torch.Tensor:
+    """``base + dense noise + sparse large changes`` in float32 (see the module docstring)."""
+    gen = generator(tag, spec.name)
+    s = NORM_STD if spec.name.endswith("norm.weight") else float(base.std())
+    out = base + torch.randn(base.shape, generator=gen).mul_(DENSE_REL * s)
+    flat = out.view(-1)
+    k = max(1, round(SPARSE_FRAC * flat.numel()))
+    idx = torch.randint(flat.numel(), (k,), generator=gen)
+    signs = torch.randint(0, 2, (k,), generator=gen).float().mul_(2).sub_(1)
+    flat.index_add_(0, idx, signs.mul_(SPARSE_REL * s))
+    return out
+
+
+def write_models(root: Path, specs: list[TensorSpec], config: bytes, tag: str,
+                 shard_size: str) -> dict[str, Path]:
+    """Write the base and the fine-tunes under ``root``; bf16 or fp32 as ``specs`` say."""
+    fp32 = specs[0].dtype == "F32"
+    side = {"config.json": config}
+
+    def base_tensor(spec: TensorSpec) -> torch.Tensor:
+        w = base_f32(spec, f"{tag}-base")
+        return w if fp32 else w.to(torch.bfloat16)
+
+    def ft_tensor(i: int, spec: TensorSpec) -> torch.Tensor:
+        base = base_tensor(spec).float()
+        w = finetune_f32(base, spec, f"{tag}-ft{i}")
+        return w if fp32 else w.to(torch.bfloat16)
+
+    paths = {}
+    for i in range(N_FINETUNES + 1):
+        name = "base" if i == 0 else f"ft{i}"
+        log(f"writing {tag} {name}")
+        get = base_tensor if i == 0 else (lambda s, i=i: ft_tensor(i, s))
+        paths[name] = write_model_dir(root / name, specs, get, max_shard_size=shard_size,
+                                      side_files=side, progress=False)
+    return paths
+
+
+def recipe_text(method: str, paths: dict[str, Path], out_dtype: str | None) -> str:
+    lines = [f"merge_method: {method}", f"base_model: {paths['base']}", "models:"]
+    for i, w in enumerate(WEIGHTS, 1):
+        lines += [f"  - model: {paths[f'ft{i}']}", "    parameters:", f"      weight: {w}"]
+        if method == "ties":
+            lines.append(f"      density: {DENSITY}")
+    lines.append("parameters:")
+    lines += (["  normalize: true", "  lambda: 1.0"] if method == "ties" else
+              ["  normalize: false", "  lambda: 0.5"])
+    lines.append("dtype: float32")
+    if out_dtype:
+        lines.append(f"out_dtype: {out_dtype}")
+    return "\n".join(lines) + "\n"
+
+
+# --- measuring a child process ------------------------------------------------------------------
+
+@dataclass
+class ChildRun:
+    tool: str
+    method: str
+    repeat: int
+    wall: float = 0.0
+    sync: float = 0.0
+    cpu: float = 0.0
+    maxrss_kb: int = 0
+    anon_kb: int = 0  # sampled peak of RssAnon
+    file_kb: int = 0  # sampled peak of RssFile
+    rc: int = 0
+    log: Path | None = None
+    out: Path | None = None
+    order: int = 0
+
+
+def _ppid_map() -> dict[int, int]:
+    out = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    stat = f.read()
+                out[int(d)] = int(stat[stat.rindex(")") + 2:].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def _status_kb(pid: int) -> dict[str, int]:
+    vals = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("VmRSS", "RssAnon", "RssFile"):
+                    vals[key] = int(rest.split()[0])
+    except (OSError, ValueError):
+        pass
+    return vals
+
+
+class Sampler(threading.Thread):
+    """Peaks of RssAnon / RssFile of ``pid`` and its descendants (max over processes)."""
+
+    def __init__(self, pid: int, interval: float = 0.1):
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.stop = threading.Event()
+        self.anon = self.file = 0
+
+    def run(self) -> None:
+        pids, last_scan = {self.pid}, 0.0
+        while not self.stop.is_set():
+            now = time.monotonic()
+            if now - last_scan > 1.0:  # rescan the process tree once a second
+                ppid = _ppid_map()
+                frontier = {self.pid}
+                pids = set(frontier)
+                while frontier:
+                    frontier = {p for p, pp in ppid.items() if pp in frontier} - pids
+                    pids |= frontier
+                last_scan = now
+            for p in pids:
+                st = _status_kb(p)
+                self.anon = max(self.anon, st.get("RssAnon", 0))
+                self.file = max(self.file, st.get("RssFile", 0))
+            self.stop.wait(self.interval)
+
+
+def run_child(run: ChildRun, cmd: list[str], log_path: Path) -> ChildRun:
+    os.sync()
+    use_time = os.access(TIME_BIN, os.X_OK)
+    time_out = log_path.with_suffix(".time")
+    full = [TIME_BIN, "-v", "-o", str(time_out)] + cmd if use_time else cmd
+    run.log = log_path
+    with open(log_path, "wb") as logf:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(full, stdout=logf, stderr=subprocess.STDOUT)
+        sampler = Sampler(proc.pid)
+        sampler.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        run.wall = time.perf_counter() - t0
+        sampler.stop.set()
+        sampler.join()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    t0 = time.perf_counter()
+    os.sync()
+    run.sync = time.perf_counter() - t0
+    run.anon_kb, run.file_kb = sampler.anon, sampler.file
+    run.rc = proc.returncode
+    if use_time and time_out.is_file():
+        text = time_out.read_text()
+        grab = lambda key: re.search(rf"{re.escape(key)}: *([\d.]+)", text)  # noqa: E731
+        m = grab("Maximum resident set size (kbytes)")
+        run.maxrss_kb = int(m.group(1)) if m else 0
+        u, s = grab("User time (seconds)"), grab("System time (seconds)")
+        run.cpu = (float(u.group(1)) if u else 0.0) + (float(s.group(1)) if s else 0.0)
+        m = grab("Exit status")
+        if m and run.rc == 0:
+            run.rc = int(m.group(1))
+    else:  # no /usr/bin/time: the child's own rusage from wait4
+        run.maxrss_kb = usage.ru_maxrss
+        run.cpu = usage.ru_utime + usage.ru_stime
+    return run
+
+
+def hub_command() -> list[str]:
+    exe = Path(sys.executable).parent / "hub"
+    if exe.is_file():
+        return [str(exe)]
+    return [sys.executable, "-c", "import sys; sys.argv[0] = 'hub'; "
+            "from mergehub.hub.cli import main; main()"]
+
+
+def merge_commands(mergekit: Path, recipe: Path, out: Path) -> dict[str, list[str]]:
+    return {"mergekit": [str(mergekit), str(recipe), str(out), "--no-cuda",
+                         "--no-copy-tokenizer", "--quiet"],
+            "mergehub": hub_command() + ["merge", str(recipe), "-o", str(out)]}
+
+
+def run_pair(method: str, recipe: Path, outdir: Path, logs: Path, mergekit: Path, repeat: int,
+             mergekit_first: bool) -> list[ChildRun]:
+    order = ["mergekit", "mergehub"] if mergekit_first else ["mergehub", "mergekit"]
+    runs = []
+    for pos, tool in enumerate(order):
+        out = outdir / f"{method}-{tool}-r{repeat}"
+        cmds = merge_commands(mergekit, recipe, out)
+        log(f"{method}: {tool} (run {repeat + 1}, {'first' if pos == 0 else 'second'})")
+        r = run_child(ChildRun(tool, method, repeat, order=pos), cmds[tool],
+                      logs / f"{method}-{tool}-r{repeat}.log")
+        r.out = out
+        if r.rc != 0:
+            tail = r.log.read_text(errors="replace")[-3000:]
+            raise SystemExit(f"{tool} failed on {method} (exit {r.rc}); log {r.log}:\n{tail}")
+        log(f"  {r.wall:.1f} s (+{r.sync:.1f} s sync), peak RSS {r.maxrss_kb / 1024:.0f} MiB")
+        runs.append(r)
+    return runs
+
+
+# --- I/O floor --------------------------------------------------------------------------------
+
+def data_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.suffix == ".safetensors")
+
+
+def read_all(files: list[Path], buf: bytearray) -> int:
+    view = memoryview(buf)
+    total = 0
+    for p in files:
+        with open(p, "rb", buffering=0) as f:
+            while n := f.readinto(view):
+                total += n
+    return total
+
+
+def write_floor(src_dir: Path, dest: Path) -> tuple[int, float, float]:
+    """Copy the data files of ``src_dir`` to ``dest``: bytes, copy seconds, fsync seconds."""
+    dest.mkdir(parents=True)
+    os.sync()
+    nbytes, t_copy, t_sync = 0, 0.0, 0.0
+    for p in data_files(src_dir):
+        t0 = time.perf_counter()
+        shutil.copyfile(p, dest / p.name)
+        t1 = time.perf_counter()
+        fd = os.open(dest / p.name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        t_copy, t_sync = t_copy + t1 - t0, t_sync + time.perf_counter() - t1
+        nbytes += p.stat().st_size
+    shutil.rmtree(dest)
+    return nbytes, t_copy, t_sync
+
+
+# --- output comparison ----------------------------------------------------------------------------
+
+@dataclass
+class Diff:
+    tensors: int = 0
+    elements: int = 0
+    differing: int = 0
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    worst: str = "-"
+    worst_count: int = 0
+    max_delta: float = 0.0  # max |mergekit output - base|, for scale
+    problems: list[str] = field(default_factory=list)
+
+
+def _index(path: Path) -> dict[str, Path]:
+    out = {}
+    for p in data_files(path):
+        with safe_open(str(p), framework="pt") as f:
+            for k in f.keys():
+                out[k] = p
+    return out
+
+
+def compare_outputs(ours: Path, theirs: Path, base: Path | None = None) -> Diff:
+    """mergehub output ``ours`` vs mergekit output ``theirs``, tensor by tensor, in float32."""
+    a_idx, b_idx = _index(ours), _index(theirs)
+    base_idx = _index(base) if base is not None else {}
+    d = Diff()
+    for name in sorted(set(a_idx) ^ set(b_idx)):
+        d.problems.append(f"{name} only in {'mergehub' if name in a_idx else 'mergekit'}")
+    tiny = torch.finfo(torch.float32).tiny
+    for name in sorted(set(a_idx) & set(b_idx)):
+        with safe_open(str(a_idx[name]), framework="pt") as fa, \
+                safe_open(str(b_idx[name]), framework="pt") as fb:
+            ta, tb = fa.get_tensor(name), fb.get_tensor(name)
+        if ta.dtype != tb.dtype or ta.shape != tb.shape:
+            d.problems.append(f"{name}: mergehub {ta.dtype} {tuple(ta.shape)}, mergekit "
+                              f"{tb.dtype} {tuple(tb.shape)}")
+            continue
+        a, b = ta.float(), tb.float()
+        diff = (a - b).abs_()
+        n_diff = int((a != b).sum())
+        max_abs = float(diff.max()) if diff.numel() else 0.0
+        max_rel = float((diff / b.abs().clamp_min(tiny)).max()) if diff.numel() else 0.0
+        d.tensors += 1
+        d.elements += a.numel()
+        d.differing += n_diff
+        d.max_abs = max(d.max_abs, max_abs)
+        d.max_rel = max(d.max_rel, max_rel)
+        if n_diff > d.worst_count:
+            d.worst, d.worst_count = name, n_diff
+        if name in base_idx:
+            with safe_open(str(base_idx[name]), framework="pt") as fc:
+                c = fc.get_tensor(name).float()
+            d.max_delta = max(d.max_delta, float((b - c).abs().max()))
+    return d
+
+
+def print_diff(label: str, d: Diff) -> None:
+    frac = d.differing / max(d.elements, 1)
+    print(f"{label}: {d.tensors} tensors, {d.elements:,} elements; differing {d.differing:,} "
+          f"({frac:.4%}); max abs diff {d.max_abs:.3g}, max rel diff {d.max_rel:.3g}"
+          + (f" (largest |merged - base| is {d.max_delta:.3g})" if d.max_delta else ""))
+    if d.differing:
+        print(f"  worst tensor: {d.worst} ({d.worst_count:,} differing elements)")
+    for p in d.problems:
+        print(f"  PROBLEM: {p}")
+
+
+# --- the benchmark ------------------------------------------------------------------------------
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--intermediate", type=int, default=5632)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--shard-size", default="2GB", help="shard size of the inputs (default 2GB)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs of each tool per recipe (order alternates; default 1)")
+    ap.add_argument("--methods", default="ties,task_arithmetic",
+                    help="comma-separated recipes to run (default: ties,task_arithmetic)")
+    ap.add_argument("--fp32-check", action=argparse.BooleanOptionalAction, default=True,
+                    help="also compare TIES (and task arithmetic) on a small float32 model")
+    ap.add_argument("--mergekit", type=Path, default=Path("/tmp/mkvenv/bin/mergekit-yaml"),
+                    help="mergekit-yaml executable (its own venv; never a mergehub dependency)")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="scratch dir (default: a new temp dir under /tmp); must be empty or "
+                         "absent")
+    ap.add_argument("--keep", action="store_true", help="keep the work dir (models, outputs)")
+    args = ap.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not set(methods) <= {"ties", "task_arithmetic"}:
+        ap.error("--methods: only ties and task_arithmetic")
+    if not os.access(args.mergekit, os.X_OK):
+        ap.error(f"--mergekit {args.mergekit}: not an executable (install mergekit in its own "
+                 "venv, e.g. python -m venv /tmp/mkvenv && /tmp/mkvenv/bin/pip install mergekit)")
+    t_start = time.perf_counter()
+    if args.workdir is None:
+        work = Path(tempfile.mkdtemp(prefix="bench-merge-", dir="/tmp"))
+    else:
+        work = args.workdir.absolute()
+        if work.exists() and any(work.iterdir()):
+            ap.error(f"--workdir {work} is not empty")
+        work.mkdir(parents=True, exist_ok=True)
+    try:
+        run(args, work, methods)
+    finally:
+        if args.keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s; peak RSS of this script "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+def run(args: argparse.Namespace, work: Path, methods: list[str]) -> None:
+    dims = (args.layers, args.hidden, args.intermediate, args.vocab)
+    specs = llama_specs(*dims, "BF16")
+    n_params = sum(s.nbytes for s in specs) // 2
+    mk_version = subprocess.run([str(args.mergekit.parent / "python"), "-c",
+                                 "import importlib.metadata as m; print(m.version('mergekit'))"],
+                                capture_output=True, text=True).stdout.strip() or "?"
+    print(f"mergehub vs mergekit merge benchmark: Llama-style, {n_params:,} params bf16, "
+          f"{args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, vocab "
+          f"{args.vocab}, {len(specs)} tensors; base + {N_FINETUNES} fine-tunes (dense noise "
+          f"{DENSE_REL} std + {SPARSE_FRAC:.1%} entries at +-{SPARSE_REL:g} std); torch "
+          f"{torch.__version__}, {os.cpu_count()} CPUs; mergekit {mk_version} "
+          f"({args.mergekit}); work dir {work}")
+    print(f"peak RSS measured with {TIME_BIN + ' -v' if os.access(TIME_BIN, os.X_OK) else 'os.wait4'}"
+          " (ru_maxrss, includes mapped file pages); RssAnon/RssFile peaks sampled every 0.1 s")
+
+    t0 = time.perf_counter()
+    paths = write_models(work / "models", specs, config_json(*dims, "bfloat16"), "bf16",
+                         args.shard_size)
+    files = [f for p in paths.values() for f in data_files(p)]
+    in_bytes = sum(f.stat().st_size for f in files)
+    print(f"generated 5 models in {time.perf_counter() - t0:.0f} s: "
+          f"{in_bytes / len(paths) / 1e9:.3f} GB each, {in_bytes / 1e9:.3f} GB of input in all")
+
+    recipes = {}
+    for m in methods:
+        recipes[m] = work / f"{m}.yaml"
+        recipes[m].write_text(recipe_text(m, paths, "bfloat16"))
+        print(f"\n--- recipe {recipes[m].name} (given to both tools) ---\n"
+              f"{recipes[m].read_text()}", end="")
+
+    # --- warm-up + read floor -------------------------------------------------------------------
+    buf = bytearray(CHUNK)
+    log("warm-up read of all inputs")
+    t0 = time.perf_counter()
+    read_all(files, buf)
+    t_warm = time.perf_counter() - t0
+    reads = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        read_all(files, buf)
+        reads.append(time.perf_counter() - t0)
+    t_read = min(reads)
+    print(f"\nI/O floor: read all {in_bytes / 1e9:.3f} GB of input (64 MB chunks): warm-up "
+          f"{t_warm:.2f} s, then {reads[0]:.2f} s and {reads[1]:.2f} s -> floor {t_read:.2f} s "
+          f"({in_bytes / t_read / MB:.0f} MB/s; page cache warm)")
+
+    outdir, logs = work / "out", work / "logs"
+    outdir.mkdir()
+    logs.mkdir()
+    all_runs: list[ChildRun] = []
+    diffs: dict[str, Diff] = {}
+    wfloor = None
+    for mi, m in enumerate(methods):
+        for r in range(args.repeats):
+            runs = run_pair(m, recipes[m], outdir, logs, args.mergekit, r,
+                            mergekit_first=(mi + r) % 2 == 0)
+            all_runs += runs
+            if wfloor is None:
+                hub_out = next(x.out for x in runs if x.tool == "mergehub")
+                log("write floor: copying one merge output")
+                wfloor = write_floor(hub_out, work / "copy")
+            if r > 0:
+                for x in runs:
+                    shutil.rmtree(x.out, ignore_errors=True)
+        first = {x.tool: x.out for x in all_runs if x.method == m and x.repeat == 0}
+        log(f"{m}: comparing outputs")
+        diffs[m] = compare_outputs(first["mergehub"], first["mergekit"], paths["base"])
+        if not args.keep:
+            for p in first.values():
+                shutil.rmtree(p, ignore_errors=True)
+    out_bytes, t_copy, t_fsync = wfloor
+    t_write = t_copy + t_fsync
+    print(f"I/O floor: write {out_bytes / 1e9:.3f} GB (copy of one merge output): copy "
+          f"{t_copy:.2f} s + fsync {t_fsync:.2f} s = {t_write:.2f} s "
+          f"({out_bytes / t_write / MB:.0f} MB/s)")
+    floor_rw = t_read + t_write
+
+    # --- fp32 check -----------------------------------------------------------------------------
+    fp32_diffs = {}
+    if args.fp32_check:
+        fdims = (min(args.layers, 2), min(args.hidden, 512), min(args.intermediate, 1408),
+                 min(args.vocab, 4000))
+        fspecs = llama_specs(*fdims, "F32")
+        fparams = sum(s.nbytes for s in fspecs) // 4
+        fpaths = write_models(work / "models-fp32", fspecs, config_json(*fdims, "float32"),
+                              "fp32", args.shard_size)
+        print(f"\n--- float32 check: {fdims[0]} layers, hidden {fdims[1]}, intermediate "
+              f"{fdims[2]}, vocab {fdims[3]}: {fparams:,} params, float32 inputs, same noise "
+              "model, same recipes with dtype float32 and no out_dtype (float32 output) ---")
+        for m in methods:
+            rp = work / f"{m}-fp32.yaml"
+            rp.write_text(recipe_text(m, fpaths, None))
+            fr = run_pair(f"{m}-fp32", rp, outdir, logs, args.mergekit, 0, mergekit_first=True)
+            out = {x.tool: x.out for x in fr}
+            fp32_diffs[m] = compare_outputs(out["mergehub"], out["mergekit"], fpaths["base"])
+
+    # --- report ---------------------------------------------------------------------------------
+    mk = {(x.method, x.repeat): x for x in all_runs if x.tool == "mergekit"}
+    print(f"\n## Results ({n_params:,} params; input {in_bytes / 1e9:.2f} GB, output "
+          f"{out_bytes / 1e9:.2f} GB; read floor {t_read:.2f} s, read + write floor "
+          f"{floor_rw:.2f} s; MiB = 2^20 bytes)")
+    print("'wall' is the child process alone; '+sync' adds the os.sync() right after it "
+          "(mergehub fsyncs its output itself, mergekit does not). Ratios: time of mergekit / "
+          "time of the tool (>1: faster than mergekit) on wall+sync; RSS of the tool / RSS of "
+          "mergekit; wall+sync / read floor; wall+sync / (read + write floor).")
+    head = (f"{'method':16s} {'tool':9s} {'run':>3s} {'wall s':>7s} {'+sync s':>7s} "
+            f"{'CPU s':>7s} {'peak RSS MiB':>12s} {'anon MiB':>8s} {'file MiB':>8s} "
+            f"{'speedup':>7s} {'RSS ratio':>9s} {'/read':>6s} {'/r+w':>6s}")
+    print(head)
+    for x in sorted(all_runs, key=lambda x: (methods.index(x.method), x.repeat, x.tool)):
+        ref = mk[(x.method, x.repeat)]
+        tot, ref_tot = x.wall + x.sync, ref.wall + ref.sync
+        print(f"{x.method:16s} {x.tool:9s} {x.repeat + 1:>3d} {x.wall:7.2f} {tot:7.2f} "
+              f"{x.cpu:7.2f} {x.maxrss_kb / 1024:12.0f} {x.anon_kb / 1024:8.0f} "
+              f"{x.file_kb / 1024:8.0f} {ref_tot / tot:6.2f}x {x.maxrss_kb / ref.maxrss_kb:8.2f}x "
+              f"{tot / t_read:6.2f} {tot / floor_rw:6.2f}")
+    order = ", ".join(f"{m} run {r + 1}: " + ("mergekit first" if (mi + r) % 2 == 0 else
+                                              "mergehub first")
+                      for mi, m in enumerate(methods) for r in range(args.repeats))
+    print(f"order: {order}")
+
+    print("\n## Outputs: mergehub vs mergekit (a = mergehub, b = mergekit; rel = |a-b| / "
+          "max(|b|, tiny); bf16 outputs, so one bf16 step is a relative difference of up to "
+          "2^-8 = 0.0039)")
+    for m in methods:
+        print_diff(f"{m} (bf16 inputs, bf16 output)", diffs[m])
+    if "ties" in methods:
+        print(TIES_NOTE)
+    for m, d in fp32_diffs.items():
+        print_diff(f"{m} (fp32 inputs, fp32 output)", d)
+
+    print("\n## Targets")
+    hub = [x for x in all_runs if x.tool == "mergehub"]
+    for m in methods:
+        for x in (y for y in hub if y.method == m):
+            ref = mk[(m, x.repeat)]
+            tot, ref_tot = x.wall + x.sync, ref.wall + ref.sync
+            speed = ref_tot / tot
+            print(f"{m} run {x.repeat + 1}: faster than mergekit (target 3x): {speed:.2f}x "
+                  f"({'met' if speed >= 3 else 'faster, below 3x' if speed > 1 else 'NOT met'}); "
+                  f"peak RSS < 2 GB: {x.maxrss_kb * 1024 / 1e9:.2f} GB "
+                  f"({'met' if x.maxrss_kb * 1024 < 2e9 else 'NOT met'}); within 1.5x of the "
+                  f"read floor: {tot / t_read:.2f}x ({'met' if tot / t_read <= 1.5 else 'NOT met'}"
+                  f"; {tot / floor_rw:.2f}x of read + write floor)")
+    for m, d in fp32_diffs.items():
+        print(f"{m} fp32 outputs equal within 1e-6 relative: max rel diff {d.max_rel:.3g} "
+              f"({'met' if d.max_rel <= 1e-6 and not d.problems else 'NOT met'})")
+    for m, d in diffs.items():
+        print(f"{m} bf16 outputs identical: {d.differing:,} differing elements "
+              f"({'yes' if d.differing == 0 and not d.problems else 'no'})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""End-to-end merges of real tiny checkpoints: recipes, inputs of every kind, errors, outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+import merge_reference as ref
+import mergehub
+from mergehub.errors import BaseMismatchError, InputError, MergehubError
+from mergehub.hub.cli import cli
+from mergehub.merge.recipe import RecipeError, resolve_value
+from mergehub.storage.checkpoint import open_checkpoint
+from mergehub.storage.store import Store
+
+
+def recipe(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def load_all(path: Path) -> dict[str, torch.Tensor]:
+    ckpt = open_checkpoint(path)
+    return {n: ckpt.load(n) for n in ckpt.tensors}
+
+
+def test_ties_end_to_end_matches_reference(models, tmp_path):
+    r = recipe(tmp_path, f"""
+merge_method: ties
+base_model: {models['base-bf16']}
+models:
+  - model: {models['ft-mlp']}
+    parameters: {{weight: 1.0, density: 0.3}}
+  - model: {models['ft-attn']}
+    parameters: {{weight: 0.5, density: 0.5}}
+  - model: {models['ft-sharded']}
+    parameters: {{weight: 2.0, density: 0.2}}
+parameters: {{lambda: 0.9}}
+dtype: float32
+out_dtype: float32
+""")
+    result = mergehub.merge(r, out=tmp_path / "out", progress=False)
+    assert result.tensors == 21
+    out = load_all(tmp_path / "out")
+    base = load_all(models["base-bf16"])
+    fts = [load_all(models[k]) for k in ("ft-mlp", "ft-attn", "ft-sharded")]
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight"):
+        b = base[name].float().reshape(-1).tolist()
+        taus = [(f[name].float() - base[name].float()).reshape(-1).tolist() for f in fts]
+        expected = ref.ties(b, taus, [1.0, 0.5, 2.0], [0.3, 0.5, 0.2], 0.9)
+        assert torch.allclose(out[name].reshape(-1), torch.tensor(expected), atol=1e-6), name
+    assert out[name].dtype == torch.float32
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_lora_delta_equals_peft_merge_and_unload(models, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(models["base-bf16"], dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, models["lora"]).merge_and_unload().state_dict()
+    r = recipe(tmp_path, f"""
+merge_method: task_arithmetic
+base_model: {models['base-bf16']}
+models: [{{model: {models['lora']}}}]
+out_dtype: float32
+""")
+    mergehub.merge(r, out=tmp_path / "out", progress=False)
+    out = load_all(tmp_path / "out")
+    changed = 0
+    for name, tensor in out.items():
+        assert torch.allclose(tensor, merged[name], atol=1e-6), name
+        changed += not torch.equal(tensor, load_all(models["base-bf16"])[name].float())
+    assert changed == 4  # q_proj and v_proj of 2 layers
+
+
+def test_store_inputs_and_output(models, tmp_path):
+    with Store.init(tmp_path / "store") as store:
+        store.add(models["base-bf16"], "base", progress=False)
+        store.add(models["ft-mlp"], "mlp", base="base", metrics={"loss": 0.5}, progress=False)
+        store.add(models["lora"], "lora", base="base", progress=False)
+        text = """
+merge_method: task_arithmetic
+base_model: base
+models:
+  - model: mlp
+  - model: lora
+    parameters: {weight: 0.5}
+parameters: {lambda: 0.7}
+"""
+        result = mergehub.merge(text, out=tmp_path / "out", store=store, to_store="merged",
+                                progress=False)
+        assert result.store_name == "merged"
+        info = store.show("merged")
+        assert info.kind == "merged" and info.base == "base"
+        assert info.provenance["merge_method"] == "task_arithmetic"
+        assert "lambda: 0.7" in info.provenance["recipe"]
+        exported = store.export("merged", tmp_path / "exported", progress=False)
+        assert load_all(exported).keys() == load_all(tmp_path / "out").keys()
+        for name, t in load_all(exported).items():
+            assert torch.equal(t, load_all(tmp_path / "out")[name])
+        # to_store alone writes no directory
+        mergehub.merge(text, store=store, to_store="merged2", progress=False)
+        assert "merged2" in store and store.verify(progress=False).ok
+
+
+def test_metric_weighted_reads_trainer_state(models, tmp_path):
+    import shutil
+
+    ckpts = []
+    for i, (key, loss) in enumerate((("ft-mlp", 0.8), ("ft-attn", 1.6))):
+        d = tmp_path / f"ckpt{i}"
+        shutil.copytree(models[key], d)
+        (d / "trainer_state.json").write_text(json.dumps(
+            {"global_step": 100 * (i + 1), "log_history": [{"loss": 9.0}, {"loss": loss}]}))
+        ckpts.append(d)
+    r = recipe(tmp_path, f"""
+merge_method: metric_weighted
+models: [{{model: {ckpts[0]}}}, {{model: {ckpts[1]}}}]
+parameters: {{metric: loss, penalty: 1}}
+out_dtype: float32
+""")
+    mergehub.merge(r, out=tmp_path / "out", progress=False)
+    out = load_all(tmp_path / "out")
+    a, b = load_all(ckpts[0]), load_all(ckpts[1])
+    w = ref.mwa_weights([0.8, 1.6], "loss", 1)  # 2/3, 1/3
+    for name in out:
+        assert torch.allclose(out[name], w[0] * a[name].float() + w[1] * b[name].float(), atol=1e-6)
+
+
+def test_gradient_and_filter_parameters(models, tmp_path):
+    r = recipe(tmp_path, f"""
+merge_method: task_arithmetic
+base_model: {models['base-bf16']}
+models:
+  - model: {models['ft-mlp']}
+    parameters:
+      weight: [{{filter: down_proj, value: 0}}, {{value: [0, 1]}}]
+out_dtype: float32
+""")
+    mergehub.merge(r, out=tmp_path / "out", progress=False)
+    out, base, ft = load_all(tmp_path / "out"), load_all(models["base-bf16"]), load_all(models["ft-mlp"])
+    assert torch.equal(out["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"].float())
+    assert torch.equal(out["model.layers.1.mlp.up_proj.weight"], ft["model.layers.1.mlp.up_proj.weight"].float())
+    assert torch.equal(out["model.layers.1.mlp.down_proj.weight"], base["model.layers.1.mlp.down_proj.weight"].float())
+
+
+def test_resolve_value_like_mergekit():
+    # mergekit 0.1.5 on 5 layers: weight [{filter: mlp, value: [0,1,0.5]}, {filter: q_proj, value: 7},
+    # {value: [10, 20]}] gave mlp 0, .5, 1, .75, .5; q_proj 7; others 10..20; embed/norm/head 10
+    value = [{"filter": "mlp", "value": [0, 1, 0.5]}, {"filter": "self_attn.q_proj", "value": 7},
+             {"value": [10, 20]}]
+    mlp = [resolve_value(value, f"model.layers.{i}.mlp.up_proj.weight", 5) for i in range(5)]
+    assert mlp == [0, 0.5, 1, 0.75, 0.5]
+    assert resolve_value(value, "model.layers.3.self_attn.q_proj.weight", 5) == 7
+    assert [resolve_value(value, f"model.layers.{i}.input_layernorm.weight", 5) for i in range(5)] \
+        == [10, 12.5, 15, 17.5, 20]
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        assert resolve_value(value, name, 5) == 10
+    assert resolve_value([{"filter": "nothing", "value": 1}], "x", 1) is None
+
+
+def test_dry_run_writes_nothing(models, tmp_path):
+    r = recipe(tmp_path, f"""
+merge_method: ties
+base_model: {models['base-bf16']}
+models: [{{model: {models['ft-mlp']}, parameters: {{density: 0.2}}}}]
+""")
+    lines = []
+    result = mergehub.merge(r, out=tmp_path / "out", dry_run=True, echo=lines.append)
+    assert result.out is None and not (tmp_path / "out").exists()
+    assert "method: ties" in lines[-1] and "output: 21 tensors" in lines[-1]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("merge_method: ties\nbase_model: B\nmodels: [{model: F}]\nparamters: {}\n",
+     r"recipe.yaml:4: unknown key 'paramters' \(did you mean 'parameters'\?\)"),
+    ("merge_method: tis\nbase_model: B\nmodels: [{model: F}]\n",
+     r"recipe.yaml:1: unknown merge_method 'tis' \(did you mean 'ties'\?\)"),
+    ("merge_method: ties\nbase_model: B\nmodels:\n  - model: F\n    parameters:\n      weight: 1\n"
+     "      densty: 0.2\n", r"recipe.yaml:7: unknown parameter 'densty' .*did you mean 'density'"),
+    ("merge_method: ties\nbase_model: B\nmodels: [{model: F}]\nparameters: {lamda: 1}\n",
+     r"recipe.yaml:4: unknown parameter 'lamda' for merge_method ties \(did you mean 'lambda'\?\)"),
+    ("merge_method: ties\nbase_model: B\nmodels: [{model: F}]\nslices: []\n",
+     r"recipe.yaml:4: 'slices': layer slicing"),
+    ("merge_method: ties\nmodels: [{model: F}]\n", r"ties needs a base_model"),
+    ("merge_method: ties\nbase_model: B\nmodels: []\n", r"models: must be a non-empty list"),
+    ("merge_method: ties\nbase_model: B\nmodels: [{model: F}\n", r"recipe.yaml:\d+: not valid YAML"),
+    ("merge_method: ties\nbase_model: B\nmodels: [{model: F}]\nparameters: {trim_scope: all}\n",
+     r"trim_scope must be 'tensor' or 'global'"),
+    ("merge_method: ties\nbase_model: B\nmodels: [{model: F}]\ndtype: float8\n",
+     r"recipe.yaml:4: dtype 'float8' is not one of"),
+])
+def test_recipe_errors_name_the_line(models, tmp_path, text, message):
+    text = text.replace(" B\n", f" {models['base-bf16']}\n").replace("model: F", f"model: {models['ft-mlp']}")
+    with pytest.raises(RecipeError, match=message):
+        mergehub.merge(recipe(tmp_path, text), out=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_input_is_clear(models, tmp_path):
+    r = recipe(tmp_path, f"merge_method: ties\nbase_model: {models['base-bf16']}\n"
+                         "models:\n  - model: org/some-hub-model\n")
+    with pytest.raises(InputError, match=r"recipe.yaml:4: input 'org/some-hub-model' is neither a "
+                                         r"local path.*does not download"):
+        mergehub.merge(r, out=tmp_path / "out", progress=False)
+
+
+def _variant(models, tmp_path, name: str, edit) -> Path:
+    tensors = load_all(models["ft-mlp"])
+    edit(tensors)
+    d = tmp_path / name
+    d.mkdir()
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    (d / "config.json").write_bytes((models["ft-mlp"] / "config.json").read_bytes())
+    return d
+
+
+def test_missing_and_mismatched_tensors(models, tmp_path):
+    head = "lm_head.weight"
+    missing = _variant(models, tmp_path, "missing", lambda t: t.pop(head))
+    resized = _variant(models, tmp_path, "resized", lambda t: t.update({head: torch.zeros(300, 64, dtype=torch.bfloat16)}))
+    extra = _variant(models, tmp_path, "extra", lambda t: t.update({"score.weight": torch.zeros(2, 64, dtype=torch.bfloat16)}))
+    for variant, message in ((missing, f"has no tensor '{head}'"),
+                             (resized, rf"tensor '{head}' has shape \[300, 64\] but the base has \[256, 64\]"),
+                             (extra, "has tensor 'score.weight', which the base lacks")):
+        r = recipe(tmp_path, f"merge_method: task_arithmetic\nbase_model: {models['base-bf16']}\n"
+                             f"models:\n  - model: {models['ft-attn']}\n  - model: {variant}\n")
+        out_dir = tmp_path / f"out-{variant.name}"
+        with pytest.raises(BaseMismatchError, match=rf"recipe.yaml:5: input '{variant}' .*{message}.*--missing take-base"):
+            mergehub.merge(r, out=out_dir, progress=False)
+        assert not out_dir.exists()
+        notes = []
+        mergehub.merge(r, out=out_dir, missing="take-base", progress=False, echo=notes.append)
+        assert any(variant.name in n for n in notes)
+        out, base = load_all(out_dir), load_all(models["base-bf16"])
+        if variant != extra:
+            assert torch.equal(out[head], base[head])
+        assert "score.weight" not in out
+
+
+def test_lora_target_missing_from_base(models, tmp_path):
+    other = _variant(models, tmp_path, "renamed", lambda t: t.update(
+        {"model.layers.0.self_attn.q_proj_renamed.weight": t.pop("model.layers.0.self_attn.q_proj.weight")}))
+    r = recipe(tmp_path, f"merge_method: task_arithmetic\nbase_model: {other}\n"
+                         f"models:\n  - model: {models['lora']}\n")
+    with pytest.raises(BaseMismatchError, match="LoRA targets 'model.layers.0.self_attn.q_proj.weight', "
+                                                "which the base .* does not have"):
+        mergehub.merge(r, out=tmp_path / "out", progress=False)
+
+
+def test_non_float_tensors_copied_and_failure_leaves_nothing(tmp_path):
+    base = {"w": torch.randn(4, 4), "ids": torch.arange(4)}
+    ft = {"w": base["w"] + 1, "ids": torch.arange(4)}
+    for name, t in (("base", base), ("ft", ft)):
+        (tmp_path / name).mkdir()
+        save_file(t, tmp_path / name / "model.safetensors")
+    r = recipe(tmp_path, "merge_method: task_arithmetic\nbase_model: base\nmodels: [{model: ft}]\n"
+                         "parameters: {lambda: 0.5}\n".replace("base\n", f"{tmp_path / 'base'}\n")
+               .replace("model: ft", f"model: {tmp_path / 'ft'}"))
+    mergehub.merge(r, out=tmp_path / "out", progress=False)
+    out = load_all(tmp_path / "out")
+    assert torch.equal(out["ids"], base["ids"]) and torch.allclose(out["w"], base["w"] + 0.5)
+    bad = recipe(tmp_path, f"merge_method: linear\nmodels:\n  - model: {tmp_path / 'base'}\n"
+                           f"    parameters: {{weight: 1}}\n  - model: {tmp_path / 'ft'}\n"
+                           f"    parameters: {{weight: -1}}\n")
+    with pytest.raises(MergehubError, match="tensor 'w': linear: .*weights sum to 0"):
+        mergehub.merge(bad, out=tmp_path / "out2", progress=False)
+    assert not (tmp_path / "out2").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out2")]
+
+
+def test_ties_global_trim_end_to_end(models, tmp_path):
+    r = recipe(tmp_path, f"""
+merge_method: ties
+base_model: {models['base-bf16']}
+models:
+  - model: {models['ft-mlp']}
+    parameters: {{density: 0.1}}
+parameters: {{trim_scope: global}}
+out_dtype: float32
+""")
+    mergehub.merge(r, out=tmp_path / "out", progress=False)
+    out, base = load_all(tmp_path / "out"), load_all(models["base-bf16"])
+    ft = load_all(models["ft-mlp"])
+    taus = torch.cat([(ft[n].float() - base[n].float()).reshape(-1) for n in base])
+    merged = torch.cat([(out[n] - base[n].float()).reshape(-1) for n in base])
+    k = int(0.1 * taus.numel())
+    threshold = taus.abs().sort(descending=True).values[k - 1]
+    assert torch.equal(merged != 0, (taus.abs() >= threshold) & (taus != 0))
+    assert torch.allclose(merged[merged != 0], taus[merged != 0], atol=1e-7)
+
+
+def test_cli_merge(models, tmp_path):
+    r = recipe(tmp_path, f"merge_method: dare_ties\nbase_model: {models['base-bf16']}\n"
+                         f"models:\n  - model: {models['ft-mlp']}\n    parameters: {{density: 0.5}}\n"
+                         f"  - model: {models['ft-attn']}\n    parameters: {{density: 0.5}}\n")
+    runner = CliRunner()
+    res = runner.invoke(cli, ["merge", str(r), "-o", str(tmp_path / "a"), "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    assert "merged 21 tensors" in res.output
+    runner.invoke(cli, ["merge", str(r), "-o", str(tmp_path / "b"), "--seed", "3"])
+    runner.invoke(cli, ["merge", str(r), "-o", str(tmp_path / "c"), "--seed", "4"])
+    a, b, c = (load_all(tmp_path / x) for x in "abc")
+    assert all(torch.equal(a[n], b[n]) for n in a) and not all(torch.equal(a[n], c[n]) for n in a)
+    res = runner.invoke(cli, ["merge", str(tmp_path / "nope.yaml"), "-o", str(tmp_path / "d")])
+    assert res.exit_code == 2 and "error: " in res.output and "Traceback" not in res.output
+    res = runner.invoke(cli, ["merge", str(r), "--dry-run"])
+    assert res.exit_code == 0 and "method: dare_ties" in res.output
