@@ -395,6 +395,11 @@ class Diff:
     worst_count: int = 0
     max_delta: float = 0.0  # max |mergekit output - base|, for scale
     problems: list[str] = field(default_factory=list)
+    tie_checked: bool = False
+    tie_positions: int = 0  # elements where some task vector ties at its trim threshold
+    outside: int = 0  # differing elements that are not tie positions
+    outside_abs: float = 0.0
+    outside_rel: float = 0.0
 
 
 def _index(path: Path) -> dict[str, Path]:
@@ -406,48 +411,85 @@ def _index(path: Path) -> dict[str, Path]:
     return out
 
 
-def compare_outputs(ours: Path, theirs: Path, base: Path | None = None) -> Diff:
-    """mergehub output ``ours`` vs mergekit output ``theirs``, tensor by tensor, in float32."""
-    a_idx, b_idx = _index(ours), _index(theirs)
-    base_idx = _index(base) if base is not None else {}
-    d = Diff()
+def tie_positions(base: torch.Tensor, fts: list[torch.Tensor], density: float) -> torch.Tensor:
+    """Elements where some task vector's |delta| equals its trim threshold (the k-th largest)
+    while more than k entries reach it: where "keep all tied" and "keep exactly k" can differ."""
+    mask = torch.zeros(base.shape, dtype=torch.bool)
+    for ft in fts:
+        mag = (ft - base).abs_()
+        flat = mag.reshape(-1)
+        k = max(1, int(density * flat.numel()))
+        if density >= 1 or k >= flat.numel():
+            continue
+        thr = torch.kthvalue(flat, flat.numel() - k + 1).values
+        if int((flat >= thr).sum()) > k:
+            mask |= mag == thr
+    return mask
+
+
+def compare_outputs(ours: Path, theirs: Path, base: Path,
+                    ties: tuple[list[Path], float] | None = None) -> Diff:
+    """mergehub output ``ours`` vs mergekit output ``theirs``, tensor by tensor, in float32.
+
+    With ``ties`` (the fine-tune dirs and the density of a TIES recipe), differences are also
+    split into those at tie positions (see :func:`tie_positions`) and the others.
+    """
+    a_idx, b_idx, base_idx = _index(ours), _index(theirs), _index(base)
+    ft_idx = [_index(p) for p in ties[0]] if ties else []
+    d = Diff(tie_checked=ties is not None)
     for name in sorted(set(a_idx) ^ set(b_idx)):
         d.problems.append(f"{name} only in {'mergehub' if name in a_idx else 'mergekit'}")
     tiny = torch.finfo(torch.float32).tiny
+
+    def get(idx: dict[str, Path], name: str) -> torch.Tensor:
+        with safe_open(str(idx[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
     for name in sorted(set(a_idx) & set(b_idx)):
-        with safe_open(str(a_idx[name]), framework="pt") as fa, \
-                safe_open(str(b_idx[name]), framework="pt") as fb:
-            ta, tb = fa.get_tensor(name), fb.get_tensor(name)
+        ta, tb = get(a_idx, name), get(b_idx, name)
         if ta.dtype != tb.dtype or ta.shape != tb.shape:
             d.problems.append(f"{name}: mergehub {ta.dtype} {tuple(ta.shape)}, mergekit "
                               f"{tb.dtype} {tuple(tb.shape)}")
             continue
         a, b = ta.float(), tb.float()
+        differs = a != b
+        n_diff = int(differs.sum())
         diff = (a - b).abs_()
-        n_diff = int((a != b).sum())
-        max_abs = float(diff.max()) if diff.numel() else 0.0
-        max_rel = float((diff / b.abs().clamp_min(tiny)).max()) if diff.numel() else 0.0
+        rel = diff / b.abs().clamp_min(tiny)
         d.tensors += 1
         d.elements += a.numel()
         d.differing += n_diff
-        d.max_abs = max(d.max_abs, max_abs)
-        d.max_rel = max(d.max_rel, max_rel)
+        if n_diff:
+            d.max_abs = max(d.max_abs, float(diff.max()))
+            d.max_rel = max(d.max_rel, float(rel.max()))
         if n_diff > d.worst_count:
             d.worst, d.worst_count = name, n_diff
-        if name in base_idx:
-            with safe_open(str(base_idx[name]), framework="pt") as fc:
-                c = fc.get_tensor(name).float()
-            d.max_delta = max(d.max_delta, float((b - c).abs().max()))
+        c = get(base_idx, name).float()
+        d.max_delta = max(d.max_delta, float((b - c).abs().max()) if b.numel() else 0.0)
+        if ties:
+            tie = tie_positions(c, [get(i, name).float() for i in ft_idx], ties[1])
+            d.tie_positions += int(tie.sum())
+            out = differs & ~tie
+            n_out = int(out.sum())
+            if n_out:
+                d.outside += n_out
+                d.outside_abs = max(d.outside_abs, float(diff[out].max()))
+                d.outside_rel = max(d.outside_rel, float(rel[out].max()))
     return d
 
 
 def print_diff(label: str, d: Diff) -> None:
     frac = d.differing / max(d.elements, 1)
     print(f"{label}: {d.tensors} tensors, {d.elements:,} elements; differing {d.differing:,} "
-          f"({frac:.4%}); max abs diff {d.max_abs:.3g}, max rel diff {d.max_rel:.3g}"
-          + (f" (largest |merged - base| is {d.max_delta:.3g})" if d.max_delta else ""))
+          f"({frac:.4%}); max abs diff {d.max_abs:.3g}, max rel diff {d.max_rel:.3g} "
+          f"(largest |merged - base| is {d.max_delta:.3g})")
     if d.differing:
         print(f"  worst tensor: {d.worst} ({d.worst_count:,} differing elements)")
+    if d.tie_checked:
+        print(f"  tie positions (some task vector's |delta| equals its trim threshold, which "
+              f"more than k entries reach): {d.tie_positions:,} elements; differing elements "
+              f"outside them: {d.outside:,} (max abs diff {d.outside_abs:.3g}, max rel diff "
+              f"{d.outside_rel:.3g})")
     for p in d.problems:
         print(f"  PROBLEM: {p}")
 
@@ -567,7 +609,9 @@ def run(args: argparse.Namespace, work: Path, methods: list[str]) -> None:
                     shutil.rmtree(x.out, ignore_errors=True)
         first = {x.tool: x.out for x in all_runs if x.method == m and x.repeat == 0}
         log(f"{m}: comparing outputs")
-        diffs[m] = compare_outputs(first["mergehub"], first["mergekit"], paths["base"])
+        ft_dirs = [paths[f"ft{i}"] for i in range(1, N_FINETUNES + 1)]
+        diffs[m] = compare_outputs(first["mergehub"], first["mergekit"], paths["base"],
+                                   (ft_dirs, DENSITY) if m == "ties" else None)
         if not args.keep:
             for p in first.values():
                 shutil.rmtree(p, ignore_errors=True)
@@ -595,7 +639,9 @@ def run(args: argparse.Namespace, work: Path, methods: list[str]) -> None:
             rp.write_text(recipe_text(m, fpaths, None))
             fr = run_pair(f"{m}-fp32", rp, outdir, logs, args.mergekit, 0, mergekit_first=True)
             out = {x.tool: x.out for x in fr}
-            fp32_diffs[m] = compare_outputs(out["mergehub"], out["mergekit"], fpaths["base"])
+            ft_dirs = [fpaths[f"ft{i}"] for i in range(1, N_FINETUNES + 1)]
+            fp32_diffs[m] = compare_outputs(out["mergehub"], out["mergekit"], fpaths["base"],
+                                            (ft_dirs, DENSITY) if m == "ties" else None)
 
     # --- report ---------------------------------------------------------------------------------
     mk = {(x.method, x.repeat): x for x in all_runs if x.tool == "mergekit"}
@@ -646,11 +692,17 @@ def run(args: argparse.Namespace, work: Path, methods: list[str]) -> None:
                   f"read floor: {tot / t_read:.2f}x ({'met' if tot / t_read <= 1.5 else 'NOT met'}"
                   f"; {tot / floor_rw:.2f}x of read + write floor)")
     for m, d in fp32_diffs.items():
+        extra = ""
+        if d.tie_checked:
+            extra = (f"; outside the {d.tie_positions:,} tie positions: max rel diff "
+                     f"{d.outside_rel:.3g} "
+                     f"({'met' if d.outside_rel <= 1e-6 and not d.problems else 'NOT met'})")
         print(f"{m} fp32 outputs equal within 1e-6 relative: max rel diff {d.max_rel:.3g} "
-              f"({'met' if d.max_rel <= 1e-6 and not d.problems else 'NOT met'})")
+              f"({'met' if d.max_rel <= 1e-6 and not d.problems else 'NOT met'}){extra}")
     for m, d in diffs.items():
+        extra = (f"; {d.outside:,} of them outside tie positions" if d.tie_checked else "")
         print(f"{m} bf16 outputs identical: {d.differing:,} differing elements "
-              f"({'yes' if d.differing == 0 and not d.problems else 'no'})")
+              f"({'yes' if d.differing == 0 and not d.problems else 'no'}){extra}")
 
 
 if __name__ == "__main__":

@@ -174,13 +174,22 @@ def show(ctx: click.Context, name: str, as_json: bool) -> None:
               help="Re-shard an HF model into shards of at most this size (e.g. 2GB, 500MiB). "
                    "Default: re-create the files exactly as they were added.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
+@click.option("--task", default=None,
+              help="For a reversible merge (merge_method rmm): rebuild this input task (its "
+                   "name as in the recipe, or its index from 0) as a full HF model.")
 @click.pass_context
 def export(ctx: click.Context, name: str, output: Path, max_shard_size: str | None,
-           overwrite: bool) -> None:
+           overwrite: bool, task: str | None) -> None:
     """Write model NAME to a directory, bit for bit as it was added. The output appears only
     once complete: a failed export leaves nothing at OUTPUT."""
     size = parse_size(max_shard_size) if max_shard_size is not None else None
     with _open_store(ctx) as store:
+        if task is not None:
+            from mergehub.merge.rmm import revert
+
+            revert(store, name, task, output, overwrite=overwrite, progress=_progress())
+            click.echo(f"exported task {task!r} of {name!r} to {output}")
+            return
         store.export(name, output, max_shard_size=size, overwrite=overwrite, progress=_progress())
     click.echo(f"exported {name!r} to {output}")
 
@@ -269,6 +278,10 @@ def merge_(ctx: click.Context, recipe: Path, output: Path | None, to_store: str 
             store.close()
     if dry_run:
         return
+    if result.report and "relative_error_by_m" in result.report:
+        click.echo("reconstruction error (||ΔW_t - recon||/||ΔW_t||) with m = 1..T basis terms:")
+        for label, errs in result.report["relative_error_by_m"].items():
+            click.echo(f"  {label}: " + "  ".join(f"m={j + 1}: {e:.4f}" for j, e in enumerate(errs)))
     where = " and ".join(x for x in (str(output) if output else "",
                                      f"store entry {to_store!r}" if to_store else "") if x)
     click.echo(f"merged {result.tensors} tensors ({human_bytes(result.bytes)}) in "

@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 from mergehub.errors import BaseMismatchError, InputError, MergehubError
 from mergehub.merge.inputs import FLOAT_DTYPES, Source, resolve_input
 from mergehub.merge.methods import METHODS, MergeMethod, TensorContext
+from mergehub.merge.methods.rmm import ReversibleMerge
+from mergehub.merge.rmm import execute_rmm
 from mergehub.merge.recipe import (
     DTYPES, LineDict, ModelEntry, Recipe, RecipeError, _suggest, layer_index, load_recipe, resolve_params)
 from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
@@ -240,6 +242,7 @@ class MergeResult:
     seconds: float
     store_name: str | None = None
     plan: MergePlan | None = None
+    report: dict[str, Any] | None = None  # method-specific summary (rmm: errors by m)
 
 
 def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
@@ -331,16 +334,17 @@ def merge(recipe: str | Path | Recipe, out: str | Path | None = None, *,
         raise InputError("give an output directory (-o) and/or a store name (--to-store)")
     if to_store is not None and store is None:
         raise InputError("--to-store needs a store")
+    run = execute_rmm if isinstance(plan.method, ReversibleMerge) else execute
     if to_store is not None and out is None:
         with tempfile.TemporaryDirectory(dir=store.root / "tmp", prefix="merge-") as tmp:
-            result = execute(plan, Path(tmp) / "out", device=device, seed=seed,
-                             max_shard_size=max_shard_size, progress=progress)
+            result = run(plan, Path(tmp) / "out", device=device, seed=seed,
+                         max_shard_size=max_shard_size, progress=progress)
             _add_result(store, to_store, result, parsed, plan)
         result.out = None
         result.store_name = to_store
         return result
-    result = execute(plan, Path(out), device=device, seed=seed, max_shard_size=max_shard_size,
-                     overwrite=overwrite, progress=progress)
+    result = run(plan, Path(out), device=device, seed=seed, max_shard_size=max_shard_size,
+                 overwrite=overwrite, progress=progress)
     if to_store is not None:
         _add_result(store, to_store, result, parsed, plan)
         result.store_name = to_store
@@ -350,7 +354,9 @@ def merge(recipe: str | Path | Recipe, out: str | Path | None = None, *,
 def _add_result(store: Store, name: str, result: MergeResult, recipe: Recipe,
                 plan: MergePlan) -> None:
     base = plan.base.label if plan.base is not None else None
-    base_in_store = base if base is not None and base in store else None
+    # a merged model is stored as a delta against its base; an rmm basis is not base-shaped
+    base_in_store = (base if base is not None and base in store
+                     and not isinstance(plan.method, ReversibleMerge) else None)
     store.add(result.out, name, kind="merged", base=base_in_store,
               provenance={"recipe": recipe.text, "merge_method": recipe.merge_method,
                           "inputs": [s.label for s in plan.inputs], "base_model": base},

@@ -2,6 +2,6 @@
 
 from mergehub.merge.methods.base import METHODS, MergeMethod, TensorContext, register
 from mergehub.merge.methods import (  # noqa: F401  (importing registers them)
-    breadcrumbs, consensus, dare, linear, metric_weighted, task_arithmetic, ties)
+    breadcrumbs, consensus, dare, linear, metric_weighted, rmm, task_arithmetic, ties)
 
 __all__ = ["METHODS", "MergeMethod", "TensorContext", "register"]
