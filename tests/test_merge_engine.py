@@ -71,7 +71,7 @@ base_model: {models['base-bf16']}
 models: [{{model: {models['lora']}}}]
 out_dtype: float32
 """)
-    mergehub.merge(r, out=tmp_path / "out", progress=False)
+    mergehub.merge(r, out=tmp_path / "out", output_format="hf", progress=False)
     out = load_all(tmp_path / "out")
     changed = 0
     for name, tensor in out.items():
@@ -313,3 +313,31 @@ def test_cli_merge(models, tmp_path):
     assert res.exit_code == 2 and "error: " in res.output and "Traceback" not in res.output
     res = runner.invoke(cli, ["merge", str(r), "--dry-run"])
     assert res.exit_code == 0 and "method: dare_ties" in res.output
+
+
+def test_lora_only_task_arithmetic_writes_peft_adapter(models, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mergehub.hub.demo import make_lora
+
+    base = models["base-fp32"]
+    l1 = make_lora(base, tmp_path / "l1", rank=2, seed=21)
+    l2 = make_lora(base, tmp_path / "l2", rank=3, seed=22, target_modules=("q_proj", "o_proj"))
+    text = (f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+            f"  - model: {l1}\n    parameters: {{weight: 0.7}}\n  - model: {l2}\n"
+            f"parameters: {{lambda: 0.5}}\n")
+    result = mergehub.merge(text, out=tmp_path / "peft", progress=False)
+    files = sorted(p.name for p in result.out.iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads((result.out / "adapter_config.json").read_text())
+    assert config["r"] == 5 and config["rank_pattern"]  # q_proj: 2 + 3; v_proj 2, o_proj 3
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, result.out).merge_and_unload().state_dict()
+    dense = mergehub.merge(text, out=tmp_path / "dense", output_format="hf", progress=False)
+    assert not (dense.out / "adapter_config.json").exists()
+    for name, t in load_all(dense.out).items():
+        assert torch.allclose(merged[name], t, atol=1e-6), name
+    with pytest.raises(InputError, match="--format peft needs every input to be a LoRA"):
+        mergehub.merge(text.replace("merge_method: task_arithmetic", "merge_method: ties"), out=tmp_path / "x",
+                       output_format="peft", progress=False)

@@ -251,13 +251,18 @@ def verify(ctx: click.Context) -> None:
 @click.option("--max-shard-size", default="5GB", show_default=True,
               help="Largest output shard (e.g. 2GB, 500MiB).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
+@click.option("--format", "output_format", type=click.Choice(["auto", "hf", "peft"]),
+              default="auto", show_default=True,
+              help="hf: a full HF model dir. peft: a PEFT adapter dir (only when all inputs are "
+                   "LoRAs and the method is task_arithmetic or normalized linear). auto: peft "
+                   "when possible, else hf.")
 @click.option("--dry-run", is_flag=True,
               help="Check the recipe and inputs and print the plan (tensors, bytes, inputs) "
                    "without computing anything.")
 @click.pass_context
 def merge_(ctx: click.Context, recipe: Path, output: Path | None, to_store: str | None,
            device: str, missing: str, seed: int, max_shard_size: str, overwrite: bool,
-           dry_run: bool) -> None:
+           output_format: str, dry_run: bool) -> None:
     """Merge models as RECIPE (mergekit-style YAML) says. Inputs are HF model dirs, PEFT LoRA
     dirs (used as dense deltas B·A·scaling), .safetensors files or store names."""
     from mergehub.merge.engine import merge
@@ -272,7 +277,8 @@ def merge_(ctx: click.Context, recipe: Path, output: Path | None, to_store: str 
         result = merge(recipe, output, store=store, to_store=to_store, device=device,
                        missing=missing, seed=seed, dry_run=dry_run,
                        max_shard_size=parse_size(max_shard_size), overwrite=overwrite,
-                       progress=_progress(), echo=lambda t: click.echo(t, err=True))
+                       output_format=output_format, progress=_progress(),
+                       echo=lambda t: click.echo(t, err=True))
     finally:
         if store is not None:
             store.close()

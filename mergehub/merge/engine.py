@@ -25,6 +25,7 @@ from mergehub.errors import BaseMismatchError, InputError, MergehubError
 from mergehub.merge.inputs import FLOAT_DTYPES, Source, resolve_input
 from mergehub.merge.methods import METHODS, MergeMethod, TensorContext
 from mergehub.merge.methods.rmm import ReversibleMerge
+from mergehub.merge.lora_output import can_write_peft, execute_peft
 from mergehub.merge.rmm import execute_rmm
 from mergehub.merge.recipe import (
     DTYPES, LineDict, ModelEntry, Recipe, RecipeError, _suggest, layer_index, load_recipe, resolve_params)
@@ -307,7 +308,8 @@ def merge(recipe: str | Path | Recipe, out: str | Path | None = None, *,
           store: Store | None = None, to_store: str | None = None, device: str = "cpu",
           missing: str = "error", seed: int = 0, dry_run: bool = False,
           max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
-          progress: bool = True, echo: Callable[[str], Any] | None = None) -> MergeResult:
+          output_format: str = "auto", progress: bool = True,
+          echo: Callable[[str], Any] | None = None) -> MergeResult:
     """Merge as a recipe says: write an HF model dir at ``out`` and/or a store entry ``to_store``.
 
     Args:
@@ -321,6 +323,9 @@ def merge(recipe: str | Path | Recipe, out: str | Path | None = None, *,
             another shape: the base's tensor is used there.
         seed: seed of the random methods (DARE); same seed, same output.
         dry_run: only plan and check; print the plan through ``echo``.
+        output_format: ``hf`` (a full model), ``peft`` (an adapter: only when every input is a
+            LoRA and the method is task arithmetic or a normalized linear average, which keep
+            low rank exactly) or ``auto`` (``peft`` when possible, else ``hf``).
     """
     parsed = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     plan = plan_merge(parsed, store=store, missing=missing, device=device)
@@ -334,7 +339,19 @@ def merge(recipe: str | Path | Recipe, out: str | Path | None = None, *,
         raise InputError("give an output directory (-o) and/or a store name (--to-store)")
     if to_store is not None and store is None:
         raise InputError("--to-store needs a store")
-    run = execute_rmm if isinstance(plan.method, ReversibleMerge) else execute
+    if output_format not in ("auto", "hf", "peft"):
+        raise InputError(f"output format must be auto, hf or peft, not {output_format!r}")
+    peft_ok = can_write_peft(plan)
+    if output_format == "peft" and not peft_ok:
+        raise InputError("--format peft needs every input to be a LoRA adapter (same "
+                         "fan_in_fan_out) and merge_method task_arithmetic or linear with "
+                         "normalize: other methods do not keep low rank")
+    if isinstance(plan.method, ReversibleMerge):
+        run = execute_rmm
+    elif peft_ok and output_format != "hf":
+        run = execute_peft
+    else:
+        run = execute
     if to_store is not None and out is None:
         with tempfile.TemporaryDirectory(dir=store.root / "tmp", prefix="merge-") as tmp:
             result = run(plan, Path(tmp) / "out", device=device, seed=seed,

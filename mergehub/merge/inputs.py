@@ -43,12 +43,14 @@ class Source:
         reader: where its tensors come from.
         metrics: metrics from the store, or a JSON / ``trainer_state.json`` beside it.
         lora: for a LoRA adapter, target weight name -> (A name, B name, scaling, transpose).
+        lora_config: its ``adapter_config.json``.
     """
 
     label: str
     reader: TensorReader
     metrics: dict[str, Any] = field(default_factory=dict)
     lora: dict[str, tuple[str, str, float, bool]] | None = None
+    lora_config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.specs = {s.name: s for s in self.reader.specs()}
@@ -170,18 +172,18 @@ def resolve_input(ref: str, store: Store | None, where: str) -> Source:
         if ckpt.format == "peft":
             specs = {s.name: s for s in ckpt.specs()}
             lora = lora_targets(ref, ckpt.adapter_config or {}, specs)
-        return Source(ref, ckpt, _side_metrics(path), lora)
+        return Source(ref, ckpt, _side_metrics(path), lora, ckpt.adapter_config or {})
     if store is not None:
         try:
             model = store.open(ref)
         except StoreError:
             model = None
         if model is not None:
-            lora = None
+            lora, config = None, {}
             if model.info.format == "peft":
                 config = json.loads(model.side_file(ADAPTER_CONFIG))
                 lora = lora_targets(ref, config, {s.name: s for s in model.specs()})
-            return Source(ref, model, dict(model.info.metrics), lora)
+            return Source(ref, model, dict(model.info.metrics), lora, config)
     where_store = f" nor a model in store {store.root}" if store is not None else ""
     raise InputError(f"{where}: input {ref!r} is neither a local path{where_store} (mergehub does "
                      "not download models: fetch it first, e.g. `hub pull`)")

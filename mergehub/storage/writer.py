@@ -65,7 +65,8 @@ TensorSource = Callable[[TensorSpec], "torch.Tensor | bytes | memoryview"]
 def write_model_dir(out: str | Path, specs: list[TensorSpec], get: TensorSource, *,
                     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
                     side_files: Mapping[str, bytes | Path] | None = None,
-                    overwrite: bool = False, progress: bool = True) -> Path:
+                    overwrite: bool = False, progress: bool = True,
+                    weights_name: str = "model.safetensors") -> Path:
     """Write an HF model dir at ``out`` atomically, streaming tensors one at a time.
 
     Args:
@@ -77,12 +78,15 @@ def write_model_dir(out: str | Path, specs: list[TensorSpec], get: TensorSource,
             path to copy; see :func:`model_side_files`.
         overwrite: replace a non-empty ``out``.
         progress: show a progress bar (bytes/s) on stderr.
+        weights_name: file name of a single shard (``adapter_model.safetensors`` for PEFT);
+            several shards are named ``<stem>-0000i-of-0000n.safetensors`` with an index.
     """
     shards = plan_shards(specs, parse_size(max_shard_size))
     total = sum(s.nbytes for s in specs)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        names = (["model.safetensors"] if len(shards) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        stem = weights_name.removesuffix(".safetensors")
+        names = ([weights_name] if len(shards) == 1 else
+                 [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
         with tqdm(total=total, unit="B", unit_scale=True, desc="write", disable=not progress,
                   leave=False) as bar:
             for name, shard in zip(names, shards):
@@ -100,7 +104,7 @@ def write_model_dir(out: str | Path, specs: list[TensorSpec], get: TensorSource,
         if len(shards) > 1:
             index = {"metadata": {"total_size": total},
                      "weight_map": {s.name: n for n, shard in zip(names, shards) for s in shard}}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            (tmp / f"{weights_name}.index.json").write_text(json.dumps(index, indent=2) + "\n")
         for name, content in (side_files or {}).items():
             if isinstance(content, Path):
                 shutil.copyfile(content, tmp / name)
