@@ -6,9 +6,9 @@ What it builds (no transformers, no downloads): a Llama-style bf16 model written
 variants of it. Default size: hidden 2048, intermediate 5632, 16 layers, vocab 32000, 32 heads
 (MHA, no GQA), untied embed_tokens/lm_head: per layer q/k/v/o (2048x2048), gate/up (5632x2048),
 down (2048x5632) and two RMSNorm weights (2048); plus embed_tokens and lm_head (32000x2048) and
-the final norm: 953,706,496 parameters, ~1.9 GB of bf16 per model (one ``model.safetensors``,
-shards of ``--shard-size``, default 2GB). ``config.json`` is a LlamaForCausalLM config that
-transformers (and hence mergekit) can parse.
+the final norm: 953,223,168 parameters in 147 tensors, 1.91 GB of bf16 per model (one
+``model.safetensors`` with the default ``--shard-size`` 2GB). ``config.json`` is a
+LlamaForCausalLM config that transformers (and hence mergekit) can parse.
 
 Weights (the base): ``N(0, 0.02)`` in bf16; RMSNorm weights 1.0. Every tensor comes from a
 ``torch.Generator`` seeded from a hash of (model tag, tensor name), so it can be re-created on
@@ -51,12 +51,17 @@ write the output bytes (a copy of one merge output with ``shutil.copyfile``, the
 Outputs: for each recipe the two outputs are compared tensor by tensor (``safe_open``, in
 float32): max abs difference, max relative difference ``|a - b| / max(|b|, tiny)``, the number
 of differing elements and the worst tensor. TIES outputs of bf16 inputs can differ legitimately
-(see ``TIES_NOTE``), so the TIES comparison is repeated on a small float32 model
+(see ``TIES_NOTE``): for TIES the differences are also split into those at "tie positions"
+(an element where some task vector's |delta| equals that tensor's trim threshold while more
+than k entries reach it) and the others. The comparison is repeated on a small float32 model
 (``--fp32-check``, on by default, at most 2 layers / hidden 512 / intermediate 1408 / vocab
 4000) with float32 output, where ties at the trim threshold are rare, to check the "equal
-within 1e-6 relative" target.
+within 1e-6 relative" target. The CLI start-up time of each tool (``hub --version``,
+``mergekit-yaml --help``: mostly imports) is measured too, as context for small models.
 
-Run (repository root; ~19 GB of scratch disk at the peak at full size)::
+Run (repository root; at full size ~15.3 GB of scratch disk at the peak: 9.5 GB of inputs, the
+two 1.9 GB outputs of one recipe and one 1.9 GB copy; estimated ~20 min on 2 cores, most of it
+mergekit's TIES)::
 
     python benchmarks/bench_merge.py                                   # full size
     python benchmarks/bench_merge.py --layers 2 --hidden 256 --intermediate 512 --vocab 1000
@@ -555,8 +560,9 @@ def run(args: argparse.Namespace, work: Path, methods: list[str]) -> None:
           f"{DENSE_REL} std + {SPARSE_FRAC:.1%} entries at +-{SPARSE_REL:g} std); torch "
           f"{torch.__version__}, {os.cpu_count()} CPUs; mergekit {mk_version} "
           f"({args.mergekit}); work dir {work}")
-    print(f"peak RSS measured with {TIME_BIN + ' -v' if os.access(TIME_BIN, os.X_OK) else 'os.wait4'}"
-          " (ru_maxrss, includes mapped file pages); RssAnon/RssFile peaks sampled every 0.1 s")
+    timer = TIME_BIN + " -v" if os.access(TIME_BIN, os.X_OK) else "os.wait4"
+    print(f"peak RSS measured with {timer} (ru_maxrss, includes mapped file pages); "
+          "RssAnon/RssFile peaks sampled every 0.1 s")
 
     t0 = time.perf_counter()
     paths = write_models(work / "models", specs, config_json(*dims, "bfloat16"), "bf16",
@@ -572,6 +578,16 @@ def run(args: argparse.Namespace, work: Path, methods: list[str]) -> None:
         recipes[m].write_text(recipe_text(m, paths, "bfloat16"))
         print(f"\n--- recipe {recipes[m].name} (given to both tools) ---\n"
               f"{recipes[m].read_text()}", end="")
+
+    # --- CLI start-up ----------------------------------------------------------------------------
+    logs = work / "logs"
+    logs.mkdir()
+    startup = {}
+    for tool, cmd in (("mergehub", hub_command() + ["--version"]),
+                      ("mergekit", [str(args.mergekit), "--help"])):
+        startup[tool] = run_child(ChildRun(tool, "startup", 0), cmd, logs / f"startup-{tool}.log")
+    print("\nCLI start-up (imports; `hub --version`, `mergekit-yaml --help`): " + ", ".join(
+        f"{t} {r.wall:.2f} s, peak RSS {r.maxrss_kb / 1024:.0f} MiB" for t, r in startup.items()))
 
     # --- warm-up + read floor -------------------------------------------------------------------
     buf = bytearray(CHUNK)
@@ -589,9 +605,8 @@ def run(args: argparse.Namespace, work: Path, methods: list[str]) -> None:
           f"{t_warm:.2f} s, then {reads[0]:.2f} s and {reads[1]:.2f} s -> floor {t_read:.2f} s "
           f"({in_bytes / t_read / MB:.0f} MB/s; page cache warm)")
 
-    outdir, logs = work / "out", work / "logs"
+    outdir = work / "out"
     outdir.mkdir()
-    logs.mkdir()
     all_runs: list[ChildRun] = []
     diffs: dict[str, Diff] = {}
     wfloor = None

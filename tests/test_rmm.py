@@ -74,7 +74,7 @@ def test_rmm_store_revert_each_task(models, tmp_path):
         for i, lora in enumerate(loras):
             single = mergehub.merge(f"merge_method: task_arithmetic\nbase_model: base\n"
                                     f"models: [{{model: {lora}}}]\n", out=tmp_path / f"single{i}",
-                                    store=store, progress=False)
+                                    store=store, output_format="hf", progress=False)
             runner = CliRunner()
             res = runner.invoke(cli, ["--store", str(store.root), "export", "rmm3", "-o",
                                       str(tmp_path / f"rev{i}"), "--task", str(lora)])
