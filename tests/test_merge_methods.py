@@ -24,10 +24,13 @@ def run(method: str, params: dict, model_params: list[dict], base=BASE, taus=TAU
     xs = [torch.tensor(t, dtype=torch.float32) for t in taus]
     if not cls.on_deltas:
         xs = [b + x for x in xs]
-    ctx = TensorContext("t", torch.device("cpu"), seed)
+    ctx = TensorContext("t", torch.device("cpu"), seed, {"numel": b.numel(), "row_starts": [0]})
     for rnd in range(m.prepass_rounds()):
         m.observe(rnd, xs, full, ctx)
         m.finish_round(rnd, ctx.state)
+    m.tensor_stats(lambda which=None: iter([(b, xs if which is None else [xs[i] for i in which])]),
+                   full, ctx)
+    ctx.rows = (0, b.numel())
     return m.merge(b, xs, full, ctx).tolist()
 
 
@@ -222,11 +225,13 @@ def test_dare_statistics_and_reproducibility():
 
 def test_dare_l1_rescale_matches_mergekit_with_its_masks():
     """mergekit 0.1.5 drew these masks (torch.manual_seed(0)); rescale l1 then gives its output."""
-    from mergehub.merge.methods.sparsify import apply_mask, combine
+    from mergehub.merge.methods.sparsify import apply_mask, combine, l1_scales
 
-    masks = [[1, 0, 1, 1, 1, 0], [1, 0, 1, 0, 1, 1], [1, 1, 1, 0, 0, 0]]
-    deltas = [apply_mask(torch.tensor(t), torch.tensor(m, dtype=torch.bool), 0.5, "l1")
-              for t, m in zip(fp32_taus(), masks)]
+    masks = [torch.tensor(m, dtype=torch.bool)
+             for m in ([1, 0, 1, 1, 1, 0], [1, 0, 1, 0, 1, 1], [1, 1, 1, 0, 0, 0])]
+    taus = [torch.tensor(t) for t in fp32_taus()]
+    scales = l1_scales(lambda: iter([(None, taus)]), lambda t, c, x: masks[t], 3)
+    deltas = [apply_mask(t, m, s) for t, m, s in zip(taus, masks, scales)]
     mixed = combine(deltas, [{"weight": w} for w in W], None, False)
     close((torch.tensor(BASE) + mixed).tolist(),
           [1.2544838190078735, 1.5580644607543945, 0.150287464261055, 0.0, 0.7196769714355469,
@@ -250,3 +255,53 @@ def test_global_trim_matches_full_sort():
         flat = torch.cat([x.reshape(-1) for x in tensors[t]]).abs()
         k = max(1, int(density * flat.numel()))
         assert thresholds[t] == torch.sort(flat, descending=True).values[k - 1].item()
+
+
+@pytest.mark.parametrize("pattern", ["random", "ties", "adversarial"])
+def test_streamed_kth_largest_is_exact(pattern):
+    """The sampled bracket + count selection equals a full sort, including when the strided
+    sample misrepresents the tensor (then it falls back to gathering)."""
+    from mergehub.merge.methods.sparsify import kth_largest_abs
+
+    n = 3_000_017
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(n, generator=gen)
+    if pattern == "ties":
+        x = torch.round(x * 8) / 8  # few distinct values
+    elif pattern == "adversarial":
+        stride = max(1, n // (1 << 17))
+        x = torch.full((n,), 0.01)
+        x[::stride] = 5.0  # every sampled value is large, almost no other is
+    step = 100_003
+    chunk_list = [x[i:i + step].reshape(-1, 1) for i in range(0, n, step)]
+
+    def chunks(which=None):
+        for c in chunk_list:
+            yield None, [c, -c] if which is None else [[c, -c][i] for i in which]
+
+    ks = [[1, 17, n // 5, n - 1, n], [n // 2]]
+    got = kth_largest_abs(chunks, n, ks)
+    ordered = x.abs().sort(descending=True).values
+    assert got == [[ordered[k - 1].item() for k in ks[0]], [ordered[n // 2 - 1].item()]]
+
+
+@pytest.mark.parametrize("method, params", [
+    ("ties", {"density": 0.2}), ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.05}),
+    ("consensus_ties", {"density": 0.3}), ("task_arithmetic", {})])
+def test_chunked_merge_equals_whole_tensor_merge(models, tmp_path, method, params):
+    from mergehub.merge.engine import execute, plan_merge
+    from mergehub.merge.recipe import parse_recipe
+    from mergehub.storage.checkpoint import open_checkpoint
+
+    p = "{" + ", ".join(f"{k}: {v}" for k, v in params.items()) + "}"
+    text = (f"merge_method: {method}\nbase_model: {models['base-bf16']}\nmodels:\n"
+            f"  - model: {models['ft-mlp']}\n    parameters: {p}\n"
+            f"  - model: {models['ft-attn']}\n    parameters: {p}\n"
+            f"  - model: {models['lora']}\n    parameters: {p}\nout_dtype: float32\n")
+    outs = []
+    for chunk in (37, 1 << 30):
+        plan = plan_merge(parse_recipe(text))
+        outs.append(open_checkpoint(execute(plan, tmp_path / f"c{chunk}", chunk_elements=chunk,
+                                            progress=False).out))
+    for name in outs[0].tensors:
+        assert torch.equal(outs[0].load(name), outs[1].load(name)), name

@@ -1,19 +1,23 @@
 """Streamed merge execution: plan, check every input, then merge and write tensor by tensor.
 
-For each output tensor the engine loads that tensor from the base and every input (a LoRA's
-dense delta is built on the fly), hands float32 values to the method, casts the result to the
-output dtype and writes it into the current shard. Peak memory is a few tensors whatever the
-model size. Everything is checked before the first tensor is computed, and the output dir
+For each output tensor the engine reads it in row chunks of ~1 MB per input from the base and
+every input (a LoRA's dense delta is built on the fly, rows by rows), hands float32 values to
+the method, casts the result to the output dtype and writes it into the current shard. Methods
+that need whole-tensor statistics (trim thresholds, L1 norms) first stream over the same chunks.
+Peak memory is a few chunks plus, for store inputs, one decoded tensor, whatever the model
+size; and chunks small enough for the CPU caches make the elementwise work several times
+faster than on whole tensors. Everything is checked before the first tensor is computed, and the output dir
 appears only when the whole merge has succeeded.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mergehub.errors import BaseMismatchError, InputError, MergehubError
-from mergehub.merge.inputs import FLOAT_DTYPES, Source, resolve_input
+from mergehub.merge.inputs import FLOAT_DTYPES, Source, matrix_shape, resolve_input
 from mergehub.merge.methods import METHODS, MergeMethod, TensorContext
 from mergehub.merge.methods.rmm import ReversibleMerge
 from mergehub.merge.lora_output import can_write_peft, execute_peft
@@ -246,56 +250,80 @@ class MergeResult:
     report: dict[str, Any] | None = None  # method-specific summary (rmm: errors by m)
 
 
+#: elements per chunk: ~1 MB of float32 per input keeps a chunk's inputs in CPU caches
+#: (measured: 8x faster task arithmetic than whole tensors); GPUs want bigger launches
+CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}
+
+
+def row_ranges(spec: TensorSpec, chunk_elements: int) -> list[tuple[int, int]]:
+    """Split a tensor's rows into ranges of about ``chunk_elements`` elements."""
+    rows, cols = matrix_shape(spec)
+    step = max(1, chunk_elements // max(1, cols))
+    return [(r, min(rows, r + step)) for r in range(0, rows, step)] or [(0, 0)]
+
+
 def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
             max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
-            progress: bool = True) -> MergeResult:
-    """Run a checked plan, writing an HF model dir at ``out`` (atomically)."""
+            progress: bool = True, chunk_elements: int | None = None) -> MergeResult:
+    """Run a checked plan, writing an HF model dir at ``out`` (atomically), chunk by chunk."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is available")
+    chunk = chunk_elements or CHUNK_ELEMENTS.get(dev.type, CHUNK_ELEMENTS["cpu"])
     method = plan.method
     state: dict[str, Any] = {}
     start = time.perf_counter()
+    reference = plan.base or plan.inputs[0]
 
-    def inputs_for(spec: TensorSpec) -> tuple[torch.Tensor | None, list[torch.Tensor],
-                                              list[dict[str, Any]]]:
-        base = plan.base.theta(spec.name, None, dev) if plan.base is not None else None
-        xs = [src.tau(spec.name, base, dev) if method.on_deltas else src.theta(spec.name, base, dev)
-              for src in plan.inputs]
-        params = [resolve_params(p, spec.name, plan.num_layers) for p in plan.model_params]
-        return base, xs, params
+    def chunks_of(spec: TensorSpec, ranges: list[tuple[int, int]],
+                  which: list[int] | None = None) -> Iterator[tuple[torch.Tensor | None,
+                                                                    list[torch.Tensor]]]:
+        """(base rows, [input rows]) per row range: task vectors or weights as the method
+        wants, for all inputs or those in ``which``."""
+        sources = plan.inputs if which is None else [plan.inputs[i] for i in which]
+        for r0, r1 in ranges:
+            base = plan.base.theta(spec.name, None, dev, r0, r1) if plan.base is not None else None
+            xs = [src.tau(spec.name, base, dev, r0, r1) if method.on_deltas
+                  else src.theta(spec.name, base, dev, r0, r1) for src in sources]
+            yield base, xs
 
     mergeable = [s for s in plan.specs if s.name not in plan.copy_from_base]
     for rnd in range(method.prepass_rounds()):
         for spec in tqdm(mergeable, desc=f"pre-pass {rnd + 1}", unit="tensor",
                          disable=not progress, leave=False):
-            _, xs, params = inputs_for(spec)
-            method.observe(rnd, xs, params, TensorContext(spec.name, dev, seed, state))
+            params = [resolve_params(p, spec.name, plan.num_layers) for p in plan.model_params]
+            ctx = TensorContext(spec.name, dev, seed, state)
+            for _, xs in chunks_of(spec, row_ranges(spec, chunk)):
+                method.observe(rnd, xs, params, ctx)
         method.finish_round(rnd, state)
 
-    reference = plan.base or plan.inputs[0]
     bar = tqdm(total=len(plan.specs), desc="merge", unit="tensor", disable=not progress,
                leave=False)
     done_bytes = 0
 
-    def get(spec: TensorSpec) -> torch.Tensor:
+    def merged_chunks(spec: TensorSpec) -> Iterator[torch.Tensor]:
+        params = [resolve_params(p, spec.name, plan.num_layers) for p in plan.model_params]
+        ranges = row_ranges(spec, chunk)
+        ctx = TensorContext(spec.name, dev, seed, {**state, "numel": math.prod(spec.shape),
+                                                    "row_starts": [r0 for r0, _ in ranges]})
+        try:
+            method.tensor_stats(lambda which=None: chunks_of(spec, ranges, which), params, ctx)
+            for (r0, r1), (base, xs) in zip(ranges, chunks_of(spec, ranges)):
+                ctx.rows = (r0, r1)
+                yield method.merge(base, xs, params, ctx).to(TORCH_DTYPE[spec.dtype]).cpu()
+        except (ValueError, TypeError) as err:  # bad parameter values for this tensor
+            raise MergeError(f"tensor {spec.name!r}: {plan.recipe.merge_method}: {err}") from err
+
+    def get(spec: TensorSpec) -> Iterator[torch.Tensor]:
         nonlocal done_bytes
         if spec.name in plan.copy_from_base:
-            result = reference.reader.load(spec.name)
-            if spec.dtype != reference.specs[spec.name].dtype:
-                result = result.to(TORCH_DTYPE[spec.dtype])
+            yield reference.reader.load(spec.name).to(TORCH_DTYPE[spec.dtype])
         else:
-            base, xs, params = inputs_for(spec)
-            try:
-                merged = method.merge(base, xs, params, TensorContext(spec.name, dev, seed, state))
-            except (ValueError, TypeError) as err:  # bad parameter values for this tensor
-                raise MergeError(f"tensor {spec.name!r}: {plan.recipe.merge_method}: {err}") from err
-            result = merged.to(TORCH_DTYPE[spec.dtype]).cpu()
+            yield from merged_chunks(spec)
         done_bytes += spec.nbytes
         bar.update(1)
         elapsed = max(time.perf_counter() - start, 1e-9)
         bar.set_postfix_str(f"{done_bytes / elapsed / 1e9:.2f} GB/s", refresh=False)
-        return result
 
     with bar:
         write_model_dir(out, plan.specs, get, max_shard_size=max_shard_size,

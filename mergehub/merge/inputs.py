@@ -1,6 +1,7 @@
 """Merge inputs: HF model dirs, ``.safetensors`` files, store entries and PEFT LoRA adapters.
 
-Every input is read one tensor at a time. A dense input gives fine-tuned weights θt; a LoRA
+Every input is read one tensor at a time, in row ranges (see :func:`matrix_shape`), so a merge
+holds a few chunks in memory rather than whole tensors. A dense input gives fine-tuned weights θt; a LoRA
 adapter gives its task vector directly, ``τ = B·A·scaling`` per target module (scaling =
 ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA; ``alpha_pattern`` honoured), and
 ``θ = θ0 + τ``, so every method can ask any input for either. All values come back as float32
@@ -19,8 +20,9 @@ from typing import Any, Protocol
 import torch
 
 from mergehub.errors import BaseMismatchError, InputError, StoreError
-from mergehub.storage.checkpoint import ADAPTER_CONFIG, open_checkpoint, peft_target_weight
-from mergehub.storage.safetensors_format import TensorSpec
+from mergehub.storage.checkpoint import (
+    ADAPTER_CONFIG, Checkpoint, open_checkpoint, peft_target_weight)
+from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
 from mergehub.storage.store import Store
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -34,9 +36,15 @@ class TensorReader(Protocol):
     def load(self, name: str) -> torch.Tensor: ...
 
 
+def matrix_shape(spec: TensorSpec) -> tuple[int, int]:
+    """(rows, columns) of a tensor seen as a row-major matrix: the unit of chunked reading."""
+    rows = spec.shape[0] if spec.shape else 1
+    return rows, (math.prod(spec.shape) // rows if rows else 0)
+
+
 @dataclass
 class Source:
-    """One resolved merge input.
+    """One resolved merge input, read in row ranges.
 
     Attributes:
         label: the input as the recipe names it (used in every message).
@@ -54,6 +62,8 @@ class Source:
 
     def __post_init__(self) -> None:
         self.specs = {s.name: s for s in self.reader.specs()}
+        self._cached: tuple[str, torch.Tensor] | None = None  # whole tensor, for store inputs
+        self._factors: tuple[str, torch.device, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def is_lora(self) -> bool:
@@ -63,29 +73,58 @@ class Source:
         """Whether this input says anything about the base tensor ``name``."""
         return name in (self.lora if self.lora is not None else self.specs)
 
-    def theta(self, name: str, base: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-        """The input's weights for ``name`` as float32 (base + τ for a LoRA)."""
+    def rows(self, name: str, r0: int, r1: int, device: torch.device) -> torch.Tensor:
+        """Rows [r0, r1) of a dense input's tensor as float32, shape (r1 - r0, columns).
+
+        A file is read with ``pread`` for just those rows; a store entry is decoded once per
+        tensor and sliced.
+        """
+        spec = self.specs[name]
+        rows, cols = matrix_shape(spec)
+        dtype = TORCH_DTYPE[spec.dtype]
+        if isinstance(self.reader, Checkpoint):
+            width = spec.nbytes // max(1, rows * cols) if rows * cols else 0
+            raw = bytearray(self.reader.read_bytes(name, r0 * cols * width, r1 * cols * width))
+            part = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        else:
+            if self._cached is None or self._cached[0] != name:
+                self._cached = (name, self.reader.load(name).reshape(-1))
+            part = self._cached[1][r0 * cols:r1 * cols]
+        return part.reshape(r1 - r0, cols).to(device=device, dtype=torch.float32)
+
+    def theta(self, name: str, base: torch.Tensor | None, device: torch.device,
+              r0: int = 0, r1: int | None = None) -> torch.Tensor:
+        """The input's weights (rows [r0, r1), default all) as float32 (base + τ for a LoRA);
+        ``base`` is the base's same rows."""
         if self.lora is None:
-            return self.reader.load(name).to(device=device, dtype=torch.float32)
+            r1 = matrix_shape(self.specs[name])[0] if r1 is None else r1
+            return self.rows(name, r0, r1, device)
         if base is None:
             raise InputError(f"{self.label}: a LoRA adapter needs a base_model to merge into")
-        return base + self.tau(name, base, device)
+        return base + self.tau(name, base, device, r0, r1)
 
-    def tau(self, name: str, base: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-        """The task vector θt − θ0 for ``name`` as float32 (zeros where a LoRA has no module)."""
+    def tau(self, name: str, base: torch.Tensor | None, device: torch.device,
+            r0: int = 0, r1: int | None = None) -> torch.Tensor:
+        """The task vector θt − θ0 (rows [r0, r1)) as float32; zeros where a LoRA has no
+        module. ``base`` is the base's same rows."""
         if self.lora is None:
             if base is None:
                 raise InputError(f"{self.label}: task vectors need a base_model")
-            return self.theta(name, base, device) - base
+            return self.theta(name, None, device, r0, r1) - base
         entry = self.lora.get(name)
         if entry is None:
-            shape = base.shape if base is not None else ()
-            return torch.zeros(shape, dtype=torch.float32, device=device)
+            if base is None:
+                raise InputError(f"{self.label}: a LoRA adapter needs a base_model to merge into")
+            return torch.zeros_like(base)
         a_name, b_name, scaling, transpose = entry
-        a = self.reader.load(a_name).to(device=device, dtype=torch.float32)
-        b = self.reader.load(b_name).to(device=device, dtype=torch.float32)
-        delta = (b @ a) * scaling
-        delta = delta.T if transpose else delta
+        if self._factors is None or self._factors[:2] != (name, device):
+            a = self.reader.load(a_name).to(device=device, dtype=torch.float32)
+            b = self.reader.load(b_name).to(device=device, dtype=torch.float32) * scaling
+            self._factors = (name, device, a, b)
+        _, _, a, b = self._factors
+        rows = a.shape[1] if transpose else b.shape[0]
+        r1 = rows if r1 is None else r1
+        delta = (b @ a[:, r0:r1]).T if transpose else b[r0:r1] @ a
         if base is not None and delta.shape != base.shape:
             raise BaseMismatchError(f"{self.label}: LoRA for {name!r} gives a {list(delta.shape)} "
                                     f"delta but the base tensor is {list(base.shape)}")

@@ -53,7 +53,7 @@ def execute_rmm(plan: Any, out: Path, *, device: str = "cpu", seed: int = 0,
     mergeable = [s for s in plan.specs if s.name not in plan.copy_from_base]
     for spec in tqdm(mergeable, desc="rmm", unit="tensor", disable=not progress, leave=False):
         base = plan.base.theta(spec.name, None, dev)
-        xs = [src.tau(spec.name, base, dev) for src in plan.inputs]
+        xs = [src.tau(spec.name, base, dev).reshape(spec.shape) for src in plan.inputs]
         if all(not x.any() for x in xs):
             continue  # no task changes this tensor: reverting takes the base's
         basis, coef, residuals = decompose(xs, m)

@@ -96,13 +96,15 @@ class Checkpoint:
         except KeyError:
             raise InputError(f"{self.path}: no tensor named {name!r}") from None
 
-    def read_bytes(self, name: str) -> bytes:
-        """The tensor's data exactly as stored in the file (no dtype conversion)."""
+    def read_bytes(self, name: str, start: int = 0, stop: int | None = None) -> bytes:
+        """The tensor's data exactly as stored in the file (no dtype conversion), or the byte
+        range ``[start, stop)`` of it (read with ``pread``: no memory map stays behind)."""
         info = self._info(name)
+        stop = info.nbytes if stop is None else stop
         path = self.root / info.file
         try:
             with open(path, "rb") as f:
-                return read_range(f, info.offset, info.nbytes)
+                return read_range(f, info.offset + start, stop - start)
         except OSError as e:
             raise InputError(f"{path}: cannot read tensor {name!r}: {e}") from e
 

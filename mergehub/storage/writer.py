@@ -11,10 +11,12 @@ else ``model-0000i-of-0000n.safetensors`` with an index.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -49,17 +51,23 @@ def plan_shards(specs: list[TensorSpec], max_shard_size: int) -> list[list[Tenso
     return shards
 
 
-def tensor_bytes(tensor: torch.Tensor, spec: TensorSpec) -> memoryview:
-    """The raw little-endian bytes of ``tensor``, after checking it matches ``spec``."""
-    dtype = SAFETENSORS_DTYPE.get(tensor.dtype)
-    if dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-        raise InputError(f"tensor {spec.name!r}: got {dtype} {tuple(tensor.shape)}, "
+def tensor_bytes(part: torch.Tensor, spec: TensorSpec) -> memoryview:
+    """The raw little-endian bytes of ``part``: the tensor of ``spec`` or a row chunk of it.
+
+    The dtype must match; a full-size tensor must have the planned shape (the byte total of
+    all chunks is checked by the writer).
+    """
+    dtype = SAFETENSORS_DTYPE.get(part.dtype)
+    full = part.numel() == math.prod(spec.shape)
+    if dtype != spec.dtype or (full and part.dim() == len(spec.shape)
+                               and tuple(part.shape) != spec.shape):
+        raise InputError(f"tensor {spec.name!r}: got {dtype} {tuple(part.shape)}, "
                          f"planned {spec.dtype} {spec.shape}")
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    flat = part.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
-TensorSource = Callable[[TensorSpec], "torch.Tensor | bytes | memoryview"]
+TensorSource = Callable[[TensorSpec], Any]
 
 
 def write_model_dir(out: str | Path, specs: list[TensorSpec], get: TensorSource, *,
@@ -72,7 +80,8 @@ def write_model_dir(out: str | Path, specs: list[TensorSpec], get: TensorSource,
     Args:
         out: the directory to create (must not exist or be empty unless ``overwrite``).
         specs: every tensor to write, in order.
-        get: called once per spec, returns the tensor (or its raw bytes) to write.
+        get: called once per spec, returns the tensor (or its raw bytes) to write, or an
+            iterable of consecutive row chunks of it (tensors or bytes).
         max_shard_size: bytes per shard (``"2GB"`` style strings accepted).
         side_files: extra files by name (``config.json``, tokenizer files, ...), as bytes or a
             path to copy; see :func:`model_side_files`.
@@ -94,12 +103,16 @@ def write_model_dir(out: str | Path, specs: list[TensorSpec], get: TensorSource,
                     f.write(build_header(shard, SHARD_METADATA))
                     for spec in shard:
                         data = get(spec)
-                        if isinstance(data, torch.Tensor):
-                            data = tensor_bytes(data, spec)
-                        if len(data) != spec.nbytes:
-                            raise InputError(f"tensor {spec.name!r}: got {len(data)} bytes, "
+                        parts = [data] if isinstance(data, (torch.Tensor, bytes, memoryview)) else data
+                        written = 0
+                        for part in parts:
+                            if isinstance(part, torch.Tensor):
+                                part = tensor_bytes(part, spec)
+                            f.write(part)
+                            written += len(part)
+                        if written != spec.nbytes:
+                            raise InputError(f"tensor {spec.name!r}: got {written} bytes, "
                                              f"expected {spec.nbytes}")
-                        f.write(data)
                         bar.update(spec.nbytes)
         if len(shards) > 1:
             index = {"metadata": {"total_size": total},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -12,13 +13,15 @@ import torch
 class TensorContext:
     """What a method may know about the tensor it merges besides the values.
 
-    ``state`` carries results of a method's pre-pass (e.g. global TIES thresholds per input).
+    ``state`` carries results of a method's pre-pass (e.g. global TIES thresholds per input) and
+    of :meth:`MergeMethod.tensor_stats` for the current tensor.
     """
 
     name: str
     device: torch.device
     seed: int = 0
     state: dict[str, Any] = field(default_factory=dict)
+    rows: tuple[int, int] = (0, 0)  # the row range of the chunk being merged
 
     def generator(self, *salt: object) -> torch.Generator:
         """A generator seeded from (seed, tensor name, salt): the same random draws whatever
@@ -69,9 +72,18 @@ class MergeMethod:
     def finish_round(self, round: int, state: dict[str, Any]) -> None:
         """End of pre-pass ``round``: put what :meth:`merge` needs into ``state``."""
 
+    def tensor_stats(self, chunks: Callable[..., Iterable[tuple[torch.Tensor | None,
+                                                                list[torch.Tensor]]]],
+                     model_params: list[dict[str, Any]], ctx: TensorContext) -> None:
+        """Before a tensor is merged: compute whole-tensor statistics into ``ctx.state``.
+
+        ``chunks()`` (or ``chunks(which)`` for some inputs) streams (base rows, input rows)
+        over the tensor, as often as needed. Elementwise methods need nothing.
+        """
+
     def merge(self, base: torch.Tensor | None, xs: list[torch.Tensor],
               model_params: list[dict[str, Any]], ctx: TensorContext) -> torch.Tensor:
-        """Merge one tensor: return the merged weights (float32)."""
+        """Merge one chunk (rows ``ctx.rows`` of a tensor): return the merged weights (float32)."""
         raise NotImplementedError
 
 

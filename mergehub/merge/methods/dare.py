@@ -2,10 +2,10 @@
 sign election and disjoint mean (``dare_ties``).
 
 Each entry of τt is kept with probability ``density`` (= 1 − drop rate p), drawn from a
-generator seeded by (``seed``, tensor name, input index): the same seed gives the same output
-whatever the order, device placement or number of workers. Survivors are rescaled by
-1/density (``rescale: true``, the paper's: E[output] = τ), to the original L1 norm
-(``rescale: l1``, mergekit 0.1.5), or not at all (``rescale: false``).
+generator seeded by (``seed``, tensor name, input index, chunk): the same seed on the same
+device gives the same output. Survivors are rescaled by 1/density (``rescale: true``, the
+paper's: E[output] = τ), to the original L1 norm (``rescale: l1``, mergekit 0.1.5; a pass over
+the tensor first), or not at all (``rescale: false``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from mergehub.merge.methods.base import MergeMethod, TensorContext, register
-from mergehub.merge.methods.sparsify import apply_mask, bernoulli_mask, combine
+from mergehub.merge.methods.sparsify import (
+    ChunkStream, apply_mask, bernoulli_mask, combine, l1_scales)
 
 
 class _Dare(MergeMethod):
@@ -27,14 +28,28 @@ class _Dare(MergeMethod):
         if self.params["rescale"] not in (True, False, "l1"):
             raise ValueError(f"rescale must be true, false or l1, not {self.params['rescale']!r}")
 
+    @staticmethod
+    def _mask(x: torch.Tensor, density: float, ctx: TensorContext, t: int,
+              row: int) -> torch.Tensor | None:
+        return bernoulli_mask(x, density, ctx.generator("dare", t, row))
+
+    def tensor_stats(self, chunks: ChunkStream, model_params: list[dict[str, Any]],
+                     ctx: TensorContext) -> None:
+        densities = [float(p["density"]) for p in model_params]
+        rescale = self.params["rescale"]
+        if rescale == "l1":
+            starts = ctx.state["row_starts"]
+            scales = l1_scales(chunks, lambda t, c, x: self._mask(x, densities[t], ctx, t,
+                                                                   starts[c]), len(densities))
+        else:
+            scales = [1 / d if rescale and 0 < d < 1 else 1.0 for d in densities]
+        ctx.state["dare"] = scales
+
     def drop(self, xs: list[torch.Tensor], model_params: list[dict[str, Any]],
              ctx: TensorContext) -> list[torch.Tensor]:
-        out = []
-        for t, (x, p) in enumerate(zip(xs, model_params)):
-            density = float(p["density"])
-            mask = bernoulli_mask(x, density, ctx.generator("dare", t))
-            out.append(apply_mask(x, mask, density, self.params["rescale"]))
-        return out
+        scales = ctx.state["dare"]
+        return [apply_mask(x, self._mask(x, float(p["density"]), ctx, t, ctx.rows[0]), s)
+                for t, (x, p, s) in enumerate(zip(xs, model_params, scales))]
 
     def merge(self, base: torch.Tensor | None, xs: list[torch.Tensor],
               model_params: list[dict[str, Any]], ctx: TensorContext) -> torch.Tensor:

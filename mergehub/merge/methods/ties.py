@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from mergehub.merge.methods.base import MergeMethod, TensorContext, register
-from mergehub.merge.methods.sparsify import apply_mask, combine, magnitude_mask
+from mergehub.merge.methods.sparsify import (
+    ChunkStream, apply_mask, combine, l1_scales, magnitude_thresholds, threshold_mask)
 
 _BINS = 1 << 15  # top 16 bits of a non-negative float32: sign (always 0) + 15 bits
 
@@ -100,25 +101,31 @@ class Ties(MergeMethod):
         if thresholds is not None:
             state["ties_thresholds"] = thresholds
 
-    def trim(self, xs: list[torch.Tensor], model_params: list[dict[str, Any]],
-             ctx: TensorContext) -> list[torch.Tensor]:
+    def tensor_stats(self, chunks: ChunkStream, model_params: list[dict[str, Any]],
+                     ctx: TensorContext) -> None:
+        densities = [float(p["density"]) for p in model_params]
+        global_thresholds = ctx.state.get("ties_thresholds")
+        if global_thresholds is not None:
+            thresholds = [t if d < 1 else None for t, d in zip(global_thresholds, densities)]
+        else:
+            n = ctx.state["numel"]
+            thresholds = magnitude_thresholds(chunks, n, densities)
+        scales = [1.0] * len(densities)
+        if self.params["rescale"]:
+            scales = l1_scales(chunks, lambda t, c, x: threshold_mask(x, thresholds[t]),
+                               len(densities))
+        ctx.state["trim"] = (thresholds, scales)
+
+    def trim(self, xs: list[torch.Tensor], ctx: TensorContext) -> list[torch.Tensor]:
         """Step 1: each task vector restricted to its largest magnitudes."""
-        thresholds = ctx.state.get("ties_thresholds")
-        out = []
-        for t, (x, p) in enumerate(zip(xs, model_params)):
-            density = float(p["density"])
-            if thresholds is not None and density < 1:
-                mask = x.abs() >= thresholds[t]
-            else:
-                mask = magnitude_mask(x, density)
-            out.append(apply_mask(x, mask, density, "l1" if self.params["rescale"] else False))
-        return out
+        thresholds, scales = ctx.state["trim"]
+        return [apply_mask(x, threshold_mask(x, th), s) for x, th, s in zip(xs, thresholds, scales)]
 
     def merged_delta(self, xs: list[torch.Tensor], model_params: list[dict[str, Any]],
                      ctx: TensorContext) -> torch.Tensor:
         """Steps 1-3: τm, the disjoint mean of the trimmed, sign-elected task vectors."""
-        return combine(self.trim(xs, model_params, ctx), model_params,
-                       self.params["sign_method"], self.params["normalize"])
+        return combine(self.trim(xs, ctx), model_params, self.params["sign_method"],
+                       self.params["normalize"])
 
     def merge(self, base: torch.Tensor | None, xs: list[torch.Tensor],
               model_params: list[dict[str, Any]], ctx: TensorContext) -> torch.Tensor:
