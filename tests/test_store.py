@@ -53,7 +53,7 @@ def test_identical_tensors_stored_once(store, models):
     store.add(models["sharded-bf16"], "c", progress=False)
     tensor_blobs = {r[0] for r in store._db.execute("SELECT DISTINCT blob FROM tensors")}
     ckpt = open_checkpoint(models["base-bf16"])
-    distinct = {ckpt.read_bytes(n) for n in ckpt.tensors}  # the RMSNorm weights are all ones
+    distinct = {bytes(ckpt.read_bytes(n)) for n in ckpt.tensors}  # the RMSNorm weights are all ones
     assert len(tensor_blobs) == len(distinct) < len(ckpt.tensors)
 
 

@@ -1,4 +1,5 @@
-"""``hub demo``: a tiny transformers model, fine-tune-like variants and a LoRA, stored and exported.
+"""``hub demo``: a tiny transformers model, fine-tune-like variants and a LoRA, stored, exported
+and merged.
 
 The builders here are also what the tests use to make real checkpoints (no downloads).
 """
@@ -113,6 +114,20 @@ def run_demo(keep: Path | None = None, echo: Callable[[str], None] = print) -> N
                 echo(f"  export {name:16s} -> {'bit-exact' if same else 'DIFFERENT'}")
                 if not same:
                     raise SystemExit(f"demo failed: export of {name} differs from its input")
+            recipe = work / "ties.yaml"
+            recipe.write_text("merge_method: ties\nbase_model: base\nmodels:\n"
+                              "  - model: ft-mlp\n    parameters: {weight: 1.0, density: 0.3}\n"
+                              "  - model: ft-attn-sharded\n    parameters: {weight: 1.0, density: 0.3}\n"
+                              "  - model: lora-qv\n    parameters: {weight: 0.5, density: 0.3}\n"
+                              "parameters: {lambda: 1.0}\n")
+            import mergehub
+
+            result = mergehub.merge(recipe, store=store, to_store="ties-merge", progress=False,
+                                    echo=lambda text: None)
+            merged = store.show("ties-merge")
+            echo(f"merge: TIES of ft-mlp, ft-attn-sharded and lora-qv ({recipe}) -> store entry "
+                 f"'ties-merge': {result.tensors} tensors in {result.seconds:.2f} s, "
+                 f"{human_bytes(merged.stored_bytes)} on disk as a delta against base")
             report = store.verify(progress=False)
             echo(f"verify: {report.blobs} blobs checked, {'OK' if report.ok else report.problems}")
     finally:

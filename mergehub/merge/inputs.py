@@ -84,13 +84,14 @@ class Source:
         dtype = TORCH_DTYPE[spec.dtype]
         if isinstance(self.reader, Checkpoint):
             width = spec.nbytes // max(1, rows * cols) if rows * cols else 0
-            raw = bytearray(self.reader.read_bytes(name, r0 * cols * width, r1 * cols * width))
+            raw = self.reader.read_bytes(name, r0 * cols * width, r1 * cols * width)
             part = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
         else:
             if self._cached is None or self._cached[0] != name:
                 self._cached = (name, self.reader.load(name).reshape(-1))
             part = self._cached[1][r0 * cols:r1 * cols]
-        return part.reshape(r1 - r0, cols).to(device=device, dtype=torch.float32)
+        # move the stored dtype (half the bytes of float32 for bf16), then widen on the device
+        return part.reshape(r1 - r0, cols).to(device).to(torch.float32)
 
     def theta(self, name: str, base: torch.Tensor | None, device: torch.device,
               r0: int = 0, r1: int | None = None) -> torch.Tensor:

@@ -96,7 +96,7 @@ class Checkpoint:
         except KeyError:
             raise InputError(f"{self.path}: no tensor named {name!r}") from None
 
-    def read_bytes(self, name: str, start: int = 0, stop: int | None = None) -> bytes:
+    def read_bytes(self, name: str, start: int = 0, stop: int | None = None) -> bytearray:
         """The tensor's data exactly as stored in the file (no dtype conversion), or the byte
         range ``[start, stop)`` of it (read with ``pread``: no memory map stays behind)."""
         info = self._info(name)

@@ -186,18 +186,15 @@ def build_header(specs: list[TensorSpec], metadata: dict[str, str] | None) -> by
     return struct.pack("<Q", len(text)) + text
 
 
-def read_range(f: BinaryIO, offset: int, size: int) -> bytes:
-    """Read exactly ``size`` bytes at ``offset`` (raises OSError on a short read)."""
-    data = os.pread(f.fileno(), size, offset) if size else b""
-    if len(data) != size:
-        # pread may return short reads for very large sizes; finish with a loop.
-        chunks = [data]
-        got = len(data)
-        while got < size:
-            more = os.pread(f.fileno(), size - got, offset + got)
-            if not more:
-                raise OSError(f"unexpected end of file at byte {offset + got}")
-            chunks.append(more)
-            got += len(more)
-        data = b"".join(chunks)
-    return data
+def read_range(f: BinaryIO, offset: int, size: int) -> bytearray:
+    """Read exactly ``size`` bytes at ``offset`` into a new writable buffer (one copy from the
+    page cache; ``torch.frombuffer`` can use it as is). Raises OSError on a short read."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = os.preadv(f.fileno(), [view[got:]], offset + got)
+        if n == 0:
+            raise OSError(f"unexpected end of file at byte {offset + got}")
+        got += n
+    return buf

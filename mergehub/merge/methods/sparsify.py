@@ -198,7 +198,7 @@ def combine(deltas: list[torch.Tensor], model_params: list[dict[str, Any]],
     if elect is None:
         mixed = torch.zeros_like(deltas[0])
         for d, w in zip(deltas, weights):
-            mixed.add_(d, alpha=w)
+            mixed += d * w  # two roundings, as mergekit: a fused multiply-add differs by an ulp
         if normalize:
             total = sum(weights)
             mixed /= total if abs(total) >= 1e-8 else 1.0
