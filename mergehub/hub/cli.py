@@ -236,7 +236,8 @@ def verify(ctx: click.Context) -> None:
 @cli.command(name="merge")
 @click.argument("recipe", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
-              help="HF model dir to write (appears only when the whole merge succeeded).")
+              help="Directory to write: an HF model dir, or a PEFT adapter dir (see --format). "
+                   "It appears only when the whole merge succeeded.")
 @click.option("--to-store", default=None,
               help="Also (or instead) add the result to the store under this name, with the "
                    "recipe in its provenance.")

@@ -1,17 +1,10 @@
 """Running reversible merges (RMM) and reverting their store entries to any input task.
 
-Per weight matrix, the T task deltas ΔWt (for a LoRA: Bt·At·scaling) are the rows of
-X ∈ R^{T×d}. The best m-term approximation Σt ||ΔWt − Σj ctj Bj||²_F (Eckart–Young) takes the
-top-m right singular vectors of X as the basis, computed through the T×T Gram matrix X·Xᵀ
-(cheap when T is small): with X·Xᵀ = U Λ Uᵀ, Bj = ujᵀX / σj and ctj = ⟨ΔWt, Bj⟩ = utj σj.
-Reverting to task t is θ0 + Σj ctj Bj; with m = T it is exact (to float32), and m = 1 is a
-single direction per matrix. The residual of task t with m terms is ||ΔWt||² − Σ_{j<=m} ctj²,
-so one eigendecomposition per matrix gives the reconstruction error of every m at once; the
-merge reports them and keeps them in ``rmm.json``.
-
-The output is a directory (and, with ``--to-store``, one store entry): safetensors with
-``NAME::basis`` (m × shape, float32) and ``NAME::coef`` (T × m) for every tensor some task
-changes, ``rmm.json`` (tasks, m, base, errors) and the base's config/tokenizer files.
+The math (a per-matrix basis and per-task coefficients in closed form) is in
+:mod:`mergehub.merge.methods.rmm`. The output is a directory (and, with ``--to-store``, one
+store entry): safetensors with ``NAME::basis`` (m × shape, float32) and ``NAME::coef``
+(T × m) for every tensor some task changes, ``rmm.json`` (tasks, m, base, the relative
+reconstruction error of every task for every m) and the base's config/tokenizer files.
 ``hub export NAME --task T`` (or :func:`revert`) rebuilds task T's full model.
 """
 

@@ -9,10 +9,7 @@ single direction per matrix. The residual of task t with m terms is ||ΔWt||² �
 so one eigendecomposition per matrix gives the reconstruction error of every m at once; the
 merge reports them and keeps them in ``rmm.json``.
 
-The output is a directory (and, with ``--to-store``, one store entry): ``rmm.safetensors`` with
-``NAME::basis`` (m × shape, float32) and ``NAME::coef`` (T × m) for every tensor some task
-changes, ``rmm.json`` (tasks, m, base, errors) and the base's config/tokenizer files.
-``hub export NAME --task T`` (or :func:`revert`) rebuilds task T's full model.
+Running the merge, its output files and reverting are in :mod:`mergehub.merge.rmm`.
 """
 
 from __future__ import annotations
