@@ -194,13 +194,20 @@ def write_models(root: Path, specs: list[TensorSpec], config: bytes, tag: str,
 
 
 def recipe_text(method: str, paths: dict[str, Path], out_dtype: str | None) -> str:
-    lines = [f"merge_method: {method}", f"base_model: {paths['base']}", "models:"]
+    """The recipe given to both tools. ``linear`` averages the 4 fine-tunes (normalized) and
+    names no base_model: mergekit would otherwise average the base in too (and require a
+    weight for it)."""
+    lines = [f"merge_method: {method}"]
+    if method != "linear":
+        lines.append(f"base_model: {paths['base']}")
+    lines.append("models:")
     for i, w in enumerate(WEIGHTS, 1):
         lines += [f"  - model: {paths[f'ft{i}']}", "    parameters:", f"      weight: {w}"]
         if method == "ties":
             lines.append(f"      density: {DENSITY}")
     lines.append("parameters:")
     lines += (["  normalize: true", "  lambda: 1.0"] if method == "ties" else
+              ["  normalize: true"] if method == "linear" else
               ["  normalize: false", "  lambda: 0.5"])
     lines.append("dtype: float32")
     if out_dtype:
@@ -510,7 +517,7 @@ def main() -> None:
     ap.add_argument("--shard-size", default="2GB", help="shard size of the inputs (default 2GB)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs of each tool per recipe (order alternates; default 1)")
-    ap.add_argument("--methods", default="ties,task_arithmetic",
+    ap.add_argument("--methods", default="ties,task_arithmetic,linear",
                     help="comma-separated recipes to run (default: ties,task_arithmetic)")
     ap.add_argument("--fp32-check", action=argparse.BooleanOptionalAction, default=True,
                     help="also compare TIES (and task arithmetic) on a small float32 model")
@@ -523,8 +530,8 @@ def main() -> None:
     args = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not set(methods) <= {"ties", "task_arithmetic"}:
-        ap.error("--methods: only ties and task_arithmetic")
+    if not set(methods) <= {"ties", "task_arithmetic", "linear"}:
+        ap.error("--methods: ties, task_arithmetic and/or linear")
     if not os.access(args.mergekit, os.X_OK):
         ap.error(f"--mergekit {args.mergekit}: not an executable (install mergekit in its own "
                  "venv, e.g. python -m venv /tmp/mkvenv && /tmp/mkvenv/bin/pip install mergekit)")

@@ -20,11 +20,14 @@ class Linear(MergeMethod):
 
     def merge(self, base: torch.Tensor | None, xs: list[torch.Tensor],
               model_params: list[dict[str, Any]], ctx: TensorContext) -> torch.Tensor:
-        weights = [float(p["weight"]) for p in model_params]
-        out = sum(w * x for w, x in zip(weights, xs))
+        weights = torch.tensor([float(p["weight"]) for p in model_params], dtype=torch.float32,
+                               device=xs[0].device)
+        out = torch.zeros_like(xs[0])
+        for x, w in zip(xs, weights):
+            out.addcmul_(x, w)  # fused multiply-add, rounded as mergekit's accumulation is
         if self.params["normalize"]:
-            total = sum(weights)
+            total = weights.sum()
             if total == 0:
                 raise ValueError(f"{ctx.name}: weights sum to 0, cannot normalize")
-            out = out / total
+            out /= total
         return out
