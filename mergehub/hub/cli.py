@@ -161,6 +161,10 @@ def show(ctx: click.Context, name: str, as_json: bool) -> None:
                        ("logical bytes", f"{info.logical_bytes} ({human_bytes(info.logical_bytes)})"),
                        ("bytes on disk", f"{info.stored_bytes} ({human_bytes(info.stored_bytes)})"),
                        ("saving vs raw", f"{info.saving:.1%} ({ratio:.2f}x smaller)"),
+                       *((f"codec {c}", f"{v['blobs']} blobs, {human_bytes(v['stored_bytes'])} "
+                          f"for {human_bytes(v['raw_bytes'])} decoded "
+                          f"({v['raw_bytes'] / max(1, v['stored_bytes']):.2f}x)")
+                         for c, v in info.codecs.items()),
                        ("metrics", json.dumps(info.metrics, sort_keys=True)),
                        ("provenance", json.dumps(info.provenance, sort_keys=True))):
         click.echo(f"{key + ':':15s}{value}")
@@ -192,6 +196,35 @@ def export(ctx: click.Context, name: str, output: Path, max_shard_size: str | No
             return
         store.export(name, output, max_shard_size=size, overwrite=overwrite, progress=_progress())
     click.echo(f"exported {name!r} to {output}")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--codec", "-c", required=True,
+              help="Lossy codec: bit1 (1 sign bit per weight + a scale per row) or compeft "
+                   "(top-k signs times alpha·std).")
+@click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE",
+              help="Codec parameter, repeatable: bit1 granularity=row|matrix; compeft "
+                   "density=0.1 alpha=1.0.")
+@click.option("--as", "as_name", default=None,
+              help="Name of the compressed entry (default: NAME-CODEC).")
+@click.pass_context
+def compress(ctx: click.Context, name: str, codec: str, params: tuple[str, ...],
+             as_name: str | None) -> None:
+    """Store a lossy-compressed copy of fine-tune NAME against its base. Export and merge read
+    it like any other entry."""
+    parsed: dict[str, Any] = {}
+    for item in params:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--param")
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key] = value
+    with _open_store(ctx) as store:
+        info = store.compress(name, codec, parsed, as_name=as_name, progress=_progress())
+    click.echo(f"compressed {_summary(info)}")
 
 
 @cli.command()

@@ -32,9 +32,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 import zstandard
 
-from mergehub.storage.safetensors_format import DTYPE_WIDTH
+from mergehub.storage.codecs import LOSSY
+from mergehub.storage.safetensors_format import DTYPE_WIDTH, TORCH_DTYPE
 
 if sys.byteorder != "little":  # safetensors data is little-endian; the bit tricks assume it
     raise ImportError("mergehub's storage codecs require a little-endian machine")
@@ -224,8 +226,38 @@ def decode_lossless(header: BlobHeader, payload: memoryview, ref_raw: bytes | No
     return x.tobytes()
 
 
+def _tensor(raw: bytes | bytearray, dtype: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(raw), dtype=TORCH_DTYPE[dtype]) if raw else \
+        torch.empty(0, dtype=TORCH_DTYPE[dtype])
+
+
+def encode_lossy(raw: bytes | bytearray, dtype: str, shape: tuple[int, ...], codec: str,
+                 params: dict[str, Any], ref: tuple[str, bytes]) -> bytes:
+    """Encode a fine-tune's tensor (raw bytes) with a lossy codec against its base tensor
+    ``ref = (blob id, raw bytes)``; the header records the sha256 of the decoded bytes."""
+    if dtype not in TORCH_DTYPE or not torch.is_floating_point(torch.empty(0, dtype=TORCH_DTYPE[dtype])):
+        raise BlobFormatError(f"lossy codecs need a float tensor, not {dtype}")
+    lossy = LOSSY[codec]
+    base = _tensor(ref[1], dtype).reshape(shape)
+    header_params, payload = lossy.encode(_tensor(raw, dtype).reshape(shape), base, params)
+    decoded = _decoded_bytes(lossy.decode(memoryview(payload), header_params, base), dtype)
+    header = BlobHeader(codec, dtype, len(decoded), sha256(decoded), ref[0], header_params)
+    return pack_blob(header, payload)
+
+
+def _decoded_bytes(theta: torch.Tensor, dtype: str) -> bytes:
+    return theta.to(TORCH_DTYPE[dtype]).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def decode_blob(header: BlobHeader, payload: memoryview, ref_raw: bytes | None) -> bytes:
-    """Decode any blob by its codec (only ``lossless`` exists so far)."""
-    if header.codec != "lossless" or header.version != 1:
+    """Decode any blob by its codec: ``lossless``, or a lossy codec of :data:`LOSSY` (which
+    needs the base tensor's bytes, ``ref_raw``)."""
+    if header.codec == "lossless" and header.version == 1:
+        return decode_lossless(header, payload, ref_raw)
+    lossy = LOSSY.get(header.codec)
+    if lossy is None or header.version != 1:
         raise BlobFormatError(f"unknown codec {header.codec!r} version {header.version}")
-    return decode_lossless(header, payload, ref_raw)
+    if ref_raw is None:
+        raise BlobFormatError(f"{header.codec} blob decoded without its base tensor")
+    base = _tensor(ref_raw, header.dtype).reshape(header.params["shape"])
+    return _decoded_bytes(lossy.decode(payload, header.params, base), header.dtype)

@@ -102,7 +102,8 @@ class ModelInfo:
     """Catalog entry of one model, with its sizes.
 
     ``logical_bytes`` is what an export writes; ``stored_bytes`` is what this model adds to the
-    store on disk beyond its base (blobs it references that its base does not). Blobs shared by
+    store on disk beyond its base (blobs it references that its base does not), broken down by
+    codec in ``codecs`` (blobs, stored and decoded bytes per codec). Blobs shared by
     two models that are not base and fine-tune count for both, so for the store's real size use
     :meth:`Store.disk_bytes`.
     """
@@ -117,6 +118,7 @@ class ModelInfo:
     tensors: int
     logical_bytes: int
     stored_bytes: int
+    codecs: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def saving(self) -> float:
@@ -312,20 +314,28 @@ class Store:
         except BlobFormatError as e:
             raise IntegrityError(f"{what}: blob {blob_id[:16]} is malformed: {e}") from e
 
-    def _read_raw(self, blob_id: str, what: str) -> bytes:
+    def _read_raw(self, blob_id: str, what: str, _depth: int = 0) -> bytes:
         """Decode a blob to the original bytes, checking the blob and the decoded bytes.
 
-        A delta's reference is always a self-contained blob (``add`` keeps it so), so a read
-        decodes at most two blobs however long a chain of fine-tunes of fine-tunes gets.
+        Lossless deltas always reference a self-contained blob (``add`` keeps it so) and a
+        lossy blob its base tensor's blob, so a read decodes a handful of blobs however long a
+        chain of fine-tunes of fine-tunes gets; longer chains mean a damaged store.
         """
+        if _depth > 4:
+            raise IntegrityError(f"{what}: blob {blob_id[:16]} is at the end of a reference "
+                                 "chain longer than mergehub writes (store damaged?)")
         header, payload = self._load_blob(blob_id, what)
-        ref_raw = None
-        if header.ref:
-            ref_header, ref_payload = self._load_blob(header.ref, what)
-            if ref_header.ref:
-                raise IntegrityError(f"{what}: blob {blob_id[:16]} is a delta against a delta")
-            ref_raw = self._decode(header.ref, ref_header, ref_payload, None, what)
+        ref_raw = self._read_raw(header.ref, what, _depth + 1) if header.ref else None
         return self._decode(blob_id, header, payload, ref_raw, what)
+
+    def _root(self, blob_id: str) -> str:
+        """The self-contained blob at the end of ``blob_id``'s reference chain."""
+        for _ in range(8):
+            row = self._db.execute("SELECT ref FROM blobs WHERE id = ?", (blob_id,)).fetchone()
+            if row is None or row[0] is None:
+                return blob_id
+            blob_id = row[0]
+        raise IntegrityError(f"blob {blob_id[:16]}: reference chain too long (store damaged?)")
 
     @staticmethod
     def _decode(blob_id: str, header: BlobHeader, payload: memoryview, ref_raw: bytes | None,
@@ -412,11 +422,9 @@ class Store:
             base_id, base_tensors = None, {}
             if base is not None:
                 base_id = self._require(base)[0]
-                base_tensors = {  # the self-contained blob each base tensor is, or is a delta of
-                    r[0]: (TensorSpec(r[0], r[1], tuple(json.loads(r[2]))), r[3])
-                    for r in self._db.execute(
-                        "SELECT t.name, t.dtype, t.shape, COALESCE(b.ref, t.blob) FROM tensors t "
-                        "JOIN blobs b ON b.id = t.blob WHERE t.model_id = ?", (base_id,))}
+                base_tensors = {  # the self-contained blob each base tensor is, or derives from
+                    r[0]: (TensorSpec(r[0], r[3], tuple(json.loads(r[4]))), self._root(r[5]))
+                    for r in self._tensor_rows(base_id)}
                 _check_fits_base(ckpt, kind, base, base_tensors)
             return self._add_locked(ckpt, name, kind, base_id, base_tensors, metrics or {},
                                     provenance or {}, progress)
@@ -486,6 +494,79 @@ class Store:
                            "VALUES (?, ?, ?, ?, ?, ?, ?)", [(model_id, *r) for r in tensor_rows])
         return self.show(name)
 
+    def compress(self, name: str, codec: str, params: dict[str, Any] | None = None, *,
+                 as_name: str | None = None, progress: bool = True) -> ModelInfo:
+        """Store a lossy-compressed copy of fine-tune ``name`` as a new entry (``as_name``,
+        default ``NAME-CODEC``) with the same base, files and provenance plus the codec.
+
+        Each float tensor that differs from the base's is encoded with ``codec`` (see
+        :data:`mergehub.storage.codecs.LOSSY`) as a delta against the base tensor; the others
+        are shared. Export and merge read the entry like any other (decoding on the fly).
+        """
+        from mergehub.storage.codecs import resolve_params
+        from mergehub.storage.codec import encode_lossy
+
+        model_id, kind, base_id, fmt = self._require(name)
+        if base_id is None:
+            raise StoreError(f"model {name!r} has no base: a lossy codec stores the difference "
+                             f"to a base (add it with --base)")
+        try:
+            full = resolve_params(codec, params or {})
+        except ValueError as e:
+            raise StoreError(str(e)) from None
+        as_name = as_name or f"{name}-{codec}"
+        if not _NAME.match(as_name):
+            raise StoreError(f"invalid model name {as_name!r}")
+        info = self.show(name)
+        base_blobs = {r[0]: r[5] for r in self._tensor_rows(base_id)}
+        rows = self._tensor_rows(model_id)
+        new_blobs: dict[str, tuple[str, str | None, str, int, int]] = {}
+        dirs: set[Path] = set()
+
+        def encode(row: tuple) -> str:
+            tname, _, _, dtype, shape, blob = row
+            ref = base_blobs.get(tname)
+            if ref is None or ref == blob or dtype not in ("F16", "BF16", "F32", "F64"):
+                return blob
+            what = f"model {name!r}, tensor {tname!r}"
+            data = encode_lossy(self._read_raw(blob, what), dtype, tuple(json.loads(shape)),
+                                codec, full, (ref, self._read_raw(ref, what)))
+            blob_id, parent = self._write_blob(data)
+            dirs.add(parent)
+            header = unpack_blob(data)[0]
+            new_blobs[blob_id] = (header.codec, header.ref, header.sha256, header.nbytes, len(data))
+            return blob_id
+
+        with self._lock(exclusive=False):
+            if self._model_row(as_name) is not None:
+                raise StoreError(f"a model named {as_name!r} already exists in store {self.root}")
+            bar = tqdm(rows, desc=f"compress {name}", unit="tensor", disable=not progress,
+                       leave=False)
+            blobs = list(ordered_map(encode, bar))
+            for d in dirs:
+                fsync_dir(d)
+            provenance = {**info.provenance, "compressed_from": name, "codec": codec,
+                          "codec_params": full}
+            created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            with self._transaction() as db:
+                if self._model_row(as_name) is not None:
+                    raise StoreError(f"a model named {as_name!r} already exists in store {self.root}")
+                db.executemany("INSERT OR IGNORE INTO blobs(id, codec, ref, raw_sha256, raw_size, "
+                               "size) VALUES (?, ?, ?, ?, ?, ?)",
+                               [(k, *v) for k, v in new_blobs.items()])
+                new_id = db.execute(
+                    "INSERT INTO models(name, kind, base_id, format, metrics, provenance, created) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (as_name, kind, base_id, fmt, json.dumps(info.metrics), json.dumps(provenance),
+                     created)).lastrowid
+                db.execute("INSERT INTO files(model_id, path, role, blob) SELECT ?, path, role, "
+                           "blob FROM files WHERE model_id = ?", (new_id, model_id))
+                db.executemany(
+                    "INSERT INTO tensors(model_id, name, file, offset, dtype, shape, blob) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(new_id, *row[:5], blob) for row, blob in zip(rows, blobs)])
+        return self.show(as_name)
+
     def ls(self) -> list[ModelInfo]:
         """All models, oldest first."""
         names = [r[0] for r in self._db.execute("SELECT name FROM models ORDER BY id")]
@@ -513,8 +594,17 @@ class Store:
             "SELECT COALESCE(SUM(size), 0) FROM blobs "
             "WHERE id IN (SELECT blob FROM mine EXCEPT SELECT blob FROM base)",
             {"m": model_id, "b": base_id}).fetchone()
+        codecs = {codec: {"blobs": n, "stored_bytes": size, "raw_bytes": raw}
+                  for codec, n, size, raw in self._db.execute(
+                      "WITH mine AS (SELECT blob FROM tensors WHERE model_id = :m "
+                      "              UNION SELECT blob FROM files WHERE model_id = :m), "
+                      "     base AS (SELECT blob FROM tensors WHERE model_id = :b "
+                      "              UNION SELECT blob FROM files WHERE model_id = :b) "
+                      "SELECT codec, COUNT(*), SUM(size), SUM(raw_size) FROM blobs "
+                      "WHERE id IN (SELECT blob FROM mine EXCEPT SELECT blob FROM base) "
+                      "GROUP BY codec ORDER BY codec", {"m": model_id, "b": base_id})}
         return ModelInfo(name, kind, base, fmt, created, json.loads(metrics),
-                         json.loads(provenance), count, tensor_bytes + file_bytes, stored)
+                         json.loads(provenance), count, tensor_bytes + file_bytes, stored, codecs)
 
     def __contains__(self, name: object) -> bool:
         """``name in store``: whether a model of that name exists."""

@@ -1,0 +1,51 @@
+"""Lossy delta codecs, one module each, registered by name in :data:`LOSSY`.
+
+A lossy codec stores an approximation of a fine-tune's task vector τ = θ − θ0 against its base
+tensor θ0 (the blob's ``ref``). ``encode(theta, base, params)`` returns the parameters to keep in
+the blob header (with everything decoding needs) and the payload; ``decode(payload, params,
+base)`` returns θ̂ = θ0 + τ̂ in float32. Decoding is elementwise and deterministic, so the
+sha256 of the decoded bytes, recorded in the header when the blob is written, checks every read
+like it does for lossless blobs (see :mod:`mergehub.storage.codec`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class LossyCodec:
+    """A named lossy codec: its default parameters, encoder and decoder."""
+
+    name: str
+    defaults: dict[str, Any]
+    encode: Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], tuple[dict[str, Any], bytes]]
+    decode: Callable[[memoryview, dict[str, Any], torch.Tensor], torch.Tensor]
+    summary: str
+
+
+LOSSY: dict[str, LossyCodec] = {}
+
+
+def register(codec: LossyCodec) -> LossyCodec:
+    LOSSY[codec.name] = codec
+    return codec
+
+
+def resolve_params(name: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The codec's defaults updated with ``given``; unknown names are a ``ValueError``."""
+    codec = LOSSY.get(name)
+    if codec is None:
+        raise ValueError(f"unknown codec {name!r} (known: {', '.join(sorted(LOSSY))})")
+    unknown = sorted(set(given) - set(codec.defaults))
+    if unknown:
+        raise ValueError(f"codec {name} has no parameter {unknown[0]!r} "
+                         f"(known: {', '.join(sorted(codec.defaults)) or 'none'})")
+    return {**codec.defaults, **given}
+
+
+from mergehub.storage.codecs import bit1, compeft  # noqa: E402,F401  (importing registers them)

@@ -1,0 +1,46 @@
+"""``bit1``: one sign bit per weight plus a scale (BitDelta, Liu et al. 2024).
+
+τ ≈ s·sign(τ) with s = mean|τ| over each row (``granularity: row``, the default) or over the
+whole matrix (``granularity: matrix``): for a fixed sign pattern, mean|τ| is the scale that
+minimizes the L2 error. Entries with τ = 0 get +s. Stored: the scales (float32) and the packed
+sign bits: about 1 bit per weight, 16x smaller than a bf16 delta.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from mergehub.storage.codecs import LossyCodec, register
+
+
+def _rows(shape: list[int], granularity: str) -> int:
+    if granularity not in ("row", "matrix"):
+        raise ValueError(f"bit1 granularity must be 'row' or 'matrix', not {granularity!r}")
+    return shape[0] if granularity == "row" and len(shape) >= 2 else 1
+
+
+def encode(theta: torch.Tensor, base: torch.Tensor,
+           params: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    shape = list(theta.shape)
+    rows = _rows(shape, params["granularity"])
+    tau = (theta.float() - base.float()).reshape(rows, -1)
+    scales = tau.abs().mean(dim=1).numpy().astype("<f4")
+    bits = np.packbits((tau >= 0).numpy().reshape(-1))
+    return ({"granularity": params["granularity"], "shape": shape, "rows": rows},
+            scales.tobytes() + bits.tobytes())
+
+
+def decode(payload: memoryview, params: dict[str, Any], base: torch.Tensor) -> torch.Tensor:
+    rows, n = params["rows"], math.prod(params["shape"])
+    scales = torch.from_numpy(np.frombuffer(payload[:4 * rows], "<f4").copy())
+    bits = np.unpackbits(np.frombuffer(payload[4 * rows:], np.uint8), count=n)
+    signs = torch.from_numpy(bits.astype(np.float32) * 2 - 1).reshape(rows, -1)
+    return base.float() + (signs * scales[:, None]).reshape(params["shape"])
+
+
+register(LossyCodec("bit1", {"granularity": "row"}, encode, decode,
+                    "1 sign bit per weight + mean|τ| scale per row (BitDelta)"))

@@ -1,0 +1,73 @@
+"""``compeft``: sparse ternary task vectors (ComPEFT, Yadav et al. 2023).
+
+Keep the ``density`` fraction of entries with the largest |τ| (k = max(1, int(density·n)),
+ties broken by position) and replace each by sign(τ)·alpha·σ(τ), σ the standard deviation of
+the whole τ of the tensor (population, as in the paper's example). Stored: the positions, as a
+bitmap or as gaps between positions, each zstd-compressed, whichever is smaller for this tensor;
+one sign bit per kept entry; σ and alpha in the header.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import zstandard
+
+from mergehub.storage.codecs import LossyCodec, register
+
+
+def _positions(tau: torch.Tensor, density: float) -> torch.Tensor:
+    n = tau.numel()
+    if not 0 < density <= 1:
+        raise ValueError(f"compeft density must be in (0, 1], not {density!r}")
+    k = max(1, int(density * n)) if n else 0
+    if k == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    mag = tau.abs().reshape(-1)
+    threshold = torch.kthvalue(mag, n - k + 1).values
+    above = torch.nonzero(mag > threshold).reshape(-1)
+    tied = torch.nonzero(mag == threshold).reshape(-1)[:k - above.numel()]
+    return torch.sort(torch.cat([above, tied])).values
+
+
+def encode(theta: torch.Tensor, base: torch.Tensor,
+           params: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    tau = theta.float() - base.float()
+    n = tau.numel()
+    pos = _positions(tau, float(params["density"]))
+    sigma = float(tau.std(correction=0)) if n else 0.0
+    flat = tau.reshape(-1)
+    signs = np.packbits((flat[pos] >= 0).numpy())
+    compressor = zstandard.ZstdCompressor(level=3)
+    mask = np.zeros(n, dtype=bool)
+    mask[pos.numpy()] = True
+    bitmap = compressor.compress(np.packbits(mask).tobytes())
+    gaps = np.diff(pos.numpy(), prepend=0).astype("<u4")
+    gapped = compressor.compress(gaps.tobytes())
+    layout, positions = ("bitmap", bitmap) if len(bitmap) <= len(gapped) else ("gaps", gapped)
+    header = {"shape": list(theta.shape), "density": float(params["density"]),
+              "alpha": float(params["alpha"]), "sigma": sigma, "kept": int(pos.numel()),
+              "layout": layout, "positions_bytes": len(positions)}
+    return header, positions + signs.tobytes()
+
+
+def decode(payload: memoryview, params: dict[str, Any], base: torch.Tensor) -> torch.Tensor:
+    n, kept = math.prod(params["shape"]), params["kept"]
+    split = params["positions_bytes"]
+    raw = zstandard.ZstdDecompressor().decompress(payload[:split], max_output_size=4 * n + 8)
+    if params["layout"] == "bitmap":
+        pos = np.nonzero(np.unpackbits(np.frombuffer(raw, np.uint8), count=n))[0]
+    else:
+        pos = np.cumsum(np.frombuffer(raw, "<u4").astype(np.int64))
+    bits = np.unpackbits(np.frombuffer(payload[split:], np.uint8), count=kept)
+    delta = torch.zeros(n, dtype=torch.float32)
+    value = params["alpha"] * params["sigma"]
+    delta[torch.from_numpy(pos)] = torch.from_numpy(bits.astype(np.float32) * 2 - 1) * value
+    return base.float() + delta.reshape(params["shape"])
+
+
+register(LossyCodec("compeft", {"density": 0.1, "alpha": 1.0}, encode, decode,
+                    "top-k sign · alpha · std(τ), positions as bitmap or gaps (ComPEFT)"))

@@ -1,0 +1,153 @@
+"""Lossy delta codecs (bit1, compeft): spec examples, independent references, store round trips."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import mergehub
+from mergehub.errors import IntegrityError, StoreError
+from mergehub.hub.cli import cli
+from mergehub.storage.checkpoint import open_checkpoint
+from mergehub.storage.codecs import LOSSY
+from mergehub.storage.store import Store
+
+TAU1 = [0.30, -0.10, 0.05, 0.00, 0.20, -0.60]
+
+
+def roundtrip(codec: str, theta: torch.Tensor, base: torch.Tensor, **params):
+    full = {**LOSSY[codec].defaults, **params}
+    header, payload = LOSSY[codec].encode(theta, base, full)
+    return header, LOSSY[codec].decode(memoryview(payload), header, base), len(payload)
+
+
+def test_spec_examples():
+    base, tau = torch.zeros(6), torch.tensor(TAU1)
+    _, out, _ = roundtrip("compeft", tau, base, density=0.5, alpha=1.0)
+    assert torch.allclose(out, torch.tensor([0.2883, 0, 0, 0, 0.2883, -0.2883]), atol=1e-4)
+    _, out, _ = roundtrip("bit1", tau, base, granularity="matrix")
+    assert torch.allclose(out.abs(), torch.full((6,), 0.2083), atol=1e-4)
+
+
+def bit1_reference(theta: np.ndarray, base: np.ndarray) -> np.ndarray:
+    tau = theta - base
+    out = np.empty_like(tau)
+    for r in range(tau.shape[0]):
+        s = np.mean(np.abs(tau[r]))
+        out[r] = base[r] + np.where(tau[r] >= 0, s, -s)
+    return out
+
+
+def compeft_reference(theta: np.ndarray, base: np.ndarray, density: float, alpha: float) -> np.ndarray:
+    tau = (theta - base).reshape(-1)
+    k = max(1, int(density * tau.size))
+    order = sorted(range(tau.size), key=lambda i: (-abs(tau[i]), i))[:k]
+    out = np.zeros_like(tau)
+    for i in order:
+        out[i] = np.sign(tau[i]) * alpha * tau.std() if tau[i] != 0 else alpha * tau.std()
+    return (base.reshape(-1) + out).reshape(theta.shape)
+
+
+def test_bit1_against_reference_and_two_values_per_row():
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(37, 53, generator=gen)
+    theta = base + torch.randn(37, 53, generator=gen) * 0.01
+    header, out, size = roundtrip("bit1", theta, base)
+    ref = bit1_reference(theta.numpy(), base.numpy())
+    assert np.allclose(out.numpy(), ref, atol=1e-6)
+    full = {**LOSSY["bit1"].defaults}
+    _, payload = LOSSY["bit1"].encode(theta, base, full)
+    delta = LOSSY["bit1"].decode(memoryview(payload), header, torch.zeros_like(base))
+    for r in range(37):  # two values per scale group: +s and -s
+        values = torch.unique(delta[r])
+        assert len(values) == 2 and values[0] == -values[1]
+    assert size == 37 * 4 + (37 * 53 + 7) // 8  # scales + one bit per weight
+
+
+@pytest.mark.parametrize("density, layout", [(0.5, "bitmap"), (0.002, "gaps")])
+def test_compeft_against_reference_and_layouts(density, layout):
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(64, 97, generator=gen)
+    tau = torch.randn(64, 97, generator=gen) * 0.02
+    tau[3, :5] = 0.0  # exact zeros and ties
+    theta = base + tau
+    header, out, _ = roundtrip("compeft", theta, base, density=density, alpha=2.5)
+    assert header["layout"] == layout
+    ref = compeft_reference(theta.numpy(), base.numpy(), density, 2.5)
+    assert np.allclose(out.numpy(), ref, atol=1e-5)
+
+
+@pytest.fixture
+def stocked(models, tmp_path):
+    with Store.init(tmp_path / "store") as store:
+        store.add(models["base-bf16"], "base", progress=False)
+        store.add(models["ft-mlp"], "ft", base="base", progress=False)
+        yield store
+
+
+@pytest.mark.parametrize("codec, params", [("bit1", {}), ("compeft", {"density": 0.2})])
+def test_store_compress_export_and_merge(stocked, models, tmp_path, codec, params):
+    info = stocked.compress("ft", codec, params, progress=False)
+    assert info.name == f"ft-{codec}" and info.base == "base" and codec in info.codecs
+    assert info.stored_bytes < stocked.show("ft").stored_bytes / 3
+    assert info.provenance["codec"] == codec
+    out = open_checkpoint(stocked.export(info.name, tmp_path / "out", progress=False))
+    base, ft = open_checkpoint(models["base-bf16"]), open_checkpoint(models["ft-mlp"])
+    for name in base.tensors:
+        b, f = base.load(name).float().numpy(), ft.load(name).float().numpy()
+        if "mlp" not in name:
+            assert torch.equal(out.load(name), ft.load(name)), name  # unchanged: shared blob
+            continue
+        ref = bit1_reference(f, b) if codec == "bit1" else compeft_reference(f, b, 0.2, 1.0)
+        expected = torch.from_numpy(ref).to(torch.bfloat16)
+        assert (out.load(name).float() - expected.float()).abs().max() <= 2 ** -7 * expected.float().abs().max(), name
+    assert stocked.verify(progress=False).ok
+    merged = mergehub.merge(f"merge_method: task_arithmetic\nbase_model: base\n"
+                            f"models: [{{model: {info.name}}}]\n", out=tmp_path / "merged",
+                            store=stocked, progress=False)
+    m = open_checkpoint(merged.out)
+    assert all(torch.equal(m.load(n), out.load(n)) for n in base.tensors)
+
+
+def test_compressed_blob_corruption_and_errors(stocked, tmp_path):
+    stocked.compress("ft", "bit1", progress=False)
+    name, blob = stocked._db.execute(
+        "SELECT t.name, t.blob FROM tensors t JOIN blobs b ON b.id = t.blob "
+        "WHERE b.codec = 'bit1' LIMIT 1").fetchone()
+    path = stocked._blob_path(blob)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=rf"model 'ft-bit1', tensor '{name}': blob .* corrupt"):
+        stocked.export("ft-bit1", tmp_path / "o", progress=False)
+    with pytest.raises(StoreError, match="unknown codec 'nope'"):
+        stocked.compress("ft", "nope", progress=False)
+    with pytest.raises(StoreError, match="codec compeft has no parameter 'densty'"):
+        stocked.compress("ft", "compeft", {"densty": 0.1}, progress=False)
+    with pytest.raises(StoreError, match="'base' has no base"):
+        stocked.compress("base", "bit1", progress=False)
+    with pytest.raises(StoreError, match="'ft-bit1' already exists"):
+        stocked.compress("ft", "bit1", progress=False)
+
+
+def test_finetune_of_a_compressed_entry(stocked, models, tmp_path):
+    stocked.compress("ft", "compeft", {"density": 0.3}, progress=False)
+    stocked.add(models["ft-attn"], "child", base="ft-compeft", progress=False)
+    out = stocked.export("child", tmp_path / "child", progress=False)
+    from mergehub.hub.demo import dir_digests
+    assert dir_digests(out) == dir_digests(models["ft-attn"])
+    assert stocked.verify(progress=False).ok
+
+
+def test_cli_compress(stocked):
+    runner = CliRunner()
+    args = ["--store", str(stocked.root)]
+    res = runner.invoke(cli, [*args, "compress", "ft", "-c", "compeft", "-p", "density=0.05",
+                              "--as", "ft-small"])
+    assert res.exit_code == 0 and "compressed 'ft-small'" in res.output, res.output
+    shown = runner.invoke(cli, [*args, "show", "ft-small"]).output
+    assert "codec compeft:" in shown and '"codec_params": {"alpha": 1.0, "density": 0.05}' in shown
+    res = runner.invoke(cli, [*args, "compress", "ft", "-c", "bit1", "-p", "oops"])
+    assert res.exit_code == 2 and "KEY=VALUE" in res.output
