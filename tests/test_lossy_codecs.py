@@ -79,6 +79,26 @@ def test_compeft_against_reference_and_layouts(density, layout):
     assert np.allclose(out.numpy(), ref, atol=1e-5)
 
 
+def lowrank_reference(theta: np.ndarray, base: np.ndarray, rank: int) -> np.ndarray:
+    u, s, vh = np.linalg.svd((theta - base).astype(np.float64), full_matrices=False)
+    return base + (u[:, :rank] * s[:rank]) @ vh[:rank]
+
+
+def test_lowrank_against_numpy_svd_and_energy():
+    gen = torch.Generator().manual_seed(2)
+    base = torch.randn(48, 33, generator=gen)
+    theta = base + torch.randn(48, 33, generator=gen) * 0.05
+    for rank in (1, 5, 33):
+        header, out, size = roundtrip("lowrank", theta, base, rank=rank)
+        assert header["rank"] == rank and size == 4 * rank * (48 + 33)
+        assert np.allclose(out.numpy(), lowrank_reference(theta.numpy(), base.numpy(), rank), atol=1e-5)
+    sigma = np.linalg.svd((theta - base).numpy().astype(np.float64), compute_uv=False)
+    share = np.cumsum(sigma ** 2) / np.sum(sigma ** 2)
+    header, _, _ = roundtrip("lowrank", theta, base, rank=0, energy=0.8)
+    assert header["rank"] == int(np.searchsorted(share, 0.8)) + 1
+    assert header["energy_kept"] >= 0.8
+
+
 @pytest.fixture
 def stocked(models, tmp_path):
     with Store.init(tmp_path / "store") as store:
@@ -87,11 +107,12 @@ def stocked(models, tmp_path):
         yield store
 
 
-@pytest.mark.parametrize("codec, params", [("bit1", {}), ("compeft", {"density": 0.2})])
+@pytest.mark.parametrize("codec, params", [("bit1", {}), ("compeft", {"density": 0.2}),
+                                           ("lowrank", {"rank": 4})])
 def test_store_compress_export_and_merge(stocked, models, tmp_path, codec, params):
     info = stocked.compress("ft", codec, params, progress=False)
     assert info.name == f"ft-{codec}" and info.base == "base" and codec in info.codecs
-    assert info.stored_bytes < stocked.show("ft").stored_bytes / 3
+    assert info.stored_bytes < stocked.show("ft").stored_bytes / 2
     assert info.provenance["codec"] == codec
     out = open_checkpoint(stocked.export(info.name, tmp_path / "out", progress=False))
     base, ft = open_checkpoint(models["base-bf16"]), open_checkpoint(models["ft-mlp"])
@@ -100,7 +121,8 @@ def test_store_compress_export_and_merge(stocked, models, tmp_path, codec, param
         if "mlp" not in name:
             assert torch.equal(out.load(name), ft.load(name)), name  # unchanged: shared blob
             continue
-        ref = bit1_reference(f, b) if codec == "bit1" else compeft_reference(f, b, 0.2, 1.0)
+        ref = (bit1_reference(f, b) if codec == "bit1" else compeft_reference(f, b, 0.2, 1.0)
+               if codec == "compeft" else lowrank_reference(f, b, 4))
         expected = torch.from_numpy(ref).to(torch.bfloat16)
         assert (out.load(name).float() - expected.float()).abs().max() <= 2 ** -7 * expected.float().abs().max(), name
     assert stocked.verify(progress=False).ok

@@ -201,11 +201,11 @@ def export(ctx: click.Context, name: str, output: Path, max_shard_size: str | No
 @cli.command()
 @click.argument("name")
 @click.option("--codec", "-c", required=True,
-              help="Lossy codec: bit1 (1 sign bit per weight + a scale per row) or compeft "
-                   "(top-k signs times alpha·std).")
+              help="Lossy codec: bit1 (1 sign bit per weight + a scale per row), compeft "
+                   "(top-k signs times alpha·std) or lowrank (truncated SVD of each matrix).")
 @click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE",
               help="Codec parameter, repeatable: bit1 granularity=row|matrix; compeft "
-                   "density=0.1 alpha=1.0.")
+                   "density=0.1 alpha=1.0; lowrank rank=16 (or rank=0 energy=0.9).")
 @click.option("--as", "as_name", default=None,
               help="Name of the compressed entry (default: NAME-CODEC).")
 @click.pass_context

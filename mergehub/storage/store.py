@@ -499,12 +499,13 @@ class Store:
         """Store a lossy-compressed copy of fine-tune ``name`` as a new entry (``as_name``,
         default ``NAME-CODEC``) with the same base, files and provenance plus the codec.
 
-        Each float tensor that differs from the base's is encoded with ``codec`` (see
+        Each float tensor that differs from the base's (and that the codec applies to:
+        ``lowrank`` only factors matrices) is encoded with ``codec`` (see
         :data:`mergehub.storage.codecs.LOSSY`) as a delta against the base tensor; the others
-        are shared. Export and merge read the entry like any other (decoding on the fly).
+        keep their lossless blobs. Export and merge read the entry like any other (decoding on the fly).
         """
-        from mergehub.storage.codecs import resolve_params
         from mergehub.storage.codec import encode_lossy
+        from mergehub.storage.codecs import LOSSY, resolve_params
 
         model_id, kind, base_id, fmt = self._require(name)
         if base_id is None:
@@ -526,7 +527,8 @@ class Store:
         def encode(row: tuple) -> str:
             tname, _, _, dtype, shape, blob = row
             ref = base_blobs.get(tname)
-            if ref is None or ref == blob or dtype not in ("F16", "BF16", "F32", "F64"):
+            if (ref is None or ref == blob or dtype not in ("F16", "BF16", "F32", "F64")
+                    or not LOSSY[codec].applies(tuple(json.loads(shape)))):
                 return blob
             what = f"model {name!r}, tensor {tname!r}"
             data = encode_lossy(self._read_raw(blob, what), dtype, tuple(json.loads(shape)),

@@ -26,6 +26,7 @@ class LossyCodec:
     encode: Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], tuple[dict[str, Any], bytes]]
     decode: Callable[[memoryview, dict[str, Any], torch.Tensor], torch.Tensor]
     summary: str
+    applies: Callable[[tuple[int, ...]], bool] = lambda shape: True  # which tensors it encodes
 
 
 LOSSY: dict[str, LossyCodec] = {}
@@ -48,4 +49,4 @@ def resolve_params(name: str, given: dict[str, Any]) -> dict[str, Any]:
     return {**codec.defaults, **given}
 
 
-from mergehub.storage.codecs import bit1, compeft  # noqa: E402,F401  (importing registers them)
+from mergehub.storage.codecs import bit1, compeft, lowrank  # noqa: E402,F401  (registers them)
