@@ -6,8 +6,8 @@ the method, casts the result to the output dtype and writes it into the current 
 that need whole-tensor statistics (trim thresholds, L1 norms) first stream over the same chunks.
 Peak memory is a few chunks plus, for store inputs, one decoded tensor, whatever the model
 size; and chunks small enough for the CPU caches make the elementwise work several times
-faster than on whole tensors. Everything is checked before the first tensor is computed, and the output dir
-appears only when the whole merge has succeeded.
+faster than on whole tensors. Everything is checked before the first tensor is computed, and
+the output dir appears only when the whole merge has succeeded.
 """
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ from mergehub.merge.methods.rmm import ReversibleMerge
 from mergehub.merge.lora_output import can_write_peft, execute_peft
 from mergehub.merge.rmm import execute_rmm
 from mergehub.merge.recipe import (
-    DTYPES, LineDict, ModelEntry, Recipe, RecipeError, _suggest, layer_index, load_recipe, resolve_params)
+    DTYPES, LineDict, ModelEntry, Recipe, RecipeError, did_you_mean, layer_index, load_recipe,
+    resolve_params)
 from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
 from mergehub.storage.store import Store
-from mergehub.units import human_bytes
 from mergehub.storage.writer import DEFAULT_MAX_SHARD_SIZE, MODEL_SIDE_FILES, write_model_dir
+from mergehub.units import human_bytes
 
 MISSING_POLICIES = ("error", "take-base")
 
@@ -88,7 +89,7 @@ def _check_params(recipe: Recipe, method_cls: type[MergeMethod]) -> None:
         if key not in method_cls.global_params:
             line = _line(recipe.parameters, key, recipe.lines.get("parameters"))
             raise RecipeError(f"{recipe.where(line)}: unknown parameter {key!r} for merge_method "
-                              f"{method_cls.name}{_suggest(key, known_global)} "
+                              f"{method_cls.name}{did_you_mean(key, known_global)} "
                               f"(known: {', '.join(known_global) or 'none'})")
     known_model = sorted(method_cls.model_params)
     for entry in recipe.models:
@@ -97,18 +98,18 @@ def _check_params(recipe: Recipe, method_cls: type[MergeMethod]) -> None:
                 raise RecipeError(
                     f"{recipe.where(_line(entry.parameters, key, entry.line))}: unknown parameter "
                     f"{key!r} for a model of merge_method {method_cls.name}"
-                    f"{_suggest(key, known_model)} (known: {', '.join(known_model)})")
+                    f"{did_you_mean(key, known_model)} (known: {', '.join(known_model)})")
 
 
-def plan_merge(recipe: Recipe, *, store: Store | None = None, missing: str = "error",
-               device: str = "cpu") -> MergePlan:
+def plan_merge(recipe: Recipe, *, store: Store | None = None,
+               missing: str = "error") -> MergePlan:
     """Resolve the recipe's inputs and check that they can be merged, reading headers only."""
     if missing not in MISSING_POLICIES:
         raise InputError(f"--missing must be one of {', '.join(MISSING_POLICIES)}, not {missing!r}")
     method_cls = METHODS.get(recipe.merge_method)
     if method_cls is None:
         raise RecipeError(f"{recipe.where(recipe.lines.get('merge_method'))}: unknown merge_method "
-                          f"{recipe.merge_method!r}{_suggest(recipe.merge_method, sorted(METHODS))} "
+                          f"{recipe.merge_method!r}{did_you_mean(recipe.merge_method, sorted(METHODS))} "
                           f"(known: {', '.join(sorted(METHODS))})")
     _check_params(recipe, method_cls)
     global_params = {k: v for k, v in recipe.parameters.items() if k in method_cls.global_params}
@@ -356,7 +357,7 @@ def merge(recipe: str | Path | Recipe, out: str | Path | None = None, *,
             low rank exactly) or ``auto`` (``peft`` when possible, else ``hf``).
     """
     parsed = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    plan = plan_merge(parsed, store=store, missing=missing, device=device)
+    plan = plan_merge(parsed, store=store, missing=missing)
     say = echo or (lambda text: print(text, file=sys.stderr))
     for note in plan.notes:
         say(f"note: {note}")

@@ -116,7 +116,8 @@ def _fail(where: str, message: str) -> RecipeError:
     return RecipeError(f"{where}: {message}")
 
 
-def _suggest(word: str, choices: list[str]) -> str:
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest choice, or an empty string."""
     close = difflib.get_close_matches(word, choices, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -137,7 +138,7 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
             raise _fail(f"{source}:{doc.line_of(key)}", f"{key!r}: {UNSUPPORTED[key]}")
         if key not in TOP_LEVEL:
             raise _fail(f"{source}:{doc.line_of(key)}",
-                        f"unknown key {key!r}{_suggest(key, sorted(TOP_LEVEL))}")
+                        f"unknown key {key!r}{did_you_mean(key, sorted(TOP_LEVEL))}")
     if "merge_method" not in doc:
         raise _fail(source, "missing merge_method")
     models_raw = doc.get("models")
@@ -154,7 +155,8 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
         for key in item:
             if key not in ("model", "parameters"):
                 raise _fail(f"{source}:{item.line_of(key)}",
-                            f"unknown key {key!r} in a models: item{_suggest(key, ['model', 'parameters'])}")
+                            f"unknown key {key!r} in a models: item"
+                        f"{did_you_mean(key, ['model', 'parameters'])}")
         params = item.get("parameters") or {}
         if not isinstance(params, dict):
             raise _fail(f"{source}:{item.line_of('parameters')}", "parameters: must be a mapping")

@@ -45,7 +45,8 @@ from mergehub.errors import BaseMismatchError, InputError, IntegrityError, Store
 from mergehub.storage.atomic import atomic_output_dir, fsync_dir, write_file_atomic
 from mergehub.storage.checkpoint import Checkpoint, open_checkpoint, peft_target_weight
 from mergehub.storage.codec import (
-    BlobFormatError, BlobHeader, decode_blob, encode_lossless, sha256, unpack_blob)
+    BlobFormatError, BlobHeader, decode_blob, encode_lossless, encode_lossy, sha256, unpack_blob)
+from mergehub.storage.codecs import LOSSY, resolve_params
 from mergehub.storage.parallel import ordered_map
 from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
 from mergehub.storage.writer import MODEL_SIDE_FILES, write_model_dir
@@ -504,9 +505,6 @@ class Store:
         :data:`mergehub.storage.codecs.LOSSY`) as a delta against the base tensor; the others
         keep their lossless blobs. Export and merge read the entry like any other (decoding on the fly).
         """
-        from mergehub.storage.codec import encode_lossy
-        from mergehub.storage.codecs import LOSSY, resolve_params
-
         model_id, kind, base_id, fmt = self._require(name)
         if base_id is None:
             raise StoreError(f"model {name!r} has no base: a lossy codec stores the difference "
