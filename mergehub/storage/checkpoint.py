@@ -17,14 +17,15 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
-from safetensors import safe_open
+from typing import TYPE_CHECKING, Any, Literal
 
 from mergehub.errors import InputError
+from mergehub.storage import safetensors_format
 from mergehub.storage.safetensors_format import (
-    TORCH_DTYPE, SafetensorsHeader, TensorSpec, read_header, read_range)
+    SafetensorsHeader, TensorSpec, read_header, read_range)
+
+if TYPE_CHECKING:
+    import torch
 
 Format = Literal["hf", "peft", "safetensors"]
 
@@ -110,8 +111,10 @@ class Checkpoint:
 
     def load(self, name: str) -> torch.Tensor:
         """Load one tensor (memory-mapped by safetensors, then materialized on the CPU)."""
+        from safetensors import safe_open  # imports torch: only when tensors are loaded
+
         info = self._info(name)
-        if info.spec.dtype not in TORCH_DTYPE:
+        if info.spec.dtype not in safetensors_format.TORCH_DTYPE:
             raise InputError(f"{self.root / info.file}: tensor {name!r} has dtype "
                              f"{info.spec.dtype}, which torch cannot represent")
         handle = self._handles.get(info.file)

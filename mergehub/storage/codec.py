@@ -31,12 +31,16 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 import zstandard
 
-from mergehub.storage.codecs import LOSSY
-from mergehub.storage.safetensors_format import DTYPE_WIDTH, TORCH_DTYPE
+from mergehub.storage import safetensors_format
+from mergehub.storage.safetensors_format import DTYPE_WIDTH
+
+if TYPE_CHECKING:
+    import torch
 
 if sys.byteorder != "little":  # safetensors data is little-endian; the bit tricks assume it
     raise ImportError("mergehub's storage codecs require a little-endian machine")
@@ -226,16 +230,21 @@ def decode_lossless(header: BlobHeader, payload: memoryview, ref_raw: bytes | No
     return x.tobytes()
 
 
-def _tensor(raw: bytes | bytearray, dtype: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(raw), dtype=TORCH_DTYPE[dtype]) if raw else \
-        torch.empty(0, dtype=TORCH_DTYPE[dtype])
+def _tensor(raw: bytes | bytearray, dtype: str) -> "torch.Tensor":
+    import torch
+
+    torch_dtype = safetensors_format.TORCH_DTYPE[dtype]
+    return torch.frombuffer(bytearray(raw), dtype=torch_dtype) if raw else \
+        torch.empty(0, dtype=torch_dtype)
 
 
 def encode_lossy(raw: bytes | bytearray, dtype: str, shape: tuple[int, ...], codec: str,
                  params: dict[str, Any], ref: tuple[str, bytes]) -> bytes:
     """Encode a fine-tune's tensor (raw bytes) with a lossy codec against its base tensor
     ``ref = (blob id, raw bytes)``; the header records the sha256 of the decoded bytes."""
-    if dtype not in TORCH_DTYPE or not torch.is_floating_point(torch.empty(0, dtype=TORCH_DTYPE[dtype])):
+    from mergehub.storage.codecs import LOSSY
+
+    if dtype not in ("F16", "BF16", "F32", "F64"):
         raise BlobFormatError(f"lossy codecs need a float tensor, not {dtype}")
     lossy = LOSSY[codec]
     base = _tensor(ref[1], dtype).reshape(shape)
@@ -245,8 +254,11 @@ def encode_lossy(raw: bytes | bytearray, dtype: str, shape: tuple[int, ...], cod
     return pack_blob(header, payload)
 
 
-def _decoded_bytes(theta: torch.Tensor, dtype: str) -> bytes:
-    return theta.to(TORCH_DTYPE[dtype]).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+def _decoded_bytes(theta: "torch.Tensor", dtype: str) -> bytes:
+    import torch
+
+    out = theta.to(safetensors_format.TORCH_DTYPE[dtype]).contiguous().reshape(-1)
+    return out.view(torch.uint8).numpy().tobytes()
 
 
 def decode_blob(header: BlobHeader, payload: memoryview, ref_raw: bytes | None) -> bytes:
@@ -254,6 +266,8 @@ def decode_blob(header: BlobHeader, payload: memoryview, ref_raw: bytes | None) 
     needs the base tensor's bytes, ``ref_raw``)."""
     if header.codec == "lossless" and header.version == 1:
         return decode_lossless(header, payload, ref_raw)
+    from mergehub.storage.codecs import LOSSY
+
     lossy = LOSSY.get(header.codec)
     if lossy is None or header.version != 1:
         raise BlobFormatError(f"unknown codec {header.codec!r} version {header.version}")

@@ -15,9 +15,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
-
-import torch
+from typing import Any, BinaryIO
 
 from mergehub.errors import InputError
 
@@ -29,17 +27,26 @@ DTYPE_WIDTH: dict[str, int] = {
     "I64": 8, "U64": 8, "F64": 8, "C64": 8,
 }
 
-#: safetensors dtype name -> torch dtype, for the dtypes torch has.
-TORCH_DTYPE: dict[str, torch.dtype] = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8,
-    "I16": torch.int16, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I32": torch.int32, "F32": torch.float32, "I64": torch.int64, "F64": torch.float64,
-}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
-                     ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        TORCH_DTYPE[_name] = getattr(torch, _attr)
-SAFETENSORS_DTYPE: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPE.items()}
+def _torch_tables() -> tuple[dict[str, Any], dict[Any, str]]:
+    import torch
+
+    names = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "F16": "float16",
+             "BF16": "bfloat16", "I32": "int32", "F32": "float32", "I64": "int64",
+             "F64": "float64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+             "U16": "uint16", "U32": "uint32", "U64": "uint64"}
+    table = {k: getattr(torch, v) for k, v in names.items() if hasattr(torch, v)}
+    return table, {v: k for k, v in table.items()}
+
+
+def __getattr__(name: str) -> Any:
+    """``TORCH_DTYPE`` (safetensors name -> torch dtype) and ``SAFETENSORS_DTYPE`` (the
+    inverse), built on first use so that reading headers never imports torch (~1 s)."""
+    if name in ("TORCH_DTYPE", "SAFETENSORS_DTYPE"):
+        table, inverse = _torch_tables()
+        globals().update(TORCH_DTYPE=table, SAFETENSORS_DTYPE=inverse)
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces
 

@@ -35,9 +35,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from tqdm.auto import tqdm
 
 from mergehub import __version__
@@ -46,10 +45,13 @@ from mergehub.storage.atomic import atomic_output_dir, fsync_dir, write_file_ato
 from mergehub.storage.checkpoint import Checkpoint, open_checkpoint, peft_target_weight
 from mergehub.storage.codec import (
     BlobFormatError, BlobHeader, decode_blob, encode_lossless, encode_lossy, sha256, unpack_blob)
-from mergehub.storage.codecs import LOSSY, resolve_params
 from mergehub.storage.parallel import ordered_map
-from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
+from mergehub.storage import safetensors_format
+from mergehub.storage.safetensors_format import TensorSpec
 from mergehub.storage.writer import MODEL_SIDE_FILES, write_model_dir
+
+if TYPE_CHECKING:
+    import torch
 
 MARKER = "mergehub-store.json"
 LAYOUT_VERSION = 1
@@ -176,8 +178,11 @@ class StoredModel:
         spec, blob = self._lookup(name)
         return self.store._read_raw(blob, f"model {self.name!r}, tensor {name!r}")
 
-    def load(self, name: str) -> torch.Tensor:
+    def load(self, name: str) -> "torch.Tensor":
         """The tensor as a CPU torch tensor."""
+        import torch
+
+        TORCH_DTYPE = safetensors_format.TORCH_DTYPE
         spec = self._lookup(name)[0]
         if spec.dtype not in TORCH_DTYPE:
             raise InputError(f"model {self.name!r}: tensor {name!r} has dtype {spec.dtype}, "
@@ -505,6 +510,8 @@ class Store:
         :data:`mergehub.storage.codecs.LOSSY`) as a delta against the base tensor; the others
         keep their lossless blobs. Export and merge read the entry like any other (decoding on the fly).
         """
+        from mergehub.storage.codecs import LOSSY, resolve_params
+
         model_id, kind, base_id, fmt = self._require(name)
         if base_id is None:
             raise StoreError(f"model {name!r} has no base: a lossy codec stores the difference "

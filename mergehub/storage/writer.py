@@ -16,15 +16,18 @@ import re
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from tqdm.auto import tqdm
 
 from mergehub.errors import InputError
 from mergehub.storage.atomic import atomic_output_dir
-from mergehub.storage.safetensors_format import SAFETENSORS_DTYPE, TensorSpec, build_header
+from mergehub.storage import safetensors_format
+from mergehub.storage.safetensors_format import TensorSpec, build_header
 from mergehub.units import parse_size
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 SHARD_METADATA = {"format": "pt"}
@@ -51,13 +54,15 @@ def plan_shards(specs: list[TensorSpec], max_shard_size: int) -> list[list[Tenso
     return shards
 
 
-def tensor_bytes(part: torch.Tensor, spec: TensorSpec) -> memoryview:
+def tensor_bytes(part: "torch.Tensor", spec: TensorSpec) -> memoryview:
     """The raw little-endian bytes of ``part``: the tensor of ``spec`` or a row chunk of it.
 
     The dtype must match; a full-size tensor must have the planned shape (the byte total of
     all chunks is checked by the writer).
     """
-    dtype = SAFETENSORS_DTYPE.get(part.dtype)
+    import torch
+
+    dtype = safetensors_format.SAFETENSORS_DTYPE.get(part.dtype)
     full = part.numel() == math.prod(spec.shape)
     if dtype != spec.dtype or (full and part.dim() == len(spec.shape)
                                and tuple(part.shape) != spec.shape):
@@ -103,10 +108,10 @@ def write_model_dir(out: str | Path, specs: list[TensorSpec], get: TensorSource,
                     f.write(build_header(shard, SHARD_METADATA))
                     for spec in shard:
                         data = get(spec)
-                        parts = [data] if isinstance(data, (torch.Tensor, bytes, memoryview)) else data
+                        single = isinstance(data, (bytes, bytearray, memoryview)) or hasattr(data, "dtype")
                         written = 0
-                        for part in parts:
-                            if isinstance(part, torch.Tensor):
+                        for part in [data] if single else data:
+                            if hasattr(part, "dtype"):  # a torch tensor
                                 part = tensor_bytes(part, spec)
                             f.write(part)
                             written += len(part)
