@@ -173,3 +173,69 @@ def test_cli_compress(stocked):
     assert "codec compeft:" in shown and '"codec_params": {"alpha": 1.0, "density": 0.05}' in shown
     res = runner.invoke(cli, [*args, "compress", "ft", "-c", "bit1", "-p", "oops"])
     assert res.exit_code == 2 and "KEY=VALUE" in res.output
+
+
+# --- TALL masks -------------------------------------------------------------------------------
+
+def test_tall_spec_example():
+    from mergehub.storage.codecs import tall
+
+    base = torch.tensor([0.50, -0.20, 0.10, 0.00, 0.30, -0.40])
+    taus = [torch.tensor(t) for t in (TAU1, [-0.40, 0.20, 0.01, 0.10, -0.05, -0.30],
+                                      [0.10, 0.50, -0.02, -0.30, 0.15, 0.02])]
+    mtl = sum(taus)
+    assert [tall.mask(t, mtl, 0.4).int().tolist() for t in taus] == \
+        [[1, 0, 1, 0, 1, 1], [1, 1, 0, 0, 0, 1], [1, 1, 0, 1, 1, 0]]
+    header, payload = tall.encode_task(taus[0], mtl, {"lambda": 0.4, "alpha": 1.0}, "x" * 64)
+    out = LOSSY["tall"].decode(memoryview(payload), header, base, {"mtl": mtl})
+    assert torch.allclose(out, torch.tensor([0.50, -0.20, 0.14, 0.00, 0.60, -1.28]), atol=1e-6)
+
+
+def test_store_compress_tall(stocked, models, tmp_path):
+    stocked.add(models["ft-attn"], "attn", base="base", progress=False)
+    stocked.add(models["ft-sharded"], "sharded", base="base", progress=False)
+    names = ["ft", "attn", "sharded"]
+    dense = sum(stocked.show(n).stored_bytes for n in names)
+    infos = stocked.compress_tall(names, {"lambda": [0.4, 0.3, 0.5]}, progress=False)
+    assert [i.name for i in infos] == ["ft-tall", "attn-tall", "sharded-tall"]
+    disk_tall = sum(i.codecs.get("tall", {}).get("stored_bytes", 0) for i in infos)
+    assert disk_tall < dense / 4  # masks are 1 bit per weight
+    base = open_checkpoint(models["base-bf16"])
+    fts = [open_checkpoint(models[k]) for k in ("ft-mlp", "ft-attn", "ft-sharded")]
+    stocked.gc()  # the shared multi-task vectors are referenced only through blob headers
+    for i, (name, lam) in enumerate(zip(names, [0.4, 0.3, 0.5])):
+        out = open_checkpoint(stocked.export(f"{name}-tall", tmp_path / name, progress=False))
+        for tname in base.tensors:
+            b = base.load(tname).float().numpy()
+            taus = [f.load(tname).float().numpy() - b for f in fts]
+            if not taus[i].any():
+                assert torch.equal(out.load(tname), fts[i].load(tname))
+                continue
+            mtl = np.sum(taus, axis=0)
+            expected = b + np.where(np.abs(taus[i]) >= lam * np.abs(mtl - taus[i]), mtl, 0)
+            got = out.load(tname).float().numpy()
+            assert np.allclose(got, expected, atol=2 ** -7 * np.abs(expected).max()), tname
+    assert stocked.verify(progress=False).ok
+    for name in names:
+        stocked.rm(f"{name}-tall")
+    before = stocked.disk_bytes()
+    stocked.gc()
+    assert stocked.disk_bytes() < before  # the multi-task vectors go with the last user
+    assert stocked.verify(progress=False).ok
+
+
+def test_tall_errors_and_cli(stocked, models):
+    stocked.add(models["base-fp32"], "other-base", progress=False)
+    stocked.add(models["base-fp32"], "other-ft", base="other-base", progress=False)
+    with pytest.raises(StoreError, match="one and the same base"):
+        stocked.compress_tall(["ft", "other-ft"], progress=False)
+    with pytest.raises(StoreError, match="two or more"):
+        stocked.compress_tall(["ft"], progress=False)
+    with pytest.raises(StoreError, match="use compress_tall"):
+        stocked.compress("ft", "tall", progress=False)
+    stocked.add(models["ft-attn"], "attn", base="base", progress=False)
+    with pytest.raises(StoreError, match="3 lambdas for 2"):
+        stocked.compress_tall(["ft", "attn"], {"lambda": [0.1, 0.2, 0.3]}, progress=False)
+    res = CliRunner().invoke(cli, ["--store", str(stocked.root), "compress", "ft", "attn",
+                                   "-c", "tall", "-p", "lambda=[0.3,0.5]"])
+    assert res.exit_code == 0 and "compressed 'attn-tall'" in res.output, res.output

@@ -199,20 +199,23 @@ def export(ctx: click.Context, name: str, output: Path, max_shard_size: str | No
 
 
 @cli.command()
-@click.argument("name")
+@click.argument("names", nargs=-1, required=True)
 @click.option("--codec", "-c", required=True,
               help="Lossy codec: bit1 (1 sign bit per weight + a scale per row), compeft "
-                   "(top-k signs times alpha·std) or lowrank (truncated SVD of each matrix).")
+                   "(top-k signs times alpha·std), lowrank (truncated SVD of each matrix) or "
+                   "tall (several fine-tunes of one base: a shared multi-task vector plus one "
+                   "bitmask per task).")
 @click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE",
               help="Codec parameter, repeatable: bit1 granularity=row|matrix; compeft "
-                   "density=0.1 alpha=1.0; lowrank rank=16 (or rank=0 energy=0.9).")
+                   "density=0.1 alpha=1.0; lowrank rank=16 (or rank=0 energy=0.9); tall "
+                   "lambda=0.4 (or [0.3,0.4,...] per fine-tune) alpha=1.0.")
 @click.option("--as", "as_name", default=None,
-              help="Name of the compressed entry (default: NAME-CODEC).")
+              help="Name of the compressed entry (default: NAME-CODEC; one NAME only).")
 @click.pass_context
-def compress(ctx: click.Context, name: str, codec: str, params: tuple[str, ...],
+def compress(ctx: click.Context, names: tuple[str, ...], codec: str, params: tuple[str, ...],
              as_name: str | None) -> None:
-    """Store a lossy-compressed copy of fine-tune NAME against its base. Export and merge read
-    it like any other entry."""
+    """Store lossy-compressed copies of fine-tunes NAMES against their base (one entry each,
+    NAME-CODEC). Export and merge read them like any other entry."""
     parsed: dict[str, Any] = {}
     for item in params:
         key, sep, value = item.partition("=")
@@ -222,9 +225,16 @@ def compress(ctx: click.Context, name: str, codec: str, params: tuple[str, ...],
             parsed[key] = json.loads(value)
         except json.JSONDecodeError:
             parsed[key] = value
+    if as_name is not None and len(names) > 1:
+        raise click.BadParameter("--as names one entry: give one NAME", param_hint="--as")
     with _open_store(ctx) as store:
-        info = store.compress(name, codec, parsed, as_name=as_name, progress=_progress())
-    click.echo(f"compressed {_summary(info)}")
+        if codec == "tall":
+            infos = store.compress_tall(list(names), parsed, progress=_progress())
+        else:
+            infos = [store.compress(n, codec, parsed, as_name=as_name, progress=_progress())
+                     for n in names]
+    for info in infos:
+        click.echo(f"compressed {_summary(info)}")
 
 
 @cli.command()

@@ -261,9 +261,25 @@ def _decoded_bytes(theta: "torch.Tensor", dtype: str) -> bytes:
     return out.view(torch.uint8).numpy().tobytes()
 
 
-def decode_blob(header: BlobHeader, payload: memoryview, ref_raw: bytes | None) -> bytes:
+def encode_tall_task(tau: "torch.Tensor", mtl: "torch.Tensor", dtype: str,
+                     params: dict[str, Any], ref: tuple[str, bytes], mtl_blob: str) -> bytes:
+    """Task t's ``tall`` blob for one tensor: its mask against the shared τMTL (blob
+    ``mtl_blob``), a delta against the base tensor ``ref``."""
+    from mergehub.storage.codecs import LOSSY, tall
+
+    header_params, payload = tall.encode_task(tau, mtl, params, mtl_blob)
+    base = _tensor(ref[1], dtype).reshape(tau.shape)
+    decoded = _decoded_bytes(LOSSY["tall"].decode(memoryview(payload), header_params, base,
+                                                  {"mtl": mtl.float()}), dtype)
+    return pack_blob(BlobHeader("tall", dtype, len(decoded), sha256(decoded), ref[0],
+                                header_params), payload)
+
+
+def decode_blob(header: BlobHeader, payload: memoryview, ref_raw: bytes | None,
+                extras: dict[str, bytes] | None = None) -> bytes:
     """Decode any blob by its codec: ``lossless``, or a lossy codec of :data:`LOSSY` (which
-    needs the base tensor's bytes, ``ref_raw``)."""
+    needs the base tensor's bytes, ``ref_raw``, and the raw float32 bytes of the blobs its
+    header ``needs``, ``extras``)."""
     if header.codec == "lossless" and header.version == 1:
         return decode_lossless(header, payload, ref_raw)
     from mergehub.storage.codecs import LOSSY
@@ -274,4 +290,5 @@ def decode_blob(header: BlobHeader, payload: memoryview, ref_raw: bytes | None) 
     if ref_raw is None:
         raise BlobFormatError(f"{header.codec} blob decoded without its base tensor")
     base = _tensor(ref_raw, header.dtype).reshape(header.params["shape"])
-    return _decoded_bytes(lossy.decode(payload, header.params, base), header.dtype)
+    tensors = {k: _tensor(v, "F32") for k, v in (extras or {}).items()}
+    return _decoded_bytes(lossy.decode(payload, header.params, base, tensors), header.dtype)

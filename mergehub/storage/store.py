@@ -76,6 +76,10 @@ CREATE TABLE IF NOT EXISTS blobs(
   raw_size INTEGER NOT NULL,
   size INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS blobs_by_raw ON blobs(raw_sha256);
+CREATE TABLE IF NOT EXISTS blob_needs(  -- other blobs a blob's decoding reads (TALL's τMTL)
+  blob TEXT NOT NULL REFERENCES blobs(id),
+  needs TEXT NOT NULL REFERENCES blobs(id),
+  PRIMARY KEY (blob, needs));
 CREATE TABLE IF NOT EXISTS files(
   model_id INTEGER NOT NULL REFERENCES models(id) ON DELETE CASCADE,
   path TEXT NOT NULL,
@@ -92,6 +96,16 @@ CREATE TABLE IF NOT EXISTS tensors(
   blob TEXT NOT NULL REFERENCES blobs(id),
   PRIMARY KEY (model_id, name));
 """
+
+
+#: SQL: the blobs model :m references (with the blobs they need) and those its base :b does
+_MINE_AND_BASE = (
+    "mine AS (SELECT blob FROM tensors WHERE model_id = :m "
+    "         UNION SELECT blob FROM files WHERE model_id = :m "
+    "         UNION SELECT n.needs FROM blob_needs n JOIN tensors t ON t.blob = n.blob "
+    "         WHERE t.model_id = :m), "
+    "base AS (SELECT blob FROM tensors WHERE model_id = :b "
+    "         UNION SELECT blob FROM files WHERE model_id = :b)")
 
 
 def default_root() -> Path:
@@ -332,7 +346,9 @@ class Store:
                                  "chain longer than mergehub writes (store damaged?)")
         header, payload = self._load_blob(blob_id, what)
         ref_raw = self._read_raw(header.ref, what, _depth + 1) if header.ref else None
-        return self._decode(blob_id, header, payload, ref_raw, what)
+        extras = {key: self._read_raw(other, what, _depth + 1)
+                  for key, other in (header.params.get("needs") or {}).items()}
+        return self._decode(blob_id, header, payload, ref_raw, what, extras)
 
     def _root(self, blob_id: str) -> str:
         """The self-contained blob at the end of ``blob_id``'s reference chain."""
@@ -345,9 +361,9 @@ class Store:
 
     @staticmethod
     def _decode(blob_id: str, header: BlobHeader, payload: memoryview, ref_raw: bytes | None,
-                what: str) -> bytes:
+                what: str, extras: dict[str, bytes] | None = None) -> bytes:
         try:
-            raw = decode_blob(header, payload, ref_raw)
+            raw = decode_blob(header, payload, ref_raw, extras)
         except (BlobFormatError, ValueError, KeyError) as e:  # zstd errors are ValueErrors
             raise IntegrityError(f"{what}: blob {blob_id[:16]} cannot be decoded: {e}") from e
         if sha256(raw) != header.sha256:
@@ -520,9 +536,10 @@ class Store:
             full = resolve_params(codec, params or {})
         except ValueError as e:
             raise StoreError(str(e)) from None
+        if codec == "tall":
+            raise StoreError("tall compresses several fine-tunes together: use compress_tall "
+                             "(hub compress A B ... --codec tall)")
         as_name = as_name or f"{name}-{codec}"
-        if not _NAME.match(as_name):
-            raise StoreError(f"invalid model name {as_name!r}")
         info = self.show(name)
         base_blobs = {r[0]: r[5] for r in self._tensor_rows(base_id)}
         rows = self._tensor_rows(model_id)
@@ -545,34 +562,139 @@ class Store:
             return blob_id
 
         with self._lock(exclusive=False):
-            if self._model_row(as_name) is not None:
-                raise StoreError(f"a model named {as_name!r} already exists in store {self.root}")
+            self._check_free([as_name])
             bar = tqdm(rows, desc=f"compress {name}", unit="tensor", disable=not progress,
                        leave=False)
-            blobs = list(ordered_map(encode, bar))
-            for d in dirs:
-                fsync_dir(d)
+            blobs = {row[0]: blob for row, blob in zip(rows, ordered_map(encode, bar))}
             provenance = {**info.provenance, "compressed_from": name, "codec": codec,
                           "codec_params": full}
-            created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            with self._transaction() as db:
-                if self._model_row(as_name) is not None:
-                    raise StoreError(f"a model named {as_name!r} already exists in store {self.root}")
-                db.executemany("INSERT OR IGNORE INTO blobs(id, codec, ref, raw_sha256, raw_size, "
-                               "size) VALUES (?, ?, ?, ?, ?, ?)",
-                               [(k, *v) for k, v in new_blobs.items()])
+            self._commit_derived(dirs, new_blobs, [], [(model_id, as_name, blobs, provenance)])
+        return self.show(as_name)
+
+    def compress_tall(self, names: list[str], params: dict[str, Any] | None = None, *,
+                      suffix: str = "-tall", progress: bool = True) -> list[ModelInfo]:
+        """Store T fine-tunes of one base with TALL masks: per tensor the multi-task vector
+        τMTL = Σt τt once, plus one bitmask per task (see :mod:`mergehub.storage.codecs.tall`).
+
+        Creates ``NAME + suffix`` for each of ``names``. ``params``: ``lambda`` (one number, or
+        one per task, in the order of ``names``; default 0.4) and ``alpha`` (default 1).
+        """
+        from mergehub.storage.codec import encode_tall_task
+        from mergehub.storage.codecs import resolve_params
+
+        if len(names) < 2 or len(set(names)) != len(names):
+            raise StoreError("tall compresses two or more different fine-tunes of one base")
+        rows = [self._require(n) for n in names]
+        bases = {r[2] for r in rows}
+        if len(bases) != 1 or None in bases:
+            raise StoreError("tall needs fine-tunes of one and the same base: "
+                             + ", ".join(f"{n!r} (base {self.show(n).base!r})" for n in names))
+        given = dict(params or {})
+        lambdas = given.pop("lambda", 0.4)
+        lambdas = list(lambdas) if isinstance(lambdas, (list, tuple)) else [lambdas] * len(names)
+        if len(lambdas) != len(names):
+            raise StoreError(f"tall: {len(lambdas)} lambdas for {len(names)} fine-tunes")
+        try:
+            full = resolve_params("tall", {**given, "lambda": lambdas[0]})
+        except ValueError as e:
+            raise StoreError(str(e)) from None
+        base_id = bases.pop()
+        base_blobs = {r[0]: r[5] for r in self._tensor_rows(base_id)}
+        per_model = [{r[0]: r for r in self._tensor_rows(row[0])} for row in rows]
+        order = [r[0] for r in self._tensor_rows(rows[0][0])]
+        new_blobs: dict[str, tuple[str, str | None, str, int, int]] = {}
+        needs: list[tuple[str, str]] = []
+        dirs: set[Path] = set()
+
+        def put(data: bytes) -> str:
+            blob_id, parent = self._write_blob(data)
+            dirs.add(parent)
+            header = unpack_blob(data)[0]
+            new_blobs[blob_id] = (header.codec, header.ref, header.sha256, header.nbytes, len(data))
+            return blob_id
+
+        def encode(tname: str) -> list[str]:
+            import torch
+
+            current = [m[tname][5] for m in per_model]
+            ref = base_blobs.get(tname)
+            dtype, shape = per_model[0][tname][3], tuple(json.loads(per_model[0][tname][4]))
+            if ref is None or all(b == ref for b in current) or dtype not in ("F16", "BF16", "F32", "F64"):
+                return current
+            torch_dtype = safetensors_format.TORCH_DTYPE[dtype]
+            what = f"tensor {tname!r}"
+            base_raw = self._read_raw(ref, what)
+            theta0 = torch.frombuffer(bytearray(base_raw), dtype=torch_dtype).float().reshape(shape)
+            taus = [torch.frombuffer(self._read_raw(b, f"model {n!r}, {what}"), dtype=torch_dtype)
+                    .float().reshape(shape) - theta0 for b, n in zip(current, names)]
+            mtl = sum(taus)
+            mtl_raw = mtl.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            mtl_blob = put(encode_lossless(mtl_raw, "F32", sha256(mtl_raw)))
+            out = []
+            for b, tau, lam in zip(current, taus, lambdas):
+                if b == ref:
+                    out.append(b)
+                    continue
+                blob = put(encode_tall_task(tau, mtl, dtype, {**full, "lambda": float(lam)},
+                                            (ref, base_raw), mtl_blob))
+                needs.append((blob, mtl_blob))
+                out.append(blob)
+            return out
+
+        as_names = [n + suffix for n in names]
+        with self._lock(exclusive=False):
+            self._check_free(as_names)
+            bar = tqdm(order, desc="compress tall", unit="tensor", disable=not progress,
+                       leave=False)
+            columns = [dict(zip(order, blobs)) for blobs in zip(*ordered_map(encode, bar))]
+            derived = []
+            for (model_id, *_), name, as_name, lam, blobs in zip(rows, names, as_names, lambdas,
+                                                                 columns):
+                info = self.show(name)
+                derived.append((model_id, as_name, blobs, {
+                    **info.provenance, "compressed_from": name, "codec": "tall",
+                    "codec_params": {**full, "lambda": float(lam)}, "tall_tasks": names}))
+            self._commit_derived(dirs, new_blobs, needs, derived)
+        return [self.show(n) for n in as_names]
+
+    def _check_free(self, names: list[str]) -> None:
+        for name in names:
+            if not _NAME.match(name):
+                raise StoreError(f"invalid model name {name!r}")
+            if self._model_row(name) is not None:
+                raise StoreError(f"a model named {name!r} already exists in store {self.root}")
+
+    def _commit_derived(self, dirs: set[Path], new_blobs: dict[str, tuple],
+                        needs: list[tuple[str, str]],
+                        derived: list[tuple[int, str, dict[str, str], dict[str, Any]]]) -> None:
+        """Catalog new entries derived from stored models (same kind, base, format, files and
+        metrics; new tensor blobs by tensor name, and provenance) in one transaction, after
+        the blobs are durable."""
+        for d in dirs:
+            fsync_dir(d)
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        with self._transaction() as db:
+            self._check_free([d[1] for d in derived])
+            db.executemany("INSERT OR IGNORE INTO blobs(id, codec, ref, raw_sha256, raw_size, "
+                           "size) VALUES (?, ?, ?, ?, ?, ?)",
+                           [(k, *v) for k, v in new_blobs.items()])
+            db.executemany("INSERT OR IGNORE INTO blob_needs(blob, needs) VALUES (?, ?)", needs)
+            for source_id, as_name, blobs, provenance in derived:
+                kind, base_id, fmt, metrics = db.execute(
+                    "SELECT kind, base_id, format, metrics FROM models WHERE id = ?",
+                    (source_id,)).fetchone()
                 new_id = db.execute(
                     "INSERT INTO models(name, kind, base_id, format, metrics, provenance, created) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (as_name, kind, base_id, fmt, json.dumps(info.metrics), json.dumps(provenance),
+                    (as_name, kind, base_id, fmt, metrics, json.dumps(provenance),
                      created)).lastrowid
                 db.execute("INSERT INTO files(model_id, path, role, blob) SELECT ?, path, role, "
-                           "blob FROM files WHERE model_id = ?", (new_id, model_id))
+                           "blob FROM files WHERE model_id = ?", (new_id, source_id))
+                rows = self._tensor_rows(source_id)
                 db.executemany(
                     "INSERT INTO tensors(model_id, name, file, offset, dtype, shape, blob) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(new_id, *row[:5], blob) for row, blob in zip(rows, blobs)])
-        return self.show(as_name)
+                    [(new_id, *row[:5], blobs[row[0]]) for row in rows])
 
     def ls(self) -> list[ModelInfo]:
         """All models, oldest first."""
@@ -594,19 +716,13 @@ class Store:
             "SELECT COALESCE(SUM(b.raw_size), 0) FROM files f JOIN blobs b ON b.id = f.blob "
             "WHERE f.model_id = ?", (model_id,)).fetchone()
         (stored,) = self._db.execute(
-            "WITH mine AS (SELECT blob FROM tensors WHERE model_id = :m "
-            "              UNION SELECT blob FROM files WHERE model_id = :m), "
-            "     base AS (SELECT blob FROM tensors WHERE model_id = :b "
-            "              UNION SELECT blob FROM files WHERE model_id = :b) "
+            f"WITH {_MINE_AND_BASE} "
             "SELECT COALESCE(SUM(size), 0) FROM blobs "
             "WHERE id IN (SELECT blob FROM mine EXCEPT SELECT blob FROM base)",
             {"m": model_id, "b": base_id}).fetchone()
         codecs = {codec: {"blobs": n, "stored_bytes": size, "raw_bytes": raw}
                   for codec, n, size, raw in self._db.execute(
-                      "WITH mine AS (SELECT blob FROM tensors WHERE model_id = :m "
-                      "              UNION SELECT blob FROM files WHERE model_id = :m), "
-                      "     base AS (SELECT blob FROM tensors WHERE model_id = :b "
-                      "              UNION SELECT blob FROM files WHERE model_id = :b) "
+                      f"WITH {_MINE_AND_BASE} "
                       "SELECT codec, COUNT(*), SUM(size), SUM(raw_size) FROM blobs "
                       "WHERE id IN (SELECT blob FROM mine EXCEPT SELECT blob FROM base) "
                       "GROUP BY codec ORDER BY codec", {"m": model_id, "b": base_id})}
@@ -703,8 +819,10 @@ class Store:
                     "WITH RECURSIVE live(id) AS ("
                     "  SELECT blob FROM tensors UNION SELECT blob FROM files"
                     "  UNION SELECT b.ref FROM blobs b JOIN live ON b.id = live.id"
-                    "  WHERE b.ref IS NOT NULL) "
+                    "  WHERE b.ref IS NOT NULL"
+                    "  UNION SELECT n.needs FROM blob_needs n JOIN live ON n.blob = live.id) "
                     "SELECT id, size FROM blobs WHERE id NOT IN (SELECT id FROM live)").fetchall()
+                db.executemany("DELETE FROM blob_needs WHERE blob = ?", [(d[0],) for d in dead])
                 db.executemany("DELETE FROM blobs WHERE id = ?", [(d[0],) for d in dead])
             known = {r[0] for r in self._db.execute("SELECT id FROM blobs")}
             removed, freed = 0, 0

@@ -3,7 +3,8 @@
 A lossy codec stores an approximation of a fine-tune's task vector τ = θ − θ0 against its base
 tensor θ0 (the blob's ``ref``). ``encode(theta, base, params)`` returns the parameters to keep in
 the blob header (with everything decoding needs) and the payload; ``decode(payload, params,
-base)`` returns θ̂ = θ0 + τ̂ in float32. Decoding is elementwise and deterministic, so the
+base, extras)`` returns θ̂ = θ0 + τ̂ in float32. ``extras`` holds the tensors of the other blobs
+the header's ``needs`` names (TALL's shared multi-task vector), as float32. Decoding is elementwise and deterministic, so the
 sha256 of the decoded bytes, recorded in the header when the blob is written, checks every read
 like it does for lossless blobs (see :mod:`mergehub.storage.codec`).
 """
@@ -24,7 +25,8 @@ class LossyCodec:
     name: str
     defaults: dict[str, Any]
     encode: Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], tuple[dict[str, Any], bytes]]
-    decode: Callable[[memoryview, dict[str, Any], torch.Tensor], torch.Tensor]
+    decode: Callable[[memoryview, dict[str, Any], torch.Tensor, dict[str, torch.Tensor]],
+                     torch.Tensor]
     summary: str
     applies: Callable[[tuple[int, ...]], bool] = lambda shape: True  # which tensors it encodes
 
@@ -49,4 +51,4 @@ def resolve_params(name: str, given: dict[str, Any]) -> dict[str, Any]:
     return {**codec.defaults, **given}
 
 
-from mergehub.storage.codecs import bit1, compeft, lowrank  # noqa: E402,F401  (registers them)
+from mergehub.storage.codecs import bit1, compeft, lowrank, tall  # noqa: E402,F401  (registers)

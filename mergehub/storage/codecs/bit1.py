@@ -34,7 +34,8 @@ def encode(theta: torch.Tensor, base: torch.Tensor,
             scales.tobytes() + bits.tobytes())
 
 
-def decode(payload: memoryview, params: dict[str, Any], base: torch.Tensor) -> torch.Tensor:
+def decode(payload: memoryview, params: dict[str, Any], base: torch.Tensor,
+           extras: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     rows, n = params["rows"], math.prod(params["shape"])
     scales = torch.from_numpy(np.frombuffer(payload[:4 * rows], "<f4").copy())
     bits = np.unpackbits(np.frombuffer(payload[4 * rows:], np.uint8), count=n)

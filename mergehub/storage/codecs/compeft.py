@@ -54,7 +54,8 @@ def encode(theta: torch.Tensor, base: torch.Tensor,
     return header, positions + signs.tobytes()
 
 
-def decode(payload: memoryview, params: dict[str, Any], base: torch.Tensor) -> torch.Tensor:
+def decode(payload: memoryview, params: dict[str, Any], base: torch.Tensor,
+           extras: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     n, kept = math.prod(params["shape"]), params["kept"]
     split = params["positions_bytes"]
     raw = zstandard.ZstdDecompressor().decompress(payload[:split], max_output_size=4 * n + 8)

@@ -41,7 +41,8 @@ def encode(theta: torch.Tensor, base: torch.Tensor,
     return header, left.tobytes() + right.tobytes()
 
 
-def decode(payload: memoryview, params: dict[str, Any], base: torch.Tensor) -> torch.Tensor:
+def decode(payload: memoryview, params: dict[str, Any], base: torch.Tensor,
+           extras: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     m, n = params["shape"]
     r = params["rank"]
     values = np.frombuffer(payload, "<f4")
