@@ -239,3 +239,22 @@ def test_tall_errors_and_cli(stocked, models):
     res = CliRunner().invoke(cli, ["--store", str(stocked.root), "compress", "ft", "attn",
                                    "-c", "tall", "-p", "lambda=[0.3,0.5]"])
     assert res.exit_code == 0 and "compressed 'attn-tall'" in res.output, res.output
+
+
+def test_compress_search_keeps_the_best_alpha(stocked, models):
+    """The callback scores each exported candidate; here: closeness to the true fine-tune."""
+    ft = open_checkpoint(models["ft-mlp"])
+    name = "model.layers.0.mlp.up_proj.weight"
+    target = ft.load(name).float()
+
+    def evaluate(path):
+        return -float((open_checkpoint(path).load(name).float() - target).norm())
+
+    info, tried = stocked.compress_search("ft", "compeft", {"alpha": [0.25, 1.0, 4.0, 16.0]},
+                                          evaluate, {"density": 0.3}, progress=False)
+    assert [t[0]["alpha"] for t in tried] == [0.25, 1.0, 4.0, 16.0]
+    best = max(tried, key=lambda t: t[1])[0]["alpha"]
+    assert info.name == "ft-compeft" and info.provenance["codec_params"]["alpha"] == best
+    assert [m.name for m in stocked.ls()] == ["base", "ft", "ft-compeft"]
+    scores = dict((t[0]["alpha"], t[1]) for t in tried)
+    assert scores[best] > scores[16.0]  # a huge alpha overshoots

@@ -31,7 +31,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -570,6 +570,48 @@ class Store:
                           "codec_params": full}
             self._commit_derived(dirs, new_blobs, [], [(model_id, as_name, blobs, provenance)])
         return self.show(as_name)
+
+    def compress_search(self, name: str, codec: str, grid: dict[str, list[Any]],
+                        evaluate: Callable[[Path], float], params: dict[str, Any] | None = None,
+                        *, as_name: str | None = None,
+                        progress: bool = True) -> tuple[ModelInfo, list[tuple[dict, float]]]:
+        """:meth:`compress` with the best codec parameters of a small grid.
+
+        Every combination of ``grid`` (e.g. ``{"alpha": [0.5, 1, 2, 4]}`` for compeft) is
+        compressed, exported to a temp dir and scored by ``evaluate(dir)`` (higher is better,
+        e.g. validation accuracy); the best is kept as ``as_name`` and the others are removed.
+        Returns its info and every (parameters, score) tried.
+        """
+        import itertools
+        import shutil
+        import tempfile
+
+        keys = sorted(grid)
+        if not keys or any(not grid[k] for k in keys):
+            raise StoreError("compress_search needs a non-empty grid of parameter values")
+        final = as_name or f"{name}-{codec}"
+        self._check_free([final])
+        tried: list[tuple[dict, float]] = []
+        best: tuple[float, str] | None = None
+        for i, values in enumerate(itertools.product(*(grid[k] for k in keys))):
+            trial = {**(params or {}), **dict(zip(keys, values))}
+            candidate = f"{final}.search{i}"
+            self.compress(name, codec, trial, as_name=candidate, progress=progress)
+            tmp = Path(tempfile.mkdtemp(dir=self.root / "tmp", prefix="search-"))
+            try:
+                score = float(evaluate(self.export(candidate, tmp / "model", progress=False)))
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            tried.append((trial, score))
+            if best is None or score > best[0]:
+                if best is not None:
+                    self.rm(best[1])
+                best = (score, candidate)
+            else:
+                self.rm(candidate)
+        with self._transaction() as db:
+            db.execute("UPDATE models SET name = ? WHERE name = ?", (final, best[1]))
+        return self.show(final), tried
 
     def compress_tall(self, names: list[str], params: dict[str, Any] | None = None, *,
                       suffix: str = "-tall", progress: bool = True) -> list[ModelInfo]:
