@@ -1,5 +1,5 @@
-"""``hub demo``: a tiny transformers model, fine-tune-like variants and a LoRA, stored, exported
-and merged.
+"""``hub demo``: a tiny transformers model, fine-tune-like variants and a LoRA, stored, exported,
+merged and compressed.
 
 The builders here are also what the tests use to make real checkpoints (no downloads).
 """
@@ -128,6 +128,11 @@ def run_demo(keep: Path | None = None, echo: Callable[[str], None] = print) -> N
             echo(f"merge: TIES of ft-mlp, ft-attn-sharded and lora-qv ({recipe}) -> store entry "
                  f"'ties-merge': {result.tensors} tensors in {result.seconds:.2f} s, "
                  f"{human_bytes(merged.stored_bytes)} on disk as a delta against base")
+            small = store.compress("ft-mlp", "compeft", {"density": 0.1}, progress=False)
+            lossless = store.show("ft-mlp").stored_bytes
+            echo(f"compress: ft-mlp with compeft (10% of the delta as sign * alpha * std) -> "
+                 f"'{small.name}': {human_bytes(small.stored_bytes)} vs "
+                 f"{human_bytes(lossless)} lossless ({lossless / small.stored_bytes:.1f}x smaller)")
             report = store.verify(progress=False)
             echo(f"verify: {report.blobs} blobs checked, {'OK' if report.ok else report.problems}")
     finally:
