@@ -34,9 +34,11 @@ What it builds (CPU only, no downloads, everything under a temp dir deleted at t
   bf16 weights, upcast to float32 for the forward pass.
 * **Store.** ``Store.add`` the base, the full fine-tunes, the adapters and the merged LoRAs
   (all with ``base="base"``), then ``Store.compress`` each full fine-tune and each merged LoRA
-  with compeft (density 0.05 and 0.1, alpha in 0.5/1/2/4: the row ``a=1`` uses alpha 1, the row
-  ``a*`` the alpha with the best validation exact match per task), bit1 (row) and lowrank
-  (rank 8, 16); ``Store.export`` every compressed entry and evaluate the exported dir.
+  with compeft (density 0.05 and 0.1, alpha in 0.5/1/2/4/8: the row ``a*`` is the alpha with
+  the best validation exact match per task), bit1 (row) and lowrank (rank 8, 16);
+  ``Store.export`` every compressed entry and evaluate the exported dir. Reference rows
+  ``ref: top-k`` (not a codec, not stored): the top 5/10/30% of |τ| per tensor at their exact
+  values, to tell sparsification apart from ComPEFT's ternary quantization.
 * **Sizes.** ``dense`` = the dense bf16 task vector = 2 bytes per element of the tensors that
   differ from the base. ``stored`` = ``ModelInfo.stored_bytes`` of the entry (blobs it has
   that the base has not, blob headers included). ``x dense`` = dense / stored; ``x lossless`` =
