@@ -258,3 +258,10 @@ def test_compress_search_keeps_the_best_alpha(stocked, models):
     assert [m.name for m in stocked.ls()] == ["base", "ft", "ft-compeft"]
     scores = dict((t[0]["alpha"], t[1]) for t in tried)
     assert scores[best] > scores[16.0]  # a huge alpha overshoots
+
+
+def test_compressing_an_adapter_is_refused(stocked, models):
+    stocked.add(models["lora"], "lora", base="base", progress=False)
+    with pytest.raises(StoreError, match="no tensor to compress with bit1.*LoRA factors"):
+        stocked.compress("lora", "bit1", progress=False)
+    assert "lora-bit1" not in stocked

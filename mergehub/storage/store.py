@@ -566,6 +566,10 @@ class Store:
             bar = tqdm(rows, desc=f"compress {name}", unit="tensor", disable=not progress,
                        leave=False)
             blobs = {row[0]: blob for row, blob in zip(rows, ordered_map(encode, bar))}
+            if not new_blobs:
+                raise StoreError(f"model {name!r}: no tensor to compress with {codec} (none "
+                                 "differs from a same-named base tensor: an adapter's LoRA "
+                                 "factors are kept as they are; compress a merged model)")
             provenance = {**info.provenance, "compressed_from": name, "codec": codec,
                           "codec_params": full}
             self._commit_derived(dirs, new_blobs, [], [(model_id, as_name, blobs, provenance)])
