@@ -22,10 +22,9 @@ import torch
 from mergehub.errors import BaseMismatchError, InputError, StoreError
 from mergehub.storage.checkpoint import (
     ADAPTER_CONFIG, Checkpoint, open_checkpoint, peft_target_weight)
-from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
+from mergehub.storage.safetensors_format import FLOAT_DTYPES, TORCH_DTYPE, TensorSpec
 from mergehub.storage.store import Store
 
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 class TensorReader(Protocol):
@@ -68,10 +67,6 @@ class Source:
     @property
     def is_lora(self) -> bool:
         return self.lora is not None
-
-    def has(self, name: str) -> bool:
-        """Whether this input says anything about the base tensor ``name``."""
-        return name in (self.lora if self.lora is not None else self.specs)
 
     def rows(self, name: str, r0: int, r1: int, device: torch.device) -> torch.Tensor:
         """Rows [r0, r1) of a dense input's tensor as float32, shape (r1 - r0, columns).

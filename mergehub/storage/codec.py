@@ -244,7 +244,7 @@ def encode_lossy(raw: bytes | bytearray, dtype: str, shape: tuple[int, ...], cod
     ``ref = (blob id, raw bytes)``; the header records the sha256 of the decoded bytes."""
     from mergehub.storage.codecs import LOSSY
 
-    if dtype not in ("F16", "BF16", "F32", "F64"):
+    if dtype not in safetensors_format.FLOAT_DTYPES:
         raise BlobFormatError(f"lossy codecs need a float tensor, not {dtype}")
     lossy = LOSSY[codec]
     base = _tensor(ref[1], dtype).reshape(shape)

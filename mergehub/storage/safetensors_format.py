@@ -48,6 +48,9 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+#: the float dtypes merge methods and lossy codecs work on
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces
 
 

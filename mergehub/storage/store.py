@@ -47,7 +47,7 @@ from mergehub.storage.codec import (
     BlobFormatError, BlobHeader, decode_blob, encode_lossless, encode_lossy, sha256, unpack_blob)
 from mergehub.storage.parallel import ordered_map
 from mergehub.storage import safetensors_format
-from mergehub.storage.safetensors_format import TensorSpec
+from mergehub.storage.safetensors_format import FLOAT_DTYPES, TensorSpec
 from mergehub.storage.writer import MODEL_SIDE_FILES, write_model_dir
 
 if TYPE_CHECKING:
@@ -334,6 +334,15 @@ class Store:
         except BlobFormatError as e:
             raise IntegrityError(f"{what}: blob {blob_id[:16]} is malformed: {e}") from e
 
+    def _stage_blob(self, data: bytes, new_blobs: dict[str, tuple], dirs: set[Path]) -> str:
+        """Write a blob for an add/compress in progress: remember its catalog row and the dir
+        to fsync before the transaction that references it commits."""
+        blob_id, parent = self._write_blob(data)
+        dirs.add(parent)
+        header = unpack_blob(data)[0]
+        new_blobs[blob_id] = (header.codec, header.ref, header.sha256, header.nbytes, len(data))
+        return blob_id
+
     def _read_raw(self, blob_id: str, what: str, _depth: int = 0) -> bytes:
         """Decode a blob to the original bytes, checking the blob and the decoded bytes.
 
@@ -463,11 +472,7 @@ class Store:
             blob_id = self._find_blob(digest)
             if blob_id is None:
                 ref = (ref_blob, self._read_raw(ref_blob, f"base of {name!r}")) if ref_blob else None
-                blob = encode_lossless(raw, dtype, digest, ref)
-                header = unpack_blob(blob)[0]
-                blob_id, parent = self._write_blob(blob)
-                dirs.add(parent)
-                new_blobs[blob_id] = (header.codec, header.ref, digest, len(raw), len(blob))
+                blob_id = self._stage_blob(encode_lossless(raw, dtype, digest, ref), new_blobs, dirs)
             return blob_id
 
         def put_tensor(item: tuple[str, Any]) -> str:
@@ -549,17 +554,13 @@ class Store:
         def encode(row: tuple) -> str:
             tname, _, _, dtype, shape, blob = row
             ref = base_blobs.get(tname)
-            if (ref is None or ref == blob or dtype not in ("F16", "BF16", "F32", "F64")
+            if (ref is None or ref == blob or dtype not in FLOAT_DTYPES
                     or not LOSSY[codec].applies(tuple(json.loads(shape)))):
                 return blob
             what = f"model {name!r}, tensor {tname!r}"
             data = encode_lossy(self._read_raw(blob, what), dtype, tuple(json.loads(shape)),
                                 codec, full, (ref, self._read_raw(ref, what)))
-            blob_id, parent = self._write_blob(data)
-            dirs.add(parent)
-            header = unpack_blob(data)[0]
-            new_blobs[blob_id] = (header.codec, header.ref, header.sha256, header.nbytes, len(data))
-            return blob_id
+            return self._stage_blob(data, new_blobs, dirs)
 
         with self._lock(exclusive=False):
             self._check_free([as_name])
@@ -653,11 +654,7 @@ class Store:
         dirs: set[Path] = set()
 
         def put(data: bytes) -> str:
-            blob_id, parent = self._write_blob(data)
-            dirs.add(parent)
-            header = unpack_blob(data)[0]
-            new_blobs[blob_id] = (header.codec, header.ref, header.sha256, header.nbytes, len(data))
-            return blob_id
+            return self._stage_blob(data, new_blobs, dirs)
 
         def encode(tname: str) -> list[str]:
             import torch
@@ -665,7 +662,7 @@ class Store:
             current = [m[tname][5] for m in per_model]
             ref = base_blobs.get(tname)
             dtype, shape = per_model[0][tname][3], tuple(json.loads(per_model[0][tname][4]))
-            if ref is None or all(b == ref for b in current) or dtype not in ("F16", "BF16", "F32", "F64"):
+            if ref is None or all(b == ref for b in current) or dtype not in FLOAT_DTYPES:
                 return current
             torch_dtype = safetensors_format.TORCH_DTYPE[dtype]
             what = f"tensor {tname!r}"
