@@ -17,6 +17,7 @@ import math
 import sys
 import tempfile
 import time
+from contextlib import closing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from mergehub.merge.rmm import execute_rmm
 from mergehub.merge.recipe import (
     DTYPES, LineDict, ModelEntry, Recipe, RecipeError, did_you_mean, layer_index, load_recipe,
     resolve_params)
+from mergehub.storage.parallel import background
 from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
 from mergehub.storage.store import Store
 from mergehub.storage.writer import DEFAULT_MAX_SHARD_SIZE, MODEL_SIDE_FILES, write_model_dir
@@ -315,18 +317,32 @@ def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
         except (ValueError, TypeError) as err:  # bad parameter values for this tensor
             raise MergeError(f"tensor {spec.name!r}: {plan.recipe.merge_method}: {err}") from err
 
+    def produce() -> Iterator[tuple[str, torch.Tensor | None]]:
+        """Every output chunk in write order, then ``(name, None)`` at the end of each tensor."""
+        for spec in plan.specs:
+            if spec.name in plan.copy_from_base:
+                yield spec.name, reference.reader.load(spec.name).to(TORCH_DTYPE[spec.dtype])
+            else:
+                for part in merged_chunks(spec):
+                    yield spec.name, part
+            yield spec.name, None
+
+    # reading and merging run on a thread of their own, a few chunks ahead of the writer
+    stream = background(produce(), depth=4)
+
     def get(spec: TensorSpec) -> Iterator[torch.Tensor]:
         nonlocal done_bytes
-        if spec.name in plan.copy_from_base:
-            yield reference.reader.load(spec.name).to(TORCH_DTYPE[spec.dtype])
-        else:
-            yield from merged_chunks(spec)
+        for name, part in stream:
+            assert name == spec.name, (name, spec.name)
+            if part is None:
+                break
+            yield part
         done_bytes += spec.nbytes
         bar.update(1)
         elapsed = max(time.perf_counter() - start, 1e-9)
         bar.set_postfix_str(f"{done_bytes / elapsed / 1e9:.2f} GB/s", refresh=False)
 
-    with bar:
+    with bar, closing(stream):
         write_model_dir(out, plan.specs, get, max_shard_size=max_shard_size,
                         side_files=_side_files(plan), overwrite=overwrite, progress=False)
     return MergeResult(Path(out), len(plan.specs), sum(s.nbytes for s in plan.specs),

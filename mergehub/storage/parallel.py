@@ -7,6 +7,8 @@ decoding tensors on threads uses every core without copying tensors between proc
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,6 +21,49 @@ R = TypeVar("R")
 def default_workers() -> int:
     """One thread per core, at most 4 (beyond that the disk is the limit)."""
     return max(1, min(4, os.cpu_count() or 1))
+
+
+_DONE = object()
+
+
+def background(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Iterate ``items`` on a thread of its own, at most ``depth`` items ahead of the consumer.
+
+    Lets producing the next items (reading, merging) overlap with consuming this one (writing
+    it to disk). Exceptions from ``items`` are re-raised in the consumer, in order; if the
+    consumer stops early, the producer stops at its next item.
+    """
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                slots.put((item, None))
+            slots.put((_DONE, None))
+        except BaseException as err:  # handed to the consumer, raised there
+            slots.put((_DONE, err))
+
+    thread = threading.Thread(target=produce, name="mergehub-producer", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = slots.get()
+            if err is not None:
+                raise err
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                slots.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        thread.join()
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> Iterator[R]:

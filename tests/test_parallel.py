@@ -1,0 +1,76 @@
+"""The threading helpers: order, bounded look-ahead, errors and early stops."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from mergehub.storage.parallel import background, ordered_map
+
+
+def test_ordered_map_keeps_order_with_uneven_work():
+    def slow_square(i: int) -> int:
+        time.sleep(0.002 * (7 - i % 7))
+        return i * i
+
+    assert list(ordered_map(slow_square, range(30), workers=3)) == [i * i for i in range(30)]
+
+
+def test_background_yields_everything_in_order_on_another_thread():
+    threads = set()
+
+    def items():
+        for i in range(100):
+            threads.add(threading.current_thread().name)
+            yield i
+
+    assert list(background(items(), depth=3)) == list(range(100))
+    assert threads == {"mergehub-producer"}
+
+
+def test_background_runs_at_most_depth_ahead():
+    produced = []
+
+    def items():
+        for i in range(50):
+            produced.append(i)
+            yield i
+
+    stream = background(items(), depth=2)
+    assert next(stream) == 0
+    time.sleep(0.1)  # let the producer run as far as it may
+    # one taken, two queued, one more produced and blocked on the full queue
+    assert len(produced) <= 4
+    stream.close()
+
+
+def test_background_reraises_the_producers_error_after_earlier_items():
+    def items():
+        yield 1
+        yield 2
+        raise ValueError("tensor 'w': bad")
+
+    got = []
+    with pytest.raises(ValueError, match="tensor 'w': bad"):
+        for x in background(items()):
+            got.append(x)
+    assert got == [1, 2]
+
+
+def test_background_early_stop_ends_the_producer():
+    produced = []
+
+    def items():
+        for i in range(10_000):
+            produced.append(i)
+            yield i
+
+    stream = background(items(), depth=2)
+    assert [next(stream) for _ in range(3)] == [0, 1, 2]
+    stream.close()
+    n = len(produced)
+    time.sleep(0.05)
+    assert len(produced) == n < 10  # the producer stopped instead of running to the end
+    assert not any(t.name == "mergehub-producer" for t in threading.enumerate())
