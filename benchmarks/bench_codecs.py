@@ -83,36 +83,12 @@ import numpy as np
 import torch
 
 from mergehub import Store
+from mergehub.adapters.data import (
+    ALL_TASKS, PRETRAIN_TASKS, TASKS, accuracy, eval_split, make_batch, mixture)
 from mergehub.storage.codec import decode_blob, encode_lossless, encode_lossy, sha256, unpack_blob
 from mergehub.storage.codecs import LOSSY
 
-# --- tasks ------------------------------------------------------------------------------------
-
-SYMBOLS, N_IN = 16, 8
-BOS, SEP, PAD = 16, 17, 18
-SEQ_LEN = 3 + 3 * N_IN  # BOS, marker, x (8), SEP, y (at most 16)
-
-
-def _swap(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(x.shape[0], -1, 2).flip(2).reshape(x.shape[0], -1)
-
-
-PRETRAIN_TASKS = {
-    "copy": lambda x: x,
-    "reverse": lambda x: x.flip(1),
-    "add1": lambda x: (x + 1) % SYMBOLS,
-    "rotl1": lambda x: x.roll(-1, 1),
-}
-TASKS = {
-    "add3": lambda x: (x + 3) % SYMBOLS,
-    "sort": lambda x: x.sort(1).values,
-    "repeat": lambda x: x.repeat_interleave(2, 1),
-    "swap": _swap,
-    "rotr2": lambda x: x.roll(2, 1),
-    "prefmax": lambda x: x.cummax(1).values,
-}
-MARKER = {name: 20 + i for i, name in enumerate([*PRETRAIN_TASKS, *TASKS])}
-ALL_TASKS = {**PRETRAIN_TASKS, **TASKS}
+# --- tasks (the built-in synthetic tasks of mergehub.adapters.data) ---------------------------
 
 CONFIG = dict(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
@@ -120,48 +96,14 @@ CONFIG = dict(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def make_batch(task: str, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` examples of ``task``: input ids and labels (-100 outside the completion)."""
-    x = torch.randint(0, SYMBOLS, (n, N_IN), generator=gen)
-    y = ALL_TASKS[task](x)
-    ids = torch.full((n, SEQ_LEN), PAD)
-    ids[:, 0], ids[:, 1], ids[:, 2:2 + N_IN], ids[:, 2 + N_IN] = BOS, MARKER[task], x, SEP
-    ids[:, 3 + N_IN:3 + N_IN + y.shape[1]] = y
-    labels = torch.full((n, SEQ_LEN), -100)
-    labels[:, 3 + N_IN:3 + N_IN + y.shape[1]] = y
-    return ids, labels
-
-
-def mixture(tasks: list[str], n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    parts = [make_batch(t, n // len(tasks), gen) for t in tasks]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-
 class EvalSets:
     """Fixed validation and test examples per task (own seeds, never used for training)."""
 
     def __init__(self, n_val: int, n_test: int):
         self.data = {}
-        for i, task in enumerate(ALL_TASKS):
-            self.data[task, "val"] = make_batch(task, n_val, torch.Generator().manual_seed(10_000 + i))
-            self.data[task, "test"] = make_batch(task, n_test, torch.Generator().manual_seed(20_000 + i))
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """Teacher-forced (exact match, token accuracy) on the completion tokens."""
-    model.eval()
-    right = total = exact = 0
-    for i in range(0, ids.shape[0], 500):
-        x, y = ids[i:i + 500], labels[i:i + 500]
-        pred = model(input_ids=x).logits[:, :-1].argmax(-1)
-        target = y[:, 1:]
-        mask = target != -100
-        ok = (pred == target) | ~mask
-        right += int((ok & mask).sum())
-        total += int(mask.sum())
-        exact += int(ok.all(1).sum())
-    return exact / ids.shape[0], right / total
+        for task in ALL_TASKS:
+            self.data[task, "val"] = eval_split(task, n_val, "val")
+            self.data[task, "test"] = eval_split(task, n_test, "test")
 
 
 def train(model: torch.nn.Module, sampler, steps: int, lr: float) -> float:

@@ -339,6 +339,56 @@ def merge_(ctx: click.Context, recipe: Path, output: Path | None, to_store: str 
                f"into {where}")
 
 
+@cli.command(name="train")
+@click.argument("config", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--fresh", is_flag=True,
+              help="Ignore checkpoints of an earlier run of this config (they are removed) and "
+                   "start from step 0. Default: resume from the newest checkpoint in run_dir.")
+@click.option("--stop-after", type=click.IntRange(min=1), default=None, metavar="STEPS",
+              help="Stop after this many steps as if interrupted (the last checkpoint stays, "
+                   "no output is written); a later run resumes from it.")
+@click.pass_context
+def train_(ctx: click.Context, config: Path, fresh: bool, stop_after: int | None) -> None:
+    """Fine-tune a base as CONFIG (YAML) says and put the result in the store and/or a dir.
+
+    CONFIG names the base (store name or HF dir), the data (a built-in synthetic task, or a
+    JSONL of prompt/completion pairs or plain text), the method (full, lora and any peft
+    tuner, incrlora, sparse, onebit, mezo, sparse_mezo) and its parameters, steps, batch
+    size, learning rate, seed, checkpoint interval and output (store entry name and/or output
+    dir). See docs/training.md for every key. Shows a progress bar with the loss; writes a
+    checkpoint every checkpoint_every steps; interrupted, the same command resumes.
+    """
+    from mergehub.adapters.trainer import train
+
+    root = ctx.obj["store"]
+    exists = (root or default_root()).joinpath("mergehub-store.json").is_file()
+    store = Store(root, create=True) if exists or _wants_store(config) else None
+    try:
+        result = train(config, store=store, resume=not fresh, progress=_progress(),
+                       stop_after=stop_after, echo=lambda t: click.echo(t, err=True))
+    finally:
+        if store is not None:
+            store.close()
+    if result.interrupted:
+        ckpt = result.last_checkpoint
+        click.echo(f"stopped after step {result.steps} (loss {result.losses[-1]:.4f}); "
+                   + (f"run again to resume from {ckpt}" if ckpt else "no checkpoint was "
+                      "written yet (checkpoint_every)"))
+        return
+    m = result.metrics
+    evals = "".join(f", {k} {v:.4f}" for k, v in m.items() if k.startswith("eval_"))
+    where = " and ".join(x for x in (str(result.output_dir) if result.output_dir else "",
+                                     _summary(result.entry) if result.entry else "") if x)
+    click.echo(f"trained {result.steps} steps: loss {m['loss']:.4f}{evals}; wrote {where}")
+
+
+def _wants_store(config: Path) -> bool:
+    """Whether a training config sends its result to the store (read before training)."""
+    from mergehub.adapters.config import load_config
+
+    return bool(load_config(config).output.get("store"))
+
+
 @cli.command()
 @click.option("--keep", type=click.Path(path_type=Path), default=None,
               help="Build the demo in this directory and keep it (default: a temp dir, removed).")

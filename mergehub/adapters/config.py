@@ -1,0 +1,212 @@
+"""Training configs for ``hub train``: YAML (or a dict), every key checked.
+
+An example (``docs/training.md`` lists every key)::
+
+    base: base                      # a store name or an HF model dir
+    data: {task: add3}              # or {path: train.jsonl, eval_path: eval.jsonl}
+    method: lora                    # full | lora | incrlora | sparse | onebit | mezo | sparse_mezo
+    peft: {r: 8, lora_alpha: 16, target_modules: [q_proj, v_proj]}
+    steps: 200
+    batch_size: 16
+    lr: 3.0e-3
+    seed: 0
+    checkpoint_every: 50
+    output: {store: add3-lora}      # and/or {dir: ./add3-lora}
+
+Unknown keys are errors naming the YAML line (and the closest known key): a typo must not be
+ignored silently. Method parameters (``method_params``) are checked against each method's own
+list; ``peft`` is handed to peft, whose config classes reject unknown options.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mergehub.errors import MergehubError
+from mergehub.merge.recipe import LineDict, _LineLoader, did_you_mean
+
+#: method -> its parameters and their defaults (``method_params`` in a config)
+METHOD_PARAMS: dict[str, dict[str, Any]] = {
+    "full": {},
+    "lora": {},
+    "incrlora": {"init_r": 1, "budget": None, "grow_every": 10, "grow_modules": 2,
+                 "warmup": 10, "beta": 0.85, "init_std": 0.02},
+    "sparse": {"density": 0.01, "fisher_batches": 8, "include": None, "exclude": None},
+    "onebit": {"group": "row", "mean": True},
+    "mezo": {"eps": 1e-3, "objective": "loss", "over": "all"},
+    "sparse_mezo": {"eps": 1e-3, "objective": "loss", "over": "all", "sparsity": 0.25},
+}
+#: methods that train a peft adapter (``peft:`` configures it; LoRA by default)
+PEFT_METHODS = {"lora", "incrlora", "onebit"}
+TOP_LEVEL = {"base", "data", "method", "method_params", "peft", "steps", "batch_size", "lr",
+             "weight_decay", "schedule", "warmup_steps", "seed", "checkpoint_every",
+             "keep_checkpoints", "run_dir", "output"}
+DATA_KEYS = {"task", "path", "eval_path", "max_length", "eval_examples"}
+OUTPUT_KEYS = {"store", "base", "dir", "as", "dtype", "overwrite"}
+SCHEDULES = ("constant", "linear")
+OUTPUT_AS = ("auto", "adapter", "merged")
+OUTPUT_DTYPES = ("base", "float32", "bfloat16", "float16")
+
+
+class ConfigError(MergehubError):
+    """A training config that cannot be run; the message starts with ``FILE:LINE:``."""
+
+
+@dataclass
+class TrainConfig:
+    """A checked training config. ``source`` is the file (or ``<config>``); paths in it are
+    relative to the file's directory."""
+
+    base: str
+    method: str
+    data: dict[str, Any]
+    steps: int = 100
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    seed: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    run_dir: Path | None = None
+    method_params: dict[str, Any] = field(default_factory=dict)
+    peft: dict[str, Any] | None = None
+    output: dict[str, Any] = field(default_factory=dict)
+    source: str = "<config>"
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def param(self, key: str) -> Any:
+        """A method parameter (given, else the method's default)."""
+        return self.method_params.get(key, METHOD_PARAMS[self.method][key])
+
+
+def load_config(path_or_dict: str | Path | dict[str, Any]) -> TrainConfig:
+    """Read and check a config from a YAML file or a dict."""
+    if isinstance(path_or_dict, dict):
+        return parse_config(LineDict(path_or_dict), "<config>", Path.cwd())
+    path = Path(path_or_dict)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from e
+    try:
+        doc = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from e
+    return parse_config(doc, str(path), path.parent)
+
+
+def _check_keys(section: Any, known: set[str], source: str, where: str, what: str) -> LineDict:
+    """``section`` as a LineDict, after checking it is a mapping with only ``known`` keys;
+    ``where`` locates the section, ``source`` is the file (for a key's own line)."""
+    if section is None:
+        return LineDict()
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: {what} must be a mapping")
+    section = section if isinstance(section, LineDict) else LineDict(section)
+    for key in section:
+        if key not in known:
+            line = section.line_of(key)
+            raise ConfigError(f"{source}{f':{line}' if line else ''}: unknown key {key!r} in "
+                              f"{what}{did_you_mean(str(key), sorted(known))}")
+    return section
+
+
+def parse_config(doc: Any, source: str = "<config>", root: Path | None = None) -> TrainConfig:
+    """Check a parsed YAML mapping and build a :class:`TrainConfig`."""
+    root = root or Path.cwd()
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{source}: a training config is a YAML mapping (base, data, method, "
+                          "...)")
+    doc = _check_keys(doc, TOP_LEVEL, source, source, "the config")
+
+    def at(section: LineDict, key: str) -> str:
+        line = section.line_of(key)
+        return f"{source}:{line}" if line else source
+
+    for key in ("base", "data", "method"):
+        if key not in doc:
+            raise ConfigError(f"{source}: missing {key!r}")
+    method = str(doc["method"])
+    if method not in METHOD_PARAMS:
+        raise ConfigError(f"{at(doc, 'method')}: unknown method {method!r} (one of "
+                          f"{', '.join(METHOD_PARAMS)}){did_you_mean(method, list(METHOD_PARAMS))}")
+    data = _check_keys(doc["data"], DATA_KEYS, source, at(doc, "data"), "data")
+    if bool(data.get("task")) == bool(data.get("path")):
+        raise ConfigError(f"{at(doc, 'data')}: data needs exactly one of 'task' (a built-in "
+                          "synthetic task) and 'path' (a JSONL or text file)")
+    data = dict(data)
+    for key in ("path", "eval_path"):
+        if data.get(key):
+            data[key] = str((root / str(data[key])).expanduser())
+    params = _check_keys(doc.get("method_params"), set(METHOD_PARAMS[method]), source,
+                         at(doc, "method_params"), f"method_params of {method}")
+    peft_cfg = doc.get("peft")
+    if peft_cfg is not None and not isinstance(peft_cfg, dict):
+        raise ConfigError(f"{at(doc, 'peft')}: peft must be a mapping of peft config options")
+    over = params.get("over", METHOD_PARAMS[method].get("over"))
+    if method.endswith("mezo"):
+        if over not in ("all", "adapter"):
+            raise ConfigError(f"{at(params, 'over')}: over must be 'all' or 'adapter'")
+        if peft_cfg is None and over == "adapter":
+            raise ConfigError(f"{at(doc, 'method')}: {method} over 'adapter' needs a peft: section")
+    elif peft_cfg is not None and method not in PEFT_METHODS:
+        raise ConfigError(f"{at(doc, 'peft')}: method {method} does not train a peft adapter "
+                          f"(peft: applies to {', '.join(sorted(PEFT_METHODS))}, and to "
+                          "mezo/sparse_mezo with over: adapter)")
+    output = _check_keys(doc.get("output"), OUTPUT_KEYS, source, at(doc, "output"), "output")
+    if not output.get("store") and not output.get("dir"):
+        raise ConfigError(f"{at(doc, 'output') if 'output' in doc else source}: output needs "
+                          "'store' (a store entry name) and/or 'dir' (a directory)")
+    for key, choices in (("as", OUTPUT_AS), ("dtype", OUTPUT_DTYPES)):
+        if key in output and output[key] not in choices:
+            raise ConfigError(f"{at(output, key)}: output {key} must be one of {', '.join(choices)}")
+    output = dict(output)
+    if output.get("dir"):
+        output["dir"] = str((root / str(output["dir"])).expanduser())
+    base = str(doc["base"])
+    if (root / base).exists():
+        base = str((root / base).resolve())
+
+    def number(key: str, kind: type, default: Any, minimum: float) -> Any:
+        value = doc.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (kind is int and not float(value).is_integer()) or value < minimum:
+            raise ConfigError(f"{at(doc, key)}: {key} must be a{'n integer' if kind is int else ' number'}"
+                              f" >= {minimum}, got {value!r}")
+        return kind(value)
+
+    schedule = str(doc.get("schedule", "constant"))
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"{at(doc, 'schedule')}: schedule must be one of {', '.join(SCHEDULES)}")
+    run_dir = doc.get("run_dir")
+    if run_dir is None and output.get("dir"):
+        run_dir = output["dir"] + ".run"
+    elif run_dir is None:
+        run_dir = root / f".hub-train-{str(output['store']).replace('/', '_')}"
+    return TrainConfig(
+        base=base, method=method, data=data,
+        steps=number("steps", int, 100, 1), batch_size=number("batch_size", int, 8, 1),
+        lr=number("lr", float, 1e-3, 0), weight_decay=number("weight_decay", float, 0.0, 0),
+        schedule=schedule, warmup_steps=number("warmup_steps", int, 0, 0),
+        seed=number("seed", int, 0, 0), checkpoint_every=number("checkpoint_every", int, 0, 0),
+        keep_checkpoints=number("keep_checkpoints", int, 2, 1),
+        run_dir=(root / str(run_dir)).expanduser(), method_params=dict(params),
+        peft=dict(peft_cfg) if peft_cfg is not None else None, output=output, source=source,
+        raw=_plain(doc))
+
+
+def _plain(obj: Any) -> Any:
+    """A JSON-able copy (LineDicts to dicts) for provenance."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    return obj

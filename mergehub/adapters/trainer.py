@@ -1,0 +1,547 @@
+"""The training loop behind ``hub train``: methods, checkpoints, resume, and the store entry.
+
+:func:`train` reads a config (:mod:`mergehub.adapters.config`), loads the base (an HF dir, or a
+store entry exported to a temp dir) in float32, builds the method's trainable model, and runs
+``steps`` steps with a progress bar showing the loss. Every ``checkpoint_every`` steps it writes
+``RUN_DIR/checkpoint-NNNNNNN/`` atomically (trainable tensors, optimizer state, the step and the
+loss history); a later run of the same config resumes from the newest one. Batches are a
+function of (seed, step) and every step reseeds torch's global generator with (seed, step), so
+a resumed run reproduces the uninterrupted run's loss curve exactly.
+
+At the end the result is written as an HF model dir (full, sparse, MeZO over all parameters;
+stored as a fine-tune, i.e. a delta of the base) or a PEFT adapter dir (LoRA family, IncreLoRA,
+1-bit, MeZO over an adapter; stored as an adapter when ``hub merge`` can read it as a dense
+delta, else merged into the base and stored as a fine-tune), to ``output.dir`` and/or the store
+as ``output.store``, with metrics ``loss`` (mean of the last 10 steps), ``step`` and the
+``history`` (step, loss and eval metrics at every logging point) so that ``metric_weighted``
+merging and ``hub show`` use them as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mergehub.adapters import lora as lora_mod
+from mergehub.adapters import onebit, sparse
+from mergehub.adapters.config import ConfigError, TrainConfig, load_config
+from mergehub.adapters.data import Batch, Dataset, accuracy, build_dataset
+from mergehub.errors import InputError, StoreError
+from mergehub.storage.atomic import atomic_output_dir, write_file_atomic
+from mergehub.storage.store import ModelInfo, Store
+from mergehub.storage.writer import MODEL_SIDE_FILES
+
+STATE_FILE, TENSORS_FILE, OPTIMIZER_FILE = "state.json", "trainable.safetensors", "optimizer.pt"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: config keys that may change between an interrupted run and its resumption
+_RESUMABLE_CHANGES = ("steps", "output", "checkpoint_every", "keep_checkpoints", "run_dir")
+
+
+# --- methods ------------------------------------------------------------------------------
+
+class Method:
+    """Full fine-tuning with AdamW; the other methods override the parts that differ.
+
+    A method owns the model it trains (``self.model``), its optimizer, one training step, the
+    state a checkpoint keeps, and how the result is saved.
+    """
+
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, dataset: Dataset,
+                 resume: tuple[dict[str, torch.Tensor], dict[str, Any]] | None):
+        self.cfg, self.dataset = cfg, dataset
+        self.model = self.build(model, resume)
+        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.optimizer = self.make_optimizer()
+
+    def build(self, model: torch.nn.Module,
+              resume: tuple[dict[str, torch.Tensor], dict[str, Any]] | None) -> torch.nn.Module:
+        model.requires_grad_(True)
+        return model
+
+    def make_optimizer(self) -> Any:
+        return torch.optim.AdamW(list(self.params.values()), lr=self.cfg.lr,
+                                 weight_decay=self.cfg.weight_decay)
+
+    def step(self, batch: Batch, step: int) -> float:
+        """One optimizer step on ``batch``; returns the batch loss before the update."""
+        loss = self.model(**batch.kwargs()).loss
+        loss.backward()
+        self.after_backward(step)
+        self.optimizer.step()
+        self.before_zero_grad(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.after_step(step)
+        return loss.item()
+
+    def after_backward(self, step: int) -> None:
+        """Hook: gradients are present."""
+
+    def before_zero_grad(self, step: int) -> None:
+        """Hook: after the optimizer step, gradients still present."""
+
+    def after_step(self, step: int) -> None:
+        """Hook: the step is complete."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint keeps of the model: the trainable tensors by name."""
+        return {n: p.detach() for n, p in self.params.items()}
+
+    def extra_state(self) -> dict[str, Any]:
+        """JSON-able method state a checkpoint keeps (besides tensors and optimizer)."""
+        return {}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, p in self.params.items():
+                if name not in tensors:
+                    raise InputError(f"checkpoint has no tensor {name!r} (another method or "
+                                     "model? start afresh with --fresh)")
+                p.copy_(tensors[name])
+
+    def save(self, out: Path, dtype: torch.dtype) -> tuple[str, dict[str, Any]]:
+        """Write the result to ``out``; returns the store kind and facts for provenance."""
+        save_full(self.model, out, dtype)
+        return "finetune", {}
+
+
+def save_full(model: torch.nn.Module, out: Path, dtype: torch.dtype) -> None:
+    model.to(dtype).save_pretrained(out)
+
+
+class PeftMethod(Method):
+    """A peft tuner (LoRA by default) trained with AdamW; see :mod:`mergehub.adapters.lora`."""
+
+    def build(self, model, resume):
+        return wrap_peft(model, self.cfg)
+
+    def before_zero_grad(self, step: int) -> None:
+        if hasattr(self.model.base_model, "update_and_allocate"):  # AdaLoRA's rank allocation
+            self.model.base_model.update_and_allocate(step)
+
+    def save(self, out: Path, dtype: torch.dtype) -> tuple[str, dict[str, Any]]:
+        return save_peft(self.model, self.cfg, out, dtype)
+
+
+def wrap_peft(model: torch.nn.Module, cfg: TrainConfig, **overrides: Any) -> torch.nn.Module:
+    """``model`` wrapped with the config's peft tuner (``overrides`` win over ``peft:``)."""
+    from peft import get_peft_model
+
+    spec = {**(cfg.peft or {"target_modules": "all-linear"}), **overrides}
+    return get_peft_model(model, lora_mod.peft_config(spec, f"{cfg.source} (peft)", cfg.steps))
+
+
+def save_peft(model: torch.nn.Module, cfg: TrainConfig, out: Path,
+              dtype: torch.dtype) -> tuple[str, dict[str, Any]]:
+    """An adapter dir, or (``output.as: merged``, or ``auto`` for an adapter that is not a
+    plain delta) the base with the adapter merged in."""
+    config = model.peft_config["default"]
+    mode = cfg.output.get("as", "auto")
+    if mode == "auto":
+        mode = "adapter" if lora_mod.is_plain_lora(config) else "merged"
+    if mode == "adapter":
+        model.to(dtype).save_pretrained(out)
+        return "adapter", {"saved_as": "adapter"}
+    save_full(model.merge_and_unload(), out, dtype)
+    return "finetune", {"saved_as": "merged", "peft_type": str(config.peft_type.value)}
+
+
+class IncreLoRAMethod(PeftMethod):
+    """IncreLoRA: LoRA whose ranks grow by importance under a budget."""
+
+    def build(self, model, resume):
+        spec = dict(self.cfg.peft or {})
+        if str(spec.get("peft_type", "LORA")).upper() != "LORA":
+            raise ConfigError(f"{self.cfg.source}: incrlora grows a LoRA: peft_type must be LORA")
+        if "r" in spec:
+            raise ConfigError(f"{self.cfg.source}: incrlora sets the rank itself: use "
+                              "method_params init_r and budget instead of peft r")
+        model = wrap_peft(model, self.cfg, r=int(self.cfg.param("init_r")))
+        p = self.cfg.param
+        self.grower = lora_mod.IncreLoRA(
+            model, init_r=int(p("init_r")), budget=p("budget"), grow_every=int(p("grow_every")),
+            grow_modules=int(p("grow_modules")), warmup=int(p("warmup")), beta=float(p("beta")),
+            init_std=float(p("init_std")), seed=self.cfg.seed)
+        if resume is not None:
+            self.grower.restore(resume[1]["incrlora"])
+        return model
+
+    def after_backward(self, step: int) -> None:
+        self.grower.observe()
+
+    def after_step(self, step: int) -> None:
+        old = self.params
+        if not self.grower.maybe_grow(step):
+            return
+        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        old_opt, self.optimizer = self.optimizer, self.make_optimizer()
+        for name, p in self.params.items():  # carry Adam's moments over, zero for new ranks
+            state = old_opt.state.get(old[name])
+            if state:
+                self.optimizer.state[p] = {k: _pad(v, p.shape) if torch.is_tensor(v) and v.dim() else v
+                                           for k, v in state.items()}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"incrlora": self.grower.state()}
+
+    def save(self, out: Path, dtype: torch.dtype) -> tuple[str, dict[str, Any]]:
+        self.grower.finalize_config(self.model.peft_config["default"])
+        kind, facts = super().save(out, dtype)
+        self.grower.write_side_config(out)
+        return kind, {**facts, "incrlora_total_rank": self.grower.total_rank(),
+                      "incrlora_budget": self.grower.budget}
+
+
+def _pad(value: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    out = torch.zeros(shape, dtype=value.dtype)
+    out[tuple(slice(0, s) for s in value.shape)] = value
+    return out
+
+
+class OneBitMethod(PeftMethod):
+    """LoRA factors trained through a 1-bit code (see :mod:`mergehub.adapters.onebit`)."""
+
+    def build(self, model, resume):
+        model = super().build(model, resume)
+        onebit.attach(model, self.cfg.param("group"), bool(self.cfg.param("mean")))
+        return model
+
+    def save(self, out: Path, dtype: torch.dtype) -> tuple[str, dict[str, Any]]:
+        latent = {}
+        for name, module in self.model.named_modules():
+            if hasattr(module, "parametrizations") and "weight" in module.parametrizations:
+                saved = name.removesuffix(".default") + ".weight"
+                latent[saved] = module.parametrizations.weight.original.detach().float()
+        onebit.detach(self.model)
+        kind, facts = super().save(out, dtype)
+        if kind == "adapter":
+            onebit.write_packed(out, latent, self.cfg.param("group"), bool(self.cfg.param("mean")))
+            facts["onebit_packed_bytes"] = (out / onebit.PACKED_FILE).stat().st_size
+        return kind, facts
+
+
+class SparseMethod(Method):
+    """FISH-mask sparse fine-tuning (see :mod:`mergehub.adapters.sparse`)."""
+
+    def build(self, model, resume):
+        p = self.cfg.param
+        selected = sparse.select(model, p("include"), p("exclude"))
+        if resume is not None:
+            masks = {n: resume[0][f"mask:{n}"] for n in selected}
+        else:
+            model.requires_grad_(True)
+            batches = (self.dataset.batch(10**9 + i, self.cfg.batch_size, self.cfg.seed).kwargs()
+                       for i in range(int(p("fisher_batches"))))
+            masks = sparse.fisher_masks(model, selected, batches, float(p("density")))
+        sparse.attach(model, masks)
+        return model
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {**super().state_tensors(),
+                **{f"mask:{n}": idx for n, idx in sparse.masks_of(self.model).items()}}
+
+    def save(self, out: Path, dtype: torch.dtype) -> tuple[str, dict[str, Any]]:
+        masked = sum(idx.numel() for idx in sparse.masks_of(self.model).values())
+        sparse.detach(self.model)
+        save_full(self.model, out, dtype)
+        return "finetune", {"sparse_entries": masked}
+
+
+class MezoMethod(Method):
+    """MeZO / Sparse MeZO (zeroth order, two forward passes per step) over every parameter or
+    over a peft adapter's; the optimizer is :class:`mergehub.adapters.mezo.MeZO`."""
+
+    def build(self, model, resume):
+        # the trained parameters are those that require grad (MeZO's rule); the closure runs
+        # under no_grad, so no autograd graph is built: the memory of inference
+        if self.cfg.param("over") == "adapter":
+            return wrap_peft(model, self.cfg)
+        return model.requires_grad_(True)
+
+    def make_optimizer(self) -> Any:
+        from mergehub.adapters.mezo import MeZO
+
+        sparsity = float(self.cfg.param("sparsity")) if self.cfg.method == "sparse_mezo" else None
+        return MeZO(list(self.params.values()), lr=self.cfg.lr, eps=float(self.cfg.param("eps")),
+                    weight_decay=self.cfg.weight_decay, seed=self.cfg.seed, sparsity=sparsity)
+
+    def step(self, batch: Batch, step: int) -> float:
+        objective = self.cfg.param("objective")
+        if objective not in ("loss", "token_error"):
+            raise ConfigError(f"{self.cfg.source}: objective must be 'loss' or 'token_error'")
+
+        @torch.no_grad()
+        def closure() -> float:
+            if objective == "loss":
+                return float(self.model(**batch.kwargs()).loss)
+            return 1.0 - accuracy(self.model, batch.input_ids, batch.labels)[1]
+
+        return float(self.optimizer.step(closure))
+
+    def save(self, out: Path, dtype: torch.dtype) -> tuple[str, dict[str, Any]]:
+        if self.cfg.param("over") == "adapter":
+            return save_peft(self.model, self.cfg, out, dtype)
+        return super().save(out, dtype)
+
+
+METHODS: dict[str, type[Method]] = {
+    "full": Method, "lora": PeftMethod, "incrlora": IncreLoRAMethod, "sparse": SparseMethod,
+    "onebit": OneBitMethod, "mezo": MezoMethod, "sparse_mezo": MezoMethod}
+
+
+# --- the loop -----------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did. ``losses[i]`` is the loss of step i + 1 (before its update)."""
+
+    steps: int
+    losses: list[float]
+    history: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    output_dir: Path | None = None
+    entry: ModelInfo | None = None
+    resumed_from: int | None = None
+    interrupted: bool = False
+    last_checkpoint: Path | None = None
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of step ``step`` (0-based): linear warm-up, then constant or linear
+    decay to zero at ``steps``."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    if cfg.schedule == "linear":
+        warm *= max(0.0, 1 - step / cfg.steps)
+    return cfg.lr * warm
+
+
+def _set_lr(optimizer: Any, lr: float) -> None:
+    groups = getattr(optimizer, "param_groups", None)
+    if groups is not None:
+        for group in groups:
+            group["lr"] = lr
+    else:
+        optimizer.lr = lr
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: Dataset) -> dict[str, float]:
+    """Held-out loss and teacher-forced exact match / token accuracy (empty without eval data)."""
+    batches = dataset.eval_batches()
+    if not batches:
+        return {}
+    was_training = model.training
+    model.eval()
+    losses, exact, tok = [], [], []
+    for b in batches:
+        losses.append(float(model(**b.kwargs()).loss))
+        e, t = accuracy(model, b.input_ids, b.labels)
+        exact.append(e)
+        tok.append(t)
+    model.train(was_training)
+    n = len(batches)
+    return {"eval_loss": sum(losses) / n, "eval_exact_match": sum(exact) / n,
+            "eval_token_accuracy": sum(tok) / n}
+
+
+def _digest(cfg: TrainConfig) -> str:
+    keep = {k: v for k, v in cfg.raw.items() if k not in _RESUMABLE_CHANGES}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint in ``run_dir`` (they appear atomically)."""
+    found = sorted(run_dir.glob("checkpoint-*")) if run_dir.is_dir() else []
+    found = [p for p in found if (p / STATE_FILE).is_file()]
+    return found[-1] if found else None
+
+
+def _read_checkpoint(path: Path, cfg: TrainConfig) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    state = json.loads((path / STATE_FILE).read_text())
+    if state.get("config_digest") != _digest(cfg):
+        raise ConfigError(f"{path}: this checkpoint was made with another config (only "
+                          f"{', '.join(_RESUMABLE_CHANGES)} may change to resume); start "
+                          "afresh with `hub train --fresh` or use another run_dir")
+    return state, load_file(str(path / TENSORS_FILE))
+
+
+def _write_checkpoint(cfg: TrainConfig, method: Method, step: int, losses: list[float],
+                      history: list[dict[str, Any]]) -> Path:
+    from safetensors.torch import save_file
+
+    path = cfg.run_dir / f"checkpoint-{step:07d}"
+    with atomic_output_dir(path, overwrite=True) as tmp:
+        tensors = {n: t.detach().contiguous().clone() for n, t in method.state_tensors().items()}
+        save_file(tensors, str(tmp / TENSORS_FILE))
+        torch.save(method.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps({
+            "step": step, "loss": losses[-1], "losses": losses, "history": history,
+            "method": cfg.method, "method_state": method.extra_state(),
+            "config_digest": _digest(cfg)}))
+    old = sorted(cfg.run_dir.glob("checkpoint-*"))[:-cfg.keep_checkpoints]
+    for p in old:
+        shutil.rmtree(p, ignore_errors=True)
+    return path
+
+
+def _resolve_base(cfg: TrainConfig, store: Store | None, tmp: Path) -> tuple[Path, str | None]:
+    """(the base's HF dir, the base's store name when the result goes to the store)."""
+    path = Path(cfg.base)
+    if path.exists():
+        name = cfg.output.get("base")
+        if cfg.output.get("store"):
+            if name is None:
+                raise ConfigError(f"{cfg.source}: base {cfg.base} is a path: name its copy in "
+                                  "the store with output.base (added if missing) so that the "
+                                  "result can be stored as a delta of it")
+            if name not in store:
+                store.add(path, name, progress=False)
+        return path, name
+    if store is None or cfg.base not in store:
+        where = f" nor a model in store {store.root}" if store is not None else ""
+        raise InputError(f"{cfg.source}: base {cfg.base!r} is neither a path{where}")
+    return store.export(cfg.base, tmp / "base", progress=False), cfg.base
+
+
+def _copy_side_files(base_dir: Path, out: Path) -> None:
+    """Tokenizer files of the base (config files come from ``save_pretrained``)."""
+    for p in base_dir.iterdir():
+        if p.is_file() and MODEL_SIDE_FILES.match(p.name) and not (out / p.name).exists():
+            shutil.copyfile(p, out / p.name)
+
+
+def train(config: str | Path | dict[str, Any] | TrainConfig, *, store: Store | None = None,
+          resume: bool = True, progress: bool = True, stop_after: int | None = None,
+          echo: Callable[[str], None] = lambda text: None) -> TrainResult:
+    """Train as ``config`` says (a YAML path, a dict or a :class:`TrainConfig`).
+
+    Args:
+        store: where ``output.store`` goes and store-named bases come from.
+        resume: continue from the newest checkpoint in the run dir if there is one (else
+            its checkpoints are removed and training starts afresh).
+        progress: show a progress bar with the loss on stderr.
+        stop_after: stop after this many steps (counted from 0) as if interrupted: the last
+            checkpoint stays and no output is written. For tests and step-wise runs.
+        echo: receives one-line status messages.
+    """
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    cfg = config if isinstance(config, TrainConfig) else load_config(config)
+    if cfg.output.get("store") and store is None:
+        raise StoreError(f"{cfg.source}: output.store needs a store (--store, or MERGEHUB_HOME)")
+    if cfg.output.get("store") and cfg.output["store"] in store:
+        raise StoreError(f"{cfg.source}: a model named {cfg.output['store']!r} already exists "
+                         f"in store {store.root}")
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    started = time.time()
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="hub-train-") as tmp_name:
+        warnings.simplefilter("ignore", FutureWarning)  # peft/transformers deprecation notices
+        tmp = Path(tmp_name)
+        base_dir, base_name = _resolve_base(cfg, store, tmp)
+        dataset = build_dataset(cfg.data, base_dir)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
+        base_dtype = next(model.parameters()).dtype
+        model = model.float()
+        model.train()
+
+        ckpt = latest_checkpoint(cfg.run_dir) if resume else None
+        if not resume and cfg.run_dir.exists():
+            shutil.rmtree(cfg.run_dir)
+        state, tensors = _read_checkpoint(ckpt, cfg) if ckpt else ({}, {})
+        torch.manual_seed(cfg.seed)
+        method = METHODS[cfg.method](cfg, model, dataset,
+                                     (tensors, state["method_state"]) if ckpt else None)
+        start = 0
+        losses: list[float] = []
+        history: list[dict[str, Any]] = []
+        if ckpt:
+            method.load_tensors(tensors)
+            method.optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER_FILE, weights_only=True))
+            start, losses, history = state["step"], state["losses"], state["history"]
+            echo(f"resuming from {ckpt} (step {start}, loss {state['loss']:.4f})")
+        log_every = cfg.checkpoint_every or max(1, cfg.steps // 10)
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.method}", unit="step",
+                   disable=not progress, leave=False)
+        with bar:
+            for step in range(start, cfg.steps):
+                if stop_after is not None and step >= stop_after:
+                    return TrainResult(step, losses, history, {}, resumed_from=start or None,
+                                       interrupted=True,
+                                       last_checkpoint=latest_checkpoint(cfg.run_dir))
+                _set_lr(method.optimizer, lr_at(cfg, step))
+                torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout etc.: same on resume
+                loss = method.step(dataset.batch(step, cfg.batch_size, cfg.seed), step)
+                if not math.isfinite(loss):
+                    raise InputError(f"{cfg.source}: loss is {loss} at step {step + 1} (lower lr?)")
+                losses.append(loss)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                bar.update(1)
+                done = step + 1
+                if done % log_every == 0 or done == cfg.steps:
+                    recent = losses[-min(len(losses), log_every):]
+                    history.append({"step": done, "loss": sum(recent) / len(recent),
+                                    **evaluate(method.model, dataset)})
+                if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+                    _write_checkpoint(cfg, method, done, losses, history)
+        last = losses[-10:]
+        metrics = {"loss": sum(last) / len(last), "step": cfg.steps,
+                   **{k: v for k, v in history[-1].items() if k.startswith("eval_")},
+                   "history": history}
+        out_dtype = base_dtype if cfg.output.get("dtype", "base") == "base" \
+            else DTYPES[cfg.output["dtype"]]
+        result = TrainResult(cfg.steps, losses, history, metrics, resumed_from=start or None)
+        result.output_dir, result.entry, result.facts = _write_output(
+            cfg, method, out_dtype, base_dir, base_name, store, dataset, metrics, tmp,
+            time.time() - started, start)
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)  # the result is safe: checkpoints are spent
+    return result
+
+
+def _write_output(cfg: TrainConfig, method: Method, dtype: torch.dtype, base_dir: Path,
+                  base_name: str | None, store: Store | None, dataset: Dataset,
+                  metrics: dict[str, Any], tmp: Path, seconds: float,
+                  resumed_from: int) -> tuple[Path | None, ModelInfo | None, dict[str, Any]]:
+    target = Path(cfg.output["dir"]) if cfg.output.get("dir") else None
+    facts: dict[str, Any] = {}
+
+    def fill(out: Path) -> str:
+        kind, more = method.save(out, dtype)
+        facts.update(more)
+        if kind == "finetune":
+            _copy_side_files(base_dir, out)
+        write_file_atomic(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+        return kind
+
+    if target is not None:
+        with atomic_output_dir(target, overwrite=bool(cfg.output.get("overwrite"))) as out:
+            kind = fill(out)
+        written = target
+    else:
+        written = tmp / "result"
+        written.mkdir()
+        kind = fill(written)
+    entry = None
+    if cfg.output.get("store"):
+        provenance = {"source": f"hub train {cfg.source}", "trainer": {
+            "method": cfg.method, "config": cfg.raw, "data": dataset.describe(),
+            "base": cfg.base, "seconds": round(seconds, 2),
+            "resumed_from_step": resumed_from or None, **facts}}
+        entry = store.add(written, cfg.output["store"], base=base_name, kind=kind,
+                          metrics=metrics, provenance=provenance, progress=False)
+    return target, entry, facts
