@@ -1,1 +1,311 @@
-"""Fused Triton kernels for merging and decompress-and-apply, with torch references."""
+"""Fused kernels for merging and decompress-and-apply, with torch references.
+
+Merging is pure memory traffic (read a base and K fine-tunes, write one tensor), so each
+operation here makes one pass over memory in a Triton kernel when its tensors are on a CUDA
+device, and falls back to a plain-torch reference (:mod:`mergehub.kernels.reference`, built
+from the merge methods' own functions) otherwise or when Triton is not installed:
+
+* :func:`merge_tensor`: task arithmetic / TIES (trim, sign election, disjoint mean) / consensus
+  (TALL masks) of K fine-tuned tensors against their base, τt = θt − θ0 computed in registers;
+* :func:`magnitude_thresholds`: each τt's exact k-th largest magnitude (TIES' trim cut-off)
+  without a sort: a sample brackets it, one pass counts the values above the bracket and
+  gathers those inside, and a top-k among those few picks it;
+* :func:`apply_deltas`: W + Σk sk·decode(δk) for BitDelta, ComPEFT and low-rank deltas
+  (:mod:`mergehub.kernels.deltas`), decoded tile by tile, never materialized.
+
+Tolerances (tests/test_kernels.py checks them): float32 arithmetic is done in the reference's
+order with its roundings, so merge results and sign/ternary deltas are bit-identical to the
+reference in every output dtype; low-rank products differ by summation order only (relative
+error ~1e-6 of the product, before rounding to the output dtype).
+
+``backend``: ``None`` picks Triton for CUDA tensors (when importable), torch otherwise;
+``"triton"`` forces the kernels (on CPU tensors they need ``TRITON_INTERPRET=1`` set before
+Triton is imported), ``"torch"`` the reference.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from mergehub.errors import InputError
+from mergehub.kernels import reference
+from mergehub.kernels.deltas import (
+    KIND_ORDER, Delta, LowRankDelta, SignDelta, TernaryDelta, dense, matrix_shape, unpack_bits)
+
+__all__ = ["merge_tensor", "magnitude_thresholds", "magnitude_threshold", "apply_deltas",
+           "SignDelta", "TernaryDelta", "LowRankDelta", "dense", "triton_available"]
+
+_ELECT = {None: 0, "sum": 1, "count": 2}
+#: magnitude_thresholds: ~2**18 sampled values (blocks of 128) bracket each k-th largest
+SAMPLE_BLOCK, SAMPLE_SIZE = 128, 1 << 18
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels can be imported (Triton installed)."""
+    try:
+        import mergehub.kernels.triton_kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _use_triton(backend: str | None, tensor: torch.Tensor) -> bool:
+    if backend not in (None, "triton", "torch"):
+        raise ValueError(f"backend must be None, 'triton' or 'torch', not {backend!r}")
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if not triton_available():
+            raise InputError("backend 'triton' asked for, but Triton is not installed")
+        return True
+    return tensor.is_cuda and triton_available()
+
+
+def _check_inputs(name: str, base: torch.Tensor, thetas: list[torch.Tensor],
+                  per_input: dict[str, list | None]) -> None:
+    if not thetas:
+        raise InputError(f"{name}: no fine-tuned tensors to merge")
+    for i, t in enumerate(thetas):
+        if t.shape != base.shape:
+            raise InputError(f"{name}: input {i} has shape {tuple(t.shape)}, "
+                             f"the base {tuple(base.shape)}")
+        if t.device != base.device:
+            raise InputError(f"{name}: input {i} is on {t.device}, the base on {base.device}")
+    for what, values in per_input.items():
+        if values is not None and len(values) != len(thetas):
+            raise InputError(f"{name}: {len(values)} {what} for {len(thetas)} inputs")
+    for t in (base, *thetas):
+        if not t.is_floating_point():
+            raise InputError(f"{name}: cannot merge a {t.dtype} tensor")
+
+
+def merge_tensor(base: torch.Tensor, thetas: list[torch.Tensor], *, weights: list[float],
+                 lam: float, thresholds: list[float | None] | None = None,
+                 elect: str | None = None, normalize: bool = True,
+                 masks: list[torch.Tensor] | torch.Tensor | None = None,
+                 out_dtype: torch.dtype | None = None, scales: list[float] | None = None,
+                 tall_lambdas: list[float] | None = None, k: int = 2,
+                 backend: str | None = None, name: str = "tensor") -> torch.Tensor:
+    """θ0 + λ·τm for one tensor, τt = θt − θ0 from the raw weights ``thetas`` (same shape as
+    ``base``; bf16, fp16 or fp32, mixed allowed).
+
+    Args:
+        weights: wt per input.
+        lam: λ.
+        thresholds: TIES trim per input: keep |τt| >= threshold (``None`` for an input, or for
+            all, keeps everything), e.g. from :func:`magnitude_thresholds`.
+        elect: ``None``: task arithmetic, τm = Σ wt τt (/ Σ wt with ``normalize``);
+            ``"sum"`` / ``"count"``: TIES sign election and disjoint (weighted) mean.
+        normalize: as ``sparsify.combine``.
+        masks: consensus over given TALL masks: bool/uint8 [K, *shape], or bit-packed uint8
+            [K, ceil(n / 8)] (np.packbits order, as the ``tall`` codec stores them);
+            τm is kept where at least ``k`` masks are set.
+        tall_lambdas: consensus over TALL masks computed on the fly,
+            mt = |τt| >= λt·|τm − τt| (``consensus_task_arithmetic`` / ``consensus_ties``).
+        k: consensus vote count.
+        scales: TIES ``rescale`` factors applied to the kept entries (inputs with a threshold).
+        out_dtype: result dtype (default: the base's).
+        name: the tensor's name, for error messages.
+    """
+    _check_inputs(name, base, thetas, {"weights": weights, "thresholds": thresholds,
+                                       "scales": scales, "TALL lambdas": tall_lambdas})
+    if elect not in _ELECT:
+        raise InputError(f"{name}: elect must be None, 'sum' or 'count', not {elect!r}")
+    if masks is not None and tall_lambdas is not None:
+        raise InputError(f"{name}: give TALL masks or TALL lambdas, not both")
+    out_dtype = out_dtype or base.dtype
+    packed = _packed_masks(name, masks, base, len(thetas))
+    if thresholds is not None and scales is not None:  # apply_mask ignores the scale of None
+        scales = [1.0 if th is None else s for th, s in zip(thresholds, scales)]
+    if not _use_triton(backend, base):
+        bool_masks = None if packed is None else [
+            unpack_bits(p, base.numel()) for p in packed]
+        return reference.merge_tensor(base, thetas, weights, lam, thresholds, scales, elect,
+                                      normalize, tall_lambdas, bool_masks, k, out_dtype)
+    from mergehub.kernels import triton_kernels
+
+    nk = len(thetas)
+    coef = torch.tensor(
+        [weights,
+         [-math.inf if th is None else th for th in (thresholds or [None] * nk)],
+         scales or [1.0] * nk, tall_lambdas or [0.0] * nk], dtype=torch.float32)
+    flat = [t.contiguous().reshape(-1) for t in (base, *thetas)]
+    out = torch.empty(base.numel(), dtype=out_dtype, device=base.device)
+    total = sum(weights)
+    consensus = 1 if tall_lambdas is not None else 2 if packed is not None else 0
+    if base.numel():
+        triton_kernels.merge(
+            flat[0], flat[1:], out, coef.to(base.device), packed, float(lam),
+            total if abs(total) >= 1e-8 else 1.0, int(k), trim=thresholds is not None,
+            scale=scales is not None, elect=_ELECT[elect], normalize=normalize,
+            consensus=consensus)
+    return out.reshape(base.shape)
+
+
+def _packed_masks(name: str, masks: Any, base: torch.Tensor, k: int) -> torch.Tensor | None:
+    """TALL masks as packed uint8 [K, ceil(n / 8)] on the base's device."""
+    if masks is None:
+        return None
+    n = base.numel()
+    stacked = torch.stack(list(masks)) if isinstance(masks, (list, tuple)) else masks
+    if stacked.shape[0] != k:
+        raise InputError(f"{name}: {stacked.shape[0]} TALL masks for {k} inputs")
+    nbytes = (n + 7) // 8
+    if stacked.dtype == torch.uint8 and stacked.reshape(k, -1).shape[1] == nbytes \
+            and stacked.numel() != k * n:
+        return stacked.reshape(k, nbytes).contiguous().to(base.device)
+    if stacked.reshape(k, -1).shape[1] != n:
+        raise InputError(f"{name}: TALL masks of {stacked[0].numel()} values for a tensor of {n} "
+                         f"(want {n} booleans or {nbytes} packed bytes each)")
+    bits = stacked.reshape(k, -1).bool()
+    bits = torch.nn.functional.pad(bits, (0, 8 * nbytes - n)).reshape(k, nbytes, 8)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=bits.device)
+    return (bits.to(torch.uint8) * weights).sum(-1, dtype=torch.uint8).to(base.device)
+
+
+def _kth_ranks(densities: list[float], n: int) -> list[int | None]:
+    """k per input as ``sparsify.magnitude_thresholds`` rounds it (None: no selection needed)."""
+    return [max(1, int(d * n)) if 0 < d < 1 and n else None for d in densities]
+
+
+def magnitude_thresholds(base: torch.Tensor, thetas: list[torch.Tensor], densities: list[float],
+                         *, backend: str | None = None,
+                         name: str = "tensor") -> list[float | None]:
+    """Per input, the TIES trim threshold of τt = θt − θ0 at ``density``: the exact k-th
+    largest |τt| with k = max(1, int(density·n)) (``None``: density >= 1, keep all; inf:
+    density <= 0), as ``sparsify.magnitude_thresholds``.
+
+    On CUDA, one pass over the inputs (all K together) instead of a sort: a sample of
+    ``SAMPLE_SIZE`` values in blocks brackets each k-th largest, the pass counts the values
+    above the bracket and gathers those inside (about 1% of them), and ``torch.topk`` picks the
+    k-th among those. A bracket that misses (the counts tell) falls back to ``torch.topk`` over
+    the whole input, so the result is exact either way.
+    """
+    _check_inputs(name, base, thetas, {"densities": densities})
+    if not _use_triton(backend, base):
+        return reference.magnitude_thresholds(base, thetas, densities)
+    n = base.numel()
+    ks = _kth_ranks(densities, n)
+    out: list[float | None] = [None if d >= 1 or not n else math.inf for d in densities]
+    which = [t for t, kk in enumerate(ks) if kk is not None]
+    if not which:
+        return out
+    found = _select(base.contiguous().reshape(-1),
+                    [thetas[t].contiguous().reshape(-1) for t in which], [ks[t] for t in which])
+    for t, value in zip(which, found):
+        out[t] = value
+    return out
+
+
+def magnitude_threshold(base: torch.Tensor, theta: torch.Tensor, density: float,
+                        **kwargs: Any) -> float | None:
+    """:func:`magnitude_thresholds` for one input."""
+    return magnitude_thresholds(base, [theta], [density], **kwargs)[0]
+
+
+def _select(base: torch.Tensor, thetas: list[torch.Tensor], ks: list[int]) -> list[float]:
+    """Exact k-th largest |θt − base| per input (flat tensors), by sample bracket + one pass."""
+    from mergehub.kernels import triton_kernels
+
+    n, dev = base.numel(), base.device
+    blocks = n // SAMPLE_BLOCK
+    stride = max(1, blocks * SAMPLE_BLOCK // SAMPLE_SIZE)
+    sample_idx = slice(0, blocks * SAMPLE_BLOCK if blocks else n)
+
+    def sampled(x: torch.Tensor) -> torch.Tensor:
+        x = x[sample_idx]
+        return x.reshape(-1, SAMPLE_BLOCK)[::stride].reshape(-1) if blocks else x
+    b = sampled(base).float()
+    sample = torch.stack([(sampled(t).float() - b).abs() for t in thetas])
+    sample = torch.sort(sample, dim=1, descending=True).values
+    m = sample.shape[1]
+    hi_idx, lo_idx, widest = [], [], 0
+    for kk in ks:
+        p = kk * m / n
+        margin = 8 * math.sqrt(p * max(0.0, 1 - p / m)) + 32
+        hi_idx.append(int(p - margin) if p - margin >= 0 else -1)
+        lo_idx.append(int(p + margin) if p + margin < m else m)
+        widest = max(widest, lo_idx[-1] - max(hi_idx[-1], 0))
+    padded = torch.cat([torch.full((len(ks), 1), math.inf, device=dev), sample,
+                        torch.full((len(ks), 1), -math.inf, device=dev)], dim=1)
+    idx = torch.tensor([lo_idx, hi_idx], device=dev).T + 1  # [K, 2]: -1 -> +inf, m -> -inf
+    bounds = padded.gather(1, idx).T.contiguous()  # [2, K] = lo, hi
+    cap = min(n, int(widest * n / m * 1.5) + 4096)
+    counts, cand = triton_kernels.bracket(base, thetas, bounds, cap)
+    above, inside = counts.tolist()
+    picks = []
+    for t, kk in enumerate(ks):
+        r = kk - above[t]
+        if 0 < r <= inside[t] <= cap:
+            vals = cand[t, :inside[t]]
+            picks.append(torch.topk(vals, r, sorted=False).values.min() if 2 * r <= inside[t]
+                         else torch.topk(vals, inside[t] - r + 1, largest=False,
+                                         sorted=False).values.max())
+        else:  # the sample's bracket missed: select over the whole input
+            full = (thetas[t].float() - base.float()).abs()
+            picks.append(torch.topk(full, kk, sorted=False).values.min())
+    return [float(v) for v in torch.stack(picks).tolist()]
+
+
+def apply_deltas(base: torch.Tensor, deltas: list[Delta], scales: list[float] | None = None, *,
+                 out_dtype: torch.dtype | None = None, backend: str | None = None,
+                 name: str = "tensor") -> torch.Tensor:
+    """W + Σk sk·decode(δk) in one pass over W: the deltas are decoded tile by tile in
+    registers, never materialized. The sum runs over the deltas in kind order (:class:`SignDelta`,
+    then :class:`TernaryDelta`, then :class:`LowRankDelta`), in the given order within a kind,
+    on both paths. ``scales`` default to 1; the result is ``out_dtype`` (default: W's)."""
+    scales = [1.0] * len(deltas) if scales is None else list(scales)
+    if len(scales) != len(deltas):
+        raise InputError(f"{name}: {len(scales)} scales for {len(deltas)} deltas")
+    out_dtype = out_dtype or base.dtype
+    rows, cols = matrix_shape(base.shape)
+    order = sorted(range(len(deltas)), key=lambda i: KIND_ORDER.index(type(deltas[i])))
+    for i in order:
+        _check_delta(name, deltas[i], rows, cols, base.device)
+    deltas, scales = [deltas[i] for i in order], [scales[i] for i in order]
+    if not _use_triton(backend, base):
+        return reference.apply_deltas(base, deltas, scales, out_dtype)
+    from mergehub.kernels import triton_kernels
+
+    pairs = list(zip(deltas, scales))
+    signs = [(d.bits, d.scales.float().expand(rows).contiguous()) for d, _ in pairs
+             if isinstance(d, SignDelta)]
+    terns = [(d.mask, d.signs) for d, _ in pairs if isinstance(d, TernaryDelta)]
+    lows = [(d.left.float().contiguous(), d.right.float().contiguous()) for d, _ in pairs
+            if isinstance(d, LowRankDelta)]
+    coef = [s for d, s in pairs if isinstance(d, SignDelta)]
+    coef += [x for d, s in pairs if isinstance(d, TernaryDelta) for x in (s, d.value)]
+    coef += [s for d, s in pairs if isinstance(d, LowRankDelta)]
+    out = torch.empty(rows, cols, dtype=out_dtype, device=base.device)
+    if base.numel():
+        triton_kernels.apply(base.contiguous().reshape(rows, cols), out, signs, terns, lows,
+                             torch.tensor(coef + [0.0], dtype=torch.float32, device=base.device))
+    return out.reshape(base.shape)
+
+
+def _check_delta(name: str, d: Delta, rows: int, cols: int, device: torch.device) -> None:
+    """Shapes and devices of a compressed delta against a [rows, cols] tensor."""
+    nbytes = (rows * cols + 7) // 8
+    if isinstance(d, SignDelta):
+        parts = {"sign bits": (d.bits, (nbytes,)), "scales": (d.scales, None)}
+        if d.scales.numel() not in (1, rows):
+            raise InputError(f"{name}: BitDelta with {d.scales.numel()} scales for {rows} rows")
+    elif isinstance(d, TernaryDelta):
+        parts = {"ternary mask": (d.mask, (nbytes,)), "ternary signs": (d.signs, (nbytes,))}
+    elif isinstance(d, LowRankDelta):
+        parts = {"low-rank left factor": (d.left, None), "low-rank right factor": (d.right, None)}
+        if d.left.dim() != 2 or d.right.dim() != 2 or d.left.shape[0] != rows \
+                or d.right.shape[1] != cols or d.left.shape[1] != d.right.shape[0]:
+            raise InputError(f"{name}: low-rank factors {tuple(d.left.shape)} @ "
+                             f"{tuple(d.right.shape)} do not make a {rows}x{cols} matrix")
+    else:
+        raise InputError(f"{name}: not a compressed delta: {type(d).__name__}")
+    for what, (tensor, shape) in parts.items():
+        if shape is not None and (tensor.dtype != torch.uint8 or tuple(tensor.shape) != shape):
+            raise InputError(f"{name}: {what} must be uint8 {shape}, not {tensor.dtype} "
+                             f"{tuple(tensor.shape)}")
+        if tensor.device != device:
+            raise InputError(f"{name}: {what} on {tensor.device}, the tensor on {device}")

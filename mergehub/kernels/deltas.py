@@ -1,0 +1,86 @@
+"""Compressed task vectors as the decompress-and-apply kernel takes them, and their dense form.
+
+Bit arrays are uint8 in ``np.packbits`` order (most significant bit first, element i in byte
+i // 8), the layout the ``bit1``, ``compeft`` and ``tall`` blobs already store, so a payload's
+bits go to the GPU as they are. :func:`dense` is the torch decoding: the CPU path of the codecs
+and of :func:`mergehub.kernels.apply_deltas`, and the kernel's oracle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
+
+
+@dataclass(frozen=True)
+class SignDelta:
+    """BitDelta: τ = +scale[row] where the bit is 1, −scale[row] where it is 0.
+
+    ``bits``: packed, one per element of the tensor read as [rows, cols] (rows = shape[0],
+    1 for a vector); ``scales``: float32 [rows], or [1] for one scale for the whole tensor.
+    """
+
+    bits: torch.Tensor
+    scales: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TernaryDelta:
+    """ComPEFT: τ = ±value where ``mask`` is set (+ where ``signs`` is set), 0 elsewhere.
+
+    ``mask`` and ``signs`` are packed bits over all elements; ``value`` is alpha·σ.
+    """
+
+    mask: torch.Tensor
+    signs: torch.Tensor
+    value: float
+
+
+@dataclass(frozen=True)
+class LowRankDelta:
+    """τ = left @ right: float32 [rows, r] and [r, cols] (a truncated SVD or LoRA's B, A)."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+
+Delta = SignDelta | TernaryDelta | LowRankDelta
+#: the order in which apply_deltas adds deltas of different kinds (given order within a kind)
+KIND_ORDER = (SignDelta, TernaryDelta, LowRankDelta)
+
+
+def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """The first ``count`` bits of a packed uint8 array, as bool (``np.unpackbits`` order)."""
+    shifts = _SHIFTS.to(packed.device)
+    return ((packed.reshape(-1, 1) >> shifts) & 1).reshape(-1)[:count].bool()
+
+
+def matrix_shape(shape: tuple[int, ...] | list[int]) -> tuple[int, int]:
+    """A tensor's shape read as [rows, cols]: rows = shape[0] (1 for a scalar or vector)."""
+    shape = tuple(shape)
+    if len(shape) < 2:
+        return 1, (shape[0] if shape else 1)
+    return shape[0], int(torch.Size(shape[1:]).numel())
+
+
+def dense(delta: Delta, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """The float32 task vector a compressed delta stands for, shaped ``shape``."""
+    rows, cols = matrix_shape(shape)
+    if isinstance(delta, SignDelta):
+        up = unpack_bits(delta.bits, rows * cols).reshape(rows, cols)
+        s = delta.scales.float().reshape(-1, 1).expand(rows, 1)
+        out = torch.where(up, s, -s)
+    elif isinstance(delta, TernaryDelta):
+        n = rows * cols
+        v = torch.tensor(delta.value, dtype=torch.float32, device=delta.mask.device)
+        out = torch.where(unpack_bits(delta.mask, n),
+                          torch.where(unpack_bits(delta.signs, n), v, -v),
+                          torch.zeros((), device=delta.mask.device))
+    elif isinstance(delta, LowRankDelta):
+        out = delta.left.float() @ delta.right.float()
+    else:
+        raise TypeError(f"not a compressed delta: {type(delta).__name__}")
+    return out.reshape(shape)

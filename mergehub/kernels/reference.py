@@ -1,0 +1,60 @@
+"""Plain-torch versions of the kernels: the CPU path and the kernels' test oracle.
+
+They are the merge methods' own functions (:mod:`mergehub.merge.methods.sparsify`,
+:mod:`~mergehub.merge.methods.consensus`) applied to one whole tensor, so a kernel that matches
+them computes what ``hub merge`` computes on the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mergehub.kernels.deltas import Delta, dense
+from mergehub.merge.methods.consensus import consensus
+from mergehub.merge.methods.sparsify import (
+    apply_mask, combine, magnitude_thresholds as streamed_thresholds, threshold_mask)
+
+
+def merge_tensor(base: torch.Tensor, thetas: list[torch.Tensor], weights: list[float],
+                 lam: float, thresholds: list[float | None] | None, scales: list[float] | None,
+                 elect: str | None, normalize: bool, tall_lambdas: list[float] | None,
+                 masks: list[torch.Tensor] | None, k: int,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    """θ0 + λ·τm with τm from ``combine`` over the trimmed τt = θt − θ0 (as TIES and task
+    arithmetic merge), restricted to the consensus of TALL masks (computed from
+    ``tall_lambdas`` as ``consensus`` does, or the given boolean ``masks``) when asked."""
+    b = base.float()
+    taus = [t.float() - b for t in thetas]
+    params = [{"weight": w, "tall_lambda": lt} for w, lt in
+              zip(weights, tall_lambdas or [0.0] * len(weights))]
+    trimmed = taus
+    if thresholds is not None:
+        trimmed = [apply_mask(x, threshold_mask(x, th), s)
+                   for x, th, s in zip(taus, thresholds, scales or [1.0] * len(taus))]
+    mixed = combine(trimmed, params, elect, normalize)
+    if tall_lambdas is not None:
+        mixed = consensus(taus, mixed, params, k)
+    elif masks is not None:
+        mixed = mixed * (torch.stack([mk.reshape(mixed.shape) for mk in masks]).sum(0) >= k)
+    return (b + float(lam) * mixed).to(out_dtype)
+
+
+def magnitude_thresholds(base: torch.Tensor, thetas: list[torch.Tensor],
+                         densities: list[float]) -> list[float | None]:
+    """``sparsify.magnitude_thresholds`` over the whole tensor as one chunk."""
+    b = base.float()
+
+    def chunks(which: list[int] | None = None):
+        picked = range(len(thetas)) if which is None else which
+        yield b, [thetas[t].float() - b for t in picked]
+
+    return streamed_thresholds(chunks, base.numel(), densities)
+
+
+def apply_deltas(base: torch.Tensor, deltas: list[Delta], scales: list[float],
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    """W + Σk sk·decode(δk), added in the given order, in float32."""
+    out = base.float()
+    for d, s in zip(deltas, scales):
+        out = out + float(s) * dense(d, base.shape)
+    return out.to(out_dtype)

@@ -1,0 +1,267 @@
+"""The fused kernels against their torch references and independent oracles.
+
+Without CUDA the Triton kernels run under Triton's interpreter on the CPU (TRITON_INTERPRET is
+set below, before anything imports Triton; it only changes how ``triton.jit`` functions defined
+afterwards run, and nothing else in the suite defines any); with ``-m gpu`` on a CUDA machine
+the same tests run compiled on the GPU. Sizes are small and odd (the interpreter runs ~0.3M
+elements/s) and never a multiple of the kernels' blocks.
+
+Tolerance: the kernels do the reference's float32 operations in its order (no FMA contraction,
+correctly rounded division, round-to-nearest-even to bf16), so outputs are compared for exact
+equality in every dtype; only low-rank products (a ``tl.dot`` vs a matmul) get a tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from mergehub import kernels  # noqa: E402
+from mergehub.errors import InputError  # noqa: E402
+from mergehub.kernels import LowRankDelta, SignDelta, TernaryDelta  # noqa: E402
+from mergehub.storage.codecs import LOSSY  # noqa: E402
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+DEVICE = [pytest.param("cpu", id="interp"), pytest.param("cuda", id="gpu", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(params=DEVICE)
+def device(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def _inputs(shape, k: int, dtype: torch.dtype, device: str, seed: int, scale: float = 0.02,
+            magnitude: float = 1.0):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=gen) * magnitude
+    thetas = [base + torch.randn(shape, generator=gen) * scale * magnitude for _ in range(k)]
+    return base.to(dtype).to(device), [t.to(dtype).to(device) for t in thetas]
+
+
+def _both(fn, *args, **kwargs):
+    return fn(*args, backend="triton", **kwargs), fn(*args, backend="torch", **kwargs)
+
+
+MODES = ["plain", "trim", "trim+rescale", "tall", "masks"]
+SHAPES = [(1,), (1023,), (7, 131), (3, 5, 67), (2049,)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("elect", [None, "sum", "count"])
+@pytest.mark.parametrize("mode", MODES)
+def test_merge_matches_reference(device, dtype, elect, mode):
+    i = MODES.index(mode) + 5 * [None, "sum", "count"].index(elect)
+    k, shape = 1 + i % 8, SHAPES[i % len(SHAPES)]
+    base, thetas = _inputs(shape, k, dtype, device, seed=i)
+    gen = torch.Generator().manual_seed(100 + i)
+    kw = {"weights": (torch.rand(k, generator=gen) * 2 - 0.3).tolist(), "lam": 0.8,
+          "elect": elect, "normalize": i % 2 == 0}
+    if mode.startswith("trim"):
+        kw["thresholds"] = [None if t == 1 else 0.01 * t for t in range(k)]
+        if mode == "trim+rescale":
+            kw["scales"] = (1 + torch.rand(k, generator=gen)).tolist()
+    elif mode == "tall":
+        kw["tall_lambdas"] = (torch.rand(k, generator=gen) * 0.8).tolist()
+        kw["k"] = min(2, k)
+    elif mode == "masks":
+        kw["masks"] = torch.rand((k, *shape), generator=gen).to(device) < 0.6
+        kw["k"] = 1 + k // 2
+    got, want = _both(kernels.merge_tensor, base, thetas, **kw)
+    assert got.dtype == want.dtype == dtype and got.shape == base.shape
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("k", range(1, 9))
+def test_ties_any_k_and_out_dtype(device, k):
+    base, thetas = _inputs((5, 203), k, torch.bfloat16, device, seed=k)
+    kw = {"weights": [1.0] * k, "lam": 1.0, "elect": "sum",
+          "thresholds": [0.015] * k, "out_dtype": torch.float32}
+    got, want = _both(kernels.merge_tensor, base, thetas, **kw)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_ties_hand_computed(device):
+    """TIES on 4 entries by hand: trim |τ| >= 0.5, elect by mass, disjoint mean, λ = 2."""
+    base = torch.tensor([1.0, 1.0, 1.0, 1.0], device=device)
+    taus = [[1.0, -2.0, 0.25, 3.0], [2.0, 1.0, -0.75, -1.0], [-0.5, 1.5, 1.0, 0.0]]
+    thetas = [base + torch.tensor(t, device=device) for t in taus]
+    # trimmed: [1,-2,0,3], [2,1,-.75,-1], [-.5,1.5,1,0]; signs by mass: +, +, +, +
+    # agreeing means: (1+2)/2, (1+1.5)/2, 1/1, 3/1
+    got = kernels.merge_tensor(base, thetas, weights=[1, 1, 1], lam=2.0,
+                               thresholds=[0.5] * 3, elect="sum", backend="triton")
+    assert got.tolist() == [1 + 2 * 1.5, 1 + 2 * 1.25, 1 + 2 * 1.0, 1 + 2 * 3.0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16", "fp32"])
+def test_merge_edge_values(device, dtype):
+    """Zero deltas give the base back; all signs equal; extreme (finite) magnitudes."""
+    big = {torch.float16: 2.0 ** 13, torch.bfloat16: 1e30, torch.float32: 1e30}[dtype]
+    base, thetas = _inputs((3, 341), 4, dtype, device, seed=7)
+    for elect in (None, "sum", "count"):
+        out = kernels.merge_tensor(base, [base.clone()] * 3, weights=[1, 2, 3], lam=1.0,
+                                   elect=elect, backend="triton")
+        assert torch.equal(out, base)
+    same = [base + (t - base).abs() for t in thetas]
+    tiny = [base * 1e-30 + (t - base) * 1e-20 for t in thetas] if dtype != torch.float16 \
+        else [t * 2.0 ** -14 for t in thetas]
+    huge_base, huge = _inputs((3, 341), 4, dtype, device, seed=8, magnitude=big, scale=0.5)
+    for xs, b in ((same, base), (tiny, tiny[0] * 0), (huge, huge_base)):
+        for elect in (None, "sum", "count"):
+            kw = {"weights": [0.5, 1.0, 1.5, 2.0], "lam": 0.7, "elect": elect,
+                  "thresholds": [0.0] * 4, "tall_lambdas": [0.4] * 4}
+            got, want = _both(kernels.merge_tensor, b, xs, **kw)
+            assert not torch.isnan(want.float()).any()
+            assert torch.equal(got, want)
+
+
+def test_packed_masks_equal_boolean_masks(device):
+    base, thetas = _inputs((1001,), 3, torch.float32, device, seed=3)
+    masks = torch.rand(3, 1001) < 0.5
+    packed = torch.from_numpy(np.packbits(masks.numpy(), axis=1))  # the tall codec's layout
+    kw = {"weights": [1, 1, 1], "lam": 1.0, "k": 2, "backend": "triton"}
+    a = kernels.merge_tensor(base, thetas, masks=masks.to(device), **kw)
+    b = kernels.merge_tensor(base, thetas, masks=packed.to(device), **kw)
+    assert torch.equal(a, b)
+
+
+def _kth_oracle(base, theta, density):
+    mag = np.sort(np.abs(theta.float().cpu().numpy() - base.float().cpu().numpy()).ravel())[::-1]
+    return float(mag[max(1, int(density * mag.size)) - 1])
+
+
+@pytest.mark.parametrize("shape", [(5,), (1000,), (3, 1025), (64, 128)])
+def test_thresholds_exact(device, shape):
+    base, thetas = _inputs(shape, 3, torch.bfloat16, device, seed=shape[0])
+    dens = [0.1, 0.5, 1e-9]
+    got = kernels.magnitude_thresholds(base, thetas, dens, backend="triton")
+    assert got == kernels.magnitude_thresholds(base, thetas, dens, backend="torch")
+    assert got == [_kth_oracle(base, t, d) for t, d in zip(thetas, dens)]
+    assert kernels.magnitude_thresholds(base, thetas[:2], [1.0, 0.0], backend="triton") \
+        == [None, math.inf]
+
+
+def test_thresholds_sampled_ties_and_missed_bracket(device, monkeypatch):
+    """Strided sampling (a small SAMPLE_SIZE), many tied values, and a sample that lies about
+    the data (the bracket misses; the full selection still gives the exact value)."""
+    monkeypatch.setattr(kernels, "SAMPLE_SIZE", 512)
+    n = 64 * 128 + 77
+    base = torch.zeros(n, device=device)
+    tied = (torch.randint(0, 5, (n,)).float() * 0.25).to(device)
+    liar = torch.full((n,), 3.0)
+    liar.view(-1)[: 64 * 128].view(64, 128)[::16] = 0.001  # exactly the sampled blocks
+    liar = liar.to(device)
+    smooth = torch.randn(n).to(device)
+    for theta in (tied, liar, smooth):
+        for d in (0.01, 0.3, 0.9):
+            assert kernels.magnitude_threshold(base, theta, d, backend="triton") \
+                == _kth_oracle(base, theta, d)
+
+
+def _random_deltas(shape, device, gen):
+    rows, cols = kernels.deltas.matrix_shape(shape)
+    nb = (rows * cols + 7) // 8
+
+    def bits():
+        return torch.randint(0, 256, (nb,), dtype=torch.uint8, generator=gen).to(device)
+
+    out = [SignDelta(bits(), torch.rand(rows, generator=gen).to(device)),
+           TernaryDelta(bits(), bits(), 0.0123),
+           SignDelta(bits(), torch.rand(1, generator=gen).to(device))]
+    if len(shape) == 2:
+        out.append(LowRankDelta(torch.randn(rows, 5, generator=gen).to(device) * 0.1,
+                                torch.randn(5, cols, generator=gen).to(device)))
+    return out
+
+
+def _numpy_dense(d, shape):
+    """Independent decode with numpy's unpackbits."""
+    rows, cols = kernels.deltas.matrix_shape(shape)
+    n = rows * cols
+    if isinstance(d, SignDelta):
+        up = np.unpackbits(d.bits.cpu().numpy(), count=n).reshape(rows, cols)
+        s = np.broadcast_to(d.scales.cpu().numpy().reshape(-1, 1), (rows, 1))
+        return np.where(up == 1, s, -s).astype(np.float32)
+    if isinstance(d, TernaryDelta):
+        m = np.unpackbits(d.mask.cpu().numpy(), count=n)
+        sg = np.unpackbits(d.signs.cpu().numpy(), count=n)
+        v = np.where(m == 1, np.where(sg == 1, 1, -1) * np.float32(d.value), 0)
+        return v.astype(np.float32).reshape(rows, cols)
+    return d.left.cpu().double().numpy() @ d.right.cpu().double().numpy()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("shape", [(37, 53), (101,), (5, 3, 7), (1, 129)])
+def test_apply_deltas(device, dtype, shape):
+    gen = torch.Generator().manual_seed(sum(shape))
+    base = torch.randn(shape, generator=gen).to(dtype).to(device)
+    deltas = _random_deltas(shape, device, gen)
+    scales = [0.5, -1.0, 2.0, 0.3][:len(deltas)]
+    got, want = _both(kernels.apply_deltas, base, deltas, scales)
+    assert got.dtype == dtype
+    oracle = base.float().cpu().numpy().reshape(kernels.deltas.matrix_shape(shape))
+    for d, s in zip(deltas, scales):
+        oracle = oracle + s * _numpy_dense(d, shape)
+    assert np.allclose(want.float().cpu().numpy().reshape(oracle.shape), oracle,
+                       rtol=1e-2, atol=1e-2)
+    if len(shape) == 2:  # a low-rank delta: tl.dot sums in another order than matmul
+        f32 = _both(kernels.apply_deltas, base, deltas, scales, out_dtype=torch.float32)
+        assert torch.allclose(*f32, rtol=1e-5, atol=1e-5)
+        got, want = _both(kernels.apply_deltas, base, deltas[:3], scales[:3])
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("codec,params", [("bit1", {"granularity": "row"}),
+                                          ("bit1", {"granularity": "matrix"}),
+                                          ("compeft", {"density": 0.1, "alpha": 1.0}),
+                                          ("lowrank", {"rank": 3, "energy": 1.0})])
+def test_codec_decode_on_device(device, codec, params):
+    """A codec's decode with the base on ``device`` gives the CPU decode's bytes (lowrank on
+    CUDA: within float32 rounding, as ``exact_on_cuda`` declares)."""
+    base, (theta,) = _inputs((67, 45), 1, torch.bfloat16, "cpu", seed=11)
+    lossy = LOSSY[codec]
+    header, payload = lossy.encode(theta, base, params)
+    cpu = lossy.decode(memoryview(payload), header, base)
+    got = lossy.decode(memoryview(payload), header, base.to(device))
+    assert got.device.type == device and got.dtype == torch.float32
+    if lossy.exact_on_cuda or device == "cpu":
+        assert torch.equal(got.cpu(), cpu)
+    else:
+        assert torch.allclose(got.cpu(), cpu, rtol=1e-6, atol=1e-6)
+
+
+def test_bad_input_is_named():
+    base = torch.zeros(3, 4)
+    with pytest.raises(InputError, match="q_proj: input 1 has shape"):
+        kernels.merge_tensor(base, [base, torch.zeros(4, 3)], weights=[1, 1], lam=1,
+                             name="q_proj")
+    with pytest.raises(InputError, match="2 TALL masks for 1 inputs"):
+        kernels.merge_tensor(base, [base], weights=[1], lam=1, masks=torch.ones(2, 3, 4))
+    with pytest.raises(InputError, match="elect must be"):
+        kernels.merge_tensor(base, [base], weights=[1], lam=1, elect="max")
+    with pytest.raises(InputError, match="low-rank factors"):
+        kernels.apply_deltas(base, [LowRankDelta(torch.zeros(3, 2), torch.zeros(2, 5))])
+    with pytest.raises(InputError, match="sign bits must be uint8"):
+        kernels.apply_deltas(base, [SignDelta(torch.zeros(3, dtype=torch.uint8),
+                                              torch.ones(3))])
+
+
+def test_imports_and_falls_back_without_triton():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch; from mergehub import kernels\n"
+            "assert not kernels.triton_available()\n"
+            "b = torch.zeros(5); t = torch.ones(5)\n"
+            "out = kernels.merge_tensor(b, [t, t], weights=[1, 1], lam=0.5, elect='sum')\n"
+            "assert out.tolist() == [0.5] * 5, out\n"
+            "assert kernels.magnitude_threshold(b, t, 0.5) == 1.0\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
