@@ -7,6 +7,16 @@ base, extras)`` returns θ̂ = θ0 + τ̂ in float32. ``extras`` holds the tenso
 the header's ``needs`` names (TALL's shared multi-task vector), as float32. Decoding is elementwise and deterministic, so the
 sha256 of the decoded bytes, recorded in the header when the blob is written, checks every read
 like it does for lossless blobs (see :mod:`mergehub.storage.codec`).
+
+``decode`` runs on the base tensor's device: given a CUDA base, ``bit1``, ``compeft`` and
+``lowrank`` decode with the fused decompress-and-apply kernel (:func:`mergehub.kernels.apply_deltas`)
+and ``tall`` with torch on the GPU. Where ``exact_on_cuda`` is true the CUDA result is
+bit-identical to the CPU's (same float32 operations in the same order), so the decoded-bytes
+sha256 still checks it. ``lowrank`` is not: a GPU matrix product sums in another order (relative
+error ~1e-6 of τ̂ before rounding to the tensor's dtype, tested against the CPU decode in
+tests/test_kernels.py), so a CUDA reader of a lowrank blob checks the blob's id instead (the
+sha256 of header + payload, which covers everything decoding reads) and must not compare the
+decoded bytes with the header's sha256.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ class LossyCodec:
                      torch.Tensor]
     summary: str
     applies: Callable[[tuple[int, ...]], bool] = lambda shape: True  # which tensors it encodes
+    exact_on_cuda: bool = True  # decode with a CUDA base gives the CPU's bytes (module doc)
 
 
 LOSSY: dict[str, LossyCodec] = {}

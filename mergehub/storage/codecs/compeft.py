@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import zstandard
 
+from mergehub.kernels import TernaryDelta, apply_deltas
 from mergehub.storage.codecs import LossyCodec, register
 
 
@@ -56,18 +57,29 @@ def encode(theta: torch.Tensor, base: torch.Tensor,
 
 def decode(payload: memoryview, params: dict[str, Any], base: torch.Tensor,
            extras: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """θ̂ = base + τ̂ in float32, on the base's device (one fused pass there when on CUDA).
+
+    The positions become a packed bitmap and the kept entries' signs a packed bitmap over all
+    entries (2 bits per weight), which the kernel decodes elementwise.
+    """
     n, kept = math.prod(params["shape"]), params["kept"]
     split = params["positions_bytes"]
     raw = zstandard.ZstdDecompressor().decompress(payload[:split], max_output_size=4 * n + 8)
     if params["layout"] == "bitmap":
-        pos = np.nonzero(np.unpackbits(np.frombuffer(raw, np.uint8), count=n))[0]
+        bitmap = np.frombuffer(raw, np.uint8)
+        pos = np.nonzero(np.unpackbits(bitmap, count=n))[0]
     else:
         pos = np.cumsum(np.frombuffer(raw, "<u4").astype(np.int64))
-    bits = np.unpackbits(np.frombuffer(payload[split:], np.uint8), count=kept)
-    delta = torch.zeros(n, dtype=torch.float32)
-    value = params["alpha"] * params["sigma"]
-    delta[torch.from_numpy(pos)] = torch.from_numpy(bits.astype(np.float32) * 2 - 1) * value
-    return base.float() + delta.reshape(params["shape"])
+        mask = np.zeros(n, dtype=bool)
+        mask[pos] = True
+        bitmap = np.packbits(mask)
+    signs = np.zeros(n, dtype=bool)
+    signs[pos] = np.unpackbits(np.frombuffer(payload[split:], np.uint8), count=kept)
+    dev = base.device
+    delta = TernaryDelta(torch.from_numpy(bitmap.copy()).to(dev),
+                         torch.from_numpy(np.packbits(signs)).to(dev),
+                         params["alpha"] * params["sigma"])
+    return apply_deltas(base.reshape(params["shape"]), [delta], out_dtype=torch.float32)
 
 
 register(LossyCodec("compeft", {"density": 0.1, "alpha": 1.0}, encode, decode,

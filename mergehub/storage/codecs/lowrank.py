@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mergehub.kernels import LowRankDelta, apply_deltas
 from mergehub.storage.codecs import LossyCodec, register
 
 
@@ -43,14 +44,16 @@ def encode(theta: torch.Tensor, base: torch.Tensor,
 
 def decode(payload: memoryview, params: dict[str, Any], base: torch.Tensor,
            extras: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """θ̂ = base + left @ right in float32, on the base's device (on CUDA one fused pass whose
+    product sums in another order than the CPU's matmul: see ``exact_on_cuda``)."""
     m, n = params["shape"]
     r = params["rank"]
     values = np.frombuffer(payload, "<f4")
-    left = torch.from_numpy(values[:m * r].reshape(m, r).copy())
-    right = torch.from_numpy(values[m * r:].reshape(r, n).copy())
-    return base.float() + left @ right
+    left = torch.from_numpy(values[:m * r].reshape(m, r).copy()).to(base.device)
+    right = torch.from_numpy(values[m * r:].reshape(r, n).copy()).to(base.device)
+    return apply_deltas(base, [LowRankDelta(left, right)], out_dtype=torch.float32)
 
 
 register(LossyCodec("lowrank", {"rank": 16, "energy": 1.0}, encode, decode,
                     "truncated SVD of τ at a rank or kept-energy fraction",
-                    applies=lambda shape: len(shape) == 2))
+                    applies=lambda shape: len(shape) == 2, exact_on_cuda=False))

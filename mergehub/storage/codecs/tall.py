@@ -48,7 +48,7 @@ def decode(payload: memoryview, params: dict[str, Any], base: torch.Tensor,
     n = math.prod(params["shape"])
     raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=n // 8 + 1)
     m = torch.from_numpy(np.unpackbits(np.frombuffer(raw, np.uint8), count=n).astype(bool))
-    delta = extras["mtl"].reshape(-1) * m * float(params["alpha"])
+    delta = extras["mtl"].to(base.device).reshape(-1) * m.to(base.device) * float(params["alpha"])
     return base.float() + delta.reshape(params["shape"])
 
 
