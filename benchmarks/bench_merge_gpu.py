@@ -4,8 +4,10 @@
 Companion of ``bench_merge.py`` (same ~1B-parameter bf16 Llama-style model, same 4 fine-tunes,
 same TIES and task-arithmetic recipes, built by its functions) for the device machine, where
 mergekit cannot be installed (no network): it measures the merge in-process with
-``torch.cuda.max_memory_allocated`` and peak RSS, and the time to read all input bytes once
-(warm page cache), the floor a merge cannot beat.
+``torch.cuda.max_memory_allocated`` and peak RSS, by the chunked path (torch ops per row chunk)
+and by the fused one (whole tensors through :func:`mergehub.kernels.merge_tensor`, the default on
+CUDA), compares their outputs, and measures the time to read all input bytes once (warm page
+cache; the floor a merge cannot beat) and to write one output (copy + fsync).
 
     python benchmarks/bench_merge_gpu.py                 # full size, on a CUDA machine
     python benchmarks/bench_merge_gpu.py --layers 2 --hidden 256 --intermediate 512 --vocab 1000
@@ -27,7 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_merge as bm  # noqa: E402  (the model builder and recipes)
 
-import mergehub  # noqa: E402
+from mergehub.merge.engine import execute, plan_merge  # noqa: E402
+from mergehub.merge.recipe import load_recipe  # noqa: E402
 
 
 def main() -> None:
@@ -58,24 +61,43 @@ def main() -> None:
         reads.append(time.perf_counter() - t)
     floor = min(reads)
     print(f"read floor: {total / 1e9:.2f} GB in {floor:.2f} s ({total / floor / 1e9:.1f} GB/s)")
+    written = None
     for method in ("task_arithmetic", "ties"):
         recipe = work / f"{method}.yaml"
         recipe.write_text(bm.recipe_text(method, paths, "bfloat16"))
-        for r in range(args.repeats):
-            out = work / f"out-{method}-{r}"
-            if args.device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            t = time.perf_counter()
-            result = mergehub.merge(recipe, out=out, device=args.device, progress=False,
-                                    echo=lambda s: None)
-            wall = time.perf_counter() - t
-            gpu = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-            print(f"{method:16s} run {r + 1}: {wall:6.2f} s ({result.bytes / 1e9:.2f} GB out) = "
-                  f"{wall / floor:.2f}x the read floor; GPU peak {gpu:.2f} GiB; "
-                  f"process peak RSS {rss:.2f} GiB", flush=True)
+        outs = {}
+        # the chunked path (per-chunk torch ops, the path before the fused kernels) once, then
+        # the fused one (mergehub.kernels.merge_tensor on whole tensors, the default on CUDA)
+        for fused, repeats in ((False, 1), (True, args.repeats)):
+            for r in range(repeats):
+                out = work / f"out-{method}-{fused}-{r}"
+                if args.device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                t = time.perf_counter()
+                plan = plan_merge(load_recipe(recipe))
+                result = execute(plan, out, device=args.device, progress=False, fused=fused)
+                wall = time.perf_counter() - t
+                gpu = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0
+                rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+                path = "fused  " if fused else "chunked"
+                print(f"{method:16s} {path} run {r + 1}: {wall:6.2f} s "
+                      f"({result.bytes / 1e9:.2f} GB out) = {wall / floor:.2f}x the read floor; "
+                      f"GPU peak {gpu:.2f} GiB; process peak RSS {rss:.2f} GiB", flush=True)
+                if r == 0:
+                    outs[fused] = out
+                else:
+                    shutil.rmtree(out)
+        if written is None:
+            nbytes, t_copy, t_sync = bm.write_floor(outs[True], work / "copy")
+            written = t_copy + t_sync
+            print(f"write floor: {nbytes / 1e9:.2f} GB copied in {t_copy:.2f} s + fsync "
+                  f"{t_sync:.2f} s; read + write floor {floor + written:.2f} s")
+        d = bm.compare_outputs(outs[True], outs[False], paths["base"])
+        print(f"{method:16s} fused vs chunked: {d.tensors} tensors, {d.differing:,} of "
+              f"{d.elements:,} elements differ, max abs diff {d.max_abs:.3g} (worst "
+              f"{d.worst}){'; ' + '; '.join(d.problems) if d.problems else ''}", flush=True)
+        for out in outs.values():
             shutil.rmtree(out)
-
 
 if __name__ == "__main__":
     main()

@@ -341,3 +341,42 @@ def test_lora_only_task_arithmetic_writes_peft_adapter(models, tmp_path):
     with pytest.raises(InputError, match="--format peft needs every input to be a LoRA"):
         mergehub.merge(text.replace("merge_method: task_arithmetic", "merge_method: ties"), out=tmp_path / "x",
                        output_format="peft", progress=False)
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("task_arithmetic", "parameters: {lambda: 0.7, normalize: true}"),
+    ("ties", "parameters: {lambda: 0.9}"),
+    ("ties", "parameters: {rescale: true}"),  # no fused form: merged in chunks
+    ("ties", "parameters: {trim_scope: global, sign_method: count}"),
+    ("consensus_task_arithmetic", "parameters: {k: 1}"),
+    ("consensus_ties", "parameters: {k: 1, lambda: 1.5}"),
+])
+def test_fused_path_equals_chunked_path(models, tmp_path, monkeypatch, method, extra):
+    """The whole-tensor path through mergehub.kernels.merge_tensor (the GPU path; on CPU its
+    torch reference) gives the chunked path's output."""
+    from mergehub import kernels
+    from mergehub.merge.engine import execute, plan_merge
+    from mergehub.merge.recipe import load_recipe
+
+    calls = []
+    real = kernels.merge_tensor
+    monkeypatch.setattr(kernels, "merge_tensor", lambda *a, **k: calls.append(k) or real(*a, **k))
+
+    density = (", density: 0.3", ", density: 0.6") if "ties" in method else ("", "")
+    r = recipe(tmp_path, f"merge_method: {method}\nbase_model: {models['base-bf16']}\nmodels:\n"
+                         f"  - model: {models['ft-mlp']}\n    parameters: {{weight: 1.0{density[0]}}}\n"
+                         f"  - model: {models['ft-attn']}\n    parameters: {{weight: 0.5{density[1]}}}\n"
+                         f"{extra}\n")
+    outs = {}
+    for fused in (False, True):
+        plan = plan_merge(load_recipe(r))
+        execute(plan, tmp_path / f"out-{fused}", progress=False, fused=fused, chunk_elements=1000)
+        outs[fused] = load_all(tmp_path / f"out-{fused}")
+        assert bool(calls) == (fused and "rescale" not in extra)
+    assert outs[True].keys() == outs[False].keys()
+    changed = 0
+    for name, chunked in outs[False].items():
+        assert outs[True][name].dtype == chunked.dtype
+        torch.testing.assert_close(outs[True][name], chunked, rtol=0, atol=0, msg=name)
+        changed += int(not torch.equal(chunked, load_all(models["base-bf16"])[name]))
+    assert changed > 0

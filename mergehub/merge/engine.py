@@ -35,7 +35,7 @@ from mergehub.merge.rmm import execute_rmm
 from mergehub.merge.recipe import (
     DTYPES, LineDict, ModelEntry, Recipe, RecipeError, did_you_mean, layer_index, load_recipe,
     resolve_params)
-from mergehub.storage.parallel import background
+from mergehub.storage.parallel import background, ordered_map
 from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
 from mergehub.storage.store import Store
 from mergehub.storage.writer import DEFAULT_MAX_SHARD_SIZE, MODEL_SIDE_FILES, write_model_dir
@@ -267,8 +267,16 @@ def row_ranges(spec: TensorSpec, chunk_elements: int) -> list[tuple[int, int]]:
 
 def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
             max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
-            progress: bool = True, chunk_elements: int | None = None) -> MergeResult:
-    """Run a checked plan, writing an HF model dir at ``out`` (atomically), chunk by chunk."""
+            progress: bool = True, chunk_elements: int | None = None,
+            fused: bool | None = None) -> MergeResult:
+    """Run a checked plan, writing an HF model dir at ``out`` (atomically).
+
+    Tensors are merged chunk by chunk (rows, ``chunk_elements`` at a time) with the method's
+    :meth:`~MergeMethod.merge`, or, with ``fused`` (default: on CUDA), whole tensors at a time
+    in one pass by :func:`mergehub.kernels.merge_tensor` wherever the method has a fused form and
+    every input is a dense model (not a LoRA): the inputs' raw tensors are read on two threads
+    ahead of the merge, so reading, merging and writing overlap.
+    """
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is available")
@@ -317,13 +325,40 @@ def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
         except (ValueError, TypeError) as err:  # bad parameter values for this tensor
             raise MergeError(f"tensor {spec.name!r}: {plan.recipe.merge_method}: {err}") from err
 
+    fuse = ((dev.type == "cuda") if fused is None else fused) and plan.base is not None \
+        and method.on_deltas and not any(src.is_lora for src in plan.inputs)
+
+    def raw_inputs(spec: TensorSpec) -> list[torch.Tensor] | None:
+        """The base's and every input's whole tensor as stored (for the fused path)."""
+        if not fuse or spec.name in plan.copy_from_base:
+            return None
+        return [src.raw(spec.name, pin=dev.type == "cuda") for src in (plan.base, *plan.inputs)]
+
+    def fused_tensor(spec: TensorSpec, raw: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        from mergehub import kernels
+
+        params = [resolve_params(p, spec.name, plan.num_layers) for p in plan.model_params]
+        ctx = TensorContext(spec.name, dev, seed, {**state, "numel": math.prod(spec.shape)})
+        base, *thetas = (t.to(dev, non_blocking=True) for t in raw)
+        try:
+            args = method.fused(base, thetas, params, ctx)
+            if args is None:  # no fused form for these parameters
+                yield from merged_chunks(spec)
+                return
+            yield kernels.merge_tensor(base, thetas, **args, out_dtype=TORCH_DTYPE[spec.dtype],
+                                       name=spec.name).cpu()
+        except (ValueError, TypeError) as err:
+            raise MergeError(f"tensor {spec.name!r}: {plan.recipe.merge_method}: {err}") from err
+
     def produce() -> Iterator[tuple[str, torch.Tensor | None]]:
         """Every output chunk in write order, then ``(name, None)`` at the end of each tensor."""
-        for spec in plan.specs:
+        raws = (ordered_map(raw_inputs, plan.specs, workers=2) if fuse
+                else (None for _ in plan.specs))
+        for spec, raw in zip(plan.specs, raws):
             if spec.name in plan.copy_from_base:
                 yield spec.name, reference.reader.load(spec.name).to(TORCH_DTYPE[spec.dtype])
             else:
-                for part in merged_chunks(spec):
+                for part in fused_tensor(spec, raw) if raw is not None else merged_chunks(spec):
                     yield spec.name, part
             yield spec.name, None
 

@@ -97,15 +97,17 @@ class Checkpoint:
         except KeyError:
             raise InputError(f"{self.path}: no tensor named {name!r}") from None
 
-    def read_bytes(self, name: str, start: int = 0, stop: int | None = None) -> bytearray:
+    def read_bytes(self, name: str, start: int = 0, stop: int | None = None,
+                   into: memoryview | None = None) -> bytearray | memoryview:
         """The tensor's data exactly as stored in the file (no dtype conversion), or the byte
-        range ``[start, stop)`` of it (read with ``pread``: no memory map stays behind)."""
+        range ``[start, stop)`` of it (read with ``pread``: no memory map stays behind); into
+        the buffer ``into`` when given."""
         info = self._info(name)
         stop = info.nbytes if stop is None else stop
         path = self.root / info.file
         try:
             with open(path, "rb") as f:
-                return read_range(f, info.offset + start, stop - start)
+                return read_range(f, info.offset + start, stop - start, into)
         except OSError as e:
             raise InputError(f"{path}: cannot read tensor {name!r}: {e}") from e
 

@@ -196,11 +196,15 @@ def build_header(specs: list[TensorSpec], metadata: dict[str, str] | None) -> by
     return struct.pack("<Q", len(text)) + text
 
 
-def read_range(f: BinaryIO, offset: int, size: int) -> bytearray:
+def read_range(f: BinaryIO, offset: int, size: int,
+               into: memoryview | None = None) -> bytearray | memoryview:
     """Read exactly ``size`` bytes at ``offset`` into a new writable buffer (one copy from the
-    page cache; ``torch.frombuffer`` can use it as is). Raises OSError on a short read."""
-    buf = bytearray(size)
-    view = memoryview(buf)
+    page cache; ``torch.frombuffer`` can use it as is), or into ``into`` (``size`` bytes, e.g.
+    pinned memory for a fast host-to-GPU copy). Raises OSError on a short read."""
+    buf = bytearray(size) if into is None else into
+    view = memoryview(buf).cast("B")
+    if len(view) != size:
+        raise ValueError(f"read_range: buffer of {len(view)} bytes for {size} bytes")
     got = 0
     while got < size:
         n = os.preadv(f.fileno(), [view[got:]], offset + got)

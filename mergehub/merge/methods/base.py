@@ -81,6 +81,14 @@ class MergeMethod:
         over the tensor, as often as needed. Elementwise methods need nothing.
         """
 
+    def fused(self, base: torch.Tensor, thetas: list[torch.Tensor],
+              model_params: list[dict[str, Any]], ctx: TensorContext) -> dict[str, Any] | None:
+        """Keyword arguments of :func:`mergehub.kernels.merge_tensor` that merge this whole
+        tensor in one pass from the base and the inputs' raw weights ``thetas`` (the engine's
+        GPU path), or ``None`` when the method has no fused form for these parameters: the
+        engine then merges chunk by chunk with :meth:`merge`."""
+        return None
+
     def merge(self, base: torch.Tensor | None, xs: list[torch.Tensor],
               model_params: list[dict[str, Any]], ctx: TensorContext) -> torch.Tensor:
         """Merge one chunk (rows ``ctx.rows`` of a tensor): return the merged weights (float32)."""

@@ -31,11 +31,23 @@ def consensus(xs: list[torch.Tensor], mtl: torch.Tensor, model_params: list[dict
     return mtl * (votes >= k)
 
 
+def _consensus_args(params: dict[str, Any], model_params: list[dict[str, Any]]) -> dict[str, Any]:
+    """The consensus part of :func:`mergehub.kernels.merge_tensor`'s arguments."""
+    return {"tall_lambdas": [float(p["tall_lambda"]) for p in model_params],
+            "k": int(params["k"])}
+
+
 @register
 class ConsensusTaskArithmetic(MergeMethod):
     name = "consensus_task_arithmetic"
     model_params = {"weight": 1.0, "tall_lambda": 0.4}
     global_params = {"lambda": 1.0, "k": 2, "normalize": False}
+
+    def fused(self, base: torch.Tensor, thetas: list[torch.Tensor],
+              model_params: list[dict[str, Any]], ctx: TensorContext) -> dict[str, Any] | None:
+        return {"weights": [float(p["weight"]) for p in model_params],
+                "lam": float(self.params["lambda"]), "normalize": bool(self.params["normalize"]),
+                **_consensus_args(self.params, model_params)}
 
     def merge(self, base: torch.Tensor | None, xs: list[torch.Tensor],
               model_params: list[dict[str, Any]], ctx: TensorContext) -> torch.Tensor:
@@ -49,6 +61,11 @@ class ConsensusTies(Ties):
     name = "consensus_ties"
     model_params = {**Ties.model_params, "tall_lambda": 0.4}
     global_params = {**Ties.global_params, "k": 2}
+
+    def fused(self, base: torch.Tensor, thetas: list[torch.Tensor],
+              model_params: list[dict[str, Any]], ctx: TensorContext) -> dict[str, Any] | None:
+        args = super().fused(base, thetas, model_params, ctx)
+        return None if args is None else {**args, **_consensus_args(self.params, model_params)}
 
     def merge(self, base: torch.Tensor | None, xs: list[torch.Tensor],
               model_params: list[dict[str, Any]], ctx: TensorContext) -> torch.Tensor:

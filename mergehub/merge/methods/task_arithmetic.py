@@ -16,6 +16,11 @@ class TaskArithmetic(MergeMethod):
     model_params = {"weight": 1.0}
     global_params = {"lambda": 1.0, "normalize": False, "int8_mask": False}
 
+    def fused(self, base: torch.Tensor, thetas: list[torch.Tensor],
+              model_params: list[dict[str, Any]], ctx: TensorContext) -> dict[str, Any] | None:
+        return {"weights": [float(p["weight"]) for p in model_params],
+                "lam": float(self.params["lambda"]), "normalize": bool(self.params["normalize"])}
+
     def merge(self, base: torch.Tensor | None, xs: list[torch.Tensor],
               model_params: list[dict[str, Any]], ctx: TensorContext) -> torch.Tensor:
         mixed = combine(xs, model_params, None, self.params["normalize"])
