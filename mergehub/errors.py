@@ -27,3 +27,8 @@ class BaseMismatchError(MergehubError):
 
 class IntegrityError(MergehubError):
     """Stored bytes do not match their checksum, or a referenced blob is missing."""
+
+
+class RemoteError(MergehubError):
+    """A Hub repository, revision or file cannot be read or written (not found, no permission,
+    unreachable endpoint)."""

@@ -339,6 +339,67 @@ def merge_(ctx: click.Context, recipe: Path, output: Path | None, to_store: str 
                f"into {where}")
 
 
+@cli.command()
+@click.argument("name")
+@click.argument("repo_id")
+@click.option("--revision", default=None,
+              help="Branch to commit to; created from main if it does not exist. Default: main.")
+@click.option("--private", is_flag=True,
+              help="Create the repo as private (no effect on a repo that already exists).")
+@click.option("--format", "formats", multiple=True, type=click.Choice(["peft", "hf", "mergehub"]),
+              help="Form to push, repeatable. peft: a PEFT adapter repo (PeftModel."
+                   "from_pretrained loads it). hf: the model's safetensors, config and "
+                   "tokenizer files (transformers loads it). mergehub: the entry's own "
+                   "compressed blobs, restored by `hub pull` without decoding (needs the base "
+                   "in the pulling store). Default: peft for an adapter, hf + mergehub for a "
+                   "compressed entry, else hf.")
+@click.option("--base-model", default=None,
+              help="Hub repo id of the base model, for the model card's base_model. Default: "
+                   "the repo the base was pulled from, if it was.")
+@click.option("--message", "-m", default=None, help="Commit message.")
+@click.pass_context
+def push(ctx: click.Context, name: str, repo_id: str, revision: str | None, private: bool,
+         formats: tuple[str, ...], base_model: str | None, message: str | None) -> None:
+    """Push store entry NAME to the Hugging Face Hub repo REPO_ID (ORG/NAME) in one commit,
+    with a model card (README.md) and mergehub/manifest.json. The repo is created if needed.
+    Endpoint and token come from HF_ENDPOINT and HF_TOKEN or `hf auth login`."""
+    from mergehub.hub.remote import push as push_entry
+
+    with _open_store(ctx) as store:
+        result = push_entry(store, name, repo_id, revision=revision, private=private,
+                            fmt=list(formats) or None, base_model=base_model, message=message,
+                            progress=_progress())
+    click.echo(f"pushed {name!r} to {result.repo_id}@{result.revision} as "
+               f"{' + '.join(result.forms)}: {len(result.files)} files, "
+               f"{human_bytes(result.bytes)}, commit {result.commit[:12]} ({result.url})")
+
+
+@cli.command()
+@click.argument("repo")
+@click.option("--name", "-n", default=None,
+              help="Name of the new store entry. Default: the name it was pushed under, else "
+                   "the repo's name.")
+@click.option("--subfolder", default=None, help="The model is in this folder of the repo.")
+@click.option("--base", "-b", default=None,
+              help="Stored model to use as the base. Default: for a repo pushed by mergehub, "
+                   "the stored model with the base fingerprint its manifest records; for a "
+                   "PEFT adapter, the entry named by (or pulled from) its "
+                   "base_model_name_or_path; else none.")
+@click.pass_context
+def pull(ctx: click.Context, repo: str, name: str | None, subfolder: str | None,
+         base: str | None) -> None:
+    """Add the model in Hub repo REPO (ORG/NAME or ORG/NAME@REVISION: branch, tag or commit)
+    to the store, creating the store if needed. Every file is checked against the server's hash
+    and the repo's manifest before anything is added; an interrupted pull resumes."""
+    from mergehub.hub.remote import pull as pull_model
+
+    with _open_store(ctx, create=True) as store:
+        result = pull_model(store, repo, name=name, subfolder=subfolder, base=base,
+                            progress=_progress())
+    click.echo(f"pulled {result.repo_id}@{result.revision} (commit {result.commit[:12]}, "
+               f"{result.form} form) as {_summary(result.info)}")
+
+
 @cli.command(name="train")
 @click.argument("config", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--fresh", is_flag=True,

@@ -33,7 +33,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +44,8 @@ from mergehub.errors import BaseMismatchError, InputError, IntegrityError, Store
 from mergehub.storage.atomic import atomic_output_dir, fsync_dir, write_file_atomic
 from mergehub.storage.checkpoint import Checkpoint, open_checkpoint, peft_target_weight
 from mergehub.storage.codec import (
-    BlobFormatError, BlobHeader, decode_blob, encode_lossless, encode_lossy, sha256, unpack_blob)
+    BlobFormatError, BlobHeader, decode_blob, encode_lossless, encode_lossy, pack_blob, sha256,
+    unpack_blob)
 from mergehub.storage.parallel import ordered_map
 from mergehub.storage import safetensors_format
 from mergehub.storage.safetensors_format import FLOAT_DTYPES, TensorSpec
@@ -738,6 +739,197 @@ class Store:
                     "INSERT INTO tensors(model_id, name, file, offset, dtype, shape, blob) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [(new_id, *row[:5], blobs[row[0]]) for row in rows])
+
+    # --- shipping an entry's own blobs to another store (hub push / pull) -------------------
+
+    def fingerprint(self, name: str) -> str:
+        """sha256 over the sorted (name, dtype, shape, sha256 of the bytes) of every tensor of
+        ``name``: what identifies a base across stores, whatever the encoding of its blobs."""
+        model_id = self._require(name)[0]
+        rows = self._db.execute("SELECT t.name, t.dtype, t.shape, b.raw_sha256 FROM tensors t "
+                                "JOIN blobs b ON b.id = t.blob WHERE t.model_id = ?", (model_id,))
+        lines = sorted(f"{t}\t{dtype}\t{shape}\t{raw}\n" for t, dtype, shape, raw in rows)
+        return sha256("".join(lines).encode())
+
+    def find_fingerprint(self, fingerprint: str) -> list[str]:
+        """Names of the stored models whose :meth:`fingerprint` is ``fingerprint``."""
+        return [info.name for info in self.ls() if self.fingerprint(info.name) == fingerprint]
+
+    def blob_path(self, blob_id: str) -> Path:
+        """The file of a stored blob (named by the sha256 of its bytes)."""
+        return self._blob_path(blob_id)
+
+    def entry_manifest(self, name: str) -> dict[str, Any]:
+        """Everything but the bytes of entry ``name``, for rebuilding it in another store that
+        holds the same base: kind, format, metrics, provenance, files and tensors (by blob),
+        the base's name and :meth:`fingerprint`, and two blob tables. ``blobs`` are the blobs
+        to ship (each blob file, under its id, decodes with what ships and the base); ``external``
+        maps the base tensor blobs the entry references (as a tensor, a delta reference or a
+        need) to the sha256 of their bytes, which the receiving store finds in its own copy
+        of the base. See :meth:`import_entry`.
+        """
+        model_id, kind, base_id, fmt = self._require(name)
+        info = self.show(name)
+        base_blobs = ({r[5] for r in self._tensor_rows(base_id)} if base_id is not None
+                      else set())
+        rows = self._tensor_rows(model_id)
+        files = self._db.execute("SELECT path, role, blob FROM files WHERE model_id = ? "
+                                 "ORDER BY path", (model_id,)).fetchall()
+        blobs: dict[str, dict[str, Any]] = {}
+        external: dict[str, str] = {}
+        todo = [r[5] for r in rows] + [f[2] for f in files]
+        while todo:
+            blob_id = todo.pop()
+            if blob_id in blobs or blob_id in external:
+                continue
+            codec, ref, raw, raw_size, size = self._db.execute(
+                "SELECT codec, ref, raw_sha256, raw_size, size FROM blobs WHERE id = ?",
+                (blob_id,)).fetchone()
+            if blob_id in base_blobs:
+                external[blob_id] = raw
+                continue
+            needs = [n for (n,) in self._db.execute(
+                "SELECT needs FROM blob_needs WHERE blob = ? ORDER BY needs", (blob_id,))]
+            blobs[blob_id] = {"codec": codec, "ref": ref, "raw_sha256": raw,
+                              "raw_size": raw_size, "size": size, "needs": needs}
+            todo += [b for b in (ref, *needs) if b]
+        base = None
+        if base_id is not None:
+            base_name = info.base
+            base = {"name": base_name, "fingerprint": self.fingerprint(base_name),
+                    "tensors": len(self._tensor_rows(base_id)),
+                    "hub": self.show(base_name).provenance.get("hub")}
+        return {"mergehub_manifest": 1, "mergehub_version": __version__, "name": name,
+                "kind": kind, "format": fmt, "metrics": info.metrics,
+                "provenance": info.provenance, "base": base,
+                "files": [list(f) for f in files],
+                "tensors": [[r[0], r[1], r[2], r[3], json.loads(r[4]), r[5]] for r in rows],
+                "blobs": blobs, "external": external}
+
+    def import_entry(self, manifest: dict[str, Any], blob_dir: str | Path, name: str, *,
+                     base: str | None = None, provenance: dict[str, Any] | None = None,
+                     progress: bool = True) -> ModelInfo:
+        """Add the entry an :meth:`entry_manifest` describes, from its blob files in
+        ``blob_dir`` (each named by its id), without decoding anything.
+
+        Every blob file is checked against its id and its header against the manifest before
+        anything is written; ``external`` blobs are found, by the sha256 of their bytes, among
+        the tensors of ``base``, which must have the manifest's base fingerprint. Where the
+        local copy of a base tensor is another blob than the sender's (another encoding of the
+        same bytes), the delta blobs that reference it get a header naming the local blob
+        (payload unchanged, so a new id). Blobs are written and fsynced before the one catalog
+        transaction that adds the entry: an interruption leaves no entry, at most unreferenced
+        blob files that ``gc`` removes, and the next import succeeds.
+        """
+        blob_dir = Path(blob_dir)
+        if not _NAME.match(name):
+            raise StoreError(f"invalid model name {name!r}")
+        kind, fmt = manifest.get("kind"), manifest.get("format")
+        if kind not in KINDS or fmt not in ("hf", "peft", "safetensors"):
+            raise IntegrityError(f"manifest of {manifest.get('name')!r}: kind {kind!r} / "
+                                 f"format {fmt!r} not understood")
+        want = manifest.get("base")
+        base_id = None
+        mapping: dict[str, str] = {}
+        if want is not None:
+            if base is None:
+                raise BaseMismatchError(f"{manifest['name']!r} is stored against base "
+                                        f"{want['name']!r}: pass the base")
+            if self.fingerprint(base) != want["fingerprint"]:
+                raise BaseMismatchError(
+                    f"{manifest['name']!r} was stored against base {want['name']!r} "
+                    f"(fingerprint {want['fingerprint'][:16]}), but {base!r} in this store has "
+                    f"other tensors (fingerprint {self.fingerprint(base)[:16]})")
+            base_id = self._require(base)[0]
+            local = {}
+            for r in self._tensor_rows(base_id):
+                raw = self._db.execute("SELECT raw_sha256, ref FROM blobs WHERE id = ?",
+                                       (r[5],)).fetchone()
+                if raw[0] not in local or raw[1] is None:  # prefer a self-contained blob
+                    local[raw[0]] = r[5]
+            for blob_id, raw in manifest.get("external", {}).items():
+                if raw not in local:
+                    raise BaseMismatchError(f"{manifest['name']!r} references a tensor of base "
+                                            f"{want['name']!r} that {base!r} lacks")
+                mapping[blob_id] = local[raw]
+        shipped: dict[str, bytes] = {}
+        for blob_id, meta in manifest.get("blobs", {}).items():
+            path = blob_dir / blob_id
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                raise IntegrityError(f"{path}: blob of {manifest['name']!r} cannot be read: "
+                                     f"{e.strerror or e}") from e
+            if sha256(data) != blob_id:
+                raise IntegrityError(f"{path}: content does not match its sha256 name "
+                                     f"(corrupted blob of {manifest['name']!r})")
+            try:
+                header = unpack_blob(data)[0]
+            except BlobFormatError as e:
+                raise IntegrityError(f"{path}: malformed blob: {e}") from e
+            if (header.codec, header.ref, header.sha256) != (meta["codec"], meta["ref"],
+                                                             meta["raw_sha256"]):
+                raise IntegrityError(f"{path}: blob header disagrees with the manifest")
+            shipped[blob_id] = data
+        known = set(shipped) | set(mapping)
+        for row in manifest["tensors"]:
+            if row[5] not in known:
+                raise IntegrityError(f"manifest of {manifest['name']!r}: tensor {row[0]!r} "
+                                     f"has blob {row[5][:16]}, which is neither shipped nor "
+                                     "a base tensor")
+        for path, _, blob in manifest["files"]:
+            if blob not in known:
+                raise IntegrityError(f"manifest of {manifest['name']!r}: file {path!r} has "
+                                     f"blob {blob[:16]}, which is not shipped")
+        new_blobs: dict[str, tuple] = {}
+        needs: list[tuple[str, str]] = []
+        dirs: set[Path] = set()
+
+        def put(blob_id: str) -> str:
+            """Write shipped blob ``blob_id`` (after the blobs it references) under its local id."""
+            if blob_id in mapping:
+                return mapping[blob_id]
+            header, payload = unpack_blob(shipped[blob_id])
+            ref = put(header.ref) if header.ref else None
+            need = {k: put(v) for k, v in (header.params.get("needs") or {}).items()}
+            data = shipped[blob_id]
+            if ref != header.ref or need != (header.params.get("needs") or {}):
+                params = {**header.params, **({"needs": need} if need else {})}
+                data = pack_blob(replace(header, ref=ref, params=params), payload)
+            mapping[blob_id] = local_id = self._stage_blob(data, new_blobs, dirs)
+            needs.extend((local_id, n) for n in need.values())
+            return local_id
+
+        with self._lock(exclusive=False):
+            self._check_free([name])
+            for blob_id in tqdm(shipped, desc=f"import {name}", unit="blob",
+                                disable=not progress, leave=False):
+                put(blob_id)
+            for d in dirs:
+                fsync_dir(d)
+            created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            prov = {**manifest.get("provenance", {}), **(provenance or {})}
+            with self._transaction() as db:
+                self._check_free([name])
+                db.executemany("INSERT OR IGNORE INTO blobs(id, codec, ref, raw_sha256, "
+                               "raw_size, size) VALUES (?, ?, ?, ?, ?, ?)",
+                               [(k, *v) for k, v in new_blobs.items()])
+                db.executemany("INSERT OR IGNORE INTO blob_needs(blob, needs) VALUES (?, ?)",
+                               needs)
+                model_id = db.execute(
+                    "INSERT INTO models(name, kind, base_id, format, metrics, provenance, "
+                    "created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (name, kind, base_id, fmt, json.dumps(manifest.get("metrics", {})),
+                     json.dumps(prov), created)).lastrowid
+                db.executemany(
+                    "INSERT INTO files(model_id, path, role, blob) VALUES (?, ?, ?, ?)",
+                    [(model_id, p, role, mapping[b]) for p, role, b in manifest["files"]])
+                db.executemany(
+                    "INSERT INTO tensors(model_id, name, file, offset, dtype, shape, blob) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(model_id, t, f, off, dt, json.dumps(shape), mapping[b])
+                     for t, f, off, dt, shape, b in manifest["tensors"]])
+        return self.show(name)
 
     def ls(self) -> list[ModelInfo]:
         """All models, oldest first."""

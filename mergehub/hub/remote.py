@@ -1,0 +1,571 @@
+"""Push store entries to, and pull models from, the Hugging Face Hub (``hub push`` / ``hub pull``).
+
+Built on ``huggingface_hub.HfApi``; the endpoint and the token come the standard way
+(``HF_ENDPOINT``, ``HF_TOKEN``, ``hf auth login``), or as arguments. The token is only ever
+handed to ``huggingface_hub``: it is never printed, logged, stored in provenance or put in an
+error message (messages are also scrubbed of it, in case a server echoes it).
+
+A model goes into a repo in one or more *forms* (see ``docs/hub.md``):
+
+* ``peft``: a PEFT adapter's own files at the repo root (``adapter_config.json``,
+  ``adapter_model.safetensors``), loadable with ``PeftModel.from_pretrained(base, repo_id)``;
+* ``hf``: an HF model's own files (safetensors shards and index, config, tokenizer files), as
+  they were added, loadable with ``AutoModel.from_pretrained(repo_id)``;
+* ``mergehub``: the entry's own stored blobs under ``mergehub/blobs/<id>`` (a compressed delta
+  stays compressed), which ``pull`` puts back into a store that holds the same base without
+  decoding anything.
+
+Every push also writes ``mergehub/manifest.json`` (kind, base name and fingerprint, files,
+tensors and the sha256 of their bytes, codec, metrics, provenance) and a model card,
+``README.md``, in one commit: all files or none. A pull verifies every downloaded file against
+the hash the server reports for it (sha256 for LFS files, the git blob id for others) and
+against the manifest before anything is added to the store; downloads go to
+``STORE/downloads/<repo>--<commit>/`` and an interrupted pull picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from mergehub import __version__
+from mergehub.errors import BaseMismatchError, IntegrityError, MergehubError, RemoteError
+from mergehub.storage.checkpoint import ADAPTER_CONFIG, PICKLE_SUFFIXES, open_checkpoint
+from mergehub.storage.codec import sha256
+from mergehub.storage.store import ModelInfo, Store
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
+
+FORMS = ("peft", "hf", "mergehub")
+MANIFEST = "mergehub/manifest.json"
+BLOBS = "mergehub/blobs"
+#: Where a push keeps the entry's own files that the model card displaces (its README.md).
+SHADOW = "mergehub/files"
+CARD = "README.md"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What :func:`push` committed."""
+
+    repo_id: str
+    revision: str
+    commit: str
+    url: str
+    forms: list[str]
+    files: list[str]
+    bytes: int
+
+
+@dataclass(frozen=True)
+class PullResult:
+    """What :func:`pull` added: the new entry, and where it came from."""
+
+    info: ModelInfo
+    repo_id: str
+    revision: str
+    commit: str
+    form: str  # "mergehub", "hf" or "peft"
+    downloaded: list[str]
+
+
+def split_repo_ref(ref: str) -> tuple[str, str | None]:
+    """``"org/name@rev"`` -> ``("org/name", "rev")``; no ``@`` -> revision ``None``."""
+    repo_id, sep, revision = ref.partition("@")
+    if not _REPO_ID.match(repo_id) or (sep and not revision):
+        raise RemoteError(f"{ref!r} is not a repo id of the form ORG/NAME[@REVISION]")
+    return repo_id, revision or None
+
+
+# --- talking to the Hub ------------------------------------------------------------------------
+
+def _api(endpoint: str | None, token: str | None) -> "HfApi":
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=endpoint, token=token)
+
+
+def _public_endpoint(api: "HfApi") -> str:
+    """The endpoint URL without any ``user:password@`` part."""
+    parts = urlsplit(api.endpoint)
+    if parts.username is None and parts.password is None:
+        return api.endpoint
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=host))
+
+
+def _scrub(text: str, api: "HfApi") -> str:
+    """``text`` with the token in use (argument, HF_TOKEN or saved login) blanked out."""
+    from huggingface_hub import get_token
+
+    for secret in {api.token if isinstance(api.token, str) else None, get_token()}:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+@contextlib.contextmanager
+def _hub_errors(api: "HfApi", what: str, *, writing: bool = False) -> Iterator[None]:
+    """Turn ``huggingface_hub`` / HTTP exceptions into one-line :class:`RemoteError`\\ s."""
+    from huggingface_hub.errors import (
+        EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError)
+
+    where = _public_endpoint(api)
+    try:
+        yield
+    except MergehubError:
+        raise
+    except RevisionNotFoundError:
+        raise RemoteError(_scrub(f"{what}: revision not found on {where}", api)) from None
+    except EntryNotFoundError:
+        raise RemoteError(_scrub(f"{what}: file not found on {where}", api)) from None
+    except RepositoryNotFoundError as e:
+        status = e.response.status_code if e.response is not None else None
+        if writing and status in (401, 403):
+            raise RemoteError(_scrub(_no_write(what, where, status), api)) from None
+        raise _not_found(what, api) from None
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status in (401, 403):
+            raise RemoteError(_scrub(_no_write(what, where, status) if writing else
+                                     f"{what}: access denied by {where} (HTTP {status})",
+                                     api)) from None
+        detail = (e.server_message or str(e)).strip().splitlines()
+        raise RemoteError(_scrub(f"{what}: {where} answered HTTP {status}: "
+                                 f"{detail[0] if detail else ''}", api)) from None
+    except (OSError, ValueError, RuntimeError) as e:  # connection errors, malformed answers
+        cause = e.__cause__ or e
+        raise RemoteError(_scrub(f"{what}: {type(cause).__name__}: {cause} ({where})",
+                                 api)) from None
+
+
+def _not_found(what: str, api: "HfApi") -> RemoteError:
+    return RemoteError(_scrub(f"{what}: repository not found on {_public_endpoint(api)} (or not "
+                              "visible with your token; check the name, `hf auth login` or "
+                              "HF_TOKEN)", api))
+
+
+def _no_write(what: str, where: str, status: int) -> str:
+    return (f"{what}: no write permission on {where} (HTTP {status}): log in with "
+            "`hf auth login` or set HF_TOKEN to a token with write access")
+
+
+def _resolve_revision(api: "HfApi", repo_id: str, revision: str | None) -> tuple[str, str]:
+    """``(revision name, commit sha)``; clear errors for a missing repo or revision."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    with _hub_errors(api, repo_id):
+        try:
+            refs = api.list_repo_refs(repo_id)
+        except HfHubHTTPError as e:  # servers answer 401, 403 or 404 for a repo not there
+            if e.response is not None and e.response.status_code in (401, 403, 404):
+                raise _not_found(repo_id, api) from None
+            raise
+    revision = revision or "main"
+    names = {r.name: r.target_commit for r in [*refs.branches, *refs.tags]}
+    if revision in names:
+        return revision, names[revision]
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        with _hub_errors(api, f"{repo_id}@{revision}"):
+            next(iter(api.list_repo_tree(repo_id, revision=revision)), None)
+        return revision, revision
+    known = ", ".join(sorted(names)) or "none"
+    raise RemoteError(f"{repo_id}: revision {revision!r} not found (branches and tags: {known})")
+
+
+# --- hashing ---------------------------------------------------------------------------------
+
+def _file_hashes(path: Path) -> tuple[str, str]:
+    """(sha256, git blob sha1) of a file, read once."""
+    size = path.stat().st_size
+    h256, h1 = hashlib.sha256(), hashlib.sha1(f"blob {size}\0".encode())
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h256.update(chunk)
+            h1.update(chunk)
+    return h256.hexdigest(), h1.hexdigest()
+
+
+def _server_check(local: Path, remote: Any) -> str | None:
+    """Why ``local`` does not match the server's ``RepoFile`` ``remote``, or ``None``."""
+    digest, git_sha = _file_hashes(local)
+    if remote.lfs is not None:
+        if digest != remote.lfs.sha256 or local.stat().st_size != remote.lfs.size:
+            return f"sha256 {digest[:16]} but the server reports {remote.lfs.sha256[:16]}"
+    elif git_sha != remote.blob_id:
+        return f"git blob id {git_sha[:16]} but the server reports {remote.blob_id[:16]}"
+    return None
+
+
+# --- push --------------------------------------------------------------------------------------
+
+def _forms(info: ModelInfo, fmt: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """The forms to push: as asked, else peft for an adapter, hf + mergehub for a compressed
+    entry, hf otherwise."""
+    if not fmt:
+        if info.format == "peft":
+            return ["peft"]
+        return ["hf", "mergehub"] if "codec" in info.provenance else ["hf"]
+    forms = [fmt] if isinstance(fmt, str) else list(dict.fromkeys(fmt))
+    for form in forms:
+        if form not in FORMS:
+            raise RemoteError(f"unknown format {form!r} (one of {', '.join(FORMS)})")
+    if "peft" in forms and info.format != "peft":
+        raise RemoteError(f"{info.name!r} is not a PEFT adapter ({info.kind}, {info.format}): "
+                          "push it as hf or mergehub")
+    if "hf" in forms and info.format == "peft":
+        raise RemoteError(f"{info.name!r} is a PEFT adapter: push it as peft or mergehub")
+    return forms
+
+
+def _hub_repo_of(store: Store, info: ModelInfo) -> str | None:
+    """The Hub repo id of ``info``'s base, when known (pulled from the Hub, or named by an
+    adapter's ``base_model_name_or_path``)."""
+    if info.base is not None:
+        hub = store.show(info.base).provenance.get("hub") or {}
+        if hub.get("repo_id"):
+            return hub["repo_id"]
+    named = info.provenance.get("base_model_name_or_path")
+    return named if isinstance(named, str) and _REPO_ID.match(named) else None
+
+
+def model_card(info: ModelInfo, manifest: dict[str, Any], forms: list[str],
+               base_model: str | None, repo_id: str) -> str:
+    """The README.md written on push: YAML front matter after the Hub's model card conventions
+    (``base_model``, ``base_model_relation``, ``library_name``, ``tags``) plus a ``mergehub``
+    block (entry, base fingerprint, forms, codec and ratio, metrics), then a text body with how
+    to load it, the merge recipe, compression and metrics."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    prov = info.provenance
+    method, codec = prov.get("merge_method"), prov.get("codec")
+    files = {f[0] for f in manifest["files"]}
+    library = ("peft" if "peft" in forms else
+               "transformers" if "hf" in forms and "config.json" in files else "mergehub")
+    tags = ["mergehub"]
+    if info.kind == "merged":
+        tags += ["merge", *([method] if method else [])]
+    if info.format == "peft" and any(".lora_" in t[0] for t in manifest["tensors"]):
+        tags.append("lora")
+    if codec:
+        tags += ["compressed", codec]
+    relation = {"adapter": "adapter", "merged": "merge", "finetune": "finetune"}.get(info.kind)
+    block: dict[str, Any] = {"name": info.name, "kind": info.kind, "forms": forms,
+                             "version": __version__}
+    if manifest["base"]:
+        block["base"] = {"name": manifest["base"]["name"],
+                         "fingerprint": manifest["base"]["fingerprint"]}
+    ratio = None
+    if codec:
+        stats = info.codecs.get(codec, {})
+        ratio = stats.get("raw_bytes", 0) / max(1, stats.get("stored_bytes", 0))
+        block.update(codec=codec, codec_params=prov.get("codec_params", {}),
+                     compression_ratio=round(ratio, 3))
+    if info.metrics:
+        block["metrics"] = info.metrics
+    data = ModelCardData(base_model=base_model, library_name=library, tags=tags,
+                         **({"base_model_relation": relation} if base_model and relation else {}),
+                         mergehub=block)
+    against = f", against base `{manifest['base']['name']}`" if manifest["base"] else ""
+    lines = [f"# {repo_id.split('/')[-1]}", "",
+             f"`{info.name}`, a {info.kind} model pushed by mergehub {__version__}{against}.", ""]
+    lines += ["## Load it", "", "```python"]
+    if "peft" in forms:
+        lines += ["from peft import PeftModel", "from transformers import AutoModelForCausalLM",
+                  "", f"base = AutoModelForCausalLM.from_pretrained({base_model or 'BASE'!r})",
+                  f"model = PeftModel.from_pretrained(base, {repo_id!r})"]
+    elif "hf" in forms:
+        lines += ["from transformers import AutoModelForCausalLM", "",
+                  f"model = AutoModelForCausalLM.from_pretrained({repo_id!r})"]
+    lines += ["```", "", "Into a mergehub store (" + (
+        "restores the compressed blobs without decoding; needs the base in the store"
+        if "mergehub" in forms else "verified against `mergehub/manifest.json`") + "):", "",
+              "```bash", f"hub pull {repo_id}", "```", ""]
+    if prov.get("recipe"):
+        lines += ["## Merge recipe", "", "```yaml", prov["recipe"].rstrip(), "```", ""]
+    if codec:
+        lines += ["## Compression", "",
+                  f"Changed tensors stored with `{codec}` "
+                  f"({json.dumps(prov.get('codec_params', {}), sort_keys=True)}): "
+                  f"{ratio:.2f}x smaller than their raw bytes. The dense weights here are decoded "
+                  "from it; `mergehub/blobs/` holds the compressed form.", ""]
+    if info.metrics:
+        lines += ["## Metrics", "", "| metric | value |", "|---|---|",
+                  *(f"| {k} | {v} |" for k, v in sorted(info.metrics.items())), ""]
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def _owned(path: str) -> bool:
+    """Files a push replaces: left over from an earlier push, they are deleted in the commit."""
+    return (path.startswith("mergehub/") or path == ADAPTER_CONFIG
+            or path.endswith((".safetensors", ".safetensors.index.json")))
+
+
+def push(store: Store, name: str, repo_id: str, *, revision: str | None = None,
+         private: bool = False, fmt: str | list[str] | tuple[str, ...] | None = None,
+         base_model: str | None = None, message: str | None = None, token: str | None = None,
+         endpoint: str | None = None, progress: bool = True) -> PushResult:
+    """Push store entry ``name`` to the Hub repo ``repo_id`` in one commit.
+
+    Args:
+        revision: branch to commit to (created from ``main`` if missing); default ``main``.
+        private: create the repo private (no effect on an existing repo).
+        fmt: ``"peft"``, ``"hf"``, ``"mergehub"`` or a list of them (see the module
+            docstring); default: peft for an adapter, hf + mergehub for a compressed entry,
+            else hf.
+        base_model: Hub repo id of the base for the card's ``base_model``; default: the repo
+            the base was pulled from, or an adapter's ``base_model_name_or_path`` if it is one.
+        message: commit message.
+        token, endpoint: override ``HF_TOKEN`` / the saved login and ``HF_ENDPOINT``.
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    repo_id, at = split_repo_ref(repo_id)
+    revision = revision or at
+    info = store.show(name)
+    forms = _forms(info, fmt)
+    manifest = store.entry_manifest(name)
+    manifest["forms"] = forms
+    base_model = base_model or _hub_repo_of(store, info)
+    if manifest["base"] is not None and base_model:
+        manifest["base"]["hub"] = {**(manifest["base"]["hub"] or {}), "repo_id": base_model}
+    api = _api(endpoint, token)
+    branch = revision or "main"
+    with tempfile.TemporaryDirectory(prefix="mergehub-push-") as tmp:
+        files: dict[str, Path | bytes] = {}
+        if "hf" in forms or "peft" in forms:
+            out = store.export(name, Path(tmp) / "model", progress=progress)
+            for p in sorted(out.iterdir()):
+                files[f"{SHADOW}/{p.name}" if p.name == CARD else p.name] = p
+            if (out / CARD).exists():
+                manifest["shadowed"] = {CARD: f"{SHADOW}/{CARD}"}
+        if "mergehub" in forms:
+            for blob_id in manifest["blobs"]:
+                path = store.blob_path(blob_id)
+                if _file_hashes(path)[0] != blob_id:
+                    raise IntegrityError(f"model {name!r}: blob {blob_id[:16]} is corrupt in "
+                                         f"{store.root} (`hub verify`)")
+                files[f"{BLOBS}/{blob_id}"] = path
+        files[MANIFEST] = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+        files[CARD] = model_card(info, manifest, forms, base_model, repo_id).encode()
+        size = sum(len(s) if isinstance(s, bytes) else s.stat().st_size for s in files.values())
+        what = f"push {name!r} to {repo_id}@{branch}"
+        with _hub_errors(api, what, writing=True):
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if branch != "main":
+                branches = {b.name for b in api.list_repo_refs(repo_id).branches}
+                if branch not in branches:
+                    api.create_branch(repo_id, branch=branch, exist_ok=True)
+            stale = [p for p in api.list_repo_files(repo_id, revision=branch)
+                     if _owned(p) and p not in files]
+            ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=src if isinstance(src, bytes)
+                                      else str(src)) for p, src in files.items()]
+            ops += [CommitOperationDelete(path_in_repo=p) for p in stale]
+            commit = api.create_commit(
+                repo_id, ops, revision=branch,
+                commit_message=message or f"mergehub: push {name} ({' + '.join(forms)})")
+    return PushResult(repo_id, branch, commit.oid, commit.commit_url, forms, sorted(files), size)
+
+
+# --- pull --------------------------------------------------------------------------------------
+
+def _download(api: "HfApi", repo_id: str, commit: str, remote: dict[str, Any],
+              paths: list[str], into: Path, progress: bool) -> list[str]:
+    """Download ``paths`` of the repo at ``commit`` into ``into`` (same relative paths),
+    each checked against the server's hash. A file already there and matching is kept (an
+    interrupted pull resumes); a mismatching one is deleted and reported."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled, disable_progress_bars, enable_progress_bars)
+
+    fetched = []
+    was_disabled = are_progress_bars_disabled()
+    if not progress:
+        disable_progress_bars()
+    try:
+        for path in paths:
+            if path not in remote:
+                raise RemoteError(f"{repo_id}@{commit[:12]}: {path} is missing from the repo "
+                                  "(listed in the manifest)")
+            local = into / path
+            if local.is_file() and _server_check(local, remote[path]) is None:
+                continue
+            with _hub_errors(api, f"{repo_id}@{commit[:12]}: {path}"):
+                hf_hub_download(repo_id, path, revision=commit, local_dir=into,
+                                endpoint=api.endpoint, token=api.token)
+            problem = _server_check(local, remote[path])
+            if problem:
+                local.unlink()
+                raise IntegrityError(f"{repo_id}@{commit[:12]}: {path}: downloaded bytes have "
+                                     f"{problem} (corrupted in transit or on the server)")
+            fetched.append(path)
+    finally:
+        if not progress and not was_disabled:
+            enable_progress_bars()
+    return fetched
+
+
+def _find_base(store: Store, want: dict[str, Any] | None, base: str | None) -> str | None:
+    """The store model with the manifest's base fingerprint: ``base`` if given (checked), else
+    one found by fingerprint (preferring the same name), else ``None``."""
+    if want is None:
+        return base
+    if base is not None:
+        got = store.fingerprint(base)
+        if got != want["fingerprint"]:
+            raise BaseMismatchError(
+                f"{want['name']!r} (fingerprint {want['fingerprint'][:16]}) is the base this "
+                f"model needs, but {base!r} has other tensors (fingerprint {got[:16]})")
+        return base
+    matches = store.find_fingerprint(want["fingerprint"])
+    return (want["name"] if want["name"] in matches else matches[0]) if matches else None
+
+
+def _missing_base(repo_id: str, manifest: dict[str, Any], store: Store) -> BaseMismatchError:
+    want = manifest["base"]
+    hub = (want.get("hub") or {}).get("repo_id")
+    hint = f"`hub pull {hub}`" if hub else "add that base"
+    return BaseMismatchError(
+        f"{repo_id}: {manifest['name']!r} is stored as a delta against base {want['name']!r} "
+        f"({want['tensors']} tensors, fingerprint {want['fingerprint'][:16]}), which no model in "
+        f"store {store.root} matches: {hint} first, or pass --base NAME")
+
+
+def _peft_base(store: Store, model_dir: Path) -> str | None:
+    """The stored model a plain PEFT adapter's ``base_model_name_or_path`` names: an entry of
+    that name, or one pulled from that Hub repo."""
+    try:
+        named = json.loads((model_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(named, str) or not named:
+        return None
+    if named in store:
+        return named
+    for info in store.ls():
+        if (info.provenance.get("hub") or {}).get("repo_id") == named:
+            return info.name
+    return None
+
+
+def _check_dense(model_dir: Path, manifest: dict[str, Any], repo_id: str) -> None:
+    """Check the downloaded files against the manifest: every tensor's bytes and every side
+    file's content hash to what the pushing store recorded."""
+    raw = {**{k: v["raw_sha256"] for k, v in manifest["blobs"].items()}, **manifest["external"]}
+    with open_checkpoint(model_dir) as ckpt:
+        for tname, file, _, _, _, blob in manifest["tensors"]:
+            if tname not in ckpt.tensors or sha256(ckpt.read_bytes(tname)) != raw[blob]:
+                raise IntegrityError(f"{repo_id}: tensor {tname!r} in {file} does not match "
+                                     "the manifest's sha256")
+        for path, role, blob in manifest["files"]:
+            data = (ckpt.headers[path].raw if role == "weights"
+                    else (model_dir / path).read_bytes())
+            if sha256(data) != raw[blob]:
+                raise IntegrityError(f"{repo_id}: {path} does not match the manifest's sha256")
+
+
+def pull(store: Store, repo_id: str, *, revision: str | None = None, name: str | None = None,
+         subfolder: str | None = None, base: str | None = None, token: str | None = None,
+         endpoint: str | None = None, progress: bool = True) -> PullResult:
+    """Add the model in Hub repo ``repo_id`` (``ORG/NAME`` or ``ORG/NAME@REVISION``) to
+    ``store``.
+
+    A repo pushed by mergehub is restored from its manifest: the ``mergehub`` form (blobs,
+    never decoded) when present, else the hf/peft files, checked tensor by tensor against the
+    manifest; its base is the store model with the base fingerprint the manifest records.
+    Any other PEFT adapter or HF model repo (safetensors) is added like ``hub add`` would.
+
+    Args:
+        revision: branch, tag or commit sha (default: the ``@REVISION`` of ``repo_id``, else
+            ``main``).
+        name: name of the new entry (default: the pushed entry's name, else the repo's name).
+        subfolder: the model is in this folder of the repo.
+        base: stored model to use as the base (checked against the manifest's fingerprint); by
+            default found by fingerprint, or for a plain PEFT adapter by its
+            ``base_model_name_or_path`` (an entry of that name, or pulled from that repo).
+        token, endpoint: override ``HF_TOKEN`` / the saved login and ``HF_ENDPOINT``.
+    """
+    from huggingface_hub.hf_api import RepoFile
+
+    repo_id, at = split_repo_ref(repo_id)
+    api = _api(endpoint, token)
+    revision, commit = _resolve_revision(api, repo_id, revision or at)
+    folder = subfolder.strip("/") if subfolder else ""
+    prefix = f"{folder}/" if folder else ""
+    with _hub_errors(api, f"{repo_id}@{revision}"):
+        remote = {f.path: f for f in api.list_repo_tree(repo_id, revision=commit, recursive=True,
+                                                       path_in_repo=folder or None)
+                  if isinstance(f, RepoFile)}
+    if not remote:
+        raise RemoteError(f"{repo_id}@{revision}: no files" + (f" under {folder!r}" if folder
+                                                               else ""))
+    slug = "--".join([repo_id.replace("/", "--"), commit, *([folder.replace("/", "--")]
+                                                            if folder else [])])
+    staging = store.root / "downloads" / slug
+    staging.mkdir(parents=True, exist_ok=True)
+    hub = {"repo_id": repo_id, "revision": revision, "commit": commit,
+           "endpoint": _public_endpoint(api), **({"subfolder": folder} if folder else {})}
+    fetched: list[str] = []
+
+    def get(paths: list[str]) -> None:
+        fetched.extend(_download(api, repo_id, commit, remote, paths, staging, progress))
+
+    model_dir = staging / folder
+    if prefix + MANIFEST in remote:
+        get([prefix + MANIFEST])
+        try:
+            manifest = json.loads((staging / prefix / MANIFEST).read_text())
+            if manifest.get("mergehub_manifest") != 1:
+                raise ValueError("unknown manifest version")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise IntegrityError(f"{repo_id}: {prefix + MANIFEST} is not a mergehub manifest "
+                                 f"({e})") from None
+        name = name or manifest["name"]
+        base_name = _find_base(store, manifest["base"], base)
+        if "mergehub" in manifest.get("forms", []):
+            if manifest["base"] is not None and base_name is None:
+                raise _missing_base(repo_id, manifest, store)
+            get([f"{prefix}{BLOBS}/{b}" for b in manifest["blobs"]])
+            info = store.import_entry(manifest, staging / prefix / BLOBS, name, base=base_name,
+                                      provenance={"hub": hub}, progress=progress)
+            form = "mergehub"
+        else:
+            shadowed = manifest.get("shadowed", {})
+            get([prefix + shadowed.get(p, p) for p, _, _ in manifest["files"]])
+            for path, source in shadowed.items():
+                shutil.copyfile(staging / prefix / source, model_dir / path)
+            _check_dense(model_dir, manifest, repo_id)
+            info = store.add(model_dir, name, base=base_name, kind=manifest["kind"],
+                             metrics=manifest["metrics"],
+                             provenance={**manifest["provenance"], "hub": hub}, progress=progress)
+            form = manifest["format"]
+    else:
+        top = sorted(p for p in remote if "/" not in p[len(prefix):]
+                     and not p[len(prefix):].startswith("."))
+        if not any(p.endswith(".safetensors") for p in top):
+            pickles = [p for p in top if p.lower().endswith(PICKLE_SUFFIXES)]
+            raise RemoteError(f"{repo_id}@{revision}: no safetensors weights" + (
+                f" ({pickles[0]} is a pickle checkpoint, which mergehub refuses to load: it can "
+                "run arbitrary code)" if pickles else (f" under {folder!r}" if folder else "")))
+        get([p for p in top if not p.lower().endswith(PICKLE_SUFFIXES)])
+        form = "peft" if prefix + ADAPTER_CONFIG in top else "hf"
+        if base is None and form == "peft":
+            base = _peft_base(store, model_dir)
+        default = repo_id.split("/")[-1] + (f"-{folder.replace('/', '-')}" if folder else "")
+        info = store.add(model_dir, name or default, base=base, provenance={"hub": hub},
+                         progress=progress)
+    shutil.rmtree(staging, ignore_errors=True)
+    return PullResult(info, repo_id, revision, commit, form, fetched)
