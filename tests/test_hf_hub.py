@@ -18,7 +18,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from mergehub.errors import BaseMismatchError, IntegrityError, RemoteError
+from mergehub.errors import BaseMismatchError, IntegrityError, RemoteError, StoreError
 from mergehub.hub.cli import cli
 from mergehub.hub.demo import dir_digests, make_finetune, make_tiny_llama
 from mergehub.hub.remote import MANIFEST, pull, push, split_repo_ref
@@ -121,7 +121,7 @@ def test_base_round_trip_bit_exact(hf, models, tmp_path):
         assert got.info.name == "base" and got.info.kind == "base" and got.form == "hf"
         assert got.info.provenance["hub"]["repo_id"] == repo
         assert _export(b, "base", tmp_path / "b-out") == want == dir_digests(models["sharded-bf16"])
-        assert not (b.root / "downloads" / f"{repo.replace('/', '--')}--{got.commit}").exists()
+        assert list((b.root / "transfers").iterdir()) == []  # the download folder is gone
 
 
 @pytest.fixture
@@ -307,7 +307,7 @@ def test_revisions_branches_and_commits(hf, models, pushed_base, tmp_path):
         with pytest.raises(RemoteError, match=r"revision 'nope' not found \(branches and tags: "
                                               r"exp, main\)"):
             pull(b, f"{repo}@nope", progress=False)
-        with pytest.raises(RemoteError, match="revision not found|not found"):
+        with pytest.raises(RemoteError, match=f"revision '{'0' * 40}' not found"):
             pull(b, repo, revision="0" * 40, name="w", progress=False)
     # a second push to main replaces the model files and deletes what it no longer has
     push(a, "base", repo, fmt="mergehub", progress=False)
@@ -331,6 +331,9 @@ def test_failures_missing_repo_and_write_permission(hf, models, tmp_path):
             push(s, "base", repo, fmt="peft", progress=False)
     with pytest.raises(RemoteError, match="ORG/NAME"):
         split_repo_ref("no-slash")
+    with pytest.raises(RemoteError, match=r"org/x: ConnectError: .*\(http://127.0.0.1:1\)"):
+        with _new_store(tmp_path / "t") as t:
+            pull(t, "org/x", endpoint="http://127.0.0.1:1", progress=False)
 
 
 def test_corrupted_file_is_refused_and_nothing_added(hf, models, pushed_base, tmp_path):
@@ -388,6 +391,10 @@ def test_interrupted_pull_resumes(hf, models, pushed_base, tmp_path):
         with pytest.raises(RemoteError, match=f"{shards[-1]}: file not found"):
             pull(b, repo, progress=False)
         assert "ft" not in b
+        staged = list((b.root / "transfers").iterdir())
+        assert len(staged) == 1 and (staged[0] / shards[0]).is_file()
+        with pytest.raises(StoreError, match="'base' already exists"):
+            pull(b, repo, name="base", progress=False)  # refused before any download
         hf.hub.fail.clear()
         seen = len(hf.hub.requests)
         got = pull(b, repo, progress=False)

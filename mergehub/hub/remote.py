@@ -20,7 +20,7 @@ tensors and the sha256 of their bytes, codec, metrics, provenance) and a model c
 ``README.md``, in one commit: all files or none. A pull verifies every downloaded file against
 the hash the server reports for it (sha256 for LFS files, the git blob id for others) and
 against the manifest before anything is added to the store; downloads go to
-``STORE/downloads/<repo>--<commit>/`` and an interrupted pull picks up where it stopped.
+``STORE/transfers/pull-<repo>--<commit>/`` and an interrupted pull picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -38,10 +38,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+from tqdm.auto import tqdm
+
 from mergehub import __version__
-from mergehub.errors import BaseMismatchError, IntegrityError, MergehubError, RemoteError
+from mergehub.errors import (
+    BaseMismatchError, IntegrityError, MergehubError, RemoteError, StoreError)
 from mergehub.storage.checkpoint import ADAPTER_CONFIG, PICKLE_SUFFIXES, open_checkpoint
 from mergehub.storage.codec import sha256
+from mergehub.storage.parallel import ordered_map
 from mergehub.storage.store import ModelInfo, Store
 
 if TYPE_CHECKING:
@@ -53,6 +57,8 @@ BLOBS = "mergehub/blobs"
 #: Where a push keeps the entry's own files that the model card displaces (its README.md).
 SHADOW = "mergehub/files"
 CARD = "README.md"
+#: Folder of the store for pull downloads and push exports (same disk as the store).
+TRANSFERS = "transfers"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CHUNK = 1 << 20
 
@@ -120,8 +126,9 @@ def _scrub(text: str, api: "HfApi") -> str:
 @contextlib.contextmanager
 def _hub_errors(api: "HfApi", what: str, *, writing: bool = False) -> Iterator[None]:
     """Turn ``huggingface_hub`` / HTTP exceptions into one-line :class:`RemoteError`\\ s."""
-    from huggingface_hub.errors import (
-        EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (  # HTTPError: the base error of the HTTP client it uses
+        EntryNotFoundError, HfHubHTTPError, HTTPError, RepositoryNotFoundError,
+        RevisionNotFoundError)
 
     where = _public_endpoint(api)
     try:
@@ -146,7 +153,7 @@ def _hub_errors(api: "HfApi", what: str, *, writing: bool = False) -> Iterator[N
         detail = (e.server_message or str(e)).strip().splitlines()
         raise RemoteError(_scrub(f"{what}: {where} answered HTTP {status}: "
                                  f"{detail[0] if detail else ''}", api)) from None
-    except (OSError, ValueError, RuntimeError) as e:  # connection errors, malformed answers
+    except (HTTPError, OSError, ValueError, RuntimeError) as e:  # unreachable, malformed answers
         cause = e.__cause__ or e
         raise RemoteError(_scrub(f"{what}: {type(cause).__name__}: {cause} ({where})",
                                  api)) from None
@@ -178,35 +185,41 @@ def _resolve_revision(api: "HfApi", repo_id: str, revision: str | None) -> tuple
     names = {r.name: r.target_commit for r in [*refs.branches, *refs.tags]}
     if revision in names:
         return revision, names[revision]
-    if re.fullmatch(r"[0-9a-f]{40}", revision):
-        with _hub_errors(api, f"{repo_id}@{revision}"):
-            next(iter(api.list_repo_tree(repo_id, revision=revision)), None)
-        return revision, revision
     known = ", ".join(sorted(names)) or "none"
-    raise RemoteError(f"{repo_id}: revision {revision!r} not found (branches and tags: {known})")
+    missing = RemoteError(f"{repo_id}: revision {revision!r} not found (branches and tags: "
+                          f"{known})")
+    if not re.fullmatch(r"[0-9a-f]{40}", revision):
+        raise missing
+    with _hub_errors(api, f"{repo_id}@{revision}"):
+        try:
+            next(iter(api.list_repo_tree(repo_id, revision=revision)), None)
+        except HfHubHTTPError as e:  # the repo is there: 401/404 mean no such commit
+            if e.response is not None and e.response.status_code in (401, 404):
+                raise missing from None
+            raise
+    return revision, revision
 
 
 # --- hashing ---------------------------------------------------------------------------------
 
-def _file_hashes(path: Path) -> tuple[str, str]:
-    """(sha256, git blob sha1) of a file, read once."""
-    size = path.stat().st_size
-    h256, h1 = hashlib.sha256(), hashlib.sha1(f"blob {size}\0".encode())
+def _file_digest(path: Path, git_blob: bool = False) -> str:
+    """sha256 of a file, or its git blob id (sha1 of ``blob <size>\\0`` + content)."""
+    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode()) if git_blob else hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
-            h256.update(chunk)
-            h1.update(chunk)
-    return h256.hexdigest(), h1.hexdigest()
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _server_check(local: Path, remote: Any) -> str | None:
-    """Why ``local`` does not match the server's ``RepoFile`` ``remote``, or ``None``."""
-    digest, git_sha = _file_hashes(local)
+    """Why ``local`` does not match the server's ``RepoFile`` ``remote``, or ``None``: the
+    sha256 of an LFS file (what its pointer records), else the git blob id."""
     if remote.lfs is not None:
+        digest = _file_digest(local)
         if digest != remote.lfs.sha256 or local.stat().st_size != remote.lfs.size:
             return f"sha256 {digest[:16]} but the server reports {remote.lfs.sha256[:16]}"
-    elif git_sha != remote.blob_id:
-        return f"git blob id {git_sha[:16]} but the server reports {remote.blob_id[:16]}"
+    elif (digest := _file_digest(local, git_blob=True)) != remote.blob_id:
+        return f"git blob id {digest[:16]} but the server reports {remote.blob_id[:16]}"
     return None
 
 
@@ -344,7 +357,9 @@ def push(store: Store, name: str, repo_id: str, *, revision: str | None = None,
         manifest["base"]["hub"] = {**(manifest["base"]["hub"] or {}), "repo_id": base_model}
     api = _api(endpoint, token)
     branch = revision or "main"
-    with tempfile.TemporaryDirectory(prefix="mergehub-push-") as tmp:
+    transfers = store.root / TRANSFERS
+    transfers.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="push-", dir=transfers) as tmp:
         files: dict[str, Path | bytes] = {}
         if "hf" in forms or "peft" in forms:
             out = store.export(name, Path(tmp) / "model", progress=progress)
@@ -355,7 +370,7 @@ def push(store: Store, name: str, repo_id: str, *, revision: str | None = None,
         if "mergehub" in forms:
             for blob_id in manifest["blobs"]:
                 path = store.blob_path(blob_id)
-                if _file_hashes(path)[0] != blob_id:
+                if _file_digest(path) != blob_id:
                     raise IntegrityError(f"model {name!r}: blob {blob_id[:16]} is corrupt in "
                                          f"{store.root} (`hub verify`)")
                 files[f"{BLOBS}/{blob_id}"] = path
@@ -384,38 +399,43 @@ def push(store: Store, name: str, repo_id: str, *, revision: str | None = None,
 
 def _download(api: "HfApi", repo_id: str, commit: str, remote: dict[str, Any],
               paths: list[str], into: Path, progress: bool) -> list[str]:
-    """Download ``paths`` of the repo at ``commit`` into ``into`` (same relative paths),
-    each checked against the server's hash. A file already there and matching is kept (an
-    interrupted pull resumes); a mismatching one is deleted and reported."""
+    """Download ``paths`` of the repo at ``commit`` into ``into`` (same relative paths), a few
+    at a time, each checked against the server's hash; returns those fetched. A file already
+    there and matching is kept (an interrupted pull resumes); a mismatching download is deleted
+    and reported."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import (
         are_progress_bars_disabled, disable_progress_bars, enable_progress_bars)
 
-    fetched = []
+    for path in paths:
+        if path not in remote:
+            raise RemoteError(f"{repo_id}@{commit[:12]}: {path} is missing from the repo "
+                              "(listed in the manifest)")
+    todo = [p for p in paths if not ((into / p).is_file()
+                                     and _server_check(into / p, remote[p]) is None)]
+
+    def fetch(path: str) -> str:
+        with _hub_errors(api, f"{repo_id}@{commit[:12]}: {path}"):
+            hf_hub_download(repo_id, path, revision=commit, local_dir=into,
+                            endpoint=api.endpoint, token=api.token)
+        problem = _server_check(into / path, remote[path])
+        if problem:
+            (into / path).unlink()
+            raise IntegrityError(f"{repo_id}@{commit[:12]}: {path}: downloaded bytes have "
+                                 f"{problem} (corrupted in transit or on the server)")
+        return path
+
     was_disabled = are_progress_bars_disabled()
-    if not progress:
-        disable_progress_bars()
+    disable_progress_bars()  # one bar for the whole pull instead of one per file
     try:
-        for path in paths:
-            if path not in remote:
-                raise RemoteError(f"{repo_id}@{commit[:12]}: {path} is missing from the repo "
-                                  "(listed in the manifest)")
-            local = into / path
-            if local.is_file() and _server_check(local, remote[path]) is None:
-                continue
-            with _hub_errors(api, f"{repo_id}@{commit[:12]}: {path}"):
-                hf_hub_download(repo_id, path, revision=commit, local_dir=into,
-                                endpoint=api.endpoint, token=api.token)
-            problem = _server_check(local, remote[path])
-            if problem:
-                local.unlink()
-                raise IntegrityError(f"{repo_id}@{commit[:12]}: {path}: downloaded bytes have "
-                                     f"{problem} (corrupted in transit or on the server)")
-            fetched.append(path)
+        with tqdm(total=sum(remote[p].size for p in todo), unit="B", unit_scale=True,
+                  desc=f"pull {repo_id}", disable=not progress, leave=False) as bar:
+            for path in ordered_map(fetch, todo, workers=8):
+                bar.update(remote[path].size)
     finally:
-        if not progress and not was_disabled:
+        if not was_disabled:
             enable_progress_bars()
-    return fetched
+    return todo
 
 
 def _find_base(store: Store, want: dict[str, Any] | None, base: str | None) -> str | None:
@@ -459,6 +479,13 @@ def _peft_base(store: Store, model_dir: Path) -> str | None:
         if (info.provenance.get("hub") or {}).get("repo_id") == named:
             return info.name
     return None
+
+
+def _check_free(store: Store, name: str) -> None:
+    """Refuse a taken name before downloading anything."""
+    if name in store:
+        raise StoreError(f"a model named {name!r} already exists in store {store.root} "
+                         "(pass --name, or `hub rm` it first)")
 
 
 def _check_dense(model_dir: Path, manifest: dict[str, Any], repo_id: str) -> None:
@@ -514,7 +541,7 @@ def pull(store: Store, repo_id: str, *, revision: str | None = None, name: str |
                                                                else ""))
     slug = "--".join([repo_id.replace("/", "--"), commit, *([folder.replace("/", "--")]
                                                             if folder else [])])
-    staging = store.root / "downloads" / slug
+    staging = store.root / TRANSFERS / f"pull-{slug}"
     staging.mkdir(parents=True, exist_ok=True)
     hub = {"repo_id": repo_id, "revision": revision, "commit": commit,
            "endpoint": _public_endpoint(api), **({"subfolder": folder} if folder else {})}
@@ -534,6 +561,7 @@ def pull(store: Store, repo_id: str, *, revision: str | None = None, name: str |
             raise IntegrityError(f"{repo_id}: {prefix + MANIFEST} is not a mergehub manifest "
                                  f"({e})") from None
         name = name or manifest["name"]
+        _check_free(store, name)
         base_name = _find_base(store, manifest["base"], base)
         if "mergehub" in manifest.get("forms", []):
             if manifest["base"] is not None and base_name is None:
@@ -560,12 +588,12 @@ def pull(store: Store, repo_id: str, *, revision: str | None = None, name: str |
             raise RemoteError(f"{repo_id}@{revision}: no safetensors weights" + (
                 f" ({pickles[0]} is a pickle checkpoint, which mergehub refuses to load: it can "
                 "run arbitrary code)" if pickles else (f" under {folder!r}" if folder else "")))
+        name = name or repo_id.split("/")[-1] + (f"-{folder.replace('/', '-')}" if folder else "")
+        _check_free(store, name)
         get([p for p in top if not p.lower().endswith(PICKLE_SUFFIXES)])
         form = "peft" if prefix + ADAPTER_CONFIG in top else "hf"
         if base is None and form == "peft":
             base = _peft_base(store, model_dir)
-        default = repo_id.split("/")[-1] + (f"-{folder.replace('/', '-')}" if folder else "")
-        info = store.add(model_dir, name or default, base=base, provenance={"hub": hub},
-                         progress=progress)
+        info = store.add(model_dir, name, base=base, provenance={"hub": hub}, progress=progress)
     shutil.rmtree(staging, ignore_errors=True)
     return PullResult(info, repo_id, revision, commit, form, fetched)
