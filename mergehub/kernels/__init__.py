@@ -26,6 +26,7 @@ Triton is imported), ``"torch"`` the reference.
 from __future__ import annotations
 
 import math
+import struct
 from typing import Any
 
 import torch
@@ -41,6 +42,7 @@ __all__ = ["merge_tensor", "magnitude_thresholds", "magnitude_threshold", "apply
 _ELECT = {None: 0, "sum": 1, "count": 2}
 #: magnitude_thresholds: ~2**18 sampled values (blocks of 128) bracket each k-th largest
 SAMPLE_BLOCK, SAMPLE_SIZE = 128, 1 << 18
+HIST_BITS = 20  # magnitude_thresholds: histogram bins per input and pass
 
 
 def triton_available() -> bool:
@@ -128,17 +130,15 @@ def merge_tensor(base: torch.Tensor, thetas: list[torch.Tensor], *, weights: lis
     from mergehub.kernels import triton_kernels
 
     nk = len(thetas)
-    coef = torch.tensor(
-        [weights,
-         [-math.inf if th is None else th for th in (thresholds or [None] * nk)],
-         scales or [1.0] * nk, tall_lambdas or [0.0] * nk], dtype=torch.float32)
+    coef = [weights, [-math.inf if th is None else th for th in (thresholds or [None] * nk)],
+            scales or [1.0] * nk, tall_lambdas or [0.0] * nk]
     flat = [t.contiguous().reshape(-1) for t in (base, *thetas)]
     out = torch.empty(base.numel(), dtype=out_dtype, device=base.device)
     total = sum(weights)
     consensus = 1 if tall_lambdas is not None else 2 if packed is not None else 0
     if base.numel():
         triton_kernels.merge(
-            flat[0], flat[1:], out, coef.to(base.device), packed, float(lam),
+            flat[0], flat[1:], out, coef, packed, float(lam),
             total if abs(total) >= 1e-8 else 1.0, int(k), trim=thresholds is not None,
             scale=scales is not None, elect=_ELECT[elect], normalize=normalize,
             consensus=consensus)
@@ -207,7 +207,9 @@ def magnitude_threshold(base: torch.Tensor, theta: torch.Tensor, density: float,
 
 
 def _select(base: torch.Tensor, thetas: list[torch.Tensor], ks: list[int]) -> list[float]:
-    """Exact k-th largest |θt − base| per input (flat tensors), by sample bracket + one pass."""
+    """Exact k-th largest |θt − base| per input (flat tensors): sample bracket, then one pass
+    histogramming the bracket's float bit patterns (one bin each when it spans at most
+    2**HIST_BITS of them, as a few-% bracket does; else a pass per narrowing)."""
     from mergehub.kernels import triton_kernels
 
     n, dev = base.numel(), base.device
@@ -218,36 +220,55 @@ def _select(base: torch.Tensor, thetas: list[torch.Tensor], ks: list[int]) -> li
     def sampled(x: torch.Tensor) -> torch.Tensor:
         x = x[sample_idx]
         return x.reshape(-1, SAMPLE_BLOCK)[::stride].reshape(-1) if blocks else x
+
     b = sampled(base).float()
-    sample = torch.stack([(sampled(t).float() - b).abs() for t in thetas])
-    sample = torch.sort(sample, dim=1, descending=True).values
+    sample = torch.sort(torch.stack([(sampled(t).float() - b).abs() for t in thetas]), dim=1,
+                        descending=True).values
     m = sample.shape[1]
-    hi_idx, lo_idx, widest = [], [], 0
+    hi_idx, lo_idx = [], []
     for kk in ks:
         p = kk * m / n
         margin = 8 * math.sqrt(p * max(0.0, 1 - p / m)) + 32
-        hi_idx.append(int(p - margin) if p - margin >= 0 else -1)
-        lo_idx.append(int(p + margin) if p + margin < m else m)
-        widest = max(widest, lo_idx[-1] - max(hi_idx[-1], 0))
-    padded = torch.cat([torch.full((len(ks), 1), math.inf, device=dev), sample,
-                        torch.full((len(ks), 1), -math.inf, device=dev)], dim=1)
-    idx = torch.tensor([lo_idx, hi_idx], device=dev).T + 1  # [K, 2]: -1 -> +inf, m -> -inf
-    bounds = padded.gather(1, idx).T.contiguous()  # [2, K] = lo, hi
-    cap = min(n, int(widest * n / m * 1.5) + 4096)
-    counts, cand = triton_kernels.bracket(base, thetas, bounds, cap)
-    above, inside = counts.tolist()
-    picks = []
+        hi_idx.append(int(p - margin) + 1 if p - margin >= 0 else 0)
+        lo_idx.append(int(p + margin) + 1 if p + margin < m else m + 1)
+    big = torch.full((len(ks), 1), math.inf, device=dev)
+    padded = torch.cat([big, sample, -big], dim=1)  # index 0: +inf, m + 1: -inf
+    bounds = padded.gather(1, torch.tensor([lo_idx, hi_idx], device=dev).T)
+    bits = bounds.clamp(min=0).view(torch.int32).long()  # -inf -> bits of 0.0
+    lo, hi = bits[:, 0].tolist(), bits[:, 1].tolist()
+    found: list[float | None] = [None] * len(ks)
+    todo = list(range(len(ks)))
+    for _ in range(3):  # a pass narrows a bracket 2**HIST_BITS-fold; one is the usual case
+        shifts = [max(0, (hi[t] - lo[t]).bit_length() - HIST_BITS) for t in todo]
+        bracket = torch.tensor([[lo[t] for t in todo], [hi[t] for t in todo], shifts],
+                               dtype=torch.int32, device=dev)
+        bins = max((hi[t] - lo[t] >> sh) + 1 for t, sh in zip(todo, shifts))
+        counts, hist = triton_kernels.bracket_histogram(base, [thetas[t] for t in todo],
+                                                        bracket, bins)
+        at_least = counts[:, None].long() + hist.flip(1).cumsum(1).flip(1)  # >= each bin
+        want = torch.tensor([ks[t] for t in todo], device=dev)
+        nbin = ((at_least >= want[:, None]).sum(1) - 1).clamp(min=0)
+        stats = torch.stack([counts.long(), hist.sum(1), nbin]).T.tolist()
+        again = []
+        for t, shift, (above_t, inside, bin_t) in zip(todo, shifts, stats):
+            if not above_t < ks[t] <= above_t + inside:
+                continue  # the sample's bracket missed: found[t] stays None
+            low = lo[t] + (bin_t << shift)
+            if shift == 0:
+                found[t] = struct.unpack("<f", struct.pack("<i", low))[0]
+                continue
+            lo[t], hi[t] = low, min(hi[t], low + (1 << shift) - 1)
+            again.append(t)
+        todo = again
+        if not todo:
+            break
+    out = []
     for t, kk in enumerate(ks):
-        r = kk - above[t]
-        if 0 < r <= inside[t] <= cap:
-            vals = cand[t, :inside[t]]
-            picks.append(torch.topk(vals, r, sorted=False).values.min() if 2 * r <= inside[t]
-                         else torch.topk(vals, inside[t] - r + 1, largest=False,
-                                         sorted=False).values.max())
-        else:  # the sample's bracket missed: select over the whole input
-            full = (thetas[t].float() - base.float()).abs()
-            picks.append(torch.topk(full, kk, sorted=False).values.min())
-    return [float(v) for v in torch.stack(picks).tolist()]
+        if found[t] is None:  # select over the whole input instead
+            full = (thetas[t].float() - base.float()).abs().reshape(-1)
+            found[t] = float(torch.topk(full, kk, sorted=False).values.min())
+        out.append(found[t])
+    return out
 
 
 def apply_deltas(base: torch.Tensor, deltas: list[Delta], scales: list[float] | None = None, *,

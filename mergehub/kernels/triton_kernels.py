@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-MERGE_BLOCK = 1024  # elements per program: 8 bf16 (16 bytes) per thread with 4 warps
+MERGE_BLOCK = 512  # elements per program (measured best on an H100: benchmarks/RESULTS.md)
 MERGE_WARPS = 4
 SELECT_BLOCK = 2048
 APPLY_BM, APPLY_BN = 32, 128  # decompress-and-apply tile; low-rank factors are padded to 16
@@ -46,11 +46,27 @@ def _packed_bit(ptr, off, m):
 
 
 @triton.jit
-def _merge_kernel(base_ptr, thetas, out_ptr, coef_ptr, masks_ptr, n, mask_stride, lam, total,
-                  votes_needed, K: tl.constexpr, TRIM: tl.constexpr, SCALE: tl.constexpr,
+def _tile_bits(ptr, r, c0, rows, cols, off, m, ALIGNED: tl.constexpr, BM: tl.constexpr,
+               BN: tl.constexpr):
+    """The packed bits of a [BM, BN] tile at rows ``r``, columns from ``c0``, as bool. With
+    ``ALIGNED`` (cols % 8 == 0) each byte is loaded once and split into its 8 bits."""
+    if ALIGNED:
+        cb = c0 // 8 + tl.arange(0, BN // 8)
+        bm = (r[:, None] < rows) & (cb[None, :] < cols // 8)
+        byte = tl.load(ptr + r[:, None] * (cols // 8) + cb[None, :], mask=bm, other=0)
+        shift = 7 - tl.arange(0, 8)
+        bits = (byte.to(tl.int32)[:, :, None] >> shift[None, None, :]) & 1
+        return tl.reshape(bits, (BM, BN)) != 0
+    else:
+        return _packed_bit(ptr, off, m)
+
+
+@triton.jit
+def _merge_kernel(base_ptr, thetas, out_ptr, weights, thresholds, scales, tall_lambdas,
+                  masks_ptr, n, mask_stride, lam, total, votes_needed, K: tl.constexpr, TRIM: tl.constexpr, SCALE: tl.constexpr,
                   ELECT: tl.constexpr, NORMALIZE: tl.constexpr, CONSENSUS: tl.constexpr,
                   OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
-    # coef_ptr: float32 [4, K] = weights, thresholds, scales, TALL lambdas.
+    # weights, thresholds, scales, tall_lambdas: K float32 scalars each.
     # ELECT: 0 none, 1 sum, 2 count. CONSENSUS: 0 none, 1 TALL masks computed here, 2 given.
     off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = off < n
@@ -62,10 +78,10 @@ def _merge_kernel(base_ptr, thetas, out_ptr, coef_ptr, masks_ptr, n, mask_stride
         taus = taus + (tau,)
         d = tau
         if TRIM:
-            d = tl.where(tl.abs(d) >= tl.load(coef_ptr + K + t), d, 0.0)
+            d = tl.where(tl.abs(d) >= thresholds[t], d, 0.0)
         if SCALE:
-            d = d * tl.load(coef_ptr + 2 * K + t)
-        ds = ds + (d * tl.load(coef_ptr + t),)
+            d = d * scales[t]
+        ds = ds + (d * weights[t],)
     mixed = tl.zeros([BLOCK], tl.float32)
     if ELECT == 0:
         for t in tl.static_range(K):
@@ -84,14 +100,14 @@ def _merge_kernel(base_ptr, thetas, out_ptr, coef_ptr, masks_ptr, n, mask_stride
         for t in tl.static_range(K):
             agree = tl.where(positive, ds[t] > 0, ds[t] < 0)
             mixed += tl.where(agree, ds[t], 0.0)
-            divisor += tl.where(agree, tl.load(coef_ptr + t), 0.0)
+            divisor += tl.where(agree, weights[t], 0.0)
         if NORMALIZE:
             mixed = tl.math.div_rn(mixed, tl.where(divisor == 0, 1.0, divisor))
     if CONSENSUS != 0:
         votes = tl.zeros([BLOCK], tl.int32)
         for t in tl.static_range(K):
             if CONSENSUS == 1:
-                keep = tl.abs(taus[t]) >= tl.load(coef_ptr + 3 * K + t) * tl.abs(mixed - taus[t])
+                keep = tl.abs(taus[t]) >= tall_lambdas[t] * tl.abs(mixed - taus[t])
             else:
                 keep = _packed_bit(masks_ptr + t * mask_stride, off, m)
             votes += keep.to(tl.int32)
@@ -100,14 +116,16 @@ def _merge_kernel(base_ptr, thetas, out_ptr, coef_ptr, masks_ptr, n, mask_stride
 
 
 def merge(base: torch.Tensor, thetas: list[torch.Tensor], out: torch.Tensor,
-          coef: torch.Tensor, masks: torch.Tensor | None, lam: float, total: float,
+          coef: list[list[float]], masks: torch.Tensor | None, lam: float, total: float,
           votes_needed: int, *, trim: bool, scale: bool, elect: int, normalize: bool,
           consensus: int) -> None:
-    """Launch :func:`_merge_kernel` over flat contiguous tensors (checked by the caller)."""
+    """Launch :func:`_merge_kernel` over flat contiguous tensors (checked by the caller);
+    ``coef``: weights, thresholds, scales and TALL lambdas, K of each."""
     n = base.numel()
     grid = (triton.cdiv(n, MERGE_BLOCK),)
     _merge_kernel[grid](
-        base, tuple(thetas), out, coef, masks if masks is not None else coef, n,
+        base, tuple(thetas), out, *(tuple(map(float, c)) for c in coef),
+        masks if masks is not None else base, n,
         masks.shape[1] if masks is not None else 0, lam, total, votes_needed,
         K=len(thetas), TRIM=trim, SCALE=scale, ELECT=elect, NORMALIZE=normalize,
         CONSENSUS=consensus, OUT_BF16=out.dtype == torch.bfloat16, BLOCK=MERGE_BLOCK,
@@ -115,55 +133,60 @@ def merge(base: torch.Tensor, thetas: list[torch.Tensor], out: torch.Tensor,
 
 
 @triton.jit
-def _bracket_kernel(base_ptr, thetas, bounds_ptr, counts_ptr, cand_ptr, n, cap,
+def _bracket_kernel(base_ptr, thetas, bracket_ptr, above_ptr, hist_ptr, n, bins,
                     K: tl.constexpr, BLOCK: tl.constexpr):
-    # bounds_ptr: float32 [2, K] = (lo, hi); counts_ptr: int32 [2, K] = (above hi, inside).
+    # bracket_ptr: int32 [3, K] = float bits (lo, hi) of the bracket, bin shift.
+    # |τ| >= 0, so its float32 bits order like its values.
     off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = off < n
     b = tl.load(base_ptr + off, mask=m, other=0).to(tl.float32)
     for t in tl.static_range(K):
         a = tl.abs(tl.load(thetas[t] + off, mask=m, other=0).to(tl.float32) - b)
-        lo = tl.load(bounds_ptr + t)
-        hi = tl.load(bounds_ptr + K + t)
-        tl.atomic_add(counts_ptr + t, tl.sum(((a > hi) & m).to(tl.int32), 0))
-        inside = ((a >= lo) & (a <= hi) & m).to(tl.int32)
-        start = tl.atomic_add(counts_ptr + K + t, tl.sum(inside, 0))
-        pos = start + tl.cumsum(inside, 0) - 1
-        tl.store(cand_ptr + t * cap + pos, a, mask=(inside != 0) & (pos < cap))
+        bits = a.to(tl.int32, bitcast=True)
+        lo = tl.load(bracket_ptr + t)
+        hi = tl.load(bracket_ptr + K + t)
+        shift = tl.load(bracket_ptr + 2 * K + t)
+        tl.atomic_add(above_ptr + t, tl.sum(((bits > hi) & m).to(tl.int32), 0))
+        inside = (bits >= lo) & (bits <= hi) & m
+        tl.atomic_add(hist_ptr + t * bins + ((bits - lo) >> shift), 1, mask=inside)
 
 
-def bracket(base: torch.Tensor, thetas: list[torch.Tensor], bounds: torch.Tensor,
-            cap: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per input t: how many |θt − base| exceed ``bounds[1, t]``, and the values inside
-    ``[bounds[0, t], bounds[1, t]]`` (the first ``cap``; counts are exact even past it)."""
+def bracket_histogram(base: torch.Tensor, thetas: list[torch.Tensor], bracket: torch.Tensor,
+                      bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per input t: how many |θt − base| have float bits above ``bracket[1, t]``, and the
+    histogram of those between ``bracket[0, t]`` and ``bracket[1, t]`` in bins of
+    ``2**bracket[2, t]`` consecutive bit patterns (int32 [K], [K, bins])."""
     n, k = base.numel(), len(thetas)
-    counts = torch.zeros(2, k, dtype=torch.int32, device=base.device)
-    cand = torch.empty(k, cap, dtype=torch.float32, device=base.device)
+    above = torch.zeros(k, dtype=torch.int32, device=base.device)
+    hist = torch.zeros(k, bins, dtype=torch.int32, device=base.device)
     _bracket_kernel[(triton.cdiv(n, SELECT_BLOCK),)](
-        base, tuple(thetas), bounds, counts, cand, n, cap, K=k, BLOCK=SELECT_BLOCK,
+        base, tuple(thetas), bracket, above, hist, n, bins, K=k, BLOCK=SELECT_BLOCK,
         num_warps=8, **_FAST)
-    return counts, cand
+    return above, hist
 
 
 @triton.jit
 def _apply_kernel(w_ptr, out_ptr, rows, cols, sign_bits, sign_scales, tern_masks, tern_signs,
                   lefts, rights, coef_ptr, KS: tl.constexpr, KT: tl.constexpr,
                   KL: tl.constexpr, R: tl.constexpr, OUT_BF16: tl.constexpr,
-                  BM: tl.constexpr, BN: tl.constexpr):
+                  ALIGNED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     # coef_ptr: float32 [KS + 2 KT + KL] = sign scales s_k, ternary (s_k, value_k), low-rank s_k.
     r = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    c = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
+    c0 = tl.program_id(1).to(tl.int64) * BN
+    c = c0 + tl.arange(0, BN)
     m = (r[:, None] < rows) & (c[None, :] < cols)
     off = r[:, None] * cols + c[None, :]
     acc = tl.load(w_ptr + off, mask=m, other=0).to(tl.float32)
     for k in tl.static_range(KS):
         s = tl.load(sign_scales[k] + r, mask=r < rows, other=0)[:, None]
-        term = tl.where(_packed_bit(sign_bits[k], off, m), s, -s)
+        term = tl.where(_tile_bits(sign_bits[k], r, c0, rows, cols, off, m, ALIGNED, BM, BN), s, -s)
         acc = acc + tl.load(coef_ptr + k) * term
     for k in tl.static_range(KT):
         v = tl.load(coef_ptr + KS + 2 * k + 1)
-        term = tl.where(_packed_bit(tern_signs[k], off, m), v, -v)
-        term = tl.where(_packed_bit(tern_masks[k], off, m), term, 0.0)
+        term = tl.where(_tile_bits(tern_signs[k], r, c0, rows, cols, off, m, ALIGNED, BM, BN),
+                        v, -v)
+        term = tl.where(_tile_bits(tern_masks[k], r, c0, rows, cols, off, m, ALIGNED, BM, BN),
+                        term, 0.0)
         acc = acc + tl.load(coef_ptr + KS + 2 * k) * term
     for k in tl.static_range(KL):
         j = tl.arange(0, R)
@@ -200,4 +223,5 @@ def apply(base2d: torch.Tensor, out2d: torch.Tensor, signs: list[tuple[torch.Ten
         base2d, out2d, rows, cols, tuple(b for b, _ in signs), tuple(s for _, s in signs),
         tuple(mk for mk, _ in ternaries), tuple(sg for _, sg in ternaries), tuple(lefts),
         tuple(rights), coef, KS=len(signs), KT=len(ternaries), KL=len(lowranks), R=pad,
-        OUT_BF16=out2d.dtype == torch.bfloat16, BM=APPLY_BM, BN=APPLY_BN, num_warps=4, **_FAST)
+        OUT_BF16=out2d.dtype == torch.bfloat16, ALIGNED=cols % 8 == 0, BM=APPLY_BM, BN=APPLY_BN,
+        num_warps=4, **_FAST)

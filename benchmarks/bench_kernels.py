@@ -1,0 +1,202 @@
+"""Fused kernels against plain torch and against the device's copy bandwidth (issue 7).
+
+For Llama-8B-sized bf16 tensors and K = 2, 4, 8 fine-tunes: the fused merge (TIES with
+per-input thresholds, and task arithmetic) and the threshold selection, each timed with
+``triton.testing.do_bench`` (median), its bytes moved (each input read once, the output written
+once) over its time as a fraction of a device-to-device copy measured in the same run, and its
+speed-up over the torch reference (the merge methods' own functions on the same CUDA tensors,
+which is what the engine runs without the kernels); threshold selection also against
+``torch.topk`` per input and once against ``torch.kthvalue``. Then decompress-and-apply of 4
+BitDelta / ComPEFT / low-rank deltas against decoding them densely with torch. Every kernel
+result is checked against its reference (bit-exact; low-rank within 1e-5) on the timed data.
+
+    python benchmarks/bench_kernels.py                 # on a CUDA GPU; --json PATH saves rows
+    TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --smoke   # CPU check of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from mergehub import kernels
+from mergehub.kernels import LowRankDelta, SignDelta, TernaryDelta, reference, triton_kernels
+
+SHAPES = [(4096, 14336), (4096, 4096), (1024, 4096)]  # MLP up/down, q/o proj, k/v proj
+SMOKE_SHAPES = [(37, 131)]
+DENSITY = 0.2
+
+
+def timer(smoke: bool):
+    """Median milliseconds of ``fn``: do_bench on a GPU, a few host-timed calls in --smoke."""
+    if smoke:
+        def run(fn, reps: int = 3) -> float:
+            times = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t) * 1e3)
+            return statistics.median(times)
+        return run
+    import triton.testing
+
+    def run(fn, reps: int = 100) -> float:
+        return triton.testing.do_bench(fn, warmup=10, rep=reps, return_mode="median")
+    return run
+
+
+def copy_gbps(bench, dev: str, smoke: bool) -> float:
+    """Device-to-device copy bandwidth, bytes read + written, of a 1 GiB tensor."""
+    n = 1 << (12 if smoke else 29)
+    src = torch.randn(n, device=dev).bfloat16()
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * 2 / ms / 1e6
+
+
+def inputs(shape, k: int, dev: str, seed: int):
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    base = torch.randn(shape, device=dev, generator=gen) * 0.02
+    thetas = [(base + torch.randn(shape, device=dev, generator=gen) * 0.002).bfloat16()
+              for _ in range(k)]
+    return base.bfloat16(), thetas
+
+
+def bench_merge(bench, dev, copy, shapes, ks, rows, smoke):
+    for shape in shapes:
+        n = shape[0] * shape[1]
+        for k in ks:
+            base, thetas = inputs(shape, k, dev, seed=k)
+            dens = [DENSITY] * k
+            th = kernels.magnitude_thresholds(base, thetas, dens)
+            want_th = reference.magnitude_thresholds(base, thetas, dens)
+            assert th == want_th, (th, want_th)
+            for name, kw in (("ties", {"thresholds": th, "elect": "sum"}),
+                             ("task_arithmetic", {"elect": None})):
+                args = dict(weights=[1.0] * k, lam=1.0, **kw)
+                got = kernels.merge_tensor(base, thetas, **args)
+                want = kernels.merge_tensor(base, thetas, backend="torch", **args)
+                assert torch.equal(got, want), f"{name} {shape} K={k}: kernel != reference"
+                ms = bench(lambda: kernels.merge_tensor(base, thetas, **args))
+                ref_ms = bench(lambda: kernels.merge_tensor(base, thetas, backend="torch",
+                                                            **args), 20 if not smoke else 1)
+                gbs = (k + 2) * n * 2 / ms / 1e6
+                rows.append({"op": f"merge {name}", "shape": list(shape), "K": k, "ms": ms,
+                             "GB/s": gbs, "of_copy": gbs / copy, "torch_ms": ref_ms,
+                             "speedup": ref_ms / ms})
+            ms = bench(lambda: kernels.magnitude_thresholds(base, thetas, dens))
+            topk_ms = bench(lambda: [torch.topk((t.float() - base.float()).abs().reshape(-1),
+                                                max(1, int(DENSITY * n))).values.min()
+                                     for t in thetas], 20 if not smoke else 1)
+            gbs = (k + 1) * n * 2 / ms / 1e6
+            rows.append({"op": "thresholds", "shape": list(shape), "K": k, "ms": ms,
+                         "GB/s": gbs, "of_copy": gbs / copy, "torch_ms": topk_ms,
+                         "speedup": topk_ms / ms, "torch": "topk per input"})
+    shape = shapes[0]
+    base, (theta,) = inputs(shape, 1, dev, seed=9)
+    n = base.numel()
+    t = time.perf_counter()
+    kth = torch.kthvalue((theta.float() - base.float()).abs().reshape(-1),
+                         n - max(1, int(DENSITY * n)) + 1).values.item()
+    kth_ms = (time.perf_counter() - t) * 1e3
+    ms = bench(lambda: kernels.magnitude_threshold(base, theta, DENSITY))
+    assert kth == kernels.magnitude_threshold(base, theta, DENSITY)
+    rows.append({"op": "thresholds", "shape": list(shape), "K": 1, "ms": ms,
+                 "torch_ms": kth_ms, "speedup": kth_ms / ms, "torch": "kthvalue (1 call)"})
+
+
+def bench_blocks(bench, dev, copy, shape, rows, variants):
+    """The merge kernel's block size and warps, K = 4 TIES (what MERGE_BLOCK/WARPS are set from)."""
+    base, thetas = inputs(shape, 4, dev, seed=4)
+    th = kernels.magnitude_thresholds(base, thetas, [DENSITY] * 4)
+    n = base.numel()
+    saved = triton_kernels.MERGE_BLOCK, triton_kernels.MERGE_WARPS
+    try:
+        for block, warps in variants:
+            triton_kernels.MERGE_BLOCK, triton_kernels.MERGE_WARPS = block, warps
+            for normalize in (True, False):
+                ms = bench(lambda: kernels.merge_tensor(base, thetas, weights=[1.0] * 4, lam=1.0,
+                                                        thresholds=th, elect="sum",
+                                                        normalize=normalize))
+                gbs = 6 * n * 2 / ms / 1e6
+                rows.append({"op": f"ties {block}/{warps}w{'' if normalize else ' no-norm'}",
+                             "shape": list(shape), "K": 4, "ms": ms, "GB/s": gbs,
+                             "of_copy": gbs / copy})
+    finally:
+        triton_kernels.MERGE_BLOCK, triton_kernels.MERGE_WARPS = saved
+
+
+def bench_apply(bench, dev, copy, shape, rows, smoke, k=4, rank=16):
+    rows_, cols = shape
+    n = rows_ * cols
+    gen = torch.Generator(device=dev).manual_seed(0)
+    base = (torch.randn(shape, device=dev, generator=gen) * 0.02).bfloat16()
+
+    def bits():
+        return torch.randint(0, 256, ((n + 7) // 8,), dtype=torch.uint8, device=dev,
+                             generator=gen)
+
+    kinds = {
+        "bit1": ([SignDelta(bits(), torch.rand(rows_, device=dev, generator=gen) * 1e-3)
+                  for _ in range(k)], n // 8 * k),
+        "compeft": ([TernaryDelta(bits(), bits(), 1e-3) for _ in range(k)], n // 4 * k),
+        "lowrank": ([LowRankDelta(torch.randn(rows_, rank, device=dev, generator=gen) * 1e-3,
+                                  torch.randn(rank, cols, device=dev, generator=gen) * 1e-3)
+                     for _ in range(k)], (rows_ + cols) * rank * 4 * k),
+    }
+    scales = [0.5] * k
+    for name, (deltas, extra) in kinds.items():
+        got = kernels.apply_deltas(base, deltas, scales, out_dtype=torch.float32)
+        want = kernels.apply_deltas(base, deltas, scales, out_dtype=torch.float32,
+                                    backend="torch")
+        if name == "lowrank":
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), name
+        else:
+            assert torch.equal(got, want), name
+        ms = bench(lambda: kernels.apply_deltas(base, deltas, scales))
+        ref_ms = bench(lambda: kernels.apply_deltas(base, deltas, scales, backend="torch"),
+                       20 if not smoke else 1)
+        gbs = (2 * n * 2 + extra) / ms / 1e6
+        rows.append({"op": f"apply {name} x{k}", "shape": list(shape), "K": k, "ms": ms,
+                     "GB/s": gbs, "of_copy": gbs / copy, "torch_ms": ref_ms,
+                     "speedup": ref_ms / ms})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (interpreter)")
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args()
+    dev = "cpu" if args.smoke else "cuda"
+    bench = timer(args.smoke)
+    gpu = "cpu (interpreter)" if args.smoke else torch.cuda.get_device_name()
+    import triton
+
+    copy = copy_gbps(bench, dev, args.smoke)
+    print(f"{gpu}; torch {torch.__version__}, triton {triton.__version__}; "
+          f"device-to-device copy {copy:.0f} GB/s (read + write)", flush=True)
+    rows: list[dict] = []
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    bench_blocks(bench, dev, copy, shapes[0], rows,
+                 [(512, 4), (1024, 2), (1024, 4), (1024, 8), (2048, 8)] if not args.smoke else [(64, 1)])
+    bench_merge(bench, dev, copy, shapes, [2, 4, 8] if not args.smoke else [2, 3], rows,
+                args.smoke)
+    bench_apply(bench, dev, copy, shapes[0], rows, args.smoke)
+    print(f"{'op':34} {'shape':>12} {'K':>2} {'ms':>8} {'GB/s':>7} {'copy':>5} "
+          f"{'torch ms':>9} {'speedup':>8}")
+    for r in rows:
+        print(f"{r['op']:34} {'x'.join(map(str, r['shape'])):>12} {r['K']:>2} {r['ms']:8.3f} "
+              f"{r.get('GB/s', float('nan')):7.0f} {r.get('of_copy', float('nan')):5.0%} "
+              f"{r.get('torch_ms', float('nan')):9.3f} {r.get('speedup', float('nan')):7.1f}x"
+              f"{'  (' + r['torch'] + ')' if 'torch' in r else ''}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"gpu": gpu, "copy_GBps": copy, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
