@@ -14,10 +14,9 @@ from safetensors.torch import load_file
 import mergehub
 from mergehub.adapters import onebit, sparse
 from mergehub.adapters.config import ConfigError, load_config
-from mergehub.adapters.data import BOS, SEP
+from mergehub.adapters.data import BOS, SEP, SyntheticDataset
 from mergehub.adapters.lora import IncreLoRA
 from mergehub.adapters.trainer import evaluate, train
-from mergehub.adapters.data import SyntheticDataset
 from mergehub.hub.demo import dir_digests
 
 #: per method: learning rate and extra config that make it learn in ~30 CPU steps
@@ -71,6 +70,11 @@ def trained(models, tmp_path_factory):
     store.close()
 
 
+def results_dir(trained, setup):
+    """The weights file a full-model method wrote to its output dir."""
+    return trained[2] / "out" / setup / "model.safetensors"
+
+
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_each_method_lowers_the_loss_and_is_stored(trained, setup):
     store, results, root = trained
@@ -115,10 +119,6 @@ def test_stored_results_merge(trained, tmp_path):
     name = "model.layers.0.mlp.up_proj.weight"
     expect = (w[0] * full[name].float() + w[1] * sp[name].float()).to(torch.bfloat16)
     assert (merged[name].float() - expect.float()).abs().max() <= 2 ** -7 * expect.float().abs().max()
-
-
-def results_dir(trained, setup):
-    return trained[2] / "out" / setup / "model.safetensors"
 
 
 def test_sparse_changes_only_masked_entries(trained, models):

@@ -64,19 +64,19 @@ class SignQuant(torch.nn.Module):
         return w + (wq - w).detach()
 
 
-def attach(model: torch.nn.Module, group: str, mean: bool) -> list[str]:
-    """Quantize every LoRA A/B weight of a peft model in its forward pass; their names."""
+def attach(model: torch.nn.Module, group: str, mean: bool) -> int:
+    """Quantize every LoRA A/B weight of a peft model in its forward pass; how many."""
     from mergehub.adapters.lora import lora_layers
 
-    names = []
-    for name, layer in lora_layers(model).items():
+    count = 0
+    for layer in lora_layers(model).values():
         for part in (layer.lora_A, layer.lora_B):
-            for adapter, lin in part.items():
+            for lin in part.values():
                 parametrize.register_parametrization(lin, "weight", SignQuant(group, mean))
-                names.append(name)
-    if not names:
+                count += 1
+    if not count:
         raise InputError("onebit: the peft config targets no module of this model")
-    return names
+    return count
 
 
 def detach(model: torch.nn.Module) -> None:

@@ -147,6 +147,7 @@ def save_peft(model: torch.nn.Module, cfg: TrainConfig, out: Path,
     """An adapter dir, or (``output.as: merged``, or ``auto`` for an adapter that is not a
     plain delta) the base with the adapter merged in."""
     config = model.peft_config["default"]
+    config.base_model_name_or_path = cfg.base  # not the temp dir a store-named base was read from
     mode = cfg.output.get("as", "auto")
     if mode == "auto":
         mode = "adapter" if lora_mod.is_plain_lora(config) else "merged"
