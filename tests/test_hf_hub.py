@@ -158,6 +158,8 @@ def test_lora_pushes_as_peft_repo_that_peft_loads(hf, models, pushed_base, tmp_p
     assert meta["base_model_relation"] == "adapter"
     assert {"mergehub", "lora"} <= set(meta["tags"])
     assert meta["mergehub"]["metrics"] == {"eval_loss": 1.5} and "| eval_loss | 1.5 |" in text
+    assert f"PeftModel.from_pretrained(base, '{repo}')" in text
+    assert f"AutoModelForCausalLM.from_pretrained('{base_repo}')" in text
 
     base_model = AutoModelForCausalLM.from_pretrained(models["base-bf16"])
     peft_model = PeftModel.from_pretrained(base_model, repo)
@@ -309,6 +311,10 @@ def test_revisions_branches_and_commits(hf, models, pushed_base, tmp_path):
             pull(b, f"{repo}@nope", progress=False)
         with pytest.raises(RemoteError, match=f"revision '{'0' * 40}' not found"):
             pull(b, repo, revision="0" * 40, name="w", progress=False)
+    with _new_store(tmp_path / "c") as c:  # no base there: the dense form stands alone
+        alone = pull(c, repo, progress=False).info
+        assert (alone.name, alone.kind, alone.base) == ("ft-mlp", "finetune", None)
+        assert _export(c, "ft-mlp", tmp_path / "c-out") == dir_digests(models["ft-mlp"])
     # a second push to main replaces the model files and deletes what it no longer has
     push(a, "base", repo, fmt="mergehub", progress=False)
     files = _list(repo)

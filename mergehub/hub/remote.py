@@ -255,12 +255,32 @@ def _hub_repo_of(store: Store, info: ModelInfo) -> str | None:
     return named if isinstance(named, str) and _REPO_ID.match(named) else None
 
 
+def _auto_class(store: Store, info: ModelInfo) -> str:
+    """The transformers Auto class the card's snippet loads the model (or an adapter's base)
+    with: the causal-LM one when its config, its base's or an adapter's task type says so, else
+    ``AutoModel``."""
+    for name in [info.name, *([info.base] if info.base else [])]:
+        model = store.open(name)
+        for path in ("config.json", ADAPTER_CONFIG):
+            if path not in model.side_files:
+                continue
+            try:
+                config = json.loads(model.side_file(path))
+            except ValueError:
+                continue
+            if (any(str(a).endswith("ForCausalLM") for a in config.get("architectures") or [])
+                    or config.get("task_type") == "CAUSAL_LM"):
+                return "AutoModelForCausalLM"
+    return "AutoModel"
+
+
 def model_card(info: ModelInfo, manifest: dict[str, Any], forms: list[str],
-               base_model: str | None, repo_id: str) -> str:
+               base_model: str | None, repo_id: str, auto_class: str = "AutoModel") -> str:
     """The README.md written on push: YAML front matter after the Hub's model card conventions
     (``base_model``, ``base_model_relation``, ``library_name``, ``tags``) plus a ``mergehub``
     block (entry, base fingerprint, forms, codec and ratio, metrics), then a text body with how
-    to load it, the merge recipe, compression and metrics."""
+    to load it (with transformers' ``auto_class``), the merge recipe, compression and
+    metrics."""
     from huggingface_hub import ModelCard, ModelCardData
 
     prov = info.provenance
@@ -294,15 +314,15 @@ def model_card(info: ModelInfo, manifest: dict[str, Any], forms: list[str],
                          mergehub=block)
     against = f", against base `{manifest['base']['name']}`" if manifest["base"] else ""
     lines = [f"# {repo_id.split('/')[-1]}", "",
-             f"`{info.name}`, a {info.kind} model pushed by mergehub {__version__}{against}.", ""]
+             f"`{info.name}` ({info.kind}), pushed by mergehub {__version__}{against}.", ""]
     lines += ["## Load it", "", "```python"]
     if "peft" in forms:
-        lines += ["from peft import PeftModel", "from transformers import AutoModelForCausalLM",
-                  "", f"base = AutoModelForCausalLM.from_pretrained({base_model or 'BASE'!r})",
+        lines += ["from peft import PeftModel", f"from transformers import {auto_class}", "",
+                  f"base = {auto_class}.from_pretrained({base_model or 'BASE'!r})",
                   f"model = PeftModel.from_pretrained(base, {repo_id!r})"]
     elif "hf" in forms:
-        lines += ["from transformers import AutoModelForCausalLM", "",
-                  f"model = AutoModelForCausalLM.from_pretrained({repo_id!r})"]
+        lines += [f"from transformers import {auto_class}", "",
+                  f"model = {auto_class}.from_pretrained({repo_id!r})"]
     lines += ["```", "", "Into a mergehub store (" + (
         "restores the compressed blobs without decoding; needs the base in the store"
         if "mergehub" in forms else "verified against `mergehub/manifest.json`") + "):", "",
@@ -313,8 +333,10 @@ def model_card(info: ModelInfo, manifest: dict[str, Any], forms: list[str],
         lines += ["## Compression", "",
                   f"Changed tensors stored with `{codec}` "
                   f"({json.dumps(prov.get('codec_params', {}), sort_keys=True)}): "
-                  f"{ratio:.2f}x smaller than their raw bytes. The dense weights here are decoded "
-                  "from it; `mergehub/blobs/` holds the compressed form.", ""]
+                  f"{ratio:.2f}x smaller than their raw bytes."
+                  + (" The dense weights here are decoded from it;" if "hf" in forms else "")
+                  + (" `mergehub/blobs/` holds the compressed form." if "mergehub" in forms
+                     else ""), ""]
     if info.metrics:
         lines += ["## Metrics", "", "| metric | value |", "|---|---|",
                   *(f"| {k} | {v} |" for k, v in sorted(info.metrics.items())), ""]
@@ -375,7 +397,8 @@ def push(store: Store, name: str, repo_id: str, *, revision: str | None = None,
                                          f"{store.root} (`hub verify`)")
                 files[f"{BLOBS}/{blob_id}"] = path
         files[MANIFEST] = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
-        files[CARD] = model_card(info, manifest, forms, base_model, repo_id).encode()
+        files[CARD] = model_card(info, manifest, forms, base_model, repo_id,
+                                 _auto_class(store, info)).encode()
         size = sum(len(s) if isinstance(s, bytes) else s.stat().st_size for s in files.values())
         what = f"push {name!r} to {repo_id}@{branch}"
         with _hub_errors(api, what, writing=True):
