@@ -253,6 +253,26 @@ def test_compressed_delta_round_trip_stays_compressed(hf, models, pushed_base, t
         assert d.ls()[-1].name == "wrong"
 
 
+def test_tall_entry_round_trip_ships_its_shared_vector(hf, models, pushed_base, tmp_path):
+    """A TALL-compressed fine-tune (its blobs need the shared multi-task vector) pushed in the
+    mergehub form alone comes back decoding to the same bytes, the shared vector included."""
+    a, _ = pushed_base
+    a.add(models["ft-mlp"], "mlp", base="base", progress=False)
+    a.add(models["ft-attn"], "attn", base="base", progress=False)
+    a.compress_tall(["mlp", "attn"], progress=False)
+    manifest = a.entry_manifest("mlp-tall")
+    assert any(meta["needs"] for meta in manifest["blobs"].values())
+    result = push(a, "mlp-tall", repo := _repo("tall"), fmt="mergehub", progress=False)
+    assert "model.safetensors" not in result.files
+    with _new_store(tmp_path / "b") as b:
+        b.add(models["base-bf16"], "base", progress=False)
+        got = pull(b, repo, progress=False)
+        assert got.info.codecs == a.show("mlp-tall").codecs
+        assert _export(b, "mlp-tall", tmp_path / "b-out") == \
+            _export(a, "mlp-tall", tmp_path / "a-out")
+        assert b.verify(progress=False).ok and b.gc().blobs_removed == 0
+
+
 def test_plain_peft_repo_made_by_peft_is_pulled_and_used(hf, pushed_base, tmp_path):
     """An adapter repo written by peft's own push_to_hub (no mergehub files), for a base loaded
     by transformers from the Hub, is pulled, tied to the base pulled from that repo (its

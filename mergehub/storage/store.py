@@ -193,17 +193,31 @@ class StoredModel:
         spec, blob = self._lookup(name)
         return self.store._read_raw(blob, f"model {self.name!r}, tensor {name!r}")
 
-    def load(self, name: str) -> "torch.Tensor":
-        """The tensor as a CPU torch tensor."""
+    def load(self, name: str, device: "str | torch.device | None" = None) -> "torch.Tensor":
+        """The tensor as a torch tensor, on the CPU or on ``device``.
+
+        On a CUDA ``device`` a tensor stored with a lossy codec is decoded there (the base
+        tensor is moved to the GPU and the delta applied by :mod:`mergehub.kernels` in one
+        pass): the blob's own sha256 (which covers the payload and header) is checked as on
+        every read, but not the sha256 of the decoded bytes, which would need them back on the
+        CPU (and a low-rank decode on the GPU sums in another order: see
+        :class:`~mergehub.storage.codecs.LossyCodec` ``exact_on_cuda``).
+        """
         import torch
 
         TORCH_DTYPE = safetensors_format.TORCH_DTYPE
-        spec = self._lookup(name)[0]
+        spec, blob = self._lookup(name)
         if spec.dtype not in TORCH_DTYPE:
             raise InputError(f"model {self.name!r}: tensor {name!r} has dtype {spec.dtype}, "
                              "which torch cannot represent")
-        raw = bytearray(self.read_bytes(name))
-        return torch.frombuffer(raw, dtype=TORCH_DTYPE[spec.dtype]).reshape(spec.shape)
+        what = f"model {self.name!r}, tensor {name!r}"
+        if device is not None and torch.device(device).type == "cuda":
+            decoded = self.store._decode_on(blob, what, torch.device(device))
+            if decoded is not None:
+                return decoded.to(TORCH_DTYPE[spec.dtype]).reshape(spec.shape)
+        raw = bytearray(self.store._read_raw(blob, what))
+        out = torch.frombuffer(raw, dtype=TORCH_DTYPE[spec.dtype]).reshape(spec.shape)
+        return out if device is None else out.to(device)
 
     def side_file(self, path: str) -> bytes:
         """Content of a kept side file (``config.json``, tokenizer files, ...)."""
@@ -359,6 +373,30 @@ class Store:
         extras = {key: self._read_raw(other, what, _depth + 1)
                   for key, other in (header.params.get("needs") or {}).items()}
         return self._decode(blob_id, header, payload, ref_raw, what, extras)
+
+    def _decode_on(self, blob_id: str, what: str, device: "torch.device") -> "torch.Tensor | None":
+        """A lossy blob decoded on ``device`` (float32), or ``None`` for a lossless blob (those
+        decode on the CPU: zstd). See :meth:`StoredModel.load` for what is checked."""
+        import torch
+
+        from mergehub.storage.codecs import LOSSY
+
+        header, payload = self._load_blob(blob_id, what)
+        lossy = LOSSY.get(header.codec)
+        if lossy is None or not header.ref:
+            return None
+
+        def on_device(blob: str, dtype: str) -> torch.Tensor:
+            raw = bytearray(self._read_raw(blob, what, 1))
+            return torch.frombuffer(raw, dtype=safetensors_format.TORCH_DTYPE[dtype]).to(device)
+
+        base = on_device(header.ref, header.dtype).reshape(header.params["shape"])
+        extras = {key: on_device(other, "F32")
+                  for key, other in (header.params.get("needs") or {}).items()}
+        try:
+            return lossy.decode(payload, header.params, base, extras)
+        except (ValueError, KeyError) as e:
+            raise IntegrityError(f"{what}: blob {blob_id[:16]} cannot be decoded: {e}") from e
 
     def _root(self, blob_id: str) -> str:
         """The self-contained blob at the end of ``blob_id``'s reference chain."""
@@ -753,7 +791,8 @@ class Store:
 
     def find_fingerprint(self, fingerprint: str) -> list[str]:
         """Names of the stored models whose :meth:`fingerprint` is ``fingerprint``."""
-        return [info.name for info in self.ls() if self.fingerprint(info.name) == fingerprint]
+        names = [r[0] for r in self._db.execute("SELECT name FROM models ORDER BY id")]
+        return [name for name in names if self.fingerprint(name) == fingerprint]
 
     def blob_path(self, blob_id: str) -> Path:
         """The file of a stored blob (named by the sha256 of its bytes)."""
