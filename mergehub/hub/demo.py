@@ -1,5 +1,5 @@
 """``hub demo``: a tiny transformers model, fine-tune-like variants and a LoRA, stored, exported,
-merged and compressed.
+merged and compressed; then a LoRA trained on a synthetic task into the store.
 
 The builders here are also what the tests use to make real checkpoints (no downloads).
 """
@@ -133,6 +133,18 @@ def run_demo(keep: Path | None = None, echo: Callable[[str], None] = print) -> N
             echo(f"compress: ft-mlp with compeft (10% of the delta as sign * alpha * std) -> "
                  f"'{small.name}': {human_bytes(small.stored_bytes)} vs "
                  f"{human_bytes(lossless)} lossless ({lossless / small.stored_bytes:.1f}x smaller)")
+            from mergehub.adapters.trainer import train
+
+            trained = train({"base": str(base), "data": {"task": "add1", "eval_examples": 64},
+                             "method": "lora", "peft": {"r": 4, "lora_alpha": 8},
+                             "steps": 40, "batch_size": 16, "lr": 1e-2,
+                             "run_dir": str(work / "train-run"),
+                             "output": {"store": "add1-lora", "base": "base"}},
+                            store=store, progress=False)
+            echo(f"train: a LoRA (r=4, all linear layers) on the synthetic task add1, 40 steps "
+                 f"-> adapter entry 'add1-lora': loss {trained.losses[0]:.2f} -> "
+                 f"{trained.metrics['loss']:.2f}, {human_bytes(store.show('add1-lora').stored_bytes)} "
+                 "on disk (hub train CONFIG.yaml does the same from YAML)")
             report = store.verify(progress=False)
             echo(f"verify: {report.blobs} blobs checked, {'OK' if report.ok else report.problems}")
     finally:
