@@ -1,0 +1,396 @@
+"""MeZO / Sparse MeZO (mergehub.adapters.mezo) against independent oracles.
+
+The perturbation direction z is never read from the optimizer's internals: closures record the
+parameters they are evaluated at, and z = (theta+ - theta) / eps.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from mergehub.adapters import mezo as mezo_mod
+from mergehub.adapters.mezo import MeZO, MeZOError
+from mergehub.hub.demo import TINY_LLAMA
+
+
+def quadratic(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.nn.Parameter]:
+    """A symmetric positive definite A (float64) and a parameter theta."""
+    gen = torch.Generator().manual_seed(seed)
+    m = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    a = m @ m.T / n + torch.eye(n, dtype=torch.float64)
+    return a, torch.nn.Parameter(torch.randn(n, generator=gen, dtype=torch.float64))
+
+
+def recording(loss_fn, params):
+    """A closure that returns loss_fn() and records a copy of ``params`` at every call."""
+    seen: list[list[torch.Tensor]] = []
+
+    def closure():
+        seen.append([p.detach().clone() for p in params])
+        return loss_fn()
+    return closure, seen
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**dict(TINY_LLAMA, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=1, vocab_size=64))
+    return LlamaForCausalLM(config).to(dtype)
+
+
+# A learnable sequence task: every row counts up in steps of 3 from its own start.
+TOKENS = (torch.arange(16)[None, :] * 3 + torch.arange(8)[:, None]) % 64
+
+
+def lm_loss(model):
+    return lambda: model(input_ids=TOKENS, labels=TOKENS).loss
+
+
+def test_projected_gradient_is_the_directional_derivative_on_a_quadratic():
+    # For f = 1/2 theta^T A theta the central difference is exact: g = z . grad f = z^T A theta.
+    a, theta = quadratic(12)
+    closure, seen = recording(lambda: 0.5 * theta @ a @ theta, [theta])
+    opt = MeZO([theta], lr=0.0, eps=1e-3, seed=3)
+    for _ in range(5):
+        grad = a @ theta.detach()
+        seen.clear()
+        opt.step(closure)
+        z = (seen[0][0] - theta.detach()) / 1e-3
+        assert opt.last_projected_grad == pytest.approx(float(z @ grad), rel=1e-6)
+
+
+def test_average_of_g_z_over_seeds_approaches_the_gradient():
+    # E[g z] = E[z z^T] grad f = grad f; the estimator's relative spread with N samples in n
+    # dimensions is about sqrt((n + 2) / N) = 0.07 here, so 0.2 is a 3-sigma bound.
+    a, theta = quadratic(8, seed=1)
+    grad = a @ theta.detach()
+    closure, seen = recording(lambda: 0.5 * theta @ a @ theta, [theta])
+    total = torch.zeros_like(grad)
+    samples = 2000
+    for seed in range(samples):
+        opt = MeZO([theta], lr=0.0, eps=1e-4, seed=seed)
+        seen.clear()
+        opt.step(closure)
+        total += opt.last_projected_grad * (seen[0][0] - theta.detach()) / 1e-4
+    estimate = total / samples
+    assert float((estimate - grad).norm() / grad.norm()) < 0.2
+    cosine = float(estimate @ grad / (estimate.norm() * grad.norm()))
+    assert cosine > 0.97
+
+
+def test_evaluations_happen_at_plus_and_minus_eps_z():
+    a, theta = quadratic(6)
+    before = theta.detach().clone()
+    closure, seen = recording(lambda: 0.5 * theta @ a @ theta, [theta])
+    MeZO([theta], lr=0.0, eps=1e-2, seed=0).step(closure)
+    plus, minus = seen[0][0], seen[1][0]
+    torch.testing.assert_close(plus - before, before - minus, rtol=0, atol=1e-12)
+    z = (plus - before) / 1e-2
+    assert 0.2 < float(z.std()) < 3  # a Gaussian draw, not a constant or zeros
+
+
+def test_fp32_restoring_is_exact_while_perturbed_values_stay_in_their_binade():
+    # theta in [1.25, 1.75] and eps |z| < 0.25: every perturbed value stays in [1, 2), where the
+    # two rounded -eps moves cancel the +eps ones bit for bit.
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.nn.Parameter(1.25 + 0.5 * torch.rand(10_000, generator=gen))
+    before = theta.detach().clone()
+    opt = MeZO([theta], lr=0.0, eps=1e-3, seed=0)
+    closure, seen = recording(lambda: float(theta.sum()), [theta])
+    for _ in range(3):
+        opt.step(closure)
+        assert torch.equal(theta.detach(), before)
+    # The data do exercise rounding: moving by +d, -2d, +d instead does not come back. The
+    # unrounded d is read off a float64 twin (same seed and shape, so the same z).
+    twin = torch.nn.Parameter(before.double())
+    closure64, seen64 = recording(lambda: 0.0, [twin])
+    MeZO([twin], lr=0.0, eps=1e-3, seed=0).step(closure64)
+    d = (seen64[0][0] - before.double()).float()
+    naive = before.clone().add_(d).sub_(2 * d).add_(d)
+    assert not torch.equal(naive, before)
+
+
+def test_fp32_restoring_elsewhere_is_within_one_rounding_step():
+    gen = torch.Generator().manual_seed(1)
+    theta = torch.nn.Parameter(0.02 * torch.randn(50_000, generator=gen))
+    before = theta.detach().clone()
+    closure, seen = recording(lambda: 0.0, [theta])
+    MeZO([theta], lr=0.0, eps=1e-3, seed=0).step(closure)
+    d = (seen[0][0] - before).abs()
+    after = theta.detach()
+    ulp = torch.nextafter(before.abs() + 2 * d, torch.tensor(math.inf)) - (before.abs() + 2 * d)
+    assert bool(((after - before).abs() <= ulp).all())
+    exact = float((after == before).float().mean())
+    assert exact > 0.85  # documented: 91% of N(0, 0.02) entries come back bit-exactly at eps=1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_master_weights_restore_bit_exactly_in_any_dtype(dtype):
+    gen = torch.Generator().manual_seed(2)
+    theta = torch.nn.Parameter((0.02 * torch.randn(4096, generator=gen)).to(dtype))
+    before = theta.detach().clone()
+    closure, seen = recording(lambda: float(theta.float().square().sum()), [theta])
+    opt = MeZO([theta], lr=0.0, eps=1e-3, seed=0, master_weights=True)
+    for _ in range(3):
+        opt.step(closure)
+        assert torch.equal(theta.detach(), before)
+    assert not torch.equal(seen[0][0], before) and not torch.equal(seen[1][0], before)
+
+
+def test_bf16_master_weights_keep_updates_that_bf16_rounds_away():
+    # lr * g * z of ~1e-6 is far below half a bf16 ulp of weights near 0.02 (~6e-5): in place
+    # the weights do not move, the float32 copy does (and the parameter is its rounding).
+    def run(master: bool) -> tuple[torch.Tensor, MeZO]:
+        gen = torch.Generator().manual_seed(3)
+        theta = torch.nn.Parameter((0.02 + 0.001 * torch.rand(256, generator=gen))
+                                   .to(torch.bfloat16))
+        target = torch.full((256,), 0.5)
+        opt = MeZO([theta], lr=1e-6, eps=1e-2, seed=0, master_weights=master)
+        for _ in range(20):
+            opt.step(lambda: float((theta.float() - target).square().sum()))
+        return theta, opt
+
+    theta, opt = run(master=True)
+    master = opt.state[theta]["master"]
+    assert master.dtype == torch.float32
+    assert torch.equal(theta.detach(), master.to(torch.bfloat16))
+    start = (0.02 + 0.001 * torch.rand(256, generator=torch.Generator().manual_seed(3)))
+    assert float((master - start.to(torch.bfloat16).float()).abs().max()) > 1e-6
+
+
+def test_two_runs_with_the_same_seed_are_identical_and_other_seeds_differ():
+    def run(seed: int) -> tuple[list[float], list[torch.Tensor]]:
+        model = tiny_llama()
+        opt = MeZO(model.parameters(), lr=1e-3, eps=1e-3, seed=seed)
+        losses = [opt.step(lm_loss(model)) for _ in range(4)]
+        return losses, [p.detach().clone() for p in model.parameters()]
+
+    losses1, params1 = run(7)
+    losses2, params2 = run(7)
+    losses3, params3 = run(8)
+    assert losses1 == losses2
+    assert all(torch.equal(a, b) for a, b in zip(params1, params2))
+    assert not all(torch.equal(a, b) for a, b in zip(params1, params3))
+
+
+def mask_of(theta: torch.Tensor, q: float) -> torch.Tensor:
+    """The Sparse MeZO mask by sorting: |theta| <= its ceil(q n)-th smallest magnitude."""
+    mags = theta.detach().abs().reshape(-1).float().sort().values
+    return theta.detach().abs().float() <= mags[math.ceil(q * mags.numel()) - 1]
+
+
+@pytest.mark.parametrize("master", [False, True])
+def test_sparse_mezo_never_changes_entries_outside_the_mask(master, monkeypatch):
+    monkeypatch.setattr(mezo_mod, "CHUNK", 40)  # several chunks, packed masks across them
+    gen = torch.Generator().manual_seed(4)
+    weight = torch.nn.Parameter(0.05 * torch.randn(30, 11, generator=gen))
+    strided = torch.nn.Parameter((0.05 * torch.randn(9, 7, generator=gen)).t())  # not contiguous
+    params = [weight, strided]
+    target = [torch.randn(30, 11, generator=gen), torch.randn(7, 9, generator=gen)]
+    loss = lambda: sum(float((p - t).square().sum()) for p, t in zip(params, target))  # noqa: E731
+    closure, seen = recording(loss, params)
+    opt = MeZO(params, lr=1e-3, eps=1e-3, seed=0, sparsity=0.25, master_weights=master)
+    for _ in range(3):
+        masks = [mask_of(p, 0.25) for p in params]
+        before = [p.detach().clone() for p in params]
+        seen.clear()
+        opt.step(closure)
+        for i, (p, mask, old) in enumerate(zip(params, masks, before)):
+            for snapshot in (seen[0][i], seen[1][i], p.detach()):
+                assert torch.equal(snapshot[~mask], old[~mask])
+            assert bool((p.detach()[mask] != old[mask]).all())
+            assert 0.2 < float(mask.float().mean()) < 0.3
+
+
+def test_sparse_mezo_quantile_from_a_sample_on_large_tensors(monkeypatch):
+    monkeypatch.setattr(mezo_mod, "QUANTILE_SAMPLE", 2000)
+    gen = torch.Generator().manual_seed(5)
+    theta = torch.nn.Parameter(torch.randn(50_000, generator=gen))
+    before = theta.detach().clone()
+    MeZO([theta], lr=1e-2, eps=1e-3, seed=0, sparsity=0.2).step(lambda: float(theta.sum()))
+    changed = theta.detach() != before
+    assert abs(float(changed.float().mean()) - 0.2) < 0.03
+    # every changed entry is smaller in magnitude than every unchanged one
+    assert float(before[changed].abs().max()) <= float(before[~changed].abs().min())
+
+
+@pytest.mark.parametrize("sparsity, lr", [(None, 5e-3), (0.3, 2e-2)])
+def test_mezo_lowers_the_loss_of_a_tiny_transformer(sparsity, lr):
+    model = tiny_llama()
+    closure = lm_loss(model)
+    with torch.no_grad():
+        start = float(closure())
+    opt = MeZO(model.parameters(), lr=lr, eps=1e-3, seed=0, sparsity=sparsity)
+    losses = [opt.step(closure) for _ in range(100)]
+    with torch.no_grad():
+        end = float(closure())
+    assert end < 0.95 * start
+    assert sum(losses[-10:]) < sum(losses[:10])
+
+
+def test_mezo_optimizes_a_non_differentiable_objective():
+    # 1 - accuracy of a linear classifier: piecewise constant, no gradient anywhere.
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(400, 5, generator=gen)
+    truth = torch.randn(5, generator=gen)
+    y = x @ truth > 0
+    w = torch.nn.Parameter(-truth + 0.5 * torch.randn(5, generator=gen))
+
+    def error_rate() -> float:
+        return float(((x @ w > 0) != y).float().mean())
+
+    start = error_rate()
+    opt = MeZO([w], lr=0.5, eps=0.3, seed=0)
+    for _ in range(300):
+        opt.step(error_rate)
+    assert start > 0.7 and error_rate() < 0.1
+
+
+def test_usable_in_a_plain_training_loop_with_a_scheduler():
+    gen = torch.Generator().manual_seed(7)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    x = torch.randn(256, 4, generator=gen)
+    y = (x[:, :1] - 2 * x[:, 1:2]).tanh()
+    batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 256, 32)]
+    loss_fn = torch.nn.MSELoss()
+    opt = MeZO(model.parameters(), lr=0.05, eps=1e-3, seed=0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=400, gamma=0.5)
+    with torch.no_grad():
+        start = float(loss_fn(model(x), y))
+    for _ in range(100):
+        for xb, yb in batches:
+            opt.zero_grad()
+            opt.step(lambda: loss_fn(model(xb), yb))
+            sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5 ** 2)
+    with torch.no_grad():
+        assert float(loss_fn(model(x), y)) < 0.5 * start
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("master", [False, True])
+def test_resume_from_state_dict_continues_bit_exactly(master):
+    def new():
+        model = tiny_llama(dtype=torch.bfloat16 if master else torch.float32)
+        return model, MeZO(model.parameters(), lr=1e-3, eps=1e-3, weight_decay=0.1, seed=11,
+                           sparsity=0.5, master_weights=master)
+
+    model, opt = new()
+    straight = [opt.step(lm_loss(model)) for _ in range(6)]
+    final = [p.detach().clone() for p in model.parameters()]
+
+    model, opt = new()
+    first = [opt.step(lm_loss(model)) for _ in range(3)]
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf)
+    model, opt = new()  # a fresh process would start from here
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    if master:
+        assert all(s["master"].dtype == torch.float32 for s in opt.state.values())
+    rest = [opt.step(lm_loss(model)) for _ in range(3)]
+    assert first + rest == straight
+    assert all(torch.equal(a, b.detach()) for a, b in zip(final, model.parameters()))
+
+
+def test_weight_decay_only_on_matrices_and_sign_update():
+    gen = torch.Generator().manual_seed(8)
+    matrix = torch.nn.Parameter(torch.randn(6, 5, generator=gen, dtype=torch.float64))
+    bias = torch.nn.Parameter(torch.randn(5, generator=gen, dtype=torch.float64))
+    m0, b0 = matrix.detach().clone(), bias.detach().clone()
+    opt = MeZO([matrix, bias], lr=0.1, eps=1e-3, weight_decay=0.5, seed=0)
+    opt.step(lambda: 1.0)  # constant objective: g = 0, only weight decay acts
+    torch.testing.assert_close(matrix.detach(), m0 * (1 - 0.1 * 0.5), rtol=1e-12, atol=0)
+    assert torch.equal(bias.detach(), b0)
+
+    theta = torch.nn.Parameter(torch.randn(7, generator=gen, dtype=torch.float64))
+    before = theta.detach().clone()
+    closure, seen = recording(lambda: float(100 * theta.sum()), [theta])
+    opt = MeZO([theta], lr=0.01, eps=1e-3, seed=0, sign=True)
+    opt.step(closure)
+    z = (seen[0][0] - before) / 1e-3
+    assert abs(opt.last_projected_grad) > 1  # |g| large; the sign update ignores it
+    # the step is formed in float32: equal to float32 rounding
+    torch.testing.assert_close(theta.detach() - before,
+                               -0.01 * math.copysign(1, opt.last_projected_grad) * z,
+                               rtol=1e-6, atol=0)
+
+
+def test_frozen_parameters_and_peft_base_weights_are_left_alone():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = MeZO(model.parameters(), lr=1e-2, eps=1e-2, seed=0)
+    for _ in range(3):
+        opt.step(lm_loss(model))
+    for name, p in model.named_parameters():
+        changed = not torch.equal(p.detach(), before[name])
+        assert changed == ("lora_" in name), name
+
+
+def test_errors_name_the_problem_and_leave_parameters_restored():
+    a, theta = quadratic(5)
+    before = theta.detach().clone()
+    opt = MeZO([theta], lr=0.1, eps=1e-3, seed=0)
+    with pytest.raises(MeZOError, match="closure"):
+        opt.step()
+    calls = []
+
+    def nan_second():
+        calls.append(1)
+        return float("nan") if len(calls) == 2 else 1.0
+    with pytest.raises(MeZOError, match="nan at the -eps perturbation; parameters restored"):
+        opt.step(nan_second)
+    assert torch.equal(theta.detach(), before)
+
+    def boom():
+        raise RuntimeError("data loader died")
+    with pytest.raises(RuntimeError, match="data loader died"):
+        opt.step(boom)
+    assert torch.equal(theta.detach(), before) and opt.steps_done == 0
+
+    for kwargs, word in [({"lr": -1}, "lr"), ({"lr": 1, "eps": 0}, "eps"),
+                         ({"lr": 1, "sparsity": 1.5}, "sparsity"),
+                         ({"lr": 1, "weight_decay": -1}, "weight_decay"),
+                         ({"lr": 1, "seed": -2}, "seed")]:
+        with pytest.raises(MeZOError, match=word):
+            MeZO([theta], **kwargs)
+    groups = [{"params": [theta]}, {"params": [torch.nn.Parameter(torch.ones(2))], "eps": 0.1}]
+    with pytest.raises(MeZOError, match="share one eps"):
+        MeZO(groups, lr=0.1).step(lambda: 0.0)
+    with pytest.raises(MeZOError, match="not a MeZO state"):
+        opt.load_state_dict(torch.optim.SGD([theta], lr=0.1).state_dict())
+
+
+@pytest.mark.gpu
+def test_on_cuda_masks_restoring_and_reproducibility_hold():
+    def run() -> tuple[list[torch.Tensor], list[list[torch.Tensor]], list[torch.Tensor]]:
+        gen = torch.Generator().manual_seed(9)
+        params = [torch.nn.Parameter((0.02 * torch.randn(300, 70, generator=gen))
+                                     .to("cuda", torch.bfloat16)),
+                  torch.nn.Parameter(torch.randn(1000, generator=gen).cuda())]
+        masks = [mask_of(p, 0.25) for p in params]
+        loss = lambda: float(sum(p.float().square().sum() for p in params))  # noqa: E731
+        closure, seen = recording(loss, params)
+        MeZO(params, lr=1e-3, eps=1e-3, seed=0, sparsity=0.25, master_weights=True).step(closure)
+        return params, seen, masks
+
+    params, seen, masks = run()
+    again, _, _ = run()
+    gen = torch.Generator().manual_seed(9)
+    start = [(0.02 * torch.randn(300, 70, generator=gen)).to("cuda", torch.bfloat16),
+             torch.randn(1000, generator=gen).cuda()]
+    for p, q, mask, old, plus, minus in zip(params, again, masks, start, *seen):
+        assert torch.equal(p, q)
+        for snapshot in (plus, minus, p.detach()):
+            assert torch.equal(snapshot[~mask], old[~mask])
+        assert not torch.equal(plus[mask], old[mask])
