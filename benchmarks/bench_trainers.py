@@ -1,0 +1,210 @@
+#!/usr/bin/env python
+"""Trainer benchmarks (issue 6). ``memory``: peak memory of MeZO vs inference vs backprop.
+
+(Accuracy per method on the synthetic tasks is ``bench_trainer_accuracy.py``.)
+
+Every mode runs on the same randomly initialized Llama-style model (transformers
+``LlamaForCausalLM``, ``use_cache=False``) and the same batch of random tokens, each in its own
+subprocess, so one mode's allocations cannot hide in another's peak:
+
+- ``inference``: the forward pass with the loss, under ``torch.no_grad``;
+- ``mezo``, ``sparse-mezo`` (q = 0.25), ``mezo-master`` (float32 copies of the weights):
+  ``mergehub.adapters.mezo.MeZO.step`` over all parameters (two such forwards per step);
+- ``adam``: backprop fine-tuning, ``loss.backward()`` + ``torch.optim.Adam`` over all
+  parameters in the model's dtype;
+- ``adam-amp`` (CUDA): the usual mixed-precision recipe, float32 weights, gradients and Adam
+  moments with the forward under ``torch.autocast(bfloat16)``.
+
+Measured: on CUDA ``torch.cuda.max_memory_allocated`` (and ``max_memory_reserved``) from just
+before the first step; on CPU the process's peak RSS (VmHWM, reset through
+``/proc/self/clear_refs`` once the model is built), both over ``--steps`` steps. Ratios are
+against ``inference`` measured in the same run.
+
+    python benchmarks/bench_trainers.py memory                      # CPU, ~125M params, fp32
+    python benchmarks/bench_trainers.py memory --device cuda --dtype bfloat16 --hidden 2048 \\
+        --intermediate 5632 --layers 22 --heads 32 --kv-heads 4 --batch 8 --seq 512
+    python benchmarks/bench_trainers.py memory --hidden 64 --intermediate 128 --layers 2 \\
+        --vocab 256 --batch 2 --seq 16                              # smoke test, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CPU_MODES = ("inference", "mezo", "sparse-mezo", "adam")
+CUDA_MODES = ("inference", "mezo", "sparse-mezo", "mezo-master", "adam", "adam-amp")
+
+
+def _status_kib(field: str) -> int:
+    """A ``VmRSS``/``VmHWM``-style field of /proc/self/status, in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_mode(args: argparse.Namespace) -> dict:
+    """Build the model, run ``args.child`` for ``args.steps`` steps, return its peak memory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mergehub.adapters.mezo import MeZO
+
+    mode, device = args.child, torch.device(args.device)
+    dtype = torch.float32 if mode == "adam-amp" else getattr(torch, args.dtype)
+    baseline_kib = _status_kib("VmRSS")
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                         intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                         max_position_embeddings=max(args.seq, 128), use_cache=False)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype: no float32 copy on the way
+    with device:
+        model = LlamaForCausalLM(config)
+    torch.set_default_dtype(default)
+    params = sum(p.numel() for p in model.parameters())
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(args.vocab, (args.batch, args.seq), generator=gen).to(device)
+
+    def loss():
+        return model(input_ids=ids, labels=ids).loss
+
+    if mode == "inference":
+        def step():
+            with torch.no_grad():
+                return float(loss())
+    elif mode.endswith("mezo") or mode == "mezo-master":
+        opt = MeZO(model.parameters(), lr=1e-6, eps=1e-3,
+                   sparsity=0.25 if mode == "sparse-mezo" else None,
+                   master_weights=mode == "mezo-master")
+
+        def step():
+            return opt.step(loss)
+    elif mode in ("adam", "adam-amp"):
+        model.train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-5)
+
+        def step():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "adam-amp"):
+                value = loss()
+            value.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(value)
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    start_alloc = torch.cuda.memory_allocated() if cuda else 0
+    start_kib = _status_kib("VmRSS")
+    reset = _reset_peak_rss()
+    times, losses = [], []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        losses.append(step())
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    out = {"mode": mode, "params": params, "dtype": str(dtype).removeprefix("torch."),
+           "step_s": sorted(times)[len(times) // 2], "losses": losses,
+           "rss_baseline_mib": baseline_kib / 1024, "rss_start_mib": start_kib / 1024,
+           "peak_rss_mib": _status_kib("VmHWM") / 1024, "rss_peak_reset": reset}
+    if cuda:
+        out.update(start_mib=start_alloc / 2**20,
+                   peak_mib=torch.cuda.max_memory_allocated() / 2**20,
+                   reserved_mib=torch.cuda.max_memory_reserved() / 2**20,
+                   gpu=torch.cuda.get_device_name())
+    return out
+
+
+def memory(args: argparse.Namespace) -> None:
+    """Run every mode in a subprocess and print one table with ratios to inference."""
+    import torch
+
+    modes = args.modes.split(",") if args.modes else (
+        CUDA_MODES if args.device == "cuda" else CPU_MODES)
+    print(f"trainer memory benchmark: Llama hidden {args.hidden}, intermediate "
+          f"{args.intermediate}, {args.layers} layers, heads {args.heads}/{args.kv_heads}, "
+          f"vocab {args.vocab}; batch {args.batch} x {args.seq} tokens; {args.dtype}; "
+          f"{args.steps} steps per mode; device {args.device}; torch {torch.__version__}; "
+          f"{os.cpu_count()} CPUs", flush=True)
+    results = []
+    for mode in modes:
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, "memory", *sys.argv[2:], "--child", mode],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"{mode}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
+            continue
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result["wall_s"] = time.perf_counter() - t
+        results.append(result)
+        print(json.dumps(result), flush=True)
+    if not results:
+        return
+    cuda = args.device == "cuda"
+    key = "peak_mib" if cuda else "peak_rss_mib"
+    ref = next((r[key] for r in results if r["mode"] == "inference"), None)
+    first = results[0]
+    print(f"\n## Peak memory ({first['params']:,} params; MiB = 2^20 bytes; "
+          f"{'torch.cuda.max_memory_allocated on ' + first['gpu'] if cuda else 'peak RSS of the process (VmHWM)'}"
+          f"; ratios to inference)")
+    print(f"{'mode':12s} {'dtype':9s} {'peak MiB':>10s} {'vs inference':>12s} "
+          f"{'at start MiB':>12s} {'reserved MiB':>12s} {'s/step':>8s}")
+    for r in results:
+        ratio = f"{r[key] / ref:.2f}x" if ref else "-"
+        start = r["start_mib"] if cuda else r["rss_start_mib"]
+        reserved = f"{r['reserved_mib']:12.0f}" if cuda else f"{'-':>12s}"
+        print(f"{r['mode']:12s} {r['dtype']:9s} {r[key]:10.0f} {ratio:>12s} {start:12.0f} "
+              f"{reserved} {r['step_s']:8.3f}")
+    if not cuda:
+        print(f"(RSS of the interpreter with torch and transformers imported, before the model: "
+              f"{first['rss_baseline_mib']:.0f} MiB; 'at start' is after building the model)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="part", required=True)
+    mem = sub.add_parser("memory", help="peak memory of MeZO vs inference vs Adam backprop")
+    mem.add_argument("--device", default="cpu")
+    mem.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    mem.add_argument("--hidden", type=int, default=768)
+    mem.add_argument("--intermediate", type=int, default=2048)
+    mem.add_argument("--layers", type=int, default=12)
+    mem.add_argument("--heads", type=int, default=12)
+    mem.add_argument("--kv-heads", type=int, default=4)
+    mem.add_argument("--vocab", type=int, default=32000)
+    mem.add_argument("--batch", type=int, default=4)
+    mem.add_argument("--seq", type=int, default=256)
+    mem.add_argument("--steps", type=int, default=3)
+    mem.add_argument("--modes", default=None, help="comma-separated subset of the modes")
+    mem.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(run_mode(args)))
+    else:
+        memory(args)
+
+
+if __name__ == "__main__":
+    main()
