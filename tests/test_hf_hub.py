@@ -301,6 +301,25 @@ def test_plain_peft_repo_made_by_peft_is_pulled_and_used(hf, pushed_base, tmp_pa
         assert torch.equal(used(x).logits, want)
 
 
+def test_subfolder_pull_of_an_uploaded_folder(hf, models, tmp_path):
+    """A PEFT adapter uploaded into a folder of a repo with upload_folder (no mergehub files) is
+    pulled with --subfolder; its files come back bit for bit."""
+    from huggingface_hub import HfApi
+
+    api, repo = HfApi(), _repo("folders")
+    api.create_repo(repo)
+    api.upload_folder(repo_id=repo, folder_path=models["lora"], path_in_repo="adapters/task-a")
+    with _new_store(tmp_path / "s") as s:
+        s.add(models["base-bf16"], "base", progress=False)
+        with pytest.raises(RemoteError, match="no safetensors weights"):
+            pull(s, repo, progress=False)  # nothing at the root
+        got = pull(s, repo, subfolder="adapters/task-a", base="base", progress=False)
+        assert got.info.name == f"{repo.split('/')[1]}-adapters-task-a"
+        assert (got.form, got.info.base) == ("peft", "base")
+        assert got.info.provenance["hub"]["subfolder"] == "adapters/task-a"
+        assert _export(s, got.info.name, tmp_path / "out") == dir_digests(models["lora"])
+
+
 def _list(repo: str, revision: str = "main") -> list[str]:
     from huggingface_hub import HfApi
 
