@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--chunked", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run the chunked path once and compare its output (default: yes)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-merge-gpu-"))
     specs = bm.llama_specs(args.layers, args.hidden, args.intermediate, args.vocab, "BF16")
@@ -68,7 +70,7 @@ def main() -> None:
         outs = {}
         # the chunked path (per-chunk torch ops, the path before the fused kernels) once, then
         # the fused one (mergehub.kernels.merge_tensor on whole tensors, the default on CUDA)
-        for fused, repeats in ((False, 1), (True, args.repeats)):
+        for fused, repeats in ((False, int(args.chunked)), (True, args.repeats)):
             for r in range(repeats):
                 out = work / f"out-{method}-{fused}-{r}"
                 if args.device == "cuda":
@@ -92,6 +94,9 @@ def main() -> None:
             written = t_copy + t_sync
             print(f"write floor: {nbytes / 1e9:.2f} GB copied in {t_copy:.2f} s + fsync "
                   f"{t_sync:.2f} s; read + write floor {floor + written:.2f} s")
+        if not args.chunked:
+            shutil.rmtree(outs[True])
+            continue
         d = bm.compare_outputs(outs[True], outs[False], paths["base"])
         print(f"{method:16s} fused vs chunked: {d.tensors} tensors, {d.differing:,} of "
               f"{d.elements:,} elements differ, max abs diff {d.max_abs:.3g} (worst "

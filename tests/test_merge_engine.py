@@ -380,3 +380,28 @@ def test_fused_path_equals_chunked_path(models, tmp_path, monkeypatch, method, e
         torch.testing.assert_close(outs[True][name], chunked, rtol=0, atol=0, msg=name)
         changed += int(not torch.equal(chunked, load_all(models["base-bf16"])[name]))
     assert changed > 0
+
+
+def test_fused_path_reads_compressed_store_entries(models, tmp_path):
+    """Store inputs (lossless and lossy) go through Source.raw / StoredModel.load on the fused
+    path and give the chunked path's output."""
+    from mergehub.merge.engine import execute, plan_merge
+    from mergehub.merge.recipe import load_recipe
+
+    store = Store(tmp_path / "store", create=True)
+    store.add(models["base-bf16"], "base", progress=False)
+    store.add(models["ft-mlp"], "mlp", base="base", progress=False)
+    store.add(models["ft-attn"], "attn", base="base", progress=False)
+    store.compress("mlp", "bit1", progress=False)
+    store.compress("attn", "compeft", {"density": 0.2}, progress=False)
+    text = ("merge_method: ties\nbase_model: base\nmodels:\n"
+            "  - model: mlp-bit1\n    parameters: {density: 0.5}\n"
+            "  - model: attn-compeft\n    parameters: {density: 0.5, weight: 0.7}\n"
+            "  - model: attn\n    parameters: {density: 0.3}\n")
+    outs = []
+    for fused in (False, True):
+        execute(plan_merge(load_recipe(text), store=store), tmp_path / f"o{fused}",
+                progress=False, fused=fused, chunk_elements=1000)
+        outs.append(load_all(tmp_path / f"o{fused}"))
+    for name, chunked in outs[0].items():
+        assert torch.equal(outs[1][name], chunked), name

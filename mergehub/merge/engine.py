@@ -256,6 +256,9 @@ class MergeResult:
 #: elements per chunk: ~1 MB of float32 per input keeps a chunk's inputs in CPU caches
 #: (measured: 8x faster task arithmetic than whole tensors); GPUs want bigger launches
 CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}
+#: threads reading whole input tensors ahead of the fused path (one read from the page cache
+#: runs at ~7 GB/s; a few in parallel keep a GPU fed)
+READ_WORKERS = 3
 
 
 def row_ranges(spec: TensorSpec, chunk_elements: int) -> list[tuple[int, int]]:
@@ -274,8 +277,8 @@ def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
     Tensors are merged chunk by chunk (rows, ``chunk_elements`` at a time) with the method's
     :meth:`~MergeMethod.merge`, or, with ``fused`` (default: on CUDA), whole tensors at a time
     in one pass by :func:`mergehub.kernels.merge_tensor` wherever the method has a fused form and
-    every input is a dense model (not a LoRA): the inputs' raw tensors are read on two threads
-    ahead of the merge, so reading, merging and writing overlap.
+    every input is a dense model (not a LoRA): the inputs' raw tensors are read on threads
+    ahead of the merge (:data:`READ_WORKERS`), so reading, merging and writing overlap.
     """
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -332,7 +335,7 @@ def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
         """The base's and every input's whole tensor as stored (for the fused path)."""
         if not fuse or spec.name in plan.copy_from_base:
             return None
-        return [src.raw(spec.name, pin=dev.type == "cuda") for src in (plan.base, *plan.inputs)]
+        return [src.raw(spec.name, dev) for src in (plan.base, *plan.inputs)]
 
     def fused_tensor(spec: TensorSpec, raw: list[torch.Tensor]) -> Iterator[torch.Tensor]:
         from mergehub import kernels
@@ -352,7 +355,7 @@ def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
 
     def produce() -> Iterator[tuple[str, torch.Tensor | None]]:
         """Every output chunk in write order, then ``(name, None)`` at the end of each tensor."""
-        raws = (ordered_map(raw_inputs, plan.specs, workers=2) if fuse
+        raws = (ordered_map(raw_inputs, plan.specs, workers=READ_WORKERS) if fuse
                 else (None for _ in plan.specs))
         for spec, raw in zip(plan.specs, raws):
             if spec.name in plan.copy_from_base:

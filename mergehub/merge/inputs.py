@@ -88,19 +88,20 @@ class Source:
         # move the stored dtype (half the bytes of float32 for bf16), then widen on the device
         return part.reshape(r1 - r0, cols).to(device).to(torch.float32)
 
-    def raw(self, name: str, pin: bool = False) -> torch.Tensor:
-        """A dense input's whole tensor as stored (dtype and shape), on the CPU: what the fused
-        GPU path moves to the device, half the bytes of float32 for bf16. With ``pin`` a file's
-        bytes are read straight into page-locked memory, which copies to a GPU at full speed
-        and asynchronously."""
+    def raw(self, name: str, device: torch.device) -> torch.Tensor:
+        """A dense input's whole tensor in its stored dtype and shape, for the fused path on
+        ``device`` (half the bytes of float32 for bf16). A file's bytes are read into CPU
+        memory, page-locked when ``device`` is a GPU (it then copies there at full speed and
+        asynchronously); a store entry is decoded on ``device`` where its codec allows."""
         spec = self.specs[name]
         if isinstance(self.reader, Checkpoint):
-            out = torch.empty(spec.shape, dtype=TORCH_DTYPE[spec.dtype], pin_memory=pin)
+            out = torch.empty(spec.shape, dtype=TORCH_DTYPE[spec.dtype],
+                              pin_memory=device.type == "cuda")
             if spec.nbytes:
                 self.reader.read_bytes(name, into=memoryview(out.reshape(-1).view(torch.uint8)
                                                              .numpy()))
             return out
-        return self.reader.load(name)
+        return self.reader.load(name, device=device)
 
     def theta(self, name: str, base: torch.Tensor | None, device: torch.device,
               r0: int = 0, r1: int | None = None) -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from mergehub.errors import InputError
-from mergehub.storage.atomic import atomic_output_dir
+from mergehub.storage.atomic import atomic_output_dir, start_writeback
 from mergehub.storage import safetensors_format
 from mergehub.storage.safetensors_format import TensorSpec, build_header
 from mergehub.units import parse_size
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 SHARD_METADATA = {"format": "pt"}
+#: start writing a shard to disk every this many bytes, so the final fsync has little left
+WRITEBACK_BYTES = 64 << 20
 
 #: Files that describe a model beside its weights: copied from a source model into merge outputs.
 MODEL_SIDE_FILES = re.compile(
@@ -106,6 +108,7 @@ def write_model_dir(out: str | Path, specs: list[TensorSpec], get: TensorSource,
             for name, shard in zip(names, shards):
                 with open(tmp / name, "wb") as f:
                     f.write(build_header(shard, SHARD_METADATA))
+                    flushed = 0  # bytes handed to start_writeback so far
                     for spec in shard:
                         data = get(spec)
                         single = isinstance(data, (bytes, bytearray, memoryview)) or hasattr(data, "dtype")
@@ -119,6 +122,10 @@ def write_model_dir(out: str | Path, specs: list[TensorSpec], get: TensorSource,
                             raise InputError(f"tensor {spec.name!r}: got {written} bytes, "
                                              f"expected {spec.nbytes}")
                         bar.update(spec.nbytes)
+                        if f.tell() - flushed >= WRITEBACK_BYTES:
+                            f.flush()
+                            start_writeback(f.fileno(), flushed, f.tell() - flushed)
+                            flushed = f.tell()
         if len(shards) > 1:
             index = {"metadata": {"total_size": total},
                      "weight_map": {s.name: n for n, shard in zip(names, shards) for s in shard}}
