@@ -144,24 +144,28 @@ def test_master_weights_restore_bit_exactly_in_any_dtype(dtype):
 
 
 def test_bf16_master_weights_keep_updates_that_bf16_rounds_away():
-    # lr * g * z of ~1e-6 is far below half a bf16 ulp of weights near 0.02 (~6e-5): in place
-    # the weights do not move, the float32 copy does (and the parameter is its rounding).
+    # Weights in [0.02, 0.021): bf16 spacing 1.2e-4 there, and eps z stays inside the binade, so
+    # in place the perturbations come back exactly and lr * g * z (< 2.5e-5, under half a bf16
+    # step) rounds away: nothing moves. The float32 copy takes every update (and the parameter is its rounding).
+    start = (0.02 + 0.001 * torch.rand(256, generator=torch.Generator().manual_seed(3))
+             ).to(torch.bfloat16)
+    target = torch.full((256,), 0.5)
+
     def run(master: bool) -> tuple[torch.Tensor, MeZO]:
-        gen = torch.Generator().manual_seed(3)
-        theta = torch.nn.Parameter((0.02 + 0.001 * torch.rand(256, generator=gen))
-                                   .to(torch.bfloat16))
-        target = torch.full((256,), 0.5)
-        opt = MeZO([theta], lr=1e-6, eps=1e-2, seed=0, master_weights=master)
+        theta = torch.nn.Parameter(start.clone())
+        opt = MeZO([theta], lr=3e-7, eps=1e-3, seed=0, master_weights=master)
         for _ in range(20):
             opt.step(lambda: float((theta.float() - target).square().sum()))
         return theta, opt
 
+    theta, _ = run(master=False)
+    assert torch.equal(theta.detach(), start)
     theta, opt = run(master=True)
     master = opt.state[theta]["master"]
     assert master.dtype == torch.float32
     assert torch.equal(theta.detach(), master.to(torch.bfloat16))
-    start = (0.02 + 0.001 * torch.rand(256, generator=torch.Generator().manual_seed(3)))
-    assert float((master - start.to(torch.bfloat16).float()).abs().max()) > 1e-6
+    moved = (master - start.float()).abs()
+    assert float((moved > 0).float().mean()) > 0.9 and float(moved.max()) > 1e-5
 
 
 def test_two_runs_with_the_same_seed_are_identical_and_other_seeds_differ():
