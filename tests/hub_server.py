@@ -23,8 +23,12 @@ gap for the tests and nothing else (it is never imported by ``mergehub``):
   presigned storage URLs are.
 
 Not implemented (not needed by the tests): Xet uploads (tests set ``HF_HUB_DISABLE_XET``),
-multi-part LFS uploads, pull requests, deletions of folders by prefix glob, repo types other than
-models, private repos being hidden (``private`` is accepted and ignored).
+multi-part LFS uploads, copies, pull requests, tags, repo types other than models, private repos
+being hidden (``private`` is accepted and ignored), the ``oid`` of existing files in the
+preupload answer (so unchanged files are committed again rather than skipped).
+
+A test can make read requests fail: paths containing a string in :attr:`StandInHub.fail` get
+404 (how the tests cut a pull short).
 """
 
 from __future__ import annotations
