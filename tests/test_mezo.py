@@ -17,6 +17,16 @@ from mergehub.adapters.mezo import MeZO, MeZOError
 from mergehub.hub.demo import TINY_LLAMA
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: a second intra-op thread only adds hand-offs (3-15x slower on a
+    busy 2-CPU machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def quadratic(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.nn.Parameter]:
     """A symmetric positive definite A (float64) and a parameter theta."""
     gen = torch.Generator().manual_seed(seed)
