@@ -120,6 +120,7 @@ def test_base_round_trip_bit_exact(hf, models, tmp_path):
         got = pull(b, repo, progress=False)
         assert got.info.name == "base" and got.info.kind == "base" and got.form == "hf"
         assert got.info.provenance["hub"]["repo_id"] == repo
+        assert "source" not in got.info.provenance  # the pusher's local path is not published
         assert _export(b, "base", tmp_path / "b-out") == want == dir_digests(models["sharded-bf16"])
         assert list((b.root / "transfers").iterdir()) == []  # the download folder is gone
 

@@ -374,6 +374,8 @@ def push(store: Store, name: str, repo_id: str, *, revision: str | None = None,
     forms = _forms(info, fmt)
     manifest = store.entry_manifest(name)
     manifest["forms"] = forms
+    # the path it was added from means nothing elsewhere (and names the pusher's folders)
+    manifest["provenance"].pop("source", None)
     base_model = base_model or _hub_repo_of(store, info)
     if manifest["base"] is not None and base_model:
         manifest["base"]["hub"] = {**(manifest["base"]["hub"] or {}), "repo_id": base_model}
