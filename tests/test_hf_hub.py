@@ -120,7 +120,8 @@ def test_base_round_trip_bit_exact(hf, models, tmp_path):
         got = pull(b, repo, progress=False)
         assert got.info.name == "base" and got.info.kind == "base" and got.form == "hf"
         assert got.info.provenance["hub"]["repo_id"] == repo
-        assert "source" not in got.info.provenance  # the pusher's local path is not published
+        # the source is the repo, neither the pusher's path nor the transfer folder
+        assert got.info.provenance["source"] == f"{hf.url}/{repo}@{got.commit}"
         assert _export(b, "base", tmp_path / "b-out") == want == dir_digests(models["sharded-bf16"])
         assert list((b.root / "transfers").iterdir()) == []  # the download folder is gone
 

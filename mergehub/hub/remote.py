@@ -570,6 +570,9 @@ def pull(store: Store, repo_id: str, *, revision: str | None = None, name: str |
     staging.mkdir(parents=True, exist_ok=True)
     hub = {"repo_id": repo_id, "revision": revision, "commit": commit,
            "endpoint": _public_endpoint(api), **({"subfolder": folder} if folder else {})}
+    #: where it came from, instead of the transfer folder `store.add` would record as source
+    origin = {"source": f"{hub['endpoint']}/{repo_id}@{commit}" + (f"/{folder}" if folder else ""),
+              "hub": hub}
     fetched: list[str] = []
 
     def get(paths: list[str]) -> None:
@@ -593,7 +596,7 @@ def pull(store: Store, repo_id: str, *, revision: str | None = None, name: str |
                 raise _missing_base(repo_id, manifest, store)
             get([f"{prefix}{BLOBS}/{b}" for b in manifest["blobs"]])
             info = store.import_entry(manifest, staging / prefix / BLOBS, name, base=base_name,
-                                      provenance={"hub": hub}, progress=progress)
+                                      provenance=origin, progress=progress)
             form = "mergehub"
         else:
             shadowed = manifest.get("shadowed", {})
@@ -603,7 +606,7 @@ def pull(store: Store, repo_id: str, *, revision: str | None = None, name: str |
             _check_dense(model_dir, manifest, repo_id)
             info = store.add(model_dir, name, base=base_name, kind=manifest["kind"],
                              metrics=manifest["metrics"],
-                             provenance={**manifest["provenance"], "hub": hub}, progress=progress)
+                             provenance={**manifest["provenance"], **origin}, progress=progress)
             form = manifest["format"]
     else:
         top = sorted(p for p in remote if "/" not in p[len(prefix):]
@@ -619,6 +622,6 @@ def pull(store: Store, repo_id: str, *, revision: str | None = None, name: str |
         form = "peft" if prefix + ADAPTER_CONFIG in top else "hf"
         if base is None and form == "peft":
             base = _peft_base(store, model_dir)
-        info = store.add(model_dir, name, base=base, provenance={"hub": hub}, progress=progress)
+        info = store.add(model_dir, name, base=base, provenance=origin, progress=progress)
     shutil.rmtree(staging, ignore_errors=True)
     return PullResult(info, repo_id, revision, commit, form, fetched)
