@@ -315,6 +315,8 @@ def test_subfolder_pull_of_an_uploaded_folder(hf, models, tmp_path):
         s.add(models["base-bf16"], "base", progress=False)
         with pytest.raises(RemoteError, match="no safetensors weights"):
             pull(s, repo, progress=False)  # nothing at the root
+        with pytest.raises(RemoteError, match="adapters/nope"):
+            pull(s, repo, subfolder="adapters/nope", progress=False)
         got = pull(s, repo, subfolder="adapters/task-a", base="base", progress=False)
         assert got.info.name == f"{repo.split('/')[1]}-adapters-task-a"
         assert (got.form, got.info.base) == ("peft", "base")

@@ -557,7 +557,7 @@ def pull(store: Store, repo_id: str, *, revision: str | None = None, name: str |
     revision, commit = _resolve_revision(api, repo_id, revision or at)
     folder = subfolder.strip("/") if subfolder else ""
     prefix = f"{folder}/" if folder else ""
-    with _hub_errors(api, f"{repo_id}@{revision}"):
+    with _hub_errors(api, f"{repo_id}@{revision}" + (f": folder {folder!r}" if folder else "")):
         remote = {f.path: f for f in api.list_repo_tree(repo_id, revision=commit, recursive=True,
                                                        path_in_repo=folder or None)
                   if isinstance(f, RepoFile)}
