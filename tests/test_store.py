@@ -149,6 +149,17 @@ def test_rm_and_gc(store, models, tmp_path):
     assert _blob_bytes(store) == 0
 
 
+def test_gc_clears_temp_files_and_dirs_left_by_killed_work(store, models):
+    store.add(models["base-bf16"], "base", progress=False)
+    (store.root / "tmp" / "add-1234.blob").write_bytes(b"partial")
+    left = store.root / "tmp" / "merge-abcd" / "out"  # a killed `hub merge --to-store`
+    left.mkdir(parents=True)
+    (left / "model.safetensors").write_bytes(b"partial")
+    assert store.gc().temp_files_removed == 2
+    assert list((store.root / "tmp").iterdir()) == []
+    assert store.verify(progress=False).ok
+
+
 def test_gc_keeps_base_blobs_of_deltas(store, models, tmp_path):
     """A delta blob needs its reference even when no tensor row points at the reference."""
     store.add(models["base-bf16"], "base", progress=False)

@@ -27,6 +27,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import sqlite3
 import threading
 import time
@@ -1106,9 +1107,12 @@ class Store:
                     freed += path.stat().st_size
                     path.unlink()
                     removed += 1
-            temps = list((self.root / "tmp").iterdir())
+            temps = list((self.root / "tmp").iterdir())  # left by killed adds and merges
             for t in temps:
-                t.unlink()
+                if t.is_dir() and not t.is_symlink():
+                    shutil.rmtree(t)
+                else:
+                    t.unlink()
         return GcReport(removed, freed, len(temps))
 
     def _blob_files(self) -> Iterator[Path]:
