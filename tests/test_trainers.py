@@ -368,3 +368,18 @@ def test_hub_train_cli_store_merge_export(models, tmp_path):
     out = hub("train", bad, code=2)
     assert out.startswith(f"error: {bad}:4: unknown key 'batch'")
     assert "--stop-after" in hub("train", "--help")
+
+
+def test_evaluate_matches_the_model_loss_and_accuracy(models):
+    """evaluate()'s one-forward loss and scores equal transformers' loss and accuracy()."""
+    from transformers import AutoModelForCausalLM
+
+    from mergehub.adapters.data import accuracy
+
+    model = AutoModelForCausalLM.from_pretrained(models["base-bf16"], dtype=torch.float32)
+    data = SyntheticDataset(["reverse"], 40)
+    (batch,) = data.eval_batches()
+    got = evaluate(model, data)
+    assert got["eval_loss"] == pytest.approx(float(model(**batch.kwargs()).loss), rel=1e-5)
+    assert (got["eval_exact_match"], got["eval_token_accuracy"]) == accuracy(
+        model, batch.input_ids, batch.labels)

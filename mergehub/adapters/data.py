@@ -83,6 +83,16 @@ def eval_split(task: str, n: int, split: str = "test") -> tuple[torch.Tensor, to
     return make_batch(task, n, torch.Generator().manual_seed(offset + list(ALL_TASKS).index(task)))
 
 
+def completion_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int, int]:
+    """(examples with every completion token right, right tokens, completion tokens) of the
+    teacher-forced argmax predictions ``logits`` for ``labels`` (-100: not scored)."""
+    pred = logits[:, :-1].argmax(-1)
+    target = labels[:, 1:]
+    mask = target != -100
+    ok = (pred == target) | ~mask
+    return int(ok.all(1).sum()), int((ok & mask).sum()), int(mask.sum())
+
+
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor,
              chunk: int = 500) -> tuple[float, float]:
@@ -95,14 +105,8 @@ def accuracy(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor,
     model.eval()
     right = total = exact = 0
     for i in range(0, ids.shape[0], chunk):
-        x, y = ids[i:i + chunk], labels[i:i + chunk]
-        pred = model(input_ids=x).logits[:, :-1].argmax(-1)
-        target = y[:, 1:]
-        mask = target != -100
-        ok = (pred == target) | ~mask
-        right += int((ok & mask).sum())
-        total += int(mask.sum())
-        exact += int(ok.all(1).sum())
+        e, r, t = completion_scores(model(input_ids=ids[i:i + chunk]).logits, labels[i:i + chunk])
+        exact, right, total = exact + e, right + r, total + t
     model.train(was_training)
     return exact / ids.shape[0], right / max(total, 1)
 

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from mergehub.adapters import lora as lora_mod
 from mergehub.adapters import onebit, sparse
 from mergehub.adapters.config import ConfigError, TrainConfig, load_config
-from mergehub.adapters.data import Batch, Dataset, accuracy, build_dataset
+from mergehub.adapters.data import Batch, Dataset, accuracy, build_dataset, completion_scores
 from mergehub.errors import InputError, StoreError
 from mergehub.storage.atomic import atomic_output_dir, write_file_atomic
 from mergehub.storage.store import ModelInfo, Store
@@ -70,7 +70,7 @@ class Method:
         model.requires_grad_(True)
         return model
 
-    def make_optimizer(self) -> Any:
+    def make_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(list(self.params.values()), lr=self.cfg.lr,
                                  weight_decay=self.cfg.weight_decay)
 
@@ -270,7 +270,7 @@ class MezoMethod(Method):
             return wrap_peft(model, self.cfg)
         return model.requires_grad_(True)
 
-    def make_optimizer(self) -> Any:
+    def make_optimizer(self) -> torch.optim.Optimizer:
         from mergehub.adapters.mezo import MeZO
 
         sparsity = float(self.cfg.param("sparsity")) if self.cfg.method == "sparse_mezo" else None
@@ -328,33 +328,33 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * warm
 
 
-def _set_lr(optimizer: Any, lr: float) -> None:
-    groups = getattr(optimizer, "param_groups", None)
-    if groups is not None:
-        for group in groups:
-            group["lr"] = lr
-    else:
-        optimizer.lr = lr
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: Dataset) -> dict[str, float]:
-    """Held-out loss and teacher-forced exact match / token accuracy (empty without eval data)."""
+    """Held-out loss and teacher-forced exact match / token accuracy (empty without eval data),
+    from one forward pass per eval batch."""
     batches = dataset.eval_batches()
     if not batches:
         return {}
     was_training = model.training
     model.eval()
-    losses, exact, tok = [], [], []
+    loss_sum = exact = right = total = examples = 0.0
     for b in batches:
-        losses.append(float(model(**b.kwargs()).loss))
-        e, t = accuracy(model, b.input_ids, b.labels)
-        exact.append(e)
-        tok.append(t)
+        kwargs = {k: v for k, v in b.kwargs().items() if k != "labels"}
+        logits = model(**kwargs).logits.float()
+        target = b.labels[:, 1:]
+        loss_sum += float(torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
+            ignore_index=-100, reduction="sum"))
+        e, r, t = completion_scores(logits, b.labels)
+        exact, right, total, examples = exact + e, right + r, total + t, examples + len(b.labels)
     model.train(was_training)
-    n = len(batches)
-    return {"eval_loss": sum(losses) / n, "eval_exact_match": sum(exact) / n,
-            "eval_token_accuracy": sum(tok) / n}
+    return {"eval_loss": loss_sum / max(total, 1), "eval_exact_match": exact / examples,
+            "eval_token_accuracy": right / max(total, 1)}
 
 
 def _digest(cfg: TrainConfig) -> str:
