@@ -35,7 +35,7 @@ from mergehub.merge.rmm import execute_rmm
 from mergehub.merge.recipe import (
     DTYPES, LineDict, ModelEntry, Recipe, RecipeError, did_you_mean, layer_index, load_recipe,
     resolve_params)
-from mergehub.storage.parallel import background, ordered_map
+from mergehub.storage.parallel import background, ordered_map, torch_threads
 from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
 from mergehub.storage.store import Store
 from mergehub.storage.writer import DEFAULT_MAX_SHARD_SIZE, MODEL_SIDE_FILES, write_model_dir
@@ -301,88 +301,91 @@ def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
                   else src.theta(spec.name, base, dev, r0, r1) for src in sources]
             yield base, xs
 
-    mergeable = [s for s in plan.specs if s.name not in plan.copy_from_base]
-    for rnd in range(method.prepass_rounds()):
-        for spec in tqdm(mergeable, desc=f"pre-pass {rnd + 1}", unit="tensor",
-                         disable=not progress, leave=False):
+    # the pipeline's threads (producer, readers, writer) already use the cores: one intra-op
+    # thread each (see torch_threads)
+    with torch_threads(1):
+        mergeable = [s for s in plan.specs if s.name not in plan.copy_from_base]
+        for rnd in range(method.prepass_rounds()):
+            for spec in tqdm(mergeable, desc=f"pre-pass {rnd + 1}", unit="tensor",
+                             disable=not progress, leave=False):
+                params = [resolve_params(p, spec.name, plan.num_layers) for p in plan.model_params]
+                ctx = TensorContext(spec.name, dev, seed, state)
+                for _, xs in chunks_of(spec, row_ranges(spec, chunk)):
+                    method.observe(rnd, xs, params, ctx)
+            method.finish_round(rnd, state)
+
+        bar = tqdm(total=len(plan.specs), desc="merge", unit="tensor", disable=not progress,
+                   leave=False)
+        done_bytes = 0
+
+        def merged_chunks(spec: TensorSpec) -> Iterator[torch.Tensor]:
             params = [resolve_params(p, spec.name, plan.num_layers) for p in plan.model_params]
-            ctx = TensorContext(spec.name, dev, seed, state)
-            for _, xs in chunks_of(spec, row_ranges(spec, chunk)):
-                method.observe(rnd, xs, params, ctx)
-        method.finish_round(rnd, state)
+            ranges = row_ranges(spec, chunk)
+            ctx = TensorContext(spec.name, dev, seed, {**state, "numel": math.prod(spec.shape),
+                                                        "row_starts": [r0 for r0, _ in ranges]})
+            try:
+                method.tensor_stats(lambda which=None: chunks_of(spec, ranges, which), params, ctx)
+                for (r0, r1), (base, xs) in zip(ranges, chunks_of(spec, ranges)):
+                    ctx.rows = (r0, r1)
+                    yield method.merge(base, xs, params, ctx).to(TORCH_DTYPE[spec.dtype]).cpu()
+            except (ValueError, TypeError) as err:  # bad parameter values for this tensor
+                raise MergeError(f"tensor {spec.name!r}: {plan.recipe.merge_method}: {err}") from err
 
-    bar = tqdm(total=len(plan.specs), desc="merge", unit="tensor", disable=not progress,
-               leave=False)
-    done_bytes = 0
+        fuse = ((dev.type == "cuda") if fused is None else fused) and plan.base is not None \
+            and method.on_deltas and not any(src.is_lora for src in plan.inputs)
 
-    def merged_chunks(spec: TensorSpec) -> Iterator[torch.Tensor]:
-        params = [resolve_params(p, spec.name, plan.num_layers) for p in plan.model_params]
-        ranges = row_ranges(spec, chunk)
-        ctx = TensorContext(spec.name, dev, seed, {**state, "numel": math.prod(spec.shape),
-                                                    "row_starts": [r0 for r0, _ in ranges]})
-        try:
-            method.tensor_stats(lambda which=None: chunks_of(spec, ranges, which), params, ctx)
-            for (r0, r1), (base, xs) in zip(ranges, chunks_of(spec, ranges)):
-                ctx.rows = (r0, r1)
-                yield method.merge(base, xs, params, ctx).to(TORCH_DTYPE[spec.dtype]).cpu()
-        except (ValueError, TypeError) as err:  # bad parameter values for this tensor
-            raise MergeError(f"tensor {spec.name!r}: {plan.recipe.merge_method}: {err}") from err
+        def raw_inputs(spec: TensorSpec) -> list[torch.Tensor] | None:
+            """The base's and every input's whole tensor as stored (for the fused path)."""
+            if not fuse or spec.name in plan.copy_from_base:
+                return None
+            return [src.raw(spec.name, dev) for src in (plan.base, *plan.inputs)]
 
-    fuse = ((dev.type == "cuda") if fused is None else fused) and plan.base is not None \
-        and method.on_deltas and not any(src.is_lora for src in plan.inputs)
+        def fused_tensor(spec: TensorSpec, raw: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+            from mergehub import kernels
 
-    def raw_inputs(spec: TensorSpec) -> list[torch.Tensor] | None:
-        """The base's and every input's whole tensor as stored (for the fused path)."""
-        if not fuse or spec.name in plan.copy_from_base:
-            return None
-        return [src.raw(spec.name, dev) for src in (plan.base, *plan.inputs)]
+            params = [resolve_params(p, spec.name, plan.num_layers) for p in plan.model_params]
+            ctx = TensorContext(spec.name, dev, seed, {**state, "numel": math.prod(spec.shape)})
+            base, *thetas = (t.to(dev, non_blocking=True) for t in raw)
+            try:
+                args = method.fused(base, thetas, params, ctx)
+                if args is None:  # no fused form for these parameters
+                    yield from merged_chunks(spec)
+                    return
+                yield kernels.merge_tensor(base, thetas, **args, out_dtype=TORCH_DTYPE[spec.dtype],
+                                           name=spec.name).cpu()
+            except (ValueError, TypeError) as err:
+                raise MergeError(f"tensor {spec.name!r}: {plan.recipe.merge_method}: {err}") from err
 
-    def fused_tensor(spec: TensorSpec, raw: list[torch.Tensor]) -> Iterator[torch.Tensor]:
-        from mergehub import kernels
+        def produce() -> Iterator[tuple[str, torch.Tensor | None]]:
+            """Every output chunk in write order, then ``(name, None)`` at the end of each tensor."""
+            raws = (ordered_map(raw_inputs, plan.specs, workers=READ_WORKERS) if fuse
+                    else (None for _ in plan.specs))
+            for spec, raw in zip(plan.specs, raws):
+                if spec.name in plan.copy_from_base:
+                    yield spec.name, reference.reader.load(spec.name).to(TORCH_DTYPE[spec.dtype])
+                else:
+                    for part in fused_tensor(spec, raw) if raw is not None else merged_chunks(spec):
+                        yield spec.name, part
+                yield spec.name, None
 
-        params = [resolve_params(p, spec.name, plan.num_layers) for p in plan.model_params]
-        ctx = TensorContext(spec.name, dev, seed, {**state, "numel": math.prod(spec.shape)})
-        base, *thetas = (t.to(dev, non_blocking=True) for t in raw)
-        try:
-            args = method.fused(base, thetas, params, ctx)
-            if args is None:  # no fused form for these parameters
-                yield from merged_chunks(spec)
-                return
-            yield kernels.merge_tensor(base, thetas, **args, out_dtype=TORCH_DTYPE[spec.dtype],
-                                       name=spec.name).cpu()
-        except (ValueError, TypeError) as err:
-            raise MergeError(f"tensor {spec.name!r}: {plan.recipe.merge_method}: {err}") from err
+        # reading and merging run on a thread of their own, a few chunks ahead of the writer
+        stream = background(produce(), depth=4)
 
-    def produce() -> Iterator[tuple[str, torch.Tensor | None]]:
-        """Every output chunk in write order, then ``(name, None)`` at the end of each tensor."""
-        raws = (ordered_map(raw_inputs, plan.specs, workers=READ_WORKERS) if fuse
-                else (None for _ in plan.specs))
-        for spec, raw in zip(plan.specs, raws):
-            if spec.name in plan.copy_from_base:
-                yield spec.name, reference.reader.load(spec.name).to(TORCH_DTYPE[spec.dtype])
-            else:
-                for part in fused_tensor(spec, raw) if raw is not None else merged_chunks(spec):
-                    yield spec.name, part
-            yield spec.name, None
+        def get(spec: TensorSpec) -> Iterator[torch.Tensor]:
+            nonlocal done_bytes
+            for name, part in stream:
+                assert name == spec.name, (name, spec.name)
+                if part is None:
+                    break
+                yield part
+            done_bytes += spec.nbytes
+            bar.update(1)
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix_str(f"{done_bytes / elapsed / 1e9:.2f} GB/s", refresh=False)
 
-    # reading and merging run on a thread of their own, a few chunks ahead of the writer
-    stream = background(produce(), depth=4)
-
-    def get(spec: TensorSpec) -> Iterator[torch.Tensor]:
-        nonlocal done_bytes
-        for name, part in stream:
-            assert name == spec.name, (name, spec.name)
-            if part is None:
-                break
-            yield part
-        done_bytes += spec.nbytes
-        bar.update(1)
-        elapsed = max(time.perf_counter() - start, 1e-9)
-        bar.set_postfix_str(f"{done_bytes / elapsed / 1e9:.2f} GB/s", refresh=False)
-
-    with bar, closing(stream):
-        write_model_dir(out, plan.specs, get, max_shard_size=max_shard_size,
-                        side_files=_side_files(plan), overwrite=overwrite, progress=False)
+        with bar, closing(stream):
+            write_model_dir(out, plan.specs, get, max_shard_size=max_shard_size,
+                            side_files=_side_files(plan), overwrite=overwrite, progress=False)
     return MergeResult(Path(out), len(plan.specs), sum(s.nbytes for s in plan.specs),
                        time.perf_counter() - start, plan=plan)
 
