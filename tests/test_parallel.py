@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from mergehub.storage.parallel import background, ordered_map
+from mergehub.storage.parallel import background, ordered_map, torch_threads
 
 
 def test_ordered_map_keeps_order_with_uneven_work():
@@ -74,3 +74,18 @@ def test_background_early_stop_ends_the_producer():
     time.sleep(0.05)
     assert len(produced) == n < 10  # the producer stopped instead of running to the end
     assert not any(t.name == "mergehub-producer" for t in threading.enumerate())
+
+
+def test_torch_threads_sets_and_restores_even_on_error():
+    import torch
+
+    before = torch.get_num_threads()
+    seen = []
+    with pytest.raises(RuntimeError):
+        with torch_threads(1):
+            worker = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+            worker.start()
+            worker.join()
+            seen.append(torch.get_num_threads())
+            raise RuntimeError("boom")
+    assert seen == [1, 1] and torch.get_num_threads() == before
