@@ -28,7 +28,7 @@ pytest.importorskip("triton")
 
 from mergehub import kernels  # noqa: E402
 from mergehub.errors import InputError  # noqa: E402
-from mergehub.kernels import LowRankDelta, SignDelta, TernaryDelta  # noqa: E402
+from mergehub.kernels import LowRankDelta, SignDelta, TernaryDelta, triton_kernels  # noqa: E402
 from mergehub.storage.codecs import LOSSY  # noqa: E402
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -167,13 +167,16 @@ def test_thresholds_exact(device, shape):
         == [None, math.inf]
 
 
-@pytest.mark.parametrize("hist_bits", [20, 3])
-def test_thresholds_sampled_ties_and_missed_bracket(device, monkeypatch, hist_bits):
-    """Strided sampling (a small SAMPLE_SIZE), many tied values, and a sample that lies about
-    the data (the bracket misses; the full selection still gives the exact value); with few
-    histogram bins, narrowing passes (and, past three, the full selection)."""
+@pytest.mark.parametrize("radix_bits", [8, 5])
+def test_thresholds_sampled_ties_and_missed_bracket(device, monkeypatch, radix_bits):
+    """Strided sampling (a small SAMPLE_SIZE), many tied values (the k-th at a bracket's end),
+    and a sample that lies about the data (the bracket misses: the whole-input selection gives
+    the exact value); 5-bit digits make the radix select run 7 rounds."""
     monkeypatch.setattr(kernels, "SAMPLE_SIZE", 512)
-    monkeypatch.setattr(kernels, "HIST_BITS", hist_bits)
+    monkeypatch.setattr(triton_kernels, "RADIX_BITS", radix_bits)
+    monkeypatch.setattr(triton_kernels, "SELECT_SLOTS", 2)  # several blocks append to a list
+    whole = []
+    monkeypatch.setattr(kernels, "_select_whole", lambda *a: whole.append(a) or math.nan)
     n = 64 * 128 + 77
     base = torch.zeros(n, device=device)
     tied = (torch.randint(0, 5, (n,)).float() * 0.25).to(device)
@@ -181,10 +184,51 @@ def test_thresholds_sampled_ties_and_missed_bracket(device, monkeypatch, hist_bi
     liar.view(-1)[: 64 * 128].view(64, 128)[::16] = 0.001  # exactly the sampled blocks
     liar = liar.to(device)
     smooth = torch.randn(n).to(device)
-    for theta in (tied, liar, smooth):
+    for theta in (tied, smooth):
         for d in (0.01, 0.3, 0.9):
-            assert kernels.magnitude_threshold(base, theta, d, backend="triton") \
-                == _kth_oracle(base, theta, d)
+            got = kernels.magnitude_thresholds(base, [theta, -theta], [d, d / 2],
+                                               backend="triton")
+            assert got == [_kth_oracle(base, theta, d), _kth_oracle(base, theta, d / 2)]
+    assert not whole
+    assert math.isnan(kernels.magnitude_threshold(base, liar, 0.3, backend="triton"))
+    assert len(whole) == 1
+    monkeypatch.undo()
+    assert kernels.magnitude_threshold(base, liar, 0.3, backend="triton") \
+        == _kth_oracle(base, liar, 0.3) == 3.0
+
+
+def test_thresholds_tie_at_top_prefix(device, monkeypatch):
+    """The k-th largest is a value tied 700 times at the bottom of the bracket's top 16-bit
+    prefix (lo lies further down): counted there, not gathered, and still exact without the
+    whole-input fallback; a k among distinct values below it too."""
+    gen = torch.Generator().manual_seed(0)
+    n = 5000
+    values = torch.cat([torch.full((400,), 2.0), torch.full((700,), 1.0),
+                        torch.rand(n - 1100, generator=gen) * 0.5])
+    theta = values[torch.randperm(n, generator=gen)].to(device)
+    base = torch.zeros(n, device=device)
+    whole = []
+    monkeypatch.setattr(kernels, "_select_whole", lambda *a: whole.append(a) or math.nan)
+    dens = [0.2, 0.3]  # ranks 1000 (in the run of 1.0s) and 1500 (below it)
+    got = kernels.magnitude_thresholds(base, [theta, theta], dens, backend="triton")
+    assert got == [1.0, _kth_oracle(base, theta, 0.3)] and got[1] < 0.5 and not whole
+
+
+def test_thresholds_candidate_overflow(device, monkeypatch):
+    """Candidates beyond their room make that input fall back to the whole-input selection;
+    the others keep the fast path's (exact) value."""
+    base, thetas = _inputs((4, 1500), 3, torch.float32, device, seed=5)
+    monkeypatch.setattr(kernels, "SAMPLE_SIZE", 1024)
+    monkeypatch.setattr(kernels, "CAP_SLACK", 0)
+    monkeypatch.setattr(triton_kernels, "LIST_SLACK", 0)
+    monkeypatch.setattr(kernels, "CAP_FACTOR", 0.5)  # half the expected candidates: overflow
+    dens = [0.2, 0.3, 1e-9]  # the last finds few candidates (its bracket has no upper end)
+    want = [_kth_oracle(base, t, d) for t, d in zip(thetas, dens)]
+    assert kernels.magnitude_thresholds(base, thetas, dens, backend="triton") == want
+    whole = []
+    monkeypatch.setattr(kernels, "_select_whole", lambda *a: whole.append(a) or math.nan)
+    got = kernels.magnitude_thresholds(base, thetas, dens, backend="triton")
+    assert len(whole) == 2 and math.isnan(got[0]) and math.isnan(got[1]) and got[2] == want[2]
 
 
 def _random_deltas(shape, device, gen):

@@ -8,8 +8,8 @@ from the merge methods' own functions) otherwise or when Triton is not installed
 * :func:`merge_tensor`: task arithmetic / TIES (trim, sign election, disjoint mean) / consensus
   (TALL masks) of K fine-tuned tensors against their base, τt = θt − θ0 computed in registers;
 * :func:`magnitude_thresholds`: each τt's exact k-th largest magnitude (TIES' trim cut-off)
-  without a sort: a sample brackets it, one pass counts the values above the bracket and
-  gathers those inside, and a top-k among those few picks it;
+  without a sort: a sample's histogram brackets it, one pass counts the values around the
+  bracket and gathers those inside, and a radix select among those few picks it;
 * :func:`apply_deltas`: W + Σk sk·decode(δk) for BitDelta, ComPEFT and low-rank deltas
   (:mod:`mergehub.kernels.deltas`), decoded tile by tile, never materialized.
 
@@ -26,7 +26,6 @@ Triton is imported), ``"torch"`` the reference.
 from __future__ import annotations
 
 import math
-import struct
 from typing import Any
 
 import torch
@@ -35,14 +34,16 @@ from mergehub.errors import InputError
 from mergehub.kernels import reference
 from mergehub.kernels.deltas import (
     KIND_ORDER, Delta, LowRankDelta, SignDelta, TernaryDelta, dense, matrix_shape, unpack_bits)
+from mergehub.merge.methods.sparsify import kth_rank
 
 __all__ = ["merge_tensor", "magnitude_thresholds", "magnitude_threshold", "apply_deltas",
            "SignDelta", "TernaryDelta", "LowRankDelta", "dense", "triton_available"]
 
 _ELECT = {None: 0, "sum": 1, "count": 2}
-#: magnitude_thresholds: ~2**18 sampled values (blocks of 128) bracket each k-th largest
-SAMPLE_BLOCK, SAMPLE_SIZE = 128, 1 << 18
-HIST_BITS = 20  # magnitude_thresholds: histogram bins per input and pass
+#: magnitude_thresholds: ~SAMPLE_SIZE sampled values (blocks of 128) bracket each k-th largest
+SAMPLE_BLOCK, SAMPLE_SIZE = 128, 1 << 16
+#: candidate room per input: CAP_FACTOR x the count the sample predicts + CAP_SLACK
+CAP_FACTOR, CAP_SLACK = 2.0, 4096
 
 
 def triton_available() -> bool:
@@ -166,11 +167,6 @@ def _packed_masks(name: str, masks: Any, base: torch.Tensor, k: int) -> torch.Te
     return (bits.to(torch.uint8) * weights).sum(-1, dtype=torch.uint8).to(base.device)
 
 
-def _kth_ranks(densities: list[float], n: int) -> list[int | None]:
-    """k per input as ``sparsify.magnitude_thresholds`` rounds it (None: no selection needed)."""
-    return [max(1, int(d * n)) if 0 < d < 1 and n else None for d in densities]
-
-
 def magnitude_thresholds(base: torch.Tensor, thetas: list[torch.Tensor], densities: list[float],
                          *, backend: str | None = None,
                          name: str = "tensor") -> list[float | None]:
@@ -178,17 +174,18 @@ def magnitude_thresholds(base: torch.Tensor, thetas: list[torch.Tensor], densiti
     largest |τt| with k = max(1, int(density·n)) (``None``: density >= 1, keep all; inf:
     density <= 0), as ``sparsify.magnitude_thresholds``.
 
-    On CUDA, one pass over the inputs (all K together) instead of a sort: a sample of
-    ``SAMPLE_SIZE`` values in blocks brackets each k-th largest, the pass counts the values
-    above the bracket and gathers those inside (about 1% of them), and ``torch.topk`` picks the
-    k-th among those. A bracket that misses (the counts tell) falls back to ``torch.topk`` over
-    the whole input, so the result is exact either way.
+    On CUDA, one pass over the inputs (all K together) instead of a sort: a histogram of
+    ``SAMPLE_SIZE`` sampled values brackets each k-th largest, the pass counts the values above
+    the bracket and at its ends and gathers those inside (a few %), and a radix select over
+    their float bits picks the k-th (:func:`triton_kernels.select`). A bracket that misses or
+    candidates that overflow their room (both tell) fall back to ``torch.topk`` over the whole
+    input, so the result is exact either way.
     """
     _check_inputs(name, base, thetas, {"densities": densities})
     if not _use_triton(backend, base):
         return reference.magnitude_thresholds(base, thetas, densities)
     n = base.numel()
-    ks = _kth_ranks(densities, n)
+    ks = [kth_rank(d, n) for d in densities]
     out: list[float | None] = [None if d >= 1 or not n else math.inf for d in densities]
     which = [t for t, kk in enumerate(ks) if kk is not None]
     if not which:
@@ -207,68 +204,35 @@ def magnitude_threshold(base: torch.Tensor, theta: torch.Tensor, density: float,
 
 
 def _select(base: torch.Tensor, thetas: list[torch.Tensor], ks: list[int]) -> list[float]:
-    """Exact k-th largest |θt − base| per input (flat tensors): sample bracket, then one pass
-    histogramming the bracket's float bit patterns (one bin each when it spans at most
-    2**HIST_BITS of them, as a few-% bracket does; else a pass per narrowing)."""
+    """Exact k-th largest |θt − base| per input (flat tensors): a sample brackets each, one pass
+    counts around the brackets and keeps the values inside, a radix select over those picks
+    it (:func:`triton_kernels.select`); an input whose bracket missed or whose candidates
+    overflowed their room (``CAP_FACTOR`` times the sample's prediction plus ``CAP_SLACK``) is
+    selected whole with ``torch.topk``."""
     from mergehub.kernels import triton_kernels
 
-    n, dev = base.numel(), base.device
+    n = base.numel()
     blocks = n // SAMPLE_BLOCK
     stride = max(1, blocks * SAMPLE_BLOCK // SAMPLE_SIZE)
-    sample_idx = slice(0, blocks * SAMPLE_BLOCK if blocks else n)
-
-    def sampled(x: torch.Tensor) -> torch.Tensor:
-        x = x[sample_idx]
-        return x.reshape(-1, SAMPLE_BLOCK)[::stride].reshape(-1) if blocks else x
-
-    b = sampled(base).float()
-    sample = torch.sort(torch.stack([(sampled(t).float() - b).abs() for t in thetas]), dim=1,
-                        descending=True).values
-    m = sample.shape[1]
-    hi_idx, lo_idx = [], []
+    m = min(n, -(-blocks // stride) * SAMPLE_BLOCK) if blocks else n
+    bracket, inside = [], 0
     for kk in ks:
         p = kk * m / n
         margin = 8 * math.sqrt(p * max(0.0, 1 - p / m)) + 32
-        hi_idx.append(int(p - margin) + 1 if p - margin >= 0 else 0)
-        lo_idx.append(int(p + margin) + 1 if p + margin < m else m + 1)
-    big = torch.full((len(ks), 1), math.inf, device=dev)
-    padded = torch.cat([big, sample, -big], dim=1)  # index 0: +inf, m + 1: -inf
-    bounds = padded.gather(1, torch.tensor([lo_idx, hi_idx], device=dev).T)
-    bits = bounds.clamp(min=0).view(torch.int32).long()  # -inf -> bits of 0.0
-    lo, hi = bits[:, 0].tolist(), bits[:, 1].tolist()
-    found: list[float | None] = [None] * len(ks)
-    todo = list(range(len(ks)))
-    for _ in range(3):  # a pass narrows a bracket 2**HIST_BITS-fold; one is the usual case
-        shifts = [max(0, (hi[t] - lo[t]).bit_length() - HIST_BITS) for t in todo]
-        bracket = torch.tensor([[lo[t] for t in todo], [hi[t] for t in todo], shifts],
-                               dtype=torch.int32, device=dev)
-        bins = max((hi[t] - lo[t] >> sh) + 1 for t, sh in zip(todo, shifts))
-        counts, hist = triton_kernels.bracket_histogram(base, [thetas[t] for t in todo],
-                                                        bracket, bins)
-        at_least = counts[:, None].long() + hist.flip(1).cumsum(1).flip(1)  # >= each bin
-        want = torch.tensor([ks[t] for t in todo], device=dev)
-        nbin = ((at_least >= want[:, None]).sum(1) - 1).clamp(min=0)
-        stats = torch.stack([counts.long(), hist.sum(1), nbin]).T.tolist()
-        again = []
-        for t, shift, (above_t, inside, bin_t) in zip(todo, shifts, stats):
-            if not above_t < ks[t] <= above_t + inside:
-                continue  # the sample's bracket missed: found[t] stays None
-            low = lo[t] + (bin_t << shift)
-            if shift == 0:
-                found[t] = struct.unpack("<f", struct.pack("<i", low))[0]
-                continue
-            lo[t], hi[t] = low, min(hi[t], low + (1 << shift) - 1)
-            again.append(t)
-        todo = again
-        if not todo:
-            break
-    out = []
-    for t, kk in enumerate(ks):
-        if found[t] is None:  # select over the whole input instead
-            full = (thetas[t].float() - base.float()).abs().reshape(-1)
-            found[t] = float(torch.topk(full, kk, sorted=False).values.min())
-        out.append(found[t])
-    return out
+        hi = int(p - margin) if p - margin >= 0 else -1
+        lo = int(p + margin) if p + margin < m else m
+        bracket.append((hi, lo))
+        inside = max(inside, (lo - hi + 1) * n // m)
+    found = triton_kernels.select(base, thetas, ks, SAMPLE_BLOCK, stride * SAMPLE_BLOCK, m,
+                                  bracket, int(CAP_FACTOR * inside) + CAP_SLACK).tolist()
+    return [_select_whole(base, theta, kk) if math.isnan(value) else value
+            for theta, kk, value in zip(thetas, ks, found)]
+
+
+def _select_whole(base: torch.Tensor, theta: torch.Tensor, k: int) -> float:
+    """The k-th largest |θ − base| by ``torch.topk`` over the whole input (the slow path)."""
+    return float(torch.topk((theta.float() - base.float()).abs().reshape(-1), k,
+                            sorted=False).values.min())
 
 
 def apply_deltas(base: torch.Tensor, deltas: list[Delta], scales: list[float] | None = None, *,

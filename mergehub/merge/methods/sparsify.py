@@ -103,10 +103,16 @@ def _gather(chunks: ChunkStream, which: list[int], keep: Callable) -> list[torch
     return [torch.cat(p) for p in parts]
 
 
+def kth_rank(density: float, n: int) -> int | None:
+    """How many of n entries a magnitude trim at ``density`` keeps, k = max(1, int(density·n));
+    ``None`` where no selection is needed (density >= 1 keeps all, <= 0 none, or n = 0)."""
+    return max(1, int(density * n)) if 0 < density < 1 and n else None
+
+
 def magnitude_thresholds(chunks: ChunkStream, n: int,
                          densities: list[float]) -> list[float | None]:
     """Per input: keep |τ| >= threshold; ``None`` keeps all (density >= 1), inf keeps none."""
-    ks = [[max(1, int(d * n))] if 0 < d < 1 and n else [] for d in densities]
+    ks = [[k] if (k := kth_rank(d, n)) else [] for d in densities]
     found = kth_largest_abs(chunks, n, ks)
     return [None if d >= 1 or not n else math.inf if d <= 0 else f[0]
             for d, f in zip(densities, found)]
