@@ -89,3 +89,21 @@ def test_torch_threads_sets_and_restores_even_on_error():
             seen.append(torch.get_num_threads())
             raise RuntimeError("boom")
     assert seen == [1, 1] and torch.get_num_threads() == before
+
+
+def test_busy_machine_sees_a_spinning_core():
+    from mergehub.storage.parallel import busy_machine
+
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            pass
+
+    worker = threading.Thread(target=spin)
+    worker.start()
+    try:
+        assert busy_machine(sample=0.3)
+    finally:
+        stop.set()
+        worker.join()

@@ -35,7 +35,7 @@ from mergehub.merge.rmm import execute_rmm
 from mergehub.merge.recipe import (
     DTYPES, LineDict, ModelEntry, Recipe, RecipeError, did_you_mean, layer_index, load_recipe,
     resolve_params)
-from mergehub.storage.parallel import background, ordered_map, torch_threads
+from mergehub.storage.parallel import background, busy_machine, ordered_map, torch_threads
 from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
 from mergehub.storage.store import Store
 from mergehub.storage.writer import DEFAULT_MAX_SHARD_SIZE, MODEL_SIDE_FILES, write_model_dir
@@ -301,9 +301,8 @@ def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
                   else src.theta(spec.name, base, dev, r0, r1) for src in sources]
             yield base, xs
 
-    # the pipeline's threads (producer, readers, writer) already use the cores: one intra-op
-    # thread each (see torch_threads)
-    with torch_threads(1):
+    # on a busy machine, one intra-op thread: small ops split across cores stall (torch_threads)
+    with torch_threads(1 if busy_machine() else None):
         mergeable = [s for s in plan.specs if s.name not in plan.copy_from_base]
         for rnd in range(method.prepass_rounds()):
             for spec in tqdm(mergeable, desc=f"pre-pass {rnd + 1}", unit="tensor",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -27,18 +28,47 @@ def default_workers() -> int:
 _DONE = object()
 
 
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run torch's CPU operations on ``n`` intra-op threads inside the block, then restore.
+def busy_machine(sample: float = 0.2) -> bool:
+    """Whether other processes keep the cores busy right now: at least half a core in use
+    during a short sample (``/proc/stat``, Linux); elsewhere, the 1-minute load average + 1 >=
+    the number of cores. Then :func:`torch_threads` should be 1 for streamed work."""
+    cores = os.cpu_count() or 1
 
-    Streamed work is many small operations (a chunk of ~1 MB each) on pipeline threads of its
-    own: splitting each of them again across every core costs a barrier per operation, and
-    when the machine is busy with other processes one descheduled thread stalls every barrier
-    (measured: a 1B-parameter task-arithmetic merge took 213-292 s on 2 busy cores with two
-    intra-op threads, 39 s with one).
+    def ticks() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # all, idle + iowait
+
+    try:
+        total0, idle0 = ticks()
+        time.sleep(sample)
+        total1, idle1 = ticks()
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0] + 1 >= cores
+        except OSError:
+            return False
+    elapsed = total1 - total0
+    return elapsed > 0 and (1 - (idle1 - idle0) / elapsed) * cores >= 0.5
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run torch's CPU operations on ``n`` intra-op threads inside the block, then restore
+    (``None``: leave torch's setting alone).
+
+    Streamed work is many small operations (a chunk of ~1 MB each): splitting each of them
+    across every core costs a barrier per operation, and when other processes keep the cores
+    busy one descheduled thread stalls every barrier. Measured on 2 cores, 1B-parameter
+    merges: busy, task arithmetic took 213-292 s with two intra-op threads and 26 s with one;
+    idle, one thread made TIES 1.8x and task arithmetic 1.3x slower than two. Hence
+    ``torch_threads(1 if busy_machine() else None)``.
     """
     import torch
 
+    if n is None:
+        yield
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
