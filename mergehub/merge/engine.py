@@ -367,8 +367,10 @@ def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
                         yield spec.name, part
                 yield spec.name, None
 
-        # reading and merging run on a thread of their own, a few chunks ahead of the writer
-        stream = background(produce(), depth=4)
+        # on a GPU, reading and merging run on a thread of their own, a few chunks ahead of the
+        # writer; on a CPU that thread would compete with torch's own for the cores (measured
+        # on 2 idle cores: TIES 72 s with it, 63 s without; task arithmetic 15.4 s, 13.1 s)
+        stream = background(produce(), depth=4) if dev.type == "cuda" else produce()
 
         def get(spec: TensorSpec) -> Iterator[torch.Tensor]:
             nonlocal done_bytes
