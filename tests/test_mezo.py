@@ -6,14 +6,15 @@ parameters they are evaluated at, and z = (theta+ - theta) / eps.
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from mergehub.adapters import mezo as mezo_mod
 from mergehub.adapters.mezo import MeZO, MeZOError
+from mergehub.adapters.trainer import load_optimizer_state, save_optimizer_state
 from mergehub.hub.demo import TINY_LLAMA
 
 
@@ -289,7 +290,7 @@ def test_usable_in_a_plain_training_loop_with_a_scheduler():
 
 
 @pytest.mark.parametrize("master", [False, True])
-def test_resume_from_state_dict_continues_bit_exactly(master):
+def test_resume_from_state_dict_continues_bit_exactly(master, tmp_path):
     def new():
         model = tiny_llama(dtype=torch.bfloat16 if master else torch.float32)
         return model, MeZO(model.parameters(), lr=1e-3, eps=1e-3, weight_decay=0.1, seed=11,
@@ -301,13 +302,13 @@ def test_resume_from_state_dict_continues_bit_exactly(master):
 
     model, opt = new()
     first = [opt.step(lm_loss(model)) for _ in range(3)]
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    saved = torch.load(buf)
+    # through the files the trainer's checkpoints use (safetensors, no pickle)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(tmp_path / "model.safetensors"))
+    save_optimizer_state(opt.state_dict(), tmp_path / "optimizer.safetensors")
     model, opt = new()  # a fresh process would start from here
-    model.load_state_dict(saved["model"])
-    opt.load_state_dict(saved["opt"])
+    model.load_state_dict(load_file(str(tmp_path / "model.safetensors")))
+    opt.load_state_dict(load_optimizer_state(tmp_path / "optimizer.safetensors"))
     if master:
         assert all(s["master"].dtype == torch.float32 for s in opt.state.values())
     rest = [opt.step(lm_loss(model)) for _ in range(3)]

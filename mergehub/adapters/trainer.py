@@ -43,7 +43,8 @@ from mergehub.storage.atomic import atomic_output_dir, write_file_atomic
 from mergehub.storage.store import ModelInfo, Store
 from mergehub.storage.writer import MODEL_SIDE_FILES
 
-STATE_FILE, TENSORS_FILE, OPTIMIZER_FILE = "state.json", "trainable.safetensors", "optimizer.pt"
+STATE_FILE, TENSORS_FILE, OPTIMIZER_FILE = ("state.json", "trainable.safetensors",
+                                            "optimizer.safetensors")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: config keys that may change between an interrupted run and its resumption
 _RESUMABLE_CHANGES = ("steps", "output", "checkpoint_every", "keep_checkpoints", "run_dir")
@@ -380,6 +381,54 @@ def _read_checkpoint(path: Path, cfg: TrainConfig) -> tuple[dict[str, Any], dict
     return state, load_file(str(path / TENSORS_FILE))
 
 
+def save_optimizer_state(state: dict[str, Any], path: Path) -> None:
+    """Write an optimizer's ``state_dict()`` as one safetensors file, no pickle: its tensors as
+    tensors, the nesting around them (with dict keys' types: torch keys ``state`` by parameter
+    index) and the plain values as JSON in the file's metadata."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            key = f"t{len(tensors)}"
+            tensors[key] = value.detach().contiguous().clone()
+            return {"tensor": key}
+        if isinstance(value, dict):
+            return {"dict": [[k, encode(v)] for k, v in value.items()]}
+        if isinstance(value, (list, tuple)):
+            return {"list": [encode(v) for v in value]}
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return {"value": value}
+        raise TypeError(f"optimizer state holds a {type(value).__name__}, which a checkpoint "
+                        "cannot store")
+
+    structure = json.dumps(encode(state))
+    save_file(tensors, str(path), metadata={"mergehub.optimizer_state": structure})
+
+
+def load_optimizer_state(path: Path) -> dict[str, Any]:
+    """Read what :func:`save_optimizer_state` wrote."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        structure = (f.metadata() or {}).get("mergehub.optimizer_state")
+        if structure is None:
+            raise InputError(f"{path}: not a mergehub optimizer state (no structure metadata)")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+
+    def decode(node: dict[str, Any]) -> Any:
+        if "tensor" in node:
+            return tensors[node["tensor"]]
+        if "dict" in node:
+            return {k: decode(v) for k, v in node["dict"]}
+        if "list" in node:
+            return [decode(v) for v in node["list"]]
+        return node["value"]
+
+    return decode(json.loads(structure))
+
+
 def _write_checkpoint(cfg: TrainConfig, method: Method, step: int, losses: list[float],
                       history: list[dict[str, Any]]) -> Path:
     from safetensors.torch import save_file
@@ -388,7 +437,7 @@ def _write_checkpoint(cfg: TrainConfig, method: Method, step: int, losses: list[
     with atomic_output_dir(path, overwrite=True) as tmp:
         tensors = {n: t.detach().contiguous().clone() for n, t in method.state_tensors().items()}
         save_file(tensors, str(tmp / TENSORS_FILE))
-        torch.save(method.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        save_optimizer_state(method.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         (tmp / STATE_FILE).write_text(json.dumps({
             "step": step, "loss": losses[-1], "losses": losses, "history": history,
             "method": cfg.method, "method_state": method.extra_state(),
@@ -473,7 +522,7 @@ def train(config: str | Path | dict[str, Any] | TrainConfig, *, store: Store | N
         history: list[dict[str, Any]] = []
         if ckpt:
             method.load_tensors(tensors)
-            method.optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER_FILE, weights_only=True))
+            method.optimizer.load_state_dict(load_optimizer_state(ckpt / OPTIMIZER_FILE))
             start, losses, history = state["step"], state["losses"], state["history"]
             echo(f"resuming from {ckpt} (step {start}, loss {state['loss']:.4f})")
         log_every = cfg.checkpoint_every or max(1, cfg.steps // 10)
