@@ -259,6 +259,8 @@ CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}
 #: threads reading whole input tensors ahead of the fused path (one read from the page cache
 #: runs at ~7 GB/s; a few in parallel keep a GPU fed)
 READ_WORKERS = 3
+#: CPU merges of at least this many output bytes first check whether the machine is busy
+BUSY_CHECK_BYTES = 1 << 28
 
 
 def row_ranges(spec: TensorSpec, chunk_elements: int) -> list[tuple[int, int]]:
@@ -301,8 +303,11 @@ def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
                   else src.theta(spec.name, base, dev, r0, r1) for src in sources]
             yield base, xs
 
-    # on a busy machine, one intra-op thread: small ops split across cores stall (torch_threads)
-    with torch_threads(1 if busy_machine() else None):
+    # on a busy machine, one intra-op thread: small ops split across cores stall (torch_threads);
+    # worth sampling only for a merge that takes more than a moment
+    busy = dev.type == "cpu" and sum(s.nbytes for s in plan.specs) >= BUSY_CHECK_BYTES \
+        and busy_machine()
+    with torch_threads(1 if busy else None):
         mergeable = [s for s in plan.specs if s.name not in plan.copy_from_base]
         for rnd in range(method.prepass_rounds()):
             for spec in tqdm(mergeable, desc=f"pre-pass {rnd + 1}", unit="tensor",
@@ -322,16 +327,13 @@ def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
             ranges = row_ranges(spec, chunk)
             ctx = TensorContext(spec.name, dev, seed, {**state, "numel": math.prod(spec.shape),
                                                         "row_starts": [r0 for r0, _ in ranges]})
-            try:
-                method.tensor_stats(lambda which=None: chunks_of(spec, ranges, which), params, ctx)
-                for (r0, r1), (base, xs) in zip(ranges, chunks_of(spec, ranges)):
-                    ctx.rows = (r0, r1)
-                    yield method.merge(base, xs, params, ctx).to(TORCH_DTYPE[spec.dtype]).cpu()
-            except (ValueError, TypeError) as err:  # bad parameter values for this tensor
-                raise MergeError(f"tensor {spec.name!r}: {plan.recipe.merge_method}: {err}") from err
+            method.tensor_stats(lambda which=None: chunks_of(spec, ranges, which), params, ctx)
+            for (r0, r1), (base, xs) in zip(ranges, chunks_of(spec, ranges)):
+                ctx.rows = (r0, r1)
+                yield method.merge(base, xs, params, ctx).to(TORCH_DTYPE[spec.dtype]).cpu()
 
         fuse = ((dev.type == "cuda") if fused is None else fused) and plan.base is not None \
-            and method.on_deltas and not any(src.is_lora for src in plan.inputs)
+            and method.on_deltas and method.fusable and not any(src.is_lora for src in plan.inputs)
 
         def raw_inputs(spec: TensorSpec) -> list[torch.Tensor] | None:
             """The base's and every input's whole tensor as stored (for the fused path)."""
@@ -345,15 +347,9 @@ def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
             params = [resolve_params(p, spec.name, plan.num_layers) for p in plan.model_params]
             ctx = TensorContext(spec.name, dev, seed, {**state, "numel": math.prod(spec.shape)})
             base, *thetas = (t.to(dev, non_blocking=True) for t in raw)
-            try:
-                args = method.fused(base, thetas, params, ctx)
-                if args is None:  # no fused form for these parameters
-                    yield from merged_chunks(spec)
-                    return
-                yield kernels.merge_tensor(base, thetas, **args, out_dtype=TORCH_DTYPE[spec.dtype],
-                                           name=spec.name).cpu()
-            except (ValueError, TypeError) as err:
-                raise MergeError(f"tensor {spec.name!r}: {plan.recipe.merge_method}: {err}") from err
+            args = method.fused(base, thetas, params, ctx)
+            yield kernels.merge_tensor(base, thetas, **args, out_dtype=TORCH_DTYPE[spec.dtype],
+                                       name=spec.name).cpu()
 
         def produce() -> Iterator[tuple[str, torch.Tensor | None]]:
             """Every output chunk in write order, then ``(name, None)`` at the end of each tensor."""
@@ -363,8 +359,13 @@ def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
                 if spec.name in plan.copy_from_base:
                     yield spec.name, reference.reader.load(spec.name).to(TORCH_DTYPE[spec.dtype])
                 else:
-                    for part in fused_tensor(spec, raw) if raw is not None else merged_chunks(spec):
-                        yield spec.name, part
+                    try:
+                        for part in (fused_tensor(spec, raw) if raw is not None
+                                     else merged_chunks(spec)):
+                            yield spec.name, part
+                    except (ValueError, TypeError) as err:  # bad parameter values for this tensor
+                        raise MergeError(f"tensor {spec.name!r}: {plan.recipe.merge_method}: "
+                                         f"{err}") from err
                 yield spec.name, None
 
         # on a GPU, reading and merging run on a thread of their own, a few chunks ahead of the

@@ -81,13 +81,22 @@ class MergeMethod:
         over the tensor, as often as needed. Elementwise methods need nothing.
         """
 
+    @property
+    def fusable(self) -> bool:
+        """Whether :meth:`fused` serves these parameters (the engine's GPU path)."""
+        return type(self).fused is not MergeMethod.fused
+
     def fused(self, base: torch.Tensor, thetas: list[torch.Tensor],
-              model_params: list[dict[str, Any]], ctx: TensorContext) -> dict[str, Any] | None:
+              model_params: list[dict[str, Any]], ctx: TensorContext) -> dict[str, Any]:
         """Keyword arguments of :func:`mergehub.kernels.merge_tensor` that merge this whole
-        tensor in one pass from the base and the inputs' raw weights ``thetas`` (the engine's
-        GPU path), or ``None`` when the method has no fused form for these parameters: the
-        engine then merges chunk by chunk with :meth:`merge`."""
-        return None
+        tensor in one pass from the base and the inputs' raw weights ``thetas``; only called
+        when :attr:`fusable` (otherwise the engine merges chunk by chunk with :meth:`merge`)."""
+        raise NotImplementedError
+
+    def mix_args(self, model_params: list[dict[str, Any]]) -> dict[str, Any]:
+        """The weights, λ and normalize part of :meth:`fused`'s arguments."""
+        return {"weights": [float(p["weight"]) for p in model_params],
+                "lam": float(self.params["lambda"]), "normalize": bool(self.params["normalize"])}
 
     def merge(self, base: torch.Tensor | None, xs: list[torch.Tensor],
               model_params: list[dict[str, Any]], ctx: TensorContext) -> torch.Tensor:

@@ -44,10 +44,8 @@ class ConsensusTaskArithmetic(MergeMethod):
     global_params = {"lambda": 1.0, "k": 2, "normalize": False}
 
     def fused(self, base: torch.Tensor, thetas: list[torch.Tensor],
-              model_params: list[dict[str, Any]], ctx: TensorContext) -> dict[str, Any] | None:
-        return {"weights": [float(p["weight"]) for p in model_params],
-                "lam": float(self.params["lambda"]), "normalize": bool(self.params["normalize"]),
-                **_consensus_args(self.params, model_params)}
+              model_params: list[dict[str, Any]], ctx: TensorContext) -> dict[str, Any]:
+        return {**self.mix_args(model_params), **_consensus_args(self.params, model_params)}
 
     def merge(self, base: torch.Tensor | None, xs: list[torch.Tensor],
               model_params: list[dict[str, Any]], ctx: TensorContext) -> torch.Tensor:
@@ -63,9 +61,9 @@ class ConsensusTies(Ties):
     global_params = {**Ties.global_params, "k": 2}
 
     def fused(self, base: torch.Tensor, thetas: list[torch.Tensor],
-              model_params: list[dict[str, Any]], ctx: TensorContext) -> dict[str, Any] | None:
-        args = super().fused(base, thetas, model_params, ctx)
-        return None if args is None else {**args, **_consensus_args(self.params, model_params)}
+              model_params: list[dict[str, Any]], ctx: TensorContext) -> dict[str, Any]:
+        return {**super().fused(base, thetas, model_params, ctx),
+                **_consensus_args(self.params, model_params)}
 
     def merge(self, base: torch.Tensor | None, xs: list[torch.Tensor],
               model_params: list[dict[str, Any]], ctx: TensorContext) -> torch.Tensor:

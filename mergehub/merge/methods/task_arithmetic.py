@@ -17,9 +17,8 @@ class TaskArithmetic(MergeMethod):
     global_params = {"lambda": 1.0, "normalize": False, "int8_mask": False}
 
     def fused(self, base: torch.Tensor, thetas: list[torch.Tensor],
-              model_params: list[dict[str, Any]], ctx: TensorContext) -> dict[str, Any] | None:
-        return {"weights": [float(p["weight"]) for p in model_params],
-                "lam": float(self.params["lambda"]), "normalize": bool(self.params["normalize"])}
+              model_params: list[dict[str, Any]], ctx: TensorContext) -> dict[str, Any]:
+        return self.mix_args(model_params)
 
     def merge(self, base: torch.Tensor | None, xs: list[torch.Tensor],
               model_params: list[dict[str, Any]], ctx: TensorContext) -> torch.Tensor:

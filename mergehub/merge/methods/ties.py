@@ -116,10 +116,12 @@ class Ties(MergeMethod):
                                len(densities))
         ctx.state["trim"] = (thresholds, scales)
 
+    @property
+    def fusable(self) -> bool:
+        return not self.params["rescale"]  # the L1 rescale needs its own pass: merged in chunks
+
     def fused(self, base: torch.Tensor, thetas: list[torch.Tensor],
-              model_params: list[dict[str, Any]], ctx: TensorContext) -> dict[str, Any] | None:
-        if self.params["rescale"]:
-            return None  # the L1 rescale needs its own pass over the inputs: merged in chunks
+              model_params: list[dict[str, Any]], ctx: TensorContext) -> dict[str, Any]:
         from mergehub import kernels
 
         densities = [float(p["density"]) for p in model_params]
@@ -128,9 +130,8 @@ class Ties(MergeMethod):
             thresholds = [t if d < 1 else None for t, d in zip(global_thresholds, densities)]
         else:
             thresholds = kernels.magnitude_thresholds(base, thetas, densities, name=ctx.name)
-        return {"weights": [float(p["weight"]) for p in model_params],
-                "lam": float(self.params["lambda"]), "thresholds": thresholds,
-                "elect": self.params["sign_method"], "normalize": bool(self.params["normalize"])}
+        return {**self.mix_args(model_params), "thresholds": thresholds,
+                "elect": self.params["sign_method"]}
 
     def trim(self, xs: list[torch.Tensor], ctx: TensorContext) -> list[torch.Tensor]:
         """Step 1: each task vector restricted to its largest magnitudes."""
