@@ -61,7 +61,7 @@ def torch_threads(n: int | None) -> Iterator[None]:
     across every core costs a barrier per operation, and when other processes keep the cores
     busy one descheduled thread stalls every barrier. Measured on 2 cores, 1B-parameter
     merges: busy, task arithmetic took 213-292 s with two intra-op threads and 26 s with one;
-    idle, one thread made TIES 1.8x and task arithmetic 1.3x slower than two. Hence
+    idle, one thread made TIES 1.5x slower (106 s against 72 s) and task arithmetic 1.1x. Hence
     ``torch_threads(1 if busy_machine() else None)``.
     """
     import torch
