@@ -14,13 +14,14 @@ import numpy as np
 import torch
 
 from mergehub.kernels import SignDelta, apply_deltas
+from mergehub.kernels.deltas import matrix_shape
 from mergehub.storage.codecs import LossyCodec, register
 
 
 def _rows(shape: list[int], granularity: str) -> int:
     if granularity not in ("row", "matrix"):
         raise ValueError(f"bit1 granularity must be 'row' or 'matrix', not {granularity!r}")
-    return shape[0] if granularity == "row" and len(shape) >= 2 else 1
+    return matrix_shape(shape)[0] if granularity == "row" else 1
 
 
 def encode(theta: torch.Tensor, base: torch.Tensor,

@@ -17,6 +17,7 @@ import torch
 import zstandard
 
 from mergehub.kernels import TernaryDelta, apply_deltas
+from mergehub.merge.methods.sparsify import kth_rank
 from mergehub.storage.codecs import LossyCodec, register
 
 
@@ -24,7 +25,7 @@ def _positions(tau: torch.Tensor, density: float) -> torch.Tensor:
     n = tau.numel()
     if not 0 < density <= 1:
         raise ValueError(f"compeft density must be in (0, 1], not {density!r}")
-    k = max(1, int(density * n)) if n else 0
+    k = kth_rank(density, n) or n  # density 1 keeps all n
     if k == 0:
         return torch.zeros(0, dtype=torch.int64)
     mag = tau.abs().reshape(-1)

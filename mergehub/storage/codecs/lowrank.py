@@ -33,7 +33,7 @@ def encode(theta: torch.Tensor, base: torch.Tensor,
            params: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
     tau = (theta.float() - base.float())
     u, sigma, vh = torch.linalg.svd(tau, full_matrices=False)
-    r = min(_rank(sigma, params), sigma.numel())
+    r = _rank(sigma, params)
     left = (u[:, :r] * sigma[:r]).contiguous().numpy().astype("<f4")
     right = vh[:r].contiguous().numpy().astype("<f4")
     header = {"shape": list(theta.shape), "rank": r, "energy_kept":

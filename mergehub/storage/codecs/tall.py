@@ -17,12 +17,13 @@ import numpy as np
 import torch
 import zstandard
 
+from mergehub.merge.methods.consensus import tall_masks
 from mergehub.storage.codecs import LossyCodec, register
 
 
 def mask(tau: torch.Tensor, mtl: torch.Tensor, lam: float) -> torch.Tensor:
-    """m_t = |τt| >= λt·|τMTL − τt|."""
-    return tau.abs() >= lam * (mtl - tau).abs()
+    """m_t = |τt| >= λt·|τMTL − τt|, the consensus merge's TALL mask for one task."""
+    return tall_masks([tau], mtl, [lam])[0]
 
 
 def encode_task(tau: torch.Tensor, mtl: torch.Tensor, params: dict[str, Any],
