@@ -21,12 +21,14 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from mergehub import kernels
 from mergehub.kernels import LowRankDelta, SignDelta, TernaryDelta, reference, triton_kernels
 from mergehub.merge.methods.sparsify import kth_rank
+from mergehub.storage.atomic import write_file_atomic
 
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096), (1024, 4096)]  # MLP, q/o proj, k/v proj
 SMOKE_SHAPES = [(37, 131)]
@@ -202,8 +204,8 @@ def main() -> None:
               f"{r.get('torch_ms', float('nan')):9.3f} {r.get('speedup', float('nan')):7.1f}x"
               f"{'  (' + ', '.join(notes) + ')' if notes else ''}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"gpu": gpu, "copy_GBps": copy, "rows": rows}, f, indent=1)
+        write_file_atomic(Path(args.json), json.dumps(
+            {"gpu": gpu, "copy_GBps": copy, "rows": rows}, indent=1).encode())
 
 
 if __name__ == "__main__":

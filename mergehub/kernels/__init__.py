@@ -25,6 +25,7 @@ Triton is imported), ``"torch"`` the reference.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -46,8 +47,10 @@ SAMPLE_BLOCK, SAMPLE_SIZE = 128, 1 << 16
 CAP_FACTOR, CAP_SLACK = 2.0, 4096
 
 
+@functools.cache
 def triton_available() -> bool:
-    """Whether the Triton kernels can be imported (Triton installed)."""
+    """Whether the Triton kernels can be imported (Triton installed); asked once per process,
+    since a failed import is searched for again on every try."""
     try:
         import mergehub.kernels.triton_kernels  # noqa: F401
     except ImportError:
