@@ -810,8 +810,8 @@ class Store:
         """
         model_id, kind, base_id, fmt = self._require(name)
         info = self.show(name)
-        base_blobs = ({r[5] for r in self._tensor_rows(base_id)} if base_id is not None
-                      else set())
+        base_rows = self._tensor_rows(base_id) if base_id is not None else []
+        base_blobs = {r[5] for r in base_rows}
         rows = self._tensor_rows(model_id)
         files = self._db.execute("SELECT path, role, blob FROM files WHERE model_id = ? "
                                  "ORDER BY path", (model_id,)).fetchall()
@@ -837,7 +837,7 @@ class Store:
         if base_id is not None:
             base_name = info.base
             base = {"name": base_name, "fingerprint": self.fingerprint(base_name),
-                    "tensors": len(self._tensor_rows(base_id)),
+                    "tensors": len(base_rows),
                     "hub": self.show(base_name).provenance.get("hub")}
         return {"mergehub_manifest": 1, "mergehub_version": __version__, "name": name,
                 "kind": kind, "format": fmt, "metrics": info.metrics,
@@ -852,12 +852,13 @@ class Store:
         """Add the entry an :meth:`entry_manifest` describes, from its blob files in
         ``blob_dir`` (each named by its id), without decoding anything.
 
-        Every blob file is checked against its id and its header against the manifest before
-        anything is written; ``external`` blobs are found, by the sha256 of their bytes, among
-        the tensors of ``base``, which must have the manifest's base fingerprint. Where the
-        local copy of a base tensor is another blob than the sender's (another encoding of the
-        same bytes), the delta blobs that reference it get a header naming the local blob
-        (payload unchanged, so a new id). Blobs are written and fsynced before the one catalog
+        Every blob file is read once, as it is written, and checked against its id and its
+        header against the manifest (one blob in memory at a time, plus those it references);
+        a bad one stops the import before the catalog transaction. ``external`` blobs are found,
+        by the sha256 of their bytes, among the tensors of ``base``, which must have the
+        manifest's base fingerprint. Where the local copy of a base tensor is another blob than
+        the sender's (another encoding of the same bytes), the delta blobs that reference it get
+        a header naming the local blob (payload unchanged, so a new id). Blobs are written and fsynced before the one catalog
         transaction that adds the entry: an interruption leaves no entry, at most unreferenced
         blob files that ``gc`` removes, and the next import succeeds.
         """
@@ -881,36 +882,18 @@ class Store:
                     f"(fingerprint {want['fingerprint'][:16]}), but {base!r} in this store has "
                     f"other tensors (fingerprint {self.fingerprint(base)[:16]})")
             base_id = self._require(base)[0]
-            local = {}
-            for r in self._tensor_rows(base_id):
-                raw = self._db.execute("SELECT raw_sha256, ref FROM blobs WHERE id = ?",
-                                       (r[5],)).fetchone()
-                if raw[0] not in local or raw[1] is None:  # prefer a self-contained blob
-                    local[raw[0]] = r[5]
+            local: dict[str, str] = {}
+            for blob_id, raw, ref in self._db.execute(
+                    "SELECT b.id, b.raw_sha256, b.ref FROM tensors t JOIN blobs b ON b.id = t.blob "
+                    "WHERE t.model_id = ?", (base_id,)):
+                if raw not in local or ref is None:  # prefer a self-contained blob
+                    local[raw] = blob_id
             for blob_id, raw in manifest.get("external", {}).items():
                 if raw not in local:
                     raise BaseMismatchError(f"{manifest['name']!r} references a tensor of base "
                                             f"{want['name']!r} that {base!r} lacks")
                 mapping[blob_id] = local[raw]
-        shipped: dict[str, bytes] = {}
-        for blob_id, meta in manifest.get("blobs", {}).items():
-            path = blob_dir / blob_id
-            try:
-                data = path.read_bytes()
-            except OSError as e:
-                raise IntegrityError(f"{path}: blob of {manifest['name']!r} cannot be read: "
-                                     f"{e.strerror or e}") from e
-            if sha256(data) != blob_id:
-                raise IntegrityError(f"{path}: content does not match its sha256 name "
-                                     f"(corrupted blob of {manifest['name']!r})")
-            try:
-                header = unpack_blob(data)[0]
-            except BlobFormatError as e:
-                raise IntegrityError(f"{path}: malformed blob: {e}") from e
-            if (header.codec, header.ref, header.sha256) != (meta["codec"], meta["ref"],
-                                                             meta["raw_sha256"]):
-                raise IntegrityError(f"{path}: blob header disagrees with the manifest")
-            shipped[blob_id] = data
+        shipped: dict[str, dict[str, Any]] = manifest.get("blobs", {})
         known = set(shipped) | set(mapping)
         for row in manifest["tensors"]:
             if row[5] not in known:
@@ -926,13 +909,32 @@ class Store:
         dirs: set[Path] = set()
 
         def put(blob_id: str) -> str:
-            """Write shipped blob ``blob_id`` (after the blobs it references) under its local id."""
+            """Check and write shipped blob ``blob_id`` (after the blobs it references) under its
+            local id."""
             if blob_id in mapping:
                 return mapping[blob_id]
-            header, payload = unpack_blob(shipped[blob_id])
+            path = blob_dir / blob_id
+            if blob_id not in shipped:
+                raise IntegrityError(f"manifest of {manifest['name']!r}: blob {blob_id[:16]} "
+                                     "is referenced but neither shipped nor a base tensor")
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                raise IntegrityError(f"{path}: blob of {manifest['name']!r} cannot be read: "
+                                     f"{e.strerror or e}") from e
+            if sha256(data) != blob_id:
+                raise IntegrityError(f"{path}: content does not match its sha256 name "
+                                     f"(corrupted blob of {manifest['name']!r})")
+            try:
+                header, payload = unpack_blob(data)
+            except BlobFormatError as e:
+                raise IntegrityError(f"{path}: malformed blob: {e}") from e
+            meta = shipped[blob_id]
+            if (header.codec, header.ref, header.sha256) != (meta["codec"], meta["ref"],
+                                                             meta["raw_sha256"]):
+                raise IntegrityError(f"{path}: blob header disagrees with the manifest")
             ref = put(header.ref) if header.ref else None
             need = {k: put(v) for k, v in (header.params.get("needs") or {}).items()}
-            data = shipped[blob_id]
             if ref != header.ref or need != (header.params.get("needs") or {}):
                 params = {**header.params, **({"needs": need} if need else {})}
                 data = pack_blob(replace(header, ref=ref, params=params), payload)
