@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_codecs import CONFIG, LORA_TARGETS  # noqa: E402
+from bench_codecs import CONFIG, LORA_TARGETS, log, new_model  # noqa: E402
 
 from mergehub import MergehubError, Store  # noqa: E402
 from mergehub.adapters.data import PRETRAIN_TASKS, SyntheticDataset  # noqa: E402
@@ -70,10 +70,6 @@ SETUPS: dict[str, tuple[str, float, dict]] = {
 }
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="few steps, few methods (~1 min)")
@@ -99,7 +95,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     import peft
     import transformers
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(os.cpu_count() or 1)
     t_start = time.time()
@@ -107,7 +103,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     if not (work / "base").is_dir():
-        LlamaForCausalLM(LlamaConfig(**CONFIG)).save_pretrained(work / "init")
+        new_model().save_pretrained(work / "init")
     print(f"mergehub trainer accuracy benchmark: tiny Llama {json.dumps(CONFIG)}; torch "
           f"{torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
           f"{os.cpu_count()} CPUs; {'SMOKE RUN; ' if args.smoke else ''}work dir {work}")
@@ -160,7 +156,7 @@ def main() -> None:
                 row["acc"][task] = (float("nan"), float("nan"), time.time() - t0, 0, "failed")
                 continue
             seconds = time.time() - t0
-            info = store.show(name)
+            info = r.entry
             row["acc"][task] = (r.metrics["eval_exact_match"], r.metrics["eval_token_accuracy"],
                                 seconds, info.stored_bytes, info.kind)
             log(f"{row['label']} {task}: exact {r.metrics['eval_exact_match']:.3f} "

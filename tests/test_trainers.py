@@ -294,6 +294,8 @@ def test_config_errors_name_the_line(tmp_path):
         ("base: b\ndata: {task: copy}\nmethod: full\nsteps: 0\noutput: {dir: o}\n", ":4: steps must be an integer >= 1", ""),
         ("base: b\ndata: {task: copy}\nmethod: full\npeft: {r: 4}\noutput: {dir: o}\n", ":4: method full does not train", ""),
         ("base: b\ndata: {task: copy}\nmethod: full\n", "output needs 'store'", ""),
+        ("base: b\ndata: {task: copy}\nmethod: mezo\nmethod_params:\n  objective: acc\noutput: {dir: o}\n",
+         ":5: objective must be 'loss' or 'token_error'", ""),
     ]
     for text, fragment, hint in cases:
         path.write_text(text)

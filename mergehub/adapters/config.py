@@ -155,6 +155,9 @@ def parse_config(doc: Any, source: str = "<config>", root: Path | None = None) -
     if method.endswith("mezo"):
         if over not in ("all", "adapter"):
             raise ConfigError(f"{at(params, 'over')}: over must be 'all' or 'adapter'")
+        if params.get("objective", "loss") not in ("loss", "token_error"):
+            raise ConfigError(f"{at(params, 'objective')}: objective must be 'loss' or "
+                              "'token_error'")
         if peft_cfg is None and over == "adapter":
             raise ConfigError(f"{at(doc, 'method')}: {method} over 'adapter' needs a peft: section")
     elif peft_cfg is not None and method not in PEFT_METHODS:

@@ -146,13 +146,12 @@ class IncreLoRA:
         layer = self.layers[name]
         a_old, b_old = layer.lora_A[self.adapter], layer.lora_B[self.adapter]
         r = a_old.out_features
+        like = {"device": a_old.weight.device, "dtype": a_old.weight.dtype}
         gen = torch.Generator().manual_seed(self.seed * 7919 + step * 131 + len(self.history))
-        a_new = torch.nn.Linear(a_old.in_features, r + 1, bias=False)
-        b_new = torch.nn.Linear(r + 1, b_old.out_features, bias=False)
-        a_new.to(a_old.weight.dtype)
-        b_new.to(b_old.weight.dtype)
+        a_new = torch.nn.Linear(a_old.in_features, r + 1, bias=False, **like)
+        b_new = torch.nn.Linear(r + 1, b_old.out_features, bias=False, **like)
         a_new.weight[:r] = a_old.weight
-        a_new.weight[r:] = torch.randn(1, a_old.in_features, generator=gen).to(a_old.weight.dtype) \
+        a_new.weight[r:] = torch.randn(1, a_old.in_features, generator=gen).to(**like) \
             * self.init_std
         b_new.weight[:, :r] = b_old.weight
         b_new.weight[:, r:] = 0

@@ -42,10 +42,15 @@ def _groups(w: torch.Tensor, group: str) -> torch.Tensor:
     return w.reshape(w.shape[0] if group == "row" and w.dim() >= 2 else 1, -1)
 
 
+def _offset(g: torch.Tensor, mean: bool) -> torch.Tensor:
+    """μ per group of ``g`` (groups, elements), as a column: the mean, or 0 without ``mean``."""
+    return g.mean(dim=1, keepdim=True) if mean else torch.zeros_like(g[:, :1])
+
+
 def quantize(w: torch.Tensor, group: str = "row", mean: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(Wq, α, μ): the 1-bit code of ``w`` per group (α and μ have one entry per group)."""
     g = _groups(w, group)
-    mu = g.mean(dim=1, keepdim=True) if mean else torch.zeros_like(g[:, :1])
+    mu = _offset(g, mean)
     d = g - mu
     alpha = d.abs().mean(dim=1, keepdim=True)
     wq = torch.where(d >= 0, alpha, -alpha) + mu
@@ -95,7 +100,7 @@ def pack(tensors: dict[str, torch.Tensor], group: str, mean: bool) -> dict[str, 
     out = {}
     for name, w in tensors.items():
         g = _groups(w.float(), group)
-        mu = g.mean(dim=1, keepdim=True) if mean else torch.zeros_like(g[:, :1])
+        mu = _offset(g, mean)
         _, payload = LOSSY["bit1"].encode(g, mu.expand_as(g), {"granularity": "row"})
         out[f"{name}.bit1"] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
         out[f"{name}.mu"] = mu.reshape(-1).contiguous()

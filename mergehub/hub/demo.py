@@ -143,7 +143,7 @@ def run_demo(keep: Path | None = None, echo: Callable[[str], None] = print) -> N
                             store=store, progress=False)
             echo(f"train: a LoRA (r=4, all linear layers) on the synthetic task add1, 40 steps "
                  f"-> adapter entry 'add1-lora': loss {trained.losses[0]:.2f} -> "
-                 f"{trained.metrics['loss']:.2f}, {human_bytes(store.show('add1-lora').stored_bytes)} "
+                 f"{trained.metrics['loss']:.2f}, {human_bytes(trained.entry.stored_bytes)} "
                  "on disk (hub train CONFIG.yaml does the same from YAML)")
             report = store.verify(progress=False)
             echo(f"verify: {report.blobs} blobs checked, {'OK' if report.ok else report.problems}")
