@@ -231,6 +231,33 @@ def test_thresholds_candidate_overflow(device, monkeypatch):
     assert len(whole) == 2 and math.isnan(got[0]) and math.isnan(got[1]) and got[2] == want[2]
 
 
+@pytest.mark.parametrize("k, dtype, shape", [(1, torch.bfloat16, (96, 160)),
+                                             (3, torch.float16, (20000,)),
+                                             (8, torch.float32, (7, 4099))])
+def test_thresholds_approximate_equal_reference(device, k, dtype, shape):
+    """With a tolerance both backends select exactly over the same random sample (odd sizes,
+    K up to 8), so they agree; a tolerance too fine for the tensor gives the exact
+    thresholds."""
+    from mergehub.merge.methods.sparsify import sample_positions
+
+    base, thetas = _inputs(shape, k, dtype, device, seed=k)
+    n = base.numel()
+    dens = [0.2, 0.9, 0.01, 1e-9, 0.5, 1.0, 0.0, 0.33][:k]
+    assert sample_positions(n, 0.1) is not None
+    got = kernels.magnitude_thresholds(base, thetas, dens, tolerance=0.1, backend="triton")
+    assert got == kernels.magnitude_thresholds(base, thetas, dens, tolerance=0.1,
+                                               backend="torch")
+    pick = sample_positions(n, 0.1).to(device)
+    assert got == [None if d >= 1 else math.inf if d <= 0 else
+                   _kth_oracle(base.reshape(-1)[pick], t.reshape(-1)[pick], d)
+                   for t, d in zip(thetas, dens)]  # the sample's exact thresholds
+    exact = kernels.magnitude_thresholds(base, thetas, dens, backend="torch")
+    assert sample_positions(n, 0.01) is None
+    backend = "triton" if k == 1 else "torch"  # the exact kernel is slow in the interpreter
+    assert kernels.magnitude_thresholds(base, thetas, dens, tolerance=0.01, backend=backend) \
+        == exact
+
+
 def _random_deltas(shape, device, gen):
     rows, cols = kernels.deltas.matrix_shape(shape)
     nb = (rows * cols + 7) // 8

@@ -194,6 +194,11 @@ models: [{{model: {models['ft-mlp']}, parameters: {{density: 0.2}}}}]
     ("merge_method: ties\nbase_model: B\nmodels: [{model: F}\n", r"recipe.yaml:\d+: not valid YAML"),
     ("merge_method: ties\nbase_model: B\nmodels: [{model: F}]\nparameters: {trim_scope: all}\n",
      r"trim_scope must be 'tensor' or 'global'"),
+    ("merge_method: ties\nbase_model: B\nmodels: [{model: F}]\nparameters: {density_tolerance: 0.5}\n",
+     r"density_tolerance must be a number in \[0, 0.5\), not 0.5"),
+    ("merge_method: ties\nbase_model: B\nmodels: [{model: F}]\n"
+     "parameters: {density_tolerance: 0.1, trim_scope: global}\n",
+     r"density_tolerance applies to trim_scope: tensor"),
     ("merge_method: ties\nbase_model: B\nmodels: [{model: F}]\ndtype: float8\n",
      r"recipe.yaml:4: dtype 'float8' is not one of"),
 ])
@@ -348,6 +353,7 @@ def test_lora_only_task_arithmetic_writes_peft_adapter(models, tmp_path):
     ("ties", "parameters: {lambda: 0.9}"),
     ("ties", "parameters: {rescale: true}"),  # no fused form: merged in chunks
     ("ties", "parameters: {trim_scope: global, sign_method: count}"),
+    ("ties", "parameters: {density_tolerance: 0.3}"),  # the MLP's and embeddings' from a sample
     ("consensus_task_arithmetic", "parameters: {k: 1}"),
     ("consensus_ties", "parameters: {k: 1, lambda: 1.5}"),
 ])
@@ -405,3 +411,20 @@ def test_fused_path_reads_compressed_store_entries(models, tmp_path):
         outs.append(load_all(tmp_path / f"o{fused}"))
     for name, chunked in outs[0].items():
         assert torch.equal(outs[1][name], chunked), name
+
+
+def test_density_tolerance_samples_tensors(models, tmp_path):
+    """``density_tolerance`` changes the trim of tensors large enough to sample (a sample's
+    threshold may also hit the exact one), nothing else."""
+    from mergehub.merge.methods.sparsify import sample_positions
+
+    outs = {}
+    for tol in (0, 0.3):
+        r = recipe(tmp_path, f"merge_method: ties\nbase_model: {models['base-bf16']}\nmodels:\n"
+                             f"  - model: {models['ft-mlp']}\n    parameters: {{density: 0.3}}\n"
+                             f"parameters: {{density_tolerance: {tol}}}\n")
+        outs[tol] = load_all(mergehub.merge(r, out=tmp_path / f"o{tol}", progress=False).out)
+    differ = {name for name, t in outs[0].items() if not torch.equal(t, outs[0.3][name])}
+    sampled = {name for name, t in outs[0].items() if "mlp" in name
+               and sample_positions(t.numel(), 0.3) is not None}
+    assert differ and differ <= sampled

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -283,6 +285,85 @@ def test_streamed_kth_largest_is_exact(pattern):
     got = kth_largest_abs(chunks, n, ks)
     ordered = x.abs().sort(descending=True).values
     assert got == [[ordered[k - 1].item() for k in ks[0]], [ordered[n // 2 - 1].item()]]
+
+
+def _arranged(pattern: str, n: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(n, generator=gen)
+    if pattern == "sorted":
+        return x.abs().sort().values
+    if pattern == "runs":  # runs of 16 equal values
+        return torch.randn(n // 16, generator=gen).repeat_interleave(16)
+    if pattern == "periodic":
+        return (torch.arange(n) % 16).float() * 0.1
+    if pattern == "heavy":  # Cauchy
+        return torch.tan(math.pi * (torch.rand(n, generator=gen) - 0.5))
+    if pattern == "ties":
+        return torch.round(x * 4) / 4
+    if pattern == "spike":  # 0.5% non-zero
+        return x * (torch.rand(n, generator=gen) < 0.005)
+    return x
+
+
+@pytest.mark.parametrize("pattern", ["random", "sorted", "runs", "periodic", "heavy",
+                                     "ties", "spike"])
+def test_sampled_thresholds_within_tolerance(pattern):
+    """The approximate threshold lies between the exact ones at densities d + ε and d − ε (so
+    the trim keeps within ε of d, ties aside), however the values are arranged; streamed in
+    chunks it is the same as in one chunk."""
+    from mergehub.merge.methods.sparsify import magnitude_thresholds, sample_positions
+
+    n = 1 << 21
+    x = _arranged(pattern, n)
+    ordered = x.abs().sort(descending=True).values
+
+    def exact(d: float) -> float:
+        return math.inf if d <= 0 else -math.inf if d >= 1 else \
+            ordered[max(1, int(d * n)) - 1].item()
+
+    step = 100_003
+    pieces = [x[i:i + step] for i in range(0, n, step)]
+
+    def chunks(which=None):
+        for c in pieces:
+            yield None, [c, -c] if which is None else [[c, -c][i] for i in which]
+
+    for tol in (0.02, 0.05):
+        assert sample_positions(n, tol) is not None
+        dens = [0.005, 0.1, 0.2, 0.5, 0.9, 0.995]
+        got = [magnitude_thresholds(chunks, n, [d, d], tol) for d in dens]
+        assert got == [magnitude_thresholds(lambda which=None: iter([(None, [x, -x])]), n,
+                                            [d, d], tol) for d in dens]
+        for d, (t, u) in zip(dens, got):
+            assert t == u
+            assert exact(d + tol) <= t <= exact(d - tol), (tol, d)
+            kept_above, kept_at = float((x.abs() > t).float().mean()), float((x.abs() >= t).float().mean())
+            assert kept_above <= d + tol and kept_at >= d - tol, (tol, d)
+
+
+def test_sample_positions_plan():
+    """The sample: the least count Hoeffding's bound allows, drawn uniformly, reproducibly,
+    sorted, and none for small tensors."""
+    from mergehub.merge.methods.sparsify import SAMPLE_FAILURE, sample_positions
+
+    def meets(c: int, tol: float) -> bool:
+        return 2 * math.exp(-2 * c * (tol - 1 / c) ** 2) <= SAMPLE_FAILURE
+
+    for n, tol in [(1 << 24, 0.01), (4096 * 13, 0.1), (999_999, 0.05)]:
+        positions = sample_positions(n, tol)
+        c = positions.numel()
+        assert meets(c, tol) and not meets(c - 1, tol)
+        assert torch.equal(positions, positions.sort().values)
+        assert 0 <= int(positions[0]) and int(positions[-1]) < n
+        sample_positions.cache_clear()
+        assert torch.equal(sample_positions(n, tol), positions)  # the same draw every time
+    # 72,744 draws over 2^24 positions, by residue mod 10: each within 5% of a tenth
+    hits = torch.bincount(sample_positions(1 << 24, 0.01) % 10, minlength=10).float()
+    assert sample_positions(1 << 24, 0.01).numel() == 72_744
+    assert (hits / hits.mean() - 1).abs().max() < 0.05
+    assert sample_positions(10_000, 0.05) is None  # would hold more than a quarter
+    with pytest.raises(ValueError, match="tolerance"):
+        sample_positions(1 << 20, 0.5)
 
 
 @pytest.mark.parametrize("method, params", [

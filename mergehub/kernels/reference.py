@@ -39,8 +39,8 @@ def merge_tensor(base: torch.Tensor, thetas: list[torch.Tensor], weights: list[f
     return (b + float(lam) * mixed).to(out_dtype)
 
 
-def magnitude_thresholds(base: torch.Tensor, thetas: list[torch.Tensor],
-                         densities: list[float]) -> list[float | None]:
+def magnitude_thresholds(base: torch.Tensor, thetas: list[torch.Tensor], densities: list[float],
+                         tolerance: float | None = None) -> list[float | None]:
     """``sparsify.magnitude_thresholds`` over the whole tensor as one chunk."""
     b = base.float()
 
@@ -48,7 +48,7 @@ def magnitude_thresholds(base: torch.Tensor, thetas: list[torch.Tensor],
         picked = range(len(thetas)) if which is None else which
         yield b, [thetas[t].float() - b for t in picked]
 
-    return streamed_thresholds(chunks, base.numel(), densities)
+    return streamed_thresholds(chunks, base.numel(), densities, tolerance)
 
 
 def apply_deltas(base: torch.Tensor, deltas: list[Delta], scales: list[float],

@@ -24,6 +24,9 @@ MERGE_WARPS = 4
 SAMPLE_CHUNK = 1024
 SELECT_BLOCK, SELECT_WARPS, SELECT_SLOTS, LIST_SLACK = 1024, 4, 64, 256
 RADIX_BITS, RADIX_CHUNK, RADIX_WARPS = 8, 4096, 8
+#: approximate selection over a sample: values per gathering / histogram program (its digits
+#: are RADIX_BITS wide: tl.histogram's cost grows with its bins)
+SAMPLE_BLOCK_VALUES = 1024
 APPLY_BM, APPLY_BN = 32, 128  # decompress-and-apply tile; low-rank factors are padded to 16
 _FAST = {"enable_fp_fusion": False}
 
@@ -424,6 +427,82 @@ def select(base: torch.Tensor, thetas: list[torch.Tensor], ks: list[int], sample
     out = torch.empty(nk, dtype=torch.float32, device=dev)
     _radix_finish[(nk,)](state, k_hi, k_lo, counters, hist, out, room, K=nk, SLOTS=slots,
                          ROUNDS=rounds, D=RADIX_BITS, num_warps=4)
+    return out
+
+
+@triton.jit
+def _sample_histogram(keys, ok, hist_ptr, k_hi, k_lo, t, ROUND: tl.constexpr, K: tl.constexpr,
+                      D: tl.constexpr):
+    """Add to input t's round-``ROUND`` histogram the D-bit digits of those ``keys`` (in ``ok``)
+    that match the prefix the earlier rounds chose for its k-th largest."""
+    hist_row = hist_ptr + t * (1 << D)
+    q, _, shift = _descend(hist_row, K * (1 << D), -1, _INF, -2, 0, _rank(k_hi, k_lo, t, K),
+                           ROUND, D)
+    low = tl.maximum(shift - D, 0)
+    h = _digit_histogram(keys, ok & ((keys >> shift) == q), q, shift, low, D)
+    tl.atomic_add(hist_row + ROUND * K * (1 << D) + tl.arange(0, 1 << D), h, mask=h > 0,
+                  sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["size"])
+def _sample_gather(base_ptr, thetas, positions_ptr, keys_ptr, hist_ptr, k_hi, k_lo, size,
+                   K: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+    # Program j: sample values [j·BLOCK, (j + 1)·BLOCK) (flat positions); per input, |τt|'s
+    # float bits there into keys[t] and their first digit's histogram.
+    s = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = s < size
+    src = tl.load(positions_ptr + s, mask=ok, other=0)
+    b = tl.load(base_ptr + src, mask=ok, other=0).to(tl.float32)
+    for t in tl.static_range(K):
+        keys = tl.abs(tl.load(thetas[t] + src, mask=ok, other=0).to(tl.float32) - b).to(
+            tl.int32, bitcast=True)
+        tl.store(keys_ptr + t * size + s, keys, mask=ok)
+        _sample_histogram(keys, ok, hist_ptr, k_hi, k_lo, t, 0, K, D)
+
+
+@triton.jit(do_not_specialize=["size"])
+def _sample_round(keys_ptr, hist_ptr, k_hi, k_lo, size, K: tl.constexpr, ROUND: tl.constexpr,
+                  D: tl.constexpr, BLOCK: tl.constexpr):
+    # Program (j, t): round ROUND's histogram of input t's keys [j·BLOCK, (j + 1)·BLOCK).
+    t = tl.program_id(1)
+    s = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = s < size
+    keys = tl.load(keys_ptr + t.to(tl.int64) * size + s, mask=ok, other=0)
+    _sample_histogram(keys, ok, hist_ptr, k_hi, k_lo, t, ROUND, K, D)
+
+
+@triton.jit
+def _sample_finish(hist_ptr, k_hi, k_lo, out_ptr, K: tl.constexpr, ROUNDS: tl.constexpr,
+                   D: tl.constexpr):
+    # Program t: input t's k-th largest sampled |τ|, the key all ROUNDS digits spell.
+    t = tl.program_id(0)
+    q, _, _ = _descend(hist_ptr + t * (1 << D), K * (1 << D), -1, _INF, -2, 0,
+                       _rank(k_hi, k_lo, t, K), ROUNDS, D)
+    tl.store(out_ptr + t, q.to(tl.float32, bitcast=True))
+
+
+def sample_select(base: torch.Tensor, thetas: list[torch.Tensor], positions: torch.Tensor,
+                  ks: list[int]) -> torch.Tensor:
+    """Each input's exact k-th largest |θt − base| over the values at ``positions`` (flat
+    positions into the flat contiguous tensors), as float32 [K] on the device. One launch
+    gathers the sample's keys (|τ|'s float bits) and histograms their first RADIX_BITS-bit digit;
+    the next ones histogram the following digits of the keys under the prefix chosen so far; a
+    last one reads the k-th off the histograms. No host synchronization."""
+    nk, dev, size = len(thetas), base.device, positions.numel()
+    rounds, bins = -(-31 // RADIX_BITS), 1 << RADIX_BITS
+    k_hi, k_lo = tuple(float(kk // 4096) for kk in ks), tuple(float(kk % 4096) for kk in ks)
+    hist = torch.zeros(rounds * nk * bins, dtype=torch.int32, device=dev)
+    keys = torch.empty(nk * size, dtype=torch.int32, device=dev)
+    blocks = triton.cdiv(size, SAMPLE_BLOCK_VALUES)
+    _sample_gather[(blocks,)](
+        base, tuple(thetas), positions, keys, hist, k_hi, k_lo, size, K=nk, D=RADIX_BITS,
+        BLOCK=SAMPLE_BLOCK_VALUES, num_warps=4)
+    for r in range(1, rounds):
+        _sample_round[(blocks, nk)](keys, hist, k_hi, k_lo, size, K=nk, ROUND=r, D=RADIX_BITS,
+                                    BLOCK=SAMPLE_BLOCK_VALUES, num_warps=4)
+    out = torch.empty(nk, dtype=torch.float32, device=dev)
+    _sample_finish[(nk,)](hist, k_hi, k_lo, out, K=nk, ROUNDS=rounds, D=RADIX_BITS,
+                          num_warps=4)
     return out
 
 
