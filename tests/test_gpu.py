@@ -46,15 +46,16 @@ def test_dare_on_cuda_is_seeded(models, tmp_path):
     assert not all(torch.equal(loaded[0].load(n), loaded[2].load(n)) for n in names)
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "consensus_task_arithmetic",
-                                    "consensus_ties"])
-def test_fused_cuda_path_matches_cpu(models, tmp_path, method):
-    """Dense inputs only: on CUDA the engine merges whole tensors with the Triton kernels."""
+@pytest.mark.parametrize("method, extra", [
+    ("task_arithmetic", ""), ("ties", ""), ("ties", "parameters: {density_tolerance: 0.3}\n"),
+    ("consensus_task_arithmetic", "parameters: {k: 1}\n"), ("consensus_ties", "parameters: {k: 1}\n")])
+def test_fused_cuda_path_matches_cpu(models, tmp_path, method, extra):
+    """Dense inputs only: on CUDA the engine merges whole tensors with the Triton kernels (with
+    ``density_tolerance``, thresholds from the same sample as the CPU's)."""
     density = ", density: 0.3" if "ties" in method else ""
     text = (f"merge_method: {method}\nbase_model: {models['base-bf16']}\nmodels:\n"
             f"  - model: {models['ft-mlp']}\n    parameters: {{weight: 1.0{density}}}\n"
-            f"  - model: {models['ft-attn']}\n    parameters: {{weight: 0.5{density}}}\n"
-            + ("parameters: {k: 1}\n" if "consensus" in method else ""))
+            f"  - model: {models['ft-attn']}\n    parameters: {{weight: 0.5{density}}}\n" + extra)
     cpu = mergehub.merge(text, out=tmp_path / "cpu", progress=False)
     gpu = mergehub.merge(text, out=tmp_path / "gpu", device="cuda", progress=False)
     a, b = open_checkpoint(cpu.out), open_checkpoint(gpu.out)
