@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -158,6 +162,35 @@ def test_gc_clears_temp_files_and_dirs_left_by_killed_work(store, models):
     assert store.gc().temp_files_removed == 2
     assert list((store.root / "tmp").iterdir()) == []
     assert store.verify(progress=False).ok
+
+
+def test_gc_removes_transfers_no_process_holds(store):
+    """An interrupted pull's folder is removed by gc; one in use (locked by its push / pull) is
+    kept; a transfer whose folder gc removed while it waited for the lock makes it anew."""
+    with store.transfer("pull-org--a--c0ffee") as held:
+        (held / "part.safetensors").write_bytes(b"partial")
+        with store.transfer("pull-org--b--c0ffee") as left:
+            (left / "x").write_bytes(b"x")
+        assert store.gc().transfers_removed == 1  # b: nobody holds it
+        assert held.is_dir() and not left.exists()
+    assert store.gc().transfers_removed == 1 and not held.exists()
+    folder = store.root / "transfers" / "pull-again"
+    folder.mkdir()
+    fd = os.open(folder, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # gc holds it, about to remove it
+    got = []
+
+    def pull() -> None:
+        with store.transfer("pull-again") as f:
+            got.append(f.is_dir())
+
+    waiting = threading.Thread(target=pull)
+    waiting.start()
+    time.sleep(0.2)
+    shutil.rmtree(folder)
+    os.close(fd)
+    waiting.join(10)
+    assert got == [True]  # made anew (locking the removed folder would leave none)
 
 
 def test_gc_keeps_base_blobs_of_deltas(store, models, tmp_path):

@@ -251,12 +251,15 @@ def rm(ctx: click.Context, name: str) -> None:
 @cli.command()
 @click.pass_context
 def gc(ctx: click.Context) -> None:
-    """Delete blobs that no model references and leftovers of interrupted adds.
-    Waits for running adds and exports of other processes to finish."""
+    """Delete blobs that no model references, leftovers of interrupted adds, and the partial
+    downloads of interrupted pulls (a pull started again then starts from scratch).
+    Waits for running adds and exports of other processes to finish; leaves the transfers of
+    running pushes and pulls alone."""
     with _open_store(ctx) as store:
         report = store.gc()
-    click.echo(f"removed {report.blobs_removed} blobs ({human_bytes(report.bytes_freed)}) and "
-               f"{report.temp_files_removed} temporary files")
+    click.echo(f"removed {report.blobs_removed} blobs ({human_bytes(report.bytes_freed)}), "
+               f"{report.temp_files_removed} temporary files and {report.transfers_removed} "
+               "unfinished transfers")
 
 
 @cli.command()

@@ -31,7 +31,7 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +58,6 @@ BLOBS = "mergehub/blobs"
 SHADOW = "mergehub/files"
 CARD = "README.md"
 #: Folder of the store for pull downloads and push exports (same disk as the store).
-TRANSFERS = "transfers"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CHUNK = 1 << 20
 
@@ -349,6 +348,15 @@ def _owned(path: str) -> bool:
             or path.endswith((".safetensors", ".safetensors.index.json")))
 
 
+@contextlib.contextmanager
+def _removed(path: Path) -> Iterator[None]:
+    """Remove the work folder ``path`` on the way out, whatever happens."""
+    try:
+        yield
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def push(store: Store, name: str, repo_id: str, *, revision: str | None = None,
          private: bool = False, fmt: str | list[str] | tuple[str, ...] | None = None,
          base_model: str | None = None, message: str | None = None, token: str | None = None,
@@ -381,9 +389,7 @@ def push(store: Store, name: str, repo_id: str, *, revision: str | None = None,
         manifest["base"]["hub"] = {**(manifest["base"]["hub"] or {}), "repo_id": base_model}
     api = _api(endpoint, token)
     branch = revision or "main"
-    transfers = store.root / TRANSFERS
-    transfers.mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="push-", dir=transfers) as tmp:
+    with store.transfer(f"push-{uuid.uuid4().hex[:16]}") as tmp, _removed(tmp):
         files: dict[str, Path | bytes] = {}
         if "hf" in forms or "peft" in forms:
             out = store.export(name, Path(tmp) / "model", progress=progress)
@@ -566,62 +572,63 @@ def pull(store: Store, repo_id: str, *, revision: str | None = None, name: str |
                                                                else ""))
     slug = "--".join([repo_id.replace("/", "--"), commit, *([folder.replace("/", "--")]
                                                             if folder else [])])
-    staging = store.root / TRANSFERS / f"pull-{slug}"
-    staging.mkdir(parents=True, exist_ok=True)
     hub = {"repo_id": repo_id, "revision": revision, "commit": commit,
            "endpoint": _public_endpoint(api), **({"subfolder": folder} if folder else {})}
     #: where it came from, instead of the transfer folder `store.add` would record as source
     origin = {"source": f"{hub['endpoint']}/{repo_id}@{commit}" + (f"/{folder}" if folder else ""),
               "hub": hub}
     fetched: list[str] = []
+    with store.transfer(f"pull-{slug}") as staging:
 
-    def get(paths: list[str]) -> None:
-        fetched.extend(_download(api, repo_id, commit, remote, paths, staging, progress))
+        def get(paths: list[str]) -> None:
+            fetched.extend(_download(api, repo_id, commit, remote, paths, staging, progress))
 
-    model_dir = staging / folder
-    if prefix + MANIFEST in remote:
-        get([prefix + MANIFEST])
-        try:
-            manifest = json.loads((staging / prefix / MANIFEST).read_text())
-            if manifest.get("mergehub_manifest") != 1:
-                raise ValueError("unknown manifest version")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise IntegrityError(f"{repo_id}: {prefix + MANIFEST} is not a mergehub manifest "
-                                 f"({e})") from None
-        name = name or manifest["name"]
-        _check_free(store, name)
-        base_name = _find_base(store, manifest["base"], base)
-        if "mergehub" in manifest.get("forms", []):
-            if manifest["base"] is not None and base_name is None:
-                raise _missing_base(repo_id, manifest, store)
-            get([f"{prefix}{BLOBS}/{b}" for b in manifest["blobs"]])
-            info = store.import_entry(manifest, staging / prefix / BLOBS, name, base=base_name,
-                                      provenance=origin, progress=progress)
-            form = "mergehub"
+        model_dir = staging / folder
+        if prefix + MANIFEST in remote:
+            get([prefix + MANIFEST])
+            try:
+                manifest = json.loads((staging / prefix / MANIFEST).read_text())
+                if manifest.get("mergehub_manifest") != 1:
+                    raise ValueError("unknown manifest version")
+            except (ValueError, UnicodeDecodeError) as e:
+                raise IntegrityError(f"{repo_id}: {prefix + MANIFEST} is not a mergehub manifest "
+                                     f"({e})") from None
+            name = name or manifest["name"]
+            _check_free(store, name)
+            base_name = _find_base(store, manifest["base"], base)
+            if "mergehub" in manifest.get("forms", []):
+                if manifest["base"] is not None and base_name is None:
+                    raise _missing_base(repo_id, manifest, store)
+                get([f"{prefix}{BLOBS}/{b}" for b in manifest["blobs"]])
+                info = store.import_entry(manifest, staging / prefix / BLOBS, name, base=base_name,
+                                          provenance=origin, progress=progress)
+                form = "mergehub"
+            else:
+                shadowed = manifest.get("shadowed", {})
+                get([prefix + shadowed.get(p, p) for p, _, _ in manifest["files"]])
+                for path, source in shadowed.items():
+                    shutil.copyfile(staging / prefix / source, model_dir / path)
+                _check_dense(model_dir, manifest, repo_id)
+                info = store.add(model_dir, name, base=base_name, kind=manifest["kind"],
+                                 metrics=manifest["metrics"],
+                                 provenance={**manifest["provenance"], **origin}, progress=progress)
+                form = manifest["format"]
         else:
-            shadowed = manifest.get("shadowed", {})
-            get([prefix + shadowed.get(p, p) for p, _, _ in manifest["files"]])
-            for path, source in shadowed.items():
-                shutil.copyfile(staging / prefix / source, model_dir / path)
-            _check_dense(model_dir, manifest, repo_id)
-            info = store.add(model_dir, name, base=base_name, kind=manifest["kind"],
-                             metrics=manifest["metrics"],
-                             provenance={**manifest["provenance"], **origin}, progress=progress)
-            form = manifest["format"]
-    else:
-        top = sorted(p for p in remote if "/" not in p[len(prefix):]
-                     and not p[len(prefix):].startswith("."))
-        if not any(p.endswith(".safetensors") for p in top):
-            pickles = [p for p in top if p.lower().endswith(PICKLE_SUFFIXES)]
-            raise RemoteError(f"{repo_id}@{revision}: no safetensors weights" + (
-                f" ({pickles[0]} is a pickle checkpoint, which mergehub refuses to load: it can "
-                "run arbitrary code)" if pickles else (f" under {folder!r}" if folder else "")))
-        name = name or repo_id.split("/")[-1] + (f"-{folder.replace('/', '-')}" if folder else "")
-        _check_free(store, name)
-        get([p for p in top if not p.lower().endswith(PICKLE_SUFFIXES)])
-        form = "peft" if prefix + ADAPTER_CONFIG in top else "hf"
-        if base is None and form == "peft":
-            base = _peft_base(store, model_dir)
-        info = store.add(model_dir, name, base=base, provenance=origin, progress=progress)
-    shutil.rmtree(staging, ignore_errors=True)
+            top = sorted(p for p in remote if "/" not in p[len(prefix):]
+                         and not p[len(prefix):].startswith("."))
+            if not any(p.endswith(".safetensors") for p in top):
+                pickles = [p for p in top if p.lower().endswith(PICKLE_SUFFIXES)]
+                raise RemoteError(f"{repo_id}@{revision}: no safetensors weights" + (
+                    f" ({pickles[0]} is a pickle checkpoint, which mergehub refuses to load: it "
+                    "can run arbitrary code)" if pickles
+                    else (f" under {folder!r}" if folder else "")))
+            name = name or repo_id.split("/")[-1] + (f"-{folder.replace('/', '-')}" if folder
+                                                     else "")
+            _check_free(store, name)
+            get([p for p in top if not p.lower().endswith(PICKLE_SUFFIXES)])
+            form = "peft" if prefix + ADAPTER_CONFIG in top else "hf"
+            if base is None and form == "peft":
+                base = _peft_base(store, model_dir)
+            info = store.add(model_dir, name, base=base, provenance=origin, progress=progress)
+        shutil.rmtree(staging, ignore_errors=True)
     return PullResult(info, repo_id, revision, commit, form, fetched)

@@ -169,6 +169,28 @@ class GcReport:
     blobs_removed: int
     bytes_freed: int
     temp_files_removed: int
+    transfers_removed: int = 0
+
+
+#: work folders of transfers (``Store.transfer``), under the store root
+TRANSFERS = "transfers"
+
+
+def _remove_unless_held(path: Path) -> bool:
+    """Remove a transfer folder (or a stray file) unless a process holds its lock."""
+    if not path.is_dir() or path.is_symlink():
+        path.unlink()
+        return True
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    else:
+        shutil.rmtree(path)
+        return True
+    finally:
+        os.close(fd)
 
 
 class StoredModel:
@@ -1089,7 +1111,8 @@ class Store:
             db.execute("DELETE FROM models WHERE id = ?", (model_id,))
 
     def gc(self) -> GcReport:
-        """Delete blobs no model references, and leftovers of interrupted adds."""
+        """Delete blobs no model references, leftovers of interrupted adds, and transfer
+        folders no running push or pull holds (an interrupted pull's partial download)."""
         with self._lock(exclusive=True):
             with self._transaction() as db:
                 dead = db.execute(
@@ -1115,7 +1138,32 @@ class Store:
                     shutil.rmtree(t)
                 else:
                     t.unlink()
-        return GcReport(removed, freed, len(temps))
+            transfers = self.root / TRANSFERS
+            stale = sum(_remove_unless_held(t) for t in
+                        (sorted(transfers.iterdir()) if transfers.is_dir() else []))
+        return GcReport(removed, freed, len(temps), stale)
+
+    @contextmanager
+    def transfer(self, name: str) -> Iterator[Path]:
+        """The work folder ``transfers/NAME`` (created if missing), held under a lock while in
+        use. It outlives the process, so an interrupted download resumes from what it holds;
+        ``gc`` removes only folders no process holds. The caller removes it when done."""
+        folder = self.root / TRANSFERS / name
+        while True:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(folder, os.O_RDONLY)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # another process on the same transfer: wait
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(folder))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # removed (by its owner or gc) while we waited: make it anew
+        try:
+            yield folder
+        finally:
+            os.close(fd)
 
     def _blob_files(self) -> Iterator[Path]:
         for sub in sorted((self.root / "blobs").iterdir()):
