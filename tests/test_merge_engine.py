@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -428,3 +429,25 @@ def test_density_tolerance_samples_tensors(models, tmp_path):
     sampled = {name for name, t in outs[0].items() if "mlp" in name
                and sample_positions(t.numel(), 0.3) is not None}
     assert differ and differ <= sampled
+
+
+def test_store_name_beats_a_folder_of_the_same_name(models, tmp_path, monkeypatch):
+    """A bare name the store has is its entry even beside a folder of that name; ``./name`` is
+    the folder; a bare name the store lacks is a path."""
+    from mergehub.storage.store import Store
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(models["ft-attn"], tmp_path / "ft")  # a folder called ft ...
+    with Store.init(tmp_path / "store") as store:
+        store.add(models["base-bf16"], "base", progress=False)
+        store.add(models["ft-mlp"], "ft", base="base", progress=False)  # ... and an entry
+        outs = {}
+        for ref in ("ft", "./ft"):
+            r = recipe(tmp_path, f"merge_method: task_arithmetic\nbase_model: base\n"
+                                 f"models:\n  - model: {ref}\n")
+            outs[ref] = load_all(mergehub.merge(r, out=tmp_path / f"o{len(outs)}", store=store,
+                                                progress=False).out)
+    for name, t in load_all(models["ft-mlp"]).items():
+        assert torch.equal(outs["ft"][name], t), name
+    for name, t in load_all(models["ft-attn"]).items():
+        assert torch.equal(outs["./ft"][name], t), name

@@ -40,7 +40,7 @@ from mergehub.adapters.config import ConfigError, TrainConfig, load_config
 from mergehub.adapters.data import Batch, Dataset, accuracy, build_dataset, completion_scores
 from mergehub.errors import InputError, StoreError
 from mergehub.storage.atomic import atomic_output_dir, write_file_atomic
-from mergehub.storage.store import ModelInfo, Store
+from mergehub.storage.store import ModelInfo, Store, names_entry
 from mergehub.storage.writer import MODEL_SIDE_FILES
 
 STATE_FILE, TENSORS_FILE, OPTIMIZER_FILE = ("state.json", "trainable.safetensors",
@@ -447,9 +447,10 @@ def _write_checkpoint(cfg: TrainConfig, method: Method, step: int, losses: list[
 
 
 def _resolve_base(cfg: TrainConfig, store: Store | None, tmp: Path) -> tuple[Path, str | None]:
-    """(the base's HF dir, the base's store name when the result goes to the store)."""
-    path = Path(cfg.base)
-    if path.exists():
+    """(the base's HF dir, the base's store name when the result goes to the store); a store
+    entry when ``names_entry`` says the reference means one, else a path."""
+    path = Path(cfg.base).expanduser()
+    if not names_entry(cfg.base, store) and path.exists():
         name = cfg.output.get("base")
         if cfg.output.get("store"):
             if name is None:

@@ -19,11 +19,11 @@ from typing import Any, Protocol
 
 import torch
 
-from mergehub.errors import BaseMismatchError, InputError, StoreError
+from mergehub.errors import BaseMismatchError, InputError
 from mergehub.storage.checkpoint import (
     ADAPTER_CONFIG, Checkpoint, open_checkpoint, peft_target_weight)
 from mergehub.storage.safetensors_format import FLOAT_DTYPES, TORCH_DTYPE, TensorSpec
-from mergehub.storage.store import Store
+from mergehub.storage.store import Store, names_entry
 
 
 
@@ -212,9 +212,17 @@ def _side_metrics(path: Path) -> dict[str, Any]:
 def resolve_input(ref: str, store: Store | None, where: str) -> Source:
     """Turn a recipe's model reference into a :class:`Source`.
 
-    ``ref`` is a path (HF dir, PEFT dir, ``.safetensors`` file) or, failing that, the name of a
-    model in ``store``. ``where`` locates the reference in the recipe for error messages.
+    ``ref`` is the name of a model in ``store`` (:func:`~mergehub.storage.store.names_entry`)
+    or a path (HF dir, PEFT dir, ``.safetensors`` file). ``where`` locates the reference in the
+    recipe for error messages.
     """
+    if names_entry(ref, store):
+        model = store.open(ref)
+        lora, config = None, {}
+        if model.info.format == "peft":
+            config = json.loads(model.side_file(ADAPTER_CONFIG))
+            lora = lora_targets(ref, config, {s.name: s for s in model.specs()})
+        return Source(ref, model, dict(model.info.metrics), lora, config)
     path = Path(ref).expanduser()
     if path.exists():
         ckpt = open_checkpoint(path)
@@ -223,17 +231,6 @@ def resolve_input(ref: str, store: Store | None, where: str) -> Source:
             specs = {s.name: s for s in ckpt.specs()}
             lora = lora_targets(ref, ckpt.adapter_config or {}, specs)
         return Source(ref, ckpt, _side_metrics(path), lora, ckpt.adapter_config or {})
-    if store is not None:
-        try:
-            model = store.open(ref)
-        except StoreError:
-            model = None
-        if model is not None:
-            lora, config = None, {}
-            if model.info.format == "peft":
-                config = json.loads(model.side_file(ADAPTER_CONFIG))
-                lora = lora_targets(ref, config, {s.name: s for s in model.specs()})
-            return Source(ref, model, dict(model.info.metrics), lora, config)
     where_store = f" nor a model in store {store.root}" if store is not None else ""
     raise InputError(f"{where}: input {ref!r} is neither a local path{where_store} (mergehub does "
                      "not download models: fetch it first, e.g. `hub pull`)")
