@@ -258,6 +258,25 @@ def test_thresholds_approximate_equal_reference(device, k, dtype, shape):
         == exact
 
 
+def test_thresholds_approximate_ties_and_extremes(device):
+    """A sample of few distinct values (zero, subnormal, 0.5, near the float32 maximum): the
+    k-th sampled value sits in a long run of ties, found exactly at every density."""
+    from mergehub.merge.methods.sparsify import sample_positions
+
+    gen = torch.Generator().manual_seed(3)
+    n = 9001
+    values = torch.tensor([0.0, 1e-40, 0.5, 3e38])
+    theta = values[torch.randint(0, 4, (n,), generator=gen)].to(device)
+    base = torch.zeros(n, device=device)
+    pick = sample_positions(n, 0.2).to(device)
+    for d in (0.05, 0.3, 0.6, 0.9):
+        got = kernels.magnitude_thresholds(base, [theta, -theta], [d, d], tolerance=0.2,
+                                           backend="triton")
+        want = _kth_oracle(base[pick], theta[pick], d)
+        assert got == [want, want] == kernels.magnitude_thresholds(
+            base, [theta, -theta], [d, d], tolerance=0.2, backend="torch")
+
+
 def _random_deltas(shape, device, gen):
     rows, cols = kernels.deltas.matrix_shape(shape)
     nb = (rows * cols + 7) // 8
