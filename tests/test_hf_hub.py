@@ -324,6 +324,39 @@ def test_subfolder_pull_of_an_uploaded_folder(hf, models, tmp_path):
         assert _export(s, got.info.name, tmp_path / "out") == dir_digests(models["lora"])
 
 
+def test_push_into_subfolders_and_pull_them_back(hf, models, pushed_base, tmp_path):
+    """Two entries pushed into two folders of one repo, and one at its root: each push leaves
+    the others' files alone (a re-push into a folder replaces only that folder's stale files),
+    and each comes back bit for bit with --subfolder."""
+    a, _ = pushed_base
+    a.add(models["lora"], "lora", base="base", progress=False)
+    a.add(models["ft-mlp"], "ft", base="base", progress=False)
+    repo = _repo("subfolders")
+    push(a, "lora", repo, subfolder="adapters/lora", progress=False)
+    got = push(a, "ft", repo, subfolder="/models/ft/", fmt="hf", progress=False)
+    assert all(f.startswith("models/ft/") for f in got.files)
+    push(a, "ft", repo, fmt="hf", progress=False)  # at the root
+    files = set(_list(repo))
+    assert {"adapters/lora/adapter_model.safetensors", "adapters/lora/README.md",
+            "models/ft/model.safetensors", "models/ft/mergehub/manifest.json",
+            "model.safetensors", "README.md"} <= files
+    push(a, "lora", repo, subfolder="models/ft", progress=False)  # replaces ft's weights there
+    files = set(_list(repo))
+    assert "models/ft/model.safetensors" not in files and "model.safetensors" in files
+    assert "models/ft/adapter_model.safetensors" in files
+    assert "adapters/lora/adapter_model.safetensors" in files
+    with pytest.raises(RemoteError, match="bad subfolder"):
+        push(a, "lora", repo, subfolder="a/../b", progress=False)
+    with _new_store(tmp_path / "b") as b:
+        b.add(models["base-bf16"], "base", progress=False)
+        for folder, want in (("adapters/lora", models["lora"]), ("models/ft", models["lora"])):
+            got = pull(b, repo, subfolder=folder, name=folder.replace("/", "-"), progress=False)
+            assert got.info.base == "base" and got.info.provenance["hub"]["subfolder"] == folder
+            assert _export(b, got.info.name, tmp_path / folder) == dir_digests(want)
+        got = pull(b, repo, name="ft-root", progress=False)
+        assert _export(b, "ft-root", tmp_path / "root") == dir_digests(models["ft-mlp"])
+
+
 def _list(repo: str, revision: str = "main") -> list[str]:
     from huggingface_hub import HfApi
 

@@ -360,9 +360,13 @@ def merge_(ctx: click.Context, recipe: Path, output: Path | None, to_store: str 
               help="Hub repo id of the base model, for the model card's base_model. Default: "
                    "the repo the base was pulled from, if it was.")
 @click.option("--message", "-m", default=None, help="Commit message.")
+@click.option("--subfolder", default=None,
+              help="Push into this folder of the repo (with its own card and manifest; `hub "
+                   "pull REPO --subfolder DIR` gets it back); other folders are left alone.")
 @click.pass_context
 def push(ctx: click.Context, name: str, repo_id: str, revision: str | None, private: bool,
-         formats: tuple[str, ...], base_model: str | None, message: str | None) -> None:
+         formats: tuple[str, ...], base_model: str | None, message: str | None,
+         subfolder: str | None) -> None:
     """Push store entry NAME to the Hugging Face Hub repo REPO_ID (ORG/NAME) in one commit,
     with a model card (README.md) and mergehub/manifest.json. The repo is created if needed.
     Endpoint and token come from HF_ENDPOINT and HF_TOKEN or `hf auth login`."""
@@ -371,7 +375,7 @@ def push(ctx: click.Context, name: str, repo_id: str, revision: str | None, priv
     with _open_store(ctx) as store:
         result = push_entry(store, name, repo_id, revision=revision, private=private,
                             fmt=list(formats) or None, base_model=base_model, message=message,
-                            progress=_progress())
+                            subfolder=subfolder, progress=_progress())
     click.echo(f"pushed {name!r} to {result.repo_id}@{result.revision} as "
                f"{' + '.join(result.forms)}: {len(result.files)} files, "
                f"{human_bytes(result.bytes)}, commit {result.commit[:12]} ({result.url})")

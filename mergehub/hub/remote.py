@@ -342,10 +342,14 @@ def model_card(info: ModelInfo, manifest: dict[str, Any], forms: list[str],
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
-def _owned(path: str) -> bool:
-    """Files a push replaces: left over from an earlier push, they are deleted in the commit."""
-    return (path.startswith("mergehub/") or path == ADAPTER_CONFIG
-            or path.endswith((".safetensors", ".safetensors.index.json")))
+def _owned(path: str, prefix: str) -> bool:
+    """Files a push into ``prefix`` ("" or "folder/") replaces: left over from an earlier push
+    there, they are deleted in the commit. Files of other folders are not."""
+    if not path.startswith(prefix):
+        return False
+    rel = path[len(prefix):]
+    return rel.startswith("mergehub/") or "/" not in rel and (
+        rel == ADAPTER_CONFIG or rel.endswith((".safetensors", ".safetensors.index.json")))
 
 
 @contextlib.contextmanager
@@ -359,8 +363,9 @@ def _removed(path: Path) -> Iterator[None]:
 
 def push(store: Store, name: str, repo_id: str, *, revision: str | None = None,
          private: bool = False, fmt: str | list[str] | tuple[str, ...] | None = None,
-         base_model: str | None = None, message: str | None = None, token: str | None = None,
-         endpoint: str | None = None, progress: bool = True) -> PushResult:
+         base_model: str | None = None, message: str | None = None,
+         subfolder: str | None = None, token: str | None = None, endpoint: str | None = None,
+         progress: bool = True) -> PushResult:
     """Push store entry ``name`` to the Hub repo ``repo_id`` in one commit.
 
     Args:
@@ -372,6 +377,8 @@ def push(store: Store, name: str, repo_id: str, *, revision: str | None = None,
         base_model: Hub repo id of the base for the card's ``base_model``; default: the repo
             the base was pulled from, or an adapter's ``base_model_name_or_path`` if it is one.
         message: commit message.
+        subfolder: push into this folder of the repo (its own card and manifest; pulled back
+            with ``pull(..., subfolder=...)``), leaving the rest of the repo as it is.
         token, endpoint: override ``HF_TOKEN`` / the saved login and ``HF_ENDPOINT``.
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
@@ -389,6 +396,10 @@ def push(store: Store, name: str, repo_id: str, *, revision: str | None = None,
         manifest["base"]["hub"] = {**(manifest["base"]["hub"] or {}), "repo_id": base_model}
     api = _api(endpoint, token)
     branch = revision or "main"
+    folder = (subfolder or "").strip("/")
+    if folder and any(part in ("", ".", "..") for part in folder.split("/")):
+        raise RemoteError(f"push {name!r}: bad subfolder {subfolder!r}")
+    prefix = f"{folder}/" if folder else ""
     with store.transfer(f"push-{uuid.uuid4().hex[:16]}") as tmp, _removed(tmp):
         files: dict[str, Path | bytes] = {}
         if "hf" in forms or "peft" in forms:
@@ -408,7 +419,7 @@ def push(store: Store, name: str, repo_id: str, *, revision: str | None = None,
         files[CARD] = model_card(info, manifest, forms, base_model, repo_id,
                                  _auto_class(store, info)).encode()
         size = sum(len(s) if isinstance(s, bytes) else s.stat().st_size for s in files.values())
-        what = f"push {name!r} to {repo_id}@{branch}"
+        what = f"push {name!r} to {repo_id}@{branch}" + (f" (folder {folder!r})" if folder else "")
         with _hub_errors(api, what, writing=True):
             api.create_repo(repo_id, private=private, exist_ok=True)
             if branch != "main":
@@ -416,14 +427,15 @@ def push(store: Store, name: str, repo_id: str, *, revision: str | None = None,
                 if branch not in branches:
                     api.create_branch(repo_id, branch=branch, exist_ok=True)
             stale = [p for p in api.list_repo_files(repo_id, revision=branch)
-                     if _owned(p) and p not in files]
-            ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=src if isinstance(src, bytes)
-                                      else str(src)) for p, src in files.items()]
+                     if _owned(p, prefix) and p[len(prefix):] not in files]
+            ops = [CommitOperationAdd(path_in_repo=prefix + p, path_or_fileobj=src if isinstance(
+                src, bytes) else str(src)) for p, src in files.items()]
             ops += [CommitOperationDelete(path_in_repo=p) for p in stale]
             commit = api.create_commit(
                 repo_id, ops, revision=branch,
                 commit_message=message or f"mergehub: push {name} ({' + '.join(forms)})")
-    return PushResult(repo_id, branch, commit.oid, commit.commit_url, forms, sorted(files), size)
+    return PushResult(repo_id, branch, commit.oid, commit.commit_url, forms,
+                      sorted(prefix + p for p in files), size)
 
 
 # --- pull --------------------------------------------------------------------------------------
