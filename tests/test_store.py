@@ -313,23 +313,64 @@ def test_unreadable_side_file_is_clear(store, models, tmp_path):
     assert "config.json" not in store.open("m").side_files
 
 
-def test_chain_of_finetunes_stays_one_delta_deep(store, models, tmp_path):
-    """Fine-tunes of fine-tunes: every delta references a self-contained blob, reads stay cheap."""
+def _depths(store) -> dict[str, int]:
+    """Each blob's number of references to follow to a self-contained blob."""
+    refs = dict(store._db.execute("SELECT id, ref FROM blobs"))
+    depth = {}
+    for blob in refs:
+        d, b = 0, blob
+        while refs[b] is not None:
+            d, b = d + 1, refs[b]
+        depth[blob] = d
+    return depth
+
+
+def test_chain_of_finetunes_stays_a_few_deltas_deep(store, models, tmp_path):
+    """Fine-tunes of fine-tunes: each delta references its base's tensor while that is fewer
+    than MAX_DELTA_DEPTH deltas deep, else the self-contained blob, so reads stay cheap and
+    everything exports bit for bit."""
     from mergehub.hub.demo import make_finetune
+    from mergehub.storage.store import MAX_DELTA_DEPTH
 
     store.add(models["base-bf16"], "ft0", progress=False)
-    previous = models["base-bf16"]
+    previous, paths = models["base-bf16"], {}
     for i in range(1, 20):
         path = make_finetune(previous, tmp_path / f"ft{i}", pattern="mlp" if i % 2 else "self_attn",
                              seed=100 + i)
         store.add(path, f"ft{i}", base=f"ft{i - 1}", progress=False)
-        previous = path
-    (deltas_of_deltas,) = store._db.execute(
-        "SELECT COUNT(*) FROM blobs b JOIN blobs r ON r.id = b.ref WHERE r.ref IS NOT NULL").fetchone()
-    assert deltas_of_deltas == 0
-    assert store._db.execute("SELECT COUNT(*) FROM blobs WHERE ref IS NOT NULL").fetchone()[0] > 19
-    out = store.export("ft19", tmp_path / "out", progress=False)
-    assert dir_digests(out) == dir_digests(previous)
+        previous = paths[i] = path
+    depth = _depths(store)
+    assert max(depth.values()) == MAX_DELTA_DEPTH
+    for i in (5, 19):
+        out = store.export(f"ft{i}", tmp_path / f"out{i}", progress=False)
+        assert dir_digests(out) == dir_digests(paths[i])
+    assert store.verify(progress=False).ok
+
+
+def test_small_change_of_a_finetune_costs_only_its_own_delta(store, models, tmp_path):
+    """A fine-tune changing 1% of a fine-tune's MLP weights is coded against that fine-tune,
+    not the base: a fraction of the bytes a delta against the base takes; it exports bit for
+    bit after a gc."""
+    from safetensors.torch import load_file, save_file
+
+    store.add(models["base-bf16"], "base", progress=False)
+    store.add(models["ft-mlp"], "sft", base="base", progress=False)
+    dpo = tmp_path / "dpo"
+    shutil.copytree(models["ft-mlp"], dpo)
+    tensors = load_file(dpo / "model.safetensors")
+    gen = torch.Generator().manual_seed(0)
+    for name, t in tensors.items():
+        if "mlp" in name:
+            hit = torch.rand(t.shape, generator=gen) < 0.01
+            tensors[name] = torch.where(hit, t * 1.01, t)
+    save_file(tensors, dpo / "model.safetensors", metadata={"format": "pt"})
+    store.add(dpo, "dpo", base="sft", progress=False)
+    with Store.init(tmp_path / "other") as other:  # the same blobs would be shared in one store
+        other.add(models["base-bf16"], "base", progress=False)
+        other.add(dpo, "dpo", base="base", progress=False)
+        assert store.show("dpo").stored_bytes * 3 < other.show("dpo").stored_bytes
+    store.gc()
+    assert dir_digests(store.export("dpo", tmp_path / "out", progress=False)) == dir_digests(dpo)
     assert store.verify(progress=False).ok
 
 

@@ -12,7 +12,8 @@ A model is a list of files as they were on disk: side files (config, tokenizer, 
 kept whole; each safetensors file is kept as its exact header plus one blob per tensor. So export
 re-creates every file byte for byte. A tensor equal to one already stored (in the base, or in
 any model) costs nothing; a tensor of a fine-tune that differs from the same-named tensor of its
-base is stored losslessly as a delta against it (see :mod:`mergehub.storage.codec`).
+base is stored losslessly as a delta against it (see :mod:`mergehub.storage.codec`); a fine-tune
+of a fine-tune against its own base's tensor, up to ``MAX_DELTA_DEPTH`` deltas deep.
 
 Crash safety: blobs are written to ``tmp/``, fsynced and renamed into place before the catalog
 transaction that references them commits, so a process killed at any point leaves, at worst,
@@ -58,6 +59,9 @@ if TYPE_CHECKING:
 MARKER = "mergehub-store.json"
 LAYOUT_VERSION = 1
 KINDS = ("base", "finetune", "adapter", "merged")
+#: a fine-tune's lossless delta references its base tensor's blob while that is fewer deltas
+#: deep than this, else the self-contained blob it derives from (``Store._delta_ref``)
+MAX_DELTA_DEPTH = 3
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+=/:-]{0,199}$")
 
 _SCHEMA = """
@@ -393,11 +397,12 @@ class Store:
     def _read_raw(self, blob_id: str, what: str, _depth: int = 0) -> bytes:
         """Decode a blob to the original bytes, checking the blob and the decoded bytes.
 
-        Lossless deltas always reference a self-contained blob (``add`` keeps it so) and a
-        lossy blob its base tensor's blob, so a read decodes a handful of blobs however long a
-        chain of fine-tunes of fine-tunes gets; longer chains mean a damaged store.
+        ``add`` keeps chains of lossless deltas at most ``MAX_DELTA_DEPTH`` deep (an import
+        may add one) and a lossy blob references its base tensor's blob, so a read decodes a
+        handful of blobs however long a chain of fine-tunes of fine-tunes gets; longer chains
+        mean a damaged store.
         """
-        if _depth > 4:
+        if _depth > 2 * MAX_DELTA_DEPTH + 2:
             raise IntegrityError(f"{what}: blob {blob_id[:16]} is at the end of a reference "
                                  "chain longer than mergehub writes (store damaged?)")
         header, payload = self._load_blob(blob_id, what)
@@ -430,13 +435,19 @@ class Store:
         except (ValueError, KeyError) as e:
             raise IntegrityError(f"{what}: blob {blob_id[:16]} cannot be decoded: {e}") from e
 
-    def _root(self, blob_id: str) -> str:
-        """The self-contained blob at the end of ``blob_id``'s reference chain."""
-        for _ in range(8):
-            row = self._db.execute("SELECT ref FROM blobs WHERE id = ?", (blob_id,)).fetchone()
+    def _delta_ref(self, blob_id: str) -> str:
+        """The blob a fine-tune's tensor is delta-coded against, given its base tensor's blob:
+        that blob itself while it is lossless and fewer than ``MAX_DELTA_DEPTH`` deltas deep
+        (a small change of a fine-tune costs only its own delta), else the self-contained blob
+        at the end of its reference chain (reads stay a few decodes deep)."""
+        chain, lossless = [blob_id], True
+        for _ in range(2 * MAX_DELTA_DEPTH + 2):
+            row = self._db.execute("SELECT ref, codec FROM blobs WHERE id = ?",
+                                   (chain[-1],)).fetchone()
+            lossless = lossless and (row is None or row[1] == "lossless")
             if row is None or row[0] is None:
-                return blob_id
-            blob_id = row[0]
+                return blob_id if lossless and len(chain) <= MAX_DELTA_DEPTH else chain[-1]
+            chain.append(row[0])
         raise IntegrityError(f"blob {blob_id[:16]}: reference chain too long (store damaged?)")
 
     @staticmethod
@@ -524,8 +535,8 @@ class Store:
             base_id, base_tensors = None, {}
             if base is not None:
                 base_id = self._require(base)[0]
-                base_tensors = {  # the self-contained blob each base tensor is, or derives from
-                    r[0]: (TensorSpec(r[0], r[3], tuple(json.loads(r[4]))), self._root(r[5]))
+                base_tensors = {  # the blob each base tensor's delta is coded against
+                    r[0]: (TensorSpec(r[0], r[3], tuple(json.loads(r[4]))), self._delta_ref(r[5]))
                     for r in self._tensor_rows(base_id)}
                 _check_fits_base(ckpt, kind, base, base_tensors)
             return self._add_locked(ckpt, name, kind, base_id, base_tensors, metrics or {},
