@@ -9,7 +9,9 @@ subprocess, so one mode's allocations cannot hide in another's peak:
 
 - ``inference``: the forward pass with the loss, under ``torch.no_grad``;
 - ``mezo``, ``sparse-mezo`` (q = 0.25), ``mezo-master`` (float32 copies of the weights):
-  ``mergehub.adapters.mezo.MeZO.step`` over all parameters (two such forwards per step);
+  ``mergehub.adapters.mezo.MeZO.step`` over all parameters (two such forwards per step); on
+  CUDA each also as ``...-torch`` (``backend="torch"``: z from ``torch.randn`` and torch ops,
+  the path before the Triton kernels), so the s/step column compares the two in one run;
 - ``adam``: backprop fine-tuning, ``loss.backward()`` + ``torch.optim.Adam`` over all
   parameters in the model's dtype;
 - ``adam-amp`` (CUDA): the usual mixed-precision recipe, float32 weights, gradients and Adam
@@ -24,7 +26,7 @@ against ``inference`` measured in the same run.
     python benchmarks/bench_trainers.py memory --device cuda --dtype bfloat16 --hidden 2048 \\
         --intermediate 5632 --layers 22 --heads 32 --kv-heads 4 --batch 8 --seq 512
     python benchmarks/bench_trainers.py memory --hidden 64 --intermediate 128 --layers 2 \\
-        --vocab 256 --batch 2 --seq 16                              # smoke test, seconds
+        --vocab 256 --heads 4 --kv-heads 2 --batch 2 --seq 16      # smoke test, seconds
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ import time
 from pathlib import Path
 
 CPU_MODES = ("inference", "mezo", "sparse-mezo", "adam")
-CUDA_MODES = ("inference", "mezo", "sparse-mezo", "mezo-master", "adam", "adam-amp")
+CUDA_MODES = ("inference", "mezo", "mezo-torch", "sparse-mezo", "sparse-mezo-torch",
+              "mezo-master", "mezo-master-torch", "adam", "adam-amp")
 
 
 def _status_kib(field: str) -> int:
@@ -89,10 +92,12 @@ def run_mode(args: argparse.Namespace) -> dict:
         def step():
             with torch.no_grad():
                 return float(loss())
-    elif mode.endswith("mezo") or mode == "mezo-master":
+    elif "mezo" in mode:
+        variant = mode.removesuffix("-torch")
         opt = MeZO(model.parameters(), lr=1e-6, eps=1e-3,
-                   sparsity=0.25 if mode == "sparse-mezo" else None,
-                   master_weights=mode == "mezo-master")
+                   sparsity=0.25 if variant == "sparse-mezo" else None,
+                   master_weights=variant == "mezo-master",
+                   backend="torch" if mode.endswith("-torch") else None)
 
         def step():
             return opt.step(loss)
@@ -169,13 +174,13 @@ def memory(args: argparse.Namespace) -> None:
     print(f"\n## Peak memory ({first['params']:,} params; MiB = 2^20 bytes; "
           f"{'torch.cuda.max_memory_allocated on ' + first['gpu'] if cuda else 'peak RSS of the process (VmHWM)'}"
           f"; ratios to inference)")
-    print(f"{'mode':12s} {'dtype':9s} {'peak MiB':>10s} {'vs inference':>12s} "
+    print(f"{'mode':18s} {'dtype':9s} {'peak MiB':>10s} {'vs inference':>12s} "
           f"{'at start MiB':>12s} {'reserved MiB':>12s} {'s/step':>8s}")
     for r in results:
         ratio = f"{r[key] / ref:.2f}x" if ref else "-"
         start = r["start_mib"] if cuda else r["rss_start_mib"]
         reserved = f"{r['reserved_mib']:12.0f}" if cuda else f"{'-':>12s}"
-        print(f"{r['mode']:12s} {r['dtype']:9s} {r[key]:10.0f} {ratio:>12s} {start:12.0f} "
+        print(f"{r['mode']:18s} {r['dtype']:9s} {r[key]:10.0f} {ratio:>12s} {start:12.0f} "
               f"{reserved} {r['step_s']:8.3f}")
     if not cuda:
         print(f"(RSS of the interpreter with torch and transformers imported, before the model: "

@@ -277,6 +277,39 @@ def test_thresholds_approximate_ties_and_extremes(device):
             base, [theta, -theta], [d, d], tolerance=0.2, backend="torch")
 
 
+def test_zo_direction_is_a_seeded_gaussian_stream(device):
+    """MeZO's d: eps·N(0, 1), lowest mantissa bit set, the same for a chunk drawn alone as for
+    those entries of one long draw, different for another seed."""
+    d = kernels.zo_direction(20_000, 2 ** 40 + 3, 1e-3, device=device).cpu()
+    assert abs(float(d.mean())) < 3e-5 and abs(float(d.std()) - 1e-3) < 3e-5
+    assert bool((d.view(torch.int32) & 1).all())
+    tail = kernels.zo_direction(5_001, 2 ** 40 + 3, 1e-3, start=12_344, device=device).cpu()
+    assert torch.equal(tail, d[12_344:17_345])
+    assert not torch.equal(kernels.zo_direction(100, 5, 1e-3, device=device).cpu(),
+                           kernels.zo_direction(100, 6, 1e-3, device=device).cpu())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("times, update", [(1, None), (-2, None), (1, -0.37), (0, 2.5)])
+def test_zo_step_equals_torch_ops_on_the_drawn_direction(device, dtype, times, update):
+    """One pass with d in registers = the in-place torch adds MeZO makes with d materialized
+    (each add rounded to the parameter's dtype, then the update d·scale)."""
+    gen = torch.Generator().manual_seed(abs(times))
+    x = (torch.randn(4099, generator=gen) * 0.02).to(dtype).to(device)
+    want = x.clone()
+    d = kernels.zo_direction(4099, 77, 1e-3, start=12, device=device)
+    for _ in range(abs(times)):
+        want.add_(d) if times > 0 else want.sub_(d)
+    if update is not None:
+        want.add_(d * update)
+    kernels.zo_step(x, 77, 1e-3, times, start=12, update=update)
+    assert torch.equal(x, want)
+    with pytest.raises(InputError, match="flat contiguous float"):
+        kernels.zo_step(x.view(-1, 1), 77, 1e-3, 1)
+    with pytest.raises(InputError, match="multiple of 4"):
+        kernels.zo_step(x, 77, 1e-3, 1, start=6)
+
+
 def _random_deltas(shape, device, gen):
     rows, cols = kernels.deltas.matrix_shape(shape)
     nb = (rows * cols + 7) // 8

@@ -7,9 +7,13 @@ parameters they are evaluated at, and z = (theta+ - theta) / eps.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # the Triton path's tests run under the interpreter (as in
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # tests/test_kernels.py)
 from safetensors.torch import load_file, save_file
 
 from mergehub.adapters import mezo as mezo_mod
@@ -358,6 +362,8 @@ def test_errors_name_the_problem_and_leave_parameters_restored():
     opt = MeZO([theta], lr=0.1, eps=1e-3, seed=0)
     with pytest.raises(MeZOError, match="closure"):
         opt.step()
+    with pytest.raises(MeZOError, match="backend must be None, 'triton' or 'torch', not 'cuda'"):
+        MeZO([theta], lr=0.1, backend="cuda")
     calls = []
 
     def nan_second():
@@ -384,6 +390,51 @@ def test_errors_name_the_problem_and_leave_parameters_restored():
         MeZO(groups, lr=0.1).step(lambda: 0.0)
     with pytest.raises(MeZOError, match="not a MeZO state"):
         opt.load_state_dict(torch.optim.SGD([theta], lr=0.1).state_dict())
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", id="interp"),
+                                    pytest.param("cuda", id="gpu", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("options", [{}, {"weight_decay": 0.1}, {"sparsity": 0.5},
+                                     {"master_weights": True}])
+def test_triton_path_equals_its_torch_reference(monkeypatch, options, device):
+    """The CUDA path (Triton's Philox draw; dense moves in one pass) run under Triton's
+    interpreter: zo_step gives what torch ops on zo_direction's d give, step by step, for bf16,
+    float32, float64 (no one-pass form) and non-contiguous parameters and every option."""
+    pytest.importorskip("triton")
+    from mergehub import kernels
+
+    def reference_step(x, seed, eps, times, *, start=0, update=None):
+        d = kernels.zo_direction(x.numel(), seed, eps, start=start, device=x.device)
+        for _ in range(abs(times)):
+            x.add_(d) if times > 0 else x.sub_(d)
+        if update is not None:
+            x.add_(d * update)
+
+    monkeypatch.setattr(mezo_mod, "CHUNK", 300)  # chunks start mid-stream
+
+    def run(backend: str = "triton"):
+        gen = torch.Generator().manual_seed(3)
+        params = [torch.nn.Parameter(t.to(device)) for t in (
+            (0.02 * torch.randn(40, 23, generator=gen)).bfloat16(),
+            torch.randn(700, generator=gen),
+            torch.randn(5, 3, generator=gen, dtype=torch.float64),
+            torch.randn(9, 7, generator=gen).t())]
+        loss = lambda: float(sum(p.double().sin().sum() for p in params))  # noqa: E731
+        opt = MeZO(params, lr=1e-3, eps=1e-3, seed=0, backend=backend, **options)
+        losses = [opt.step(loss) for _ in range(3)]
+        return losses, [p.detach().clone() for p in params]
+
+    fused = run()
+    saved = MeZO([torch.nn.Parameter(torch.zeros(4))], lr=1.0, backend="triton").state_dict()
+    restored = MeZO([torch.nn.Parameter(torch.zeros(4))], lr=1.0)
+    restored.load_state_dict(saved)
+    assert restored.backend == "triton"  # the stream is part of the state
+    monkeypatch.setattr(kernels, "zo_step", reference_step)
+    reference = run()
+    assert fused[0] == reference[0]
+    assert all(torch.equal(a, b) for a, b in zip(fused[1], reference[1]))
+    _, torch_path = run("torch")  # torch.randn: another stream
+    assert not torch.equal(torch_path[0], fused[1][0])
 
 
 @pytest.mark.gpu

@@ -41,12 +41,19 @@ Floating point, what is and is not guaranteed:
   ``load_state_dict``, not behind its back.
 
 Reproducibility: with the same seed, parameters, closure and data two runs are bit-identical
-on one device type (CPU and CUDA generators draw different streams); ``state_dict`` carries the
-step count (and the float32 copies), so a resumed run continues bit-exactly.
+on one device type (the CPU draws z with ``torch.randn``, CUDA with Triton's Philox: different
+streams); ``state_dict`` carries the step count (and the float32 copies), so a resumed run
+continues bit-exactly.
+
+Speed: on CUDA a dense parameter (no sparsity mask, no float32 copy, no weight decay in the
+update) is moved in one pass per move, z drawn in registers (:func:`mergehub.kernels.zo_step`);
+the other cases draw d into a float32 chunk (:func:`mergehub.kernels.zo_direction`) and move
+with torch ops. Both do the same float32 operations in the same order.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -54,6 +61,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mergehub import kernels
 from mergehub.errors import MergehubError
 
 CHUNK = 1 << 22
@@ -83,12 +91,22 @@ def _check_group(lr: float, eps: float, weight_decay: float, sparsity: float | N
                         f"trained) must be in (0, 1], got {sparsity!r}")
 
 
-def _generator(device: torch.device, *key: int) -> torch.Generator:
-    """A generator on ``device`` seeded from ``key`` (seed, step, parameter index[, stream])
-    through numpy's SeedSequence, so no two keys share a stream."""
+#: parameter dtypes whose dense moves :func:`mergehub.kernels.zo_step` makes in one pass
+_IN_REGISTERS = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _seed(*key: int) -> int:
+    """A 64-bit seed from ``key`` (seed, step, parameter index[, stream]) through numpy's
+    SeedSequence, so no two keys share a stream (cached: a step asks for each three times)."""
     words = np.random.SeedSequence(list(key)).generate_state(2, dtype=np.uint32)
+    return int(words[0]) | (int(words[1]) << 32)
+
+
+def _generator(device: torch.device, *key: int) -> torch.Generator:
+    """A torch generator on ``device`` seeded by :func:`_seed` of ``key``."""
     gen = torch.Generator(device=device)
-    gen.manual_seed(int(words[0]) | (int(words[1]) << 32))
+    gen.manual_seed(_seed(*key))
     return gen
 
 
@@ -156,6 +174,11 @@ class MeZO(torch.optim.Optimizer):
         master_weights: keep float32 copies of the trained parameters (see the module
             docstring): bit-exact restoring and float32 updates for bf16/fp16 parameters.
         sign: ZO-SGD-Sign (ZO-Bench): update with sign(g) instead of g.
+        backend: where z comes from: ``None`` picks ``"triton"`` for CUDA parameters when
+            Triton is installed, ``"torch"`` otherwise; ``"triton"``: Philox in the kernels of
+            :mod:`mergehub.kernels` (CPU tensors need ``TRITON_INTERPRET=1``); ``"torch"``:
+            ``torch.randn`` (the stream of mergehub versions before the kernels, e.g. to
+            continue such a run bit-exactly). Part of the state, since it picks the stream.
 
     ``step(closure)`` calls ``closure()`` twice under ``torch.no_grad()``; it must evaluate the
     same batch both times and return a scalar (float or one-element tensor). It returns the mean
@@ -165,10 +188,12 @@ class MeZO(torch.optim.Optimizer):
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float,
                  eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
                  sparsity: float | None = None, *, master_weights: bool = False,
-                 sign: bool = False) -> None:
+                 sign: bool = False, backend: str | None = None) -> None:
         _check_group(lr, eps, weight_decay, sparsity)
         if not isinstance(seed, int) or seed < 0:
             raise MeZOError(f"MeZO: seed must be an integer >= 0, got {seed!r}")
+        if backend not in (None, "triton", "torch"):
+            raise MeZOError(f"MeZO: backend must be None, 'triton' or 'torch', not {backend!r}")
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay,
                                       sparsity=sparsity))
         for group in self.param_groups:
@@ -176,8 +201,15 @@ class MeZO(torch.optim.Optimizer):
         self.seed = seed
         self.master_weights = master_weights
         self.sign = sign
+        self.backend = backend
         self.steps_done = 0
         self.last_projected_grad: float | None = None
+
+    def _on_triton(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s perturbations come from the Triton kernels (see ``backend``)."""
+        if self.backend is None:
+            return p.is_cuda and kernels.triton_available()
+        return self.backend == "triton"
 
     def _trained(self) -> list[tuple[int, torch.Tensor, dict[str, Any]]]:
         """(index, parameter, group) of every parameter to train; the index counts all
@@ -219,7 +251,9 @@ class MeZO(torch.optim.Optimizer):
         (one rounded eps-sized move at a time, or from the float32 copy), then, with ``grad``,
         apply the update at ``to == 0``. At ``frm == 0`` a sparse step computes its masks."""
         for index, p, group in trained:
-            gen = _generator(p.device, self.seed, self.steps_done, index)
+            fused = self._on_triton(p)
+            key = (self.seed, self.steps_done, index)
+            seed, gen = (_seed(*key), None) if fused else (None, _generator(p.device, *key))
             master = self._master(p) if self.master_weights else None
             q = group["sparsity"]
             if q is not None and frm == 0:
@@ -228,11 +262,21 @@ class MeZO(torch.optim.Optimizer):
                 masks[index] = torch.empty((p.numel() + 7) // 8, dtype=torch.uint8,
                                            device=p.device)
             eps = group["eps"]
+            decays = grad is not None and p.dim() >= 2 and bool(group["weight_decay"])
+            if fused and q is None and master is None and not decays and p.is_contiguous() \
+                    and p.dtype in _IN_REGISTERS:  # one pass, d in registers: no chunks needed
+                kernels.zo_step(p.data.view(-1), seed, eps, to - frm, update=None
+                                if grad is None else self._step_scale(grad, group))
+                continue
             for chunk, mchunk, start in self._chunks(p, master):
                 # d = eps z, zero outside the mask: every move below is a plain dense add
-                d = torch.randn(chunk.shape, generator=gen, device=chunk.device,
-                                dtype=torch.float32)
-                _sticky(d.mul_(eps))
+                if fused:
+                    d = kernels.zo_direction(chunk.numel(), seed, eps, start=start,
+                                             device=chunk.device).view(chunk.shape)
+                else:
+                    d = torch.randn(chunk.shape, generator=gen, device=chunk.device,
+                                    dtype=torch.float32)
+                    _sticky(d.mul_(eps))
                 if q is not None:
                     bits = masks[index][start // 8:(start + chunk.numel() + 7) // 8]
                     if frm == 0:
@@ -255,17 +299,22 @@ class MeZO(torch.optim.Optimizer):
         z = d / eps the direction actually perturbed along (d is zero outside a sparse mask;
         so is the weight decay there). Consumes ``d``."""
         lr = group["lr"]
-        g = math.copysign(1.0, grad) if self.sign and grad != 0 else grad
         target = chunk if mchunk is None else mchunk
         decay = None
         if decays and group["weight_decay"]:
             decay = target * (-lr * group["weight_decay"])
             if group["sparsity"] is not None:
                 decay.mul_(d != 0)  # d has its lowest bit set inside the mask: never zero there
-        step = d.mul_(-lr * g / group["eps"])
+        step = d.mul_(self._step_scale(grad, group))
         target.add_(step if decay is None else step + decay)  # float64 stays float64
         if mchunk is not None:
             chunk.copy_(mchunk)
+
+    def _step_scale(self, grad: float, group: dict[str, Any]) -> float:
+        """−lr·g/eps: the update is this times d (= eps z), g the projected gradient or, with
+        ``sign``, its sign."""
+        g = math.copysign(1.0, grad) if self.sign and grad != 0 else grad
+        return -group["lr"] * g / group["eps"]
 
     def _evaluate(self, closure: Callable[[], Any], trained: list, at: int,
                   masks: dict[int, torch.Tensor]) -> float:
@@ -318,7 +367,7 @@ class MeZO(torch.optim.Optimizer):
         out = super().state_dict()
         out["mezo"] = {"steps_done": self.steps_done, "seed": self.seed,
                        "master_weights": self.master_weights, "sign": self.sign,
-                       "last_projected_grad": self.last_projected_grad}
+                       "backend": self.backend, "last_projected_grad": self.last_projected_grad}
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -341,4 +390,5 @@ class MeZO(torch.optim.Optimizer):
         self.seed = int(extra["seed"])
         self.master_weights = bool(extra["master_weights"])
         self.sign = bool(extra["sign"])
+        self.backend = extra.get("backend")  # states saved before the kernels have none
         self.last_projected_grad = extra["last_projected_grad"]

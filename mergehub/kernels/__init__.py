@@ -39,6 +39,7 @@ from mergehub.kernels.deltas import (
 from mergehub.merge.methods.sparsify import kth_rank, sample_positions
 
 __all__ = ["merge_tensor", "magnitude_thresholds", "magnitude_threshold", "apply_deltas",
+           "zo_direction", "zo_step",
            "SignDelta", "TernaryDelta", "LowRankDelta", "dense", "triton_available"]
 
 _ELECT = {None: 0, "sum": 1, "count": 2}
@@ -260,6 +261,46 @@ def _select_whole(base: torch.Tensor, theta: torch.Tensor, k: int) -> float:
     """The k-th largest |θ − base| by ``torch.topk`` over the whole input (the slow path)."""
     return float(torch.topk((theta.float() - base.float()).abs().reshape(-1), k,
                             sorted=False).values.min())
+
+
+def _check_stream(name: str, start: int, n: int) -> None:
+    if start % 4 or start < 0:
+        raise InputError(f"{name}: start must be a multiple of 4, not {start}")
+    if start + n > 2 ** 33:
+        raise InputError(f"{name}: stream positions up to {start + n} exceed 2^33")
+
+
+def zo_direction(n: int, seed: int, eps: float, *, start: int = 0,
+                 device: torch.device | str = "cuda") -> torch.Tensor:
+    """MeZO's perturbation d = eps·z for stream positions [start, start + n) of ``seed``
+    (``start`` a multiple of 4): z ~ N(0, 1) from Philox, four values per counter
+    (``tl.randn4x``), so a chunk drawn alone equals the same entries of one long draw; the
+    lowest float32 mantissa bit of d is set (``mezo._sticky``). Triton only (CUDA, or the
+    interpreter): the CPU path of MeZO draws with ``torch.randn``."""
+    _check_stream("zo_direction", start, n)
+    from mergehub.kernels import triton_kernels
+
+    d = torch.empty(n, dtype=torch.float32, device=device)
+    if n:
+        triton_kernels.zo(None, d, n, start, seed, eps, 0, None)
+    return d
+
+
+def zo_step(x: torch.Tensor, seed: int, eps: float, times: int, *, start: int = 0,
+            update: float | None = None) -> None:
+    """In place on the flat contiguous ``x`` (bf16, fp16 or fp32): ``times`` successive
+    rounded adds of d = :func:`zo_direction` (subtractions for times < 0), then one add of
+    ``update``·d, exactly as those torch in-place ops on the materialized d would do, in one
+    pass over ``x`` with d drawn in registers."""
+    if not (x.is_contiguous() and x.dim() == 1 and x.dtype in
+            (torch.bfloat16, torch.float16, torch.float32)):
+        raise InputError(f"zo_step: want a flat contiguous float tensor, not {x.dtype} "
+                         f"{tuple(x.shape)}")
+    _check_stream("zo_step", start, x.numel())
+    from mergehub.kernels import triton_kernels
+
+    if x.numel():
+        triton_kernels.zo(x, None, x.numel(), start, seed, eps, times, update)
 
 
 def apply_deltas(base: torch.Tensor, deltas: list[Delta], scales: list[float] | None = None, *,

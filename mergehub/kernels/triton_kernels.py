@@ -27,6 +27,7 @@ RADIX_BITS, RADIX_CHUNK, RADIX_WARPS = 8, 4096, 8
 #: approximate selection over a sample: values per gathering / histogram program (its digits
 #: are RADIX_BITS wide: tl.histogram's cost grows with its bins)
 SAMPLE_BLOCK_VALUES = 1024
+ZO_BLOCK = 1024  # MeZO perturbation: entries per program
 APPLY_BM, APPLY_BN = 32, 128  # decompress-and-apply tile; low-rank factors are padded to 16
 _FAST = {"enable_fp_fusion": False}
 
@@ -504,6 +505,54 @@ def sample_select(base: torch.Tensor, thetas: list[torch.Tensor], positions: tor
     _sample_finish[(nk,)](hist, k_hi, k_lo, out, K=nk, ROUNDS=rounds, D=RADIX_BITS,
                           num_warps=4)
     return out
+
+
+@triton.jit
+def _zo_direction(seed, first, eps, BLOCK: tl.constexpr):
+    """d = eps·z for the BLOCK stream positions from ``first`` (a multiple of 4), z ~ N(0, 1):
+    position p is normal p % 4 of the four ``tl.randn4x`` draws from Philox counter p // 4 (one
+    Philox call per four values), with the lowest mantissa bit of d set (MeZO's ``_sticky``:
+    keeps x + d off exact rounding ties)."""
+    n0, n1, n2, n3 = tl.randn4x(seed, (first // 4 + tl.arange(0, BLOCK // 4)).to(tl.int32))
+    z = tl.reshape(tl.join(tl.join(n0, n1), tl.join(n2, n3)), [BLOCK])
+    d = z * eps
+    return (d.to(tl.int32, bitcast=True) | 1).to(tl.float32, bitcast=True)
+
+
+@triton.jit(do_not_specialize=["seed", "n", "start", "times"])
+def _zo_kernel(x_ptr, d_ptr, n, start, seed, eps, times, update, WRITE_D: tl.constexpr,
+               UPDATE: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    # Entries [pid·BLOCK, ...) of x (stream positions start + i): with WRITE_D store d; else
+    # add d ``times`` times (subtract for times < 0), rounding to x's dtype after each add as
+    # torch's in-place add does, then (UPDATE) add update·d once more.
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    d = _zo_direction(seed, start + tl.program_id(0).to(tl.int64) * BLOCK, eps, BLOCK)
+    if WRITE_D:
+        tl.store(d_ptr + i, d, mask=m)
+    else:
+        x = tl.load(x_ptr + i, mask=m, other=0).to(tl.float32)
+        step = tl.where(times > 0, d, -d)
+        for _ in range(tl.abs(times)):
+            x = x + step
+            if OUT_BF16:
+                x = _round_bf16(x)
+            else:
+                x = x.to(x_ptr.dtype.element_ty).to(tl.float32)
+        if UPDATE:
+            x = x + d * update
+        _store(x_ptr, i, x, m, OUT_BF16)
+
+
+def zo(x: torch.Tensor | None, d: torch.Tensor | None, n: int, start: int, seed: int,
+       eps: float, times: int, update: float | None) -> None:
+    """Launch :func:`_zo_kernel` over ``n`` entries: fill ``d`` (float32) with the direction,
+    or move the flat contiguous ``x`` in place."""
+    target = d if x is None else x
+    _zo_kernel[(triton.cdiv(n, ZO_BLOCK),)](
+        target, target, n, start, seed, float(eps), times, float(update or 0.0),
+        WRITE_D=x is None, UPDATE=update is not None, OUT_BF16=target.dtype == torch.bfloat16,
+        BLOCK=ZO_BLOCK, num_warps=4, **_FAST)
 
 
 @triton.jit
