@@ -12,7 +12,10 @@ from the merge methods' own functions) otherwise or when Triton is not installed
   bracket and gathers those inside, and a radix select among those few picks it; or, given a
   ``tolerance``, the k-th largest of a random sample, radix-selected without a pass;
 * :func:`apply_deltas`: W + Σk sk·decode(δk) for BitDelta, ComPEFT and low-rank deltas
-  (:mod:`mergehub.kernels.deltas`), decoded tile by tile, never materialized.
+  (:mod:`mergehub.kernels.deltas`), decoded tile by tile, never materialized;
+* :func:`zo_direction` / :func:`zo_step`: MeZO's perturbation drawn from Philox, materialized
+  or added to a parameter in one pass with the draw in registers (their oracle is torch ops on
+  the materialized draw; the CPU path of MeZO draws with ``torch.randn`` instead).
 
 Tolerances (tests/test_kernels.py checks them): float32 arithmetic is done in the reference's
 order with its roundings, so merge results and sign/ternary deltas are bit-identical to the
