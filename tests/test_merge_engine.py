@@ -432,8 +432,8 @@ def test_density_tolerance_samples_tensors(models, tmp_path):
 
 
 def test_store_name_beats_a_folder_of_the_same_name(models, tmp_path, monkeypatch):
-    """A bare name the store has is its entry even beside a folder of that name; ``./name`` is
-    the folder; a bare name the store lacks is a path."""
+    """A name the store has is its entry even beside a folder of that name (also a name with a
+    slash); ``./name`` is the folder."""
     from mergehub.storage.store import Store
 
     monkeypatch.chdir(tmp_path)
@@ -441,13 +441,14 @@ def test_store_name_beats_a_folder_of_the_same_name(models, tmp_path, monkeypatc
     with Store.init(tmp_path / "store") as store:
         store.add(models["base-bf16"], "base", progress=False)
         store.add(models["ft-mlp"], "ft", base="base", progress=False)  # ... and an entry
+        store.add(models["ft-mlp"], "org/ft", base="base", progress=False)
         outs = {}
-        for ref in ("ft", "./ft"):
+        for ref in ("ft", "./ft", "org/ft"):
             r = recipe(tmp_path, f"merge_method: task_arithmetic\nbase_model: base\n"
                                  f"models:\n  - model: {ref}\n")
             outs[ref] = load_all(mergehub.merge(r, out=tmp_path / f"o{len(outs)}", store=store,
                                                 progress=False).out)
     for name, t in load_all(models["ft-mlp"]).items():
-        assert torch.equal(outs["ft"][name], t), name
+        assert torch.equal(outs["ft"][name], t) and torch.equal(outs["org/ft"][name], t), name
     for name, t in load_all(models["ft-attn"]).items():
         assert torch.equal(outs["./ft"][name], t), name

@@ -177,12 +177,11 @@ class GcReport:
 
 
 def names_entry(ref: str, store: Store | None) -> bool:
-    """Whether a model reference means a store entry rather than a path: it is not written as
-    a path (no ``/``, no leading ``.`` or ``~``) and ``store`` has an entry of that name. So
-    ``base`` is the store's entry even beside a folder called ``base``, and ``./base`` the
-    folder."""
-    return (store is not None and "/" not in ref and not ref.startswith((".", "~"))
-            and ref in store)
+    """Whether a model reference means a store entry rather than a path: ``store`` has an entry
+    of that name and the reference does not start like a path (``.``, ``/``, ``~``: store
+    names cannot). So ``base`` or ``org/model`` is the store's entry even beside a folder of
+    that name, and ``./base`` the folder."""
+    return store is not None and not ref.startswith((".", "/", "~")) and ref in store
 
 
 #: work folders of transfers (``Store.transfer``), under the store root
