@@ -310,6 +310,15 @@ def test_zo_step_equals_torch_ops_on_the_drawn_direction(device, dtype, times, u
         kernels.zo_step(x, 77, 1e-3, 1, start=6)
 
 
+def test_pack_bits_is_numpys_packbits_and_unpack_bits_inverts_it():
+    from mergehub.kernels.deltas import pack_bits, unpack_bits
+
+    bits = torch.rand(3, 1001, generator=torch.Generator().manual_seed(0)) < 0.5
+    packed = pack_bits(bits)
+    assert torch.equal(packed, torch.from_numpy(np.packbits(bits.numpy(), axis=-1)))
+    assert torch.equal(unpack_bits(packed[1], 1001), bits[1])
+
+
 def _random_deltas(shape, device, gen):
     rows, cols = kernels.deltas.matrix_shape(shape)
     nb = (rows * cols + 7) // 8

@@ -62,6 +62,7 @@ import numpy as np
 import torch
 
 from mergehub import kernels
+from mergehub.kernels.deltas import pack_bits, unpack_bits
 from mergehub.errors import MergehubError
 
 CHUNK = 1 << 22
@@ -70,9 +71,6 @@ few such chunks."""
 
 QUANTILE_SAMPLE = 1 << 20
 """Tensors with more entries estimate Sparse MeZO's quantile from this many sampled entries."""
-
-_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
-
 
 class MeZOError(MergehubError):
     """A MeZO step cannot proceed (no closure, non-finite loss) or was configured wrongly."""
@@ -108,23 +106,6 @@ def _generator(device: torch.device, *key: int) -> torch.Generator:
     gen = torch.Generator(device=device)
     gen.manual_seed(_seed(*key))
     return gen
-
-
-def _pack(mask: torch.Tensor) -> torch.Tensor:
-    """A bool tensor as bits, 8 entries per uint8 (little-endian within a byte)."""
-    flat = mask.reshape(-1)
-    pad = -flat.numel() % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=mask.device)
-    return (flat.view(-1, 8).to(torch.uint8) * weights).sum(dim=1, dtype=torch.uint8)
-
-
-def _unpack(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Inverse of :func:`_pack` for a chunk of ``shape``."""
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=packed.device)
-    bits = (packed.unsqueeze(1) & weights).ne(0).reshape(-1)
-    return bits[:math.prod(shape)].view(shape)
 
 
 def _threshold(values: torch.Tensor, q: float, generator: torch.Generator) -> float:
@@ -281,8 +262,8 @@ class MeZO(torch.optim.Optimizer):
                     bits = masks[index][start // 8:(start + chunk.numel() + 7) // 8]
                     if frm == 0:
                         ref = chunk if mchunk is None else mchunk
-                        bits.copy_(_pack((ref <= tau) & (ref >= -tau)))
-                    d.mul_(_unpack(bits, chunk.shape))
+                        bits.copy_(pack_bits(((ref <= tau) & (ref >= -tau)).reshape(-1)))
+                    d.mul_(unpack_bits(bits, chunk.numel()).view(chunk.shape))
                 if mchunk is None:
                     for _ in range(abs(to - frm)):
                         chunk.add_(d) if to > frm else chunk.sub_(d)

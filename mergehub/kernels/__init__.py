@@ -38,7 +38,8 @@ import torch
 from mergehub.errors import InputError
 from mergehub.kernels import reference
 from mergehub.kernels.deltas import (
-    KIND_ORDER, Delta, LowRankDelta, SignDelta, TernaryDelta, dense, matrix_shape, unpack_bits)
+    KIND_ORDER, Delta, LowRankDelta, SignDelta, TernaryDelta, dense, matrix_shape, pack_bits,
+    unpack_bits)
 from mergehub.merge.methods.sparsify import kth_rank, sample_positions
 
 __all__ = ["merge_tensor", "magnitude_thresholds", "magnitude_threshold", "apply_deltas",
@@ -169,10 +170,7 @@ def _packed_masks(name: str, masks: Any, base: torch.Tensor, k: int) -> torch.Te
     if stacked.reshape(k, -1).shape[1] != n:
         raise InputError(f"{name}: TALL masks of {stacked[0].numel()} values for a tensor of {n} "
                          f"(want {n} booleans or {nbytes} packed bytes each)")
-    bits = stacked.reshape(k, -1).bool()
-    bits = torch.nn.functional.pad(bits, (0, 8 * nbytes - n)).reshape(k, nbytes, 8)
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=bits.device)
-    return (bits.to(torch.uint8) * weights).sum(-1, dtype=torch.uint8).to(base.device)
+    return pack_bits(stacked.reshape(k, -1).bool()).to(base.device)
 
 
 def magnitude_thresholds(base: torch.Tensor, thetas: list[torch.Tensor], densities: list[float],

@@ -52,6 +52,15 @@ Delta = SignDelta | TernaryDelta | LowRankDelta
 KIND_ORDER = (SignDelta, TernaryDelta, LowRankDelta)
 
 
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Booleans [..., n] packed 8 per uint8 [..., ceil(n / 8)] along the last dimension
+    (``np.packbits`` order), on their device: the inverse of :func:`unpack_bits`."""
+    n = bits.shape[-1]
+    padded = torch.nn.functional.pad(bits.to(torch.uint8), (0, -n % 8))
+    shifts = _SHIFTS.to(bits.device)
+    return (padded.reshape(*bits.shape[:-1], -1, 8) << shifts).sum(-1, dtype=torch.uint8)
+
+
 def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
     """The first ``count`` bits of a packed uint8 array, as bool (``np.unpackbits`` order)."""
     shifts = _SHIFTS.to(packed.device)
