@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -114,18 +115,25 @@ class Ties(MergeMethod):
 
     def tensor_stats(self, chunks: ChunkStream, model_params: list[dict[str, Any]],
                      ctx: TensorContext) -> None:
-        densities = [float(p["density"]) for p in model_params]
-        global_thresholds = ctx.state.get("ties_thresholds")
-        if global_thresholds is not None:
-            thresholds = [t if d < 1 else None for t, d in zip(global_thresholds, densities)]
-        else:
-            n = ctx.state["numel"]
-            thresholds = magnitude_thresholds(chunks, n, densities, self._tolerance)
-        scales = [1.0] * len(densities)
+        thresholds = self._thresholds(model_params, ctx, lambda densities: magnitude_thresholds(
+            chunks, ctx.state["numel"], densities, self._tolerance))
+        scales = [1.0] * len(model_params)
         if self.params["rescale"]:
             scales = l1_scales(chunks, lambda t, c, x: threshold_mask(x, thresholds[t]),
-                               len(densities))
+                               len(model_params))
         ctx.state["trim"] = (thresholds, scales)
+
+    @staticmethod
+    def _thresholds(model_params: list[dict[str, Any]], ctx: TensorContext,
+                    per_tensor: Callable[[list[float]], list[float | None]]
+                    ) -> list[float | None]:
+        """Each input's trim threshold: the global ones (``trim_scope: global``, found in the
+        pre-passes) or ``per_tensor(densities)`` for this tensor."""
+        densities = [float(p["density"]) for p in model_params]
+        global_thresholds = ctx.state.get("ties_thresholds")
+        if global_thresholds is None:
+            return per_tensor(densities)
+        return [t if d < 1 else None for t, d in zip(global_thresholds, densities)]
 
     @property
     def _tolerance(self) -> float | None:
@@ -139,13 +147,11 @@ class Ties(MergeMethod):
               model_params: list[dict[str, Any]], ctx: TensorContext) -> dict[str, Any]:
         from mergehub import kernels
 
-        densities = [float(p["density"]) for p in model_params]
-        global_thresholds = ctx.state.get("ties_thresholds")
-        if global_thresholds is not None:
-            thresholds = [t if d < 1 else None for t, d in zip(global_thresholds, densities)]
-        else:
-            thresholds = kernels.magnitude_thresholds(base, thetas, densities,
-                                                      tolerance=self._tolerance, name=ctx.name)
+        def per_tensor(densities: list[float]) -> list[float | None]:
+            return kernels.magnitude_thresholds(base, thetas, densities,
+                                                tolerance=self._tolerance, name=ctx.name)
+
+        thresholds = self._thresholds(model_params, ctx, per_tensor)
         return {**self.mix_args(model_params), "thresholds": thresholds,
                 "elect": self.params["sign_method"]}
 
