@@ -160,7 +160,7 @@ def _pick(h, rank):
 
 @triton.jit
 def _of_input(values, t, K: tl.constexpr):
-    """values[t] for a run-time t (a tuple of K float scalars)."""
+    """values[t] for a run-time t (a tuple of K scalars or pointers)."""
     v = values[0]
     for u in tl.static_range(1, K):
         v = tl.where(t == u, values[u], v)
@@ -185,9 +185,7 @@ def _sample_kernel(base_ptr, thetas, scratch_ptr, coarse_ptr, n, m, stride, K: t
     s = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
     src = tl.cast(s // SB, tl.int64) * stride + s % SB
     ok = (s < m) & (src < n)
-    theta = thetas[0]
-    for u in tl.static_range(1, K):
-        theta = tl.where(t == u, thetas[u], theta)
+    theta = _of_input(thetas, t, K)
     a = tl.abs(tl.load(theta + src, mask=ok, other=0).to(tl.float32)
                - tl.load(base_ptr + src, mask=ok, other=0).to(tl.float32))
     key = tl.where(ok, a.to(tl.int32, bitcast=True), -1)

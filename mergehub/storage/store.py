@@ -62,6 +62,9 @@ KINDS = ("base", "finetune", "adapter", "merged")
 #: a fine-tune's lossless delta references its base tensor's blob while that is fewer deltas
 #: deep than this, else the self-contained blob it derives from (``Store._delta_ref``)
 MAX_DELTA_DEPTH = 3
+#: the longest reference chain a read follows (lossless deltas, one more from an import, a
+#: lossy blob and what it needs); longer means a damaged store
+_MAX_CHAIN = 2 * MAX_DELTA_DEPTH + 2
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+=/:-]{0,199}$")
 
 _SCHEMA = """
@@ -401,7 +404,7 @@ class Store:
         handful of blobs however long a chain of fine-tunes of fine-tunes gets; longer chains
         mean a damaged store.
         """
-        if _depth > 2 * MAX_DELTA_DEPTH + 2:
+        if _depth > _MAX_CHAIN:
             raise IntegrityError(f"{what}: blob {blob_id[:16]} is at the end of a reference "
                                  "chain longer than mergehub writes (store damaged?)")
         header, payload = self._load_blob(blob_id, what)
@@ -440,7 +443,7 @@ class Store:
         (a small change of a fine-tune costs only its own delta), else the self-contained blob
         at the end of its reference chain (reads stay a few decodes deep)."""
         chain, lossless = [blob_id], True
-        for _ in range(2 * MAX_DELTA_DEPTH + 2):
+        for _ in range(_MAX_CHAIN):
             row = self._db.execute("SELECT ref, codec FROM blobs WHERE id = ?",
                                    (chain[-1],)).fetchone()
             lossless = lossless and (row is None or row[1] == "lossless")
