@@ -41,12 +41,13 @@ def bit1_reference(theta: np.ndarray, base: np.ndarray) -> np.ndarray:
 
 
 def compeft_reference(theta: np.ndarray, base: np.ndarray, density: float, alpha: float) -> np.ndarray:
+    """ComPEFT's formula (Yadav et al. 2023): τ̂ = α·σ(τ)·sign(τ) ⊙ m, m the top k of |τ|
+    (k = max(1, int(density·n)), ties by position), σ the population std of τ, sign(0) = 0."""
     tau = (theta - base).reshape(-1)
     k = max(1, int(density * tau.size))
-    order = sorted(range(tau.size), key=lambda i: (-abs(tau[i]), i))[:k]
-    out = np.zeros_like(tau)
-    for i in order:
-        out[i] = np.sign(tau[i]) * alpha * tau.std() if tau[i] != 0 else alpha * tau.std()
+    m = np.zeros(tau.size, dtype=bool)
+    m[sorted(range(tau.size), key=lambda i: (-abs(tau[i]), i))[:k]] = True
+    out = alpha * tau.std() * np.sign(tau) * m
     return (base.reshape(-1) + out).reshape(theta.shape)
 
 
@@ -77,6 +78,24 @@ def test_compeft_against_reference_and_layouts(density, layout):
     assert header["layout"] == layout
     ref = compeft_reference(theta.numpy(), base.numpy(), density, 2.5)
     assert np.allclose(out.numpy(), ref, atol=1e-5)
+
+
+def test_compeft_kept_zeros_decode_to_zero():
+    """A 3%-dense delta at density 0.1: the top 10% holds exact zeros, and sign(0) = 0 makes
+    each decode to the base's value (they were +alpha·σ), nor are they stored."""
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(64, 97, generator=gen)
+    tau = torch.zeros(64 * 97)
+    changed = torch.randperm(tau.numel(), generator=gen)[:int(0.03 * tau.numel())]
+    tau[changed] = torch.randn(changed.numel(), generator=gen) * 0.02
+    theta = base + tau.reshape(64, 97)
+    tau = (theta - base).reshape(-1)  # as rounded in float32
+    header, out, _ = roundtrip("compeft", theta, base, density=0.1, alpha=1.0)
+    ref = compeft_reference(theta.numpy(), base.numpy(), 0.1, 1.0)
+    assert np.allclose(out.numpy(), ref, atol=1e-6)
+    zeros = (tau == 0).numpy()
+    assert torch.equal(out.reshape(-1)[zeros], base.reshape(-1)[zeros])
+    assert header["kept"] == int((tau != 0).sum())
 
 
 def lowrank_reference(theta: np.ndarray, base: np.ndarray, rank: int) -> np.ndarray:

@@ -1,10 +1,12 @@
 """``compeft``: sparse ternary task vectors (ComPEFT, Yadav et al. 2023).
 
-Keep the ``density`` fraction of entries with the largest |τ| (k = max(1, int(density·n)),
-ties broken by position) and replace each by sign(τ)·alpha·σ(τ), σ the standard deviation of
-the whole τ of the tensor (population, as in the paper's example). Stored: the positions, as a
-bitmap or as gaps between positions, each zstd-compressed, whichever is smaller for this tensor;
-one sign bit per kept entry; σ and alpha in the header.
+The paper's τ̂ = alpha·σ(τ)·sign(τ) ⊙ m: m keeps the ``density`` fraction of entries with the
+largest |τ| (k = max(1, int(density·n)), ties broken by position), σ is the standard deviation
+of the whole τ of the tensor (population, as in the paper's example) and sign(0) = 0, so an
+entry of the top k whose τ is exactly 0 decodes to 0: it is not stored at all (``kept`` counts
+the non-zero ones). Stored: the positions, as a bitmap or as gaps between positions, each
+zstd-compressed, whichever is smaller for this tensor; one sign bit per kept entry; σ and alpha
+in the header.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from mergehub.storage.codecs import LossyCodec, register
 
 
 def _positions(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Sorted flat positions of the non-zero entries among the top k of |τ| (sign(0) = 0 makes
+    a kept zero decode to 0, so it is left out rather than stored with a sign bit)."""
     n = tau.numel()
     if not 0 < density <= 1:
         raise ValueError(f"compeft density must be in (0, 1], not {density!r}")
@@ -32,7 +36,8 @@ def _positions(tau: torch.Tensor, density: float) -> torch.Tensor:
     threshold = torch.kthvalue(mag, n - k + 1).values
     above = torch.nonzero(mag > threshold).reshape(-1)
     tied = torch.nonzero(mag == threshold).reshape(-1)[:k - above.numel()]
-    return torch.sort(torch.cat([above, tied])).values
+    pos = torch.sort(torch.cat([above, tied])).values
+    return pos[mag[pos] != 0]
 
 
 def encode(theta: torch.Tensor, base: torch.Tensor,
