@@ -31,8 +31,12 @@ def test_spec_examples():
     assert torch.allclose(out.abs(), torch.full((6,), 0.2083), atol=1e-4)
 
 
-def bit1_reference(theta: np.ndarray, base: np.ndarray) -> np.ndarray:
+def bit1_reference(theta: np.ndarray, base: np.ndarray, granularity: str = "matrix") -> np.ndarray:
+    """BitDelta's BinaryDiff: coeff = mean|Δ| (over the matrix, or each row with
+    ``granularity="row"``), Δ̂ = +coeff where Δ >= 0, −coeff elsewhere."""
     tau = theta - base
+    if granularity == "matrix":
+        return base + np.where(tau >= 0, 1.0, -1.0) * np.mean(np.abs(tau))
     out = np.empty_like(tau)
     for r in range(tau.shape[0]):
         s = np.mean(np.abs(tau[r]))
@@ -51,14 +55,14 @@ def compeft_reference(theta: np.ndarray, base: np.ndarray, density: float, alpha
     return (base.reshape(-1) + out).reshape(theta.shape)
 
 
-def test_bit1_against_reference_and_two_values_per_row():
+def test_bit1_row_option_against_reference_and_two_values_per_row():
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(37, 53, generator=gen)
     theta = base + torch.randn(37, 53, generator=gen) * 0.01
-    header, out, size = roundtrip("bit1", theta, base)
-    ref = bit1_reference(theta.numpy(), base.numpy())
+    header, out, size = roundtrip("bit1", theta, base, granularity="row")
+    ref = bit1_reference(theta.numpy(), base.numpy(), "row")
     assert np.allclose(out.numpy(), ref, atol=1e-6)
-    full = {**LOSSY["bit1"].defaults}
+    full = {**LOSSY["bit1"].defaults, "granularity": "row"}
     _, payload = LOSSY["bit1"].encode(theta, base, full)
     delta = LOSSY["bit1"].decode(memoryview(payload), header, torch.zeros_like(base))
     for r in range(37):  # two values per scale group: +s and -s
@@ -150,6 +154,61 @@ def test_store_compress_export_and_merge(stocked, models, tmp_path, codec, param
                             store=stocked, progress=False)
     m = open_checkpoint(merged.out)
     assert all(torch.equal(m.load(n), out.load(n)) for n in base.tensors)
+
+
+def bitdelta_selection(model_dir) -> set[str]:
+    """The weights BitDelta's ``compress_diff`` replaces, found as its loop finds them: every
+    child whose name contains "proj" of a module whose name contains "mlp" or "self_attn"."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return {f"{name}.{sub}.weight" for name, module in model.named_modules()
+            if "mlp" in name or "self_attn" in name
+            for sub, _ in module.named_children() if "proj" in sub}
+
+
+def test_bit1_default_is_bitdelta_scope_and_one_scale_per_matrix(models, tmp_path):
+    """Every tensor of the fine-tune changes (embeddings, norms and head too). BitDelta
+    sign-codes the attention and MLP projections with one mean|Δ| scale per matrix and keeps
+    the rest exact; ``scope: all`` with ``granularity: row`` (the former default) codes all."""
+    from safetensors.torch import load_file, save_file
+
+    from mergehub.hub.demo import make_finetune
+
+    ft = make_finetune(models["base-bf16"], tmp_path / "ft-all", pattern="weight", seed=4)
+    weights = load_file(ft / "model.safetensors")
+    for name, w in weights.items():
+        if "norm" in name:  # all ones in the base (std 0, so make_finetune left them): the
+            w[-1] += 0.4    # issue's LayerNorm delta [0, ..., 0, 0.4]
+    save_file(weights, ft / "model.safetensors", metadata={"format": "pt"})
+    base, fine = open_checkpoint(models["base-bf16"]), open_checkpoint(ft)
+    selected = bitdelta_selection(models["base-bf16"])
+    assert selected and selected < set(base.tensors) and "model.norm.weight" not in selected
+
+    def check(out, reference) -> None:
+        for name in base.tensors:
+            b, f = base.load(name).float().numpy(), fine.load(name).float().numpy()
+            assert not np.array_equal(b, f), name  # the fine-tune changed every tensor
+            ref = reference(name, b, f)
+            if ref is None:
+                assert torch.equal(out.load(name), fine.load(name)), name  # kept exact
+                continue
+            expected = torch.from_numpy(ref).to(torch.bfloat16).float()
+            assert (out.load(name).float() - expected).abs().max() \
+                <= 2 ** -7 * expected.abs().max(), name
+
+    with Store.init(tmp_path / "store") as store:
+        store.add(models["base-bf16"], "base", progress=False)
+        store.add(ft, "ft", base="base", progress=False)
+        store.compress("ft", "bit1", progress=False)
+        check(open_checkpoint(store.export("ft-bit1", tmp_path / "bd", progress=False)),
+              lambda name, b, f: bit1_reference(f, b) if name in selected else None)
+        store.compress("ft", "bit1", {"granularity": "row", "scope": "all"}, as_name="ft-all",
+                       progress=False)
+        check(open_checkpoint(store.export("ft-all", tmp_path / "all", progress=False)),
+              lambda name, b, f: bit1_reference(f, b, "row" if b.ndim == 2 else "matrix"))
+        with pytest.raises(StoreError, match="bit1 scope must be 'bitdelta' or 'all', not 'at'"):
+            store.compress("ft", "bit1", {"scope": "at"}, progress=False)
 
 
 def test_compressed_blob_corruption_and_errors(stocked, tmp_path):

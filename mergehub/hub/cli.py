@@ -201,12 +201,14 @@ def export(ctx: click.Context, name: str, output: Path, max_shard_size: str | No
 @cli.command()
 @click.argument("names", nargs=-1, required=True)
 @click.option("--codec", "-c", required=True,
-              help="Lossy codec: bit1 (1 sign bit per weight + a scale per row), compeft "
+              help="Lossy codec: bit1 (1 sign bit per weight + a scale per matrix, attention "
+                   "and MLP projections only, as BitDelta), compeft "
                    "(top-k signs times alpha·std), lowrank (truncated SVD of each matrix) or "
                    "tall (several fine-tunes of one base: a shared multi-task vector plus one "
                    "bitmask per task).")
 @click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE",
-              help="Codec parameter, repeatable: bit1 granularity=row|matrix; compeft "
+              help="Codec parameter, repeatable: bit1 granularity=matrix|row "
+                   "scope=bitdelta|all; compeft "
                    "density=0.1 alpha=1.0; lowrank rank=16 (or rank=0 energy=0.9); tall "
                    "lambda=0.4 (or [0.3,0.4,...] per fine-tune) alpha=1.0.")
 @click.option("--as", "as_name", default=None,

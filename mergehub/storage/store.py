@@ -611,7 +611,8 @@ class Store:
         default ``NAME-CODEC``) with the same base, files and provenance plus the codec.
 
         Each float tensor that differs from the base's (and that the codec applies to:
-        ``lowrank`` only factors matrices) is encoded with ``codec`` (see
+        ``lowrank`` only factors matrices, ``bit1`` by default only the attention and MLP
+        projections) is encoded with ``codec`` (see
         :data:`mergehub.storage.codecs.LOSSY`) as a delta against the base tensor; the others
         keep their lossless blobs. Export and merge read the entry like any other (decoding on the fly).
         """
@@ -639,7 +640,7 @@ class Store:
             tname, _, _, dtype, shape, blob = row
             ref = base_blobs.get(tname)
             if (ref is None or ref == blob or dtype not in FLOAT_DTYPES
-                    or not LOSSY[codec].applies(tuple(json.loads(shape)))):
+                    or not LOSSY[codec].applies(tname, tuple(json.loads(shape)), full)):
                 return blob
             what = f"model {name!r}, tensor {tname!r}"
             data = encode_lossy(self._read_raw(blob, what), dtype, tuple(json.loads(shape)),
@@ -653,8 +654,9 @@ class Store:
             blobs = {row[0]: blob for row, blob in zip(rows, ordered_map(encode, bar))}
             if not new_blobs:
                 raise StoreError(f"model {name!r}: no tensor to compress with {codec} (none "
-                                 "differs from a same-named base tensor: an adapter's LoRA "
-                                 "factors are kept as they are; compress a merged model)")
+                                 "that it applies to differs from a same-named base tensor: an "
+                                 "adapter's LoRA factors are kept as they are; compress a "
+                                 "merged model)")
             provenance = {**info.provenance, "compressed_from": name, "codec": codec,
                           "codec_params": full}
             self._commit_derived(dirs, new_blobs, [], [(model_id, as_name, blobs, provenance)])

@@ -38,8 +38,13 @@ class LossyCodec:
     decode: Callable[[memoryview, dict[str, Any], torch.Tensor, dict[str, torch.Tensor]],
                      torch.Tensor]
     summary: str
-    applies: Callable[[tuple[int, ...]], bool] = lambda shape: True  # which tensors it encodes
+    #: which tensors ``Store.compress`` encodes: (tensor name, shape, resolved parameters) ->
+    #: bool; the others keep their lossless blobs
+    applies: Callable[[str, tuple[int, ...], dict[str, Any]], bool] = \
+        lambda name, shape, params: True
     exact_on_cuda: bool = True  # decode with a CUDA base gives the CPU's bytes (module doc)
+    #: raises ``ValueError`` (one line naming the parameter) for a value the codec cannot use
+    check: Callable[[dict[str, Any]], None] = lambda params: None
 
 
 LOSSY: dict[str, LossyCodec] = {}
@@ -51,7 +56,8 @@ def register(codec: LossyCodec) -> LossyCodec:
 
 
 def resolve_params(name: str, given: dict[str, Any]) -> dict[str, Any]:
-    """The codec's defaults updated with ``given``; unknown names are a ``ValueError``."""
+    """The codec's defaults updated with ``given``; unknown names and values the codec
+    cannot use are a ``ValueError``."""
     codec = LOSSY.get(name)
     if codec is None:
         raise ValueError(f"unknown codec {name!r} (known: {', '.join(sorted(LOSSY))})")
@@ -59,7 +65,9 @@ def resolve_params(name: str, given: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"codec {name} has no parameter {unknown[0]!r} "
                          f"(known: {', '.join(sorted(codec.defaults)) or 'none'})")
-    return {**codec.defaults, **given}
+    full = {**codec.defaults, **given}
+    codec.check(full)
+    return full
 
 
 from mergehub.storage.codecs import bit1, compeft, lowrank, tall  # noqa: E402,F401  (registers)

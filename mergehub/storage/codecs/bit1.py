@@ -1,9 +1,17 @@
 """``bit1``: one sign bit per weight plus a scale (BitDelta, Liu et al. 2024).
 
-τ ≈ s·sign(τ) with s = mean|τ| over each row (``granularity: row``, the default) or over the
-whole matrix (``granularity: matrix``): for a fixed sign pattern, mean|τ| is the scale that
-minimizes the L2 error. Entries with τ = 0 get +s. Stored: the scales (float32) and the packed
-sign bits: about 1 bit per weight, 16x smaller than a bf16 delta.
+τ ≈ s·sign(τ) with s = mean|τ| over the whole matrix (``granularity: matrix``, the default and
+BitDelta's: one scale per weight matrix, initialised to mean|τ|) or over each row
+(``granularity: row``, a mergehub option): for a fixed sign pattern, mean|τ| is the scale that
+minimizes the L2 error. Entries with τ = 0 get +s, as in BitDelta's code. Stored: the scales
+(float32) and the packed sign bits: about 1 bit per weight, 16x smaller than a bf16 delta.
+
+Which tensors are sign-coded (``scope``): ``bitdelta`` (the default) takes BitDelta's selection,
+the weight of every projection module (a module whose name contains ``proj``) inside an
+attention or MLP block (a parent module path containing ``self_attn`` or ``mlp``): q/k/v/o and
+gate/up/down in a Llama. Embeddings, the LM head, norms and biases keep their lossless blobs,
+as BitDelta keeps them exact. ``all`` sign-codes every changed float tensor (norms and biases
+included, which a sign code with one scale per row approximates badly).
 """
 
 from __future__ import annotations
@@ -17,10 +25,34 @@ from mergehub.kernels import SignDelta, apply_deltas
 from mergehub.kernels.deltas import matrix_shape
 from mergehub.storage.codecs import LossyCodec, register
 
+GRANULARITIES, SCOPES = ("matrix", "row"), ("bitdelta", "all")
+
+
+def in_bitdelta_scope(name: str) -> bool:
+    """Whether BitDelta compresses tensor ``name``: the ``weight`` of a child module whose name
+    contains ``proj`` of a module whose path contains ``mlp`` or ``self_attn``."""
+    parts = name.split(".")
+    if len(parts) < 3 or parts[-1] != "weight" or "proj" not in parts[-2]:
+        return False
+    parent = ".".join(parts[:-2])
+    return "mlp" in parent or "self_attn" in parent
+
+
+def applies(name: str, shape: tuple[int, ...], params: dict[str, Any]) -> bool:
+    """The tensors ``scope`` selects (see the module docstring)."""
+    return params["scope"] == "all" or in_bitdelta_scope(name)
+
+
+def check(params: dict[str, Any]) -> None:
+    """``granularity`` and ``scope``, where given, are one of their names."""
+    for key, names in (("granularity", GRANULARITIES), ("scope", SCOPES)):
+        if key in params and params[key] not in names:
+            raise ValueError(f"bit1 {key} must be {' or '.join(map(repr, names))}, "
+                             f"not {params[key]!r}")
+
 
 def _rows(shape: list[int], granularity: str) -> int:
-    if granularity not in ("row", "matrix"):
-        raise ValueError(f"bit1 granularity must be 'row' or 'matrix', not {granularity!r}")
+    check({"granularity": granularity})
     return matrix_shape(shape)[0] if granularity == "row" else 1
 
 
@@ -45,5 +77,6 @@ def decode(payload: memoryview, params: dict[str, Any], base: torch.Tensor,
     return apply_deltas(base.reshape(params["shape"]), [delta], out_dtype=torch.float32)
 
 
-register(LossyCodec("bit1", {"granularity": "row"}, encode, decode,
-                    "1 sign bit per weight + mean|τ| scale per row (BitDelta)"))
+register(LossyCodec("bit1", {"granularity": "matrix", "scope": "bitdelta"}, encode, decode,
+                    "1 sign bit per weight + one mean|τ| scale per matrix, attention and MLP "
+                    "projections only (BitDelta)", applies=applies, check=check))

@@ -56,4 +56,4 @@ def decode(payload: memoryview, params: dict[str, Any], base: torch.Tensor,
 
 register(LossyCodec("lowrank", {"rank": 16, "energy": 1.0}, encode, decode,
                     "truncated SVD of τ at a rank or kept-energy fraction",
-                    applies=lambda shape: len(shape) == 2, exact_on_cuda=False))
+                    applies=lambda name, shape, params: len(shape) == 2, exact_on_cuda=False))
