@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -10,6 +13,7 @@ import mergehub
 from mergehub.hub.cli import cli
 from mergehub.hub.demo import make_lora
 from mergehub.merge.methods.rmm import decompose
+from mergehub.merge.rmm import revert
 from mergehub.storage.checkpoint import open_checkpoint
 from mergehub.storage.store import Store
 
@@ -97,3 +101,97 @@ def test_rmm_m_out_of_range(models, tmp_path):
             f"models: [{{model: {models['lora']}}}]\nparameters: {{m: 2}}\n")
     with pytest.raises(RecipeError, match=r"m must be an integer from 1 to the number of inputs \(1\)"):
         mergehub.merge(text, out=tmp_path / "o", progress=False)
+    with pytest.raises(RecipeError, match="basis must be 'factors' or 'dense', not 'lowrank'"):
+        mergehub.merge(text.replace("m: 2", "m: 1, basis: lowrank"), out=tmp_path / "o",
+                       progress=False)
+
+
+def lora_deltas(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A PEFT adapter's (scaling·B, A) per target weight, read from its files directly."""
+    from safetensors.numpy import load_file
+
+    config = json.loads((path / "adapter_config.json").read_text())
+    tensors = load_file(path / "adapter_model.safetensors")
+    out = {}
+    for name, a in tensors.items():
+        if ".lora_A." in name:
+            target = name.replace("base_model.model.", "", 1).replace(".lora_A", "")
+            b = tensors[name.replace("lora_A", "lora_B")]
+            out[target] = (b.astype(np.float64) * config["lora_alpha"] / config["r"],
+                           a.astype(np.float64))
+    return out
+
+
+def top_m(x: np.ndarray, m: int) -> np.ndarray:
+    """The rows of x projected on its top-m right singular vectors (Eckart–Young)."""
+    _, _, vh = np.linalg.svd(x, full_matrices=False)
+    return x @ vh[:m].T @ vh[:m]
+
+
+def rmm_reference(loras: list[dict], m: int, basis: str) -> list[dict[str, np.ndarray]]:
+    """Each task's rebuilt delta per module. ``factors`` (the RMM paper's factor-space basis):
+    the stacked left factors (zero-padded to the largest rank) and the stacked right factors
+    each keep their top-m directions; ``dense``: the stacked dense deltas do."""
+    out: list[dict[str, np.ndarray]] = [{} for _ in loras]
+    for module in loras[0]:
+        pairs = [lora[module] for lora in loras]
+        if basis == "dense":
+            x = np.stack([(b @ a).reshape(-1) for b, a in pairs])
+            for t, row in enumerate(top_m(x, m)):
+                out[t][module] = row.reshape(pairs[0][0].shape[0], -1)
+            continue
+        r = max(b.shape[1] for b, _ in pairs)
+        lefts = np.stack([np.pad(b, ((0, 0), (0, r - b.shape[1]))).reshape(-1) for b, _ in pairs])
+        rights = np.stack([np.pad(a, ((0, r - a.shape[0]), (0, 0))).reshape(-1) for _, a in pairs])
+        for t, (lh, rh) in enumerate(zip(top_m(lefts, m), top_m(rights, m))):
+            out[t][module] = lh.reshape(-1, r) @ rh.reshape(r, -1)
+    return out
+
+
+@pytest.mark.parametrize("basis", ["factors", "dense"])
+def test_rmm_of_loras_keeps_the_basis_as_factors(models, tmp_path, basis):
+    """LoRA inputs (ranks 2, 3, 2): the basis is stored as factors, m adapter-sized factor pairs
+    (``factors``, the paper's) or the dense optimum's basis matrices at rank Σ rt
+    (``dense``); the reverted tasks, the reported errors and the stored bytes per m match a
+    numpy reference."""
+    base = models["base-fp32"]
+    ranks = [2, 3, 2]
+    loras = [make_lora(base, tmp_path / f"lora{i}", seed=20 + i, rank=r) for i, r in enumerate(ranks)]
+    refs = [lora_deltas(p) for p in loras]
+    text = ("merge_method: rmm\nbase_model: base\nmodels:\n"
+            + "".join(f"  - model: {p}\n" for p in loras)
+            + "parameters: {m: %d, basis: " + basis + "}\n")
+    shapes = {k: (b.shape[0], a.shape[1]) for k, (b, a) in refs[0].items()}
+    t = len(loras)
+    with Store.init(tmp_path / "store") as store:
+        store.add(base, "base", progress=False)
+        for m in (1, 2):
+            result = mergehub.merge(text % m, store=store, to_store=f"rmm{m}", progress=False)
+            report = result.report
+            expected = rmm_reference(refs, m, basis)
+            base_ckpt = open_checkpoint(base)
+            for i in range(t):
+                out = open_checkpoint(revert(store, f"rmm{m}", i, tmp_path / f"rev{m}{i}",
+                                             progress=False))
+                sq_err = sq_norm = 0.0
+                for name in base_ckpt.tensors:
+                    b = base_ckpt.load(name).double().numpy()
+                    got = out.load(name).double().numpy() - b
+                    if name not in expected[i]:
+                        assert not got.any(), name
+                        continue
+                    assert np.allclose(got, expected[i][name], atol=1e-5), (m, i, name)
+                    delta = refs[i][name][0] @ refs[i][name][1]
+                    sq_err += ((delta - expected[i][name]) ** 2).sum()
+                    sq_norm += (delta ** 2).sum()
+                error = report["relative_error_by_m"][str(loras[i])][m - 1]
+                assert error == pytest.approx(np.sqrt(sq_err / sq_norm), rel=1e-3, abs=1e-5)
+            r, total = max(ranks), sum(ranks)
+            per_m = [sum(4 * k * (rows * r + r * cols + 2 * t) if basis == "factors"  # 2 sides
+                         else 4 * (k * (rows * total + t) + total * cols + t)  # 1 shared right
+                         for rows, cols in shapes.values()) for k in range(1, t + 1)]
+            assert report["basis"] == basis and report["stored_bytes_by_m"] == per_m
+            assert result.bytes == per_m[m - 1]  # what was written is what is reported
+            dense = sum(4 * m * rows * cols for rows, cols in shapes.values())
+            assert result.bytes < dense / 2
+        assert max(report["relative_error_by_m"][str(p)][t - 1] for p in loras) < 1e-5

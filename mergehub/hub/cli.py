@@ -337,6 +337,8 @@ def merge_(ctx: click.Context, recipe: Path, output: Path | None, to_store: str 
         click.echo("reconstruction error (||ΔW_t - recon||/||ΔW_t||) with m = 1..T basis terms:")
         for label, errs in result.report["relative_error_by_m"].items():
             click.echo(f"  {label}: " + "  ".join(f"m={j + 1}: {e:.4f}" for j, e in enumerate(errs)))
+        click.echo(f"stored basis ({result.report['basis']}) with m = 1..T terms: " + "  ".join(
+            f"m={j + 1}: {human_bytes(b)}" for j, b in enumerate(result.report["stored_bytes_by_m"])))
     where = " and ".join(x for x in (str(output) if output else "",
                                      f"store entry {to_store!r}" if to_store else "") if x)
     click.echo(f"merged {result.tensors} tensors ({human_bytes(result.bytes)}) in "

@@ -127,12 +127,8 @@ class Source:
             if base is None:
                 raise InputError(f"{self.label}: a LoRA adapter needs a base_model to merge into")
             return torch.zeros_like(base)
-        a_name, b_name, scaling, transpose = entry
-        if self._factors is None or self._factors[:2] != (name, device):
-            a = self.reader.load(a_name).to(device=device, dtype=torch.float32)
-            b = self.reader.load(b_name).to(device=device, dtype=torch.float32) * scaling
-            self._factors = (name, device, a, b)
-        _, _, a, b = self._factors
+        transpose = entry[3]
+        a, b = self._lora_factors(name, device)
         rows = a.shape[1] if transpose else b.shape[0]
         r1 = rows if r1 is None else r1
         delta = (b @ a[:, r0:r1]).T if transpose else b[r0:r1] @ a
@@ -140,6 +136,30 @@ class Source:
             raise BaseMismatchError(f"{self.label}: LoRA for {name!r} gives a {list(delta.shape)} "
                                     f"delta but the base tensor is {list(base.shape)}")
         return delta
+
+
+    def _lora_factors(self, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A LoRA's A and scaling·B for target ``name`` as float32 on ``device`` (cached for the
+        last tensor asked for)."""
+        a_name, b_name, scaling, _ = self.lora[name]
+        if self._factors is None or self._factors[:2] != (name, device):
+            a = self.reader.load(a_name).to(device=device, dtype=torch.float32)
+            b = self.reader.load(b_name).to(device=device, dtype=torch.float32) * scaling
+            self._factors = (name, device, a, b)
+        return self._factors[2], self._factors[3]
+
+    def factors(self, name: str, shape: tuple[int, int],
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A LoRA input's task vector for the base's tensor ``name`` (a matrix of ``shape``) as
+        factors (left, right) with left @ right = τ in the weight's orientation:
+        (scaling·B, A), or (Aᵀ, scaling·Bᵀ) for a transposed (embedding) LoRA; zero-rank
+        factors where the adapter has no module for ``name``. Only for LoRA inputs."""
+        entry = self.lora.get(name)
+        if entry is None:
+            return (torch.zeros((shape[0], 0), device=device),
+                    torch.zeros((0, shape[1]), device=device))
+        a, b = self._lora_factors(name, device)
+        return (a.T, b.T) if entry[3] else (b, a)
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:

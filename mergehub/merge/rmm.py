@@ -1,16 +1,20 @@
 """Running reversible merges (RMM) and reverting their store entries to any input task.
 
-The math (a per-matrix basis and per-task coefficients in closed form) is in
+The math (closed-form bases and per-task coefficients, dense or in LoRA factor space) is in
 :mod:`mergehub.merge.methods.rmm`. The output is a directory (and, with ``--to-store``, one
-store entry): safetensors with ``NAME::basis`` (m × shape, float32) and ``NAME::coef``
-(T × m) for every tensor some task changes, ``rmm.json`` (tasks, m, base, the relative
-reconstruction error of every task for every m) and the base's config/tokenizer files.
-``hub export NAME --task T`` (or :func:`revert`) rebuilds task T's full model.
+store entry) of float32 safetensors, for every tensor some task changes either
+``NAME::basis`` (m × shape) and ``NAME::coef`` (T × m) (a dense basis), or ``NAME::left``,
+``NAME::left_coef``, ``NAME::right`` and ``NAME::right_coef`` (a basis kept as factors: task t
+is (Σj left_coef[t, j]·left[j]) @ (Σj right_coef[t, j]·right[j])); ``rmm.json`` (tasks, m,
+basis, base, the relative reconstruction error of every task for every m and the bytes the
+basis takes for every m); and the base's config/tokenizer files. ``hub export NAME --task T``
+(or :func:`revert`) rebuilds task T's full model.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +22,18 @@ import torch
 from tqdm.auto import tqdm
 
 from mergehub.errors import StoreError
-from mergehub.merge.methods.rmm import decompose
+from mergehub.merge.methods.rmm import decompose, decompose_dense_lowrank, decompose_factors
 from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
 from mergehub.storage.store import Store
 from mergehub.storage.writer import DEFAULT_MAX_SHARD_SIZE, write_model_dir
 
 RMM_FILE = "rmm.json"
+
+
+def _dense_bytes(shape: tuple[int, ...], t: int, m: int) -> int:
+    """Bytes of an m-term dense basis (float32) of a tensor of ``shape`` and its T × m
+    coefficients."""
+    return 4 * m * (math.prod(shape) + t)
 
 
 def execute_rmm(plan: Any, out: Path, *, device: str = "cpu", seed: int = 0,
@@ -37,37 +47,56 @@ def execute_rmm(plan: Any, out: Path, *, device: str = "cpu", seed: int = 0,
 
     start = time.perf_counter()
     dev = torch.device(device)
-    m = int(plan.method.params["m"])
+    m, basis_kind = int(plan.method.params["m"]), plan.method.params["basis"]
     labels = [s.label for s in plan.inputs]
     t = len(labels)
-    results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    results: dict[str, dict[str, torch.Tensor]] = {}
     sq_norm = torch.zeros(t, dtype=torch.float64)
     sq_resid = torch.zeros((t, t), dtype=torch.float64)
+    stored_by_m = [0] * t
+    factored = 0
+    all_lora = all(src.is_lora for src in plan.inputs)
     mergeable = [s for s in plan.specs if s.name not in plan.copy_from_base]
     for spec in tqdm(mergeable, desc="rmm", unit="tensor", disable=not progress, leave=False):
-        base = plan.base.theta(spec.name, None, dev)
-        xs = [src.tau(spec.name, base, dev).reshape(spec.shape) for src in plan.inputs]
-        if all(not x.any() for x in xs):
-            continue  # no task changes this tensor: reverting takes the base's
-        basis, coef, residuals = decompose(xs, m)
-        results[spec.name] = (basis.cpu(), coef.cpu())
-        sq_norm += torch.stack([(x.double() ** 2).sum() for x in xs]).cpu()
+        if all_lora and len(spec.shape) == 2:
+            factors = [src.factors(spec.name, spec.shape, dev) for src in plan.inputs]
+            if all(left.shape[1] == 0 for left, _ in factors):
+                continue  # no adapter has this module: reverting takes the base's
+            split = decompose_factors if basis_kind == "factors" else decompose_dense_lowrank
+            full = split(factors)
+            kept = full.first(m)
+            results[spec.name] = {"left": kept.left, "left_coef": kept.left_coef,
+                                  "right": kept.right, "right_coef": kept.right_coef}
+            norms, residuals = full.norms, full.residuals
+            for j in range(t):
+                stored_by_m[j] += full.nbytes(j + 1)
+            factored += 1
+        else:
+            base = plan.base.theta(spec.name, None, dev)
+            xs = [src.tau(spec.name, base, dev).reshape(spec.shape) for src in plan.inputs]
+            if all(not x.any() for x in xs):
+                continue  # no task changes this tensor: reverting takes the base's
+            basis, coef, residuals = decompose(xs, m)
+            norms = torch.stack([(x.double() ** 2).sum() for x in xs])
+            results[spec.name] = {"basis": basis, "coef": coef}
+            for j in range(t):
+                stored_by_m[j] += _dense_bytes(spec.shape, t, j + 1)
+        sq_norm += norms.double().cpu()
         sq_resid += residuals.double().cpu()
     errors = {label: [float((sq_resid[i, j] / sq_norm[i]).sqrt()) if sq_norm[i] > 0 else 0.0
                       for j in range(t)] for i, label in enumerate(labels)}
-    summary = {"format": "mergehub-rmm", "version": 1, "m": m, "tasks": labels,
-               "base_model": plan.base.label, "tensors": len(results),
-               "relative_error_by_m": errors}
-    specs = []
-    for name, (basis, coef) in results.items():
-        specs += [TensorSpec(f"{name}::basis", "F32", tuple(basis.shape)),
-                  TensorSpec(f"{name}::coef", "F32", tuple(coef.shape))]
+    summary = {"format": "mergehub-rmm", "version": 2, "m": m, "basis": basis_kind,
+               "tasks": labels, "base_model": plan.base.label, "tensors": len(results),
+               "factored_tensors": factored, "relative_error_by_m": errors,
+               "stored_bytes_by_m": stored_by_m}
+    specs = [TensorSpec(f"{name}::{part}", "F32", tuple(value.shape))
+             for name, parts in results.items() for part, value in parts.items()]
     side = _side_files(plan)
     side[RMM_FILE] = (json.dumps(summary, indent=2) + "\n").encode()
 
     def get(spec: TensorSpec) -> torch.Tensor:
         name, part = spec.name.rsplit("::", 1)
-        return results[name][0 if part == "basis" else 1]
+        return results[name][part]
 
     write_model_dir(out, specs, get, max_shard_size=max_shard_size, side_files=side,
                     overwrite=overwrite, progress=False)
@@ -78,7 +107,8 @@ def execute_rmm(plan: Any, out: Path, *, device: str = "cpu", seed: int = 0,
 def revert(store: Store, name: str, task: str | int, out: str | Path, *,
            overwrite: bool = False, progress: bool = True) -> Path:
     """Rebuild task ``task`` (its label, or index from 0) of the RMM entry ``name`` as an HF
-    model dir: θ0 + Σj ctj Bj for every tensor in the basis, the base's tensor elsewhere."""
+    model dir: θ0 + Σj ctj Bj for every tensor with a dense basis, θ0 + (Σj c^L_tj L^j) @
+    (Σj c^R_tj R^j) for every tensor with a factor basis, the base's tensor elsewhere."""
     from mergehub.merge.inputs import resolve_input
 
     entry = store.open(name)
@@ -95,16 +125,22 @@ def revert(store: Store, name: str, task: str | int, out: str | Path, *,
                          + ", ".join(f"{i}: {t!r}" for i, t in enumerate(tasks)))
     base_ref = summary["base_model"]
     base = resolve_input(base_ref, store, f"base of {name!r}")
-    basis_names = {s.name.rsplit("::", 1)[0] for s in entry.specs() if s.name.endswith("::basis")}
+    parts = {s.name for s in entry.specs()}
     specs = list(base.specs.values())
+
+    def combined(tname: str, part: str) -> torch.Tensor:
+        """Σj coef[task, j]·basis[j] of one stored basis."""
+        coef = entry.load(f"{tname}::{part}_coef" if part != "basis" else f"{tname}::coef")
+        return torch.tensordot(coef[index], entry.load(f"{tname}::{part}"), dims=1)
 
     def get(spec: TensorSpec) -> torch.Tensor:
         theta = base.reader.load(spec.name)
-        if spec.name not in basis_names:
+        if f"{spec.name}::basis" in parts:
+            delta = combined(spec.name, "basis")
+        elif f"{spec.name}::left" in parts:
+            delta = combined(spec.name, "left") @ combined(spec.name, "right")
+        else:
             return theta
-        basis = entry.load(f"{spec.name}::basis")
-        coef = entry.load(f"{spec.name}::coef")[index]
-        delta = torch.tensordot(coef, basis, dims=1)
         return (theta.float() + delta).to(TORCH_DTYPE[spec.dtype])
 
     side = {p: entry.side_file(p) for p in entry.side_files if p != RMM_FILE}
