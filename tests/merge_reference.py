@@ -27,9 +27,10 @@ def task_arithmetic(base: list[float], taus: list[list[float]], weights: list[fl
 
 def tall_consensus(base: list[float], taus: list[list[float]], mtl: list[float],
                    lambdas: list[float], k: int, lam: float) -> list[float]:
+    """Consensus of TALL masks |τt| > λt·|τMTL − τt| (strict, as the TALL-masks code)."""
     out = []
     for i, b in enumerate(base):
-        votes = sum(1 for t, l in zip(taus, lambdas) if abs(t[i]) >= l * abs(mtl[i] - t[i]))
+        votes = sum(1 for t, l in zip(taus, lambdas) if abs(t[i]) > l * abs(mtl[i] - t[i]))
         out.append(b + lam * (mtl[i] if votes >= k else 0.0))
     return out
 

@@ -290,7 +290,7 @@ def test_store_compress_tall(stocked, models, tmp_path):
                 assert torch.equal(out.load(tname), fts[i].load(tname))
                 continue
             mtl = np.sum(taus, axis=0)
-            expected = b + np.where(np.abs(taus[i]) >= lam * np.abs(mtl - taus[i]), mtl, 0)
+            expected = b + np.where(np.abs(taus[i]) > lam * np.abs(mtl - taus[i]), mtl, 0)
             got = out.load(tname).float().numpy()
             assert np.allclose(got, expected, atol=2 ** -7 * np.abs(expected).max()), tname
     assert stocked.verify(progress=False).ok

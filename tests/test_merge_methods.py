@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import merge_reference as ref
+import mergehub
 from mergehub.merge.methods import METHODS, TensorContext
 
 BASE = [0.50, -0.20, 0.10, 0.00, 0.30, -0.40]
@@ -74,6 +75,23 @@ def test_consensus_task_arithmetic_spec_example():
             out = run("consensus_task_arithmetic", {"lambda": 0.7, "k": k},
                       [{"tall_lambda": lam}] * 3)
             close(out, ref.tall_consensus(BASE, TAUS, mtl, [lam] * 3, k, 0.7))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_consensus_task_arithmetic_weighted_masks(k):
+    """Weights enter both sides of the mask: with weights wt the masks are the spec's masks of
+    the vectors wt·τt against Σ wt τt, and a normalized merge (÷ Σ wt) has the same masks as
+    the unnormalized one, so equal weights 2 with normalize give the unit-weight masks."""
+    weights = [1.0, 0.5, 2.0]
+    scaled = [[w * v for v in t] for w, t in zip(weights, TAUS)]
+    mtl = [sum(c) for c in zip(*scaled)]
+    out = run("consensus_task_arithmetic", {"lambda": 0.7, "k": k},
+              [{"weight": w, "tall_lambda": 0.4} for w in weights])
+    close(out, ref.tall_consensus(BASE, scaled, mtl, [0.4] * 3, k, 0.7))
+    total = [sum(c) for c in zip(*TAUS)]
+    out = run("consensus_task_arithmetic", {"lambda": 0.7, "k": k, "normalize": True},
+              [{"weight": 2.0, "tall_lambda": 0.4}] * 3)
+    close(out, ref.tall_consensus(BASE, TAUS, total, [0.4] * 3, k, 0.7 / 3))
 
 
 def test_tall_masks_spec_example():
@@ -194,14 +212,76 @@ def test_ties_keeps_entries_tied_at_threshold():
     close(out, [0.1, -0.1, 0.1, 0.2, -0.1, 0.0, 0.1, 0.0])  # k = 4, five tie at 0.1
 
 
-def test_consensus_ties_reference():
+@pytest.mark.parametrize("normalize", [False, True])
+def test_consensus_ties_reference(normalize):
+    """One tensor: τMTL the disjoint sum (the default) or, with ``normalize: true``, the
+    disjoint mean of the trimmed vectors (mergehub's former rule, now an option)."""
     gen = torch.Generator().manual_seed(3)
     base = torch.randn(300, generator=gen).tolist()
     taus = [(torch.randn(300, generator=gen) * 0.1).tolist() for _ in range(3)]
     params = [{"density": 0.4, "tall_lambda": 0.3}] * 3
-    out = run("consensus_ties", {"k": 2, "lambda": 0.9}, params, base=base, taus=taus)
-    mtl = [m - b for m, b in zip(ref.ties(base, taus, [1.0] * 3, [0.4] * 3), base)]
+    out = run("consensus_ties", {"k": 2, "lambda": 0.9, "normalize": normalize}, params,
+              base=base, taus=taus)
+    mtl = [m - b for m, b in zip(ref.ties(base, taus, [1.0] * 3, [0.4] * 3, 1.0, normalize), base)]
     close(out, ref.tall_consensus(base, taus, mtl, [0.3] * 3, 2, 0.9), 1e-5)
+
+
+def tall_masks_code_consensus(base: dict, fts: list[dict], weights: list[float],
+                              tall_lambda: float, lam: float) -> dict:
+    """Consensus-TIES as the TALL-masks authors' code computes it (``aggregation.py``:
+    ``ties_merging(tv, reset_thresh=20, merge_func="dis-sum")``, then ``construct_tall_mask``
+    and ``construct_consensus_mask`` with k = 2), over the whole flattened task vectors, with
+    per-task weights applied to each task vector wherever it enters (the authors have none).
+    Two conventions are mergehub's, not theirs: the trim keeps exactly int(0.2·d) entries (their
+    helper keeps one more) and masks compare deltas, not weights (the same up to rounding)."""
+    names = sorted(base)
+    flat0 = torch.cat([base[n].reshape(-1) for n in names]).double()
+    taus = torch.stack([torch.cat([ft[n].reshape(-1) for n in names]).double() - flat0
+                        for ft in fts])
+    d = taus.shape[1]
+    kth = taus.abs().kthvalue(d - int(d * 0.2) + 1, dim=1, keepdim=True).values
+    w = torch.tensor(weights, dtype=torch.float64)[:, None]
+    trimmed = taus * (taus.abs() >= kth) * w
+    signs = torch.sign(trimmed.sum(dim=0))
+    signs[signs == 0] = torch.sign(signs.sum())
+    agree = torch.where(signs > 0, trimmed > 0, trimmed < 0)
+    merged = (trimmed * agree).sum(dim=0)
+    masks = (taus * w).abs() > tall_lambda * (merged - taus * w).abs()
+    out = flat0 + lam * merged * (masks.sum(dim=0) >= 2)
+    sizes = [base[n].numel() for n in names]
+    return {n: part.reshape(base[n].shape) for n, part in zip(names, out.split(sizes))}
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0), (1.0, 0.5, 2.0)])
+def test_consensus_ties_default_is_the_tall_masks_code(models, tmp_path, weights):
+    """Three fp32 fine-tunes (different tensors changed), several tensors: the default
+    consensus_ties is the authors' disjoint sum of 20%-trimmed task vectors, trimmed over
+    the whole flattened vector, and its masks weigh both sides alike."""
+    from mergehub.hub.demo import make_finetune
+    from mergehub.storage.checkpoint import open_checkpoint
+
+    base_dir = models["base-fp32"]
+    fts = [make_finetune(base_dir, tmp_path / f"ft{i}", pattern=p, seed=30 + i)
+           for i, p in enumerate(["layers", "mlp", "self_attn"])]
+    text = (f"merge_method: consensus_ties\nbase_model: {base_dir}\nmodels:\n"
+            + "".join(f"  - model: {f}\n    parameters: {{weight: {w}}}\n"
+                      for f, w in zip(fts, weights))
+            + "parameters: {lambda: 0.8}\n")
+    out = open_checkpoint(mergehub.merge(text, out=tmp_path / "out", progress=False).out)
+    base = open_checkpoint(base_dir)
+    load = lambda ckpt: {n: ckpt.load(n).float() for n in base.tensors}  # noqa: E731
+    expected = tall_masks_code_consensus(load(base), [load(open_checkpoint(f)) for f in fts],
+                                         list(weights), 0.4, 0.8)
+    for name, want in expected.items():
+        got = out.load(name).double()
+        assert torch.allclose(got, want, atol=1e-6), name
+    # the fused whole-tensor path (the GPU's, here its torch reference) computes the same
+    from mergehub.merge.engine import execute, plan_merge
+    from mergehub.merge.recipe import parse_recipe
+
+    fused = open_checkpoint(execute(plan_merge(parse_recipe(text)), tmp_path / "fused",
+                                    fused=True, progress=False).out)
+    assert all(torch.equal(fused.load(n), out.load(n)) for n in base.tensors)
 
 
 def test_dare_statistics_and_reproducibility():

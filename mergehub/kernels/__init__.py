@@ -116,7 +116,8 @@ def merge_tensor(base: torch.Tensor, thetas: list[torch.Tensor], *, weights: lis
             [K, ceil(n / 8)] (np.packbits order, as the ``tall`` codec stores them);
             τm is kept where at least ``k`` masks are set.
         tall_lambdas: consensus over TALL masks computed on the fly,
-            mt = |τt| >= λt·|τm − τt| (``consensus_task_arithmetic`` / ``consensus_ties``).
+            mt = |xt| > λt·|τm − xt|, xt = wt·τt (÷ Σ wt for a normalized task arithmetic)
+            (``consensus_task_arithmetic`` / ``consensus_ties``).
         k: consensus vote count.
         scales: TIES ``rescale`` factors applied to the kept entries (inputs with a threshold).
         out_dtype: result dtype (default: the base's).

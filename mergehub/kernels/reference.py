@@ -33,7 +33,7 @@ def merge_tensor(base: torch.Tensor, thetas: list[torch.Tensor], weights: list[f
                    for x, th, s in zip(taus, thresholds, scales or [1.0] * len(taus))]
     mixed = combine(trimmed, params, elect, normalize)
     if tall_lambdas is not None:
-        mixed = consensus(taus, mixed, params, k)
+        mixed = consensus(taus, mixed, params, k, normalized=normalize and elect is None)
     elif masks is not None:
         mixed = mixed * (torch.stack([mk.reshape(mixed.shape) for mk in masks]).sum(0) >= k)
     return (b + float(lam) * mixed).to(out_dtype)

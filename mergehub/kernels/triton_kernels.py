@@ -115,8 +115,11 @@ def _merge_kernel(base_ptr, thetas, out_ptr, weights, thresholds, scales, tall_l
     if CONSENSUS != 0:
         votes = tl.zeros([BLOCK], tl.int32)
         for t in tl.static_range(K):
-            if CONSENSUS == 1:
-                keep = tl.abs(taus[t]) >= tall_lambdas[t] * tl.abs(mixed - taus[t])
+            if CONSENSUS == 1:  # task t's vector as τm sums it: wt·τt (÷ Σ wt, normalized TA)
+                x = taus[t] * weights[t]
+                if ELECT == 0 and NORMALIZE:
+                    x = tl.math.div_rn(x, tl.zeros([BLOCK], tl.float32) + total)
+                keep = tl.abs(x) > tall_lambdas[t] * tl.abs(mixed - x)
             else:
                 keep = _packed_bit(masks_ptr + t * mask_stride, off, m)
             votes += keep.to(tl.int32)

@@ -1,10 +1,19 @@
 """TALL masks and Consensus merging (Wang et al. 2024), on top of task arithmetic or TIES.
 
-τMTL is the merged multi-task vector: Σt wt τt (``consensus_task_arithmetic``) or the TIES
-disjoint mean τm (``consensus_ties``). Each task's TALL mask keeps the entries where that task
-matters relative to the merge, mt = 1{|τt| >= λt·|τMTL − τt|} (per-model ``tall_lambda``,
-default 0.4). Consensus keeps the entries at least ``k`` tasks use (default 2, dropping
-"selfish" and "catastrophic" weights): θ = θ0 + λ·(1{Σt mt >= k} ⊙ τMTL).
+τMTL is the merged multi-task vector: Σt wt τt (``consensus_task_arithmetic``, divided by Σ wt
+with ``normalize``) or the TIES merge of the trimmed, sign-elected vectors
+(``consensus_ties``). By default ``consensus_ties`` builds it as the TALL-masks authors' code
+does, ``ties_merging(..., reset_thresh=20, merge_func="dis-sum")``: each task vector trimmed to
+its top 20% over the whole flattened vector (``density: 0.2``, ``trim_scope: global``), signs
+elected by mass, and the agreeing entries *summed* (``normalize: false``); ``normalize: true``
+with ``density: 1`` gives the disjoint mean of the untrimmed vectors instead (TIES' own rule).
+
+Each task's TALL mask keeps the entries where that task matters relative to the merge,
+mt = 1{|xt| > λt·|τMTL − xt|} (per-model ``tall_lambda``, default 0.4; strict, as the authors'
+code), xt being the task's vector as τMTL sums it: wt·τt (÷ Σ wt for a normalized task
+arithmetic), untrimmed. With unit weights xt = τt, the authors' mask; with other weights both
+sides of the comparison carry them. Consensus keeps the entries at least ``k`` tasks use
+(default 2, dropping "selfish" and "catastrophic" weights): θ = θ0 + λ·(1{Σt mt >= k} ⊙ τMTL).
 """
 
 from __future__ import annotations
@@ -13,20 +22,25 @@ from typing import Any
 
 import torch
 
-from mergehub.merge.methods.base import MergeMethod, TensorContext, register
-from mergehub.merge.methods.sparsify import combine
+from mergehub.merge.methods.base import MergeMethod, TensorContext, register, weighted
+from mergehub.merge.methods.sparsify import combine, weight_total
 from mergehub.merge.methods.ties import Ties
 
 
 def tall_masks(xs: list[torch.Tensor], mtl: torch.Tensor, lambdas: list[float]) -> list[torch.Tensor]:
-    """m_t = |τt| >= λt·|τMTL − τt|, one boolean mask per task."""
-    return [x.abs() >= lam * (mtl - x).abs() for x, lam in zip(xs, lambdas)]
+    """m_t = |xt| > λt·|τMTL − xt|, one boolean mask per task."""
+    return [x.abs() > lam * (mtl - x).abs() for x, lam in zip(xs, lambdas)]
 
 
 def consensus(xs: list[torch.Tensor], mtl: torch.Tensor, model_params: list[dict[str, Any]],
-              k: int) -> torch.Tensor:
-    """τMTL restricted to the entries at least ``k`` tasks' TALL masks keep."""
-    masks = tall_masks(xs, mtl, [float(p["tall_lambda"]) for p in model_params])
+              k: int, normalized: bool = False) -> torch.Tensor:
+    """τMTL restricted to the entries at least ``k`` tasks' TALL masks keep; the masks compare
+    τMTL with each wt·τt (÷ Σ wt where ``normalized``: a task arithmetic τMTL divided by it)."""
+    contributions = weighted(xs, model_params)
+    if normalized:
+        total = weight_total(model_params)
+        contributions = [x / total for x in contributions]
+    masks = tall_masks(contributions, mtl, [float(p["tall_lambda"]) for p in model_params])
     votes = torch.stack(masks).sum(dim=0)
     return mtl * (votes >= k)
 
@@ -49,16 +63,17 @@ class ConsensusTaskArithmetic(MergeMethod):
 
     def merge(self, base: torch.Tensor | None, xs: list[torch.Tensor],
               model_params: list[dict[str, Any]], ctx: TensorContext) -> torch.Tensor:
-        mtl = combine(xs, model_params, None, self.params["normalize"])
-        return base + float(self.params["lambda"]) * consensus(xs, mtl, model_params,
-                                                               int(self.params["k"]))
+        normalize = bool(self.params["normalize"])
+        mtl = combine(xs, model_params, None, normalize)
+        return base + float(self.params["lambda"]) * consensus(
+            xs, mtl, model_params, int(self.params["k"]), normalize)
 
 
 @register
 class ConsensusTies(Ties):
     name = "consensus_ties"
-    model_params = {**Ties.model_params, "tall_lambda": 0.4}
-    global_params = {**Ties.global_params, "k": 2}
+    model_params = {**Ties.model_params, "density": 0.2, "tall_lambda": 0.4}
+    global_params = {**Ties.global_params, "normalize": False, "trim_scope": "global", "k": 2}
 
     def fused(self, base: torch.Tensor, thetas: list[torch.Tensor],
               model_params: list[dict[str, Any]], ctx: TensorContext) -> dict[str, Any]:

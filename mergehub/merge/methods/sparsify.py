@@ -258,6 +258,12 @@ def apply_mask(x: torch.Tensor, mask: torch.Tensor | None, scale: float = 1.0) -
     return kept * scale if scale != 1.0 else kept
 
 
+def weight_total(model_params: list[dict[str, Any]]) -> float:
+    """Σ wt, what a normalized task arithmetic divides by (1 where |Σ wt| < 1e-8)."""
+    total = sum(float(p["weight"]) for p in model_params)
+    return total if abs(total) >= 1e-8 else 1.0
+
+
 def combine(deltas: list[torch.Tensor], model_params: list[dict[str, Any]],
             elect: str | None, normalize: bool) -> torch.Tensor:
     """Weight the (sparsified) task vectors, optionally elect signs, and merge them.
@@ -274,8 +280,7 @@ def combine(deltas: list[torch.Tensor], model_params: list[dict[str, Any]],
         for d, w in zip(deltas, weights):
             mixed += d * w  # two roundings, as mergekit: a fused multiply-add differs by an ulp
         if normalize:
-            total = sum(weights)
-            mixed /= total if abs(total) >= 1e-8 else 1.0
+            mixed /= weight_total(model_params)
         return mixed
     weighted = [d * w for d, w in zip(deltas, weights)]
     score = torch.zeros_like(deltas[0])

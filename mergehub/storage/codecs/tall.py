@@ -1,7 +1,7 @@
 """``tall``: TALL masks (Wang et al. 2024) for T fine-tunes of one base.
 
 The multi-task vector τMTL = Σt τt is stored once per tensor (a lossless float32 blob shared by
-the T entries); task t keeps a bitmask mt = 1{|τt| >= λt·|τMTL − τt|} (``lambda``, default
+the T entries); task t keeps a bitmask mt = 1{|τt| > λt·|τMTL − τt|} (``lambda``, default
 0.4) and is reconstructed as θ̂t = θ0 + alpha·(mt ⊙ τMTL) (``alpha``, default 1). Stored per
 task: one zstd-compressed bit per weight. This codec is multi-model, so it is used through
 ``Store.compress_tall`` / ``hub compress A B ... --codec tall``: :func:`encode` takes the task's
@@ -22,7 +22,8 @@ from mergehub.storage.codecs import LossyCodec, register
 
 
 def mask(tau: torch.Tensor, mtl: torch.Tensor, lam: float) -> torch.Tensor:
-    """m_t = |τt| >= λt·|τMTL − τt|, the consensus merge's TALL mask for one task."""
+    """m_t = |τt| > λt·|τMTL − τt|, the consensus merge's TALL mask for one task (strict, as
+    the TALL-masks code)."""
     return tall_masks([tau], mtl, [lam])[0]
 
 
