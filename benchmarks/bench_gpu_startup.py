@@ -45,10 +45,10 @@ for call in ("first", "second"):
     torch.cuda.synchronize()
     lap(f"{call} merge_tensor, task arithmetic")
 for call in ("first", "second"):
-    th = kernels.magnitude_thresholds(base, thetas, [0.2] * 4)
+    cuts = kernels.magnitude_cuts(base, thetas, [0.2] * 4)
     torch.cuda.synchronize()
-    lap(f"{call} magnitude_thresholds")
-    kernels.merge_tensor(base, thetas, weights=[1.0] * 4, lam=1.0, thresholds=th, elect="sum")
+    lap(f"{call} magnitude_cuts")
+    kernels.merge_tensor(base, thetas, weights=[1.0] * 4, lam=1.0, cuts=cuts, elect="sum")
     torch.cuda.synchronize()
     lap(f"{call} merge_tensor, TIES")
 for call in ("first", "second"):

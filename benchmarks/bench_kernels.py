@@ -1,7 +1,7 @@
 """Fused kernels against plain torch and against the device's copy bandwidth (issue 7).
 
 For Llama-8B-sized bf16 tensors and K = 2, 4, 8 fine-tunes: the fused merge (TIES with
-per-input thresholds, and task arithmetic) and the threshold selection, each timed with
+per-input cuts, and task arithmetic) and the cut selection (threshold and tie end), each timed with
 ``triton.testing.do_bench`` (median), its bytes moved (each input read once, the output written
 once) over its time as a fraction of a device-to-device copy measured in the same run, and its
 speed-up over the torch reference (the merge methods' own functions on the same CUDA tensors,
@@ -29,7 +29,7 @@ import torch
 
 from mergehub import kernels
 from mergehub.kernels import LowRankDelta, SignDelta, TernaryDelta, reference, triton_kernels
-from mergehub.merge.methods.sparsify import kth_rank
+from mergehub.merge.methods.sparsify import cut_mask, kth_rank
 from mergehub.storage.atomic import write_file_atomic
 
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096), (1024, 4096)]  # MLP, q/o proj, k/v proj
@@ -79,11 +79,11 @@ def bench_merge(bench, dev, copy, shapes, ks, rows, smoke):
         for k in ks:
             base, thetas = inputs(shape, k, dev, seed=k)
             dens = [DENSITY] * k
-            th = kernels.magnitude_thresholds(base, thetas, dens)
-            want_th = reference.magnitude_thresholds(base, thetas, dens)
-            assert th == want_th, (th, want_th)
+            cuts = kernels.magnitude_cuts(base, thetas, dens)
+            want_cuts = reference.magnitude_cuts(base, thetas, dens)
+            assert cuts == want_cuts, (cuts, want_cuts)
             merge_ms, merge_args = {}, {}
-            for name, kw in (("ties", {"thresholds": th, "elect": "sum"}),
+            for name, kw in (("ties", {"cuts": cuts, "elect": "sum"}),
                              ("task_arithmetic", {"elect": None})):
                 args = merge_args[name] = dict(weights=[1.0] * k, lam=1.0, **kw)
                 got = kernels.merge_tensor(base, thetas, **args)
@@ -97,12 +97,12 @@ def bench_merge(bench, dev, copy, shapes, ks, rows, smoke):
                 rows.append({"op": f"merge {name}", "shape": list(shape), "K": k, "ms": ms,
                              "GB/s": gbs, "of_copy": gbs / copy, "torch_ms": ref_ms,
                              "speedup": ref_ms / ms})
-            ms = bench(lambda: kernels.magnitude_thresholds(base, thetas, dens))
+            ms = bench(lambda: kernels.magnitude_cuts(base, thetas, dens))
             topk_ms = bench(lambda: [torch.topk((t.float() - base.float()).abs().reshape(-1),
                                                 kth_rank(DENSITY, n)).values.min()
                                      for t in thetas], 20 if not smoke else 1)
             gbs = (k + 1) * n * 2 / ms / 1e6
-            rows.append({"op": "thresholds", "shape": list(shape), "K": k, "ms": ms,
+            rows.append({"op": "cuts", "shape": list(shape), "K": k, "ms": ms,
                          "GB/s": gbs, "of_copy": gbs / copy, "torch_ms": topk_ms,
                          "speedup": topk_ms / ms, "torch": "topk per input",
                          "of_merge": ms / merge_ms["ties"]})
@@ -115,14 +115,14 @@ def bench_merge(bench, dev, copy, shapes, ks, rows, smoke):
     kth = torch.kthvalue((theta.float() - base.float()).abs().reshape(-1),
                          n - kth_rank(DENSITY, n) + 1).values.item()
     kth_ms = (time.perf_counter() - t) * 1e3
-    ms = bench(lambda: kernels.magnitude_threshold(base, theta, DENSITY))
-    assert kth == kernels.magnitude_threshold(base, theta, DENSITY)
-    rows.append({"op": "thresholds", "shape": list(shape), "K": 1, "ms": ms,
+    ms = bench(lambda: kernels.magnitude_cut(base, theta, DENSITY))
+    assert kth == kernels.magnitude_cut(base, theta, DENSITY).threshold
+    rows.append({"op": "cuts", "shape": list(shape), "K": 1, "ms": ms,
                  "torch_ms": kth_ms, "speedup": kth_ms / ms, "torch": "kthvalue (1 call)"})
 
 
 def bench_sampled(bench, base, thetas, k, ties_args, ties_ms, rows, smoke):
-    """Approximate thresholds (``tolerance``): the whole call as the engine makes it (launches,
+    """Approximate cuts (``tolerance``): the whole call as the engine makes it (launches,
     selection, the host's wait for the result; do_bench) and the device work alone, against
     the TIES merge's, both replayed from a CUDA graph (``do_bench_cudagraph``: no launch
     overhead in either). Checked equal to the reference's, kept share within the tolerance."""
@@ -130,12 +130,12 @@ def bench_sampled(bench, base, thetas, k, ties_args, ties_ms, rows, smoke):
 
     tol = 0.45 if smoke else TOLERANCE
     dens = [DENSITY] * k
-    th = kernels.magnitude_thresholds(base, thetas, dens, tolerance=tol)
-    assert th == reference.magnitude_thresholds(base, thetas, dens, tol), th
-    kept = [float(((t.float() - base.float()).abs() >= x).float().mean())
-            for t, x in zip(thetas, th)]
+    cuts = kernels.magnitude_cuts(base, thetas, dens, tolerance=tol)
+    assert cuts == reference.magnitude_cuts(base, thetas, dens, tol), cuts
+    kept = [float(cut_mask(t.float() - base.float(), c).float().mean())
+            for t, c in zip(thetas, cuts)]
     assert all(abs(f - DENSITY) <= tol for f in kept), kept
-    ms = bench(lambda: kernels.magnitude_thresholds(base, thetas, dens, tolerance=tol))
+    ms = bench(lambda: kernels.magnitude_cuts(base, thetas, dens, tolerance=tol))
     positions = sample_positions(base.numel(), tol).to(base.device)
     flat = [t.reshape(-1) for t in thetas]
     ks = [kth_rank(DENSITY, positions.numel())] * k
@@ -149,7 +149,7 @@ def bench_sampled(bench, base, thetas, k, ties_args, ties_ms, rows, smoke):
     device_ms = graphed(lambda: triton_kernels.sample_select(base.reshape(-1), flat, positions,
                                                              ks))
     merge_device_ms = graphed(lambda: kernels.merge_tensor(base, thetas, **ties_args))
-    rows.append({"op": f"thresholds ~{tol}", "shape": list(base.shape), "K": k, "ms": ms,
+    rows.append({"op": f"cuts ~{tol}", "shape": list(base.shape), "K": k, "ms": ms,
                  "of_merge": ms / ties_ms, "device_ms": device_ms,
                  "merge_device_ms": merge_device_ms, "device_of_merge": device_ms / merge_device_ms,
                  "kept": [round(f, 5) for f in kept], "sample": positions.numel()})
@@ -158,7 +158,7 @@ def bench_sampled(bench, base, thetas, k, ties_args, ties_ms, rows, smoke):
 def bench_blocks(bench, dev, copy, shape, rows, variants):
     """The merge kernel's block size and warps, K = 4 TIES (what MERGE_BLOCK/WARPS are set from)."""
     base, thetas = inputs(shape, 4, dev, seed=4)
-    th = kernels.magnitude_thresholds(base, thetas, [DENSITY] * 4)
+    cuts = kernels.magnitude_cuts(base, thetas, [DENSITY] * 4)
     n = base.numel()
     saved = triton_kernels.MERGE_BLOCK, triton_kernels.MERGE_WARPS
     try:
@@ -166,7 +166,7 @@ def bench_blocks(bench, dev, copy, shape, rows, variants):
             triton_kernels.MERGE_BLOCK, triton_kernels.MERGE_WARPS = block, warps
             for normalize in (True, False):
                 ms = bench(lambda: kernels.merge_tensor(base, thetas, weights=[1.0] * 4, lam=1.0,
-                                                        thresholds=th, elect="sum",
+                                                        cuts=cuts, elect="sum",
                                                         normalize=normalize))
                 gbs = 6 * n * 2 / ms / 1e6
                 rows.append({"op": f"ties {block}/{warps}w{'' if normalize else ' no-norm'}",

@@ -28,8 +28,12 @@ pytest.importorskip("triton")
 
 from mergehub import kernels  # noqa: E402
 from mergehub.errors import InputError  # noqa: E402
-from mergehub.kernels import LowRankDelta, SignDelta, TernaryDelta, triton_kernels  # noqa: E402
+from mergehub.kernels import (  # noqa: E402
+    Cut, LowRankDelta, SignDelta, TernaryDelta, triton_kernels)
+from mergehub.merge.methods.sparsify import cut_mask  # noqa: E402
 from mergehub.storage.codecs import LOSSY  # noqa: E402
+
+import merge_reference as ref  # noqa: E402
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 DEVICE = [pytest.param("cpu", id="interp"), pytest.param("cuda", id="gpu", marks=pytest.mark.gpu)]
@@ -83,8 +87,11 @@ def test_merge_matches_reference(device, dtype, elect, mode):
     gen = torch.Generator().manual_seed(100 + i)
     kw = {"weights": (torch.rand(k, generator=gen) * 2 - 0.3).tolist(), "lam": 0.8,
           "elect": elect, "normalize": i % 2 == 0}
-    if mode.startswith("trim"):
-        kw["thresholds"] = [None if t == 1 else 0.01 * t for t in range(k)]
+    if mode.startswith("trim"):  # cuts at a τ's own magnitude, so that entries tie with it
+        n = base.numel()
+        kw["cuts"] = [None if t == 1 else Cut(float((thetas[t].float() - base.float()).abs()
+                                                     .reshape(-1)[(t * 97) % n]), (t * n) // 3)
+                      for t in range(k)]
         if mode == "trim+rescale":
             kw["scales"] = (1 + torch.rand(k, generator=gen)).tolist()
     elif mode == "tall":
@@ -102,21 +109,29 @@ def test_merge_matches_reference(device, dtype, elect, mode):
 def test_ties_any_k_and_out_dtype(device, k):
     base, thetas = _inputs((5, 203), k, torch.bfloat16, device, seed=k)
     kw = {"weights": [1.0] * k, "lam": 1.0, "elect": "sum",
-          "thresholds": [0.015] * k, "out_dtype": torch.float32}
+          "cuts": [Cut(0.015625, 300 * t) for t in range(k)], "out_dtype": torch.float32}
     got, want = _both(kernels.merge_tensor, base, thetas, **kw)
     assert got.dtype == torch.float32 and torch.equal(got, want)
 
 
 def test_ties_hand_computed(device):
-    """TIES on 4 entries by hand: trim |τ| >= 0.5, elect by mass, disjoint mean, λ = 2."""
+    """TIES on 4 entries by hand: trim |τ| >= 0.5 (each cut's tie end past the last entry),
+    elect by mass, disjoint mean, λ = 2; then a tie end that keeps only the first tied entry."""
     base = torch.tensor([1.0, 1.0, 1.0, 1.0], device=device)
     taus = [[1.0, -2.0, 0.25, 3.0], [2.0, 1.0, -0.75, -1.0], [-0.5, 1.5, 1.0, 0.0]]
     thetas = [base + torch.tensor(t, device=device) for t in taus]
     # trimmed: [1,-2,0,3], [2,1,-.75,-1], [-.5,1.5,1,0]; signs by mass: +, +, +, +
     # agreeing means: (1+2)/2, (1+1.5)/2, 1/1, 3/1
     got = kernels.merge_tensor(base, thetas, weights=[1, 1, 1], lam=2.0,
-                               thresholds=[0.5] * 3, elect="sum", backend="triton")
+                               cuts=[Cut(0.5, 4)] * 3, elect="sum", backend="triton")
     assert got.tolist() == [1 + 2 * 1.5, 1 + 2 * 1.25, 1 + 2 * 1.0, 1 + 2 * 3.0]
+    # |τ| = 1 ties at entries 1 and 3 of the second input: tie end 2 keeps entry 1 only, so
+    # [2, 1, 0, 0]; the third keeps |τ| > 1 (tie end 0): [0, 1.5, 0, 0]; the first all of it.
+    # Signs by mass: all +; agreeing means: (1 + 2) / 2, (1 + 1.5) / 2, .25 / 1, 3 / 1
+    got = kernels.merge_tensor(base, thetas, weights=[1, 1, 1], lam=2.0,
+                               cuts=[None, Cut(1.0, 2), Cut(1.0, 0)], elect="sum",
+                               backend="triton")
+    assert got.tolist() == [1 + 2 * 1.5, 1 + 2 * 1.25, 1 + 2 * 0.25, 1 + 2 * 3.0]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16", "fp32"])
@@ -135,7 +150,7 @@ def test_merge_edge_values(device, dtype):
     for xs, b in ((same, base), (tiny, tiny[0] * 0), (huge, huge_base)):
         for elect in (None, "sum", "count"):
             kw = {"weights": [0.5, 1.0, 1.5, 2.0], "lam": 0.7, "elect": elect,
-                  "thresholds": [0.0] * 4, "tall_lambdas": [0.4] * 4}
+                  "cuts": [Cut(0.0, 500 * t) for t in range(4)], "tall_lambdas": [0.4] * 4}
             got, want = _both(kernels.merge_tensor, b, xs, **kw)
             assert not torch.isnan(want.float()).any()
             assert torch.equal(got, want)
@@ -156,27 +171,63 @@ def _kth_oracle(base, theta, density):
     return float(mag[max(1, int(density * mag.size)) - 1])
 
 
+def _assert_oracle_cuts(base, thetas, densities, cuts, ties="index"):
+    """Each cut keeps exactly the oracle's entries (the top k of the stable ranking, or all
+    tied with the k-th) and sits at the oracle's k-th largest value."""
+    for theta, d, cut in zip(thetas, densities, cuts):
+        tau = (theta.float().cpu() - base.float().cpu()).reshape(-1)
+        k = ref.kept_count(d, tau.numel())
+        want = ref.top_k_mask(tau.numpy(), k) if ties == "index" else \
+            ref.threshold_mask(tau.numpy(), k)
+        mask = cut_mask(tau, cut)
+        got = np.ones(tau.numel(), bool) if mask is None else mask.numpy()
+        assert (got == want).all(), (d, cut)
+        assert cut is None or cut.kept == want.sum()
+        if 0 < d < 1:
+            assert cut.threshold == _kth_oracle(base, theta, d)
+
+
+@pytest.mark.parametrize("ties", ["index", "threshold"])
 @pytest.mark.parametrize("shape", [(5,), (1000,), (3, 1025), (64, 128)])
-def test_thresholds_exact(device, shape):
+def test_cuts_exact(device, shape, ties):
+    """bf16 inputs (τ takes few values: the cut splits a run of ties): the kernels' cuts equal
+    the torch reference's and keep exactly the oracle's entries."""
     base, thetas = _inputs(shape, 3, torch.bfloat16, device, seed=shape[0])
     dens = [0.1, 0.5, 1e-9]
-    got = kernels.magnitude_thresholds(base, thetas, dens, backend="triton")
-    assert got == kernels.magnitude_thresholds(base, thetas, dens, backend="torch")
-    assert got == [_kth_oracle(base, t, d) for t, d in zip(thetas, dens)]
-    assert kernels.magnitude_thresholds(base, thetas[:2], [1.0, 0.0], backend="triton") \
-        == [None, math.inf]
+    got = kernels.magnitude_cuts(base, thetas, dens, ties=ties, backend="triton")
+    assert got == kernels.magnitude_cuts(base, thetas, dens, ties=ties, backend="torch")
+    _assert_oracle_cuts(base, thetas, dens, got, ties)
+    assert kernels.magnitude_cuts(base, thetas[:2], [1.0, 0.0], backend="triton") \
+        == [None, Cut(math.inf, 0, 0)]
+
+
+def test_cuts_tie_ends_over_many_blocks(device, monkeypatch):
+    """A run of ties spread over many counting blocks (small ones here): the block holding the
+    k-th is found from the running counts, for several inputs at once, whatever their k."""
+    monkeypatch.setattr(triton_kernels, "COUNT_BLOCK", 64)
+    gen = torch.Generator().manual_seed(4)
+    n = 64 * 50 + 13
+    base = torch.zeros(n)
+    thetas = [(torch.randint(0, 3, (n,), generator=gen).float() * 0.5
+               * torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)).to(device)
+              for _ in range(4)]
+    dens = [0.05, 0.3, 0.6, 0.95]
+    got = kernels.magnitude_cuts(base.to(device), thetas, dens, backend="triton")
+    _assert_oracle_cuts(base, thetas, dens, got)
+    assert all(0 < c.tie_end < n for c in got)  # each splits its run
 
 
 @pytest.mark.parametrize("radix_bits", [8, 5])
-def test_thresholds_sampled_ties_and_missed_bracket(device, monkeypatch, radix_bits):
+def test_cuts_sampled_ties_and_missed_bracket(device, monkeypatch, radix_bits):
     """Strided sampling (a small SAMPLE_SIZE), many tied values (the k-th at a bracket's end),
     and a sample that lies about the data (the bracket misses: the whole-input selection gives
-    the exact value); 5-bit digits make the radix select run 7 rounds."""
+    the exact cut); 5-bit digits make the radix select run 7 rounds."""
     monkeypatch.setattr(kernels, "SAMPLE_SIZE", 512)
     monkeypatch.setattr(triton_kernels, "RADIX_BITS", radix_bits)
     monkeypatch.setattr(triton_kernels, "SELECT_SLOTS", 2)  # several blocks append to a list
     whole = []
-    monkeypatch.setattr(kernels, "_select_whole", lambda *a: whole.append(a) or math.nan)
+    monkeypatch.setattr(kernels, "_select_whole",
+                        lambda *a: whole.append(a) or Cut(math.nan, 0))
     n = 64 * 128 + 77
     base = torch.zeros(n, device=device)
     tied = (torch.randint(0, 5, (n,)).float() * 0.25).to(device)
@@ -186,21 +237,23 @@ def test_thresholds_sampled_ties_and_missed_bracket(device, monkeypatch, radix_b
     smooth = torch.randn(n).to(device)
     for theta in (tied, smooth):
         for d in (0.01, 0.3, 0.9):
-            got = kernels.magnitude_thresholds(base, [theta, -theta], [d, d / 2],
-                                               backend="triton")
-            assert got == [_kth_oracle(base, theta, d), _kth_oracle(base, theta, d / 2)]
+            for ties in ("index", "threshold") if theta is tied else ("index",):
+                got = kernels.magnitude_cuts(base, [theta, -theta], [d, d / 2], ties=ties,
+                                             backend="triton")
+                _assert_oracle_cuts(base, [theta, -theta], [d, d / 2], got, ties)
     assert not whole
-    assert math.isnan(kernels.magnitude_threshold(base, liar, 0.3, backend="triton"))
+    assert math.isnan(kernels.magnitude_cut(base, liar, 0.3, backend="triton").threshold)
     assert len(whole) == 1
     monkeypatch.undo()
-    assert kernels.magnitude_threshold(base, liar, 0.3, backend="triton") \
-        == _kth_oracle(base, liar, 0.3) == 3.0
+    cut = kernels.magnitude_cut(base, liar, 0.3, backend="triton")
+    _assert_oracle_cuts(base, [liar], [0.3], [cut])
+    assert cut.threshold == 3.0
 
 
-def test_thresholds_tie_at_top_prefix(device, monkeypatch):
+def test_cuts_tie_at_top_prefix(device, monkeypatch):
     """The k-th largest is a value tied 700 times at the bottom of the bracket's top 16-bit
     prefix (lo lies further down): counted there, not gathered, and still exact without the
-    whole-input fallback; a k among distinct values below it too."""
+    whole-input fallback, its ties split by position; a k among distinct values below it too."""
     gen = torch.Generator().manual_seed(0)
     n = 5000
     values = torch.cat([torch.full((400,), 2.0), torch.full((700,), 1.0),
@@ -208,59 +261,70 @@ def test_thresholds_tie_at_top_prefix(device, monkeypatch):
     theta = values[torch.randperm(n, generator=gen)].to(device)
     base = torch.zeros(n, device=device)
     whole = []
-    monkeypatch.setattr(kernels, "_select_whole", lambda *a: whole.append(a) or math.nan)
+    monkeypatch.setattr(kernels, "_select_whole",
+                        lambda *a: whole.append(a) or Cut(math.nan, 0))
     dens = [0.2, 0.3]  # ranks 1000 (in the run of 1.0s) and 1500 (below it)
-    got = kernels.magnitude_thresholds(base, [theta, theta], dens, backend="triton")
-    assert got == [1.0, _kth_oracle(base, theta, 0.3)] and got[1] < 0.5 and not whole
+    got = kernels.magnitude_cuts(base, [theta, theta], dens, backend="triton")
+    assert got[0].threshold == 1.0 and got[1].threshold < 0.5 and not whole
+    _assert_oracle_cuts(base, [theta, theta], dens, got)
 
 
-def test_thresholds_candidate_overflow(device, monkeypatch):
+def test_cuts_candidate_overflow(device, monkeypatch):
     """Candidates beyond their room make that input fall back to the whole-input selection;
-    the others keep the fast path's (exact) value."""
-    base, thetas = _inputs((4, 1500), 3, torch.float32, device, seed=5)
+    the others keep the fast path's (exact) cut."""
+    base, thetas = _inputs((4, 1500), 3, torch.bfloat16, device, seed=5)
     monkeypatch.setattr(kernels, "SAMPLE_SIZE", 1024)
     monkeypatch.setattr(kernels, "CAP_SLACK", 0)
     monkeypatch.setattr(triton_kernels, "LIST_SLACK", 0)
     monkeypatch.setattr(kernels, "CAP_FACTOR", 0.5)  # half the expected candidates: overflow
     dens = [0.2, 0.3, 1e-9]  # the last finds few candidates (its bracket has no upper end)
-    want = [_kth_oracle(base, t, d) for t, d in zip(thetas, dens)]
-    assert kernels.magnitude_thresholds(base, thetas, dens, backend="triton") == want
+    want = kernels.magnitude_cuts(base, thetas, dens, backend="triton")
+    _assert_oracle_cuts(base, thetas, dens, want)
     whole = []
-    monkeypatch.setattr(kernels, "_select_whole", lambda *a: whole.append(a) or math.nan)
-    got = kernels.magnitude_thresholds(base, thetas, dens, backend="triton")
-    assert len(whole) == 2 and math.isnan(got[0]) and math.isnan(got[1]) and got[2] == want[2]
+    monkeypatch.setattr(kernels, "_select_whole",
+                        lambda *a: whole.append(a) or Cut(math.nan, 0))
+    got = kernels.magnitude_cuts(base, thetas, dens, backend="triton")
+    assert len(whole) == 2 and math.isnan(got[0].threshold) and math.isnan(got[1].threshold)
+    assert got[2] == want[2]
 
 
 @pytest.mark.parametrize("k, dtype, shape", [(1, torch.bfloat16, (96, 160)),
                                              (3, torch.float16, (20000,)),
                                              (8, torch.float32, (7, 4099))])
-def test_thresholds_approximate_equal_reference(device, k, dtype, shape):
-    """With a tolerance both backends select exactly over the same random sample (odd sizes,
-    K up to 8), so they agree; a tolerance too fine for the tensor gives the exact
-    thresholds."""
+def test_cuts_approximate_equal_reference(device, k, dtype, shape):
+    """With a tolerance both backends cut at the same entry of the same random sample (odd
+    sizes, K up to 8), so they agree: its k_s-th largest value, its ties ending after the last
+    kept sampled one; a tolerance too fine for the tensor gives the exact cuts."""
     from mergehub.merge.methods.sparsify import sample_positions
 
     base, thetas = _inputs(shape, k, dtype, device, seed=k)
     n = base.numel()
     dens = [0.2, 0.9, 0.01, 1e-9, 0.5, 1.0, 0.0, 0.33][:k]
     assert sample_positions(n, 0.1) is not None
-    got = kernels.magnitude_thresholds(base, thetas, dens, tolerance=0.1, backend="triton")
-    assert got == kernels.magnitude_thresholds(base, thetas, dens, tolerance=0.1,
-                                               backend="torch")
-    pick = sample_positions(n, 0.1).to(device)
-    assert got == [None if d >= 1 else math.inf if d <= 0 else
-                   _kth_oracle(base.reshape(-1)[pick], t.reshape(-1)[pick], d)
-                   for t, d in zip(thetas, dens)]  # the sample's exact thresholds
-    exact = kernels.magnitude_thresholds(base, thetas, dens, backend="torch")
+    for ties in ("index", "threshold"):
+        got = kernels.magnitude_cuts(base, thetas, dens, tolerance=0.1, ties=ties,
+                                     backend="triton")
+        assert got == kernels.magnitude_cuts(base, thetas, dens, tolerance=0.1, ties=ties,
+                                             backend="torch")
+        pick = sample_positions(n, 0.1)
+        for theta, d, cut in zip(thetas, dens, got):
+            if not 0 < d < 1:
+                assert cut == (None if d >= 1 else Cut(math.inf, 0, 0))
+                continue
+            tau = (theta.float().cpu() - base.float().cpu()).reshape(-1)[pick].numpy()
+            ks = ref.kept_count(d, tau.size)
+            last = ref.ranked(tau)[ks - 1]  # the sample's k_s-th entry in the oracle's order
+            assert cut.threshold == abs(tau[last])
+            assert cut.tie_end == (n if ties == "threshold" else int(pick[last]) + 1)
+    exact = kernels.magnitude_cuts(base, thetas, dens, backend="torch")
     assert sample_positions(n, 0.01) is None
     backend = "triton" if k == 1 else "torch"  # the exact kernel is slow in the interpreter
-    assert kernels.magnitude_thresholds(base, thetas, dens, tolerance=0.01, backend=backend) \
-        == exact
+    assert kernels.magnitude_cuts(base, thetas, dens, tolerance=0.01, backend=backend) == exact
 
 
-def test_thresholds_approximate_ties_and_extremes(device):
+def test_cuts_approximate_ties_and_extremes(device):
     """A sample of few distinct values (zero, subnormal, 0.5, near the float32 maximum): the
-    k-th sampled value sits in a long run of ties, found exactly at every density."""
+    k_s-th sampled value sits in a long run of ties, found exactly at every density."""
     from mergehub.merge.methods.sparsify import sample_positions
 
     gen = torch.Generator().manual_seed(3)
@@ -268,12 +332,14 @@ def test_thresholds_approximate_ties_and_extremes(device):
     values = torch.tensor([0.0, 1e-40, 0.5, 3e38])
     theta = values[torch.randint(0, 4, (n,), generator=gen)].to(device)
     base = torch.zeros(n, device=device)
-    pick = sample_positions(n, 0.2).to(device)
+    pick = sample_positions(n, 0.2)
     for d in (0.05, 0.3, 0.6, 0.9):
-        got = kernels.magnitude_thresholds(base, [theta, -theta], [d, d], tolerance=0.2,
-                                           backend="triton")
-        want = _kth_oracle(base[pick], theta[pick], d)
-        assert got == [want, want] == kernels.magnitude_thresholds(
+        got = kernels.magnitude_cuts(base, [theta, -theta], [d, d], tolerance=0.2,
+                                     backend="triton")
+        sample = theta.cpu()[pick].numpy()
+        last = ref.ranked(sample)[ref.kept_count(d, sample.size) - 1]
+        want = Cut(float(abs(sample[last])), int(pick[last]) + 1)
+        assert got == [want, want] == kernels.magnitude_cuts(
             base, [theta, -theta], [d, d], tolerance=0.2, backend="torch")
 
 
@@ -414,6 +480,6 @@ def test_imports_and_falls_back_without_triton():
             "b = torch.zeros(5); t = torch.ones(5)\n"
             "out = kernels.merge_tensor(b, [t, t], weights=[1, 1], lam=0.5, elect='sum')\n"
             "assert out.tolist() == [0.5] * 5, out\n"
-            "assert kernels.magnitude_threshold(b, t, 0.5) == 1.0\n")
+            "assert kernels.magnitude_cut(b, t, 0.5).threshold == 1.0\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)

@@ -282,25 +282,83 @@ def test_non_float_tensors_copied_and_failure_leaves_nothing(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out2")]
 
 
-def test_ties_global_trim_end_to_end(models, tmp_path):
+@pytest.mark.parametrize("ties", ["index", "threshold"])
+def test_ties_global_trim_end_to_end(models, tmp_path, ties):
+    """trim_scope: global over a bf16 fine-tune keeps what the oracle's trim of the whole
+    flattened task vector (tensors in the base's order) keeps, and reports that count."""
     r = recipe(tmp_path, f"""
 merge_method: ties
 base_model: {models['base-bf16']}
 models:
   - model: {models['ft-mlp']}
     parameters: {{density: 0.1}}
-parameters: {{trim_scope: global}}
+parameters: {{trim_scope: global, ties: {ties}}}
 out_dtype: float32
 """)
-    mergehub.merge(r, out=tmp_path / "out", progress=False)
+    result = mergehub.merge(r, out=tmp_path / "out", progress=False)
     out, base = load_all(tmp_path / "out"), load_all(models["base-bf16"])
     ft = load_all(models["ft-mlp"])
     taus = torch.cat([(ft[n].float() - base[n].float()).reshape(-1) for n in base])
     merged = torch.cat([(out[n] - base[n].float()).reshape(-1) for n in base])
-    k = int(0.1 * taus.numel())
-    threshold = taus.abs().sort(descending=True).values[k - 1]
-    assert torch.equal(merged != 0, (taus.abs() >= threshold) & (taus != 0))
+    k = ref.kept_count(0.1, taus.numel())
+    want = torch.from_numpy(ref.top_k_mask(taus.numpy(), k) if ties == "index"
+                            else ref.threshold_mask(taus.numpy(), k))
+    assert torch.equal(merged != 0, want & (taus != 0))
     assert torch.allclose(merged[merged != 0], taus[merged != 0], atol=1e-7)
+    assert result.report["kept"].kept == [int(want.sum())]
+    assert (int(want.sum()) == k) if ties == "index" else (int(want.sum()) > k)
+
+
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_ties_density_zero_keeps_nothing(models, tmp_path, scope):
+    """Density 0 trims every entry in both scopes: the merge is the base (the global scope
+    used to keep each task's largest entry)."""
+    r = recipe(tmp_path, f"merge_method: ties\nbase_model: {models['base-bf16']}\nmodels:\n"
+                         f"  - model: {models['ft-mlp']}\n    parameters: {{density: 0.0}}\n"
+                         f"parameters: {{trim_scope: {scope}}}\n")
+    out = load_all(mergehub.merge(r, out=tmp_path / "out", progress=False).out)
+    for name, t in load_all(models["base-bf16"]).items():
+        assert torch.equal(out[name], t), name
+
+
+@pytest.mark.parametrize("method, extra, word", [
+    ("ties", "", "exactly"), ("ties", ", ties: threshold", "at least"),
+    ("ties", ", density_tolerance: 0.3", "about"), ("breadcrumbs", "", "exactly"),
+    ("dare_ties", "", "about")])
+def test_kept_share_in_dry_run_and_summary(models, tmp_path, method, extra, word):
+    """``--dry-run`` says how many task-vector entries each input's sparsification will keep,
+    the merge summary how many it kept: k = int(d·n) per tensor, exactly, with ``ties:
+    index`` (bf16 deltas tie at nearly every cut); at least that with ``threshold``."""
+    from mergehub.merge.methods.sparsify import kth_rank
+
+    r = recipe(tmp_path, f"merge_method: {method}\nbase_model: {models['base-bf16']}\nmodels:\n"
+                         f"  - model: {models['ft-mlp']}\n    parameters: {{density: 0.2}}\n"
+                         f"  - model: {models['ft-attn']}\n    parameters: {{density: 0.4}}\n"
+                         f"parameters: {{lambda: 1.0{extra}}}\n")
+    runner = CliRunner()
+    res = runner.invoke(cli, ["merge", str(r), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    base = load_all(models["base-bf16"])
+    sizes = [t.numel() for n, t in base.items() if t.is_floating_point()]
+    plans = [sum(kth_rank(d, n) for n in sizes) for d in (0.2, 0.4)]
+    if method == "breadcrumbs":
+        plans = [sum(int(d * n) for n in sizes) for d in (0.2, 0.4)]
+    line = next(x for x in res.output.splitlines() if x.startswith("sparsification will keep"))
+    assert line.startswith(f"sparsification will keep {word}: ")
+    if word != "about":
+        assert all(f"({p:,} of {sum(sizes):,})" in line for p in plans), line
+    res = runner.invoke(cli, ["merge", str(r), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.output.splitlines() if x.startswith("sparsification kept"))
+    result = mergehub.merge(r, out=tmp_path / "again", progress=False)
+    kept = result.report["kept"].kept
+    assert f"({kept[0]:,} of {sum(sizes):,})" in line
+    if word == "exactly":
+        assert kept == plans
+    elif word == "at least":
+        assert all(k > p for k, p in zip(kept, plans))  # ties at the cut are all kept
+    else:
+        assert all(abs(k - p) < 0.3 * sum(sizes) for k, p in zip(kept, plans))
 
 
 def test_cli_merge(models, tmp_path):

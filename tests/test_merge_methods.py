@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,9 +29,11 @@ def run(method: str, params: dict, model_params: list[dict], base=BASE, taus=TAU
     if not cls.on_deltas:
         xs = [b + x for x in xs]
     ctx = TensorContext("t", torch.device("cpu"), seed, {"numel": b.numel(), "row_starts": [0]})
-    for rnd in range(m.prepass_rounds()):
+    rnd = 0
+    while rnd < m.prepass_rounds():
         m.observe(rnd, xs, full, ctx)
         m.finish_round(rnd, ctx.state)
+        rnd += 1
     m.tensor_stats(lambda which=None: iter([(b, xs if which is None else [xs[i] for i in which])]),
                    full, ctx)
     ctx.rows = (0, b.numel())
@@ -206,10 +209,110 @@ def test_ties_reference_random(seed, elect):
     close(out, ref.ties(base, taus, weights, densities, 0.8, True, elect), 1e-5)
 
 
-def test_ties_keeps_entries_tied_at_threshold():
+@pytest.mark.parametrize("ties, want", [
+    ("index", [0.1, -0.1, 0.1, 0.2, 0.0, 0.0, 0.0, 0.0]),  # k = 4: 0.2, then the first three 0.1s
+    ("threshold", [0.1, -0.1, 0.1, 0.2, -0.1, 0.0, 0.1, 0.0])])  # every |τ| >= 0.1
+def test_ties_trim_tie_rules(ties, want):
+    """k = int(0.5·8) = 4 of five magnitudes tied at 0.1: ``index`` keeps exactly 4 (ties by
+    position, lowest first), ``threshold`` all of them."""
     taus = [[0.1, -0.1, 0.1, 0.2, -0.1, 0.0, 0.1, 0.05]]
-    out = run("ties", {}, [{"density": 0.5}], base=[0.0] * 8, taus=taus)
-    close(out, [0.1, -0.1, 0.1, 0.2, -0.1, 0.0, 0.1, 0.0])  # k = 4, five tie at 0.1
+    out = run("ties", {"ties": ties}, [{"density": 0.5}], base=[0.0] * 8, taus=taus)
+    close(out, want)
+    close(out, ref.ties([0.0] * 8, taus, [1.0], [0.5], ties=ties))
+
+
+def run_chunked(method: str, params: dict, model_params: list[dict], taus: list[torch.Tensor],
+                chunk_rows: int) -> tuple[torch.Tensor, object]:
+    """A merge of [rows, cols] task vectors against a zero base as the engine's chunked path
+    runs it: whole-tensor statistics over a stream of ``chunk_rows``-row chunks, then the
+    merge chunk by chunk. Returns the merged delta and the method."""
+    cls = METHODS[method]
+    m = cls(params)
+    full = [{**cls.model_params, **p} for p in model_params]
+    m.validate(full, [f"m{i}" for i in range(len(full))])
+    rows, cols = taus[0].shape
+    base = torch.zeros(rows, cols)
+    ranges = [(r, min(rows, r + chunk_rows)) for r in range(0, rows, chunk_rows)]
+
+    def chunks(which=None):
+        for r0, r1 in ranges:
+            yield base[r0:r1], [taus[i][r0:r1] for i in (range(len(taus)) if which is None
+                                                         else which)]
+
+    ctx = TensorContext("t", torch.device("cpu"), 0,
+                        {"numel": rows * cols, "row_starts": [r for r, _ in ranges]},
+                        row_size=cols)
+    m.tensor_stats(chunks, full, ctx)
+    out = []
+    for r0, r1 in ranges:
+        ctx.rows = (r0, r1)
+        out.append(m.merge(base[r0:r1], [t[r0:r1] for t in taus], full, ctx))
+    return torch.cat(out), m
+
+
+@pytest.mark.parametrize("shape, chunk_rows", [((64, 50), 1), ((64, 50), 7), ((64, 50), 64),
+                                               ((1100, 1000), 97)])
+@pytest.mark.parametrize("ties", ["index", "threshold"])
+def test_trim_of_bf16_deltas_matches_oracle(shape, chunk_rows, ties):
+    """One bf16 fine-tune's τ (many magnitudes tied at every cut) trimmed by TIES in chunks —
+    rows of one, chunks that split runs of ties, the whole tensor; and a tensor past the
+    exact-selection size, where sampled brackets and a position pass find the cut — keeps
+    exactly the oracle's entries: the k = int(d·n) first of the ranking (``index``) or all
+    tied with the k-th (``threshold``). A single input with unit weight merges to its trimmed
+    τ exactly."""
+    n = shape[0] * shape[1]
+    tau = _bf16_taus(n, seed=shape[0] + chunk_rows).reshape(shape)
+    split = 0
+    for density in (0.2, 0.05, 0.5, 0.0, 1e-9):
+        out, m = run_chunked("ties", {"ties": ties}, [{"density": density}], [tau], chunk_rows)
+        k = ref.kept_count(density, n)
+        want = ref.top_k_mask(tau.numpy(), k) if ties == "index" else \
+            ref.threshold_mask(tau.numpy(), k)
+        assert torch.equal(out.reshape(-1), tau.reshape(-1) * torch.from_numpy(want)), density
+        assert m.kept_report().kept == [int(want.sum())]
+        assert want.sum() == k if ties == "index" else want.sum() >= k
+        split += int(ref.threshold_mask(tau.numpy(), k).sum() > k)
+    assert split >= 2  # the cuts fall inside runs of ties: the rules differ there
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 5, 40])
+@pytest.mark.parametrize("ties", ["index", "threshold"])
+def test_breadcrumbs_band_of_bf16_deltas_matches_oracle(chunk_rows, ties):
+    """Breadcrumbs' two-sided trim on bf16 deltas: ``index`` keeps exactly int(d·n) entries,
+    ranks [top, top + keep) of the oracle's ranking (mergekit's magnitude_outliers with ties
+    by position); ``threshold`` the old band lo < |τ| <= hi between the values at those
+    ranks."""
+    tau = _bf16_taus(40 * 37, seed=chunk_rows).reshape(40, 37)
+    n = tau.numel()
+    flat = tau.reshape(-1).numpy()
+    for density, gamma in ((0.5, 0.1), (0.2, 0.01), (0.6, 0.45), (0.0, 0.1), (0.3, 0.0)):
+        out, m = run_chunked("breadcrumbs", {"ties": ties},
+                             [{"density": density, "gamma": gamma}], [tau], chunk_rows)
+        if ties == "index":
+            want = ref.band_mask(flat, density, gamma)
+            assert want.sum() == int(density * n)
+        else:
+            keep = int(density * n)
+            top = min(int(gamma * n), n - keep)
+            desc = np.sort(np.abs(flat))[::-1]
+            hi = desc[top]
+            lo = desc[top + keep] if top + keep < n else -np.inf
+            want = (np.abs(flat) > lo) & (np.abs(flat) <= hi) if keep else np.zeros(n, bool)
+        assert torch.equal(out.reshape(-1), tau.reshape(-1) * torch.from_numpy(want)), density
+        assert m.kept_report().kept == [int(want.sum())]
+
+
+@pytest.mark.parametrize("ties", ["index", "threshold"])
+def test_ties_merge_of_bf16_deltas_matches_reference(ties):
+    """The whole TIES merge (trim, election, disjoint mean) of four bf16 fine-tunes with
+    weights, in chunks, against the plain reference."""
+    taus = [_bf16_taus(30 * 41, seed=s).reshape(30, 41) for s in range(4)]
+    weights, densities = [1.0, 0.5, 2.0, 0.8], [0.2, 0.1, 0.3, 0.5]
+    params = [{"weight": w, "density": d} for w, d in zip(weights, densities)]
+    out, _ = run_chunked("ties", {"lambda": 0.8, "ties": ties}, params, taus, 7)
+    want = ref.ties([0.0] * taus[0].numel(), [t.reshape(-1).tolist() for t in taus], weights,
+                    densities, 0.8, True, "sum", ties)
+    close(out.reshape(-1).tolist(), want, 1e-6)
 
 
 @pytest.mark.parametrize("normalize", [False, True])
@@ -312,7 +415,7 @@ def test_dare_l1_rescale_matches_mergekit_with_its_masks():
     masks = [torch.tensor(m, dtype=torch.bool)
              for m in ([1, 0, 1, 1, 1, 0], [1, 0, 1, 0, 1, 1], [1, 1, 1, 0, 0, 0])]
     taus = [torch.tensor(t) for t in fp32_taus()]
-    scales = l1_scales(lambda: iter([(None, taus)]), lambda t, c, x: masks[t], 3)
+    scales = l1_scales(lambda: iter([(None, taus)]), lambda t, c, offset, x: masks[t], 3)
     deltas = [apply_mask(t, m, s) for t, m, s in zip(taus, masks, scales)]
     mixed = combine(deltas, [{"weight": w} for w in W], None, False)
     close((torch.tensor(BASE) + mixed).tolist(),
@@ -320,29 +423,70 @@ def test_dare_l1_rescale_matches_mergekit_with_its_masks():
            -0.6092105507850647], 1e-6)
 
 
-def test_global_trim_matches_full_sort():
-    """trim_scope: global finds each task's exact k-th largest |τ| over all its tensors."""
-    from mergehub.merge.methods.ties import GlobalThresholds
+def _bf16_taus(n: int, seed: int, scale: float = 0.01) -> torch.Tensor:
+    """τ of a bf16 fine-tune against its bf16 base, in float32: few distinct magnitudes, so a
+    trim's k-th largest sits inside a long run of ties."""
+    gen = torch.Generator().manual_seed(seed)
+    sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    base = (sign * (0.25 + 1.75 * torch.rand(n, generator=gen))).bfloat16()  # 3 binades
+    theta = (base.float() + torch.randn(n, generator=gen) * scale).bfloat16()
+    return theta.float() - base.float()
 
-    gen = torch.Generator().manual_seed(1)
-    tensors = [[torch.randn((1000,), generator=gen) * 0.01, torch.randn((37, 11), generator=gen),
-                torch.randn((5000,), generator=gen) * 1e-4] for _ in range(2)]
-    densities = [0.2, 0.05]
-    g = GlobalThresholds(densities)
-    for rnd in (0, 1):
-        for i in range(3):
-            g.observe(rnd, [tensors[0][i], tensors[1][i]])
-        thresholds = g.finish(rnd)
+
+@pytest.mark.parametrize("ties", ["index", "threshold"])
+def test_global_trim_matches_oracle(ties):
+    """trim_scope: global keeps, per task, what the oracle's trim of the whole flattened task
+    vector (tensors in merge order) keeps: exactly k = int(d·N) with ``index`` although many
+    magnitudes tie at the cut; streamed in small chunks, so runs of ties straddle chunks and
+    tensors. Density <= 0 keeps nothing there, as in the per-tensor scope."""
+    from mergehub.merge.methods.sparsify import cut_mask, magnitude_cuts
+    from mergehub.merge.methods.ties import GlobalCuts
+
+    tensors = [[_bf16_taus(1000, 1 + t), _bf16_taus(37 * 11, 3 + t, 0.02).reshape(37, 11),
+                _bf16_taus(5000, 5 + t, 0.003)] for t in range(4)]
+    densities = [0.2, 0.05, 0.0, 1.0]
+    g = GlobalCuts(densities, ties)
+    rnd = 0
+    while rnd < g.rounds():
+        for i, name in enumerate(("a", "b", "c")):
+            flat = [tensors[t][i].reshape(-1) for t in range(4)]
+            for c in range(0, flat[0].numel(), 300):
+                g.observe(rnd, name, [f[c:c + 300] for f in flat])
+        g.finish(rnd)
+        rnd += 1
+    assert rnd == (3 if ties == "index" else 2)  # the third pass only finds where ties end
+    total = sum(x.numel() for x in tensors[0])
     for t, density in enumerate(densities):
-        flat = torch.cat([x.reshape(-1) for x in tensors[t]]).abs()
-        k = max(1, int(density * flat.numel()))
-        assert thresholds[t] == torch.sort(flat, descending=True).values[k - 1].item()
+        flat = torch.cat([x.reshape(-1) for x in tensors[t]]).numpy()
+        k = ref.kept_count(density, total)
+        want = ref.top_k_mask(flat, k) if ties == "index" else ref.threshold_mask(flat, k)
+        got = []
+        for i, name in enumerate(("a", "b", "c")):
+            x = tensors[t][i]
+            cut = g.tensor_cuts(name, x.numel())[t]
+            for c in range(0, x.numel(), 300):
+                part = x.reshape(-1)[c:c + 300]
+                mask = cut_mask(part, cut, c)
+                got.append(torch.ones_like(part, dtype=torch.bool) if mask is None else mask)
+        got = torch.cat(got).numpy()
+        assert (got == want).all(), (t, density)
+        assert g.kept()[t] == want.sum()
+        if ties == "index":
+            assert want.sum() == k
+            if 0 < density < 1:  # the test means something: the cut splits a run of ties
+                at = np.abs(flat) == np.abs(flat[want]).min()
+                assert at.sum() > (at & want).sum() > 0
+    # density 0 keeps nothing in either scope (it kept one entry per task in the global one)
+    x = tensors[2][0]
+    assert magnitude_cuts(lambda which=None: iter([(None, [x])]), x.numel(), [0.0])[0].kept == 0
+    assert g.kept()[2] == 0
 
 
 @pytest.mark.parametrize("pattern", ["random", "ties", "adversarial"])
 def test_streamed_kth_largest_is_exact(pattern):
-    """The sampled bracket + count selection equals a full sort, including when the strided
-    sample misrepresents the tensor (then it falls back to gathering)."""
+    """The sampled bracket + count selection equals a full sort (the k-th value and the counts
+    above and at it), including when the strided sample misrepresents the tensor (then it
+    falls back to gathering)."""
     from mergehub.merge.methods.sparsify import kth_largest_abs
 
     n = 3_000_017
@@ -362,9 +506,12 @@ def test_streamed_kth_largest_is_exact(pattern):
             yield None, [c, -c] if which is None else [[c, -c][i] for i in which]
 
     ks = [[1, 17, n // 5, n - 1, n], [n // 2]]
-    got = kth_largest_abs(chunks, n, ks)
-    ordered = x.abs().sort(descending=True).values
-    assert got == [[ordered[k - 1].item() for k in ks[0]], [ordered[n // 2 - 1].item()]]
+    got, _ = kth_largest_abs(chunks, n, ks)
+    mag = x.abs()
+    ordered = mag.sort(descending=True).values
+    for row, kk in zip(got, ks):
+        v = [ordered[k - 1].item() for k in kk]
+        assert row == [(u, int((mag > u).sum()), int((mag == u).sum())) for u in v]
 
 
 def _arranged(pattern: str, n: int) -> torch.Tensor:
@@ -385,22 +532,21 @@ def _arranged(pattern: str, n: int) -> torch.Tensor:
     return x
 
 
+@pytest.mark.parametrize("ties", ["index", "threshold"])
 @pytest.mark.parametrize("pattern", ["random", "sorted", "runs", "periodic", "heavy",
                                      "ties", "spike"])
-def test_sampled_thresholds_within_tolerance(pattern):
-    """The approximate threshold lies between the exact ones at densities d + ε and d − ε (so
-    the trim keeps within ε of d, ties aside), however the values are arranged; streamed in
-    chunks it is the same as in one chunk."""
-    from mergehub.merge.methods.sparsify import magnitude_thresholds, sample_positions
+def test_sampled_cuts_within_tolerance(pattern, ties):
+    """The approximate cut keeps a share of the tensor within ε of d however the values are
+    arranged: with ``ties: index`` every kept entry counts, ties included, and the kept set is
+    a prefix of the oracle's ranking; with ``threshold`` the entries above the threshold are at
+    most d + ε and those at or above it at least d − ε. Streamed in chunks it equals one
+    chunk."""
+    from mergehub.merge.methods.sparsify import cut_mask, magnitude_cuts, sample_positions
 
     n = 1 << 21
     x = _arranged(pattern, n)
-    ordered = x.abs().sort(descending=True).values
-
-    def exact(d: float) -> float:
-        return math.inf if d <= 0 else -math.inf if d >= 1 else \
-            ordered[max(1, int(d * n)) - 1].item()
-
+    mag = x.abs()
+    order = torch.from_numpy(ref.ranked(x.numpy()))
     step = 100_003
     pieces = [x[i:i + step] for i in range(0, n, step)]
 
@@ -410,15 +556,20 @@ def test_sampled_thresholds_within_tolerance(pattern):
 
     for tol in (0.02, 0.05):
         assert sample_positions(n, tol) is not None
-        dens = [0.005, 0.1, 0.2, 0.5, 0.9, 0.995]
-        got = [magnitude_thresholds(chunks, n, [d, d], tol) for d in dens]
-        assert got == [magnitude_thresholds(lambda which=None: iter([(None, [x, -x])]), n,
-                                            [d, d], tol) for d in dens]
-        for d, (t, u) in zip(dens, got):
-            assert t == u
-            assert exact(d + tol) <= t <= exact(d - tol), (tol, d)
-            kept_above, kept_at = float((x.abs() > t).float().mean()), float((x.abs() >= t).float().mean())
-            assert kept_above <= d + tol and kept_at >= d - tol, (tol, d)
+        for d in (0.005, 0.1, 0.2, 0.5, 0.9, 0.995):
+            got = magnitude_cuts(chunks, n, [d, d], tol, ties)
+            assert got == magnitude_cuts(lambda which=None: iter([(None, [x, -x])]), n, [d, d],
+                                         tol, ties)
+            cut, other = got
+            assert cut == other
+            mask = cut_mask(x, cut)
+            if ties == "index":
+                kept = int(mask.sum())
+                assert abs(kept / n - d) <= tol, (tol, d)
+                assert bool(mask[order[:kept]].all())
+            else:
+                assert float((mag > cut.threshold).float().mean()) <= d + tol, (tol, d)
+                assert float(mask.float().mean()) >= d - tol, (tol, d)
 
 
 def test_sample_positions_plan():

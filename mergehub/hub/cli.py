@@ -314,7 +314,7 @@ def merge_(ctx: click.Context, recipe: Path, output: Path | None, to_store: str 
            output_format: str, dry_run: bool) -> None:
     """Merge models as RECIPE (mergekit-style YAML) says. Inputs are HF model dirs, PEFT LoRA
     dirs (used as dense deltas B·A·scaling), .safetensors files or store names."""
-    from mergehub.merge.engine import merge
+    from mergehub.merge.engine import kept_line, merge
 
     store = None
     root = ctx.obj["store"]
@@ -339,6 +339,11 @@ def merge_(ctx: click.Context, recipe: Path, output: Path | None, to_store: str 
             click.echo(f"  {label}: " + "  ".join(f"m={j + 1}: {e:.4f}" for j, e in enumerate(errs)))
         click.echo(f"stored basis ({result.report['basis']}) with m = 1..T terms: " + "  ".join(
             f"m={j + 1}: {human_bytes(b)}" for j, b in enumerate(result.report["stored_bytes_by_m"])))
+    if result.report and "kept" in result.report:
+        tally = result.report["kept"]
+        approx = any(tally.approximate)
+        click.echo(kept_line([s.label for s in result.plan.inputs], tally.kept, tally.seen,
+                             "kept about" if approx else "kept"))
     where = " and ".join(x for x in (str(output) if output else "",
                                      f"store entry {to_store!r}" if to_store else "") if x)
     click.echo(f"merged {result.tensors} tensors ({human_bytes(result.bytes)}) in "

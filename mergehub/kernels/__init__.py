@@ -7,10 +7,12 @@ from the merge methods' own functions) otherwise or when Triton is not installed
 
 * :func:`merge_tensor`: task arithmetic / TIES (trim, sign election, disjoint mean) / consensus
   (TALL masks) of K fine-tuned tensors against their base, τt = θt − θ0 computed in registers;
-* :func:`magnitude_thresholds`: each τt's exact k-th largest magnitude (TIES' trim cut-off)
-  without a sort: a sample's histogram brackets it, one pass counts the values around the
-  bracket and gathers those inside, and a radix select among those few picks it; or, given a
-  ``tolerance``, the k-th largest of a random sample, radix-selected without a pass;
+* :func:`magnitude_cuts`: each τt's exact top-k trim (TIES' and breadcrumbs' cut: the k-th
+  largest magnitude, and where a run of entries tied with it ends) without a sort: a sample's
+  histogram brackets the k-th, one pass counts the values around the bracket and gathers those
+  inside, a radix select among those few picks it, and where the cut splits a run of ties a
+  counting pass finds the position of its last kept entry; or, given a ``tolerance``, the cut
+  of a random sample, radix-selected without a pass;
 * :func:`apply_deltas`: W + Σk sk·decode(δk) for BitDelta, ComPEFT and low-rank deltas
   (:mod:`mergehub.kernels.deltas`), decoded tile by tile, never materialized;
 * :func:`zo_direction` / :func:`zo_step`: MeZO's perturbation drawn from Philox, materialized
@@ -40,14 +42,15 @@ from mergehub.kernels import reference
 from mergehub.kernels.deltas import (
     KIND_ORDER, Delta, LowRankDelta, SignDelta, TernaryDelta, dense, matrix_shape, pack_bits,
     unpack_bits)
-from mergehub.merge.methods.sparsify import kth_rank, sample_positions
+from mergehub.merge.methods.sparsify import (
+    NOTHING, Cut, Order, check_ties, cut_at, kth_rank, located, sample_positions, sampled_cut)
 
-__all__ = ["merge_tensor", "magnitude_thresholds", "magnitude_threshold", "apply_deltas",
+__all__ = ["merge_tensor", "magnitude_cuts", "magnitude_cut", "Cut", "apply_deltas",
            "zo_direction", "zo_step",
            "SignDelta", "TernaryDelta", "LowRankDelta", "dense", "triton_available"]
 
 _ELECT = {None: 0, "sum": 1, "count": 2}
-#: magnitude_thresholds: ~SAMPLE_SIZE sampled values (blocks of 128) bracket each k-th largest
+#: magnitude_cuts: ~SAMPLE_SIZE sampled values (blocks of 128) bracket each k-th largest
 SAMPLE_BLOCK, SAMPLE_SIZE = 128, 1 << 16
 #: candidate room per input: CAP_FACTOR x the count the sample predicts + CAP_SLACK
 CAP_FACTOR, CAP_SLACK = 2.0, 4096
@@ -95,7 +98,7 @@ def _check_inputs(name: str, base: torch.Tensor, thetas: list[torch.Tensor],
 
 
 def merge_tensor(base: torch.Tensor, thetas: list[torch.Tensor], *, weights: list[float],
-                 lam: float, thresholds: list[float | None] | None = None,
+                 lam: float, cuts: list[Cut | None] | None = None,
                  elect: str | None = None, normalize: bool = True,
                  masks: list[torch.Tensor] | torch.Tensor | None = None,
                  out_dtype: torch.dtype | None = None, scales: list[float] | None = None,
@@ -107,8 +110,9 @@ def merge_tensor(base: torch.Tensor, thetas: list[torch.Tensor], *, weights: lis
     Args:
         weights: wt per input.
         lam: λ.
-        thresholds: TIES trim per input: keep |τt| >= threshold (``None`` for an input, or for
-            all, keeps everything), e.g. from :func:`magnitude_thresholds`.
+        cuts: TIES trim per input (``None`` for an input, or for all, keeps everything), e.g.
+            from :func:`magnitude_cuts`: keep |τt| > threshold, and |τt| == threshold at flat
+            positions below its tie end.
         elect: ``None``: task arithmetic, τm = Σ wt τt (/ Σ wt with ``normalize``);
             ``"sum"`` / ``"count"``: TIES sign election and disjoint (weighted) mean.
         normalize: as ``sparsify.combine``.
@@ -119,11 +123,11 @@ def merge_tensor(base: torch.Tensor, thetas: list[torch.Tensor], *, weights: lis
             mt = |xt| > λt·|τm − xt|, xt = wt·τt (÷ Σ wt for a normalized task arithmetic)
             (``consensus_task_arithmetic`` / ``consensus_ties``).
         k: consensus vote count.
-        scales: TIES ``rescale`` factors applied to the kept entries (inputs with a threshold).
+        scales: TIES ``rescale`` factors applied to the kept entries (inputs with a cut).
         out_dtype: result dtype (default: the base's).
         name: the tensor's name, for error messages.
     """
-    _check_inputs(name, base, thetas, {"weights": weights, "thresholds": thresholds,
+    _check_inputs(name, base, thetas, {"weights": weights, "cuts": cuts,
                                        "scales": scales, "TALL lambdas": tall_lambdas})
     if elect not in _ELECT:
         raise InputError(f"{name}: elect must be None, 'sum' or 'count', not {elect!r}")
@@ -131,17 +135,19 @@ def merge_tensor(base: torch.Tensor, thetas: list[torch.Tensor], *, weights: lis
         raise InputError(f"{name}: give TALL masks or TALL lambdas, not both")
     out_dtype = out_dtype or base.dtype
     packed = _packed_masks(name, masks, base, len(thetas))
-    if thresholds is not None and scales is not None:  # apply_mask ignores the scale of None
-        scales = [1.0 if th is None else s for th, s in zip(thresholds, scales)]
+    if cuts is not None and scales is not None:  # apply_mask ignores the scale of None
+        scales = [1.0 if cut is None else s for cut, s in zip(cuts, scales)]
     if not _use_triton(backend, base):
         bool_masks = None if packed is None else [
             unpack_bits(p, base.numel()) for p in packed]
-        return reference.merge_tensor(base, thetas, weights, lam, thresholds, scales, elect,
+        return reference.merge_tensor(base, thetas, weights, lam, cuts, scales, elect,
                                       normalize, tall_lambdas, bool_masks, k, out_dtype)
     from mergehub.kernels import triton_kernels
 
     nk = len(thetas)
-    coef = [weights, [-math.inf if th is None else th for th in (thresholds or [None] * nk)],
+    trims = cuts or [None] * nk
+    coef = [weights, [-math.inf if c is None else c.threshold for c in trims],
+            *triton_kernels.split_ints([0 if c is None else c.tie_end for c in trims]),
             scales or [1.0] * nk, tall_lambdas or [0.0] * nk]
     flat = [t.contiguous().reshape(-1) for t in (base, *thetas)]
     out = torch.empty(base.numel(), dtype=out_dtype, device=base.device)
@@ -150,7 +156,7 @@ def merge_tensor(base: torch.Tensor, thetas: list[torch.Tensor], *, weights: lis
     if base.numel():
         triton_kernels.merge(
             flat[0], flat[1:], out, coef, packed, float(lam),
-            total if abs(total) >= 1e-8 else 1.0, int(k), trim=thresholds is not None,
+            total if abs(total) >= 1e-8 else 1.0, int(k), trim=cuts is not None,
             scale=scales is not None, elect=_ELECT[elect], normalize=normalize,
             consensus=consensus)
     return out.reshape(base.shape)
@@ -174,49 +180,63 @@ def _packed_masks(name: str, masks: Any, base: torch.Tensor, k: int) -> torch.Te
     return pack_bits(stacked.reshape(k, -1).bool()).to(base.device)
 
 
-def magnitude_thresholds(base: torch.Tensor, thetas: list[torch.Tensor], densities: list[float],
-                         *, tolerance: float | None = None, backend: str | None = None,
-                         name: str = "tensor") -> list[float | None]:
-    """Per input, the TIES trim threshold of τt = θt − θ0 at ``density``: the exact k-th
-    largest |τt| with k = max(1, int(density·n)) (``None``: density >= 1, keep all; inf:
-    density <= 0), as ``sparsify.magnitude_thresholds``.
+def magnitude_cuts(base: torch.Tensor, thetas: list[torch.Tensor], densities: list[float],
+                   *, tolerance: float | None = None, ties: str = "index",
+                   backend: str | None = None, name: str = "tensor") -> list[Cut | None]:
+    """Per input, the TIES trim of τt = θt − θ0 at ``density``, as ``sparsify.magnitude_cuts``:
+    the top k = max(1, int(density·n)) entries by |τt|, ties by flat position (``ties:
+    index``) or all entries tied with the k-th (``threshold``); ``None``: density >= 1, keep
+    all; ``sparsify.NOTHING``: density <= 0.
 
     On CUDA, one pass over the inputs (all K together) instead of a sort: a histogram of
     ``SAMPLE_SIZE`` sampled values brackets each k-th largest, the pass counts the values above
     the bracket and at its ends and gathers those inside (a few %), and a radix select over
-    their float bits picks the k-th (:func:`triton_kernels.select`). A bracket that misses or
-    candidates that overflow their room (both tell) fall back to ``torch.topk`` over the whole
-    input, so the result is exact either way.
+    their float bits picks the k-th and counts the entries tied with it
+    (:func:`triton_kernels.select`). Where the cut keeps only some of those ties (bf16 deltas:
+    nearly always), one more pass counts them per block (:func:`triton_kernels.count_equal`)
+    and the block holding the last kept one is searched. A bracket that misses or candidates
+    that overflow their room (both tell) fall back to ``torch.topk`` over the whole input, so
+    the result is exact either way.
 
-    ``tolerance`` ε (0 < ε < 0.5): the exact threshold of a random sample of the tensor instead
+    ``tolerance`` ε (0 < ε < 0.5): the cut of a random sample of the tensor instead
     (``sparsify.sample_positions``: 72,744 values at ε = 0.01, whatever the tensor's size),
-    which lies between the exact thresholds at densities d + ε and d − ε with probability
-    >= 1 − 1e-6 per input (the trim then keeps within ε of d). On CUDA the sample is gathered
-    and radix-selected in a few small launches (:func:`triton_kernels.sample_select`) instead of
-    a pass over the inputs. Both backends draw the same sample, so their results are equal.
-    Tensors too small for a sample to save work are selected exactly.
+    which keeps a share within ε of the density with probability >= 1 − 1e-6 per input. On
+    CUDA the sample's k-th value is gathered and radix-selected in a few small launches
+    (:func:`triton_kernels.sample_select`) instead of a pass over the inputs. Both backends
+    draw the same sample, so their results are equal. Tensors too small for a sample to save
+    work are selected exactly.
     """
     _check_inputs(name, base, thetas, {"densities": densities})
+    try:
+        check_ties(ties)
+    except ValueError as err:
+        raise InputError(f"{name}: {err}") from None
     if not _use_triton(backend, base):
-        return reference.magnitude_thresholds(base, thetas, densities, tolerance)
+        return reference.magnitude_cuts(base, thetas, densities, tolerance, ties)
     n = base.numel()
     positions = sample_positions(n, tolerance) if tolerance else None
     ks = [kth_rank(d, n if positions is None else positions.numel()) for d in densities]
-    out: list[float | None] = [None if d >= 1 or not n else math.inf for d in densities]
+    out: list[Cut | None] = [None if d >= 1 or not n else NOTHING for d in densities]
     which = [t for t, kk in enumerate(ks) if kk is not None]
     if not which:
         return out
     flat = base.contiguous().reshape(-1)
     picked = [thetas[t].contiguous().reshape(-1) for t in which]
     if positions is None:
-        found = _select(flat, picked, [ks[t] for t in which])
+        found = _select(flat, picked, [ks[t] for t in which], ties)
     else:
         from mergehub.kernels import triton_kernels
 
-        found = triton_kernels.sample_select(flat, picked, _positions_on(n, tolerance, base.device),
-                                             [ks[t] for t in which]).tolist()
-    for t, value in zip(which, found):
-        out[t] = value
+        on_device = _positions_on(n, tolerance, base.device)
+        values = triton_kernels.sample_select(flat, picked, on_device,
+                                              [ks[t] for t in which]).tolist()
+        found = []
+        for theta, t, value in zip(picked, which, values):
+            sample = (theta[on_device].float() - flat[on_device].float()).abs()
+            cut = cut_at(Order.of(sample, value), ks[t], sample.numel(), ties, sample, locate=True)
+            found.append(sampled_cut(cut, positions, n, ties))
+    for t, cut in zip(which, found):
+        out[t] = cut
     return out
 
 
@@ -227,18 +247,20 @@ def _positions_on(n: int, tolerance: float, device: torch.device) -> torch.Tenso
     return sample_positions(n, tolerance).to(device)
 
 
-def magnitude_threshold(base: torch.Tensor, theta: torch.Tensor, density: float,
-                        **kwargs: Any) -> float | None:
-    """:func:`magnitude_thresholds` for one input."""
-    return magnitude_thresholds(base, [theta], [density], **kwargs)[0]
+def magnitude_cut(base: torch.Tensor, theta: torch.Tensor, density: float,
+                  **kwargs: Any) -> Cut | None:
+    """:func:`magnitude_cuts` for one input."""
+    return magnitude_cuts(base, [theta], [density], **kwargs)[0]
 
 
-def _select(base: torch.Tensor, thetas: list[torch.Tensor], ks: list[int]) -> list[float]:
-    """Exact k-th largest |θt − base| per input (flat tensors): a sample brackets each, one pass
-    counts around the brackets and keeps the values inside, a radix select over those picks
-    it (:func:`triton_kernels.select`); an input whose bracket missed or whose candidates
-    overflowed their room (``CAP_FACTOR`` times the sample's prediction plus ``CAP_SLACK``) is
-    selected whole with ``torch.topk``."""
+def _select(base: torch.Tensor, thetas: list[torch.Tensor], ks: list[int],
+            ties: str) -> list[Cut]:
+    """Exact top-k cut of |θt − base| per input (flat tensors): a sample brackets each k-th
+    largest, one pass counts around the brackets and keeps the values inside, a radix select
+    over those picks it and counts its ties (:func:`triton_kernels.select`); an input whose
+    bracket missed or whose candidates overflowed their room (``CAP_FACTOR`` times the sample's
+    prediction plus ``CAP_SLACK``) is selected whole with ``torch.topk``. Where a cut splits its
+    ties, :func:`_tie_ends` finds where they end."""
     from mergehub.kernels import triton_kernels
 
     n = base.numel()
@@ -253,16 +275,56 @@ def _select(base: torch.Tensor, thetas: list[torch.Tensor], ks: list[int]) -> li
         lo = int(p + margin) if p + margin < m else m
         bracket.append((hi, lo))
         inside = max(inside, (lo - hi + 1) * n // m)
-    found = triton_kernels.select(base, thetas, ks, SAMPLE_BLOCK, stride * SAMPLE_BLOCK, m,
-                                  bracket, int(CAP_FACTOR * inside) + CAP_SLACK).tolist()
-    return [_select_whole(base, theta, kk) if math.isnan(value) else value
-            for theta, kk, value in zip(thetas, ks, found)]
+    values, counts = triton_kernels.select(base, thetas, ks, SAMPLE_BLOCK, stride * SAMPLE_BLOCK,
+                                           m, bracket, int(CAP_FACTOR * inside) + CAP_SLACK)
+    cuts: list[Cut | None] = []
+    split = []
+    for i, (theta, kk, value, (kept_tied, tied)) in enumerate(
+            zip(thetas, ks, values.tolist(), counts.tolist())):
+        if math.isnan(value):
+            cuts.append(_select_whole(base, theta, kk, ties))
+            continue
+        order = Order(value, kk - kept_tied, tied)
+        if located(order, kk, ties):
+            split.append((i, order))
+            cuts.append(None)
+        else:
+            cuts.append(cut_at(order, kk, n, ties))
+    if split:
+        ends = _tie_ends(base, [thetas[i] for i, _ in split], [o.value for _, o in split],
+                         [ks[i] - o.above for i, o in split])
+        for (i, order), end in zip(split, ends):
+            cuts[i] = Cut(order.value, end, ks[i])
+    return cuts
 
 
-def _select_whole(base: torch.Tensor, theta: torch.Tensor, k: int) -> float:
-    """The k-th largest |θ − base| by ``torch.topk`` over the whole input (the slow path)."""
-    return float(torch.topk((theta.float() - base.float()).abs().reshape(-1), k,
-                            sorted=False).values.min())
+def _select_whole(base: torch.Tensor, theta: torch.Tensor, k: int, ties: str) -> Cut:
+    """The top-k cut of |θ − base| by ``torch.topk`` over the whole input (the slow path)."""
+    mags = (theta.float() - base.float()).abs().reshape(-1)
+    value = float(torch.topk(mags, k, sorted=False).values.min())
+    return cut_at(Order.of(mags, value), k, mags.numel(), ties, mags)
+
+
+def _tie_ends(base: torch.Tensor, thetas: list[torch.Tensor], values: list[float],
+              ranks: list[int]) -> list[int]:
+    """Per input, the flat position + 1 of the ranks[t]-th entry (in flat order) with
+    |θt − base| == values[t]: per-block counts from one pass (:func:`triton_kernels.
+    count_equal`), their running sums tell the block, and a search of that block the entry."""
+    from mergehub.kernels import triton_kernels
+
+    counts = triton_kernels.count_equal(base, thetas, values)
+    running = torch.cumsum(counts, 1, dtype=torch.int64)
+    rank = torch.tensor(ranks, dtype=torch.int64, device=base.device)[:, None]
+    block = torch.searchsorted(running, rank)  # the first block whose running count reaches it
+    before = (running.gather(1, block) - counts.gather(1, block)).reshape(-1).tolist()
+    ends = []
+    size = triton_kernels.COUNT_BLOCK
+    for theta, value, r, b, passed in zip(thetas, values, ranks, block.reshape(-1).tolist(),
+                                          before):
+        lo = b * size
+        at = (theta[lo:lo + size].float() - base[lo:lo + size].float()).abs() == value
+        ends.append(lo + int(torch.nonzero(at).reshape(-1)[r - passed - 1]) + 1)
+    return ends
 
 
 def _check_stream(name: str, start: int, n: int) -> None:

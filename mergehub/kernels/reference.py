@@ -12,11 +12,11 @@ import torch
 from mergehub.kernels.deltas import Delta, dense
 from mergehub.merge.methods.consensus import consensus
 from mergehub.merge.methods.sparsify import (
-    apply_mask, combine, magnitude_thresholds as streamed_thresholds, threshold_mask)
+    Cut, apply_mask, combine, cut_mask, magnitude_cuts as streamed_cuts)
 
 
 def merge_tensor(base: torch.Tensor, thetas: list[torch.Tensor], weights: list[float],
-                 lam: float, thresholds: list[float | None] | None, scales: list[float] | None,
+                 lam: float, cuts: list[Cut | None] | None, scales: list[float] | None,
                  elect: str | None, normalize: bool, tall_lambdas: list[float] | None,
                  masks: list[torch.Tensor] | None, k: int,
                  out_dtype: torch.dtype) -> torch.Tensor:
@@ -28,9 +28,9 @@ def merge_tensor(base: torch.Tensor, thetas: list[torch.Tensor], weights: list[f
     params = [{"weight": w, "tall_lambda": lt} for w, lt in
               zip(weights, tall_lambdas or [0.0] * len(weights))]
     trimmed = taus
-    if thresholds is not None:
-        trimmed = [apply_mask(x, threshold_mask(x, th), s)
-                   for x, th, s in zip(taus, thresholds, scales or [1.0] * len(taus))]
+    if cuts is not None:
+        trimmed = [apply_mask(x, cut_mask(x, cut), s)
+                   for x, cut, s in zip(taus, cuts, scales or [1.0] * len(taus))]
     mixed = combine(trimmed, params, elect, normalize)
     if tall_lambdas is not None:
         mixed = consensus(taus, mixed, params, k, normalized=normalize and elect is None)
@@ -39,16 +39,16 @@ def merge_tensor(base: torch.Tensor, thetas: list[torch.Tensor], weights: list[f
     return (b + float(lam) * mixed).to(out_dtype)
 
 
-def magnitude_thresholds(base: torch.Tensor, thetas: list[torch.Tensor], densities: list[float],
-                         tolerance: float | None = None) -> list[float | None]:
-    """``sparsify.magnitude_thresholds`` over the whole tensor as one chunk."""
+def magnitude_cuts(base: torch.Tensor, thetas: list[torch.Tensor], densities: list[float],
+                   tolerance: float | None = None, ties: str = "index") -> list[Cut | None]:
+    """``sparsify.magnitude_cuts`` over the whole tensor as one chunk."""
     b = base.float()
 
     def chunks(which: list[int] | None = None):
         picked = range(len(thetas)) if which is None else which
         yield b, [thetas[t].float() - b for t in picked]
 
-    return streamed_thresholds(chunks, base.numel(), densities, tolerance)
+    return streamed_cuts(chunks, base.numel(), densities, tolerance, ties)
 
 
 def apply_deltas(base: torch.Tensor, deltas: list[Delta], scales: list[float],

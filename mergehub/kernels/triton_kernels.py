@@ -71,12 +71,15 @@ def _tile_bits(ptr, r, c0, rows, cols, off, m, ALIGNED: tl.constexpr, BM: tl.con
 
 
 @triton.jit
-def _merge_kernel(base_ptr, thetas, out_ptr, weights, thresholds, scales, tall_lambdas,
-                  masks_ptr, n, mask_stride, lam, total, votes_needed, K: tl.constexpr, TRIM: tl.constexpr, SCALE: tl.constexpr,
+def _merge_kernel(base_ptr, thetas, out_ptr, weights, thresholds, tie_hi, tie_lo, scales,
+                  tall_lambdas, masks_ptr, n, mask_stride, lam, total, votes_needed,
+                  K: tl.constexpr, TRIM: tl.constexpr, SCALE: tl.constexpr,
                   ELECT: tl.constexpr, NORMALIZE: tl.constexpr, CONSENSUS: tl.constexpr,
                   OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
-    # weights, thresholds, scales, tall_lambdas: K float32 scalars each.
-    # ELECT: 0 none, 1 sum, 2 count. CONSENSUS: 0 none, 1 TALL masks computed here, 2 given.
+    # weights, thresholds, tie_hi, tie_lo, scales, tall_lambdas: K float32 scalars each.
+    # TRIM keeps |τ| > threshold, and |τ| == threshold at flat positions below the tie end
+    # (tie_hi·4096 + tie_lo). ELECT: 0 none, 1 sum, 2 count. CONSENSUS: 0 none, 1 TALL masks
+    # computed here, 2 given.
     off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = off < n
     b = tl.load(base_ptr + off, mask=m, other=0).to(tl.float32)
@@ -87,7 +90,9 @@ def _merge_kernel(base_ptr, thetas, out_ptr, weights, thresholds, scales, tall_l
         taus = taus + (tau,)
         d = tau
         if TRIM:
-            d = tl.where(tl.abs(d) >= thresholds[t], d, 0.0)
+            a = tl.abs(d)
+            tied = (a == thresholds[t]) & (off < _joined(tie_hi[t], tie_lo[t]))
+            d = tl.where((a > thresholds[t]) | tied, d, 0.0)
         if SCALE:
             d = d * scales[t]
         ds = ds + (d * weights[t],)
@@ -132,7 +137,8 @@ def merge(base: torch.Tensor, thetas: list[torch.Tensor], out: torch.Tensor,
           votes_needed: int, *, trim: bool, scale: bool, elect: int, normalize: bool,
           consensus: int) -> None:
     """Launch :func:`_merge_kernel` over flat contiguous tensors (checked by the caller);
-    ``coef``: weights, thresholds, scales and TALL lambdas, K of each."""
+    ``coef``: weights, thresholds, tie ends (as :func:`split_ints`' two halves), scales and
+    TALL lambdas, K of each."""
     n = base.numel()
     grid = (triton.cdiv(n, MERGE_BLOCK),)
     _merge_kernel[grid](
@@ -305,13 +311,15 @@ def _descend(hist_row, round_stride, lo, hi, vhi, at_vhi, rank, ROUNDS: tl.const
     """Radix select over the first ``ROUNDS`` digit histograms (D bits each, from the top of
     the keys' bit length), with the at_vhi values at vhi (counted, not listed) added to the
     bin of their key: the key prefix that holds the rank-th largest key, the rank left within
-    it, and the bits below the prefix (0: the key is found)."""
+    it, the bits below the prefix (0: the key is found) and the count of keys under that
+    prefix (-1 if no round had digits to select: every key is the same)."""
     x = tl.maximum(hi - lo - 1, 0)  # the largest key; its bit length, exact through float64:
     width = tl.where(x > 0, ((x.to(tl.float64).to(tl.int64, bitcast=True) >> 52) - 1022).to(
         tl.int32), 0)
     kv = vhi - lo - 1
     q = width * 0
     shift = width
+    count = (rank * 0 - 1).to(tl.int64)
     for r in tl.static_range(ROUNDS):
         low = tl.maximum(shift - D, 0)
         h = tl.load(hist_row + r * round_stride + tl.arange(0, 1 << D))
@@ -321,8 +329,10 @@ def _descend(hist_row, round_stride, lo, hi, vhi, at_vhi, rank, ROUNDS: tl.const
         active = shift > 0
         q = tl.where(active, (q << (shift - low)) + sel, q)
         rank = tl.where(active, left, rank)
+        count = tl.where(active, tl.sum(tl.where(tl.arange(0, 1 << D) == sel, h, 0), 0).to(
+            tl.int64), count)
         shift = tl.where(active, low, shift)
-    return q, rank, shift
+    return q, rank, shift, count
 
 
 @triton.jit(do_not_specialize=["room"])
@@ -338,7 +348,7 @@ def _radix_round(state_ptr, k_hi, k_lo, slots_ptr, cand_ptr, hist_ptr, room, K: 
     rank = _rank(k_hi, k_lo, t, K) - above
     hist_row = hist_ptr + t * (1 << D)
     ok = (rank >= 1) & (rank <= inside + at_vhi) & (full == 0)
-    q, rank, shift = _descend(hist_row, K * (1 << D), lo, hi, vhi, at_vhi, rank, ROUND, D)
+    q, rank, shift, _ = _descend(hist_row, K * (1 << D), lo, hi, vhi, at_vhi, rank, ROUND, D)
     if ok & (shift > 0):
         low = tl.maximum(shift - D, 0)
         keys_ptr = cand_ptr + tl.cast(t * SLOTS + slot, tl.int64) * room
@@ -353,38 +363,56 @@ def _radix_round(state_ptr, k_hi, k_lo, slots_ptr, cand_ptr, hist_ptr, room, K: 
                       sem="relaxed")
 
 
+def split_ints(values: list[int]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Non-negative integers below 2^36 as two tuples of exact floats, v // 4096 and v % 4096,
+    for kernel arguments that differ per tensor (Triton specializes int arguments on their
+    values, so ints would compile the kernel anew for many of them)."""
+    return tuple(float(v // 4096) for v in values), tuple(float(v % 4096) for v in values)
+
+
+@triton.jit
+def _joined(hi, lo):
+    """The integer :func:`split_ints` passed as ``hi`` and ``lo``."""
+    return tl.cast(hi, tl.int64) * 4096 + tl.cast(lo, tl.int64)
+
+
 @triton.jit
 def _rank(k_hi, k_lo, t, K: tl.constexpr):
-    """k of input t from its k // 4096 and k % 4096, passed as floats (exact; Triton
-    specializes int arguments on their values, and every tensor has its own k)."""
-    return _of_input(k_hi, t, K).to(tl.int64) * 4096 + _of_input(k_lo, t, K).to(tl.int64)
+    """k of input t (:func:`split_ints`), for a run-time t."""
+    return _joined(_of_input(k_hi, t, K), _of_input(k_lo, t, K))
 
 
 @triton.jit(do_not_specialize=["room"])
-def _radix_finish(state_ptr, k_hi, k_lo, slots_ptr, hist_ptr, out_ptr, room, K: tl.constexpr,
+def _radix_finish(state_ptr, k_hi, k_lo, slots_ptr, hist_ptr, out_ptr, ties_ptr, room,
+                  K: tl.constexpr,
                   SLOTS: tl.constexpr, ROUNDS: tl.constexpr, D: tl.constexpr):
     # Program t: input t's k-th largest |τ| (NaN where the bracket missed or a candidate list
-    # overflowed): a candidate or vhi, or the bracket's lower end, by rank.
+    # overflowed): a candidate or vhi, or the bracket's lower end, by rank; and into ties_ptr
+    # (int64 [K, 2]) how many entries equal to it the top k holds and how many there are.
     t = tl.program_id(0)
     lo, hi, vhi, above, inside, at_lo, at_vhi, full = _totals(state_ptr, slots_ptr, t, room,
                                                               SLOTS)
     rank = _rank(k_hi, k_lo, t, K) - above
-    q, _, _ = _descend(hist_ptr + t * (1 << D), K * (1 << D), lo, hi, vhi, at_vhi, rank, ROUNDS,
-                       D)
+    q, left, _, count = _descend(hist_ptr + t * (1 << D), K * (1 << D), lo, hi, vhi, at_vhi,
+                                 rank, ROUNDS, D)
     mid = inside + at_vhi
     in_mid = (rank >= 1) & (rank <= mid) & (full == 0)
     in_lo = (rank > mid) & (rank <= mid + at_lo)
     bits = tl.where(in_mid, lo + 1 + q, lo)
     tl.store(out_ptr + t, tl.where(in_mid | in_lo, bits.to(tl.float32, bitcast=True),
                                    float("nan")))
+    tl.store(ties_ptr + 2 * t, tl.where(in_mid, left, rank - mid))
+    tl.store(ties_ptr + 2 * t + 1, tl.where(in_mid, tl.where(count < 0, mid, count), at_lo))
 
 
 def select(base: torch.Tensor, thetas: list[torch.Tensor], ks: list[int], sample_block: int,
            sample_stride: int, sample_size: int, bracket: list[tuple[int, int]],
-           room: int) -> torch.Tensor:
+           room: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each input's exact k-th largest |θt − base| (flat contiguous tensors) as float32 [K],
-    NaN where its bracket missed or its candidates overflowed; all on the device, with no host
-    synchronization and no host-to-device copy (per-input integers travel as exact floats).
+    NaN where its bracket missed or its candidates overflowed, and int64 [K, 2]: how many of
+    the entries equal to it are among the k largest, and how many there are; all on the
+    device, with no host synchronization and no host-to-device copy (per-input integers travel
+    as exact floats).
 
     ``sample_size`` values in blocks of ``sample_block``, ``sample_stride`` elements apart, are
     histogrammed by the 16-bit prefixes of their float bits; ``bracket[t]`` = (hi_idx, lo_idx)
@@ -402,7 +430,7 @@ def select(base: torch.Tensor, thetas: list[torch.Tensor], ks: list[int], sample
     blocks = triton.cdiv(n, SELECT_BLOCK)
     slots = min(SELECT_SLOTS, triton.next_power_of_2(blocks))
     room = triton.cdiv(room * triton.cdiv(blocks, slots), blocks) + LIST_SLACK  # a list's share
-    k_hi, k_lo = tuple(float(kk // 4096) for kk in ks), tuple(float(kk % 4096) for kk in ks)
+    k_hi, k_lo = split_ints(ks)
     his, los = (tuple(float(b[e]) for b in bracket) for e in (0, 1))
     ints = nk * (2 * _FINE + _COARSE + rounds * bins + 3)
     zeroed = torch.zeros(nk * slots * _SLOT + ints // 2 + 1, dtype=torch.int64,
@@ -427,9 +455,37 @@ def select(base: torch.Tensor, thetas: list[torch.Tensor], ks: list[int], sample
             state, k_hi, k_lo, counters, cand, hist, room, K=nk, SLOTS=slots, ROUND=r,
             D=RADIX_BITS, CHUNK=RADIX_CHUNK, num_warps=RADIX_WARPS)
     out = torch.empty(nk, dtype=torch.float32, device=dev)
-    _radix_finish[(nk,)](state, k_hi, k_lo, counters, hist, out, room, K=nk, SLOTS=slots,
-                         ROUNDS=rounds, D=RADIX_BITS, num_warps=4)
-    return out
+    ties = torch.empty(nk, 2, dtype=torch.int64, device=dev)
+    _radix_finish[(nk,)](state, k_hi, k_lo, counters, hist, out, ties, room, K=nk,
+                         SLOTS=slots, ROUNDS=rounds, D=RADIX_BITS, num_warps=4)
+    return out, ties
+
+
+COUNT_BLOCK = 1024  # count_equal: entries per program
+
+
+@triton.jit(do_not_specialize=["n", "blocks"])
+def _count_equal_kernel(base_ptr, thetas, values, counts_ptr, n, blocks, K: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    # Program j, per input t: how many of entries [j·BLOCK, (j + 1)·BLOCK) have |τt| == values[t].
+    j = tl.program_id(0)
+    off = j.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = off < n
+    b = tl.load(base_ptr + off, mask=ok, other=0).to(tl.float32)
+    for t in tl.static_range(K):
+        a = tl.abs(tl.load(thetas[t] + off, mask=ok, other=0).to(tl.float32) - b)
+        tl.store(counts_ptr + t * blocks + j, tl.sum((ok & (a == values[t])).to(tl.int32), 0))
+
+
+def count_equal(base: torch.Tensor, thetas: list[torch.Tensor], values: list[float]) -> torch.Tensor:
+    """int32 [K, blocks]: per input and block of COUNT_BLOCK entries (flat contiguous tensors),
+    the entries with |θt − base| == values[t], in one pass."""
+    n, nk = base.numel(), len(thetas)
+    blocks = triton.cdiv(n, COUNT_BLOCK)
+    counts = torch.empty(nk, blocks, dtype=torch.int32, device=base.device)
+    _count_equal_kernel[(blocks,)](base, tuple(thetas), tuple(map(float, values)), counts, n,
+                                   blocks, K=nk, BLOCK=COUNT_BLOCK, num_warps=4)
+    return counts
 
 
 @triton.jit
@@ -438,8 +494,8 @@ def _sample_histogram(keys, ok, hist_ptr, k_hi, k_lo, t, ROUND: tl.constexpr, K:
     """Add to input t's round-``ROUND`` histogram the D-bit digits of those ``keys`` (in ``ok``)
     that match the prefix the earlier rounds chose for its k-th largest."""
     hist_row = hist_ptr + t * (1 << D)
-    q, _, shift = _descend(hist_row, K * (1 << D), -1, _INF, -2, 0, _rank(k_hi, k_lo, t, K),
-                           ROUND, D)
+    q, _, shift, _ = _descend(hist_row, K * (1 << D), -1, _INF, -2, 0, _rank(k_hi, k_lo, t, K),
+                              ROUND, D)
     low = tl.maximum(shift - D, 0)
     h = _digit_histogram(keys, ok & ((keys >> shift) == q), q, shift, low, D)
     tl.atomic_add(hist_row + ROUND * K * (1 << D) + tl.arange(0, 1 << D), h, mask=h > 0,
@@ -478,8 +534,8 @@ def _sample_finish(hist_ptr, k_hi, k_lo, out_ptr, K: tl.constexpr, ROUNDS: tl.co
                    D: tl.constexpr):
     # Program t: input t's k-th largest sampled |τ|, the key all ROUNDS digits spell.
     t = tl.program_id(0)
-    q, _, _ = _descend(hist_ptr + t * (1 << D), K * (1 << D), -1, _INF, -2, 0,
-                       _rank(k_hi, k_lo, t, K), ROUNDS, D)
+    q, _, _, _ = _descend(hist_ptr + t * (1 << D), K * (1 << D), -1, _INF, -2, 0,
+                          _rank(k_hi, k_lo, t, K), ROUNDS, D)
     tl.store(out_ptr + t, q.to(tl.float32, bitcast=True))
 
 
@@ -492,7 +548,7 @@ def sample_select(base: torch.Tensor, thetas: list[torch.Tensor], positions: tor
     last one reads the k-th off the histograms. No host synchronization."""
     nk, dev, size = len(thetas), base.device, positions.numel()
     rounds, bins = -(-31 // RADIX_BITS), 1 << RADIX_BITS
-    k_hi, k_lo = tuple(float(kk // 4096) for kk in ks), tuple(float(kk % 4096) for kk in ks)
+    k_hi, k_lo = split_ints(ks)
     hist = torch.zeros(rounds * nk * bins, dtype=torch.int32, device=dev)
     keys = torch.empty(nk * size, dtype=torch.int32, device=dev)
     blocks = triton.cdiv(size, SAMPLE_BLOCK_VALUES)

@@ -76,8 +76,25 @@ class MergePlan:
         lines.append(f"output: {len(self.specs)} tensors, {human_bytes(total)}, dtype "
                      f"{self.out_dtype or 'as base'}; {len(self.copy_from_base)} copied from the "
                      "base unmerged")
+        if "density" in self.method.model_params:
+            merged = [s for s in self.specs if s.name not in self.copy_from_base]
+            densities = [[float(resolve_params(p, s.name, self.num_layers)["density"])
+                          for p in self.model_params] for s in merged]
+            numels = [math.prod(s.shape) for s in merged]
+            plan = self.method.planned_kept(densities, numels)
+            if plan is not None:
+                counts, word = plan
+                lines.append(kept_line([s.label for s in self.inputs], counts,
+                                       [sum(numels)] * len(counts), f"will keep {word}"))
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def kept_line(labels: list[str], kept: list[float], seen: list[int], verb: str) -> str:
+    """One line: the share of its task-vector entries each input's sparsification keeps."""
+    shares = ", ".join(f"{label} {k / n:.2%} ({round(k):,} of {n:,})" if n else f"{label} -"
+                       for label, k, n in zip(labels, kept, seen))
+    return f"sparsification {verb}: {shares}"
 
 
 def _line(mapping: dict[str, Any], key: str, default: int | None) -> int | None:
@@ -250,7 +267,7 @@ class MergeResult:
     seconds: float
     store_name: str | None = None
     plan: MergePlan | None = None
-    report: dict[str, Any] | None = None  # method-specific summary (rmm: errors by m)
+    report: dict[str, Any] | None = None  # method-specific summary (rmm: errors by m; kept)
 
 
 #: elements per chunk: ~1 MB of float32 per input keeps a chunk's inputs in CPU caches
@@ -309,7 +326,8 @@ def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
         and busy_machine()
     with torch_threads(1 if busy else None):
         mergeable = [s for s in plan.specs if s.name not in plan.copy_from_base]
-        for rnd in range(method.prepass_rounds()):
+        rnd = 0
+        while rnd < method.prepass_rounds():
             for spec in tqdm(mergeable, desc=f"pre-pass {rnd + 1}", unit="tensor",
                              disable=not progress, leave=False):
                 params = [resolve_params(p, spec.name, plan.num_layers) for p in plan.model_params]
@@ -317,6 +335,7 @@ def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
                 for _, xs in chunks_of(spec, row_ranges(spec, chunk)):
                     method.observe(rnd, xs, params, ctx)
             method.finish_round(rnd, state)
+            rnd += 1
 
         bar = tqdm(total=len(plan.specs), desc="merge", unit="tensor", disable=not progress,
                    leave=False)
@@ -326,7 +345,8 @@ def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
             params = [resolve_params(p, spec.name, plan.num_layers) for p in plan.model_params]
             ranges = row_ranges(spec, chunk)
             ctx = TensorContext(spec.name, dev, seed, {**state, "numel": math.prod(spec.shape),
-                                                        "row_starts": [r0 for r0, _ in ranges]})
+                                                        "row_starts": [r0 for r0, _ in ranges]},
+                                row_size=matrix_shape(spec)[1])
             method.tensor_stats(lambda which=None: chunks_of(spec, ranges, which), params, ctx)
             for (r0, r1), (base, xs) in zip(ranges, chunks_of(spec, ranges)):
                 ctx.rows = (r0, r1)
@@ -388,8 +408,10 @@ def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
         with bar, closing(stream):
             write_model_dir(out, plan.specs, get, max_shard_size=max_shard_size,
                             side_files=_side_files(plan), overwrite=overwrite, progress=False)
+    tally = method.kept_report()
     return MergeResult(Path(out), len(plan.specs), sum(s.nbytes for s in plan.specs),
-                       time.perf_counter() - start, plan=plan)
+                       time.perf_counter() - start, plan=plan,
+                       report=None if tally is None else {"kept": tally})
 
 
 def merge(recipe: str | Path | Recipe, out: str | Path | None = None, *,

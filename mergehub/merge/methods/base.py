@@ -22,6 +22,12 @@ class TensorContext:
     seed: int = 0
     state: dict[str, Any] = field(default_factory=dict)
     rows: tuple[int, int] = (0, 0)  # the row range of the chunk being merged
+    row_size: int = 0  # entries per row (the chunk's first flat position is rows[0]·row_size)
+
+    @property
+    def offset(self) -> int:
+        """The flat position of the chunk's first entry in its tensor."""
+        return self.rows[0] * self.row_size
 
     def generator(self, *salt: object) -> torch.Generator:
         """A generator seeded from (seed, tensor name, salt): the same random draws whatever
@@ -62,7 +68,8 @@ class MergeMethod:
         """Check the resolved per-model parameters; raise ``ValueError`` naming the input."""
 
     def prepass_rounds(self) -> int:
-        """How many full passes over all tensors :meth:`observe` needs before merging (0: none)."""
+        """How many full passes over all tensors :meth:`observe` needs before merging (0: none);
+        asked again after each pass, so earlier passes may show that fewer are needed."""
         return 0
 
     def observe(self, round: int, xs: list[torch.Tensor], model_params: list[dict[str, Any]],
@@ -92,6 +99,19 @@ class MergeMethod:
         tensor in one pass from the base and the inputs' raw weights ``thetas``; only called
         when :attr:`fusable` (otherwise the engine merges chunk by chunk with :meth:`merge`)."""
         raise NotImplementedError
+
+    def kept_report(self) -> Any:
+        """After a merge, a sparsifying method's :class:`~mergehub.merge.methods.sparsify.KeptTally`
+        (task-vector entries kept per input); ``None`` for methods that keep every entry."""
+        return None
+
+    def planned_kept(self, densities: list[list[float]], numels: list[int]
+                     ) -> tuple[list[float], str] | None:
+        """Before a merge (``--dry-run``): the entries a sparsifying method will keep per input,
+        from each tensor's size (``numels``) and each input's density there
+        (``densities[tensor][input]``), and how sure that count is ("exactly", "at least",
+        "about"); ``None`` for methods that keep every entry."""
+        return None
 
     def mix_args(self, model_params: list[dict[str, Any]]) -> dict[str, Any]:
         """The weights, λ and normalize part of :meth:`fused`'s arguments."""

@@ -16,13 +16,17 @@ import torch
 
 from mergehub.merge.methods.base import MergeMethod, TensorContext, register
 from mergehub.merge.methods.sparsify import (
-    ChunkStream, apply_mask, bernoulli_mask, combine, l1_scales)
+    ChunkStream, KeptTally, apply_mask, bernoulli_mask, combine, l1_scales, planned)
 
 
 class _Dare(MergeMethod):
     model_params = {"weight": 1.0, "density": 1.0}
     global_params = {"lambda": 1.0, "normalize": False, "rescale": True, "int8_mask": False}
     elect: str | None = None
+
+    def __init__(self, params: dict[str, Any]):
+        super().__init__(params)
+        self.tally = KeptTally()
 
     def validate(self, model_params: list[dict[str, Any]], labels: list[str]) -> None:
         if self.params["rescale"] not in (True, False, "l1"):
@@ -39,8 +43,8 @@ class _Dare(MergeMethod):
         rescale = self.params["rescale"]
         if rescale == "l1":
             starts = ctx.state["row_starts"]
-            scales = l1_scales(chunks, lambda t, c, x: self._mask(x, densities[t], ctx, t,
-                                                                   starts[c]), len(densities))
+            scales = l1_scales(chunks, lambda t, c, offset, x: self._mask(
+                x, densities[t], ctx, t, starts[c]), len(densities))
         else:
             scales = [1 / d if rescale and 0 < d < 1 else 1.0 for d in densities]
         ctx.state["dare"] = scales
@@ -48,8 +52,19 @@ class _Dare(MergeMethod):
     def drop(self, xs: list[torch.Tensor], model_params: list[dict[str, Any]],
              ctx: TensorContext) -> list[torch.Tensor]:
         scales = ctx.state["dare"]
-        return [apply_mask(x, self._mask(x, float(p["density"]), ctx, t, ctx.rows[0]), s)
-                for t, (x, p, s) in enumerate(zip(xs, model_params, scales))]
+        out = []
+        for t, (x, p, s) in enumerate(zip(xs, model_params, scales)):
+            mask = self._mask(x, float(p["density"]), ctx, t, ctx.rows[0])
+            self.tally.add(t, x.numel() if mask is None else int(mask.sum()), 0, x.numel())
+            out.append(apply_mask(x, mask, s))
+        return out
+
+    def planned_kept(self, densities: list[list[float]], numels: list[int]
+                     ) -> tuple[list[float], str]:
+        return planned(densities, numels, lambda d, n: min(max(d, 0.0), 1.0) * n), "about"
+
+    def kept_report(self) -> KeptTally | None:
+        return self.tally
 
     def merge(self, base: torch.Tensor | None, xs: list[torch.Tensor],
               model_params: list[dict[str, Any]], ctx: TensorContext) -> torch.Tensor:

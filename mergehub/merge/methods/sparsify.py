@@ -1,17 +1,20 @@
 """Sparsification and the generalized task-arithmetic combine step shared by TIES, DARE,
 breadcrumbs and task arithmetic (mergekit's "generalized task arithmetic" flow).
 
-Tensors arrive in row chunks, so whole-tensor quantities (the magnitude threshold of a trim, an
-L1 norm) are computed first by streaming over the chunks (:class:`ChunkStream`), then applied
-chunk by chunk. Conventions (docs/merging.md compares them with mergekit 0.1.5 and the papers):
+Tensors arrive in row chunks, so whole-tensor quantities (a trim's cut, an L1 norm) are
+computed first by streaming over the chunks (:class:`ChunkStream`), then applied chunk by chunk.
+Conventions (docs/merging.md compares them with mergekit and the papers):
 
-* magnitude trim keeps k = max(1, int(density·n)) entries by |τ|; entries tied with the k-th
-  largest are all kept (the TIES paper's rule), which is deterministic on every device;
+* a magnitude trim ranks the entries by |τ|, largest first, entries of equal magnitude by flat
+  position, lowest first (one total order, the same on every device, chunk size and path), and
+  keeps the first k = int(density·n) of them (mergekit's k), at least one at a positive density
+  (where mergekit stops with an error): a :class:`Cut`. ``ties: threshold`` instead keeps
+  every entry tied with the k-th largest (|τ| >= it);
 * DARE drops each entry with probability 1 − density from a generator seeded by (seed, tensor,
   input, chunk) and rescales survivors by 1/density (``rescale: true``, the paper's, keeps E[τ])
   or to the original L1 norm (``rescale: l1``, mergekit 0.1.5);
-* breadcrumbs keeps int(density·n) entries after dropping the int(gamma·n) largest (and as many
-  of the smallest as needed), mergekit's ``magnitude_outliers``.
+* breadcrumbs keeps int(density·n) entries after dropping the int(gamma·n) first in the same
+  order (fewer where they would not fit), mergekit's ``magnitude_outliers``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 
@@ -30,23 +34,76 @@ _SAMPLE = 1 << 17  # values sampled per tensor and input to bracket an order sta
 _EXACT = 1 << 20  # tensors this small are selected exactly in one pass
 
 
-def kth_largest_abs(chunks: ChunkStream, n: int, ks: list[list[int]]) -> list[list[float]]:
-    """For each input t and each k in ``ks[t]``, the k-th largest |x| over the whole tensor.
+@dataclass(frozen=True)
+class Cut:
+    """What a magnitude trim keeps of a tensor: the entries with |x| > ``threshold``, and those
+    with |x| == ``threshold`` at flat positions below ``tie_end`` (all of them once tie_end is
+    the tensor's size, none at 0). The top k of the ranking in the module docstring is such a
+    cut: its k-th entry's magnitude and position + 1.
+
+    ``kept``: how many entries the cut keeps in the scope it was selected over, where known
+    (``None`` for a cut from a sample, or a global cut restricted to one tensor).
+    """
+
+    threshold: float
+    tie_end: int
+    kept: int | None = None
+
+    def restricted(self, tie_end: int) -> Cut:
+        """The same cut with ``tie_end`` expressed in another tensor's positions."""
+        return Cut(self.threshold, tie_end)
+
+
+#: the cut that keeps nothing (density <= 0)
+NOTHING = Cut(math.inf, 0, 0)
+
+
+class Order(NamedTuple):
+    """The k-th largest |x| of a tensor, and how many entries lie above it and at it."""
+
+    value: float
+    above: int
+    tied: int
+
+    @classmethod
+    def of(cls, magnitudes: torch.Tensor, value: float) -> Order:
+        """``value`` with the counts of ``magnitudes`` above it and equal to it."""
+        return cls(value, int((magnitudes > value).sum()), int((magnitudes == value).sum()))
+
+
+def kth_largest_abs(chunks: ChunkStream, n: int, ks: list[list[int]]
+                    ) -> tuple[list[list[Order]], dict[int, torch.Tensor]]:
+    """For each input t and each k in ``ks[t]`` (1 <= k <= n), the k-th largest |x| over the
+    whole tensor and the counts above it and at it; also the inputs whose |x| had to be gathered
+    whole (flat, in order), by input.
 
     Exact, without a sort of the tensor: a first pass samples every ``n / 2**17``-th value to
     bracket each order statistic, a second counts the values above the bracket and keeps those
-    inside it (about 1% of the tensor), among which the k-th is selected. If a bracket misses
-    (a sampling outlier; the counts tell), that input's values are gathered whole instead.
+    inside it (about 1% of the tensor), among which the k-th is selected; every value equal to
+    it lies inside the bracket, so the counts are exact too. Tensors of at most ``_EXACT``
+    values, and an input whose bracket misses (a sampling outlier; the counts tell), are
+    gathered whole instead.
     """
     which = [t for t, k in enumerate(ks) if k]
+    out: list[list[Order]] = [[] for _ in ks]
+    whole: dict[int, torch.Tensor] = {}
     if not which:
-        return [[] for _ in ks]
-    out: list[list[float]] = [[] for _ in ks]
+        return out, whole
     if n <= _EXACT:
-        values = _gather(chunks, which, lambda v: torch.ones_like(v, dtype=torch.bool))
-        for t, v in zip(which, values):
-            out[t] = [_kth(v, k) for k in ks[t]]
-        return out
+        redo = which
+    else:
+        redo = _bracketed(chunks, n, ks, which, out)
+    if redo:
+        for t, v in zip(redo, _gather(chunks, redo)):
+            whole[t] = v
+            out[t] = [Order.of(v, _kth(v, k)) for k in ks[t]]
+    return out, whole
+
+
+def _bracketed(chunks: ChunkStream, n: int, ks: list[list[int]], which: list[int],
+               out: list[list[Order]]) -> list[int]:
+    """:func:`kth_largest_abs`'s sampled brackets: fills ``out`` for the inputs in ``which``
+    whose brackets hold their k-th largest values; returns the others."""
     stride = max(1, n // _SAMPLE)
     samples = [[] for _ in which]
     for _, xs in chunks(which):
@@ -78,36 +135,102 @@ def kth_largest_abs(chunks: ChunkStream, n: int, ks: list[list[int]]) -> list[li
         for j, k in enumerate(ks[t]):
             cand = torch.cat(inside[i][j])
             if above[i][j] < k <= above[i][j] + cand.numel():
-                row.append(_kth(cand, k - above[i][j]))
+                order = Order.of(cand, _kth(cand, k - above[i][j]))
+                row.append(order._replace(above=order.above + above[i][j]))
             else:
-                row.append(None)
                 missed.append(t)
+                break
         out[t] = row
-    if missed:
-        redo = sorted(set(missed))
-        values = _gather(chunks, redo, lambda v: torch.ones_like(v, dtype=torch.bool))
-        for t, v in zip(redo, values):
-            out[t] = [_kth(v, k) for k in ks[t]]
-    return out
+    return sorted(set(missed))
 
 
 def _kth(values: torch.Tensor, k: int) -> float:
     return float(torch.kthvalue(values.reshape(-1).float(), values.numel() - k + 1).values)
 
 
-def _gather(chunks: ChunkStream, which: list[int], keep: Callable) -> list[torch.Tensor]:
+def _gather(chunks: ChunkStream, which: list[int]) -> list[torch.Tensor]:
+    """|x| of the inputs in ``which``, each whole, flat and in order."""
     parts = [[] for _ in which]
     for _, xs in chunks(which):
         for p, x in zip(parts, xs):
-            v = x.reshape(-1).abs()
-            p.append(v[keep(v)])
+            p.append(x.reshape(-1).abs())
     return [torch.cat(p) for p in parts]
+
+
+def located(order: Order, k: int, ties: str, locate: bool = False) -> bool:
+    """Whether the top-k cut's tie end is a tied entry's position: where it keeps only some
+    of the entries tied at its value, or (``locate``) whenever ``ties`` is ``index``."""
+    return ties == "index" and (locate or k - order.above < order.tied)
+
+
+def cut_at(order: Order, k: int, n: int, ties: str, magnitudes: torch.Tensor | None = None,
+           locate: bool = False) -> Cut:
+    """The cut keeping the k first of n entries whose k-th largest value and counts are
+    ``order``: the r = k − above first entries tied at it by position (``ties: index``; the
+    tie end is the r-th one's position + 1 where it splits them or with ``locate``, else n) or
+    all of them (``ties: threshold``). ``magnitudes`` (the whole flat |x|, in order) is needed
+    only for a located tie end."""
+    if not located(order, k, ties, locate):
+        return Cut(order.value, n, order.above + order.tied)
+    at = torch.nonzero(magnitudes.reshape(-1) == order.value).reshape(-1)
+    return Cut(order.value, int(at[k - order.above - 1]) + 1, k)
+
+
+def top_k_cuts(chunks: ChunkStream, n: int, ks: list[list[int]], ties: str,
+               locate: bool = False) -> list[list[Cut]]:
+    """For each input t and each k in ``ks[t]`` (1 <= k <= n), the :class:`Cut` keeping its k
+    largest |x| (``ties: index``: exactly k, ties by position; ``threshold``: all tied; tie
+    ends as :func:`cut_at`).
+
+    :func:`kth_largest_abs` finds the k-th value and the counts; where the cut falls inside a
+    run of tied values of an input not gathered whole, one more pass over the chunks (stopping
+    where the last such run is resolved) finds the position of the r-th tied entry.
+    """
+    orders, whole = kth_largest_abs(chunks, n, ks)
+    out: list[list[Cut | None]] = [[None] * len(row) for row in orders]
+    pending: dict[tuple[int, int], int] = {}  # (input, index into ks) -> ties still to pass
+    for t, row in enumerate(orders):
+        for j, (k, order) in enumerate(zip(ks[t], row)):
+            if t in whole or not located(order, k, ties, locate):
+                out[t][j] = cut_at(order, k, n, ties, whole.get(t), locate)
+            else:
+                pending[(t, j)] = k - order.above
+    which = sorted({t for t, _ in pending})
+    offset = 0
+    for _, xs in (chunks(which) if pending else ()):
+        for t, x in zip(which, xs):
+            v = x.reshape(-1).abs()
+            for j, r in [(j, r) for (u, j), r in pending.items() if u == t]:
+                at = v == orders[t][j].value
+                count = int(at.sum())
+                if count < r:
+                    pending[(t, j)] = r - count
+                    continue
+                tie = offset + int(torch.nonzero(at).reshape(-1)[r - 1])
+                out[t][j] = Cut(orders[t][j].value, tie + 1, ks[t][j])
+                del pending[(t, j)]
+        if not pending:
+            break
+        offset += xs[0].numel()
+    return out
 
 
 def kth_rank(density: float, n: int) -> int | None:
     """How many of n entries a magnitude trim at ``density`` keeps, k = max(1, int(density·n));
     ``None`` where no selection is needed (density >= 1 keeps all, <= 0 none, or n = 0)."""
     return max(1, int(density * n)) if 0 < density < 1 and n else None
+
+
+def trim_count(density: float, n: int) -> int:
+    """How many of n entries a magnitude trim at ``density`` keeps (all at density >= 1)."""
+    return n if density >= 1 else kth_rank(density, n) or 0
+
+
+def planned(densities: list[list[float]], numels: list[int],
+            count: Callable[[float, int], float]) -> list[float]:
+    """Per input, Σ over tensors of ``count(its density there, the tensor's size)``."""
+    inputs = len(densities[0]) if densities else 0
+    return [sum(count(ds[t], n) for ds, n in zip(densities, numels)) for t in range(inputs)]
 
 
 #: approximate thresholds (``tolerance``): the chance that one input's threshold misses its
@@ -118,14 +241,14 @@ SAMPLE_FAILURE, SAMPLE_MAX_SHARE = 1e-6, 0.25
 
 @functools.lru_cache(maxsize=64)
 def sample_positions(n: int, tolerance: float) -> torch.Tensor | None:
-    """The random sample that approximate thresholds are selected from: sorted flat positions
+    """The random sample that approximate cuts are selected from: sorted flat positions
     (int64) of c values drawn uniformly with replacement; ``None`` where c would exceed
     ``SAMPLE_MAX_SHARE`` of n (select exactly then).
 
     The draws are rejection-sampled from 62-bit integers with a fixed seed, so the sample is
     exactly uniform and the same on every device and in every run. c is the least count with
     2·exp(−2c(ε − 1/c)²) <= ``SAMPLE_FAILURE``: Hoeffding's bound on the sampled share above a
-    value, which holds however the values are arranged (see :func:`magnitude_thresholds`);
+    value, which holds however the values are arranged (see :func:`magnitude_cuts`);
     about 14.5 / (2ε²), e.g. 72,744 at ε = 0.01, whatever n is.
     """
     if not 0 < tolerance < 0.5:
@@ -162,67 +285,161 @@ def sampled(chunks: ChunkStream, positions: torch.Tensor) -> ChunkStream:
     return stream
 
 
-def magnitude_thresholds(chunks: ChunkStream, n: int, densities: list[float],
-                         tolerance: float | None = None) -> list[float | None]:
-    """Per input: keep |τ| >= threshold; ``None`` keeps all (density >= 1), inf keeps none.
+def check_ties(rule: Any) -> None:
+    """The ``ties`` parameter: ``index`` (exactly k, ties by position) or ``threshold``."""
+    if rule not in ("index", "threshold"):
+        raise ValueError(f"ties must be 'index' (keep exactly int(density·n), ties by position) "
+                         f"or 'threshold' (keep every entry tied with the k-th), not {rule!r}")
 
-    ``tolerance`` ε: instead of the exact k-th largest |τ|, the exact k_s-th largest of a
-    random sample of S values (:func:`sample_positions`), k_s = max(1, int(d·S)); tensors too
-    small to gain select exactly. With probability at least 1 − ``SAMPLE_FAILURE`` per input,
-    the result lies between the exact thresholds at densities d + ε and d − ε, i.e. the trim
-    keeps a share of the tensor within ε of d (up to entries tied with the threshold).
 
-    Why: say it exceeded u, the exact threshold at d − ε. Then at least k_s >= d·S − 1 sampled
-    values exceed u, while at most a share d − ε of the tensor does: the sample's share beats
-    its mean by more than ε − 1/S. Had it fallen below the threshold at d + ε, which at least
-    a share d + ε − 1/n reaches, fewer than d·S sampled values would reach it. Hoeffding
-    bounds each event by exp(−2S(ε − 1/S)²).
+@dataclass
+class KeptTally:
+    """Task-vector entries a method's sparsification kept, per input, over the tensors merged
+    so far: ``kept`` of ``seen``; ``approximate`` where some tensor's count is its nominal k
+    (a cut from a sample, whose exact count would need a pass of its own)."""
+
+    kept: list[int] = field(default_factory=list)
+    seen: list[int] = field(default_factory=list)
+    approximate: list[bool] = field(default_factory=list)
+
+    def add(self, t: int, kept: int | None, nominal: int, n: int) -> None:
+        """Input t kept ``kept`` of a tensor's n entries (``None``: about ``nominal``)."""
+        while len(self.kept) <= t:
+            self.kept.append(0)
+            self.seen.append(0)
+            self.approximate.append(False)
+        self.kept[t] += nominal if kept is None else kept
+        self.seen[t] += n
+        self.approximate[t] |= kept is None
+
+    def __post_init__(self) -> None:
+        self.approximate = self.approximate or [False] * len(self.kept)
+
+
+def magnitude_cuts(chunks: ChunkStream, n: int, densities: list[float],
+                   tolerance: float | None = None, ties: str = "index",
+                   locate: bool = False) -> list[Cut | None]:
+    """Per input, the trim's :class:`Cut` at its density: the top k = :func:`kth_rank` entries
+    (``ties`` as :func:`top_k_cuts`); ``None`` keeps all (density >= 1), :data:`NOTHING` none
+    (density <= 0). ``locate``: tie ends as :func:`cut_at` (a sample's cut needs it).
+
+    ``tolerance`` ε: instead of the top k of the tensor, the cut at the k_s-th entry of a random
+    sample of S values (:func:`sample_positions`) in the same ranking, k_s = max(1, int(d·S));
+    tensors too small to gain select exactly. With probability at least 1 − ``SAMPLE_FAILURE``
+    per input that entry lies between the exact cuts at densities d + ε and d − ε, i.e. the
+    trim keeps a share of the tensor within ε of d. With ``ties: threshold`` the bound holds for
+    the entries above the threshold; all those tied with it are kept besides.
+
+    Why: the ranking is a total order (magnitude, then position). Say the sampled cut kept more
+    than u, the exact cut at d − ε. Then at least k_s >= d·S − 1 sampled values rank before
+    u's last entry, while a share d − ε of the tensor does: the sample's share beats its mean
+    by more than ε − 1/S. Had it kept less than the exact cut at d + ε, which a share
+    d + ε − 1/n reaches, fewer than d·S sampled values would reach it. Hoeffding bounds each
+    event by exp(−2S(ε − 1/S)²).
     """
     if tolerance and (positions := sample_positions(n, tolerance)) is not None:
-        return magnitude_thresholds(sampled(chunks, positions), positions.numel(), densities)
+        cuts = magnitude_cuts(sampled(chunks, positions), positions.numel(), densities,
+                              ties=ties, locate=True)
+        return [sampled_cut(c, positions, n, ties) for c in cuts]
     ks = [[k] if (k := kth_rank(d, n)) else [] for d in densities]
-    found = kth_largest_abs(chunks, n, ks)
-    return [None if d >= 1 or not n else math.inf if d <= 0 else f[0]
+    found = top_k_cuts(chunks, n, ks, ties, locate)
+    return [None if d >= 1 or not n else NOTHING if d <= 0 else f[0]
             for d, f in zip(densities, found)]
 
 
-def outlier_bounds(chunks: ChunkStream, n: int, densities: list[float],
-                   gammas: list[float]) -> list[tuple[float, float] | None]:
-    """Breadcrumbs: per input keep lo < |τ| <= hi, or ``None`` to keep everything."""
+def sampled_cut(cut: Cut | None, positions: torch.Tensor, n: int, ties: str) -> Cut | None:
+    """A cut selected over the values at ``positions`` (sorted flat positions; its tie end
+    located, see :func:`cut_at`) as a cut of the whole tensor of n values: the tie end moves
+    to the flat position after the last kept tied sample (``ties: index``), or to n (all tied
+    kept, ``ties: threshold``)."""
+    if cut is None or cut.tie_end <= 0:
+        return cut
+    if ties == "threshold":
+        return Cut(cut.threshold, n)
+    return Cut(cut.threshold, int(positions[cut.tie_end - 1]) + 1)
+
+
+#: breadcrumbs' band: keep the entries inside the first cut and outside the second (the
+#: outliers); ``None`` for either side: everything inside / nothing outside
+Band = tuple[Cut | None, Cut | None]
+
+
+def outlier_bands(chunks: ChunkStream, n: int, densities: list[float], gammas: list[float],
+                  ties: str = "index") -> list[Band | None]:
+    """Breadcrumbs, per input: keep = int(d·n) entries after the top = int(gamma·n) first of
+    the ranking, top cut down to n − keep where both would not fit (mergekit's
+    magnitude_outliers); ``None`` keeps everything (d >= 1).
+
+    ``ties: index``: exactly those ranks (the cuts at top + keep and at top). ``threshold``:
+    the band between the values at those ranks, lo < |x| <= hi, with lo the (top + keep + 1)-th
+    largest |x| and hi the (top + 1)-th (so ties at the upper end are kept, at the lower end
+    dropped, and the band may hold more or fewer than keep).
+    """
     ks, plans = [], []
     for d, g in zip(densities, gammas):
-        keep, top = int(d * n), int(g * n)
-        bottom = max(0, n - keep - top)
+        keep = max(0, int(d * n))
+        top = max(0, min(int(g * n), n - keep))
         if d >= 1 or not n:
             ks.append([])
             plans.append(None)
-        elif keep <= 0:
+        elif keep == 0:
             ks.append([])
             plans.append("none")
-        else:  # j-th smallest = (n − j + 1)-th largest
-            ks.append([n - bottom - keep + 1] + ([n - bottom + 1] if bottom else []))
-            plans.append("band")
-    found = kth_largest_abs(chunks, n, ks)
-    out: list[tuple[float, float] | None] = []
+        elif ties == "index":
+            ks.append([top + keep] + ([top] if top else []))
+            plans.append("ranks")
+        else:  # the values at ranks top + keep + 1 (lower end) and top + 1 (upper end)
+            ks.append([top + 1] + ([top + keep + 1] if top + keep < n else []))
+            plans.append("values")
+    if ties == "index":
+        found = top_k_cuts(chunks, n, ks, ties)
+    else:  # |x| > lo and not |x| > hi: cuts with no tied entry
+        found = [[Cut(o.value, 0, o.above) for o in row] for row in kth_largest_abs(chunks, n, ks)[0]]
+    out: list[Band | None] = []
     for plan, f in zip(plans, found):
         if plan is None:
             out.append(None)
         elif plan == "none":
-            out.append((math.inf, -math.inf))
+            out.append((NOTHING, None))
+        elif plan == "ranks":
+            out.append((None if f[0].kept == n else f[0], f[1] if len(f) > 1 else None))
         else:
-            out.append((f[1] if len(f) > 1 else -math.inf, f[0]))
+            out.append((f[1] if len(f) > 1 else None, f[0]))
     return out
 
 
-def threshold_mask(x: torch.Tensor, threshold: float | None) -> torch.Tensor | None:
-    return None if threshold is None else x.abs() >= threshold
+def band_kept(band: Band | None, n: int) -> int:
+    """How many of a tensor's n entries a breadcrumbs band keeps."""
+    if band is None:
+        return n
+    keep, outliers = band
+    return (n if keep is None else keep.kept) - (0 if outliers is None else outliers.kept)
 
 
-def band_mask(x: torch.Tensor, bounds: tuple[float, float] | None) -> torch.Tensor | None:
-    if bounds is None:
-        return None
+def _inside(x: torch.Tensor, cut: Cut, offset: int) -> torch.Tensor:
+    """Whether each entry of ``x`` (a chunk starting at flat position ``offset``) is inside
+    ``cut``. Only the chunk that holds the tie end compares positions."""
     mag = x.abs()
-    return (mag > bounds[0]) & (mag <= bounds[1])
+    if cut.tie_end >= offset + x.numel():
+        return mag >= cut.threshold
+    if cut.tie_end <= offset:
+        return mag > cut.threshold
+    pos = torch.arange(offset, offset + x.numel(), device=x.device).reshape(x.shape)
+    return (mag > cut.threshold) | ((mag == cut.threshold) & (pos < cut.tie_end))
+
+
+def cut_mask(x: torch.Tensor, cut: Cut | None, offset: int = 0) -> torch.Tensor | None:
+    """The keep-mask of a trim on a chunk starting at flat position ``offset`` (``None``: all)."""
+    return None if cut is None else _inside(x, cut, offset)
+
+
+def band_mask(x: torch.Tensor, band: Band | None, offset: int = 0) -> torch.Tensor | None:
+    """Breadcrumbs' keep-mask on a chunk starting at flat position ``offset`` (``None``: all)."""
+    if band is None:
+        return None
+    keep, outliers = band
+    mask = torch.ones_like(x, dtype=torch.bool) if keep is None else _inside(x, keep, offset)
+    return mask if outliers is None else mask & ~_inside(x, outliers, offset)
 
 
 def bernoulli_mask(x: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor | None:
@@ -234,19 +451,23 @@ def bernoulli_mask(x: torch.Tensor, density: float, gen: torch.Generator) -> tor
     return torch.rand(x.shape, generator=gen, device=x.device) < density
 
 
-def l1_scales(chunks: ChunkStream, masks: Callable[[int, int, torch.Tensor], torch.Tensor | None],
+def l1_scales(chunks: ChunkStream,
+              masks: Callable[[int, int, int, torch.Tensor], torch.Tensor | None],
               count: int) -> list[float]:
     """mergekit's L1 rescale per input: Σ|τ| / Σ|kept τ| over the tensor (1 if either < 1e-7).
 
-    ``masks(input index, chunk index, rows)`` gives the chunk's keep-mask (``None``: all).
+    ``masks(input index, chunk index, chunk's first flat position, values)`` gives the chunk's
+    keep-mask (``None``: all).
     """
     before, after = [0.0] * count, [0.0] * count
+    offset = 0
     for c, (_, xs) in enumerate(chunks()):
         for t, x in enumerate(xs):
-            mask = masks(t, c, x)
+            mask = masks(t, c, offset, x)
             a = float(x.abs().sum())
             before[t] += a
             after[t] += a if mask is None else float((x.abs() * mask).sum())
+        offset += xs[0].numel() if xs else 0
     return [b / a if b >= 1e-7 and a >= 1e-7 else 1.0 for b, a in zip(before, after)]
 
 

@@ -1,13 +1,15 @@
 """TIES-Merging (Yadav et al. 2023): trim, elect sign, disjoint mean, scale.
 
-1. Trim each τt to its largest-magnitude entries (``density``), per tensor (``trim_scope:
-   tensor``, mergekit's and PEFT's default) or over the whole flattened task vector
-   (``trim_scope: global``, the paper's code; costs two extra reads of the inputs to find each
-   task's exact threshold). ``density_tolerance: ε`` (a mergehub extension, default 0: exact)
-   takes each per-tensor threshold from a random sample instead, so that the trim keeps within ε
-   of the density with probability >= 1 − 1e-6 per tensor and input
-   (``sparsify.magnitude_thresholds``); the GPU finds it in a few small launches instead of a
-   pass over the inputs.
+1. Trim each τt to its k = int(density·n) largest-magnitude entries, equal magnitudes taken
+   by flat position, lowest first (``ties: index``, as many as mergekit keeps; ``threshold``
+   keeps every entry tied with the k-th largest instead), per tensor (``trim_scope: tensor``,
+   mergekit's and PEFT's default) or over the whole flattened task vector (``trim_scope:
+   global``, the paper's code; costs two extra reads of the inputs to find each task's exact
+   cut, three where it splits a run of ties). ``density_tolerance: ε`` (a mergehub extension,
+   default 0: exact) takes each per-tensor cut from a random sample instead, so that the trim
+   keeps within ε of the density with probability >= 1 − 1e-6 per tensor and input
+   (``sparsify.magnitude_cuts``); the GPU finds it in a few small launches instead of a pass
+   over the inputs.
 2. Elect a sign per entry from the weighted, trimmed vectors: ``sign_method: sum`` (total
    mass, the paper and mergekit) or ``count`` (PEFT's "frequency").
 3. Disjoint mean: average only the agreeing entries (weighted, divided by the agreeing weights
@@ -24,55 +26,124 @@ import torch
 
 from mergehub.merge.methods.base import MergeMethod, TensorContext, register
 from mergehub.merge.methods.sparsify import (
-    ChunkStream, apply_mask, combine, l1_scales, magnitude_thresholds, threshold_mask)
+    NOTHING, ChunkStream, Cut, KeptTally, Order, apply_mask, check_ties, combine, cut_at,
+    cut_mask, kth_rank, l1_scales, located, magnitude_cuts, planned, trim_count)
 
-_BINS = 1 << 15  # top 16 bits of a non-negative float32: sign (always 0) + 15 bits
+_BINS = 1 << 16  # a non-negative float32's bits, high half then low half (its sign is 0)
 
 
-class GlobalThresholds:
-    """Exact k-th largest |τt| over all tensors of each task vector, in two streamed passes.
+class GlobalCuts:
+    """Each task's exact top-k cut over all tensors of its task vector (``trim_scope:
+    global``), in streamed passes: the ranking is the per-tensor one with the tensors taken in
+    merge order, one after the other.
 
-    Pass 1 histograms the top 16 bits of each |τ| (the bits order non-negative floats); the bin
-    holding the k-th largest is then known. Pass 2 keeps only that bin's values and selects the
-    exact threshold among them. Memory: one histogram per task plus one bin's values.
+    Pass 1 histograms the high 16 bits of each |τ| (the bits order non-negative floats), which
+    tells the bin of the k-th largest; pass 2 histograms the low 16 bits of the values in that
+    bin, which spells the k-th largest exactly and counts the values above it and at it. Where
+    the cut keeps only some of the tied values (``ties: index``), pass 3 counts them tensor by
+    tensor up to the r-th and notes its position. Memory: two histograms per task.
     """
 
-    def __init__(self, densities: list[float]):
+    def __init__(self, densities: list[float], ties: str):
         self.densities = densities
-        self.hist = [torch.zeros(_BINS, dtype=torch.int64) for _ in densities]
+        self.ties = ties
         self.total = 0
-        self.bins: list[int] = []
-        self.rank: list[int] = []
-        self.candidates: list[list[torch.Tensor]] = [[] for _ in densities]
+        self.high = [torch.zeros(_BINS, dtype=torch.int64) for _ in densities]
+        self.low = [torch.zeros(_BINS, dtype=torch.int64) for _ in densities]
+        self.ks = [0] * len(densities)  # k per task (0: no selection), once the total is known
+        self.bins = [0] * len(densities)
+        self.cuts: list[Cut | None] = [None] * len(densities)
+        self.selected = False  # pass 2 done
+        self.split: set[int] = set()  # tasks whose cut splits a run of ties
+        self.pending: dict[int, int] = {}  # pass 3: task -> tied values still to pass
+        self.ends: list[dict[str, int]] = [{} for _ in densities]  # pass 3: tensor -> tie end
+        self.tensor, self.offset = None, 0
 
     @staticmethod
-    def _keys(x: torch.Tensor) -> torch.Tensor:
-        return (x.abs().float().reshape(-1).view(torch.int32) >> 16).long()
+    def _bits(x: torch.Tensor) -> torch.Tensor:
+        return x.abs().float().reshape(-1).view(torch.int32).long()
 
-    def observe(self, rnd: int, xs: list[torch.Tensor]) -> None:
+    def rounds(self) -> int:
+        """Passes needed in all: 3 until pass 2 has shown that no cut splits a run of ties."""
+        return 3 if self.pending or not self.selected else 2
+
+    def observe(self, rnd: int, name: str, xs: list[torch.Tensor]) -> None:
+        """See one chunk of tensor ``name`` (chunks in order, tensors in merge order)."""
         if rnd == 0:
             self.total += xs[0].numel()
-            for h, x in zip(self.hist, xs):
-                h += torch.bincount(self._keys(x), minlength=_BINS).cpu()
-        else:
+            for h, x in zip(self.high, xs):
+                h += torch.bincount(self._bits(x) >> 16, minlength=_BINS).cpu()
+        elif rnd == 1:
             for t, x in enumerate(xs):
-                flat = x.abs().float().reshape(-1)
-                self.candidates[t].append(flat[self._keys(x) == self.bins[t]].cpu())
+                if self.ks[t]:
+                    bits = self._bits(x)
+                    low = bits[(bits >> 16) == self.bins[t]] & 0xFFFF
+                    self.low[t] += torch.bincount(low, minlength=_BINS).cpu()
+        else:
+            if name != self.tensor:
+                self.tensor, self.offset = name, 0
+            for t, r in list(self.pending.items()):
+                at = xs[t].reshape(-1).abs() == self.cuts[t].threshold
+                count = int(at.sum())
+                if count < r:  # every tie of the chunk is kept
+                    self.pending[t] = r - count
+                    self.ends[t][name] = self.offset + xs[t].numel()
+                else:
+                    self.ends[t][name] = self.offset + int(torch.nonzero(at).reshape(-1)[r - 1]) + 1
+                    del self.pending[t]
+            self.offset += xs[0].numel()
 
-    def finish(self, rnd: int) -> list[float] | None:
+    def finish(self, rnd: int) -> None:
         if rnd == 0:
-            for h, density in zip(self.hist, self.densities):
-                k = max(1, int(density * self.total))
-                above = torch.flip(torch.cumsum(torch.flip(h, [0]), 0), [0])  # count >= bin
-                b = int(torch.nonzero(above >= k).max())
-                self.bins.append(b)
-                self.rank.append(k - (int(above[b + 1]) if b + 1 < _BINS else 0))
-            return None
+            for t, (h, density) in enumerate(zip(self.high, self.densities)):
+                self.ks[t] = kth_rank(density, self.total) or 0
+                if self.ks[t]:
+                    self.bins[t] = int(torch.nonzero(_at_least(h) >= self.ks[t]).max())
+        elif rnd == 1:
+            for t, k in enumerate(self.ks):
+                if k:
+                    self.cuts[t] = self._cut(t, k)
+            self.selected = True
+
+    def _cut(self, t: int, k: int) -> Cut:
+        b = self.bins[t]
+        higher = int(_at_least(self.high[t])[b + 1]) if b + 1 < _BINS else 0
+        low = self.low[t]
+        at_least = _at_least(low)
+        sel = int(torch.nonzero(at_least >= k - higher).max())
+        value = torch.tensor((b << 16) | sel, dtype=torch.int32).view(torch.float32)
+        order = Order(float(value), higher + int(at_least[sel] - low[sel]), int(low[sel]))
+        if located(order, k, self.ties):  # pass 3 finds the tie end
+            self.split.add(t)
+            self.pending[t] = k - order.above
+            return Cut(order.value, 0, k)
+        return cut_at(order, k, self.total, self.ties)
+
+    def tensor_cuts(self, name: str, n: int) -> list[Cut | None]:
+        """Each task's cut restricted to one tensor of n values (``None``: no trim): split
+        ties are kept up to the position pass 3 noted, all of them in the tensors before its,
+        none after."""
         out = []
-        for values, r in zip(self.candidates, self.rank):
-            allv = torch.cat(values)
-            out.append(float(torch.kthvalue(allv, allv.numel() - r + 1).values))
+        for t, (cut, density) in enumerate(zip(self.cuts, self.densities)):
+            if density >= 1:
+                out.append(None)
+            elif cut is None:
+                out.append(NOTHING)
+            elif t in self.split:
+                out.append(cut.restricted(self.ends[t].get(name, 0)))
+            else:
+                out.append(cut.restricted(n))
         return out
+
+    def kept(self) -> list[int]:
+        """Entries each task's cut keeps over the whole task vector."""
+        return [self.total if d >= 1 else 0 if c is None else c.kept
+                for c, d in zip(self.cuts, self.densities)]
+
+
+def _at_least(h: torch.Tensor) -> torch.Tensor:
+    """Per bin of a histogram, the count in it or above it."""
+    return torch.flip(torch.cumsum(torch.flip(h, [0]), 0), [0])
 
 
 @register
@@ -80,13 +151,20 @@ class Ties(MergeMethod):
     name = "ties"
     model_params = {"weight": 1.0, "density": 1.0}
     global_params = {"lambda": 1.0, "normalize": True, "rescale": False, "int8_mask": False,
-                     "trim_scope": "tensor", "sign_method": "sum", "density_tolerance": 0.0}
+                     "trim_scope": "tensor", "sign_method": "sum", "density_tolerance": 0.0,
+                     "ties": "index"}
+
+    def __init__(self, params: dict[str, Any]):
+        super().__init__(params)
+        self.tally = KeptTally()
+        self._global: GlobalCuts | None = None
 
     def validate(self, model_params: list[dict[str, Any]], labels: list[str]) -> None:
         if self.params["trim_scope"] not in ("tensor", "global"):
             raise ValueError(f"trim_scope must be 'tensor' or 'global', not {self.params['trim_scope']!r}")
         if self.params["sign_method"] not in ("sum", "count"):
             raise ValueError(f"sign_method must be 'sum' or 'count', not {self.params['sign_method']!r}")
+        check_ties(self.params["ties"])
         tolerance = self.params["density_tolerance"]
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) \
                 or not 0 <= tolerance < 0.5:
@@ -99,41 +177,56 @@ class Ties(MergeMethod):
                 if not isinstance(p["density"], (int, float)):
                     raise ValueError(f"{label}: trim_scope global needs one density per model, "
                                      f"not {p['density']!r}")
-            self._global = GlobalThresholds([float(p["density"]) for p in model_params])
+            self._global = GlobalCuts([float(p["density"]) for p in model_params],
+                                      self.params["ties"])
 
     def prepass_rounds(self) -> int:
-        return 2 if self.params["trim_scope"] == "global" else 0
+        return 0 if self._global is None else self._global.rounds()
 
     def observe(self, rnd: int, xs: list[torch.Tensor], model_params: list[dict[str, Any]],
                 ctx: TensorContext) -> None:
-        self._global.observe(rnd, xs)
+        self._global.observe(rnd, ctx.name, xs)
 
     def finish_round(self, rnd: int, state: dict[str, Any]) -> None:
-        thresholds = self._global.finish(rnd)
-        if thresholds is not None:
-            state["ties_thresholds"] = thresholds
+        self._global.finish(rnd)
 
     def tensor_stats(self, chunks: ChunkStream, model_params: list[dict[str, Any]],
                      ctx: TensorContext) -> None:
-        thresholds = self._thresholds(model_params, ctx, lambda densities: magnitude_thresholds(
-            chunks, ctx.state["numel"], densities, self._tolerance))
+        cuts = self._cuts(model_params, ctx, lambda densities: magnitude_cuts(
+            chunks, ctx.state["numel"], densities, self._tolerance, self.params["ties"]))
         scales = [1.0] * len(model_params)
         if self.params["rescale"]:
-            scales = l1_scales(chunks, lambda t, c, x: threshold_mask(x, thresholds[t]),
+            scales = l1_scales(chunks, lambda t, c, offset, x: cut_mask(x, cuts[t], offset),
                                len(model_params))
-        ctx.state["trim"] = (thresholds, scales)
+        ctx.state["trim"] = (cuts, scales)
 
-    @staticmethod
-    def _thresholds(model_params: list[dict[str, Any]], ctx: TensorContext,
-                    per_tensor: Callable[[list[float]], list[float | None]]
-                    ) -> list[float | None]:
-        """Each input's trim threshold: the global ones (``trim_scope: global``, found in the
-        pre-passes) or ``per_tensor(densities)`` for this tensor."""
+    def _cuts(self, model_params: list[dict[str, Any]], ctx: TensorContext,
+              per_tensor: Callable[[list[float]], list[Cut | None]]) -> list[Cut | None]:
+        """Each input's trim of this tensor: its part of the global cut (``trim_scope:
+        global``, found in the pre-passes) or ``per_tensor(densities)``; the per-tensor
+        counts go into :attr:`tally`."""
+        n = ctx.state["numel"]
+        if self._global is not None:
+            return self._global.tensor_cuts(ctx.name, n)
         densities = [float(p["density"]) for p in model_params]
-        global_thresholds = ctx.state.get("ties_thresholds")
-        if global_thresholds is None:
-            return per_tensor(densities)
-        return [t if d < 1 else None for t, d in zip(global_thresholds, densities)]
+        cuts = per_tensor(densities)
+        for t, (cut, d) in enumerate(zip(cuts, densities)):
+            self.tally.add(t, n if cut is None else cut.kept, kth_rank(d, n) or 0, n)
+        return cuts
+
+    def kept_report(self) -> KeptTally | None:
+        if self._global is not None:
+            return KeptTally(self._global.kept(), [self._global.total] * len(self._global.kept()))
+        return self.tally
+
+    def planned_kept(self, densities: list[list[float]], numels: list[int]
+                     ) -> tuple[list[float], str]:
+        if self._global is not None:  # one cut over all tensors
+            counts = planned(densities[:1], [sum(numels)], trim_count)
+        else:
+            counts = planned(densities, numels, trim_count)
+        return counts, ("about" if self._tolerance else "exactly" if self.params["ties"] == "index"
+                        else "at least")
 
     @property
     def _tolerance(self) -> float | None:
@@ -147,18 +240,18 @@ class Ties(MergeMethod):
               model_params: list[dict[str, Any]], ctx: TensorContext) -> dict[str, Any]:
         from mergehub import kernels
 
-        def per_tensor(densities: list[float]) -> list[float | None]:
-            return kernels.magnitude_thresholds(base, thetas, densities,
-                                                tolerance=self._tolerance, name=ctx.name)
+        def per_tensor(densities: list[float]) -> list[Cut | None]:
+            return kernels.magnitude_cuts(base, thetas, densities, tolerance=self._tolerance,
+                                          ties=self.params["ties"], name=ctx.name)
 
-        thresholds = self._thresholds(model_params, ctx, per_tensor)
-        return {**self.mix_args(model_params), "thresholds": thresholds,
+        return {**self.mix_args(model_params), "cuts": self._cuts(model_params, ctx, per_tensor),
                 "elect": self.params["sign_method"]}
 
     def trim(self, xs: list[torch.Tensor], ctx: TensorContext) -> list[torch.Tensor]:
         """Step 1: each task vector restricted to its largest magnitudes."""
-        thresholds, scales = ctx.state["trim"]
-        return [apply_mask(x, threshold_mask(x, th), s) for x, th, s in zip(xs, thresholds, scales)]
+        cuts, scales = ctx.state["trim"]
+        return [apply_mask(x, cut_mask(x, cut, ctx.offset), s)
+                for x, cut, s in zip(xs, cuts, scales)]
 
     def merged_delta(self, xs: list[torch.Tensor], model_params: list[dict[str, Any]],
                      ctx: TensorContext) -> torch.Tensor:
