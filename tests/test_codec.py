@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
 import torch
+import zstandard
 
+from mergehub.storage import codec
 from mergehub.storage.codec import (
     BlobFormatError, decode_blob, encode_lossless, sha256, unpack_blob)
 from mergehub.storage.safetensors_format import SAFETENSORS_DTYPE
@@ -95,3 +99,101 @@ def test_malformed_blob():
         unpack_blob(b"nope" + b"\0" * 10)
     with pytest.raises(BlobFormatError, match="header"):
         unpack_blob(b"MHB1" + (5).to_bytes(4, "little") + b"{bad}")
+
+
+# --- version 2 (chunked) and version 1 (whole-tensor planes) --------------------------------
+
+def encode_v1(raw: bytes, dtype: str, raw_sha256: str, ref: tuple[str, bytes] | None = None) -> bytes:
+    """A blob as mergehub wrote it before chunking (format version 1): mergehub's own
+    ``encode_lossless`` of that time (commit 1a47d49), verbatim but for the names."""
+    nbytes = len(raw)
+    w = codec._width(dtype, nbytes)
+    x = np.frombuffer(raw, codec._UINT[w])
+    if ref is not None and len(ref[1]) == nbytes:
+        transform, ref_id = "delta", ref[0]
+        body = codec._planes(codec._zigzag_delta(x, np.frombuffer(ref[1], codec._UINT[w])))
+    elif dtype in codec._FLOAT_BITS and w == codec.DTYPE_WIDTH[dtype]:
+        transform, ref_id, body = "exp", None, codec._exp_split(x, *codec._FLOAT_BITS[dtype])
+    else:
+        transform, ref_id, body = "planes", None, codec._planes(x)
+    compressor = zstandard.ZstdCompressor(level=1)
+    frames = [compressor.compress(p) for p in body]
+    payload = struct.pack(f"<I{len(frames)}Q", len(frames), *map(len, frames)) + b"".join(frames)
+    if len(payload) >= nbytes:
+        transform, ref_id, payload = "none", None, bytes(raw)
+    header = codec.BlobHeader("lossless", dtype, nbytes, raw_sha256, ref_id,
+                              {"transform": transform, "width": w})
+    return codec.pack_blob(header, payload)
+
+
+def _weights(n: int, dtype: torch.dtype, seed: int = 0) -> bytes:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, generator=gen) * 0.02).to(dtype).view(torch.uint8).numpy().tobytes()
+
+
+def _pieces(header, payload, ref: bytes | None) -> list[bytes]:
+    return [bytes(p) for p in codec.decode_lossless_chunks(
+        header, codec.Payload(payload), [ref] if ref is not None else None)]
+
+
+@pytest.mark.parametrize("dtype, torch_dtype", [("BF16", torch.bfloat16), ("F16", torch.float16),
+                                                ("F32", torch.float32), ("F64", torch.float64)])
+def test_chunked_round_trip(monkeypatch, dtype, torch_dtype):
+    """A tensor of several chunks (and a shorter last one) is coded chunk by chunk, decodes to
+    the same bytes a chunk at a time, with and without a reference."""
+    monkeypatch.setattr(codec, "CHUNK_BYTES", 4096)
+    raw = _weights(10_000 + 3, torch_dtype)  # not a multiple of the chunk
+    ref = bytearray(raw)
+    ref[::7] = bytes(len(ref[::7]))  # a reference that differs in some bytes
+    for r in (None, bytes(ref)):
+        blob = encode_lossless(raw, dtype, sha256(raw), ("r" * 64, r) if r is not None else None)
+        header, payload = unpack_blob(blob)
+        assert header.version == 2 and header.params["chunk"] == 4096
+        assert header.params["transform"] == ("delta" if r is not None else "exp")
+        pieces = _pieces(header, payload, r)
+        assert [len(p) for p in pieces] == [4096] * (len(raw) // 4096) + [len(raw) % 4096]
+        assert b"".join(pieces) == raw == decode_blob(header, payload, r)
+
+
+def test_chunked_stores_a_chunk_that_does_not_shrink_as_is(monkeypatch):
+    """Each chunk falls back to its bytes as they are on its own: a random chunk between two
+    compressible ones is stored raw (frame count 0), and the blob still decodes."""
+    monkeypatch.setattr(codec, "CHUNK_BYTES", 4096)
+    noise = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    raw = bytes(4096) + noise + bytes(4096)
+    header, payload = unpack_blob(encode_lossless(raw, "U8", sha256(raw)))
+    assert header.params["transform"] == "planes"
+    first = struct.unpack_from("<IQ", payload)
+    second = struct.unpack_from("<I", payload, 12 + first[1])[0]
+    assert first[0] == 1 and second == 0  # one zstd frame, then a chunk stored as is
+    assert decode_blob(header, payload, None) == raw
+    # nothing shrinks: the blob is "none", without the reference it would not use
+    header, payload = unpack_blob(encode_lossless(noise, "U8", sha256(noise), ("r" * 64, raw[:4096])))
+    assert header.params["transform"] == "none" and header.ref is None
+    assert decode_blob(header, payload, None) == noise
+
+
+@pytest.mark.parametrize("dtype, torch_dtype", [("BF16", torch.bfloat16), ("F64", torch.float64),
+                                                ("I32", None), ("U8", None)])
+def test_version_1_blobs_still_decode(monkeypatch, dtype, torch_dtype):
+    """Blobs written by the encoder before chunking decode to the same bytes: whole, and a
+    piece at a time (their planes decompressed as streams, in step), every transform."""
+    monkeypatch.setattr(codec, "CHUNK_BYTES", 4096)
+    if torch_dtype is not None:
+        raw = _weights(5_001, torch_dtype)
+    else:
+        raw = np.arange(20_004, dtype=np.uint8).tobytes() if dtype == "U8" else \
+            (np.arange(5_001, dtype=np.int32) % 7).tobytes()
+    noise = np.random.default_rng(1).integers(0, 256, len(raw), dtype=np.uint8).tobytes()
+    ref = bytes(a ^ (b & 1) for a, b in zip(raw, noise))
+    cases = [(raw, None), (raw, ref), (noise, None)]
+    transforms = set()
+    for data, r in cases:
+        blob = encode_v1(data, dtype, sha256(data), ("r" * 64, r) if r is not None else None)
+        header, payload = unpack_blob(blob)
+        transforms.add(header.params["transform"])
+        assert header.version == 1
+        pieces = _pieces(header, payload, r if header.ref else None)
+        assert max(map(len, pieces)) <= 4096 and b"".join(pieces) == data
+        assert decode_blob(header, payload, r if header.ref else None) == data
+    assert {"delta", "none"} <= transforms and transforms & {"exp", "planes"}

@@ -227,14 +227,15 @@ def test_corrupt_blob_detected_with_model_and_tensor(store, models, tmp_path):
 
 def test_verify_checks_decoded_bytes(store, models):
     """A blob whose header lies about the original's hash is caught after decoding."""
-    from mergehub.storage.codec import BlobHeader, pack_blob, unpack_blob
+    from dataclasses import replace
+
+    from mergehub.storage.codec import pack_blob, unpack_blob
 
     store.add(models["base-bf16"], "base", progress=False)
     name, blob = store._db.execute("SELECT name, blob FROM tensors LIMIT 1").fetchone()
     header, payload = unpack_blob(store._blob_path(blob).read_bytes())
-    forged = pack_blob(BlobHeader(header.codec, header.dtype, header.nbytes, "0" * 64,
-                                  header.ref, header.params), bytes(payload))
-    forged_id, _ = store._write_blob(forged)
+    forged = pack_blob(replace(header, sha256="0" * 64), bytes(payload))
+    forged_id, _ = store._write_blob([forged])
     store._db.execute("INSERT INTO blobs VALUES (?, 'lossless', NULL, ?, ?, ?)",
                       (forged_id, "0" * 64, header.nbytes, len(forged)))
     store._db.execute("UPDATE tensors SET blob = ? WHERE name = ?", (forged_id, name))

@@ -20,24 +20,50 @@ N(0, 0.02) bf16 weights and a fine-tune perturbed by 5% of each tensor's std; se
   then zstd (``delta``). Unchanged values are zeros and a small change touches only the low
   bytes. This beat XOR of the bit patterns (0.46 vs 0.51 of raw on a bf16 fine-tune);
 * a payload that would not shrink is stored as is (``none``).
+
+Two versions of the ``lossless`` payload (the header's ``version``) are read:
+
+* version 2, written since issue 12: the decoded bytes are cut into chunks of
+  ``params["chunk"]`` bytes (:data:`CHUNK_BYTES`, 16 MiB; the last chunk shorter), each coded on
+  its own: ``u32`` frame count k, k ``u64`` frame sizes, then k zstd frames, one per byte plane
+  of the chunk as above; k = 0 means the chunk's bytes follow as they are (it would not shrink;
+  ``none`` is a blob whose every chunk is stored so). A tensor of any size is then hashed, coded,
+  written, read and decoded a chunk at a time, and peak memory is a few chunks rather than a
+  few copies of the tensor (``benchmarks/bench_memory.py``). Chunks of 16 MiB are 128 zstd
+  blocks, so chunking costs no measurable compression;
+* version 1, written before: one zstd frame per plane over the whole tensor, or the bytes as
+  they are (``none``). Still read, and a chunk at a time too: the planes' frames are
+  decompressed as streams, in step.
+
+Decoding is bounded by the size the blob must decode to, so a damaged or hostile blob (a
+pulled one is untrusted until its decoded sha256 matches) cannot make a reader allocate more
+than that: the store first checks the header's ``nbytes`` against the size the catalog gives the
+tensor (dtype x shape); then every zstd frame must declare, in its frame header, exactly the
+size of its plane, checked before it is decompressed (zstd's ``max_output_size`` alone does not
+bound a frame that declares its size); the frame count must be the transform's plane count; a
+chunk is at most :data:`MAX_CHUNK_BYTES` and a compressed frame at most zstd's bound for its
+plane; a streamed frame's window is limited; sizes pointing past the payload are refused before
+anything is read. The lossy codecs (:mod:`mergehub.storage.codecs`) check their payload sizes
+against the tensor's shape the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import struct
 import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, BinaryIO, Union
 
 import numpy as np
 import zstandard
 
 from mergehub.storage import safetensors_format
-from mergehub.storage.safetensors_format import DTYPE_WIDTH
+from mergehub.storage.safetensors_format import DTYPE_WIDTH, read_range
 
 if TYPE_CHECKING:
     import torch
@@ -47,10 +73,19 @@ if sys.byteorder != "little":  # safetensors data is little-endian; the bit tric
 
 MAGIC = b"MHB1"
 ZSTD_LEVEL = 1  # measured: level 1 compresses bf16 planes better than 3 and 9, and fastest
+#: decoded bytes per chunk of a version-2 lossless blob (a multiple of every dtype's width);
+#: also the piece size in which version-1 blobs are decoded and tensors are hashed
+CHUNK_BYTES = 16 << 20
+#: the largest chunk a blob header may declare: bounds what decoding one chunk allocates
+MAX_CHUNK_BYTES = 256 << 20
+#: zstd window limit for version-1 planes decompressed as streams (level-1 frames use 512 KiB)
+_MAX_WINDOW = 8 << 20
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _INT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 #: (exponent bits, mantissa bits) of the IEEE-style float dtypes the ``exp`` transform splits.
 _FLOAT_BITS = {"F16": (5, 10), "BF16": (8, 7), "F32": (8, 23), "F64": (11, 52)}
+
+Buffer = Union[bytes, bytearray, memoryview]
 
 
 class BlobFormatError(ValueError):
@@ -74,31 +109,179 @@ class BlobHeader:
                            "nbytes": self.nbytes, "sha256": self.sha256, "ref": self.ref,
                            "params": self.params}, sort_keys=True, separators=(",", ":")).encode()
 
+    def pack(self) -> bytes:
+        """What a blob with this header starts with: magic, header length, header."""
+        head = self.to_json()
+        return b"".join((MAGIC, struct.pack("<I", len(head)), head))
 
-def pack_blob(header: BlobHeader, payload: bytes) -> bytes:
+
+def pack_blob(header: BlobHeader, payload: Buffer) -> bytes:
     """Serialize a blob; its id is ``sha256(result)``."""
-    head = header.to_json()
-    return b"".join((MAGIC, struct.pack("<I", len(head)), head, payload))
+    return header.pack() + payload
 
 
-def unpack_blob(data: bytes | memoryview) -> tuple[BlobHeader, memoryview]:
-    """Split a blob into header and payload; raises :class:`BlobFormatError` if malformed."""
-    view = memoryview(data)
-    if len(view) < 8 or bytes(view[:4]) != MAGIC:
+def _count(value: object) -> bool:
+    """Whether ``value`` is a JSON integer >= 0 (not a bool, not a float)."""
+    return type(value) is int and value >= 0
+
+
+def read_header(blob: Payload) -> tuple[BlobHeader, int]:
+    """Parse the header at the start of a whole blob; returns it and where the payload starts.
+
+    Raises :class:`BlobFormatError` for a bad magic, a header that is not JSON or fields of the
+    wrong type (so later size arithmetic on them is safe).
+    """
+    if len(blob) < 8 or bytes(blob.read(0, 4)) != MAGIC:
         raise BlobFormatError("not a mergehub blob (bad magic)")
-    (n,) = struct.unpack("<I", view[4:8])
+    (n,) = struct.unpack("<I", blob.read(4, 4))
     try:
-        obj = json.loads(bytes(view[8:8 + n]))
+        obj = json.loads(bytes(blob.read(8, n)))
         header = BlobHeader(codec=obj["codec"], version=obj["version"], dtype=obj["dtype"],
                             nbytes=obj["nbytes"], sha256=obj["sha256"], ref=obj["ref"],
                             params=obj["params"])
     except (ValueError, KeyError, TypeError) as e:
         raise BlobFormatError(f"unreadable blob header: {e}") from e
-    return header, view[8 + n:]
+    if not (isinstance(header.codec, str) and isinstance(header.dtype, str)
+            and _count(header.nbytes) and _count(header.version)
+            and isinstance(header.sha256, str) and isinstance(header.params, dict)
+            and (header.ref is None or isinstance(header.ref, str))):
+        raise BlobFormatError("unreadable blob header: a field has the wrong type")
+    return header, 8 + n
 
 
-def sha256(data: bytes | memoryview) -> str:
+def unpack_blob(data: Buffer) -> tuple[BlobHeader, memoryview]:
+    """Split a blob held in memory into header and payload; raises :class:`BlobFormatError`
+    if malformed."""
+    view = memoryview(data).cast("B")
+    header, start = read_header(Payload(view))
+    return header, view[start:]
+
+
+def sha256(data: Buffer) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+class _FileRange:
+    """``read(n)`` over the bytes [start, start + size) of an open file, with ``pread`` (so
+    several can read one file at once): the source of a zstd stream reader."""
+
+    def __init__(self, file: BinaryIO, start: int, size: int):
+        self._fd, self._pos, self._end = file.fileno(), start, start + size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._end - self._pos if n < 0 else min(n, self._end - self._pos)
+        data = os.pread(self._fd, n, self._pos)
+        self._pos += len(data)
+        return data
+
+
+class Payload:
+    """Bytes of a blob, held in memory or read from an open file a piece at a time.
+
+    Decoding asks for byte ranges (:meth:`read`) or for a stream over one (:meth:`stream`, the
+    source of zstd's streaming decompressor). Both refuse ranges past the end before reading,
+    so a size field of a damaged or hostile blob cannot make a read allocate more than there is.
+    """
+
+    def __init__(self, data: Buffer | None = None, *, file: BinaryIO | None = None,
+                 start: int = 0, size: int = 0):
+        self._view = memoryview(data).cast("B") if data is not None else None
+        self._file, self._start = file, start
+        self.size = len(self._view) if self._view is not None else size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _check(self, offset: int, size: int) -> None:
+        if size < 0 or offset + size > self.size:
+            raise BlobFormatError(f"truncated: bytes {offset}..{offset + size} of a "
+                                  f"{self.size}-byte payload")
+
+    def read(self, offset: int, size: int) -> memoryview | bytearray:
+        """Bytes [offset, offset + size)."""
+        self._check(offset, size)
+        if self._view is not None:
+            return self._view[offset:offset + size]
+        try:
+            return read_range(self._file, self._start + offset, size)
+        except OSError as e:
+            raise BlobFormatError(f"cannot read bytes {offset}..{offset + size}: {e}") from e
+
+    def stream(self, offset: int, size: int) -> memoryview | _FileRange:
+        """A readable source of bytes [offset, offset + size) for a zstd stream reader."""
+        self._check(offset, size)
+        if self._view is not None:
+            return self._view[offset:offset + size]
+        return _FileRange(self._file, self._start + offset, size)
+
+    def tail(self, offset: int) -> Payload:
+        """The bytes from ``offset`` on, as a payload of their own."""
+        self._check(offset, 0)
+        if self._view is not None:
+            return Payload(self._view[offset:])
+        return Payload(file=self._file, start=self._start + offset, size=self.size - offset)
+
+
+def rechunk(pieces: Iterable[Buffer], size: int, total: int) -> Iterator[memoryview]:
+    """The ``total`` bytes ``pieces`` yields, cut again into consecutive pieces of ``size`` bytes
+    (the last one shorter).
+
+    The last piece comes only once ``pieces`` is exhausted, so checks a generator makes after
+    its last item (a decoded sha256) have run when the consumer has all the bytes. More or fewer
+    bytes than ``total`` is a :class:`BlobFormatError`.
+    """
+    buf = bytearray()
+    done = 0
+    for piece in pieces:
+        view = memoryview(piece).cast("B")
+        if done + len(buf) + len(view) > total:
+            raise BlobFormatError(f"more than the {total} bytes expected")
+        if not buf and len(view) == size and done + size < total:
+            done += size
+            yield view  # already a piece of the right size
+            continue
+        buf += view
+        while len(buf) >= size and done + size < total:
+            out = buf[:size]
+            del buf[:size]
+            done += size
+            yield memoryview(out)
+    if done + len(buf) != total:
+        raise BlobFormatError(f"{done + len(buf)} bytes where {total} were expected")
+    if buf:
+        yield memoryview(buf)
+
+
+def _finish(items: Iterator[Any] | None) -> None:
+    """Run an iterator to its end, so that checks its generator makes there run."""
+    for _ in items or ():
+        raise BlobFormatError("more bytes than expected")
+
+
+def zstd_bound(size: int) -> int:
+    """The most bytes a zstd frame of ``size`` bytes of content takes (ZSTD_COMPRESSBOUND, plus
+    the frame header and checksum)."""
+    return size + (size >> 8) + (((128 << 10) - size) >> 11 if size < 128 << 10 else 0) + 32
+
+
+def inflate(frame: Buffer, size: int) -> bytes:
+    """Decompress one zstd frame that must hold exactly ``size`` bytes.
+
+    The frame header's content size is checked before anything is decompressed: zstd's
+    ``max_output_size`` does not stop a frame that declares a larger size, and decompressing
+    allocates what the frame declares.
+    """
+    try:
+        declared = zstandard.frame_content_size(frame)
+        if declared != size:
+            raise BlobFormatError(f"a zstd frame declares {declared} bytes (-1: unknown) where "
+                                  f"{size} belong")
+        out = zstandard.ZstdDecompressor().decompress(frame, max_output_size=size)
+    except zstandard.ZstdError as e:
+        raise BlobFormatError(f"bad zstd frame: {e}") from e
+    if len(out) != size:
+        raise BlobFormatError(f"a zstd frame holds {len(out)} bytes, not {size}")
+    return out
 
 
 # --- byte-level transforms ------------------------------------------------------------------
@@ -112,7 +295,7 @@ def _planes(x: np.ndarray, keep: int | None = None) -> list[bytes]:
     return [np.ascontiguousarray(cols[:, i]).tobytes() for i in range(keep or w)]
 
 
-def _unplanes(buf: bytes | memoryview, w: int, n: int) -> np.ndarray:
+def _unplanes(buf: Buffer, w: int, n: int) -> np.ndarray:
     """Inverse of :func:`_planes` for ``n`` values of width ``w`` (missing planes are zero)."""
     planes = np.frombuffer(buf, np.uint8).reshape(-1, n)
     if w == 1:
@@ -130,10 +313,11 @@ def _exp_split(x: np.ndarray, e: int, m: int) -> list[bytes]:
     return _planes(exp, keep=-(-e // 8)) + _planes(rest, keep=-(-(m + 1) // 8))
 
 
-def _exp_join(buf: memoryview, w: int, n: int, e: int, m: int) -> np.ndarray:
+def _exp_join(buf: Buffer, w: int, n: int, e: int, m: int) -> np.ndarray:
     t = _UINT[w]
     split = -(-e // 8) * n
-    exp, rest = _unplanes(buf[:split], w, n), _unplanes(buf[split:], w, n)
+    view = memoryview(buf).cast("B")
+    exp, rest = _unplanes(view[:split], w, n), _unplanes(view[split:], w, n)
     return ((rest >> t(m)) << t(8 * w - 1)) | (exp << t(m)) | (rest & t((1 << m) - 1))
 
 
@@ -153,6 +337,14 @@ def _width(dtype: str, nbytes: int) -> int:
     return w if nbytes % w == 0 else 1
 
 
+def _plane_count(transform: str, w: int, dtype: str) -> int:
+    """How many byte planes (zstd frames) a chunk of this transform has."""
+    if transform == "exp":
+        e, m = _FLOAT_BITS[dtype]
+        return -(-e // 8) + -(-(m + 1) // 8)
+    return w
+
+
 def _compress_planes(planes: list[bytes]) -> bytes:
     """One zstd frame per plane, so each gets entropy tables of its own.
 
@@ -164,26 +356,98 @@ def _compress_planes(planes: list[bytes]) -> bytes:
     return struct.pack(f"<I{len(frames)}Q", len(frames), *map(len, frames)) + b"".join(frames)
 
 
-def _decompress_planes(payload: memoryview, nbytes: int) -> memoryview:
-    """Inverse of :func:`_compress_planes`; no plane may exceed ``nbytes`` (bounds a bad blob)."""
-    (count,) = struct.unpack_from("<I", payload)
-    sizes = struct.unpack_from(f"<{count}Q", payload, 4)
-    pos = 4 + 8 * count
-    out = bytearray()
-    for size in sizes:
-        out += zstandard.ZstdDecompressor().decompress(payload[pos:pos + size],
-                                                       max_output_size=nbytes)
-        pos += size
-    if pos != len(payload):
-        raise BlobFormatError("plane sizes do not add up")
-    return memoryview(out)
+def _join(transform: str, body: Buffer, w: int, n: int, dtype: str,
+          ref: Buffer | None) -> memoryview:
+    """The ``n`` values of width ``w`` whose planes are ``body`` (inverse of the transform)."""
+    if transform == "delta":
+        x = _unzigzag_delta(_unplanes(body, w, n), np.frombuffer(ref, _UINT[w]))
+    elif transform == "exp":
+        x = _exp_join(body, w, n, *_FLOAT_BITS[dtype])
+    else:
+        x = _unplanes(body, w, n)
+    return memoryview(x).cast("B")
 
 
 # --- the lossless codec ---------------------------------------------------------------------
 
-def encode_lossless(raw: bytes | memoryview, dtype: str, raw_sha256: str,
-                    ref: tuple[str, bytes] | None = None) -> bytes:
-    """Encode a tensor's raw bytes losslessly into a blob.
+def lossless_header(dtype: str, nbytes: int, raw_sha256: str,
+                    ref_id: str | None = None) -> BlobHeader:
+    """The header of a (version 2, chunked) lossless blob of ``nbytes`` bytes of ``dtype``,
+    a delta against blob ``ref_id`` (a tensor of the same size) when given."""
+    w = _width(dtype, nbytes)
+    if ref_id is not None:
+        transform = "delta"
+    elif dtype in _FLOAT_BITS and w == DTYPE_WIDTH[dtype]:
+        transform = "exp"
+    else:
+        transform = "planes"
+    return BlobHeader("lossless", dtype, nbytes, raw_sha256, ref_id,
+                      {"transform": transform, "width": w, "chunk": CHUNK_BYTES}, version=2)
+
+
+def _lossless_params(header: BlobHeader) -> tuple[str, int, int]:
+    """(transform, width, chunk) of a lossless header, checked to fit its ``nbytes``; the chunk
+    of a version-1 blob is the piece size it is decoded in."""
+    p = header.params
+    transform, w = p.get("transform"), p.get("width")
+    if header.version not in (1, 2):
+        raise BlobFormatError(f"unknown codec 'lossless' version {header.version}")
+    if (transform not in ("none", "planes", "exp", "delta") or w not in _UINT
+            or header.nbytes % w):
+        raise BlobFormatError(f"lossless transform {transform!r} of width {w!r} does not fit "
+                              f"{header.nbytes} bytes")
+    if transform == "exp" and (header.dtype not in _FLOAT_BITS or DTYPE_WIDTH[header.dtype] != w):
+        raise BlobFormatError(f"transform exp does not fit dtype {header.dtype}")
+    if transform == "delta" and not header.ref:
+        raise BlobFormatError("a delta blob without a reference")
+    chunk = p.get("chunk") if header.version == 2 else CHUNK_BYTES
+    if not (_count(chunk) and 0 < chunk <= MAX_CHUNK_BYTES and chunk % w == 0):
+        raise BlobFormatError(f"bad chunk size {chunk!r}")
+    return transform, w, chunk
+
+
+def _encode_chunk(raw: Buffer, transform: str, w: int, dtype: str,
+                  ref: Buffer | None) -> bytes:
+    """One chunk as version 2 stores it: its planes' zstd frames behind their count and sizes,
+    or (count 0) its bytes as they are when that is not larger."""
+    x = np.frombuffer(raw, _UINT[w])
+    if transform == "delta":
+        body = _planes(_zigzag_delta(x, np.frombuffer(ref, _UINT[w])))
+    elif transform == "exp":
+        body = _exp_split(x, *_FLOAT_BITS[dtype])
+    elif transform == "planes":
+        body = _planes(x)
+    else:
+        body = None
+    coded = _compress_planes(body) if body is not None else None
+    if coded is None or len(coded) >= 4 + len(raw):
+        return struct.pack("<I", 0) + bytes(raw)
+    return coded
+
+
+def encode_lossless_payload(header: BlobHeader, raw: Iterable[Buffer],
+                            ref: Iterable[Buffer] | None = None) -> Iterator[bytes]:
+    """The payload of a version-2 lossless blob with ``header``, a chunk at a time.
+
+    Args:
+        header: from :func:`lossless_header`.
+        raw: the tensor's ``header.nbytes`` bytes, in pieces of any size.
+        ref: for a delta header, the reference tensor's bytes in pieces of any size.
+    Both are read a chunk at a time and run to their end (more or fewer bytes than
+    ``header.nbytes`` is a :class:`BlobFormatError`).
+    """
+    transform, w, chunk = _lossless_params(header)
+    if transform == "delta" and ref is None:
+        raise BlobFormatError("a delta blob encoded without its reference")
+    refs = rechunk(ref, chunk, header.nbytes) if transform == "delta" else None
+    for piece in rechunk(raw, chunk, header.nbytes):
+        yield _encode_chunk(piece, transform, w, header.dtype, next(refs) if refs else None)
+    _finish(refs)
+
+
+def encode_lossless(raw: Buffer, dtype: str, raw_sha256: str,
+                    ref: tuple[str, Buffer] | None = None) -> bytes:
+    """Encode a tensor's raw bytes losslessly into a (version 2) blob, in memory.
 
     Args:
         raw: the tensor's bytes as in the safetensors file.
@@ -191,43 +455,123 @@ def encode_lossless(raw: bytes | memoryview, dtype: str, raw_sha256: str,
         raw_sha256: ``sha256(raw)``, recorded so decoding can be verified end to end.
         ref: ``(blob id, raw bytes)`` of a same-sized reference tensor (the base's) to store a
             delta against, or ``None``.
+
+    A blob none of whose chunks shrinks is stored as ``none``, without its reference.
     """
-    nbytes = len(raw)
-    w = _width(dtype, nbytes)
-    x = np.frombuffer(raw, _UINT[w])
-    if ref is not None and len(ref[1]) == nbytes:
-        transform, ref_id = "delta", ref[0]
-        body = _planes(_zigzag_delta(x, np.frombuffer(ref[1], _UINT[w])))
-    elif dtype in _FLOAT_BITS and w == DTYPE_WIDTH[dtype]:
-        transform, ref_id, body = "exp", None, _exp_split(x, *_FLOAT_BITS[dtype])
-    else:
-        transform, ref_id, body = "planes", None, _planes(x)
-    payload = _compress_planes(body)
-    if len(payload) >= nbytes:
-        transform, ref_id, payload = "none", None, bytes(raw)
-    header = BlobHeader("lossless", dtype, nbytes, raw_sha256, ref_id,
-                        {"transform": transform, "width": w})
-    return pack_blob(header, payload)
+    nbytes = len(memoryview(raw).cast("B"))
+    use_ref = ref is not None and len(memoryview(ref[1]).cast("B")) == nbytes
+    header = lossless_header(dtype, nbytes, raw_sha256, ref[0] if use_ref else None)
+    chunks = list(encode_lossless_payload(header, [raw], [ref[1]] if use_ref else None))
+    if all(c[:4] == b"\0\0\0\0" for c in chunks):
+        header = BlobHeader("lossless", dtype, nbytes, raw_sha256, None,
+                            {**header.params, "transform": "none"}, version=2)
+    return pack_blob(header, b"".join(chunks))
 
 
-def decode_lossless(header: BlobHeader, payload: memoryview, ref_raw: bytes | None) -> bytes:
-    """Decode a ``lossless`` blob's payload to the tensor's raw bytes (not yet verified)."""
-    transform, w = header.params["transform"], header.params["width"]
+def _decode_v2(header: BlobHeader, payload: Payload, refs: Iterator[memoryview] | None,
+               transform: str, w: int, chunk: int) -> Iterator[memoryview]:
+    planes = _plane_count(transform, w, header.dtype)
+    pos = 0
+    for start in range(0, header.nbytes, chunk):
+        size = min(chunk, header.nbytes - start)
+        n = size // w
+        ref = next(refs) if refs is not None else None
+        (k,) = struct.unpack("<I", payload.read(pos, 4))
+        pos += 4
+        if k == 0:
+            yield payload.read(pos, size)
+            pos += size
+            continue
+        if transform == "none" or k != planes:
+            raise BlobFormatError(f"chunk at byte {start} has {k} zstd frames; transform "
+                                  f"{transform} has {planes if transform != 'none' else 0}")
+        sizes = struct.unpack(f"<{k}Q", payload.read(pos, 8 * k))
+        pos += 8 * k
+        body = bytearray()
+        for frame_size in sizes:
+            if frame_size > zstd_bound(n):
+                raise BlobFormatError(f"a {frame_size}-byte zstd frame for a {n}-byte plane")
+            body += inflate(payload.read(pos, frame_size), n)
+            pos += frame_size
+        yield _join(transform, body, w, n, header.dtype, ref)
+    if pos != len(payload):
+        raise BlobFormatError(f"{len(payload) - pos} bytes after the last chunk")
+    _finish(refs)
+
+
+def _read_exactly(reader: Any, size: int) -> bytearray:
+    out = bytearray()
+    while len(out) < size:
+        got = reader.read(size - len(out))
+        if not got:
+            raise BlobFormatError("a zstd frame ends before its plane")
+        out += got
+    return out
+
+
+def _decode_v1(header: BlobHeader, payload: Payload, refs: Iterator[memoryview] | None,
+               transform: str, w: int, chunk: int) -> Iterator[memoryview]:
+    nbytes = header.nbytes
     if transform == "none":
-        return bytes(payload)
-    body = _decompress_planes(payload, header.nbytes)
-    n = header.nbytes // w
-    if transform == "delta":
-        if ref_raw is None or len(ref_raw) != header.nbytes:
-            raise BlobFormatError("delta blob decoded without its reference")
-        x = _unzigzag_delta(_unplanes(body, w, n), np.frombuffer(ref_raw, _UINT[w]))
-    elif transform == "exp":
-        x = _exp_join(body, w, n, *_FLOAT_BITS[header.dtype])
-    elif transform == "planes":
-        x = _unplanes(body, w, n)
-    else:
-        raise BlobFormatError(f"unknown lossless transform {transform!r}")
-    return x.tobytes()
+        if len(payload) != nbytes:
+            raise BlobFormatError(f"{len(payload)} bytes stored for {nbytes}")
+        for start in range(0, nbytes, chunk):
+            yield payload.read(start, min(chunk, nbytes - start))
+        return
+    n = nbytes // w
+    planes = _plane_count(transform, w, header.dtype)
+    (count,) = struct.unpack("<I", payload.read(0, 4))
+    if count != planes:
+        raise BlobFormatError(f"{count} zstd frames; transform {transform} has {planes}")
+    sizes = struct.unpack(f"<{count}Q", payload.read(4, 8 * count))
+    pos = 4 + 8 * count
+    if pos + sum(sizes) != len(payload):
+        raise BlobFormatError("plane sizes do not add up")
+    readers = []
+    for frame_size in sizes:
+        declared = zstandard.frame_content_size(payload.read(pos, min(frame_size, 18)))
+        if declared != n:
+            raise BlobFormatError(f"a zstd frame declares {declared} bytes (-1: unknown) where "
+                                  f"{n} belong")
+        dctx = zstandard.ZstdDecompressor(max_window_size=_MAX_WINDOW)
+        readers.append(dctx.stream_reader(payload.stream(pos, frame_size)))
+        pos += frame_size
+    values = chunk // w
+    for start in range(0, n, values):
+        c = min(values, n - start)
+        body = b"".join(_read_exactly(r, c) for r in readers)
+        yield _join(transform, body, w, c, header.dtype, next(refs) if refs is not None else None)
+    if any(r.read(1) for r in readers):
+        raise BlobFormatError("a zstd frame holds more than its plane")
+    _finish(refs)
+
+
+def decode_lossless_chunks(header: BlobHeader, payload: Payload,
+                           ref: Iterable[Buffer] | None) -> Iterator[memoryview]:
+    """A ``lossless`` blob's decoded bytes, a chunk at a time, not yet verified (the caller
+    hashes them). ``ref`` yields the reference tensor's bytes (in pieces of any size) for a
+    delta blob; it is read in step and run to its end."""
+    transform, w, chunk = _lossless_params(header)
+    if transform == "delta" and ref is None:
+        raise BlobFormatError("delta blob decoded without its reference")
+    refs = rechunk(ref, chunk, header.nbytes) if transform == "delta" else None
+    decode = _decode_v2 if header.version == 2 else _decode_v1
+    try:
+        yield from decode(header, payload, refs, transform, w, chunk)
+    except zstandard.ZstdError as e:
+        raise BlobFormatError(f"bad zstd frame: {e}") from e
+
+
+def decode_lossless(header: BlobHeader, payload: Buffer | Payload,
+                    ref_raw: Buffer | None) -> bytes:
+    """Decode a ``lossless`` blob's payload to the tensor's raw bytes (not yet verified)."""
+    if not isinstance(payload, Payload):
+        payload = Payload(payload)
+    out = bytearray()
+    for piece in decode_lossless_chunks(header, payload,
+                                        [ref_raw] if ref_raw is not None else None):
+        out += piece
+    return bytes(out)
 
 
 def _tensor(raw: bytes | bytearray, dtype: str) -> "torch.Tensor":
@@ -275,12 +619,32 @@ def encode_tall_task(tau: "torch.Tensor", mtl: "torch.Tensor", dtype: str,
                                 header_params), payload)
 
 
-def decode_blob(header: BlobHeader, payload: memoryview, ref_raw: bytes | None,
-                extras: dict[str, bytes] | None = None) -> bytes:
+def lossy_shape(header: BlobHeader) -> list[int]:
+    """The shape a lossy blob decodes to, checked against its dtype and ``nbytes`` (which the
+    store checks against the tensor's), so a codec allocates no more than the tensor."""
+    shape = header.params.get("shape")
+    if not (header.dtype in safetensors_format.FLOAT_DTYPES and isinstance(shape, list)
+            and all(_count(d) for d in shape)
+            and math.prod(shape) * DTYPE_WIDTH[header.dtype] == header.nbytes):
+        raise BlobFormatError(f"{header.codec} blob: shape {str(shape)[:80]} of {header.dtype} "
+                              f"is not its {header.nbytes} bytes")
+    return shape
+
+
+def blob_needs(header: BlobHeader) -> dict[str, str]:
+    """The other blobs a blob's decoding reads (TALL's τMTL), by key: ``params["needs"]``."""
+    needs = header.params.get("needs") or {}
+    if not (isinstance(needs, dict) and all(isinstance(v, str) for v in needs.values())):
+        raise BlobFormatError(f"needs {str(needs)[:80]} is not a table of blob ids")
+    return needs
+
+
+def decode_blob(header: BlobHeader, payload: Buffer, ref_raw: Buffer | None,
+                extras: dict[str, Buffer] | None = None) -> bytes:
     """Decode any blob by its codec: ``lossless``, or a lossy codec of :data:`LOSSY` (which
     needs the base tensor's bytes, ``ref_raw``, and the raw float32 bytes of the blobs its
-    header ``needs``, ``extras``)."""
-    if header.codec == "lossless" and header.version == 1:
+    header ``needs``, ``extras``), in memory."""
+    if header.codec == "lossless":
         return decode_lossless(header, payload, ref_raw)
     from mergehub.storage.codecs import LOSSY
 
@@ -289,6 +653,11 @@ def decode_blob(header: BlobHeader, payload: memoryview, ref_raw: bytes | None,
         raise BlobFormatError(f"unknown codec {header.codec!r} version {header.version}")
     if ref_raw is None:
         raise BlobFormatError(f"{header.codec} blob decoded without its base tensor")
-    base = _tensor(ref_raw, header.dtype).reshape(header.params["shape"])
+    shape = lossy_shape(header)
+    if len(ref_raw) != header.nbytes:
+        raise BlobFormatError(f"base tensor of {len(ref_raw)} bytes for {header.nbytes}")
+    if any(len(v) != 4 * math.prod(shape) for v in (extras or {}).values()):
+        raise BlobFormatError(f"a float32 tensor that {header.codec} needs is not {shape}")
+    base = _tensor(ref_raw, header.dtype).reshape(shape)
     tensors = {k: _tensor(v, "F32") for k, v in (extras or {}).items()}
     return _decoded_bytes(lossy.decode(payload, header.params, base, tensors), header.dtype)

@@ -25,7 +25,10 @@ the sha256 of the original bytes.
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -33,7 +36,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -43,15 +46,18 @@ from tqdm.auto import tqdm
 
 from mergehub import __version__
 from mergehub.errors import BaseMismatchError, InputError, IntegrityError, StoreError
-from mergehub.storage.atomic import atomic_output_dir, fsync_dir, write_file_atomic
+from mergehub.storage.atomic import (
+    atomic_output_dir, fsync_dir, start_writeback, write_file_atomic)
 from mergehub.storage.checkpoint import Checkpoint, open_checkpoint, peft_target_weight
+from mergehub.storage import codec as _codec
 from mergehub.storage.codec import (
-    BlobFormatError, BlobHeader, decode_blob, encode_lossless, encode_lossy, pack_blob, sha256,
-    unpack_blob)
+    BlobFormatError, BlobHeader, Buffer, Payload, blob_needs, decode_blob,
+    decode_lossless_chunks, encode_lossless, encode_lossless_payload, encode_lossy,
+    lossless_header, lossy_shape, pack_blob, read_header, sha256, unpack_blob)
 from mergehub.storage.parallel import ordered_map
 from mergehub.storage import safetensors_format
-from mergehub.storage.safetensors_format import FLOAT_DTYPES, TensorSpec
-from mergehub.storage.writer import MODEL_SIDE_FILES, write_model_dir
+from mergehub.storage.safetensors_format import DTYPE_WIDTH, FLOAT_DTYPES, TensorSpec, read_range
+from mergehub.storage.writer import MODEL_SIDE_FILES, WRITEBACK_BYTES, write_model_dir
 
 if TYPE_CHECKING:
     import torch
@@ -115,6 +121,25 @@ _MINE_AND_BASE = (
     "         WHERE t.model_id = :m), "
     "base AS (SELECT blob FROM tensors WHERE model_id = :b "
     "         UNION SELECT blob FROM files WHERE model_id = :b)")
+
+
+def declared_size(spec: TensorSpec) -> int | None:
+    """The bytes a tensor's dtype and shape make (what its blob must decode to), or ``None``
+    for a dtype of unknown width."""
+    return spec.nbytes if spec.dtype in DTYPE_WIDTH else None
+
+
+def _spec(row: tuple) -> TensorSpec:
+    """The spec of a ``tensors`` row (name, file, offset, dtype, shape JSON, blob)."""
+    return TensorSpec(row[0], row[3], tuple(json.loads(row[4])))
+
+
+def _sha256_pieces(pieces: Iterable[Buffer]) -> str:
+    """sha256 of the bytes of consecutive pieces."""
+    digest = hashlib.sha256()
+    for piece in pieces:
+        digest.update(piece)
+    return digest.hexdigest()
 
 
 def default_root() -> Path:
@@ -226,10 +251,21 @@ class StoredModel:
         """Specs of all tensors, in the order they were stored."""
         return [spec for spec, _ in self._tensors.values()]
 
-    def read_bytes(self, name: str) -> bytes:
+    def read_bytes(self, name: str) -> bytearray:
         """The tensor's exact bytes, verified against their checksum."""
         spec, blob = self._lookup(name)
-        return self.store._read_raw(blob, f"model {self.name!r}, tensor {name!r}")
+        return self.store._read_raw(blob, f"model {self.name!r}, tensor {name!r}",
+                                    declared_size(spec))
+
+    def iter_bytes(self, name: str) -> Iterator[Buffer]:
+        """The tensor's exact bytes in consecutive pieces of at most a chunk
+        (:data:`~mergehub.storage.codec.CHUNK_BYTES`), decoded as they are asked for, so a
+        tensor of any size costs a few chunks of memory. The checksum of the bytes is checked
+        when the last piece has been taken: a reader that acts on pieces must be ready to undo
+        that when the iteration raises :class:`IntegrityError` (as an export's temp dir is)."""
+        spec, blob = self._lookup(name)
+        return self.store._iter_raw(blob, f"model {self.name!r}, tensor {name!r}",
+                                    declared_size(spec))
 
     def load(self, name: str, device: "str | torch.device | None" = None) -> "torch.Tensor":
         """The tensor as a torch tensor, on the CPU or on ``device``.
@@ -253,11 +289,11 @@ class StoredModel:
             decoded = self.store._decode_on(blob, what, torch.device(device))
             if decoded is not None:
                 return decoded.to(TORCH_DTYPE[spec.dtype]).reshape(spec.shape)
-        raw = bytearray(self.store._read_raw(blob, what))
+        raw = self.store._read_raw(blob, what, declared_size(spec))
         out = torch.frombuffer(raw, dtype=TORCH_DTYPE[spec.dtype]).reshape(spec.shape)
         return out if device is None else out.to(device)
 
-    def side_file(self, path: str) -> bytes:
+    def side_file(self, path: str) -> bytearray:
         """Content of a kept side file (``config.json``, tokenizer files, ...)."""
         if path not in self._side:
             raise StoreError(f"model {self.name!r} has no file {path!r}")
@@ -358,60 +394,161 @@ class Store:
     def _blob_path(self, blob_id: str) -> Path:
         return self.root / "blobs" / blob_id[:2] / blob_id[2:]
 
-    def _write_blob(self, data: bytes) -> tuple[str, Path]:
-        """Store ``data`` under its sha256 (durable once the returned dir is fsynced)."""
-        blob_id = sha256(data)
-        path = self._blob_path(blob_id)
-        if not path.exists():
-            path.parent.mkdir(exist_ok=True)
-            tmp = self.root / "tmp" / f"{blob_id}.{uuid.uuid4().hex[:8]}"
+    def _write_blob(self, pieces: Iterable[Buffer], blob_id: str | None = None) -> tuple[str, Path]:
+        """Store a blob given as consecutive pieces under the sha256 of its bytes: written to
+        ``tmp/``, fsynced and renamed into place, so it is durable once the returned dir is
+        fsynced. A ``blob_id`` known beforehand that is already stored is not written again."""
+        if blob_id is not None and self._blob_path(blob_id).exists():
+            return blob_id, self._blob_path(blob_id).parent
+        tmp = self.root / "tmp" / f"blob.{uuid.uuid4().hex[:12]}"
+        digest = hashlib.sha256()
+        try:
             with open(tmp, "wb") as f:
-                f.write(data)
+                flushed = 0  # bytes handed to start_writeback so far
+                for piece in pieces:
+                    f.write(piece)
+                    digest.update(piece)
+                    if f.tell() - flushed >= WRITEBACK_BYTES:
+                        f.flush()
+                        start_writeback(f.fileno(), flushed, f.tell() - flushed)
+                        flushed = f.tell()
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
-        return blob_id, path.parent
+            path = self._blob_path(digest.hexdigest())
+            path.parent.mkdir(exist_ok=True)
+            os.replace(tmp, path)  # the same bytes, if another writer stored them meanwhile
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return digest.hexdigest(), path.parent
 
-    def _load_blob(self, blob_id: str, what: str) -> tuple[BlobHeader, memoryview]:
-        """Read a blob file, check it against its id, and split header from payload."""
+    def _open_blob(self, blob_id: str, what: str) -> tuple[BlobHeader, Payload]:
+        """Check a blob file against its id and parse its header. The payload stays in the
+        file, read a piece at a time as decoding asks (a blob of at most a chunk is read whole:
+        one read serves the check and the decoding)."""
         try:
-            data = self._blob_path(blob_id).read_bytes()
+            f = open(self._blob_path(blob_id), "rb")
         except FileNotFoundError:
             raise IntegrityError(f"{what}: blob {blob_id[:16]} is missing from {self.root}/blobs "
                                  "(store damaged; `hub verify` lists what is affected)") from None
-        if sha256(data) != blob_id:
+        size = os.fstat(f.fileno()).st_size
+        if size <= _codec.CHUNK_BYTES:
+            with f:
+                data = f.read()
+            blob, digest = Payload(data), sha256(data)
+        else:  # the file is closed when the payload is dropped
+            blob = Payload(file=f, size=size)
+            digest = _sha256_pieces(blob.read(start, min(_codec.CHUNK_BYTES, size - start))
+                                    for start in range(0, size, _codec.CHUNK_BYTES))
+        if digest != blob_id:
             raise IntegrityError(f"{what}: blob {blob_id[:16]} is corrupt (its sha256 does not "
                                  "match; `hub verify` lists what is affected)")
         try:
-            return unpack_blob(data)
+            header, start = read_header(blob)
+        except BlobFormatError as e:
+            raise IntegrityError(f"{what}: blob {blob_id[:16]} is malformed: {e}") from e
+        return header, blob.tail(start)
+
+    def _load_blob(self, blob_id: str, what: str) -> tuple[BlobHeader, memoryview]:
+        """A blob checked against its id, with its whole payload in memory (a lossy blob's)."""
+        header, payload = self._open_blob(blob_id, what)
+        try:
+            return header, memoryview(payload.read(0, len(payload)))
         except BlobFormatError as e:
             raise IntegrityError(f"{what}: blob {blob_id[:16]} is malformed: {e}") from e
 
     def _stage_blob(self, data: bytes, new_blobs: dict[str, tuple], dirs: set[Path]) -> str:
         """Write a blob for an add/compress in progress: remember its catalog row and the dir
         to fsync before the transaction that references it commits."""
-        blob_id, parent = self._write_blob(data)
+        return self._stage_stream(unpack_blob(data)[0], [data], new_blobs, dirs, sha256(data))
+
+    def _stage_stream(self, header: BlobHeader, pieces: Iterable[Buffer],
+                      new_blobs: dict[str, tuple], dirs: set[Path],
+                      blob_id: str | None = None) -> str:
+        """:meth:`_stage_blob` for a blob with ``header`` given as consecutive pieces (the
+        header's bytes first), written as they come."""
+        size = 0
+
+        def counted() -> Iterator[Buffer]:
+            nonlocal size
+            for piece in pieces:
+                size += len(piece)
+                yield piece
+
+        blob_id, parent = self._write_blob(counted(), blob_id)
         dirs.add(parent)
-        header = unpack_blob(data)[0]
-        new_blobs[blob_id] = (header.codec, header.ref, header.sha256, header.nbytes, len(data))
+        if not size:  # already stored
+            size = self._blob_path(blob_id).stat().st_size
+        new_blobs[blob_id] = (header.codec, header.ref, header.sha256, header.nbytes, size)
         return blob_id
 
-    def _read_raw(self, blob_id: str, what: str, _depth: int = 0) -> bytes:
-        """Decode a blob to the original bytes, checking the blob and the decoded bytes.
+    def _blob_stream(self, blob_id: str, what: str, expect: int | None = None,
+                     _depth: int = 0) -> tuple[BlobHeader, Iterator[Buffer]]:
+        """The header of a blob checked against its id, and its decoded bytes as an iterator of
+        pieces of at most a chunk, decoded as they are taken.
 
-        ``add`` keeps chains of lossless deltas at most ``MAX_DELTA_DEPTH`` deep (an import
-        may add one) and a lossy blob references its base tensor's blob, so a read decodes a
-        handful of blobs however long a chain of fine-tunes of fine-tunes gets; longer chains
-        mean a damaged store.
+        ``expect``: the size the catalog declares for the tensor (dtype x shape); a header
+        that says otherwise is refused before anything is decoded, and decoding never makes
+        more than the header's size (see :mod:`mergehub.storage.codec`). The sha256 of the
+        decoded bytes is checked when the last piece has been taken (the iterator raises
+        :class:`IntegrityError` then): consumers write what they take somewhere they discard
+        on error. ``add`` keeps chains of lossless deltas at most ``MAX_DELTA_DEPTH`` deep (an
+        import may add one) and a lossy blob references its base tensor's blob, so a read
+        decodes a handful of blobs however long a chain of fine-tunes of fine-tunes gets;
+        longer chains mean a damaged store.
         """
         if _depth > _MAX_CHAIN:
             raise IntegrityError(f"{what}: blob {blob_id[:16]} is at the end of a reference "
                                  "chain longer than mergehub writes (store damaged?)")
-        header, payload = self._load_blob(blob_id, what)
-        ref_raw = self._read_raw(header.ref, what, _depth + 1) if header.ref else None
-        extras = {key: self._read_raw(other, what, _depth + 1)
-                  for key, other in (header.params.get("needs") or {}).items()}
-        return self._decode(blob_id, header, payload, ref_raw, what, extras)
+        header, payload = self._open_blob(blob_id, what)
+        if expect is not None and header.nbytes != expect:
+            raise IntegrityError(f"{what}: blob {blob_id[:16]} says it decodes to "
+                                 f"{header.nbytes} bytes, but the tensor (dtype x shape) has "
+                                 f"{expect}: refused without decoding it")
+        return header, self._decoded(blob_id, header, payload, what, _depth)
+
+    def _decoded(self, blob_id: str, header: BlobHeader, payload: Payload, what: str,
+                 depth: int) -> Iterator[Buffer]:
+        """The pieces of :meth:`_blob_stream`, the decoded bytes checked at the end."""
+        digest, total = hashlib.sha256(), 0
+        try:
+            if header.codec == "lossless":
+                ref = (self._iter_raw(header.ref, what, header.nbytes, depth + 1)
+                       if header.ref else None)
+                pieces: Iterable[Buffer] = decode_lossless_chunks(header, payload, ref)
+            else:  # lossy codecs decode whole tensors (and read the base's whole)
+                shape = lossy_shape(header)
+                ref_raw = (self._read_raw(header.ref, what, header.nbytes, depth + 1)
+                           if header.ref else None)
+                extras = {key: self._read_raw(other, what, 4 * math.prod(shape), depth + 1)
+                          for key, other in blob_needs(header).items()}
+                pieces = [decode_blob(header, payload.read(0, len(payload)), ref_raw, extras)]
+            for piece in pieces:
+                digest.update(piece)
+                total += len(piece)
+                yield piece
+        except (BlobFormatError, ValueError, KeyError) as e:  # codec errors are ValueErrors
+            raise IntegrityError(f"{what}: blob {blob_id[:16]} cannot be decoded: {e}") from e
+        if total != header.nbytes or digest.hexdigest() != header.sha256:
+            raise IntegrityError(f"{what}: blob {blob_id[:16]} decodes to bytes whose sha256 "
+                                 "does not match the original")
+
+    def _iter_raw(self, blob_id: str, what: str, expect: int | None = None,
+                  _depth: int = 0) -> Iterator[Buffer]:
+        """The decoded bytes of a blob in pieces (:meth:`_blob_stream`), opened when the first
+        piece is asked for."""
+        yield from self._blob_stream(blob_id, what, expect, _depth)[1]
+
+    def _read_raw(self, blob_id: str, what: str, expect: int | None = None,
+                  _depth: int = 0) -> bytearray:
+        """A blob decoded to the original bytes, whole, checked like :meth:`_blob_stream`."""
+        header, pieces = self._blob_stream(blob_id, what, expect, _depth)
+        out = bytearray(header.nbytes)
+        view, pos = memoryview(out), 0
+        for piece in pieces:
+            view[pos:pos + len(piece)] = piece
+            pos += len(piece)
+        return out
 
     def _decode_on(self, blob_id: str, what: str, device: "torch.device") -> "torch.Tensor | None":
         """A lossy blob decoded on ``device`` (float32), or ``None`` for a lossless blob (those
@@ -425,16 +562,17 @@ class Store:
         if lossy is None or not header.ref:
             return None
 
-        def on_device(blob: str, dtype: str) -> torch.Tensor:
-            raw = bytearray(self._read_raw(blob, what, 1))
+        def on_device(blob: str, dtype: str, nbytes: int) -> torch.Tensor:
+            raw = self._read_raw(blob, what, nbytes, 1)
             return torch.frombuffer(raw, dtype=safetensors_format.TORCH_DTYPE[dtype]).to(device)
 
-        base = on_device(header.ref, header.dtype).reshape(header.params["shape"])
-        extras = {key: on_device(other, "F32")
-                  for key, other in (header.params.get("needs") or {}).items()}
         try:
+            shape = lossy_shape(header)
+            base = on_device(header.ref, header.dtype, header.nbytes).reshape(shape)
+            extras = {key: on_device(other, "F32", 4 * math.prod(shape))
+                      for key, other in blob_needs(header).items()}
             return lossy.decode(payload, header.params, base, extras)
-        except (ValueError, KeyError) as e:
+        except (BlobFormatError, ValueError, KeyError) as e:
             raise IntegrityError(f"{what}: blob {blob_id[:16]} cannot be decoded: {e}") from e
 
     def _delta_ref(self, blob_id: str) -> str:
@@ -451,18 +589,6 @@ class Store:
                 return blob_id if lossless and len(chain) <= MAX_DELTA_DEPTH else chain[-1]
             chain.append(row[0])
         raise IntegrityError(f"blob {blob_id[:16]}: reference chain too long (store damaged?)")
-
-    @staticmethod
-    def _decode(blob_id: str, header: BlobHeader, payload: memoryview, ref_raw: bytes | None,
-                what: str, extras: dict[str, bytes] | None = None) -> bytes:
-        try:
-            raw = decode_blob(header, payload, ref_raw, extras)
-        except (BlobFormatError, ValueError, KeyError) as e:  # zstd errors are ValueErrors
-            raise IntegrityError(f"{what}: blob {blob_id[:16]} cannot be decoded: {e}") from e
-        if sha256(raw) != header.sha256:
-            raise IntegrityError(f"{what}: blob {blob_id[:16]} decodes to bytes whose sha256 "
-                                 "does not match the original")
-        return raw
 
     def _reader(self) -> sqlite3.Connection:
         """This thread's read-only catalog connection (sqlite connections are per thread)."""
@@ -538,7 +664,7 @@ class Store:
             if base is not None:
                 base_id = self._require(base)[0]
                 base_tensors = {  # the blob each base tensor's delta is coded against
-                    r[0]: (TensorSpec(r[0], r[3], tuple(json.loads(r[4]))), self._delta_ref(r[5]))
+                    r[0]: (_spec(r), self._delta_ref(r[5]))
                     for r in self._tensor_rows(base_id)}
                 _check_fits_base(ckpt, kind, base, base_tensors)
             return self._add_locked(ckpt, name, kind, base_id, base_tensors, metrics or {},
@@ -550,13 +676,47 @@ class Store:
         new_blobs: dict[str, tuple[str, str | None, str, int, int]] = {}
         dirs: set[Path] = set()
 
-        def put(raw: bytes, dtype: str, ref_blob: str | None = None) -> str:
-            """Store ``raw`` unless already stored; runs on worker threads."""
-            digest = sha256(raw)
+        def put(nbytes: int, read: Callable[[int, int], Buffer], dtype: str, what: str,
+                ref_blob: str | None = None) -> str:
+            """Store the ``nbytes`` bytes that ``read(start, stop)`` gives unless already
+            stored (a delta against ``ref_blob`` when given); runs on worker threads.
+
+            Up to a chunk is read once and coded in memory. A larger source is read a chunk
+            at a time, twice: hashed first (to find it if stored), then coded and written as
+            a blob while hashed again, so that a file changed in between is caught before the
+            blob is renamed into place.
+            """
+            if nbytes <= _codec.CHUNK_BYTES:
+                raw = read(0, nbytes)
+                digest = sha256(raw)
+                blob_id = self._find_blob(digest)
+                if blob_id is None:
+                    ref = (ref_blob, self._read_raw(ref_blob, f"base of {name!r}", nbytes)
+                           ) if ref_blob else None
+                    data = encode_lossless(raw, dtype, digest, ref)
+                    blob_id = self._stage_blob(data, new_blobs, dirs)
+                return blob_id
+
+            def pieces() -> Iterator[Buffer]:
+                for start in range(0, nbytes, _codec.CHUNK_BYTES):
+                    yield read(start, min(start + _codec.CHUNK_BYTES, nbytes))
+
+            digest = _sha256_pieces(pieces())
             blob_id = self._find_blob(digest)
             if blob_id is None:
-                ref = (ref_blob, self._read_raw(ref_blob, f"base of {name!r}")) if ref_blob else None
-                blob_id = self._stage_blob(encode_lossless(raw, dtype, digest, ref), new_blobs, dirs)
+                def same_pieces() -> Iterator[Buffer]:
+                    again = hashlib.sha256()
+                    for piece in pieces():
+                        again.update(piece)
+                        yield piece
+                    if again.hexdigest() != digest:
+                        raise InputError(f"{what}: changed while it was being added")
+
+                header = lossless_header(dtype, nbytes, digest, ref_blob)
+                ref = self._iter_raw(ref_blob, f"base of {name!r}", nbytes) if ref_blob else None
+                payload = encode_lossless_payload(header, same_pieces(), ref)
+                blob_id = self._stage_stream(header, itertools.chain([header.pack()], payload),
+                                             new_blobs, dirs)
             return blob_id
 
         def put_tensor(item: tuple[str, Any]) -> str:
@@ -564,7 +724,8 @@ class Store:
             base_entry = base_tensors.get(tname)
             ref = (base_entry[1] if base_entry and base_entry[0].dtype == info.spec.dtype
                    and base_entry[0].shape == info.spec.shape else None)
-            return put(ckpt.read_bytes(tname), info.spec.dtype, ref)
+            return put(info.nbytes, lambda start, stop: ckpt.read_bytes(tname, start, stop),
+                       info.spec.dtype, f"{ckpt.path}: tensor {tname!r}", ref)
 
         tensor_rows = []
         items = list(ckpt.tensors.items())
@@ -575,13 +736,24 @@ class Store:
                 tensor_rows.append((tname, info.file, offset, info.spec.dtype,
                                     json.dumps(list(info.spec.shape)), blob_id))
                 bar.update(info.nbytes)
-        file_rows = [(rel, "weights", put(h.raw, "U8")) for rel, h in ckpt.headers.items()]
+        file_rows = [(rel, "weights", put(len(h.raw), lambda start, stop, h=h: h.raw[start:stop],
+                                          "U8", str(ckpt.root / rel)))
+                     for rel, h in ckpt.headers.items()]
         for rel in ckpt.side_files:
+            path = ckpt.root / rel
+
+            def read_side(start: int, stop: int, path: Path = path) -> bytearray:
+                try:
+                    with open(path, "rb") as f:
+                        return read_range(f, start, stop - start)
+                except OSError as e:
+                    raise InputError(f"{path}: cannot read: {e.strerror or e}") from e
+
             try:
-                content = (ckpt.root / rel).read_bytes()
+                size = path.stat().st_size
             except OSError as e:
-                raise InputError(f"{ckpt.root / rel}: cannot read: {e.strerror or e}") from e
-            file_rows.append((rel, "side", put(content, "U8")))
+                raise InputError(f"{path}: cannot read: {e.strerror or e}") from e
+            file_rows.append((rel, "side", put(size, read_side, "U8", str(path))))
         for d in dirs:
             fsync_dir(d)
         prov = {"source": str(Path(ckpt.path).absolute()), "source_format": ckpt.format,
@@ -643,8 +815,9 @@ class Store:
                     or not LOSSY[codec].applies(tname, tuple(json.loads(shape)), full)):
                 return blob
             what = f"model {name!r}, tensor {tname!r}"
-            data = encode_lossy(self._read_raw(blob, what), dtype, tuple(json.loads(shape)),
-                                codec, full, (ref, self._read_raw(ref, what)))
+            size = declared_size(_spec(row))
+            data = encode_lossy(self._read_raw(blob, what, size), dtype, tuple(json.loads(shape)),
+                                codec, full, (ref, self._read_raw(ref, what, size)))
             return self._stage_blob(data, new_blobs, dirs)
 
         with self._lock(exclusive=False):
@@ -752,9 +925,11 @@ class Store:
                 return current
             torch_dtype = safetensors_format.TORCH_DTYPE[dtype]
             what = f"tensor {tname!r}"
-            base_raw = self._read_raw(ref, what)
+            size = declared_size(_spec(per_model[0][tname]))
+            base_raw = self._read_raw(ref, what, size)
             theta0 = torch.frombuffer(bytearray(base_raw), dtype=torch_dtype).float().reshape(shape)
-            taus = [torch.frombuffer(self._read_raw(b, f"model {n!r}, {what}"), dtype=torch_dtype)
+            taus = [torch.frombuffer(self._read_raw(b, f"model {n!r}, {what}", size),
+                                     dtype=torch_dtype)
                     .float().reshape(shape) - theta0 for b, n in zip(current, names)]
             mtl = sum(taus)
             mtl_raw = mtl.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
@@ -1063,7 +1238,7 @@ class Store:
     def open(self, name: str) -> StoredModel:
         """Open a stored model for reading tensor by tensor."""
         model_id = self._require(name)[0]
-        tensors = {r[0]: (TensorSpec(r[0], r[3], tuple(json.loads(r[4]))), r[5])
+        tensors = {r[0]: (_spec(r), r[5])
                    for r in self._tensor_rows(model_id)}
         side = dict(self._db.execute(
             "SELECT path, blob FROM files WHERE model_id = ? AND role = 'side' ORDER BY path",
@@ -1083,7 +1258,7 @@ class Store:
             rows = self._tensor_rows(model_id)
             files = self._db.execute("SELECT path, role, blob FROM files WHERE model_id = ? "
                                      "ORDER BY path", (model_id,)).fetchall()
-            total = sum(TensorSpec(r[0], r[3], tuple(json.loads(r[4]))).nbytes for r in rows)
+            total = sum(declared_size(_spec(r)) or 0 for r in rows)
             bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"export {name}",
                        disable=not progress, leave=False)
             with bar:
@@ -1098,26 +1273,38 @@ class Store:
         by_file: dict[str, list] = {}
         for r in rows:
             by_file.setdefault(r[1], []).append(r)
+
+        def decode(row: tuple) -> Iterable[Buffer]:
+            """A tensor's bytes: up to a chunk decoded whole (on a worker thread), a larger one
+            as pieces decoded while they are written (checked at its end: a failure leaves
+            nothing, the temp dir is removed)."""
+            size = declared_size(_spec(row))
+            what = f"model {name!r}, tensor {row[0]!r}"
+            if size is not None and size <= _codec.CHUNK_BYTES:
+                return [self._read_raw(row[5], what, size)]
+            return self._iter_raw(row[5], what, size)
+
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
             for path, role, blob in files:
-                content = self._read_raw(blob, f"model {name!r}, file {path!r}")
                 with open(tmp / path, "wb") as f:
-                    f.write(content)
+                    for piece in self._iter_raw(blob, f"model {name!r}, file {path!r}"):
+                        f.write(piece)
                     if role == "weights":
-                        decode = lambda r: self._read_raw(r[5], f"model {name!r}, tensor {r[0]!r}")  # noqa: E731
-                        for data in ordered_map(decode, by_file.get(path, [])):
-                            f.write(data)
-                            bar.update(len(data))
+                        for pieces in ordered_map(decode, by_file.get(path, [])):
+                            for piece in pieces:
+                                f.write(piece)
+                                bar.update(len(piece))
         return Path(out)
 
     def _export_resharded(self, name: str, out: str | Path, rows: list, files: list,
                           max_shard_size: int | str, overwrite: bool) -> Path:
         blobs = {r[0]: r[5] for r in rows}
-        specs = [TensorSpec(r[0], r[3], tuple(json.loads(r[4]))) for r in rows]
+        specs = [_spec(r) for r in rows]
         side = {p: self._read_raw(b, f"model {name!r}, file {p!r}")
                 for p, role, b in files if role == "side" and MODEL_SIDE_FILES.match(p)}
         return write_model_dir(
-            out, specs, lambda s: self._read_raw(blobs[s.name], f"model {name!r}, tensor {s.name!r}"),
+            out, specs, lambda s: self._iter_raw(blobs[s.name], f"model {name!r}, tensor "
+                                                 f"{s.name!r}", declared_size(s)),
             max_shard_size=max_shard_size, side_files=side, overwrite=overwrite)
 
     def rm(self, name: str) -> None:
@@ -1189,6 +1376,25 @@ class Store:
         finally:
             os.close(fd)
 
+    def _declared_sizes(self) -> dict[str, int]:
+        """What each blob must decode to, as the catalog's tensors declare it (dtype x shape),
+        carried over to the blobs they are deltas against (the same size) and to the τMTL a
+        TALL blob needs (float32 of the same shape). Blobs of files declare nothing."""
+        sizes: dict[str, tuple[int, int]] = {}  # blob -> (elements, bytes per element)
+        for blob, dtype, shape in self._db.execute("SELECT blob, dtype, shape FROM tensors"):
+            if dtype in DTYPE_WIDTH:
+                sizes.setdefault(blob, (math.prod(json.loads(shape)), DTYPE_WIDTH[dtype]))
+        refs = self._db.execute("SELECT id, ref FROM blobs WHERE ref IS NOT NULL").fetchall()
+        needs = self._db.execute("SELECT blob, needs FROM blob_needs").fetchall()
+        for _ in range(_MAX_CHAIN):
+            for blob, ref in refs:
+                if blob in sizes:
+                    sizes.setdefault(ref, sizes[blob])
+            for blob, need in needs:
+                if blob in sizes:
+                    sizes.setdefault(need, (sizes[blob][0], 4))
+        return {blob: n * width for blob, (n, width) in sizes.items()}
+
     def _blob_files(self) -> Iterator[Path]:
         for sub in sorted((self.root / "blobs").iterdir()):
             if sub.is_dir():
@@ -1215,15 +1421,17 @@ class Store:
             known = {r[0] for r in rows}
             for blob in sorted(set(users) - known):
                 report.problems.append(f"{users[blob]}: blob {blob[:16]} has no catalog entry")
+            declared = self._declared_sizes()
             for blob_id, ref, raw_sha, size in tqdm(rows, desc="verify", unit="blob",
                                                     disable=not progress, leave=False):
                 what = users.get(blob_id, f"blob {blob_id[:16]} (base of a stored delta)")
                 try:
-                    header = self._load_blob(blob_id, what)[0]
+                    header, pieces = self._blob_stream(blob_id, what, declared.get(blob_id))
                     if header.sha256 != raw_sha or header.ref != ref:
                         report.problems.append(f"{what}: blob {blob_id[:16]} disagrees with "
                                                "its catalog entry")
-                    self._read_raw(blob_id, what)
+                    for _ in pieces:  # decoded a chunk at a time, checked at the end
+                        pass
                 except IntegrityError as e:
                     report.problems.append(str(e))
                 report.blobs += 1

@@ -16,6 +16,7 @@ included, which a sign code with one scale per row approximates badly).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -70,7 +71,11 @@ def encode(theta: torch.Tensor, base: torch.Tensor,
 def decode(payload: memoryview, params: dict[str, Any], base: torch.Tensor,
            extras: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """θ̂ = base + τ̂ in float32, on the base's device (one fused pass there when on CUDA)."""
-    rows = params["rows"]
+    rows, n = params["rows"], math.prod(params["shape"])
+    if not (type(rows) is int and rows >= 0 and (n % rows == 0 if rows else n == 0)
+            and len(payload) == 4 * rows + -(-n // 8)):
+        raise ValueError(f"bit1 payload of {len(payload)} bytes does not fit {rows} rows of "
+                         f"{n} entries")
     scales = torch.from_numpy(np.frombuffer(payload[:4 * rows], "<f4").copy())
     bits = torch.from_numpy(np.frombuffer(payload[4 * rows:], np.uint8).copy())
     delta = SignDelta(bits.to(base.device), scales.to(base.device))

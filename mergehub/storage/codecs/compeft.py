@@ -20,6 +20,7 @@ import zstandard
 
 from mergehub.kernels import TernaryDelta, apply_deltas
 from mergehub.merge.methods.sparsify import kth_rank
+from mergehub.storage.codec import inflate
 from mergehub.storage.codecs import LossyCodec, register
 
 
@@ -70,12 +71,19 @@ def decode(payload: memoryview, params: dict[str, Any], base: torch.Tensor,
     """
     n, kept = math.prod(params["shape"]), params["kept"]
     split = params["positions_bytes"]
-    raw = zstandard.ZstdDecompressor().decompress(payload[:split], max_output_size=4 * n + 8)
-    if params["layout"] == "bitmap":
+    if not (type(kept) is int and 0 <= kept <= n and type(split) is int
+            and len(payload) - split == -(-kept // 8) and params["layout"] in ("bitmap", "gaps")):
+        raise ValueError(f"compeft payload of {len(payload)} bytes does not fit {kept} kept "
+                         f"of {n} entries")
+    bitmap_layout = params["layout"] == "bitmap"
+    raw = inflate(payload[:split], -(-n // 8) if bitmap_layout else 4 * kept)
+    if bitmap_layout:
         bitmap = np.frombuffer(raw, np.uint8)
         pos = np.nonzero(np.unpackbits(bitmap, count=n))[0]
     else:
         pos = np.cumsum(np.frombuffer(raw, "<u4").astype(np.int64))
+        if kept and pos[-1] >= n:
+            raise ValueError(f"compeft position {pos[-1]} beyond the {n} entries")
         mask = np.zeros(n, dtype=bool)
         mask[pos] = True
         bitmap = np.packbits(mask)

@@ -48,6 +48,9 @@ def decode(payload: memoryview, params: dict[str, Any], base: torch.Tensor,
     product sums in another order than the CPU's matmul: see ``exact_on_cuda``)."""
     m, n = params["shape"]
     r = params["rank"]
+    if not (type(r) is int and 0 <= r <= min(m, n) and len(payload) == 4 * r * (m + n)):
+        raise ValueError(f"lowrank payload of {len(payload)} bytes does not fit rank {r} "
+                         f"factors of {m}x{n}")
     values = np.frombuffer(payload, "<f4")
     left = torch.from_numpy(values[:m * r].reshape(m, r).copy()).to(base.device)
     right = torch.from_numpy(values[m * r:].reshape(r, n).copy()).to(base.device)

@@ -18,6 +18,7 @@ import torch
 import zstandard
 
 from mergehub.merge.methods.consensus import tall_masks
+from mergehub.storage.codec import inflate
 from mergehub.storage.codecs import LossyCodec, register
 
 
@@ -48,7 +49,7 @@ def decode(payload: memoryview, params: dict[str, Any], base: torch.Tensor,
     if not extras or "mtl" not in extras:
         raise ValueError("a tall blob needs its multi-task vector")
     n = math.prod(params["shape"])
-    raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=n // 8 + 1)
+    raw = inflate(payload, -(-n // 8))
     m = torch.from_numpy(np.unpackbits(np.frombuffer(raw, np.uint8), count=n).astype(bool))
     delta = extras["mtl"].to(base.device).reshape(-1) * m.to(base.device) * float(params["alpha"])
     return base.float() + delta.reshape(params["shape"])
