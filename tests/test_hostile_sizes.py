@@ -98,13 +98,22 @@ def bomb_blob(dtype: str, nbytes: int, raw_sha256: str, planes: int = 4,
     return b"MHB1" + struct.pack("<I", len(head)) + head + payload
 
 
+def _put_blob(store: Store, data: bytes) -> str:
+    """Put the blob ``data`` in the store, file and catalog row (as a pull would); its id."""
+    blob_id = sha256(data)
+    path = store.blob_path(blob_id)
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(data)
+    header = unpack_blob(data)[0]
+    store._db.execute("INSERT OR IGNORE INTO blobs VALUES (?, ?, ?, ?, ?, ?)",
+                      (blob_id, header.codec, header.ref, header.sha256, header.nbytes, len(data)))
+    return blob_id
+
+
 def _swap_blob(store: Store, tensor: str, data: bytes) -> str:
     """Make every entry's ``tensor`` use a new blob holding ``data`` (as a damaged or edited
     store would); returns its id."""
-    blob_id, _ = store._write_blob([data])
-    header = unpack_blob(data)[0]
-    store._db.execute("INSERT INTO blobs VALUES (?, ?, ?, ?, ?, ?)",
-                      (blob_id, header.codec, header.ref, header.sha256, header.nbytes, len(data)))
+    blob_id = _put_blob(store, data)
     store._db.execute("UPDATE tensors SET blob = ? WHERE name = ?", (blob_id, tensor))
     return blob_id
 
@@ -283,11 +292,7 @@ def test_version_1_blobs_in_a_store_still_export(store, models, tmp_path, monkey
         header, _ = unpack_blob(store._blob_path(blob_id).read_bytes())
         raw = bytes(store._read_raw(blob_id, "test"))
         v1_ref = (old[ref], bytes(store._read_raw(ref, "test"))) if ref else None
-        data = encode_v1(raw, header.dtype, header.sha256, v1_ref)
-        old[blob_id], _ = store._write_blob([data])
-        v1 = unpack_blob(data)[0]
-        store._db.execute("INSERT INTO blobs VALUES (?, ?, ?, ?, ?, ?)",
-                          (old[blob_id], "lossless", v1.ref, v1.sha256, v1.nbytes, len(data)))
+        old[blob_id] = _put_blob(store, encode_v1(raw, header.dtype, header.sha256, v1_ref))
     for table in ("tensors", "files"):
         for blob_id, v1_id in old.items():
             store._db.execute(f"UPDATE {table} SET blob = ? WHERE blob = ?", (v1_id, blob_id))
