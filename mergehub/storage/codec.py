@@ -29,8 +29,9 @@ Two versions of the ``lossless`` payload (the header's ``version``) are read:
   of the chunk as above; k = 0 means the chunk's bytes follow as they are (it would not shrink;
   ``none`` is a blob whose every chunk is stored so). A tensor of any size is then hashed, coded,
   written, read and decoded a chunk at a time, and peak memory is a few chunks rather than a
-  few copies of the tensor (``benchmarks/bench_memory.py``). Chunks of 16 MiB are 128 zstd
-  blocks, so chunking costs no measurable compression;
+  few copies of the tensor (``benchmarks/bench_memory.py``). A chunk of 16 MiB is 128 zstd
+  blocks, so chunking costs next to nothing: a 64 MiB N(0, 0.02) bf16 tensor takes 0.67988 of
+  raw in both versions (0.45582 vs 0.45581 for a fine-tune's delta);
 * version 1, written before: one zstd frame per plane over the whole tensor, or the bytes as
   they are (``none``). Still read, and a chunk at a time too: the planes' frames are
   decompressed as streams, in step.

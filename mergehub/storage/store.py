@@ -15,6 +15,11 @@ any model) costs nothing; a tensor of a fine-tune that differs from the same-nam
 base is stored losslessly as a delta against it (see :mod:`mergehub.storage.codec`); a fine-tune
 of a fine-tune against its own base's tensor, up to ``MAX_DELTA_DEPTH`` deltas deep.
 
+Tensors of any size are hashed, coded, written, read and decoded a chunk at a time (16 MiB, see
+:mod:`mergehub.storage.codec`), so add, verify and export need a few chunks of memory, not the
+largest tensor; a blob's decoding is bounded by the size the catalog declares for its tensor
+(dtype x shape), whatever the blob itself says.
+
 Crash safety: blobs are written to ``tmp/``, fsynced and renamed into place before the catalog
 transaction that references them commits, so a process killed at any point leaves, at worst,
 unreferenced blob files (removed by ``gc``), never a catalog row pointing at a missing or
