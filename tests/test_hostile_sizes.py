@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import json
 import re
-import resource
 import struct
 import subprocess
 import sys
 import tracemalloc
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import zstandard
