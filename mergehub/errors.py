@@ -8,6 +8,9 @@ is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
 
 class MergehubError(Exception):
     """Base class of errors caused by bad input; the message is shown to the user as is."""
@@ -32,3 +35,32 @@ class IntegrityError(MergehubError):
 class RemoteError(MergehubError):
     """A Hub repository, revision or file cannot be read or written (not found, no permission,
     unreachable endpoint)."""
+
+
+class _BoundedRepr(reprlib.Repr):
+    """``reprlib.Repr`` that also abbreviates dict and list subclasses (parsed YAML mappings)
+    instead of falling back to their full ``repr``."""
+
+    def repr1(self, x: Any, level: int) -> str:
+        if isinstance(x, dict) and type(x) is not dict:
+            return self.repr_dict(dict(x), level)
+        if isinstance(x, list) and type(x) is not list:
+            return self.repr_list(list(x), level)
+        return super().repr1(x, level)
+
+    def repr_int(self, x: int, level: int) -> str:
+        # repr of an int of over 4300 digits raises; one of 60 is already unreadable
+        return f"<an integer of {x.bit_length()} bits>" if x.bit_length() > 200 else repr(x)
+
+
+_REPR = _BoundedRepr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple = 3, 4, 4, 4
+_REPR.maxstring, _REPR.maxlong, _REPR.maxother = 60, 40, 60
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """A value as an error message shows it: its ``repr``, abbreviated to at most ``limit``
+    characters however large the value (a YAML alias bomb or a 100 MB string stays one short
+    line, and formatting it looks at a bounded part of it)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

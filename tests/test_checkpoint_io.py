@@ -112,7 +112,7 @@ def _header_file(path: Path, header: dict, data: bytes) -> Path:
 @pytest.mark.parametrize("content, message", [
     (b"", "not a safetensors file"),
     (b"hello world, definitely not safetensors", "header length"),
-    (struct.pack("<Q", 5) + b"{oops", "header is not JSON"),
+    (struct.pack("<Q", 5) + b"{oops", "header: not valid JSON"),
 ])
 def test_not_safetensors(tmp_path, content, message):
     path = tmp_path / "bad.safetensors"

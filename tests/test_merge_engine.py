@@ -194,7 +194,7 @@ models: [{{model: {models['ft-mlp']}, parameters: {{density: 0.2}}}}]
     ("merge_method: ties\nbase_model: B\nmodels: []\n", r"models: must be a non-empty list"),
     ("merge_method: ties\nbase_model: B\nmodels: [{model: F}\n", r"recipe.yaml:\d+: not valid YAML"),
     ("merge_method: ties\nbase_model: B\nmodels: [{model: F}]\nparameters: {trim_scope: all}\n",
-     r"trim_scope must be 'tensor' or 'global'"),
+     r"recipe.yaml:4: ties parameter trim_scope must be one of 'tensor', 'global', not 'all'"),
     ("merge_method: ties\nbase_model: B\nmodels: [{model: F}]\nparameters: {density_tolerance: 0.5}\n",
      r"density_tolerance must be a number in \[0, 0.5\), not 0.5"),
     ("merge_method: ties\nbase_model: B\nmodels: [{model: F}]\n"

@@ -101,7 +101,7 @@ def test_rmm_m_out_of_range(models, tmp_path):
             f"models: [{{model: {models['lora']}}}]\nparameters: {{m: 2}}\n")
     with pytest.raises(RecipeError, match=r"m must be an integer from 1 to the number of inputs \(1\)"):
         mergehub.merge(text, out=tmp_path / "o", progress=False)
-    with pytest.raises(RecipeError, match="basis must be 'factors' or 'dense', not 'lowrank'"):
+    with pytest.raises(RecipeError, match="basis must be one of 'factors', 'dense', not 'lowrank'"):
         mergehub.merge(text.replace("m: 2", "m: 1, basis: lowrank"), out=tmp_path / "o",
                        progress=False)
 

@@ -20,14 +20,13 @@ list; ``peft`` is handed to peft, whose config classes reject unknown options.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mergehub.errors import MergehubError
-from mergehub.merge.recipe import LineDict, _LineLoader, did_you_mean
+from mergehub.errors import MergehubError, shown
+from mergehub.merge.recipe import LineDict, did_you_mean, leaves, load_yaml, scalar_text
 
 #: method -> its parameters and their defaults (``method_params`` in a config)
 METHOD_PARAMS: dict[str, dict[str, Any]] = {
@@ -94,13 +93,7 @@ def load_config(path_or_dict: str | Path | dict[str, Any]) -> TrainConfig:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from e
-    try:
-        doc = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from e
-    return parse_config(doc, str(path), path.parent)
+    return parse_config(load_yaml(text, str(path), ConfigError), str(path), path.parent)
 
 
 def _check_keys(section: Any, known: set[str], source: str, where: str, what: str) -> LineDict:
@@ -114,8 +107,8 @@ def _check_keys(section: Any, known: set[str], source: str, where: str, what: st
     for key in section:
         if key not in known:
             line = section.line_of(key)
-            raise ConfigError(f"{source}{f':{line}' if line else ''}: unknown key {key!r} in "
-                              f"{what}{did_you_mean(str(key), sorted(known))}")
+            raise ConfigError(f"{source}{f':{line}' if line else ''}: unknown key {shown(key)} "
+                              f"in {what}{did_you_mean(key, sorted(known))}")
     return section
 
 
@@ -134,9 +127,9 @@ def parse_config(doc: Any, source: str = "<config>", root: Path | None = None) -
     for key in ("base", "data", "method"):
         if key not in doc:
             raise ConfigError(f"{source}: missing {key!r}")
-    method = str(doc["method"])
-    if method not in METHOD_PARAMS:
-        raise ConfigError(f"{at(doc, 'method')}: unknown method {method!r} (one of "
+    method = doc["method"]
+    if not isinstance(method, str) or method not in METHOD_PARAMS:
+        raise ConfigError(f"{at(doc, 'method')}: unknown method {shown(method)} (one of "
                           f"{', '.join(METHOD_PARAMS)}){did_you_mean(method, list(METHOD_PARAMS))}")
     data = _check_keys(doc["data"], DATA_KEYS, source, at(doc, "data"), "data")
     if bool(data.get("task")) == bool(data.get("path")):
@@ -145,12 +138,18 @@ def parse_config(doc: Any, source: str = "<config>", root: Path | None = None) -
     data = dict(data)
     for key in ("path", "eval_path"):
         if data.get(key):
-            data[key] = str((root / str(data[key])).expanduser())
+            data[key] = str((root / scalar_text(data, key, source, "a file path",
+                                                ConfigError)).expanduser())
     params = _check_keys(doc.get("method_params"), set(METHOD_PARAMS[method]), source,
                          at(doc, "method_params"), f"method_params of {method}")
     peft_cfg = doc.get("peft")
     if peft_cfg is not None and not isinstance(peft_cfg, dict):
         raise ConfigError(f"{at(doc, 'peft')}: peft must be a mapping of peft config options")
+    for section, what in ((params, "method_params"), (peft_cfg or {}, "peft")):
+        for key, value in section.items():
+            if any(isinstance(v, float) and not math.isfinite(v) for v in leaves(value)):
+                raise ConfigError(f"{at(section, key) if isinstance(section, LineDict) else source}"
+                                  f": {what} {shown(key)} must be finite, not {shown(value)}")
     over = params.get("over", METHOD_PARAMS[method].get("over"))
     if method.endswith("mezo"):
         if over not in ("all", "adapter"):
@@ -171,25 +170,31 @@ def parse_config(doc: Any, source: str = "<config>", root: Path | None = None) -
     for key, choices in (("as", OUTPUT_AS), ("dtype", OUTPUT_DTYPES)):
         if key in output and output[key] not in choices:
             raise ConfigError(f"{at(output, key)}: output {key} must be one of {', '.join(choices)}")
+    for key in ("store", "base", "dir"):
+        scalar_text(output, key, source, "a name or path", ConfigError)
     output = dict(output)
     if output.get("dir"):
         output["dir"] = str((root / str(output["dir"])).expanduser())
-    base = str(doc["base"])
+    base = scalar_text(doc, "base", source, "a store name or an HF model dir", ConfigError)
+    if not base:
+        raise ConfigError(f"{at(doc, 'base')}: base is empty")
     if (root / base).exists():
         base = str((root / base).resolve())
 
     def number(key: str, kind: type, default: Any, minimum: float) -> Any:
         value = doc.get(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                (kind is int and not float(value).is_integer()) or value < minimum:
+                not math.isfinite(value) or (kind is int and not float(value).is_integer()) \
+                or value < minimum:
             raise ConfigError(f"{at(doc, key)}: {key} must be a{'n integer' if kind is int else ' number'}"
-                              f" >= {minimum}, got {value!r}")
+                              f" >= {minimum}, got {shown(value)}")
         return kind(value)
 
-    schedule = str(doc.get("schedule", "constant"))
+    schedule = doc.get("schedule", "constant")
     if schedule not in SCHEDULES:
-        raise ConfigError(f"{at(doc, 'schedule')}: schedule must be one of {', '.join(SCHEDULES)}")
-    run_dir = doc.get("run_dir")
+        raise ConfigError(f"{at(doc, 'schedule')}: schedule must be one of {', '.join(SCHEDULES)}"
+                          f", not {shown(schedule)}")
+    run_dir = scalar_text(doc, "run_dir", source, "a directory", ConfigError)
     if run_dir is None and output.get("dir"):
         run_dir = output["dir"] + ".run"
     elif run_dir is None:

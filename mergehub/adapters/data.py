@@ -21,7 +21,6 @@ the batches an uninterrupted run would.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 
 from mergehub.errors import InputError
+from mergehub.safejson import parse_json
 
 # --- synthetic tasks ----------------------------------------------------------------------
 
@@ -232,10 +232,7 @@ def _read_examples(path: Path, tokenizer: Any, max_length: int) -> list[tuple[li
         if path.suffix != ".jsonl":
             out.append((bos, encode(line, where) + eos))
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where}: not valid JSON ({e.msg})") from None
+        row = parse_json(line, where)
         if not isinstance(row, dict):
             raise InputError(f"{where}: each line must be a JSON object")
         if "prompt_ids" in row or "input_ids" in row:

@@ -40,6 +40,7 @@ from mergehub.adapters.config import ConfigError, TrainConfig, load_config
 from mergehub.adapters.data import Batch, Dataset, accuracy, build_dataset, completion_scores
 from mergehub.errors import InputError, StoreError
 from mergehub.storage.atomic import atomic_output_dir, write_file_atomic
+from mergehub.storage.checkpoint import open_checkpoint
 from mergehub.storage.store import ModelInfo, Store, names_entry
 from mergehub.storage.writer import MODEL_SIDE_FILES
 
@@ -448,9 +449,14 @@ def _write_checkpoint(cfg: TrainConfig, method: Method, step: int, losses: list[
 
 def _resolve_base(cfg: TrainConfig, store: Store | None, tmp: Path) -> tuple[Path, str | None]:
     """(the base's HF dir, the base's store name when the result goes to the store); a store
-    entry when ``names_entry`` says the reference means one, else a path."""
+    entry when ``names_entry`` says the reference means one, else a path: an HF model dir
+    with safetensors weights, checked as ``hub add`` checks it (pickle weights are refused:
+    transformers would unpickle ``pytorch_model.bin``)."""
     path = Path(cfg.base).expanduser()
     if not names_entry(cfg.base, store) and path.exists():
+        if open_checkpoint(path).format != "hf":
+            raise InputError(f"{cfg.source}: base {cfg.base} is not an HF model directory "
+                             "(config.json and safetensors weights)")
         name = cfg.output.get("base")
         if cfg.output.get("store"):
             if name is None:
@@ -504,7 +510,7 @@ def train(config: str | Path | dict[str, Any] | TrainConfig, *, store: Store | N
         tmp = Path(tmp_name)
         base_dir, base_name = _resolve_base(cfg, store, tmp)
         dataset = build_dataset(cfg.data, base_dir)
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto", use_safetensors=True)
         base_dtype = next(model.parameters()).dtype
         model = model.float()
         model.train()

@@ -15,7 +15,8 @@ from typing import Any
 import click
 
 from mergehub import __version__
-from mergehub.errors import MergehubError
+from mergehub.errors import InputError, MergehubError
+from mergehub.safejson import parse_json
 from mergehub.storage.store import KINDS, ModelInfo, Store, default_root
 from mergehub.units import human_bytes, parse_size
 
@@ -56,9 +57,9 @@ def _json_arg(value: str | None, option: str) -> dict[str, Any] | None:
         except OSError as e:
             raise click.BadParameter(f"{path}: {e.strerror or e}", param_hint=option) from e
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise click.BadParameter(f"not valid JSON ({e})", param_hint=option) from e
+        obj = parse_json(text, "value")
+    except InputError as e:
+        raise click.BadParameter(str(e), param_hint=option) from None
     if not isinstance(obj, dict):
         raise click.BadParameter("must be a JSON object", param_hint=option)
     return obj
@@ -224,8 +225,8 @@ def compress(ctx: click.Context, names: tuple[str, ...], codec: str, params: tup
         if not sep:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--param")
         try:
-            parsed[key] = json.loads(value)
-        except json.JSONDecodeError:
+            parsed[key] = parse_json(value, "--param")
+        except InputError:
             parsed[key] = value
     if as_name is not None and len(names) > 1:
         raise click.BadParameter("--as names one entry: give one NAME", param_hint="--as")
@@ -308,10 +309,14 @@ def verify(ctx: click.Context) -> None:
 @click.option("--dry-run", is_flag=True,
               help="Check the recipe and inputs and print the plan (tensors, bytes, inputs) "
                    "without computing anything.")
+@click.option("--allow-foreign-base", is_flag=True,
+              help="Merge store entries that were added against another base than the "
+                   "recipe's base_model (refused by default: a task vector is relative to the "
+                   "base it was taken from, so against another model it is meaningless).")
 @click.pass_context
 def merge_(ctx: click.Context, recipe: Path, output: Path | None, to_store: str | None,
            device: str, missing: str, seed: int, max_shard_size: str, overwrite: bool,
-           output_format: str, dry_run: bool) -> None:
+           output_format: str, dry_run: bool, allow_foreign_base: bool) -> None:
     """Merge models as RECIPE (mergekit-style YAML) says. Inputs are HF model dirs, PEFT LoRA
     dirs (used as dense deltas B·A·scaling), .safetensors files or store names."""
     from mergehub.merge.engine import kept_line, merge
@@ -327,6 +332,7 @@ def merge_(ctx: click.Context, recipe: Path, output: Path | None, to_store: str 
                        missing=missing, seed=seed, dry_run=dry_run,
                        max_shard_size=parse_size(max_shard_size), overwrite=overwrite,
                        output_format=output_format, progress=_progress(),
+                       allow_foreign_base=allow_foreign_base,
                        echo=lambda t: click.echo(t, err=True))
     finally:
         if store is not None:

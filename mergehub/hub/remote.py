@@ -42,7 +42,8 @@ from tqdm.auto import tqdm
 
 from mergehub import __version__
 from mergehub.errors import (
-    BaseMismatchError, IntegrityError, MergehubError, RemoteError, StoreError)
+    BaseMismatchError, InputError, IntegrityError, MergehubError, RemoteError, StoreError)
+from mergehub.safejson import parse_json, read_json
 from mergehub.storage.checkpoint import ADAPTER_CONFIG, PICKLE_SUFFIXES, open_checkpoint
 from mergehub.storage.codec import sha256
 from mergehub.storage.parallel import ordered_map
@@ -264,8 +265,10 @@ def _auto_class(store: Store, info: ModelInfo) -> str:
             if path not in model.side_files:
                 continue
             try:
-                config = json.loads(model.side_file(path))
-            except ValueError:
+                config = parse_json(model.side_file(path), path)
+            except InputError:
+                continue
+            if not isinstance(config, dict):
                 continue
             if (any(str(a).endswith("ForCausalLM") for a in config.get("architectures") or [])
                     or config.get("task_type") == "CAUSAL_LM"):
@@ -511,9 +514,10 @@ def _peft_base(store: Store, model_dir: Path) -> str | None:
     """The stored model a plain PEFT adapter's ``base_model_name_or_path`` names: an entry of
     that name, or one pulled from that Hub repo."""
     try:
-        named = json.loads((model_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError):
+        config = read_json(model_dir / ADAPTER_CONFIG)
+    except InputError:
         return None
+    named = config.get("base_model_name_or_path") if isinstance(config, dict) else None
     if not isinstance(named, str) or not named:
         return None
     if named in store:

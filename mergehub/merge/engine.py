@@ -26,18 +26,20 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mergehub.errors import BaseMismatchError, InputError, MergehubError
+from mergehub.errors import BaseMismatchError, InputError, MergehubError, shown
 from mergehub.merge.inputs import FLOAT_DTYPES, Source, matrix_shape, resolve_input
 from mergehub.merge.methods import METHODS, MergeMethod, TensorContext
+from mergehub.merge.methods.base import value_problem
 from mergehub.merge.methods.rmm import ReversibleMerge
 from mergehub.merge.lora_output import can_write_peft, execute_peft
 from mergehub.merge.rmm import execute_rmm
 from mergehub.merge.recipe import (
     DTYPES, LineDict, ModelEntry, Recipe, RecipeError, did_you_mean, layer_index, load_recipe,
     resolve_params)
+from mergehub.safejson import parse_json
 from mergehub.storage.parallel import background, busy_machine, ordered_map, torch_threads
 from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
-from mergehub.storage.store import Store
+from mergehub.storage.store import Store, StoredModel
 from mergehub.storage.writer import DEFAULT_MAX_SHARD_SIZE, MODEL_SIDE_FILES, write_model_dir
 from mergehub.units import human_bytes
 
@@ -103,32 +105,93 @@ def _line(mapping: dict[str, Any], key: str, default: int | None) -> int | None:
 
 
 def _check_params(recipe: Recipe, method_cls: type[MergeMethod]) -> None:
+    """Every parameter the recipe gives is one of the method's, with a value its rule
+    accepts (:data:`~mergehub.merge.methods.base.PARAM_RULES`); errors name the line."""
     known_global = sorted(method_cls.global_params)
-    for key in recipe.parameters:
+    for key, value in recipe.parameters.items():
+        line = _line(recipe.parameters, key, recipe.lines.get("parameters"))
         if key not in method_cls.global_params:
-            line = _line(recipe.parameters, key, recipe.lines.get("parameters"))
-            raise RecipeError(f"{recipe.where(line)}: unknown parameter {key!r} for merge_method "
-                              f"{method_cls.name}{did_you_mean(key, known_global)} "
+            raise RecipeError(f"{recipe.where(line)}: unknown parameter {shown(key)} for "
+                              f"merge_method {method_cls.name}{did_you_mean(key, known_global)} "
                               f"(known: {', '.join(known_global) or 'none'})")
+        _check_value(recipe, line, method_cls, key, value)
     known_model = sorted(method_cls.model_params)
     for entry in recipe.models:
-        for key in entry.parameters:
+        for key, value in entry.parameters.items():
+            line = _line(entry.parameters, key, entry.line)
             if key not in method_cls.model_params:
                 raise RecipeError(
-                    f"{recipe.where(_line(entry.parameters, key, entry.line))}: unknown parameter "
-                    f"{key!r} for a model of merge_method {method_cls.name}"
-                    f"{did_you_mean(key, known_model)} (known: {', '.join(known_model)})")
+                    f"{recipe.where(line)}: unknown parameter {shown(key)} for a model of "
+                    f"merge_method {method_cls.name}{did_you_mean(key, known_model)} "
+                    f"(known: {', '.join(known_model)})")
+            _check_value(recipe, line, method_cls, key, value)
 
 
-def plan_merge(recipe: Recipe, *, store: Store | None = None,
-               missing: str = "error") -> MergePlan:
-    """Resolve the recipe's inputs and check that they can be merged, reading headers only."""
+def _check_value(recipe: Recipe, line: int | None, method_cls: type[MergeMethod], key: str,
+                 value: Any) -> None:
+    problem = value_problem(method_cls.rule(key), value)
+    if problem:
+        raise RecipeError(f"{recipe.where(line)}: {method_cls.name} parameter {key} {problem}")
+
+
+def _foreign(store: Store, name: str, base: Source) -> str | None:
+    """How the recipe's base ``base`` differs from stored model ``name``, or ``None`` when it is
+    that model: the same entry, one with the same fingerprint, or a checkpoint whose every
+    tensor has the dtype, shape and sha256 that ``name``'s has (hashed, smallest first)."""
+    if isinstance(base.reader, StoredModel):
+        same = base.reader.name == name or store.fingerprint(base.reader.name) == \
+            store.fingerprint(name)
+        return None if same else f"another stored model than {name!r}"
+    recorded = store.tensor_digests(name)
+    tensors = base.reader.tensors
+    if set(recorded) != set(tensors):
+        return f"not {name!r} (other tensor names)"
+    for t in sorted(tensors, key=lambda t: (tensors[t].nbytes, t)):
+        dtype, shape, digest = recorded[t]
+        spec = tensors[t].spec
+        if (spec.dtype, json.dumps(list(spec.shape))) != (dtype, shape) or \
+                base.reader.sha256(t) != digest:
+            return f"not {name!r} (tensor {t!r} differs)"
+    return None
+
+
+def _check_bases(recipe: Recipe, base: Source | None, entries: list[ModelEntry],
+                 inputs: list[Source], store: Store | None, allow: bool,
+                 notes: list[str]) -> None:
+    """Each store input that was added against a base (a fine-tune or adapter, kept as deltas
+    of it) must be merged against that base: its task vector θt − θ0 means nothing against
+    another model. An error naming the recipe line, unless ``allow`` (then a note)."""
+    if base is None or store is None:
+        return
+    for entry, src in zip(entries, inputs):
+        info = src.reader.info if isinstance(src.reader, StoredModel) else None
+        if src is base or info is None or info.base is None:
+            continue
+        problem = _foreign(store, info.base, base)
+        if problem is None:
+            continue
+        what = (f"input {src.label!r} was added to the store against base {info.base!r}, but "
+                f"base_model {base.label!r} is {problem}")
+        if allow:
+            notes.append(f"{what}: merged against it anyway (--allow-foreign-base)")
+            continue
+        raise BaseMismatchError(f"{recipe.where(entry.line)}: {what}; its task vector would be "
+                                "taken against the wrong model. Pass --allow-foreign-base "
+                                "(allow_foreign_base=True) to merge it anyway")
+
+
+def plan_merge(recipe: Recipe, *, store: Store | None = None, missing: str = "error",
+               allow_foreign_base: bool = False) -> MergePlan:
+    """Resolve the recipe's inputs and check that they can be merged, reading headers only
+    (and, for store inputs added against another base than a base_model given as a path,
+    hashing that base's tensors to tell whether it is the same model)."""
     if missing not in MISSING_POLICIES:
         raise InputError(f"--missing must be one of {', '.join(MISSING_POLICIES)}, not {missing!r}")
     method_cls = METHODS.get(recipe.merge_method)
     if method_cls is None:
         raise RecipeError(f"{recipe.where(recipe.lines.get('merge_method'))}: unknown merge_method "
-                          f"{recipe.merge_method!r}{did_you_mean(recipe.merge_method, sorted(METHODS))} "
+                          f"{shown(recipe.merge_method)}"
+                          f"{did_you_mean(recipe.merge_method, sorted(METHODS))} "
                           f"(known: {', '.join(sorted(METHODS))})")
     _check_params(recipe, method_cls)
     global_params = {k: v for k, v in recipe.parameters.items() if k in method_cls.global_params}
@@ -154,6 +217,7 @@ def plan_merge(recipe: Recipe, *, store: Store | None = None,
               resolve_input(e.model, store, recipe.where(e.line)) for e in entries]
     if not inputs:
         raise RecipeError(f"{recipe.where()}: nothing to merge besides the base model")
+    _check_bases(recipe, base, entries, inputs, store, allow_foreign_base, notes)
     model_params = []
     for e, src in zip(entries, inputs):
         from_metrics = method_cls.params_from_metrics(src.metrics)
@@ -242,13 +306,15 @@ def _side_files(plan: MergePlan) -> dict[str, bytes]:
         match = [s for s in plan.inputs if s.label == source]
         if not match:
             raise RecipeError(f"{plan.recipe.where(plan.recipe.lines.get('tokenizer_source'))}: "
-                              f"tokenizer_source {source!r} is not one of the models")
+                              f"tokenizer_source {shown(source)} is not one of the models")
         out = {k: v for k, v in out.items() if not k.startswith(("tokenizer", "special_tokens",
                                                                  "added_tokens", "vocab", "merges"))}
         out.update({k: v for k, v in files_of(match[0]).items() if k not in ("config.json",
                                                                             "generation_config.json")})
     if "config.json" in out and plan.out_dtype:
-        config = json.loads(out["config.json"])
+        config = parse_json(out["config.json"], f"{reference.label}: config.json")
+        if not isinstance(config, dict):
+            raise InputError(f"{reference.label}: config.json is not a JSON object")
         name = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[plan.out_dtype]
         for key in ("torch_dtype", "dtype"):
             if key in config:
@@ -418,7 +484,7 @@ def merge(recipe: str | Path | Recipe, out: str | Path | None = None, *,
           store: Store | None = None, to_store: str | None = None, device: str = "cpu",
           missing: str = "error", seed: int = 0, dry_run: bool = False,
           max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
-          output_format: str = "auto", progress: bool = True,
+          output_format: str = "auto", progress: bool = True, allow_foreign_base: bool = False,
           echo: Callable[[str], Any] | None = None) -> MergeResult:
     """Merge as a recipe says: write an HF model dir at ``out`` and/or a store entry ``to_store``.
 
@@ -436,9 +502,13 @@ def merge(recipe: str | Path | Recipe, out: str | Path | None = None, *,
         output_format: ``hf`` (a full model), ``peft`` (an adapter: only when every input is a
             LoRA and the method is task arithmetic or a normalized linear average, which keep
             low rank exactly) or ``auto`` (``peft`` when possible, else ``hf``).
+        allow_foreign_base: merge store inputs that were added against another base than the
+            recipe's base_model (by default an error: their task vectors are relative to
+            their own base).
     """
     parsed = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    plan = plan_merge(parsed, store=store, missing=missing)
+    plan = plan_merge(parsed, store=store, missing=missing,
+                      allow_foreign_base=allow_foreign_base)
     say = echo or (lambda text: print(text, file=sys.stderr))
     for note in plan.notes:
         say(f"note: {note}")

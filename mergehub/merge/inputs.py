@@ -10,7 +10,6 @@ on the requested device (the spec's convention: merge arithmetic in float32).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -19,9 +18,10 @@ from typing import Any, Protocol
 
 import torch
 
-from mergehub.errors import BaseMismatchError, InputError
+from mergehub.errors import BaseMismatchError, InputError, shown
+from mergehub.safejson import parse_json, read_json
 from mergehub.storage.checkpoint import (
-    ADAPTER_CONFIG, Checkpoint, open_checkpoint, peft_target_weight)
+    ADAPTER_CONFIG, Checkpoint, check_adapter_config, open_checkpoint, peft_target_weight)
 from mergehub.storage.safetensors_format import FLOAT_DTYPES, TORCH_DTYPE, TensorSpec
 from mergehub.storage.store import Store, names_entry
 
@@ -200,7 +200,11 @@ def lora_targets(label: str, config: dict[str, Any],
             raise InputError(f"{label}: {target!r} has no lora_{missing} matrix")
         alpha = _pattern_value(config.get("alpha_pattern") or {}, target.removesuffix(".weight"),
                                config.get("lora_alpha", 8))
-        r = specs[parts["A"]].shape[0]
+        a_shape, b_shape = specs[parts["A"]].shape, specs[parts["B"]].shape
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] < 1 or b_shape[1] != a_shape[0]:
+            raise InputError(f"{label}: {parts['A']!r} {list(a_shape)} and {parts['B']!r} "
+                             f"{list(b_shape)} are not LoRA factors of one rank >= 1")
+        r = a_shape[0]
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         embedding = "lora_embedding_" in parts["A"]
         out[target] = (parts["A"], parts["B"], scaling,
@@ -214,16 +218,19 @@ def _side_metrics(path: Path) -> dict[str, Any]:
     root = path if path.is_dir() else path.parent
     for name in ("metrics.json", "all_results.json", "eval_results.json"):
         if (root / name).is_file():
-            data = json.loads((root / name).read_text())
+            data = read_json(root / name)
             if isinstance(data, dict):
                 return data
     state_path = root / "trainer_state.json"
     if state_path.is_file():
-        state = json.loads(state_path.read_text())
+        state = read_json(state_path)
+        history = state.get("log_history") if isinstance(state, dict) else None
+        if not isinstance(history, list):
+            return {}
         metrics: dict[str, Any] = {"step": state.get("global_step")}
-        for entry in state.get("log_history", []):
+        for entry in history:
             for key in ("eval_loss", "loss"):
-                if key in entry:
+                if isinstance(entry, dict) and key in entry:
                     metrics[key] = entry[key]
         return metrics
     return {}
@@ -240,11 +247,17 @@ def resolve_input(ref: str, store: Store | None, where: str) -> Source:
         model = store.open(ref)
         lora, config = None, {}
         if model.info.format == "peft":
-            config = json.loads(model.side_file(ADAPTER_CONFIG))
+            config_file = f"model {ref!r}: {ADAPTER_CONFIG}"
+            config = check_adapter_config(parse_json(model.side_file(ADAPTER_CONFIG),
+                                                     config_file), config_file)
             lora = lora_targets(ref, config, {s.name: s for s in model.specs()})
         return Source(ref, model, dict(model.info.metrics), lora, config)
     path = Path(ref).expanduser()
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError as e:  # a name too long for the file system, ...
+        raise InputError(f"{where}: input {shown(ref)}: {e.strerror}") from None
+    if exists:
         ckpt = open_checkpoint(path)
         lora = None
         if ckpt.format == "peft":

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mergehub.errors import MergehubError
+from mergehub.errors import MergehubError, shown
 
 TOP_LEVEL = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
              "tokenizer_source"}
@@ -45,11 +46,73 @@ class RecipeError(MergehubError):
     """A recipe that cannot be run; the message starts with ``FILE:LINE:``."""
 
 
+#: most values a YAML document may hold once its aliases are expanded: a recipe or training
+#: config has a few dozen, while a "billion laughs" file of a few hundred bytes, aliases of
+#: aliases, expands to billions and makes anything that walks it (a message, a check) hang
+MAX_YAML_VALUES = 100_000
+#: deepest nesting of lists and mappings accepted (a recipe needs 5 levels)
+MAX_YAML_DEPTH = 32
+#: longest model reference or method name accepted (a path is at most 4096 bytes on Linux)
+MAX_TEXT = 4096
+
+
 class _LineLoader(yaml.SafeLoader):
-    """SafeLoader whose mappings remember the line of each key (1-based)."""
+    """SafeLoader whose mappings remember the line of each key (1-based), refusing duplicate
+    keys, recursive aliases and documents that expand past :data:`MAX_YAML_VALUES` values or
+    nest deeper than :data:`MAX_YAML_DEPTH` levels."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_expansion(node)
+        return super().construct_document(node)
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Count the values of the document at ``root`` as if every alias were written out, and
+    its depth, without expanding anything (each node is visited once; no recursion)."""
+    def children(node: yaml.Node) -> list[yaml.Node]:
+        if isinstance(node, yaml.MappingNode):
+            return [n for pair in node.value for n in pair]
+        return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+    def refuse(node: yaml.Node, problem: str) -> None:
+        raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark)
+
+    done: dict[int, tuple[int, int]] = {}  # id(node) -> (values, depth) once expanded
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finish = stack.pop()
+        if id(node) in done:
+            continue
+        if not finish:
+            if id(node) in open_nodes:  # reached again below itself
+                refuse(node, "a recursive alias (a value that contains itself)")
+            open_nodes.add(id(node))
+            stack.append((node, True))
+            stack.extend((child, False) for child in children(node))
+            continue
+        sub = [done[id(child)] for child in children(node)]
+        values = 1 + sum(v for v, _ in sub)
+        depth = 1 + max((d for _, d in sub), default=0)
+        if values > MAX_YAML_VALUES:
+            refuse(node, f"aliases expand this to more than {MAX_YAML_VALUES} values; write "
+                         "the values out instead")
+        if depth > MAX_YAML_DEPTH:
+            refuse(node, f"nested deeper than {MAX_YAML_DEPTH} levels")
+        done[id(node)] = (values, depth)
+        open_nodes.discard(id(node))
 
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> "LineDict":
+    first: dict[tuple[str, str], yaml.Node] = {}
+    for key, _ in node.value:  # before merge keys (<<) are flattened in: those may repeat
+        if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+            seen = first.setdefault((key.tag, key.value), key)
+            if seen is not key:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {shown(key.value)} (first on line "
+                    f"{seen.start_mark.line + 1}): a repeated key would silently override it",
+                    key.start_mark)
     mapping = LineDict(loader.construct_mapping(node, deep=True))
     mapping.line = node.start_mark.line + 1
     mapping.key_lines = {k.value: k.start_mark.line + 1 for k, _ in node.value
@@ -116,21 +179,65 @@ def _fail(where: str, message: str) -> RecipeError:
     return RecipeError(f"{where}: {message}")
 
 
-def did_you_mean(word: str, choices: list[str]) -> str:
-    """`` (did you mean 'x'?)`` for the closest choice, or an empty string."""
+def did_you_mean(word: object, choices: list[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest choice, or an empty string (also for anything
+    but a short string: difflib's time grows with the product of the lengths)."""
+    if not isinstance(word, str) or len(word) > 100:
+        return ""
     close = difflib.get_close_matches(word, choices, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
-    """Parse and check the structure of a recipe (method parameters are checked by the engine,
-    which knows each method's parameters)."""
+def load_yaml(text: str, source: str, error: type[MergehubError]) -> Any:
+    """Parse a recipe or training config with :class:`_LineLoader`; anything wrong with the
+    YAML itself (syntax, a duplicate key, an alias bomb, deep nesting) raises ``error``
+    ``"SOURCE:LINE: not valid YAML: ..."``."""
     try:
-        doc = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
+        return yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
-        raise _fail(where, f"not valid YAML: {getattr(e, 'problem', e)}") from e
+        raise error(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
+    except RecursionError:  # nesting deep enough to exhaust the parser's stack
+        raise error(f"{source}: not valid YAML: nested deeper than {MAX_YAML_DEPTH} "
+                    "levels") from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise error(f"{source}: not valid YAML: {e}") from None
+
+
+def leaves(value: Any) -> Iterator[Any]:
+    """The scalars inside a parsed YAML value (nested lists and mappings walked with a stack)."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        else:
+            yield node
+
+
+def scalar_text(mapping: LineDict, key: str, source: str, what: str,
+                error: type[MergehubError] = RecipeError) -> str | None:
+    """``mapping[key]`` as a string (a YAML scalar: text or a number), ``None`` if absent;
+    anything else (a list, a mapping, true/false, text longer than any path or name can be:
+    :data:`MAX_TEXT`) raises ``error`` naming the line."""
+    value = mapping.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or \
+            len(text := str(value)) > MAX_TEXT:
+        line = mapping.line_of(key)
+        raise error(f"{source}{f':{line}' if line else ''}: {key}: must be {what} (at most "
+                    f"{MAX_TEXT} characters), not {shown(value)}")
+    return text
+
+
+def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+    """Parse and check the structure of a recipe (parameter values are checked by the engine
+    against the method's parameter rules)."""
+    doc = load_yaml(text, source, RecipeError)
     if not isinstance(doc, LineDict):
         raise _fail(source, "a recipe is a YAML mapping with merge_method, models, ...")
     for key in doc:
@@ -138,8 +245,9 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
             raise _fail(f"{source}:{doc.line_of(key)}", f"{key!r}: {UNSUPPORTED[key]}")
         if key not in TOP_LEVEL:
             raise _fail(f"{source}:{doc.line_of(key)}",
-                        f"unknown key {key!r}{did_you_mean(key, sorted(TOP_LEVEL))}")
-    if "merge_method" not in doc:
+                        f"unknown key {shown(key)}{did_you_mean(key, sorted(TOP_LEVEL))}")
+    method = scalar_text(doc, "merge_method", source, "a method name")
+    if method is None:
         raise _fail(source, "missing merge_method")
     models_raw = doc.get("models")
     if not isinstance(models_raw, list) or not models_raw:
@@ -147,6 +255,9 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     models = []
     for item in models_raw:
         if isinstance(item, str):
+            if len(item) > MAX_TEXT:
+                raise _fail(f"{source}:{doc.line_of('models')}", f"models: a model reference "
+                            f"has at most {MAX_TEXT} characters, not {shown(item)}")
             models.append(ModelEntry(item, {}, doc.line_of("models")))
             continue
         if not isinstance(item, LineDict) or "model" not in item:
@@ -155,24 +266,28 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
         for key in item:
             if key not in ("model", "parameters"):
                 raise _fail(f"{source}:{item.line_of(key)}",
-                            f"unknown key {key!r} in a models: item"
-                        f"{did_you_mean(key, ['model', 'parameters'])}")
+                            f"unknown key {shown(key)} in a models: item"
+                            f"{did_you_mean(key, ['model', 'parameters'])}")
         params = item.get("parameters") or {}
         if not isinstance(params, dict):
             raise _fail(f"{source}:{item.line_of('parameters')}", "parameters: must be a mapping")
-        models.append(ModelEntry(str(item["model"]), params, item.line))
+        ref = scalar_text(item, "model", source, "a path or store name")
+        if ref is None:
+            raise _fail(f"{source}:{item.line_of('model')}", "model: is empty")
+        models.append(ModelEntry(ref, params, item.line))
     params = doc.get("parameters") or {}
     if not isinstance(params, dict):
         raise _fail(f"{source}:{doc.line_of('parameters')}", "parameters: must be a mapping")
     for key in ("dtype", "out_dtype"):
-        if doc.get(key) is not None and str(doc[key]) not in DTYPES:
+        value = doc.get(key)
+        if value is not None and not (isinstance(value, str) and value in DTYPES):
             raise _fail(f"{source}:{doc.line_of(key)}",
-                        f"{key} {doc[key]!r} is not one of {', '.join(DTYPES)}")
-    base = doc.get("base_model")
+                        f"{key} {shown(value)} is not one of {', '.join(DTYPES)}")
     return Recipe(
-        merge_method=str(doc["merge_method"]), base_model=None if base is None else str(base),
+        merge_method=method, base_model=scalar_text(doc, "base_model", source, "a path or store name"),
         models=models, parameters=params, dtype=doc.get("dtype"),
-        out_dtype=doc.get("out_dtype"), tokenizer_source=doc.get("tokenizer_source"),
+        out_dtype=doc.get("out_dtype"),
+        tokenizer_source=scalar_text(doc, "tokenizer_source", source, "'base' or a model"),
         source=source, text=text, lines=dict(getattr(doc, "key_lines", {})))
 
 

@@ -13,13 +13,15 @@ Only headers are read on open; :meth:`Checkpoint.load` memory-maps one tensor at
 
 from __future__ import annotations
 
-import json
+import hashlib
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from mergehub.errors import InputError
+from mergehub.errors import InputError, shown
+from mergehub.safejson import read_json
 from mergehub.storage import safetensors_format
 from mergehub.storage.safetensors_format import (
     SafetensorsHeader, TensorSpec, read_header, read_range)
@@ -111,6 +113,15 @@ class Checkpoint:
         except OSError as e:
             raise InputError(f"{path}: cannot read tensor {name!r}: {e}") from e
 
+    def sha256(self, name: str, chunk: int = 1 << 26) -> str:
+        """sha256 of the tensor's bytes as stored, read ``chunk`` bytes at a time (a tensor of
+        any size costs one chunk of memory)."""
+        digest = hashlib.sha256()
+        size = self._info(name).nbytes
+        for start in range(0, size, chunk):
+            digest.update(self.read_bytes(name, start, min(size, start + chunk)))
+        return digest.hexdigest()
+
     def load(self, name: str) -> torch.Tensor:
         """Load one tensor (memory-mapped by safetensors, then materialized on the CPU)."""
         from safetensors import safe_open  # imports torch: only when tensors are loaded
@@ -189,17 +200,8 @@ def _side_files(files: list[str], weights: list[str]) -> list[str]:
             and not f.endswith(".bin.index.json")]
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror or e}") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON: {e}") from e
-
-
 def _shards_from_index(root: Path, index_name: str) -> list[str]:
-    index = _read_json(root / index_name)
+    index = read_json(root / index_name)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise InputError(f"{root / index_name}: no 'weight_map' object of tensor -> file")
@@ -213,7 +215,7 @@ def _shards_from_index(root: Path, index_name: str) -> list[str]:
 
 
 def _check_index(index_path: Path, ckpt: Checkpoint) -> None:
-    weight_map: dict[str, str] = _read_json(index_path)["weight_map"]
+    weight_map: dict[str, str] = read_json(index_path)["weight_map"]
     for name, info in ckpt.tensors.items():
         listed = weight_map.get(name)
         if listed != info.file:
@@ -225,10 +227,51 @@ def _check_index(index_path: Path, ckpt: Checkpoint) -> None:
                          f"in {weight_map[missing[0]]}")
 
 
-def _open_peft(path: Path, files: list[str]) -> Checkpoint:
-    config = _read_json(path / ADAPTER_CONFIG)
+def check_adapter_config(config: Any, where: str) -> dict[str, Any]:
+    """``config`` (a parsed ``adapter_config.json``) after checking the values mergehub and
+    peft compute with: ``r`` and ``rank_pattern`` ranks are integers >= 1, ``lora_alpha`` and
+    ``alpha_pattern`` alphas finite numbers, pattern keys valid regular expressions, flags
+    true/false. ``where`` names the file in the :class:`InputError` for a bad one."""
     if not isinstance(config, dict):
-        raise InputError(f"{path / ADAPTER_CONFIG}: not a JSON object")
+        raise InputError(f"{where}: not a JSON object")
+
+    def rank(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    def alpha(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    checks = {"r": (rank, "an integer >= 1"), "lora_alpha": (alpha, "a finite number"),
+              "peft_type": (lambda v: isinstance(v, str), "a string"),
+              "base_model_name_or_path": (lambda v: v is None or isinstance(v, str),
+                                          "a string or null")}
+    checks.update({flag: (lambda v: v is None or isinstance(v, bool), "true or false")
+                   for flag in ("use_rslora", "use_dora", "fan_in_fan_out")})
+    for key, (ok, what) in checks.items():
+        if key in config and not ok(config[key]):
+            raise InputError(f"{where}: {key} must be {what}, not {shown(config[key])}")
+    for key, (ok, what) in (("rank_pattern", (rank, "an integer >= 1")),
+                            ("alpha_pattern", (alpha, "a finite number"))):
+        patterns = config.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise InputError(f"{where}: {key} must map module patterns to values, not "
+                             f"{shown(patterns)}")
+        for pattern, value in patterns.items():
+            try:
+                re.compile(rf"(.*\.)?{pattern}")
+            except (re.error, RecursionError) as e:
+                raise InputError(f"{where}: {key} key {shown(pattern)} is not a valid regular "
+                                 f"expression ({e})") from None
+            if not ok(value):
+                raise InputError(f"{where}: {key}[{shown(pattern)}] must be {what}, not "
+                                 f"{shown(value)}")
+    return config
+
+
+def _open_peft(path: Path, files: list[str]) -> Checkpoint:
+    config = check_adapter_config(read_json(path / ADAPTER_CONFIG), str(path / ADAPTER_CONFIG))
     if ADAPTER_WEIGHTS not in files:
         pickles = [f for f in files if f.lower().endswith(PICKLE_SUFFIXES)]
         if pickles:

@@ -140,7 +140,7 @@ def read_header(blob: Payload) -> tuple[BlobHeader, int]:
         header = BlobHeader(codec=obj["codec"], version=obj["version"], dtype=obj["dtype"],
                             nbytes=obj["nbytes"], sha256=obj["sha256"], ref=obj["ref"],
                             params=obj["params"])
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise BlobFormatError(f"unreadable blob header: {e}") from e
     if not (isinstance(header.codec, str) and isinstance(header.dtype, str)
             and _count(header.nbytes) and _count(header.version)

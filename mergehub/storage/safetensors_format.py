@@ -17,9 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from mergehub.errors import InputError
+from mergehub.errors import InputError, shown
+from mergehub.safejson import parse_json
 
-#: Bytes per element of each safetensors dtype (sub-byte dtypes are absent: no size check).
+#: Bytes per element of each safetensors dtype mergehub reads and stores. Any other dtype
+#: string in a header is refused (a made-up one, or the sub-byte F4/F6 formats, whose sizes
+#: this table cannot express): the file could be stored but never checked or written back.
 DTYPE_WIDTH: dict[str, int] = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
     "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -123,10 +126,7 @@ def read_header(path: Path) -> SafetensorsHeader:
             header_bytes = f.read(n)
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror or e}") from e
-    try:
-        obj = json.loads(header_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not a safetensors file (header is not JSON: {e})") from e
+    obj = parse_json(header_bytes, f"{path}: not a safetensors file: header")
     if not isinstance(obj, dict):
         raise InputError(f"{path}: not a safetensors file (header is not a JSON object)")
     metadata = obj.pop("__metadata__", None)
@@ -143,24 +143,24 @@ def read_header(path: Path) -> SafetensorsHeader:
 
 
 def _parse_entry(path: Path, name: str, info: object, data_size: int) -> TensorEntry:
-    where = f"{path}: tensor {name!r}"
+    where = f"{path}: tensor {shown(name)}"
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise InputError(f"{where}: header entry must have exactly dtype, shape, data_offsets")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if not isinstance(dtype, str):
-        raise InputError(f"{where}: dtype {dtype!r} is not a string")
+    if not isinstance(dtype, str) or dtype not in DTYPE_WIDTH:
+        raise InputError(f"{where}: unknown dtype {shown(dtype)} (mergehub reads "
+                         f"{', '.join(DTYPE_WIDTH)})")
     if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-        raise InputError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        raise InputError(f"{where}: shape {shown(shape)} is not a list of non-negative integers")
     if not (isinstance(offsets, list) and len(offsets) == 2
             and all(isinstance(o, int) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
-        raise InputError(f"{where}: bad data_offsets {offsets!r}")
+        raise InputError(f"{where}: bad data_offsets {shown(offsets)}")
     begin, end = offsets
     if end > data_size:
         raise InputError(f"{where}: data ends at byte {end} but the file has only "
                          f"{data_size} data bytes (truncated file?)")
     spec = TensorSpec(name, dtype, tuple(shape))
-    width = DTYPE_WIDTH.get(dtype)
-    if width is not None and spec.nbytes != end - begin:
+    if spec.nbytes != end - begin:
         raise InputError(f"{where}: {dtype} shape {tuple(shape)} needs {spec.nbytes} bytes "
                          f"but data_offsets span {end - begin}")
     return TensorEntry(spec, begin, end)

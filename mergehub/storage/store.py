@@ -1010,11 +1010,17 @@ class Store:
     def fingerprint(self, name: str) -> str:
         """sha256 over the sorted (name, dtype, shape, sha256 of the bytes) of every tensor of
         ``name``: what identifies a base across stores, whatever the encoding of its blobs."""
+        lines = sorted(f"{t}\t{dtype}\t{shape}\t{raw}\n"
+                       for t, (dtype, shape, raw) in self.tensor_digests(name).items())
+        return sha256("".join(lines).encode())
+
+    def tensor_digests(self, name: str) -> dict[str, tuple[str, str, str]]:
+        """Each tensor of ``name``: (dtype, shape as JSON, sha256 of its bytes), as recorded
+        when it was added."""
         model_id = self._require(name)[0]
         rows = self._db.execute("SELECT t.name, t.dtype, t.shape, b.raw_sha256 FROM tensors t "
                                 "JOIN blobs b ON b.id = t.blob WHERE t.model_id = ?", (model_id,))
-        lines = sorted(f"{t}\t{dtype}\t{shape}\t{raw}\n" for t, dtype, shape, raw in rows)
-        return sha256("".join(lines).encode())
+        return {t: (dtype, shape, raw) for t, dtype, shape, raw in rows}
 
     def find_fingerprint(self, fingerprint: str) -> list[str]:
         """Names of the stored models whose :meth:`fingerprint` is ``fingerprint``."""

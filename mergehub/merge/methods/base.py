@@ -3,11 +3,117 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+
+from mergehub.errors import shown
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The values one merge parameter accepts.
+
+    ``kind`` is ``number`` (finite, not a boolean), ``integer``, ``bool`` or ``choice``;
+    numbers lie within ``low`` .. ``high`` (each bound inclusive unless ``*_open``).
+    """
+
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[Any, ...] = ()
+
+    def accepts(self, value: Any) -> bool:
+        """Whether one scalar value is acceptable."""
+        if self.kind == "bool":
+            return isinstance(value, bool)
+        if self.kind == "choice":  # by type too: 1 is not true, 1.0 is not "1"
+            return any(type(value) is type(c) and value == c for c in self.choices)
+        if isinstance(value, bool) or not isinstance(value, int if self.kind == "integer"
+                                                      else (int, float)):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        """What the rule accepts, for messages: ``a number in [0, 1]``."""
+        if self.kind == "bool":
+            return "true or false"
+        if self.kind == "choice":
+            return "one of " + ", ".join("true" if c is True else "false" if c is False
+                                         else repr(c) for c in self.choices)
+        what = "an integer" if self.kind == "integer" else "a finite number"
+        if self.low is not None and self.high is not None:
+            return (f"{what.replace('finite ', '')} in {'(' if self.low_open else '['}{self.low:g}, "
+                    f"{self.high:g}{')' if self.high_open else ']'}")
+        if self.low is not None:
+            return f"{what.replace('finite ', '')} {'>' if self.low_open else '>='} {self.low:g}"
+        return what
+
+
+#: The recipe's parameter schema: what each merge parameter accepts, checked for every value a
+#: recipe gives (each element of a gradient list, each filter entry's value) before anything
+#: is read, so that a bad value is reported with its recipe line rather than as an all-NaN
+#: model or a traceback mid-merge. A method that uses a name differently overrides it in its
+#: ``param_rules``; every parameter of every method has a rule (tested).
+PARAM_RULES: dict[str, Rule] = {
+    "weight": Rule("number"),
+    "lambda": Rule("number"),
+    "density": Rule("number", 0, 1),
+    "gamma": Rule("number", 0, 1),
+    "tall_lambda": Rule("number", 0),
+    "k": Rule("integer", 0),
+    "normalize": Rule("bool"),
+    "rescale": Rule("bool"),
+    "int8_mask": Rule("bool"),
+    "trim_scope": Rule("choice", choices=("tensor", "global")),
+    "sign_method": Rule("choice", choices=("sum", "count")),
+    "ties": Rule("choice", choices=("index", "threshold")),
+    "density_tolerance": Rule("number", 0, 0.5, high_open=True),
+    "m": Rule("integer", 1),
+    "metric": Rule("choice", choices=("loss", "step")),
+    "penalty": Rule("number", 0),
+    "loss": Rule("number", 0, low_open=True),
+    "step": Rule("number", 0, low_open=True),
+}
+
+
+def value_problem(rule: Rule, value: Any) -> str | None:
+    """What is wrong with a parameter value as a recipe writes it (``must be ..., not ...``,
+    to follow the parameter's name), or ``None``: a scalar, a gradient list of scalars, or
+    filter entries ``{filter: TEXT, value: ...}`` (see
+    :func:`mergehub.merge.recipe.resolve_value`)."""
+    if isinstance(value, dict) or (isinstance(value, list) and value
+                                   and all(isinstance(v, dict) for v in value)):
+        for entry in value if isinstance(value, list) else [value]:
+            if not set(entry) <= {"filter", "value"} or "value" not in entry:
+                return (f"filter entries must be {{filter: TEXT, value: VALUE}}, "
+                        f"not {shown(entry)}")
+            if not isinstance(entry.get("filter", ""), str):
+                return f"filters must be text, not {shown(entry['filter'])}"
+            if isinstance(entry["value"], dict):
+                return f"filter values must not be mappings, not {shown(entry['value'])}"
+            problem = value_problem(rule, entry["value"])
+            if problem:
+                return problem
+        return None
+    if isinstance(value, list):
+        if not value:
+            return "must not be an empty list"
+        for v in value:
+            if not rule.accepts(v):
+                return f"must be {rule.describe()} (or a list of them), not {shown(v)} in the list"
+        return None
+    return None if rule.accepts(value) else f"must be {rule.describe()}, not {shown(value)}"
+
 
 @dataclass
 class TensorContext:
@@ -54,9 +160,16 @@ class MergeMethod:
     needs_base: ClassVar[bool] = True
     on_deltas: ClassVar[bool] = True
     base_is_input: ClassVar[bool] = False  # mergekit's linear: the base is one of the averaged
+    #: rules for parameters this method reads differently from :data:`PARAM_RULES`
+    param_rules: ClassVar[dict[str, Rule]] = {}
 
     def __init__(self, params: dict[str, Any]):
         self.params = {**self.global_params, **params}
+
+    @classmethod
+    def rule(cls, name: str) -> Rule:
+        """The rule for one of this method's parameters."""
+        return cls.param_rules.get(name) or PARAM_RULES[name]
 
     @classmethod
     def params_from_metrics(cls, metrics: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import torch
 
 from mergehub.merge.methods.base import MergeMethod, TensorContext, register
 from mergehub.merge.methods.sparsify import (
-    ChunkStream, KeptTally, apply_mask, band_kept, band_mask, check_ties, combine, l1_scales,
+    ChunkStream, KeptTally, apply_mask, band_kept, band_mask, combine, l1_scales,
     outlier_bands, planned)
 
 
@@ -28,9 +28,6 @@ class _Breadcrumbs(MergeMethod):
     def __init__(self, params: dict[str, Any]):
         super().__init__(params)
         self.tally = KeptTally()
-
-    def validate(self, model_params: list[dict[str, Any]], labels: list[str]) -> None:
-        check_ties(self.params["ties"])
 
     def tensor_stats(self, chunks: ChunkStream, model_params: list[dict[str, Any]],
                      ctx: TensorContext) -> None:

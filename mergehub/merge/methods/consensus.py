@@ -51,11 +51,21 @@ def _consensus_args(params: dict[str, Any], model_params: list[dict[str, Any]]) 
             "k": int(params["k"])}
 
 
+def _check_k(params: dict[str, Any], labels: list[str]) -> None:
+    """k > T would keep no entry: the merge would silently be the base."""
+    if params["k"] > len(labels):
+        raise ValueError(f"k must be at most the number of inputs ({len(labels)}), not "
+                         f"{params['k']}: no entry can be used by more tasks than there are")
+
+
 @register
 class ConsensusTaskArithmetic(MergeMethod):
     name = "consensus_task_arithmetic"
     model_params = {"weight": 1.0, "tall_lambda": 0.4}
     global_params = {"lambda": 1.0, "k": 2, "normalize": False}
+
+    def validate(self, model_params: list[dict[str, Any]], labels: list[str]) -> None:
+        _check_k(self.params, labels)
 
     def fused(self, base: torch.Tensor, thetas: list[torch.Tensor],
               model_params: list[dict[str, Any]], ctx: TensorContext) -> dict[str, Any]:
@@ -74,6 +84,10 @@ class ConsensusTies(Ties):
     name = "consensus_ties"
     model_params = {**Ties.model_params, "density": 0.2, "tall_lambda": 0.4}
     global_params = {**Ties.global_params, "normalize": False, "trim_scope": "global", "k": 2}
+
+    def validate(self, model_params: list[dict[str, Any]], labels: list[str]) -> None:
+        super().validate(model_params, labels)
+        _check_k(self.params, labels)
 
     def fused(self, base: torch.Tensor, thetas: list[torch.Tensor],
               model_params: list[dict[str, Any]], ctx: TensorContext) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from mergehub.merge.methods.base import MergeMethod, TensorContext, register
+from mergehub.merge.methods.base import MergeMethod, Rule, TensorContext, register
 from mergehub.merge.methods.sparsify import (
     ChunkStream, KeptTally, apply_mask, bernoulli_mask, combine, l1_scales, planned)
 
@@ -22,15 +22,12 @@ from mergehub.merge.methods.sparsify import (
 class _Dare(MergeMethod):
     model_params = {"weight": 1.0, "density": 1.0}
     global_params = {"lambda": 1.0, "normalize": False, "rescale": True, "int8_mask": False}
+    param_rules = {"rescale": Rule("choice", choices=(True, False, "l1"))}
     elect: str | None = None
 
     def __init__(self, params: dict[str, Any]):
         super().__init__(params)
         self.tally = KeptTally()
-
-    def validate(self, model_params: list[dict[str, Any]], labels: list[str]) -> None:
-        if self.params["rescale"] not in (True, False, "l1"):
-            raise ValueError(f"rescale must be true, false or l1, not {self.params['rescale']!r}")
 
     @staticmethod
     def _mask(x: torch.Tensor, density: float, ctx: TensorContext, t: int,

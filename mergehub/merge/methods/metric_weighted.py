@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from mergehub.errors import shown
 from mergehub.merge.methods.base import MergeMethod, TensorContext, register
 
 
@@ -47,15 +48,11 @@ class MetricWeighted(MergeMethod):
 
     def validate(self, model_params: list[dict[str, Any]], labels: list[str]) -> None:
         metric, penalty = self.params["metric"], self.params["penalty"]
-        if metric not in ("loss", "step"):
-            raise ValueError(f"metric must be 'loss' or 'step', not {metric!r}")
-        if not isinstance(penalty, (int, float)) or penalty < 0:
-            raise ValueError(f"penalty must be a number >= 0, not {penalty!r}")
         for params, label in zip(model_params, labels):
-            value = params.get(metric)
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"input {label!r} has no positive {metric} (got {value!r}): set "
-                                 f"parameters: {{{metric}: ...}} or keep metrics beside it")
+            value = params.get(metric)  # from the recipe (checked by the rules) or its metrics
+            if not self.rule(metric).accepts(value):
+                raise ValueError(f"input {label!r} has no positive {metric} (got {shown(value)}):"
+                                 f" set parameters: {{{metric}: ...}} or keep metrics beside it")
         self.weights = mwa_weights([p[metric] for p in model_params], metric, float(penalty))
 
     def merge(self, base: torch.Tensor | None, xs: list[torch.Tensor],

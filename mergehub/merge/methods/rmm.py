@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from mergehub.merge.methods.base import MergeMethod, TensorContext, register
+from mergehub.merge.methods.base import MergeMethod, Rule, TensorContext, register
 
 BASES = ("factors", "dense")
 
@@ -48,15 +48,13 @@ class ReversibleMerge(MergeMethod):
     name = "rmm"
     model_params: dict[str, Any] = {}
     global_params = {"m": 1, "basis": "factors"}
+    param_rules = {"basis": Rule("choice", choices=BASES)}
 
     def validate(self, model_params: list[dict[str, Any]], labels: list[str]) -> None:
         m = self.params["m"]
-        if not isinstance(m, int) or not 1 <= m <= len(labels):
+        if m > len(labels):
             raise ValueError(f"m must be an integer from 1 to the number of inputs "
                              f"({len(labels)}), not {m!r}")
-        if self.params["basis"] not in BASES:
-            raise ValueError(f"basis must be {' or '.join(map(repr, BASES))}, "
-                             f"not {self.params['basis']!r}")
 
     def merge(self, base: torch.Tensor | None, xs: list[torch.Tensor],
               model_params: list[dict[str, Any]], ctx: TensorContext) -> torch.Tensor:

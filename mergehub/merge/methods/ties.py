@@ -26,7 +26,7 @@ import torch
 
 from mergehub.merge.methods.base import MergeMethod, TensorContext, register
 from mergehub.merge.methods.sparsify import (
-    NOTHING, ChunkStream, Cut, KeptTally, Order, apply_mask, check_ties, combine, cut_at,
+    NOTHING, ChunkStream, Cut, KeptTally, Order, apply_mask, combine, cut_at,
     cut_mask, kth_rank, l1_scales, located, magnitude_cuts, planned, trim_count)
 
 _BINS = 1 << 16  # a non-negative float32's bits, high half then low half (its sign is 0)
@@ -160,16 +160,7 @@ class Ties(MergeMethod):
         self._global: GlobalCuts | None = None
 
     def validate(self, model_params: list[dict[str, Any]], labels: list[str]) -> None:
-        if self.params["trim_scope"] not in ("tensor", "global"):
-            raise ValueError(f"trim_scope must be 'tensor' or 'global', not {self.params['trim_scope']!r}")
-        if self.params["sign_method"] not in ("sum", "count"):
-            raise ValueError(f"sign_method must be 'sum' or 'count', not {self.params['sign_method']!r}")
-        check_ties(self.params["ties"])
-        tolerance = self.params["density_tolerance"]
-        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) \
-                or not 0 <= tolerance < 0.5:
-            raise ValueError(f"density_tolerance must be a number in [0, 0.5), not {tolerance!r}")
-        if tolerance and self.params["trim_scope"] == "global":
+        if self.params["density_tolerance"] and self.params["trim_scope"] == "global":
             raise ValueError("density_tolerance applies to trim_scope: tensor (global thresholds "
                              "are always exact)")
         if self.params["trim_scope"] == "global":
