@@ -35,7 +35,9 @@ What it builds (CPU only, no downloads, everything under a temp dir deleted at t
 * **Store.** ``Store.add`` the base, the full fine-tunes, the adapters and the merged LoRAs
   (all with ``base="base"``), then ``Store.compress`` each full fine-tune and each merged LoRA
   with compeft (density 0.05 and 0.1, alpha in 0.5/1/2/4/8: the row ``a*`` is the alpha with
-  the best validation exact match per task), bit1 (row) and lowrank (rank 8, 16);
+  the best validation exact match per task), bit1 (the default, BitDelta's: one scale per
+  matrix on the attention and MLP projections, the other tensors lossless; and ``granularity:
+  row, scope: all``: a scale per row, every changed tensor) and lowrank (rank 8, 16);
   ``Store.export`` every compressed entry and evaluate the exported dir. Reference rows
   ``ref: top-k`` (not a codec, not stored): the top 5/10/30% of |τ| per tensor at their exact
   values, to tell sparsification apart from ComPEFT's ternary quantization.
@@ -268,7 +270,8 @@ def variants(smoke: bool) -> list[tuple[str, str, dict]]:
     for d in (0.05, 0.1):
         for a in ((1.0, 4.0) if smoke else (0.5, 1.0, 2.0, 4.0, 8.0)):
             out.append((f"compeft d={d} a={a:g}", "compeft", {"density": d, "alpha": a}))
-    out.append(("bit1 row", "bit1", {"granularity": "row"}))
+    out.append(("bit1 (BitDelta)", "bit1", {}))  # a scale per matrix, projections only
+    out.append(("bit1 row, all", "bit1", {"granularity": "row", "scope": "all"}))
     out += [(f"lowrank r={r}", "lowrank", {"rank": r}) for r in (8, 16)]
     return out
 
@@ -278,7 +281,7 @@ def compress_and_eval(store: Store, ev: Evaluator, work: Path, name: str, task: 
                       smoke: bool) -> dict[str, dict]:
     rows = {}
     for label, codec, params in variants(smoke):
-        as_name = f"{name}.{codec}." + ".".join(f"{k}{v}" for k, v in params.items())
+        as_name = f"{name}.{codec}." + (".".join(f"{k}{v}" for k, v in params.items()) or "default")
         t0 = time.perf_counter()
         info = store.compress(name, codec, params, as_name=as_name, progress=False)
         t_compress = time.perf_counter() - t0
@@ -357,6 +360,7 @@ def throughput(size: int, rel: float, reps: int) -> list[tuple[str, float, float
                     f"size {len(blob) / len(ft_raw):.3f} of raw"))
     for codec, params, r in (("compeft", {"density": 0.1, "alpha": 1.0}, reps),
                              ("compeft", {"density": 0.05, "alpha": 1.0}, reps),
+                             ("bit1", {"granularity": "matrix"}, reps),
                              ("bit1", {"granularity": "row"}, reps),
                              ("lowrank", {"rank": 16, "energy": 1.0}, 1)):
         log(f"throughput {codec} {params}")
