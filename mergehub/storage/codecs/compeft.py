@@ -19,26 +19,22 @@ import torch
 import zstandard
 
 from mergehub.kernels import TernaryDelta, apply_deltas
-from mergehub.merge.methods.sparsify import kth_rank
+from mergehub.merge.methods.sparsify import cut_mask, magnitude_cuts
 from mergehub.storage.codec import inflate
 from mergehub.storage.codecs import LossyCodec, register
 
 
 def _positions(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Sorted flat positions of the non-zero entries among the top k of |τ| (sign(0) = 0 makes
-    a kept zero decode to 0, so it is left out rather than stored with a sign bit)."""
-    n = tau.numel()
+    """Sorted flat positions of the non-zero entries among the top k of |τ|, ranked as every
+    trim ranks them (:func:`~mergehub.merge.methods.sparsify.magnitude_cuts`: exactly k, ties
+    by position). sign(0) = 0 makes a kept zero decode to 0, so it is left out rather than
+    stored with a sign bit."""
     if not 0 < density <= 1:
         raise ValueError(f"compeft density must be in (0, 1], not {density!r}")
-    k = kth_rank(density, n) or n  # density 1 keeps all n
-    if k == 0:
-        return torch.zeros(0, dtype=torch.int64)
-    mag = tau.abs().reshape(-1)
-    threshold = torch.kthvalue(mag, n - k + 1).values
-    above = torch.nonzero(mag > threshold).reshape(-1)
-    tied = torch.nonzero(mag == threshold).reshape(-1)[:k - above.numel()]
-    pos = torch.sort(torch.cat([above, tied])).values
-    return pos[mag[pos] != 0]
+    flat = tau.reshape(-1)
+    cut = magnitude_cuts(lambda which=None: iter([(None, [flat])]), flat.numel(), [density])[0]
+    kept = cut_mask(flat, cut)  # None: density 1 keeps every entry
+    return torch.nonzero((flat != 0) if kept is None else kept & (flat != 0)).reshape(-1)
 
 
 def encode(theta: torch.Tensor, base: torch.Tensor,
