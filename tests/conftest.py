@@ -1,9 +1,15 @@
-"""Shared fixtures: real tiny checkpoints written by transformers / peft, and a fresh store."""
+"""Shared fixtures: real tiny checkpoints written by transformers / peft, a fresh store, and
+the test Hub servers (olah for reads, ``tests/hub_server.py`` for writes)."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +17,7 @@ import transformers
 
 from mergehub.hub.demo import make_finetune, make_lora, make_tiny_llama
 from mergehub.storage.store import Store
+from tests.hub_server import READ_TOKEN, WRITE_TOKEN, StandInHub, new_repo_id
 
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
@@ -51,3 +58,82 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def store(tmp_path: Path) -> Store:
     with Store.init(tmp_path / "store") as s:
         yield s
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def hub_servers(tmp_path_factory: pytest.TempPathFactory):
+    """olah on 127.0.0.1 serving MIRRORS/models/<org>/<repo> git repos, and the stand-in write
+    API in front of it; yields the stand-in (``.url`` is the HF_ENDPOINT to use)."""
+    root = tmp_path_factory.mktemp("hub")
+    mirrors = root / "mirrors"
+    (mirrors / "models").mkdir(parents=True)
+    port = _free_port()
+    config = root / "olah.toml"
+    config.write_text(f'[basic]\nhost = "127.0.0.1"\nport = {port}\n'
+                      f'mirrors-path = ["{mirrors}"]\nrepos-path = "{root / "repos"}"\n'
+                      'metadata-cache-ttl = 0\n[accessibility]\noffline = true\n')
+    log = open(root / "olah.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-c", "from olah.server import cli; cli()", "-c",
+                             str(config), "--log-path", str(root / "logs")], cwd=root,
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"olah did not start: {(root / 'olah.log').read_text()}")
+            time.sleep(0.2)
+    hub = StandInHub(mirrors, f"http://127.0.0.1:{port}", {WRITE_TOKEN: "write",
+                                                            READ_TOKEN: "read"})
+    yield hub
+    hub.close()
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture
+def hf(hub_servers: StandInHub, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """HF_ENDPOINT at the stand-in, HF_TOKEN a write token, a fresh HF cache, no saved login.
+
+    ``huggingface_hub`` reads some settings once at import, so its constants are patched too.
+    """
+    from huggingface_hub import constants, hf_api
+
+    url = hub_servers.url
+    for key, value in {"HF_ENDPOINT": url, "HF_TOKEN": WRITE_TOKEN,
+                       "HF_HUB_CACHE": str(tmp_path / "hf-cache"), "HF_HUB_DISABLE_XET": "1",
+                       "HF_TOKEN_PATH": str(tmp_path / "no-token")}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(hf_api.api, "endpoint", url)  # behind the module-level helpers
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
+    hub_servers.fail.clear()
+    return SimpleNamespace(hub=hub_servers, url=url, monkeypatch=monkeypatch)
+
+
+@pytest.fixture
+def pushed_base(hf, models, tmp_path):
+    """Store A with the bf16 base, pushed to the Hub; returns (store A, base repo id)."""
+    from mergehub.hub.remote import push
+
+    a = Store.init(tmp_path / "a")
+    a.add(models["base-bf16"], "base", progress=False)
+    repo = new_repo_id("base")
+    push(a, "base", repo, progress=False)
+    yield a, repo
+    a.close()

@@ -51,6 +51,16 @@ LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", 
                 ".onnx", ".zst")
 GITATTRIBUTES = b"".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n".encode()
                          for s in LFS_SUFFIXES)
+#: the tokens the test servers accept: one with write access, one read-only
+WRITE_TOKEN = "hf_writeTOKENsecret" + uuid.uuid4().hex
+READ_TOKEN = "hf_readonlyTOKENsecret" + uuid.uuid4().hex
+
+
+def new_repo_id(tag: str) -> str:
+    """A repo id no other test uses: ``org/<tag>-<random>``."""
+    return f"org/{tag}-{uuid.uuid4().hex[:8]}"
+
+
 _GIT_ENV = {"GIT_AUTHOR_NAME": "stand-in hub", "GIT_AUTHOR_EMAIL": "hub@localhost",
             "GIT_COMMITTER_NAME": "stand-in hub", "GIT_COMMITTER_EMAIL": "hub@localhost"}
 

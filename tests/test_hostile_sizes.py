@@ -35,7 +35,7 @@ from mergehub.storage.safetensors_format import TensorSpec
 from mergehub.storage.store import Store
 from mergehub.storage.writer import write_model_dir
 from tests.test_codec import encode_v1
-from tests.test_hf_hub import _repo, hf, hub_servers  # noqa: F401  (fixtures)
+from tests.hub_server import new_repo_id as _repo
 
 GIB = 1 << 30
 MIB = 1 << 20
