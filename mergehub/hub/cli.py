@@ -140,8 +140,8 @@ def ls_(ctx: click.Context, as_json: bool) -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     if models:
         logical = sum(m.logical_bytes for m in models)
-        click.echo(f"total: {human_bytes(logical)} logical in {human_bytes(disk)} of blobs "
-                   f"({1 - disk / logical:.1%} saved)")
+        saved = f" ({1 - disk / logical:.1%} saved)" if logical else ""
+        click.echo(f"total: {human_bytes(logical)} logical in {human_bytes(disk)} of blobs{saved}")
 
 
 @cli.command()

@@ -47,7 +47,8 @@ from mergehub.safejson import parse_json, read_json
 from mergehub.storage.checkpoint import ADAPTER_CONFIG, PICKLE_SUFFIXES, open_checkpoint
 from mergehub.storage.codec import sha256
 from mergehub.storage.parallel import ordered_map
-from mergehub.storage.store import ModelInfo, Store
+from mergehub.storage.paths import inside, safe_relpath, shown
+from mergehub.storage.store import ModelInfo, Store, check_manifest
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -397,6 +398,7 @@ def push(store: Store, name: str, repo_id: str, *, revision: str | None = None,
     base_model = base_model or _hub_repo_of(store, info)
     if manifest["base"] is not None and base_model:
         manifest["base"]["hub"] = {**(manifest["base"]["hub"] or {}), "repo_id": base_model}
+    check_manifest(manifest, f"push {name!r}: the entry's manifest")
     api = _api(endpoint, token)
     branch = revision or "main"
     folder = (subfolder or "").strip("/")
@@ -454,6 +456,7 @@ def _download(api: "HfApi", repo_id: str, commit: str, remote: dict[str, Any],
         are_progress_bars_disabled, disable_progress_bars, enable_progress_bars)
 
     for path in paths:
+        inside(into, path, f"{repo_id}@{commit[:12]}: a file to download")
         if path not in remote:
             raise RemoteError(f"{repo_id}@{commit[:12]}: {path} is missing from the repo "
                               "(listed in the manifest)")
@@ -535,6 +538,32 @@ def _check_free(store: Store, name: str) -> None:
                          "(pass --name, or `hub rm` it first)")
 
 
+def _read_manifest(path: Path, what: str) -> dict[str, Any]:
+    """The pulled manifest at ``path``, checked (:func:`~mergehub.storage.store.check_manifest`
+    and the push fields ``forms`` and ``shadowed``) before anything uses it: a malformed one
+    is one :class:`IntegrityError` ``"{what}: FIELD: problem"`` (``what`` names the repo)."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise IntegrityError(f"{what}: not valid JSON ({shown(str(e), 200)})") from None
+    check_manifest(manifest, what)
+    forms = manifest.setdefault("forms", [])
+    if not isinstance(forms, list) or any(f not in FORMS for f in forms):
+        raise IntegrityError(f"{what}: forms: {shown(forms)} is not a list of "
+                             f"{', '.join(FORMS)}")
+    shadowed = manifest.setdefault("shadowed", {})
+    if not isinstance(shadowed, dict):
+        raise IntegrityError(f"{what}: shadowed: not a JSON object")
+    files = {f[0] for f in manifest["files"]}
+    for file, source in shadowed.items():
+        safe_relpath(file, f"{what}: shadowed")
+        safe_relpath(source, f"{what}: shadowed[{shown(file)}]")
+        if file not in files:
+            raise IntegrityError(f"{what}: shadowed: {shown(file)} is not a file of the "
+                                 "manifest")
+    return manifest
+
+
 def _check_dense(model_dir: Path, manifest: dict[str, Any], repo_id: str) -> None:
     """Check the downloaded files against the manifest: every tensor's bytes and every side
     file's content hash to what the pushing store recorded."""
@@ -602,28 +631,28 @@ def pull(store: Store, repo_id: str, *, revision: str | None = None, name: str |
         model_dir = staging / folder
         if prefix + MANIFEST in remote:
             get([prefix + MANIFEST])
-            try:
-                manifest = json.loads((staging / prefix / MANIFEST).read_text())
-                if manifest.get("mergehub_manifest") != 1:
-                    raise ValueError("unknown manifest version")
-            except (ValueError, UnicodeDecodeError) as e:
-                raise IntegrityError(f"{repo_id}: {prefix + MANIFEST} is not a mergehub manifest "
-                                     f"({e})") from None
+            manifest = _read_manifest(staging / prefix / MANIFEST, f"{repo_id}: {prefix}{MANIFEST}")
             name = name or manifest["name"]
             _check_free(store, name)
             base_name = _find_base(store, manifest["base"], base)
-            if "mergehub" in manifest.get("forms", []):
+            if "mergehub" in manifest["forms"]:
                 if manifest["base"] is not None and base_name is None:
                     raise _missing_base(repo_id, manifest, store)
-                get([f"{prefix}{BLOBS}/{b}" for b in manifest["blobs"]])
+                blobs = {f"{prefix}{BLOBS}/{b}": meta for b, meta in manifest["blobs"].items()}
+                for path, meta in blobs.items():  # before downloading: a blob cannot be larger
+                    if path in remote and remote[path].size != meta["size"]:
+                        raise IntegrityError(f"{repo_id}: {path}: is {remote[path].size} bytes "
+                                             f"on the server, the manifest says {meta['size']}")
+                get(list(blobs))
                 info = store.import_entry(manifest, staging / prefix / BLOBS, name, base=base_name,
                                           provenance=origin, progress=progress)
                 form = "mergehub"
             else:
-                shadowed = manifest.get("shadowed", {})
+                shadowed = manifest["shadowed"]
                 get([prefix + shadowed.get(p, p) for p, _, _ in manifest["files"]])
                 for path, source in shadowed.items():
-                    shutil.copyfile(staging / prefix / source, model_dir / path)
+                    shutil.copyfile(inside(staging, prefix + source, repo_id),
+                                    inside(model_dir, path, repo_id))
                 _check_dense(model_dir, manifest, repo_id)
                 info = store.add(model_dir, name, base=base_name, kind=manifest["kind"],
                                  metrics=manifest["metrics"],

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mergehub.errors import InputError
+from mergehub.storage.paths import check_output_dir
 
 
 def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
@@ -84,15 +85,20 @@ def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[P
     """Yield a temp dir to fill; on success it replaces ``target`` in one rename.
 
     ``target`` must not exist, be an empty directory, or ``overwrite`` must be set (the old
-    directory is then moved aside and deleted only after the new one is in place). On any
-    exception the temp dir is removed and ``target`` is untouched.
+    directory is then moved aside and deleted only after the new one is in place). It must
+    not be, lie in, or (when replaced) contain a mergehub store (see
+    :func:`~mergehub.storage.paths.check_output_dir`). On any exception the temp dir is removed
+    and ``target`` is untouched.
     """
     target = Path(target).absolute()
+    replacing = False
     if target.exists():
         if not target.is_dir():
             raise InputError(f"{target}: exists and is not a directory")
-        if any(target.iterdir()) and not overwrite:
-            raise InputError(f"{target}: exists and is not empty (pass --overwrite to replace it)")
+        replacing = any(target.iterdir())
+    check_output_dir(target, replacing and overwrite)
+    if replacing and not overwrite:
+        raise InputError(f"{target}: exists and is not empty (pass --overwrite to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:12]
     tmp = target.with_name(f".{target.name}.tmp-{tag}")

@@ -8,7 +8,9 @@
 * a single ``.safetensors`` file.
 
 Only headers are read on open; :meth:`Checkpoint.load` memory-maps one tensor at a time through
-``safetensors``. Pickle checkpoints are refused: unpickling runs arbitrary code.
+``safetensors``. Pickle checkpoints are refused: unpickling runs arbitrary code. So are files of
+a model dir that are symlinks leading out of it (they would be stored and pushed as the model's
+own; :func:`~mergehub.storage.paths.check_links`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from mergehub.errors import InputError, shown
 from mergehub.safejson import read_json
 from mergehub.storage import safetensors_format
+from mergehub.storage.paths import check_links
 from mergehub.storage.safetensors_format import (
     SafetensorsHeader, TensorSpec, read_header, read_range)
 
@@ -167,6 +170,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if not path.is_dir():
         raise InputError(f"{path}: not a regular file or directory")
     files = sorted(p.name for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    check_links(path, files)
     if ADAPTER_CONFIG in files:
         return _open_peft(path, files)
     indexes = [f for f in files if f.endswith(".safetensors.index.json")]

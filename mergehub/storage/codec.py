@@ -469,18 +469,20 @@ def encode_lossless(raw: Buffer, dtype: str, raw_sha256: str,
     return pack_blob(header, b"".join(chunks))
 
 
-def _decode_v2(header: BlobHeader, payload: Payload, refs: Iterator[memoryview] | None,
-               transform: str, w: int, chunk: int) -> Iterator[memoryview]:
+def _v2_layout(header: BlobHeader, payload: Payload, transform: str, w: int,
+               chunk: int) -> Iterator[tuple[int, int, tuple[int, ...]]]:
+    """The chunks of a version-2 payload, read from their frame tables and checked without
+    decompressing anything: per chunk its decoded size, where its bytes (or frames) start and
+    its zstd frames' sizes (none: stored as is). Every chunk has the transform's plane count of
+    frames, each within zstd's bound for its plane, and the chunks end where the payload does."""
     planes = _plane_count(transform, w, header.dtype)
     pos = 0
     for start in range(0, header.nbytes, chunk):
         size = min(chunk, header.nbytes - start)
-        n = size // w
-        ref = next(refs) if refs is not None else None
         (k,) = struct.unpack("<I", payload.read(pos, 4))
         pos += 4
         if k == 0:
-            yield payload.read(pos, size)
+            yield size, pos, ()
             pos += size
             continue
         if transform == "none" or k != planes:
@@ -488,15 +490,29 @@ def _decode_v2(header: BlobHeader, payload: Payload, refs: Iterator[memoryview] 
                                   f"{transform} has {planes if transform != 'none' else 0}")
         sizes = struct.unpack(f"<{k}Q", payload.read(pos, 8 * k))
         pos += 8 * k
+        for frame_size in sizes:
+            if frame_size > zstd_bound(size // w):
+                raise BlobFormatError(f"a {frame_size}-byte zstd frame for a {size // w}-byte "
+                                      "plane")
+        yield size, pos, sizes
+        pos += sum(sizes)
+    if pos != len(payload):
+        raise BlobFormatError(f"{len(payload) - pos} bytes after the last chunk")
+
+
+def _decode_v2(header: BlobHeader, payload: Payload, refs: Iterator[memoryview] | None,
+               transform: str, w: int, chunk: int) -> Iterator[memoryview]:
+    for size, pos, sizes in _v2_layout(header, payload, transform, w, chunk):
+        ref = next(refs) if refs is not None else None
+        if not sizes:
+            yield payload.read(pos, size)
+            continue
+        n = size // w
         body = bytearray()
         for frame_size in sizes:
-            if frame_size > zstd_bound(n):
-                raise BlobFormatError(f"a {frame_size}-byte zstd frame for a {n}-byte plane")
             body += inflate(payload.read(pos, frame_size), n)
             pos += frame_size
         yield _join(transform, body, w, n, header.dtype, ref)
-    if pos != len(payload):
-        raise BlobFormatError(f"{len(payload) - pos} bytes after the last chunk")
     _finish(refs)
 
 
@@ -510,6 +526,22 @@ def _read_exactly(reader: Any, size: int) -> bytearray:
     return out
 
 
+def _v1_layout(header: BlobHeader, payload: Payload, transform: str,
+               w: int) -> tuple[int, tuple[int, ...]]:
+    """Where the zstd frames of a version-1 payload (not ``none``) start and their sizes, read
+    from its frame table: the transform's plane count of frames, ending where the payload
+    does."""
+    planes = _plane_count(transform, w, header.dtype)
+    (count,) = struct.unpack("<I", payload.read(0, 4))
+    if count != planes:
+        raise BlobFormatError(f"{count} zstd frames; transform {transform} has {planes}")
+    sizes = struct.unpack(f"<{count}Q", payload.read(4, 8 * count))
+    pos = 4 + 8 * count
+    if pos + sum(sizes) != len(payload):
+        raise BlobFormatError("plane sizes do not add up")
+    return pos, sizes
+
+
 def _decode_v1(header: BlobHeader, payload: Payload, refs: Iterator[memoryview] | None,
                transform: str, w: int, chunk: int) -> Iterator[memoryview]:
     nbytes = header.nbytes
@@ -520,14 +552,7 @@ def _decode_v1(header: BlobHeader, payload: Payload, refs: Iterator[memoryview] 
             yield payload.read(start, min(chunk, nbytes - start))
         return
     n = nbytes // w
-    planes = _plane_count(transform, w, header.dtype)
-    (count,) = struct.unpack("<I", payload.read(0, 4))
-    if count != planes:
-        raise BlobFormatError(f"{count} zstd frames; transform {transform} has {planes}")
-    sizes = struct.unpack(f"<{count}Q", payload.read(4, 8 * count))
-    pos = 4 + 8 * count
-    if pos + sum(sizes) != len(payload):
-        raise BlobFormatError("plane sizes do not add up")
+    pos, sizes = _v1_layout(header, payload, transform, w)
     readers = []
     for frame_size in sizes:
         declared = zstandard.frame_content_size(payload.read(pos, min(frame_size, 18)))
@@ -545,6 +570,24 @@ def _decode_v1(header: BlobHeader, payload: Payload, refs: Iterator[memoryview] 
     if any(r.read(1) for r in readers):
         raise BlobFormatError("a zstd frame holds more than its plane")
     _finish(refs)
+
+
+def check_lossless_layout(header: BlobHeader, payload: Buffer | Payload) -> None:
+    """Check a ``lossless`` blob's payload against its header without decompressing anything
+    (what an import does before it stores a shipped blob): the transform fits the dtype and
+    size, every chunk (version 2) or the blob (version 1) has as many zstd frames as the
+    transform has planes, and the frame sizes end where the payload does; a version-1 blob
+    stored as is must be its decoded size. Raises :class:`BlobFormatError`."""
+    if not isinstance(payload, Payload):
+        payload = Payload(payload)
+    transform, w, chunk = _lossless_params(header)
+    if header.version == 2:
+        for _ in _v2_layout(header, payload, transform, w, chunk):
+            pass
+    elif transform != "none":
+        _v1_layout(header, payload, transform, w)
+    elif len(payload) != header.nbytes:
+        raise BlobFormatError(f"{len(payload)} bytes stored for {header.nbytes}")
 
 
 def decode_lossless_chunks(header: BlobHeader, payload: Payload,

@@ -56,10 +56,11 @@ from mergehub.storage.atomic import (
 from mergehub.storage.checkpoint import Checkpoint, open_checkpoint, peft_target_weight
 from mergehub.storage import codec as _codec
 from mergehub.storage.codec import (
-    BlobFormatError, BlobHeader, Buffer, Payload, blob_needs, decode_blob,
-    decode_lossless_chunks, encode_lossless, encode_lossless_payload, encode_lossy,
+    BlobFormatError, BlobHeader, Buffer, Payload, blob_needs, check_lossless_layout,
+    decode_blob, decode_lossless_chunks, encode_lossless, encode_lossless_payload, encode_lossy,
     lossless_header, lossy_shape, pack_blob, read_header, sha256, unpack_blob)
 from mergehub.storage.parallel import ordered_map
+from mergehub.storage.paths import MARKER, TRANSFERS, inside, safe_relpath, shown
 from mergehub.storage import safetensors_format
 from mergehub.storage.safetensors_format import DTYPE_WIDTH, FLOAT_DTYPES, TensorSpec, read_range
 from mergehub.storage.writer import MODEL_SIDE_FILES, WRITEBACK_BYTES, write_model_dir
@@ -67,7 +68,6 @@ from mergehub.storage.writer import MODEL_SIDE_FILES, WRITEBACK_BYTES, write_mod
 if TYPE_CHECKING:
     import torch
 
-MARKER = "mergehub-store.json"
 LAYOUT_VERSION = 1
 KINDS = ("base", "finetune", "adapter", "merged")
 #: a fine-tune's lossless delta references its base tensor's blob while that is fewer deltas
@@ -217,8 +217,6 @@ def names_entry(ref: str, store: Store | None) -> bool:
     return store is not None and not ref.startswith((".", "/", "~")) and ref in store
 
 
-#: work folders of transfers (``Store.transfer``), under the store root
-TRANSFERS = "transfers"
 
 
 def _remove_unless_held(path: Path) -> bool:
@@ -1097,11 +1095,9 @@ class Store:
         blob_dir = Path(blob_dir)
         if not _NAME.match(name):
             raise StoreError(f"invalid model name {name!r}")
-        kind, fmt = manifest.get("kind"), manifest.get("format")
-        if kind not in KINDS or fmt not in ("hf", "peft", "safetensors"):
-            raise IntegrityError(f"manifest of {manifest.get('name')!r}: kind {kind!r} / "
-                                 f"format {fmt!r} not understood")
-        want = manifest.get("base")
+        manifest = check_manifest(manifest, f"manifest of entry {name!r}")
+        kind, fmt = manifest["kind"], manifest["format"]
+        want = manifest["base"]
         base_id = None
         mapping: dict[str, str] = {}
         if want is not None:
@@ -1120,12 +1116,12 @@ class Store:
                     "WHERE t.model_id = ?", (base_id,)):
                 if raw not in local or ref is None:  # prefer a self-contained blob
                     local[raw] = blob_id
-            for blob_id, raw in manifest.get("external", {}).items():
+            for blob_id, raw in manifest["external"].items():
                 if raw not in local:
                     raise BaseMismatchError(f"{manifest['name']!r} references a tensor of base "
                                             f"{want['name']!r} that {base!r} lacks")
                 mapping[blob_id] = local[raw]
-        shipped: dict[str, dict[str, Any]] = manifest.get("blobs", {})
+        shipped: dict[str, dict[str, Any]] = manifest["blobs"]
         known = set(shipped) | set(mapping)
         for row in manifest["tensors"]:
             if row[5] not in known:
@@ -1149,7 +1145,12 @@ class Store:
             if blob_id not in shipped:
                 raise IntegrityError(f"manifest of {manifest['name']!r}: blob {blob_id[:16]} "
                                      "is referenced but neither shipped nor a base tensor")
-            try:
+            meta = shipped[blob_id]
+            try:  # its size first: a blob larger than the manifest says is not read at all
+                size = path.stat().st_size
+                if size != meta["size"]:
+                    raise IntegrityError(f"blob {blob_id[:16]}: {path} is {size} bytes, the "
+                                         f"manifest says {meta['size']}")
                 data = path.read_bytes()
             except OSError as e:
                 raise IntegrityError(f"{path}: blob of {manifest['name']!r} cannot be read: "
@@ -1159,12 +1160,16 @@ class Store:
                                      f"(corrupted blob of {manifest['name']!r})")
             try:
                 header, payload = unpack_blob(data)
+                if header.codec == "lossless":
+                    check_lossless_layout(header, payload)
             except BlobFormatError as e:
                 raise IntegrityError(f"{path}: malformed blob: {e}") from e
-            meta = shipped[blob_id]
             if (header.codec, header.ref, header.sha256) != (meta["codec"], meta["ref"],
                                                              meta["raw_sha256"]):
                 raise IntegrityError(f"{path}: blob header disagrees with the manifest")
+            if header.nbytes != meta["raw_size"]:
+                raise IntegrityError(f"blob {blob_id[:16]}: decodes to {header.nbytes} bytes, "
+                                     f"the manifest says {meta['raw_size']}")
             ref = put(header.ref) if header.ref else None
             need = {k: put(v) for k, v in (header.params.get("needs") or {}).items()}
             if ref != header.ref or need != (header.params.get("needs") or {}):
@@ -1182,7 +1187,7 @@ class Store:
             for d in dirs:
                 fsync_dir(d)
             created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            prov = {**manifest.get("provenance", {}), **(provenance or {})}
+            prov = {**manifest["provenance"], **(provenance or {})}
             with self._transaction() as db:
                 self._check_free([name])
                 db.executemany("INSERT OR IGNORE INTO blobs(id, codec, ref, raw_sha256, "
@@ -1193,7 +1198,7 @@ class Store:
                 model_id = db.execute(
                     "INSERT INTO models(name, kind, base_id, format, metrics, provenance, "
                     "created) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (name, kind, base_id, fmt, json.dumps(manifest.get("metrics", {})),
+                    (name, kind, base_id, fmt, json.dumps(manifest["metrics"]),
                      json.dumps(prov), created)).lastrowid
                 db.executemany(
                     "INSERT INTO files(model_id, path, role, blob) VALUES (?, ?, ?, ?)",
@@ -1297,7 +1302,8 @@ class Store:
 
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
             for path, role, blob in files:
-                with open(tmp / path, "wb") as f:
+                dest = inside(tmp, path, f"model {name!r}: a file path in the catalog")
+                with open(dest, "wb") as f:
                     for piece in self._iter_raw(blob, f"model {name!r}, file {path!r}"):
                         f.write(piece)
                     if role == "weights":
@@ -1473,3 +1479,138 @@ def _check_fits_base(ckpt: Checkpoint, kind: str, base: str,
         if mine != theirs:
             raise BaseMismatchError(f"{ckpt.path}: tensor {name!r} has shape {list(mine)} but "
                                     f"{list(theirs)} in base {base!r}")
+
+
+_BLOB_ID = re.compile(r"^[0-9a-f]{64}$")
+#: the fields of an entry manifest (see :meth:`Store.entry_manifest`), checked in this order
+_MANIFEST_FIELDS = ("name", "kind", "format", "metrics", "provenance", "base", "files",
+                    "tensors", "blobs", "external")
+
+
+def check_manifest(manifest: object, what: str) -> dict[str, Any]:
+    """``manifest`` if it is a well-formed entry manifest (:meth:`Store.entry_manifest`), else
+    :class:`IntegrityError` ``"{what}: FIELD: problem"`` for the first problem found.
+
+    A pulled manifest is written by whoever owns the repo: every field is checked for its
+    type before anything uses it, every file path with
+    :func:`~mergehub.storage.paths.safe_relpath`, every blob id for its form (it names a
+    file), and the sizes for agreement (a tensor's dtype and shape with the decoded size of
+    its shipped blob). An entry needs a weights file, and every tensor lies in one.
+    """
+    def fail(field: str, problem: str) -> IntegrityError:
+        return IntegrityError(f"{what}: {field}: {problem}")
+
+    def count(value: object, field: str) -> int:
+        if type(value) is not int or value < 0:
+            raise fail(field, f"{shown(value)} is not a non-negative integer")
+        return value
+
+    def blob_id(value: object, field: str) -> str:
+        if not isinstance(value, str) or not _BLOB_ID.match(value):
+            raise fail(field, f"{shown(value)} is not a blob id (64 hex digits)")
+        return value
+
+    def row(value: object, field: str, columns: str) -> list:
+        if not isinstance(value, list) or len(value) != len(columns.split(", ")):
+            raise fail(field, f"{shown(value)} is not a [{columns}] row")
+        return value
+
+    if not isinstance(manifest, dict):
+        raise IntegrityError(f"{what}: not a JSON object")
+    if manifest.get("mergehub_manifest") != 1:
+        raise fail("mergehub_manifest", f"version {shown(manifest.get('mergehub_manifest'))} "
+                                         "is not one this mergehub reads (1)")
+    for key in _MANIFEST_FIELDS:
+        if key not in manifest:
+            raise fail(key, "missing")
+    name = manifest["name"]
+    if not isinstance(name, str) or not name:
+        raise fail("name", f"{shown(name)} is not a model name")
+    if manifest["kind"] not in KINDS:
+        raise fail("kind", f"{shown(manifest['kind'])} is not one of {', '.join(KINDS)}")
+    if manifest["format"] not in ("hf", "peft", "safetensors"):
+        raise fail("format", f"{shown(manifest['format'])} is not one of hf, peft, safetensors")
+    for key in ("metrics", "provenance", "blobs", "external"):
+        if not isinstance(manifest[key], dict):
+            raise fail(key, "not a JSON object")
+    base = manifest["base"]
+    if base is not None:
+        if not isinstance(base, dict):
+            raise fail("base", "neither null nor a JSON object")
+        for key in ("name", "fingerprint", "tensors"):
+            if key not in base:
+                raise fail(f"base.{key}", "missing")
+        if not isinstance(base["name"], str):
+            raise fail("base.name", f"{shown(base['name'])} is not a model name")
+        blob_id(base["fingerprint"], "base.fingerprint")
+        count(base["tensors"], "base.tensors")
+        if not isinstance(base.get("hub") or {}, dict):
+            raise fail("base.hub", "not a JSON object")
+    blobs = manifest["blobs"]
+    for key, meta in blobs.items():
+        blob_id(key, "blobs")
+        field = f"blobs[{key[:16]}]"
+        if not isinstance(meta, dict):
+            raise fail(field, "not a JSON object")
+        for sub in ("codec", "ref", "raw_sha256", "raw_size", "size", "needs"):
+            if sub not in meta:
+                raise fail(f"{field}.{sub}", "missing")
+        if not isinstance(meta["codec"], str):
+            raise fail(f"{field}.codec", f"{shown(meta['codec'])} is not a codec name")
+        if meta["ref"] is not None:
+            blob_id(meta["ref"], f"{field}.ref")
+        blob_id(meta["raw_sha256"], f"{field}.raw_sha256")
+        count(meta["raw_size"], f"{field}.raw_size")
+        count(meta["size"], f"{field}.size")
+        if not isinstance(meta["needs"], list):
+            raise fail(f"{field}.needs", "not a list")
+        for need in meta["needs"]:
+            blob_id(need, f"{field}.needs")
+    for key, raw in manifest["external"].items():
+        blob_id(key, "external")
+        blob_id(raw, f"external[{key[:16]}]")
+    if not isinstance(manifest["files"], list):
+        raise fail("files", "not a list")
+    roles: dict[str, str] = {}
+    for i, file in enumerate(manifest["files"]):
+        path, role, blob = row(file, f"files[{i}]", "path, role, blob")
+        safe_relpath(path, f"{what}: files[{i}][0]")
+        if path in roles:
+            raise fail(f"files[{i}][0]", f"{shown(path)} is listed twice")
+        if role not in ("weights", "side"):
+            raise fail(f"files[{i}][1]", f"{shown(role)} is neither weights nor side")
+        blob_id(blob, f"files[{i}][2]")
+        roles[path] = role
+    for path in roles:  # a path cannot be both a file and a folder of another
+        parts = path.split("/")
+        for n in range(1, len(parts)):
+            if "/".join(parts[:n]) in roles:
+                raise fail("files", f"{shown(path)} lies in {shown('/'.join(parts[:n]))}, "
+                                    "which is a file")
+    if "weights" not in roles.values():
+        raise fail("files", "no weights file: an entry has at least one")
+    if not isinstance(manifest["tensors"], list):
+        raise fail("tensors", "not a list")
+    names: set[str] = set()
+    for i, tensor in enumerate(manifest["tensors"]):
+        tname, file, offset, dtype, shape, blob = row(
+            tensor, f"tensors[{i}]", "name, file, offset, dtype, shape, blob")
+        if not isinstance(tname, str) or not tname or tname in names:
+            raise fail(f"tensors[{i}][0]", f"{shown(tname)} is not a new tensor name")
+        names.add(tname)
+        if roles.get(file) != "weights":
+            raise fail(f"tensors[{i}][1]", f"{shown(file)} is not a weights file of the "
+                                           "manifest")
+        count(offset, f"tensors[{i}][2]")
+        if dtype not in safetensors_format.DTYPE_WIDTH:
+            raise fail(f"tensors[{i}][3]", f"{shown(dtype)} is not a safetensors dtype")
+        if not isinstance(shape, list) or len(shape) > 64:
+            raise fail(f"tensors[{i}][4]", f"{shown(shape)} is not a shape")
+        for size in shape:
+            count(size, f"tensors[{i}][4]")
+        blob_id(blob, f"tensors[{i}][5]")
+        nbytes = TensorSpec(tname, dtype, tuple(shape)).nbytes
+        if blob in blobs and blobs[blob]["raw_size"] != nbytes:
+            raise fail(f"tensors[{i}]", f"tensor {tname!r}: {dtype} {shape} is {nbytes} "
+                                        f"bytes, its blob decodes to {blobs[blob]['raw_size']}")
+    return manifest

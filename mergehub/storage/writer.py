@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from mergehub.errors import InputError
 from mergehub.storage.atomic import atomic_output_dir, start_writeback
+from mergehub.storage.paths import inside
 from mergehub.storage import safetensors_format
 from mergehub.storage.safetensors_format import TensorSpec, build_header
 from mergehub.units import parse_size
@@ -131,10 +132,11 @@ def write_model_dir(out: str | Path, specs: list[TensorSpec], get: TensorSource,
                      "weight_map": {s.name: n for n, shard in zip(names, shards) for s in shard}}
             (tmp / f"{weights_name}.index.json").write_text(json.dumps(index, indent=2) + "\n")
         for name, content in (side_files or {}).items():
+            dest = inside(tmp, name, f"{out}: a side file's name")
             if isinstance(content, Path):
-                shutil.copyfile(content, tmp / name)
+                shutil.copyfile(content, dest)
             else:
-                (tmp / name).write_bytes(content)
+                dest.write_bytes(content)
     return Path(out)
 
 
