@@ -42,12 +42,13 @@ from tqdm.auto import tqdm
 
 from mergehub import __version__
 from mergehub.errors import (
-    BaseMismatchError, InputError, IntegrityError, MergehubError, RemoteError, StoreError)
+    BaseMismatchError, InputError, IntegrityError, MergehubError, RemoteError, StoreError,
+    shown)
 from mergehub.safejson import parse_json, read_json
 from mergehub.storage.checkpoint import ADAPTER_CONFIG, PICKLE_SUFFIXES, open_checkpoint
 from mergehub.storage.codec import sha256
 from mergehub.storage.parallel import ordered_map
-from mergehub.storage.paths import inside, safe_relpath, shown
+from mergehub.storage.paths import inside, safe_relpath
 from mergehub.storage.store import ModelInfo, Store, check_manifest
 
 if TYPE_CHECKING:
@@ -542,10 +543,7 @@ def _read_manifest(path: Path, what: str) -> dict[str, Any]:
     """The pulled manifest at ``path``, checked (:func:`~mergehub.storage.store.check_manifest`
     and the push fields ``forms`` and ``shadowed``) before anything uses it: a malformed one
     is one :class:`IntegrityError` ``"{what}: FIELD: problem"`` (``what`` names the repo)."""
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise IntegrityError(f"{what}: not valid JSON ({shown(str(e), 200)})") from None
+    manifest = parse_json(path.read_bytes(), what)
     check_manifest(manifest, what)
     forms = manifest.setdefault("forms", [])
     if not isinstance(forms, list) or any(f not in FORMS for f in forms):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mergehub.errors import InputError, IntegrityError
+from mergehub.errors import InputError, IntegrityError, shown
 
 #: the file that marks a directory as a mergehub store
 MARKER = "mergehub-store.json"
@@ -24,12 +24,6 @@ TRANSFERS = "transfers"
 #: the store's own work folders, where its commands write temporary outputs (merges to the
 #: store, push exports, pull downloads): the only output directories allowed inside a store
 WORK_DIRS = ("tmp", TRANSFERS)
-
-
-def shown(value: object, limit: int = 80) -> str:
-    """``repr(value)``, cut to ``limit`` characters: hostile values can be huge."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def safe_relpath(path: object, what: str) -> str:

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from mergehub import __version__
-from mergehub.errors import BaseMismatchError, InputError, IntegrityError, StoreError
+from mergehub.errors import BaseMismatchError, InputError, IntegrityError, StoreError, shown
 from mergehub.storage.atomic import (
     atomic_output_dir, fsync_dir, start_writeback, write_file_atomic)
 from mergehub.storage.checkpoint import Checkpoint, open_checkpoint, peft_target_weight
@@ -60,7 +60,7 @@ from mergehub.storage.codec import (
     decode_blob, decode_lossless_chunks, encode_lossless, encode_lossless_payload, encode_lossy,
     lossless_header, lossy_shape, pack_blob, read_header, sha256, unpack_blob)
 from mergehub.storage.parallel import ordered_map
-from mergehub.storage.paths import MARKER, TRANSFERS, inside, safe_relpath, shown
+from mergehub.storage.paths import MARKER, TRANSFERS, inside, safe_relpath
 from mergehub.storage import safetensors_format
 from mergehub.storage.safetensors_format import DTYPE_WIDTH, FLOAT_DTYPES, TensorSpec, read_range
 from mergehub.storage.writer import MODEL_SIDE_FILES, WRITEBACK_BYTES, write_model_dir
