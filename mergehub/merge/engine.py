@@ -353,105 +353,141 @@ def row_ranges(spec: TensorSpec, chunk_elements: int) -> list[tuple[int, int]]:
     return [(r, min(rows, r + step)) for r in range(0, rows, step)] or [(0, 0)]
 
 
+class TensorMerger:
+    """A checked plan merged one output tensor at a time on one device: the per-tensor step
+    that :func:`execute` (``hub merge``, which writes the tensors to files) and
+    :class:`mergehub.compose.Composer` (which writes them into a live model) share, so both
+    produce the same bits.
+
+    Each tensor is merged chunk by chunk (rows, ``chunk_elements`` at a time) with the method's
+    :meth:`~MergeMethod.merge`, or, with ``fused`` (default: on CUDA), whole at once in one pass
+    by :func:`mergehub.kernels.merge_tensor` wherever the method has a fused form and every input
+    is a dense model (not a LoRA). Inputs are read through each :class:`Source` of the plan.
+    """
+
+    def __init__(self, plan: MergePlan, device: str | torch.device = "cpu", *, seed: int = 0,
+                 chunk_elements: int | None = None, fused: bool | None = None):
+        self.plan = plan
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise InputError("--device cuda: no CUDA device is available")
+        self.seed = seed
+        self.chunk = chunk_elements or CHUNK_ELEMENTS.get(self.device.type, CHUNK_ELEMENTS["cpu"])
+        method = plan.method
+        #: whole tensors through the fused kernels (the inputs' raw tensors, :meth:`raw_inputs`)
+        self.fuse = (((self.device.type == "cuda") if fused is None else fused)
+                     and plan.base is not None and method.on_deltas and method.fusable
+                     and not any(src.is_lora for src in plan.inputs))
+        #: results of the method's pre-pass (:meth:`prepass`), e.g. global TIES thresholds
+        self.state: dict[str, Any] = {}
+        self.reference = plan.base or plan.inputs[0]
+
+    def params(self, spec: TensorSpec) -> list[dict[str, Any]]:
+        """Each input's parameters resolved for tensor ``spec`` (gradients, filters)."""
+        return [resolve_params(p, spec.name, self.plan.num_layers) for p in self.plan.model_params]
+
+    def _chunks(self, spec: TensorSpec, ranges: list[tuple[int, int]],
+                which: list[int] | None = None) -> Iterator[tuple[torch.Tensor | None,
+                                                                  list[torch.Tensor]]]:
+        """(base rows, [input rows]) per row range: task vectors or weights as the method
+        wants, for all inputs or those in ``which``."""
+        plan, dev = self.plan, self.device
+        sources = plan.inputs if which is None else [plan.inputs[i] for i in which]
+        for r0, r1 in ranges:
+            base = plan.base.theta(spec.name, None, dev, r0, r1) if plan.base is not None else None
+            xs = [src.tau(spec.name, base, dev, r0, r1) if plan.method.on_deltas
+                  else src.theta(spec.name, base, dev, r0, r1) for src in sources]
+            yield base, xs
+
+    def prepass(self, progress: bool = False) -> None:
+        """The method's full passes over every tensor before merging (global statistics)."""
+        method = self.plan.method
+        mergeable = [s for s in self.plan.specs if s.name not in self.plan.copy_from_base]
+        rnd = 0
+        while rnd < method.prepass_rounds():
+            for spec in tqdm(mergeable, desc=f"pre-pass {rnd + 1}", unit="tensor",
+                             disable=not progress, leave=False):
+                ctx = TensorContext(spec.name, self.device, self.seed, self.state)
+                for _, xs in self._chunks(spec, row_ranges(spec, self.chunk)):
+                    method.observe(rnd, xs, self.params(spec), ctx)
+            method.finish_round(rnd, self.state)
+            rnd += 1
+
+    def raw_inputs(self, spec: TensorSpec) -> list[torch.Tensor] | None:
+        """The base's and every input's whole tensor as stored, for the fused path (``None``
+        where ``spec`` is not merged that way). Safe to call on reader threads."""
+        if not self.fuse or spec.name in self.plan.copy_from_base:
+            return None
+        return [src.raw(spec.name, self.device) for src in (self.plan.base, *self.plan.inputs)]
+
+    def merged(self, spec: TensorSpec, raw: list[torch.Tensor] | None = None
+               ) -> Iterator[torch.Tensor]:
+        """Output tensor ``spec`` in its output dtype, as consecutive row chunks (one chunk on
+        the fused path, given its :meth:`raw_inputs`), on the device (a tensor copied from the
+        base: on the CPU)."""
+        if spec.name in self.plan.copy_from_base:
+            yield self.reference.reader.load(spec.name).to(TORCH_DTYPE[spec.dtype])
+            return
+        try:
+            yield from (self._fused(spec, raw) if raw is not None else self._chunked(spec))
+        except (ValueError, TypeError) as err:  # bad parameter values for this tensor
+            raise MergeError(f"tensor {spec.name!r}: {self.plan.recipe.merge_method}: "
+                             f"{err}") from err
+
+    def _chunked(self, spec: TensorSpec) -> Iterator[torch.Tensor]:
+        method, params = self.plan.method, self.params(spec)
+        ranges = row_ranges(spec, self.chunk)
+        ctx = TensorContext(spec.name, self.device, self.seed,
+                            {**self.state, "numel": math.prod(spec.shape),
+                             "row_starts": [r0 for r0, _ in ranges]},
+                            row_size=matrix_shape(spec)[1])
+        method.tensor_stats(lambda which=None: self._chunks(spec, ranges, which), params, ctx)
+        for (r0, r1), (base, xs) in zip(ranges, self._chunks(spec, ranges)):
+            ctx.rows = (r0, r1)
+            yield method.merge(base, xs, params, ctx).to(TORCH_DTYPE[spec.dtype])
+
+    def _fused(self, spec: TensorSpec, raw: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        from mergehub import kernels
+
+        params = self.params(spec)
+        ctx = TensorContext(spec.name, self.device, self.seed,
+                            {**self.state, "numel": math.prod(spec.shape)})
+        base, *thetas = (t.to(self.device, non_blocking=True) for t in raw)
+        args = self.plan.method.fused(base, thetas, params, ctx)
+        yield kernels.merge_tensor(base, thetas, **args, out_dtype=TORCH_DTYPE[spec.dtype],
+                                   name=spec.name)
+
+
 def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
             max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
             progress: bool = True, chunk_elements: int | None = None,
             fused: bool | None = None) -> MergeResult:
     """Run a checked plan, writing an HF model dir at ``out`` (atomically).
 
-    Tensors are merged chunk by chunk (rows, ``chunk_elements`` at a time) with the method's
-    :meth:`~MergeMethod.merge`, or, with ``fused`` (default: on CUDA), whole tensors at a time
-    in one pass by :func:`mergehub.kernels.merge_tensor` wherever the method has a fused form and
-    every input is a dense model (not a LoRA): the inputs' raw tensors are read on threads
-    ahead of the merge (:data:`READ_WORKERS`), so reading, merging and writing overlap.
+    Tensors are merged by a :class:`TensorMerger` (``chunk_elements`` and ``fused`` as there);
+    on the fused path the inputs' raw tensors are read on threads ahead of the merge
+    (:data:`READ_WORKERS`), so reading, merging and writing overlap.
     """
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available")
-    chunk = chunk_elements or CHUNK_ELEMENTS.get(dev.type, CHUNK_ELEMENTS["cpu"])
-    method = plan.method
-    state: dict[str, Any] = {}
+    merger = TensorMerger(plan, device, seed=seed, chunk_elements=chunk_elements, fused=fused)
+    dev = merger.device
     start = time.perf_counter()
-    reference = plan.base or plan.inputs[0]
-
-    def chunks_of(spec: TensorSpec, ranges: list[tuple[int, int]],
-                  which: list[int] | None = None) -> Iterator[tuple[torch.Tensor | None,
-                                                                    list[torch.Tensor]]]:
-        """(base rows, [input rows]) per row range: task vectors or weights as the method
-        wants, for all inputs or those in ``which``."""
-        sources = plan.inputs if which is None else [plan.inputs[i] for i in which]
-        for r0, r1 in ranges:
-            base = plan.base.theta(spec.name, None, dev, r0, r1) if plan.base is not None else None
-            xs = [src.tau(spec.name, base, dev, r0, r1) if method.on_deltas
-                  else src.theta(spec.name, base, dev, r0, r1) for src in sources]
-            yield base, xs
-
     # on a busy machine, one intra-op thread: small ops split across cores stall (torch_threads);
     # worth sampling only for a merge that takes more than a moment
     busy = dev.type == "cpu" and sum(s.nbytes for s in plan.specs) >= BUSY_CHECK_BYTES \
         and busy_machine()
     with torch_threads(1 if busy else None):
-        mergeable = [s for s in plan.specs if s.name not in plan.copy_from_base]
-        rnd = 0
-        while rnd < method.prepass_rounds():
-            for spec in tqdm(mergeable, desc=f"pre-pass {rnd + 1}", unit="tensor",
-                             disable=not progress, leave=False):
-                params = [resolve_params(p, spec.name, plan.num_layers) for p in plan.model_params]
-                ctx = TensorContext(spec.name, dev, seed, state)
-                for _, xs in chunks_of(spec, row_ranges(spec, chunk)):
-                    method.observe(rnd, xs, params, ctx)
-            method.finish_round(rnd, state)
-            rnd += 1
-
+        merger.prepass(progress)
         bar = tqdm(total=len(plan.specs), desc="merge", unit="tensor", disable=not progress,
                    leave=False)
         done_bytes = 0
 
-        def merged_chunks(spec: TensorSpec) -> Iterator[torch.Tensor]:
-            params = [resolve_params(p, spec.name, plan.num_layers) for p in plan.model_params]
-            ranges = row_ranges(spec, chunk)
-            ctx = TensorContext(spec.name, dev, seed, {**state, "numel": math.prod(spec.shape),
-                                                        "row_starts": [r0 for r0, _ in ranges]},
-                                row_size=matrix_shape(spec)[1])
-            method.tensor_stats(lambda which=None: chunks_of(spec, ranges, which), params, ctx)
-            for (r0, r1), (base, xs) in zip(ranges, chunks_of(spec, ranges)):
-                ctx.rows = (r0, r1)
-                yield method.merge(base, xs, params, ctx).to(TORCH_DTYPE[spec.dtype]).cpu()
-
-        fuse = ((dev.type == "cuda") if fused is None else fused) and plan.base is not None \
-            and method.on_deltas and method.fusable and not any(src.is_lora for src in plan.inputs)
-
-        def raw_inputs(spec: TensorSpec) -> list[torch.Tensor] | None:
-            """The base's and every input's whole tensor as stored (for the fused path)."""
-            if not fuse or spec.name in plan.copy_from_base:
-                return None
-            return [src.raw(spec.name, dev) for src in (plan.base, *plan.inputs)]
-
-        def fused_tensor(spec: TensorSpec, raw: list[torch.Tensor]) -> Iterator[torch.Tensor]:
-            from mergehub import kernels
-
-            params = [resolve_params(p, spec.name, plan.num_layers) for p in plan.model_params]
-            ctx = TensorContext(spec.name, dev, seed, {**state, "numel": math.prod(spec.shape)})
-            base, *thetas = (t.to(dev, non_blocking=True) for t in raw)
-            args = method.fused(base, thetas, params, ctx)
-            yield kernels.merge_tensor(base, thetas, **args, out_dtype=TORCH_DTYPE[spec.dtype],
-                                       name=spec.name).cpu()
-
         def produce() -> Iterator[tuple[str, torch.Tensor | None]]:
             """Every output chunk in write order, then ``(name, None)`` at the end of each tensor."""
-            raws = (ordered_map(raw_inputs, plan.specs, workers=READ_WORKERS) if fuse
-                    else (None for _ in plan.specs))
+            raws = (ordered_map(merger.raw_inputs, plan.specs, workers=READ_WORKERS)
+                    if merger.fuse else (None for _ in plan.specs))
             for spec, raw in zip(plan.specs, raws):
-                if spec.name in plan.copy_from_base:
-                    yield spec.name, reference.reader.load(spec.name).to(TORCH_DTYPE[spec.dtype])
-                else:
-                    try:
-                        for part in (fused_tensor(spec, raw) if raw is not None
-                                     else merged_chunks(spec)):
-                            yield spec.name, part
-                    except (ValueError, TypeError) as err:  # bad parameter values for this tensor
-                        raise MergeError(f"tensor {spec.name!r}: {plan.recipe.merge_method}: "
-                                         f"{err}") from err
+                for part in merger.merged(spec, raw):
+                    yield spec.name, part.cpu()
                 yield spec.name, None
 
         # on a GPU, reading and merging run on a thread of their own, a few chunks ahead of the
@@ -474,7 +510,7 @@ def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
         with bar, closing(stream):
             write_model_dir(out, plan.specs, get, max_shard_size=max_shard_size,
                             side_files=_side_files(plan), overwrite=overwrite, progress=False)
-    tally = method.kept_report()
+    tally = plan.method.kept_report()
     return MergeResult(Path(out), len(plan.specs), sum(s.nbytes for s in plan.specs),
                        time.perf_counter() - start, plan=plan,
                        report=None if tally is None else {"kept": tally})

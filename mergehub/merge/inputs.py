@@ -61,7 +61,7 @@ class Source:
 
     def __post_init__(self) -> None:
         self.specs = {s.name: s for s in self.reader.specs()}
-        self._cached: tuple[str, torch.Tensor] | None = None  # whole tensor, for store inputs
+        self._cached: tuple[str, torch.device, torch.Tensor] | None = None  # store inputs
         self._factors: tuple[str, torch.device, torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -71,8 +71,9 @@ class Source:
     def rows(self, name: str, r0: int, r1: int, device: torch.device) -> torch.Tensor:
         """Rows [r0, r1) of a dense input's tensor as float32, shape (r1 - r0, columns).
 
-        A file is read with ``pread`` for just those rows; a store entry is decoded once per
-        tensor and sliced.
+        A file is read with ``pread`` for just those rows; any other reader (a store entry) is
+        asked once per tensor for the whole tensor on ``device`` (a lossy blob is decoded there,
+        as for :meth:`raw`), which is then sliced.
         """
         spec = self.specs[name]
         rows, cols = matrix_shape(spec)
@@ -82,9 +83,9 @@ class Source:
             raw = self.reader.read_bytes(name, r0 * cols * width, r1 * cols * width)
             part = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
         else:
-            if self._cached is None or self._cached[0] != name:
-                self._cached = (name, self.reader.load(name).reshape(-1))
-            part = self._cached[1][r0 * cols:r1 * cols]
+            if self._cached is None or self._cached[:2] != (name, device):
+                self._cached = (name, device, self.reader.load(name, device=device).reshape(-1))
+            part = self._cached[2][r0 * cols:r1 * cols]
         # move the stored dtype (half the bytes of float32 for bf16), then widen on the device
         return part.reshape(r1 - r0, cols).to(device).to(torch.float32)
 

@@ -254,6 +254,11 @@ class StoredModel:
         """Specs of all tensors, in the order they were stored."""
         return [spec for spec, _ in self._tensors.values()]
 
+    def blob(self, name: str) -> str:
+        """The id of the blob holding tensor ``name``: equal ids, equal decoded tensors (the
+        store is content-addressed), which is what caches of decoded tensors key on."""
+        return self._lookup(name)[1]
+
     def read_bytes(self, name: str) -> bytearray:
         """The tensor's exact bytes, verified against their checksum."""
         spec, blob = self._lookup(name)
@@ -1260,6 +1265,14 @@ class Store:
             "SELECT path, blob FROM files WHERE model_id = ? AND role = 'side' ORDER BY path",
             (model_id,)).fetchall())
         return StoredModel(self, self.show(name), tensors, side)
+
+    def load_model(self, name: str, *, device: "str | torch.device" = "cpu",
+                   dtype: "torch.dtype | None" = None, model_class: type | None = None) -> Any:
+        """Model ``name`` as a ready ``transformers`` model on ``device``:
+        :func:`mergehub.loading.load` with this store."""
+        from mergehub.loading import load
+
+        return load(name, self, device=device, dtype=dtype, model_class=model_class)
 
     def export(self, name: str, out: str | Path, *, max_shard_size: int | str | None = None,
                overwrite: bool = False, progress: bool = True) -> Path:
