@@ -15,7 +15,8 @@ and peak host memory during the row):
 * ``load``: ``mergehub.load("base", store, device=...)``;
 * ``apply`` of task arithmetic (K=2) and TIES (K=2, 4) over the lossless fine-tunes, and TIES
   K=4 over the compressed copies (bit1, bit1, compeft, compeft), each ``cold`` (a new Composer:
-  empty delta cache, store blobs in the page cache) and ``warm`` (the same recipe again after
+  empty delta cache, store blobs in the page cache; twice, as the first of a process also
+  compiles the Triton kernels of that recipe on CUDA) and ``warm`` (the same recipe again after
   ``reset``, every input in the delta cache); then ``reset``;
 * (a) PEFT: the 4 LoRAs loaded with ``PeftModel.from_pretrained`` / ``load_adapter``, then
   ``add_weighted_adapter(combination_type="ties", density=0.5)`` and ``merge_adapter`` (timed
@@ -52,6 +53,7 @@ import sys
 import tempfile
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -152,16 +154,29 @@ def build(work: Path, args: argparse.Namespace, device: torch.device) -> tuple[S
 
     store = Store.init(work / "store")
     t0 = time.perf_counter()
+    paths = {}
     for name, get in [("base", base)] + [(f"ft{i}", finetune(i)) for i in range(1, 5)]:
-        path = write_model_dir(work / name, specs, get, side_files={"config.json": config},
-                               progress=False)
-        store.add(path, name, base=None if name == "base" else "base", progress=False)
+        paths[name] = write_model_dir(work / name, specs, get, side_files={"config.json": config},
+                                      progress=False)
+    log(f"wrote 5 models ({time.perf_counter() - t0:.0f} s)")
+    store.add(paths["base"], "base", progress=False)
+
+    def in_own_store(job):  # a Store per thread (sqlite connections are per thread)
+        with Store(store.root) as own:
+            job(own)
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(in_own_store, [lambda s, i=i: s.add(paths[f"ft{i}"], f"ft{i}", base="base",
+                                                         progress=False) for i in range(1, 5)]))
+        log(f"stored base and 4 fine-tunes ({time.perf_counter() - t0:.0f} s)")
+        jobs = [(1, "bit1", {}), (2, "bit1", {}), (3, "compeft", {"density": 0.1}),
+                (4, "compeft", {"density": 0.1})]
+        list(pool.map(in_own_store, [lambda s, j=j: s.compress(f"ft{j[0]}", j[1], j[2],
+                                                               progress=False) for j in jobs]))
+    log(f"compressed ft1, ft2 with bit1 and ft3, ft4 with compeft "
+        f"({time.perf_counter() - t0:.0f} s)")
+    for path in paths.values():
         shutil.rmtree(path)
-        log(f"stored {name} ({time.perf_counter() - t0:.0f} s)")
-    for i, codec, params in ((1, "bit1", {}), (2, "bit1", {}), (3, "compeft", {"density": 0.1}),
-                             (4, "compeft", {"density": 0.1})):
-        store.compress(f"ft{i}", codec, params, progress=False)
-        log(f"compressed ft{i} with {codec} ({time.perf_counter() - t0:.0f} s)")
     from safetensors.torch import save_file
 
     for i in range(1, 5):
@@ -207,6 +222,8 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated row groups to skip: "
                     "peft, hubmerge, dense")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    ap.add_argument("--wait-for", type=Path, help="before timing anything, wait until this file "
+                    "exists (lets other work share the machine only during the setup)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     warnings.filterwarnings("ignore")
@@ -228,6 +245,8 @@ def run(work: Path, args: argparse.Namespace, device: torch.device, skip: set[st
         rows: list[dict]) -> None:
     store, params = build(work, args, device)
     nbytes = 2 * params
+    while args.wait_for and not args.wait_for.exists():
+        time.sleep(1)
     bw = copy_bandwidth(device)
     load_bw = h2d_bandwidth(device) if device.type == "cuda" else bw
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
@@ -249,6 +268,9 @@ def run(work: Path, args: argparse.Namespace, device: torch.device, skip: set[st
 
     print(f"{'row':44s} {'seconds':>9s} {'floor s':>9s} {'vs floor':>9s} {'dev MiB':>10s} "
           f"{'host MiB':>10s}")
+    import transformers
+
+    transformers.LlamaForCausalLM  # noqa: B018 - import the class's module before timing load
     with Row(device) as row:
         model = mergehub.load("base", store, device=device)
     report("load", row, nbytes, load_bw)
@@ -261,49 +283,73 @@ def run(work: Path, args: argparse.Namespace, device: torch.device, skip: set[st
     compressed = recipe("ties", ["ft1-bit1", "ft2-bit1", "ft3-compeft", "ft4-compeft"], 0.3)
     cases.append(("ties K=4 compressed (bit1, compeft)", compressed, 4))
     for label, text, k in cases:
+        guarded(f"apply {label}", apply_rows, model, text, k, label, nbytes, report)
+    if "hubmerge" not in skip:
+        guarded("(b)", hub_merge_rows, work, store, model, compressed, device, report)
+    if "peft" not in skip:
+        guarded("(a)", peft_rows, work, store, model, device, report)
+
+
+def guarded(label: str, fn, *args) -> None:
+    """Run one group of rows; a failure is printed and the next group runs."""
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001 - a benchmark reports and goes on
+        import traceback
+
+        print(f"{label}: FAILED: {traceback.format_exc().strip().splitlines()[-1]}", flush=True)
+        traceback.print_exc()
+
+
+def apply_rows(model, text: str, k: int, label: str, nbytes: int, report) -> None:
+    """Cold and warm apply of one recipe, then reset."""
+    device = model.device
+    floor = (2 + k) * nbytes
+    for first in (True, False):  # the first cold apply of a process also compiles kernels
         composer = mergehub.Composer(model)
-        floor = (2 + k) * nbytes
         with Row(device) as row:
             composer.apply(text)
-        report(f"apply {label}, cold", row, floor)
+        report(f"apply {label}, cold{' (1st)' if first else ''}", row, floor,
+               note="includes compiling the kernels (Triton)" if first and device.type == "cuda"
+               else "")
         composer.reset()
-        with Row(device) as row:
-            active = composer.apply(text)
-        report(f"apply {label}, warm", row, floor,
-               note=f"cache {composer.cache.bytes / 2**30:.1f} GiB")
-        assert active.rewritten == active.tensors
-        with Row(device) as row:
-            composer.reset()
-        report("reset", row, 2 * nbytes)
-        del composer
-
-    if "hubmerge" not in skip:
-        out = work / "hub-merge-out"
-        with Row(device) as row:
-            mergehub.merge(compressed, out=out, store=store, device=str(device), progress=False,
-                           echo=lambda line: None)
-            merged = transformers_model(out, device)
-        report("(b) hub merge -o + from_pretrained, ties K=4 compressed", row, None)
-        composer = mergehub.Composer(model)
-        composer.apply(compressed)
-        ours, theirs = model.state_dict(), merged.state_dict()
-        same = all(torch.equal(ours[n], theirs[n]) for n in theirs)
-        print(f"    composed weights {'==' if same else '!='} hub merge's output, bit for bit")
+    with Row(device) as row:
+        active = composer.apply(text)
+    report(f"apply {label}, warm", row, floor,
+           note=f"cache {composer.cache.bytes / 2**30:.1f} GiB")
+    assert active.rewritten == active.tensors
+    with Row(device) as row:
         composer.reset()
-        del merged, composer
-        shutil.rmtree(out)
+    report("reset", row, 2 * nbytes)
+    del composer
 
-    if "peft" not in skip:
-        peft_rows(work, store, model, device, report, nbytes)
+
+def hub_merge_rows(work: Path, store: Store, model, compressed: str, device: torch.device,
+                   report) -> None:
+    """(b): hub merge -o, then from_pretrained of its output, on the same device."""
+    out = work / "hub-merge-out"
+    with Row(device) as row:
+        mergehub.merge(compressed, out=out, store=store, device=str(device), progress=False,
+                       echo=lambda line: None)
+        merged = transformers_model(out, device)
+    report("(b) hub merge -o + from_pretrained, ties K=4 compressed", row, None)
+    composer = mergehub.Composer(model)
+    composer.apply(compressed)
+    ours, theirs = model.state_dict(), merged.state_dict()
+    same = all(torch.equal(ours[n], theirs[n]) for n in theirs)
+    print(f"    composed weights {'==' if same else '!='} hub merge's output, bit for bit")
+    composer.reset()
+    del merged, composer
+    shutil.rmtree(out)
 
 
 def transformers_model(path: Path, device: torch.device):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=device)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device)
 
 
-def peft_rows(work: Path, store: Store, model, device: torch.device, report, nbytes: int) -> None:
+def peft_rows(work: Path, store: Store, model, device: torch.device, report) -> None:
     """(a): PEFT's weighted adapters + merge against apply over the same stored LoRAs."""
     from peft import PeftModel
 
@@ -320,7 +366,10 @@ def peft_rows(work: Path, store: Store, model, device: torch.device, report, nby
         report(f"apply {method} K=4 LoRA, warm", row, None)
         ours = {n: t.clone() for n, t in model.state_dict().items()}
         composer.reset()
-        del composer
+        base = model.state_dict()
+        delta = max(float((t.float() - base[n].float()).abs().max()) for n, t in ours.items()
+                    if t.is_floating_point())
+        del composer, base
 
         plain = mergehub.load("base", store, device=device)
         dirs = [store.export(name, work / f"export-{name}", progress=False) for name in loras]
@@ -344,12 +393,9 @@ def peft_rows(work: Path, store: Store, model, device: torch.device, report, nby
                 changed += int((d > 0).sum())
                 total += t.numel()
                 diffs.append(float(d.max()))
-        base = mergehub.load("base", store, device=device).state_dict()
-        delta = max(float((t.float() - base[n].float()).abs().max()) for n, t in ours.items()
-                    if t.is_floating_point())
         print(f"    PEFT {combination} vs our {method}: {changed:,} of {total:,} weights differ, "
               f"max |diff| {max(diffs):.3g} (our largest |merged - base| {delta:.3g})")
-        del peft_model, plain, dirs, base
+        del peft_model, plain, dirs, ours
         for name in loras:
             shutil.rmtree(work / f"export-{name}", ignore_errors=True)
 

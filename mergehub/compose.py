@@ -39,7 +39,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -398,8 +398,12 @@ class Composer:
         before = dict(self._held)
         try:
             rewritten = self._bring_to(wanted, targets)
-        except BaseException:
-            self._restore(before)
+        except BaseException as err:
+            try:
+                self._restore(before)
+            except Exception as again:  # noqa: BLE001 - reported with the first error
+                raise MergehubError(f"{err}; then putting the model back failed too ({again}): "
+                                    "reset() restores the bind-time weights") from again
             raise
         inputs = [{"model": src.label,
                    "fingerprint": (self.store.fingerprint(src.label)

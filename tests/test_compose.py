@@ -93,13 +93,16 @@ def hub(models, tmp_path_factory) -> tuple[Store, dict[str, Path]]:
         paths[f"ft-{tag}"] = make_finetune(models[f"base-{tag}"], root / f"ft-{tag}",
                                            pattern="mlp", seed=4)
     store = Store.init(root / "store")
-    for name, path, base, metrics in (
-            ("base", models["base-bf16"], None, None), ("mlp", models["ft-mlp"], "base", {"loss": 0.5}),
-            ("attn", models["ft-attn"], "base", {"loss": 0.8}), ("lora", models["lora"], "base", None),
-            ("lora-qo", paths["lora-qo"], "base", None), ("other-base", paths["other-base"], None, None),
-            ("other-ft", paths["other-ft"], "other-base", None),
-            ("base-fp16", models["base-fp16"], None, None), ("ft-fp16", paths["ft-fp16"], "base-fp16", None),
-            ("base-fp32", models["base-fp32"], None, None), ("ft-fp32", paths["ft-fp32"], "base-fp32", None)):
+    entries = [("base", models["base-bf16"], None, None),
+               ("mlp", models["ft-mlp"], "base", {"loss": 0.5}),
+               ("attn", models["ft-attn"], "base", {"loss": 0.8}),
+               ("lora", models["lora"], "base", None), ("lora-qo", paths["lora-qo"], "base", None),
+               ("other-base", paths["other-base"], None, None),
+               ("other-ft", paths["other-ft"], "other-base", None)]
+    for tag in ("fp16", "fp32"):
+        entries += [(f"base-{tag}", models[f"base-{tag}"], None, None),
+                    (f"ft-{tag}", paths[f"ft-{tag}"], f"base-{tag}", None)]
+    for name, path, base, metrics in entries:
         store.add(path, name, base=base, metrics=metrics, progress=False)
     store.compress("mlp", "bit1", progress=False)
     store.compress("attn", "compeft", {"density": 0.2}, progress=False)
@@ -268,7 +271,8 @@ def test_cache_serves_a_working_set(hub, tmp_path, monkeypatch):
     reads = []
     real = mergehub.storage.store.StoredModel.load
     monkeypatch.setattr(mergehub.storage.store.StoredModel, "load",
-                        lambda self, name, device=None: reads.append(name) or real(self, name, device))
+                        lambda self, name, device=None: reads.append(name)
+                        or real(self, name, device))
     a = recipe("ties", [("mlp", {"density": 0.5}), ("attn-compeft", {"density": 0.5})])
     b = recipe("ties", [("mlp-bit1", {"density": 0.5}), ("attn", {"density": 0.5})])
     for budget, rereads in ((None, False), (0, True)):
@@ -304,7 +308,8 @@ def test_failed_apply_leaves_the_model_as_it_was(hub, tmp_path):
     store, paths = hub
     model = mergehub.load("base", store)
     composer = Composer(model)
-    fails = recipe("linear", [("mlp", {"weight": "[1.0, 1.0]"}), ("attn", {"weight": "[1.0, -1.0]"})])
+    fails = recipe("linear", [("mlp", {"weight": "[1.0, 1.0]"}),
+                              ("attn", {"weight": "[1.0, -1.0]"})])
     for applied in (None, recipe("ties", [("mlp", {"density": 0.4}), ("lora", {"density": 0.4})])):
         if applied:
             composer.apply(applied)
@@ -635,7 +640,8 @@ def test_gpu_apply_equals_hub_merge(hub, tmp_path, method):
 @pytest.mark.gpu
 def test_gpu_load_attach_and_failure(hub, tmp_path):
     """Loading on CUDA gives the CPU load's weights (lowrank and a LoRA's B·A: products on the
-    GPU, within one bf16 step); attach and merge_attached on CUDA; a failing apply changes nothing."""
+    GPU, within one bf16 step); attach and merge_attached on CUDA; a failing apply changes
+    nothing."""
     store, paths = hub
     for name in ("base", "mlp", "mlp-bit1", "attn-compeft", "mlp-tall"):
         gpu, cpu = mergehub.load(name, store, device="cuda"), mergehub.load(name, store)
