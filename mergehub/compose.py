@@ -268,37 +268,18 @@ class Composer:
 
     def _check(self, plan: MergePlan) -> None:
         """What the engine's plan check does not cover: a method whose output is not a model,
-        a base other than the composer's, store inputs fine-tuned from another base."""
+        a base other than the composer's. (Store inputs added against another base than the
+        recipe's are the engine's error, as for ``hub merge``.)"""
         recipe = plan.recipe
         if isinstance(plan.method, ReversibleMerge):
             raise InputError(f"{recipe.where(recipe.lines.get('merge_method'))}: rmm writes a "
                              "basis and per-task coefficients, not one model: run it with "
                              "`hub merge --to-store` and load a task with `hub export --task`")
-        if self.base is None or plan.base is None:
-            return
-        where = recipe.where(recipe.lines.get("base_model"))
-        if not self._same_model(plan.base.label, self.base):
-            raise BaseMismatchError(f"{where}: base_model {plan.base.label!r} is not this "
-                                    f"composer's base {self.base!r}")
-        if not names_entry(self.base, self.store):
-            return
-        for src in plan.inputs:
-            if src is plan.base or not names_entry(src.label, self.store):
-                continue
-            chain, name = [], src.label
-            for _ in range(16):
-                name = self.store.show(name).base
-                if name is None:
-                    break
-                chain.append(name)
-                if self._same_model(name, self.base):
-                    break
-            else:
-                chain.append("...")
-            if chain and not self._same_model(chain[-1], self.base):
-                raise BaseMismatchError(f"{recipe.where()}: input {src.label!r} is stored as a "
-                                        f"fine-tune of {' <- '.join(chain)}, not of this "
-                                        f"composer's base {self.base!r}")
+        if self.base is not None and plan.base is not None and not self._same_model(
+                plan.base.label, self.base):
+            raise BaseMismatchError(f"{recipe.where(recipe.lines.get('base_model'))}: base_model "
+                                    f"{plan.base.label!r} is not this composer's base "
+                                    f"{self.base!r}")
 
     def _cached(self, plan: MergePlan) -> MergePlan:
         """The plan with every source reading through the composer's caches."""
@@ -373,7 +354,7 @@ class Composer:
         return out
 
     def apply(self, recipe: str | Path | dict[str, Any] | Recipe, *, seed: int = 0,
-              missing: str = "error") -> Active:
+              missing: str = "error", allow_foreign_base: bool = False) -> Active:
         """Set the model's weights to what ``hub merge`` writes for ``recipe``.
 
         Args:
@@ -381,6 +362,8 @@ class Composer:
                 ``base_model`` defaults to the composer's base.
             seed: seed of the random methods (DARE), as ``hub merge --seed``.
             missing: ``error`` or ``take-base``, as ``hub merge --missing``.
+            allow_foreign_base: merge store inputs added against another base than the
+                recipe's, as ``hub merge --allow-foreign-base``.
 
         Only tensors whose result differs from what they hold are rewritten. Every check
         runs before the first tensor is written, and if anything fails after that, every
@@ -388,7 +371,8 @@ class Composer:
         """
         start = time.perf_counter()
         parsed = self._recipe(recipe)
-        plan = plan_merge(parsed, store=self.store, missing=missing)
+        plan = plan_merge(parsed, store=self.store, missing=missing,
+                          allow_foreign_base=allow_foreign_base)
         self._check(plan)
         plan = self._cached(plan)
         merger = TensorMerger(plan, self.device, seed=seed)
@@ -491,14 +475,15 @@ class Composer:
         self._active = None
 
     @contextmanager
-    def applied(self, recipe: str | Path | dict[str, Any] | Recipe, *, seed: int = 0,
-                missing: str = "error") -> Iterator[Active]:
-        """``with composer.applied(recipe): ...``: :meth:`apply` for the block, then the
-        weights (and :attr:`active`) as they were before it, also when the block raises."""
+    def applied(self, recipe: str | Path | dict[str, Any] | Recipe,
+                **options: Any) -> Iterator[Active]:
+        """``with composer.applied(recipe): ...``: :meth:`apply` (with its ``options``) for
+        the block, then the weights (and :attr:`active`) as they were before it, also when the
+        block raises."""
         before, active = dict(self._held), self._active
-        yield_value = self.apply(recipe, seed=seed, missing=missing)
+        applied = self.apply(recipe, **options)
         try:
-            yield yield_value
+            yield applied
         finally:
             self._restore(before)
             self._active = active

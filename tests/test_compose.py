@@ -379,9 +379,9 @@ def test_errors_are_one_line_and_change_nothing(hub, tmp_path):
     cases = [
         (recipe("ties", [("nope", {})]), InputError, "input 'nope' is neither a local path nor a "
                                                      "model in store"),
-        (recipe("ties", [("other-ft", {})]), BaseMismatchError, "input 'other-ft' is stored as a "
-                                                                 "fine-tune of other-base"),
-        (recipe("ties", [("mlp", {})], base="other-base"), BaseMismatchError,
+        (recipe("ties", [("other-ft", {})]), BaseMismatchError,
+         "<recipe>:4: input 'other-ft' was added to the store against base 'other-base'"),
+        (recipe("ties", [(str(paths["ft-mlp"]), {})], base="other-base"), BaseMismatchError,
          "base_model 'other-base' is not this composer's base 'base'"),
         (recipe("ties", [("mlp", {})], {"densty": 0.2}), RecipeError,
          r"<recipe>:5: unknown parameter 'densty'"),
