@@ -26,7 +26,8 @@ and peak host memory during the row):
   we the dense deltas B·A·s; task arithmetic: PEFT adds the bf16-rounded delta to the bf16
   weight, we round θ0 + Σ τ once);
 * (b) ``hub merge -o`` of the TIES K=4 compressed recipe on the same device (in-process), then
-  ``from_pretrained`` of its output onto the device;
+  ``from_pretrained`` of its output onto the device; and the time to write that output alone
+  (a copy of the dir + sync), for "hub merge minus its writing";
 * (c) the bytes floor: the bytes of the tensors an operation must read and write (apply: the
   base, the K inputs as the cache holds them (the decoded bf16 tensors) and the result;
   reset: the saved base and the result; load: the model's bytes) at the device's copy
@@ -328,11 +329,22 @@ def hub_merge_rows(work: Path, store: Store, model, compressed: str, device: tor
                    report) -> None:
     """(b): hub merge -o, then from_pretrained of its output, on the same device."""
     out = work / "hub-merge-out"
-    with Row(device) as row:
+    with Row(device) as merge_row:
         mergehub.merge(compressed, out=out, store=store, device=str(device), progress=False,
                        echo=lambda line: None)
+    report("(b) hub merge -o, ties K=4 compressed", merge_row, None)
+    with Row(device) as row:
         merged = transformers_model(out, device)
-    report("(b) hub merge -o + from_pretrained, ties K=4 compressed", row, None)
+    report("(b) from_pretrained of its output", row, None)
+    print(f"    (b) together: {merge_row.seconds + row.seconds:.3f} s")
+    os.sync()
+    t0 = time.perf_counter()
+    shutil.copytree(out, work / "hub-merge-copy")
+    os.sync()
+    written = time.perf_counter() - t0
+    shutil.rmtree(work / "hub-merge-copy")
+    print(f"    writing its output alone (copy of the dir + sync): {written:.3f} s; hub merge "
+          f"minus that: {merge_row.seconds - written:.3f} s")
     composer = mergehub.Composer(model)
     composer.apply(compressed)
     ours, theirs = model.state_dict(), merged.state_dict()
