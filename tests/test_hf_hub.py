@@ -12,7 +12,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from mergehub.errors import BaseMismatchError, IntegrityError, RemoteError, StoreError
+from mergehub.errors import (
+    BaseMismatchError, IntegrityError, MergehubError, RemoteError, StoreError)
 from mergehub.hub.cli import cli
 from mergehub.hub.demo import dir_digests, make_finetune, make_tiny_llama
 from mergehub.hub.remote import MANIFEST, pull, push, split_repo_ref
@@ -366,6 +367,31 @@ def test_blob_not_matching_manifest_is_refused(hf, models, pushed_base, tmp_path
     with _new_store(tmp_path / "b") as b:
         b.add(models["base-bf16"], "base", progress=False)
         with pytest.raises(IntegrityError, match="does not match its sha256 name"):
+            pull(b, repo, progress=False)
+        assert "ft" not in b
+
+
+@pytest.mark.parametrize("manifest, message", [
+    ('{"mergehub_manifest": 1, "name": ' + "[" * 100_000 + "]" * 100_000 + "}",  # RecursionError
+     "JSON nested deeper than 64 levels"),
+    ('{"mergehub_manifest": 1, "name": ' + "[" * 70 + "]" * 70 + "}", "JSON nested deeper"),
+    ("[1]", "not a JSON object"),
+], ids=["recursion", "depth-70", "not-an-object"])
+def test_deeply_nested_manifest_is_refused(hf, models, pushed_base, tmp_path, manifest,
+                                           message):
+    """A manifest rewritten on the server into deeply nested JSON (or no object) is refused
+    with one error naming the file, before anything is added."""
+    a, _ = pushed_base
+    a.add(models["ft-mlp"], "ft", base="base", progress=False)
+    repo = _repo("deep-manifest")
+    push(a, "ft", repo, fmt="mergehub", progress=False)
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    HfApi().create_commit(repo, [CommitOperationAdd(MANIFEST, manifest.encode())],
+                          commit_message="tamper")
+    with _new_store(tmp_path / "b") as b:
+        b.add(models["base-bf16"], "base", progress=False)
+        with pytest.raises(MergehubError, match=f"{MANIFEST}: {message}"):
             pull(b, repo, progress=False)
         assert "ft" not in b
 

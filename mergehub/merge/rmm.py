@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from mergehub.errors import StoreError
 from mergehub.merge.methods.rmm import decompose, decompose_dense_lowrank, decompose_factors
+from mergehub.safejson import parse_json
 from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
 from mergehub.storage.store import Store
 from mergehub.storage.writer import DEFAULT_MAX_SHARD_SIZE, write_model_dir
@@ -115,7 +116,7 @@ def revert(store: Store, name: str, task: str | int, out: str | Path, *,
     if RMM_FILE not in entry.side_files:
         raise StoreError(f"model {name!r} is not a reversible merge (no {RMM_FILE}); "
                          "--task only applies to merge_method rmm entries")
-    summary = json.loads(entry.side_file(RMM_FILE))
+    summary = parse_json(entry.side_file(RMM_FILE), f"model {name!r}: {RMM_FILE}")
     tasks = summary["tasks"]
     if isinstance(task, str) and task.isdigit():
         task = int(task)
