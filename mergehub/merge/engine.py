@@ -149,7 +149,7 @@ def _foreign(store: Store, name: str, base: Source) -> str | None:
     for t in sorted(tensors, key=lambda t: (tensors[t].nbytes, t)):
         dtype, shape, digest = recorded[t]
         spec = tensors[t].spec
-        if (spec.dtype, json.dumps(list(spec.shape))) != (dtype, shape) or \
+        if (spec.dtype, list(spec.shape)) != (dtype, json.loads(shape)) or \
                 base.reader.sha256(t) != digest:
             return f"not {name!r} (tensor {t!r} differs)"
     return None
