@@ -546,21 +546,22 @@ def test_attach_and_merge_attached(hub, tmp_path):
     composer = Composer(model)
     peft_model = composer.attach("lora")
     composer.attach("lora-qo", adapter_name="qo")
+    # the reference's adapter names hold no "lora" (PEFT warns about those)
     reference = PeftModel.from_pretrained(_from_pretrained(paths["base-bf16"]), paths["lora"],
-                                          adapter_name="lora")
-    reference.load_adapter(paths["lora-qo"], adapter_name="qo")
+                                          adapter_name="first")
+    reference.load_adapter(paths["lora-qo"], adapter_name="second")
     with torch.no_grad():
-        for name in ("lora", "qo"):
+        for name, theirs in (("lora", "first"), ("qo", "second")):
             peft_model.set_adapter(name)
-            reference.set_adapter(name)
+            reference.set_adapter(theirs)
             assert torch.equal(peft_model(IDS).logits, reference(IDS).logits), name
         with peft_model.disable_adapter():
             plain = peft_model(IDS).logits
         assert torch.equal(plain, _from_pretrained(paths["base-bf16"])(IDS).logits)
         mixed = peft_model(IDS, adapter_names=["lora", "qo"]).logits
-        reference.set_adapter("lora")
+        reference.set_adapter("first")
         first = reference(IDS).logits
-        reference.set_adapter("qo")
+        reference.set_adapter("second")
         second = reference(IDS).logits
         # PEFT computes each adapter's rows as a sub-batch: equal up to float rounding
         torch.testing.assert_close(mixed[0], first[0], rtol=1e-2, atol=1e-2)
