@@ -4,8 +4,9 @@ For each output tensor the engine reads it in row chunks of ~1 MB per input from
 every input (a LoRA's dense delta is built on the fly, rows by rows), hands float32 values to
 the method, casts the result to the output dtype and writes it into the current shard. Methods
 that need whole-tensor statistics (trim thresholds, L1 norms) first stream over the same chunks.
-Peak memory is a few chunks plus, for store inputs, one decoded tensor, whatever the model
-size; and chunks small enough for the CPU caches make the elementwise work several times
+Peak memory is a few chunks plus, for store inputs, one decoded tensor of at most
+:data:`~mergehub.merge.inputs.STREAM_BYTES` (256 MiB; a larger one is decoded a chunk at a time
+for each pass over it), whatever the model size; and chunks small enough for the CPU caches make the elementwise work several times
 faster than on whole tensors. Everything is checked before the first tensor is computed, and
 the output dir appears only when the whole merge has succeeded.
 """

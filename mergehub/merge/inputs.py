@@ -1,7 +1,8 @@
 """Merge inputs: HF model dirs, ``.safetensors`` files, store entries and PEFT LoRA adapters.
 
 Every input is read one tensor at a time, in row ranges (see :func:`matrix_shape`), so a merge
-holds a few chunks in memory rather than whole tensors. A dense input gives fine-tuned weights θt; a LoRA
+holds a few chunks in memory rather than whole tensors (a store entry's tensor is decoded whole
+once, up to :data:`STREAM_BYTES`, and a larger one a chunk at a time). A dense input gives fine-tuned weights θt; a LoRA
 adapter gives its task vector directly, ``τ = B·A·scaling`` per target module (scaling =
 ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA; ``alpha_pattern`` honoured), and
 ``θ = θ0 + τ``, so every method can ask any input for either. All values come back as float32
@@ -14,6 +15,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
@@ -23,7 +25,13 @@ from mergehub.safejson import parse_json, read_json
 from mergehub.storage.checkpoint import (
     ADAPTER_CONFIG, Checkpoint, check_adapter_config, open_checkpoint, peft_target_weight)
 from mergehub.storage.safetensors_format import FLOAT_DTYPES, TORCH_DTYPE, TensorSpec
-from mergehub.storage.store import Store, names_entry
+from mergehub.storage.store import Store, StoredModel, names_entry
+
+#: a store input's tensor of more bytes than this (a large embedding) is decoded in order a
+#: chunk at a time for each pass over its rows, rather than whole once and sliced: memory holds
+#: a few chunks of it instead of all of it, at the price of decoding it again for each pass
+#: (a method's statistics pass, then the merge)
+STREAM_BYTES = 256 << 20
 
 
 
@@ -62,6 +70,8 @@ class Source:
     def __post_init__(self) -> None:
         self.specs = {s.name: s for s in self.reader.specs()}
         self._cached: tuple[str, torch.device, torch.Tensor] | None = None  # store inputs
+        #: a larger store tensor being decoded: (name, offset of ``buffer``, pieces, buffer)
+        self._stream: tuple[str, int, Iterator[Any], bytearray] | None = None
         self._factors: tuple[str, torch.device, torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -73,14 +83,19 @@ class Source:
 
         A file is read with ``pread`` for just those rows; any other reader (a store entry) is
         asked once per tensor for the whole tensor on ``device`` (a lossy blob is decoded there,
-        as for :meth:`raw`), which is then sliced.
+        as for :meth:`raw`), which is then sliced; a store entry's tensor above
+        :data:`STREAM_BYTES` is decoded in order a chunk at a time instead
+        (:meth:`_stored_range`).
         """
         spec = self.specs[name]
         rows, cols = matrix_shape(spec)
         dtype = TORCH_DTYPE[spec.dtype]
-        if isinstance(self.reader, Checkpoint):
-            width = spec.nbytes // max(1, rows * cols) if rows * cols else 0
-            raw = self.reader.read_bytes(name, r0 * cols * width, r1 * cols * width)
+        width = spec.nbytes // max(1, rows * cols) if rows * cols else 0
+        if isinstance(self.reader, Checkpoint) or (isinstance(self.reader, StoredModel)
+                                                   and spec.nbytes > STREAM_BYTES):
+            start, stop = r0 * cols * width, r1 * cols * width
+            raw = (self.reader.read_bytes(name, start, stop) if isinstance(self.reader, Checkpoint)
+                   else self._stored_range(name, start, stop, spec.nbytes))
             part = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
         else:
             if self._cached is None or self._cached[:2] != (name, device):
@@ -88,6 +103,29 @@ class Source:
             part = self._cached[2][r0 * cols:r1 * cols]
         # move the stored dtype (half the bytes of float32 for bf16), then widen on the device
         return part.reshape(r1 - r0, cols).to(device).to(torch.float32)
+
+    def _stored_range(self, name: str, start: int, stop: int, total: int) -> bytearray:
+        """Bytes [start, stop) of a store input's ``total``-byte tensor, from its decoded
+        pieces (:meth:`StoredModel.iter_bytes`): a range that starts where the last one ended
+        takes the next pieces, any other starts the tensor over. The range that ends the
+        tensor runs the pieces to their end, where the decoded bytes' sha256 is checked (a
+        mismatch raises there, before the merge's output is complete)."""
+        if self._stream is None or self._stream[0] != name or self._stream[1] != start:
+            self._stream = (name, 0, iter(self.reader.iter_bytes(name)), bytearray())
+        _, pos, pieces, buf = self._stream
+        while pos + len(buf) < stop:
+            buf += next(pieces)
+            if pos + len(buf) <= start:  # before the range: not kept
+                pos += len(buf)
+                buf.clear()
+        out = buf[start - pos:stop - pos]
+        del buf[:stop - pos]
+        self._stream = (name, stop, pieces, buf)
+        if stop == total:
+            for _ in pieces:  # the end: the checksum
+                pass
+            self._stream = None
+        return out
 
     def raw(self, name: str, device: torch.device) -> torch.Tensor:
         """A dense input's whole tensor in its stored dtype and shape, for the fused path on
