@@ -2,8 +2,8 @@
 
 Every input is read one tensor at a time, in row ranges (see :func:`matrix_shape`), so a merge
 holds a few chunks in memory rather than whole tensors (a store entry's tensor is decoded whole
-once, up to :data:`STREAM_BYTES`, and a larger one a chunk at a time). A dense input gives fine-tuned weights θt; a LoRA
-adapter gives its task vector directly, ``τ = B·A·scaling`` per target module (scaling =
+once, up to :data:`STREAM_BYTES`, and a larger one a chunk at a time). A dense input gives
+fine-tuned weights θt; a LoRA adapter gives its task vector directly, ``τ = B·A·scaling`` per target module (scaling =
 ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA; ``alpha_pattern`` honoured), and
 ``θ = θ0 + τ``, so every method can ask any input for either. All values come back as float32
 on the requested device (the spec's convention: merge arithmetic in float32).
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
