@@ -1,13 +1,16 @@
 """The ``hub`` command line.
 
 Every command that touches a store takes ``--store PATH`` (default ``$MERGEHUB_HOME``, else
-``~/.cache/mergehub``). Errors caused by input print one line ``error: ...`` naming the file,
-model or tensor and exit with status 2; ``--debug`` shows the traceback instead.
+``~/.cache/mergehub``), before or after the command's name (``hub --store X ls`` and ``hub ls
+--store X``), and so do ``--debug``, ``--quiet`` and ``-v``. Errors caused by input print one
+line ``error: ...`` naming the file, model or tensor and exit with status 2; ``--debug`` shows
+the traceback instead.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,14 +24,65 @@ from mergehub.storage.store import KINDS, ModelInfo, Store, default_root
 from mergehub.units import human_bytes, parse_size
 
 
+def _set_shared(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """Record a shared option in ``ctx.obj``, given before or after the command's name (the
+    command's own spelling wins over the group's; ``-v`` counts both)."""
+    obj = ctx.ensure_object(dict)
+    if param.name == "verbose":
+        obj["verbose"] = obj.get("verbose", 0) + value
+        if value:
+            _log_at(obj["verbose"])
+    elif value is not None and value is not False:
+        obj[param.name] = value
+    else:
+        obj.setdefault(param.name, None if param.name == "store" else False)
+
+
+def _log_at(verbosity: int) -> None:
+    """``-v``: log INFO, ``-vv``: DEBUG, from mergehub and the libraries it drives (mergekit's
+    ``-v``)."""
+    level = logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    for name in ("", "mergehub", "huggingface_hub", "transformers", "peft"):
+        logging.getLogger(name).setLevel(level)
+
+
+def _shared_options(with_store: bool) -> list[click.Option]:
+    """The options every command accepts before or after its name (``hub ls --store X``)."""
+    options = [
+        click.Option(["--debug"], is_flag=True, expose_value=False, callback=_set_shared,
+                     help="Show full tracebacks instead of one-line errors."),
+        click.Option(["--quiet", "-q"], is_flag=True, expose_value=False, callback=_set_shared,
+                     help="No progress bars and no notes on stderr (results and errors "
+                          "still print)."),
+        click.Option(["--verbose", "-v"], count=True, expose_value=False, callback=_set_shared,
+                     help="Log what mergehub and the libraries it uses (huggingface_hub, "
+                          "transformers, peft) report: -v at INFO, -vv at DEBUG."),
+    ]
+    if with_store:
+        options.insert(0, click.Option(
+            ["--store"], type=click.Path(file_okay=False, path_type=Path), expose_value=False,
+            callback=_set_shared,
+            help=f"Store root directory. Default: $MERGEHUB_HOME, else {default_root()}."))
+    return options
+
+
 class _Group(click.Group):
-    """Turns :class:`MergehubError` and OS errors into one line on stderr and exit status 2."""
+    """Turns :class:`MergehubError` and OS errors into one line on stderr and exit status 2,
+    and gives every command the shared options (``--store`` to those that open a store)."""
+
+    #: commands that never open the user's store
+    STORELESS = frozenset({"demo"})
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        cmd.params.extend(_shared_options(with_store=(name or cmd.name) not in self.STORELESS))
+        super().add_command(cmd, name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except (MergehubError, OSError) as e:
-            if ctx.params.get("debug"):
+            if (ctx.obj or {}).get("debug"):
                 raise
             click.echo(f"error: {e}", err=True)
             ctx.exit(2)
@@ -38,7 +92,14 @@ class _Group(click.Group):
 
 
 def _progress() -> bool:
-    return sys.stderr.isatty()
+    """Progress bars: on a terminal only, and never with ``--quiet``."""
+    return sys.stderr.isatty() and not click.get_current_context().obj.get("quiet")
+
+
+def _note(text: str) -> None:
+    """A note on stderr (what a merge or a training run reports on the way), unless ``--quiet``."""
+    if not click.get_current_context().obj.get("quiet"):
+        click.echo(text, err=True)
 
 
 def _open_store(ctx: click.Context, create: bool = False) -> Store:
@@ -72,19 +133,16 @@ def _summary(info: ModelInfo) -> str:
             f"({info.saving:.1%} saved)")
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--store", "store", type=click.Path(file_okay=False, path_type=Path),
-              help=f"Store root directory. Default: $MERGEHUB_HOME, else {default_root()}.")
-@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]},
+             params=_shared_options(with_store=True))
 @click.version_option(__version__, prog_name="mergehub")
-@click.pass_context
-def cli(ctx: click.Context, store: Path | None, debug: bool) -> None:
+def cli() -> None:
     """mergehub: keep fine-tunes and adapters of one base as compressed deltas, merge and ship them.
 
     A store keeps each base checkpoint once and every fine-tune as a lossless delta against it.
-    Start with `hub demo`, or `hub init` then `hub add`.
+    Start with `hub demo`, or `hub init` then `hub add`. --store, --debug, --quiet and -v go
+    before or after the command's name.
     """
-    ctx.obj = {"store": store, "debug": debug}
 
 
 @cli.command()
@@ -333,7 +391,7 @@ def merge_(ctx: click.Context, recipe: Path, output: Path | None, to_store: str 
                        max_shard_size=parse_size(max_shard_size), overwrite=overwrite,
                        output_format=output_format, progress=_progress(),
                        allow_foreign_base=allow_foreign_base,
-                       echo=lambda t: click.echo(t, err=True))
+                       echo=_note)
     finally:
         if store is not None:
             store.close()
@@ -448,7 +506,7 @@ def train_(ctx: click.Context, config: Path, fresh: bool, stop_after: int | None
     store = Store(root, create=True) if exists or _wants_store(config) else None
     try:
         result = train(config, store=store, resume=not fresh, progress=_progress(),
-                       stop_after=stop_after, echo=lambda t: click.echo(t, err=True))
+                       stop_after=stop_after, echo=_note)
     finally:
         if store is not None:
             store.close()
