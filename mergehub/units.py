@@ -21,6 +21,19 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+def parse_kmb(text: str | int) -> int:
+    """mergekit's size spelling (its ``--out-shard-size``): an integer, or an integer followed
+    by K, M or B for thousand, million, billion (``"5B"`` -> 5e9; mergekit's writer counts
+    these in bytes). Unlike :func:`parse_size`, ``B`` here is a billion, not a byte."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]+)\s*([kKmMbB]?)\s*", text)
+    if not m:
+        raise InputError(f"cannot read size {text!r}: use an integer, or one followed by K, M "
+                         "or B (thousand, million, billion), as mergekit does")
+    return int(m.group(1)) * {"": 1, "K": 10**3, "M": 10**6, "B": 10**9}[m.group(2).upper()]
+
+
 def human_bytes(n: float) -> str:
     """``1234567`` -> ``"1.23 MB"`` (decimal units, as file managers and the HF Hub show)."""
     for unit in ("B", "kB", "MB", "GB", "TB"):

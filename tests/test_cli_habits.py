@@ -61,3 +61,107 @@ def test_debug_after_the_command(tmp_path):
     r = subprocess.run([*HUB, "show", "x", "--store", tmp_path / "s", "--debug"],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" in r.stderr and "StoreError" in r.stderr
+
+
+# --- item 6: mergekit's habits ------------------------------------------------------------------
+
+def _dare_recipe(models, tmp_path: Path) -> Path:
+    path = tmp_path / "dare.yaml"
+    path.write_text(f"merge_method: dare_ties\nbase_model: {models['base-bf16']}\nmodels:\n"
+                    f"  - model: {models['ft-mlp']}\n    parameters: {{density: 0.5}}\n"
+                    f"  - model: {models['ft-attn']}\n    parameters: {{density: 0.5}}\n")
+    return path
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def test_merge_like_mergekit_yaml(models, tmp_path):
+    """`hub merge RECIPE OUT --random-seed N --out-shard-size S` is `-o OUT --seed N
+    --max-shard-size S'` with S in mergekit's spelling (K/M/B: thousand, million, billion)."""
+    r = _dare_recipe(models, tmp_path)
+    invoke("merge", r, "-o", tmp_path / "a", "--seed", 7, "--max-shard-size", "60000")
+    invoke("merge", r, tmp_path / "b", "--random-seed", 7, "--out-shard-size", "60K")
+    invoke("merge", r, tmp_path / "c", "--random-seed", 8, "--out-shard-size", "60K")
+    a, b, c = (_files(tmp_path / x) for x in "abc")
+    assert "model.safetensors.index.json" in a and len(a) > 4  # several 60 kB shards
+    assert a == b and a != c
+    for args, hint in ((["OUT", "-o", tmp_path / "o"], "--output"),
+                       (["--out-shard-size", "1B", "--max-shard-size", "1GB"], "--max-shard-size")):
+        args = [tmp_path / "d" if a == "OUT" else a for a in args]
+        result = invoke("merge", r, *args, code=2)
+        assert "given twice" in result.output and hint in result.output
+    assert not (tmp_path / "d").exists()
+
+
+def test_parse_kmb_is_mergekits():
+    from mergehub.errors import InputError
+    from mergehub.units import parse_kmb
+
+    assert [parse_kmb(s) for s in ("5B", "5b", "500M", "20k", "123", 7)] == [
+        5 * 10**9, 5 * 10**9, 500 * 10**6, 20_000, 123, 7]
+    for bad in ("2GB", "1.5B", "5T", ""):
+        with pytest.raises(InputError, match="thousand, million, billion"):
+            parse_kmb(bad)
+
+
+def test_new_entry_is_name_everywhere(models, tmp_path):
+    """`--name/-n` names the new entry in add, pull, compress and merge; compress's `--as` and
+    merge's `--to-store` stay as aliases."""
+    s = ["--store", tmp_path / "s"]
+    invoke("add", models["base-bf16"], "-n", "base", *s)
+    invoke("add", models["ft-mlp"], "--name", "ft", "-b", "base", *s)
+    invoke("compress", "ft", "--codec", "compeft", "--name", "ft-c1", *s)
+    invoke("compress", "ft", "--codec", "compeft", "--as", "ft-c2", *s)
+    recipe = tmp_path / "ta.yaml"
+    recipe.write_text("merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: ft\n")
+    invoke("merge", recipe, "--name", "m1", *s)
+    invoke("merge", recipe, "-n", "m2", *s)
+    invoke("merge", recipe, "--to-store", "m3", *s)
+    names = [m["name"] for m in json.loads(invoke("ls", "--json", *s).output)]
+    assert names == ["base", "ft", "ft-c1", "ft-c2", "m1", "m2", "m3"]
+    for command in ("add", "pull", "compress", "merge"):
+        opts = {o for p in cli.commands[command].params for o in getattr(p, "opts", [])}
+        assert {"--name", "-n"} <= opts, command
+
+
+def test_pull_revision_option_and_conflict(tmp_path):
+    """`hub pull REPO --revision REV` is REPO@REV; both, disagreeing, is one clear error (before
+    any network access: the endpoint here does not exist)."""
+    from mergehub.hub.remote import split_repo_ref
+
+    assert split_repo_ref("me/x", "exp") == ("me/x", "exp") == split_repo_ref("me/x@exp")
+    assert split_repo_ref("me/x@exp", "exp") == ("me/x", "exp")
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9"}
+    result = invoke("pull", "me/x@main", "--revision", "exp", "--store", tmp_path / "s",
+                    code=2, env=env)
+    assert result.output.startswith("error: 'me/x@main': revision 'main' after '@' and 'exp'")
+
+
+def test_quiet_drops_notes_and_verbose_sets_log_levels(models, tmp_path):
+    """--quiet drops the notes a merge prints on stderr (not the result, nor a dry run's plan,
+    which is on stdout); -v / -vv (before or after the command) log at INFO / DEBUG."""
+    r = tmp_path / "r.yaml"
+    r.write_text(f"merge_method: task_arithmetic\nbase_model: {models['base-bf16']}\n"
+                 f"models:\n  - model: {models['base-bf16']}\n  - model: {models['ft-mlp']}\n")
+    plan = invoke("merge", r, "--dry-run", "--quiet")
+    assert "method: task_arithmetic" in plan.stdout and "note: base_model" in plan.stdout
+    assert plan.stderr == ""
+    args = ["merge", r]
+    loud = invoke(*args, tmp_path / "loud")
+    quiet = invoke(*args, tmp_path / "quiet", "-q")
+    assert "note: " in loud.stderr and quiet.stderr == ""
+    assert quiet.stdout.startswith("merged 21 tensors")
+    code = ("import logging, sys; from mergehub.hub.cli import cli\n"
+            "cli(sys.argv[1:], standalone_mode=False)\n"
+            "print(*(logging.getLogger(n).level for n in ('mergehub', 'huggingface_hub', "
+            "'transformers', '')))")
+    for args, level in ((["-v"], 20), (["-v", "-v"], 10)):
+        out = subprocess.run([sys.executable, "-c", code, *args, "init", "--store",
+                              tmp_path / "s", *args[1:]], capture_output=True, text=True)
+        assert out.stdout.split()[-4:] == [str(level)] * 4, out.stderr
+
+
+def test_version():
+    assert CliRunner().invoke(cli, ["--version"]).output.startswith("mergehub, version ")

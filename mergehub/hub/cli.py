@@ -21,7 +21,7 @@ from mergehub import __version__
 from mergehub.errors import InputError, MergehubError
 from mergehub.safejson import parse_json
 from mergehub.storage.store import KINDS, ModelInfo, Store, default_root
-from mergehub.units import human_bytes, parse_size
+from mergehub.units import human_bytes, parse_kmb, parse_size
 
 
 def _set_shared(ctx: click.Context, param: click.Parameter, value: Any) -> None:
@@ -124,6 +124,15 @@ def _json_arg(value: str | None, option: str) -> dict[str, Any] | None:
     if not isinstance(obj, dict):
         raise click.BadParameter("must be a JSON object", param_hint=option)
     return obj
+
+
+def _not_both(ctx: click.Context, param: str, other: Any, other_hint: str, hint: str) -> None:
+    """Refuse an option given under both of its spellings (a positional OUT and ``-o``;
+    mergekit's ``--out-shard-size`` and ``--max-shard-size``)."""
+    if other is not None and (ctx.get_parameter_source(param)
+                              == click.core.ParameterSource.COMMANDLINE):
+        raise click.BadParameter(f"given twice, as {other_hint} and as {hint}: give one",
+                                 param_hint=hint)
 
 
 def _summary(info: ModelInfo) -> str:
@@ -270,8 +279,8 @@ def export(ctx: click.Context, name: str, output: Path, max_shard_size: str | No
                    "scope=bitdelta|all; compeft "
                    "density=0.1 alpha=1.0; lowrank rank=16 (or rank=0 energy=0.9); tall "
                    "lambda=0.4 (or [0.3,0.4,...] per fine-tune) alpha=1.0.")
-@click.option("--as", "as_name", default=None,
-              help="Name of the compressed entry (default: NAME-CODEC; one NAME only).")
+@click.option("--name", "-n", "--as", "as_name", default=None,
+              help="Name of the new (compressed) entry. Default: NAME-CODEC; one NAME only.")
 @click.pass_context
 def compress(ctx: click.Context, names: tuple[str, ...], codec: str, params: tuple[str, ...],
              as_name: str | None) -> None:
@@ -287,7 +296,7 @@ def compress(ctx: click.Context, names: tuple[str, ...], codec: str, params: tup
         except InputError:
             parsed[key] = value
     if as_name is not None and len(names) > 1:
-        raise click.BadParameter("--as names one entry: give one NAME", param_hint="--as")
+        raise click.BadParameter("names one entry: give one NAME", param_hint="--name")
     with _open_store(ctx) as store:
         if codec == "tall":
             infos = store.compress_tall(list(names), parsed, progress=_progress())
@@ -342,22 +351,27 @@ def verify(ctx: click.Context) -> None:
 
 @cli.command(name="merge")
 @click.argument("recipe", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("out", required=False, type=click.Path(path_type=Path))
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
-              help="Directory to write: an HF model dir, or a PEFT adapter dir (see --format). "
-                   "It appears only when the whole merge succeeded.")
-@click.option("--to-store", default=None,
-              help="Also (or instead) add the result to the store under this name, with the "
-                   "recipe in its provenance.")
+              help="Directory to write (the same as OUT): an HF model dir, or a PEFT adapter "
+                   "dir (see --format). It appears only when the whole merge succeeded.")
+@click.option("--name", "-n", "--to-store", "to_store", default=None,
+              help="Also (or instead) add the result to the store as a new entry of this name, "
+                   "with the recipe in its provenance.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the arithmetic runs (always in float32).")
+@click.option("--cuda", is_flag=True, help="The same as --device cuda (mergekit's spelling).")
 @click.option("--missing", type=click.Choice(["error", "take-base"]), default="error",
               show_default=True,
               help="Tensors some input lacks or has with another shape: stop with an error, or "
                    "use the base's tensor there (each case is reported).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", "--random-seed", "seed", type=int, default=0, show_default=True,
               help="Seed of the random methods (DARE): same seed, same output.")
 @click.option("--max-shard-size", default="5GB", show_default=True,
-              help="Largest output shard (e.g. 2GB, 500MiB).")
+              help="Largest output shard in bytes (e.g. 2GB, 500MiB).")
+@click.option("--out-shard-size", default=None, metavar="SIZE",
+              help="Largest output shard as mergekit spells it: bytes as an integer, or with "
+                   "K, M or B for thousand, million, billion (5B = 5GB).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
 @click.option("--format", "output_format", type=click.Choice(["auto", "hf", "peft"]),
               default="auto", show_default=True,
@@ -366,19 +380,29 @@ def verify(ctx: click.Context) -> None:
                    "when possible, else hf.")
 @click.option("--dry-run", is_flag=True,
               help="Check the recipe and inputs and print the plan (tensors, bytes, inputs) "
-                   "without computing anything.")
+                   "on stdout without computing anything.")
 @click.option("--allow-foreign-base", is_flag=True,
               help="Merge store entries that were added against another base than the "
                    "recipe's base_model (refused by default: a task vector is relative to the "
                    "base it was taken from, so against another model it is meaningless).")
 @click.pass_context
-def merge_(ctx: click.Context, recipe: Path, output: Path | None, to_store: str | None,
-           device: str, missing: str, seed: int, max_shard_size: str, overwrite: bool,
+def merge_(ctx: click.Context, recipe: Path, out: Path | None, output: Path | None,
+           to_store: str | None, device: str, cuda: bool, missing: str, seed: int,
+           max_shard_size: str, out_shard_size: str | None, overwrite: bool,
            output_format: str, dry_run: bool, allow_foreign_base: bool) -> None:
-    """Merge models as RECIPE (mergekit-style YAML) says. Inputs are HF model dirs, PEFT LoRA
-    dirs (used as dense deltas B·A·scaling), .safetensors files or store names."""
+    """Merge models as RECIPE (mergekit-style YAML) says into the directory OUT (or -o) and/or
+    a new store entry (--name). Inputs are HF model dirs, PEFT LoRA dirs (used as dense deltas
+    B·A·scaling), .safetensors files or store names. `hub merge RECIPE OUT` is `mergekit-yaml
+    RECIPE OUT`; --random-seed, --out-shard-size, --cuda, -v and --quiet mean what they mean
+    there."""
     from mergehub.merge.engine import kept_line, merge
 
+    _not_both(ctx, "output", out, "OUT", "--output")
+    _not_both(ctx, "max_shard_size", out_shard_size, "--out-shard-size", "--max-shard-size")
+    output = out if out is not None else output
+    shard_bytes = (parse_kmb(out_shard_size) if out_shard_size is not None
+                   else parse_size(max_shard_size))
+    device = "cuda" if cuda else device
     store = None
     root = ctx.obj["store"]
     if to_store is not None:
@@ -388,10 +412,10 @@ def merge_(ctx: click.Context, recipe: Path, output: Path | None, to_store: str 
     try:
         result = merge(recipe, output, store=store, to_store=to_store, device=device,
                        missing=missing, seed=seed, dry_run=dry_run,
-                       max_shard_size=parse_size(max_shard_size), overwrite=overwrite,
+                       max_shard_size=shard_bytes, overwrite=overwrite,
                        output_format=output_format, progress=_progress(),
                        allow_foreign_base=allow_foreign_base,
-                       echo=_note)
+                       echo=click.echo if dry_run else _note)
     finally:
         if store is not None:
             store.close()
@@ -459,6 +483,8 @@ def push(ctx: click.Context, name: str, repo_id: str, revision: str | None, priv
 @click.option("--name", "-n", default=None,
               help="Name of the new store entry. Default: the name it was pushed under, else "
                    "the repo's name.")
+@click.option("--revision", default=None,
+              help="Branch, tag or commit to pull, the same as REPO@REVISION. Default: main.")
 @click.option("--subfolder", default=None, help="The model is in this folder of the repo.")
 @click.option("--base", "-b", default=None,
               help="Stored model to use as the base. Default: for a repo pushed by mergehub, "
@@ -466,16 +492,16 @@ def push(ctx: click.Context, name: str, repo_id: str, revision: str | None, priv
                    "PEFT adapter, the entry named by (or pulled from) its "
                    "base_model_name_or_path; else none.")
 @click.pass_context
-def pull(ctx: click.Context, repo: str, name: str | None, subfolder: str | None,
-         base: str | None) -> None:
+def pull(ctx: click.Context, repo: str, name: str | None, revision: str | None,
+         subfolder: str | None, base: str | None) -> None:
     """Add the model in Hub repo REPO (ORG/NAME or ORG/NAME@REVISION: branch, tag or commit)
     to the store, creating the store if needed. Every file is checked against the server's hash
     and the repo's manifest before anything is added; an interrupted pull resumes."""
     from mergehub.hub.remote import pull as pull_model
 
     with _open_store(ctx, create=True) as store:
-        result = pull_model(store, repo, name=name, subfolder=subfolder, base=base,
-                            progress=_progress())
+        result = pull_model(store, repo, revision=revision, name=name, subfolder=subfolder,
+                            base=base, progress=_progress())
     click.echo(f"pulled {result.repo_id}@{result.revision} (commit {result.commit[:12]}, "
                f"{result.form} form) as {_summary(result.info)}")
 

@@ -90,12 +90,16 @@ class PullResult:
     downloaded: list[str]
 
 
-def split_repo_ref(ref: str) -> tuple[str, str | None]:
-    """``"org/name@rev"`` -> ``("org/name", "rev")``; no ``@`` -> revision ``None``."""
-    repo_id, sep, revision = ref.partition("@")
-    if not _REPO_ID.match(repo_id) or (sep and not revision):
+def split_repo_ref(ref: str, revision: str | None = None) -> tuple[str, str | None]:
+    """``"org/name@rev"`` -> ``("org/name", "rev")``; no ``@`` -> ``revision`` (default
+    ``None``). A revision both after ``@`` and in ``revision`` must be the same one."""
+    repo_id, sep, at = ref.partition("@")
+    if not _REPO_ID.match(repo_id) or (sep and not at):
         raise RemoteError(f"{ref!r} is not a repo id of the form ORG/NAME[@REVISION]")
-    return repo_id, revision or None
+    if at and revision and at != revision:
+        raise RemoteError(f"{ref!r}: revision {at!r} after '@' and {revision!r} given as well: "
+                          "give one")
+    return repo_id, at or revision or None
 
 
 # --- talking to the Hub ------------------------------------------------------------------------
@@ -388,8 +392,7 @@ def push(store: Store, name: str, repo_id: str, *, revision: str | None = None,
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
-    repo_id, at = split_repo_ref(repo_id)
-    revision = revision or at
+    repo_id, revision = split_repo_ref(repo_id, revision)
     info = store.show(name)
     forms = _forms(info, fmt)
     manifest = store.entry_manifest(name)
@@ -590,8 +593,8 @@ def pull(store: Store, repo_id: str, *, revision: str | None = None, name: str |
     Any other PEFT adapter or HF model repo (safetensors) is added like ``hub add`` would.
 
     Args:
-        revision: branch, tag or commit sha (default: the ``@REVISION`` of ``repo_id``, else
-            ``main``).
+        revision: branch, tag or commit sha, the same as ``repo_id``'s ``@REVISION`` (given
+            both ways, they must agree); default ``main``.
         name: name of the new entry (default: the pushed entry's name, else the repo's name).
         subfolder: the model is in this folder of the repo.
         base: stored model to use as the base (checked against the manifest's fingerprint); by
@@ -601,9 +604,9 @@ def pull(store: Store, repo_id: str, *, revision: str | None = None, name: str |
     """
     from huggingface_hub.hf_api import RepoFile
 
-    repo_id, at = split_repo_ref(repo_id)
+    repo_id, revision = split_repo_ref(repo_id, revision)
     api = _api(endpoint, token)
-    revision, commit = _resolve_revision(api, repo_id, revision or at)
+    revision, commit = _resolve_revision(api, repo_id, revision)
     folder = subfolder.strip("/") if subfolder else ""
     prefix = f"{folder}/" if folder else ""
     with _hub_errors(api, f"{repo_id}@{revision}" + (f": folder {folder!r}" if folder else "")):
