@@ -165,3 +165,22 @@ def test_quiet_drops_notes_and_verbose_sets_log_levels(models, tmp_path):
 
 def test_version():
     assert CliRunner().invoke(cli, ["--version"]).output.startswith("mergehub, version ")
+
+
+# --- item 7: `mergehub`, the same commands under a name that does not clash --------------------
+
+def test_mergehub_console_script_and_python_m(tmp_path):
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())[
+        "project"]["scripts"]
+    assert scripts["mergehub"] == scripts["hub"] == "mergehub.hub.cli:main"
+    as_mergehub = [sys.executable, "-c", "import sys; sys.argv[0] = '/usr/bin/mergehub'; "
+                   "from mergehub.hub.cli import main; main()"]
+    r = subprocess.run([*as_mergehub, "ls", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("Usage: mergehub ls [OPTIONS]")
+    r = subprocess.run([sys.executable, "-m", "mergehub", "init", "--store", tmp_path / "s"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "initialized store" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, "-m", "mergehub", "--help"], capture_output=True, text=True)
+    assert r.stdout.startswith("Usage: python -m mergehub [OPTIONS] COMMAND")

@@ -568,5 +568,7 @@ def demo(keep: Path | None) -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    cli(prog_name="hub")
+    """Console-script entry point of both ``hub`` and ``mergehub`` (and ``python -m
+    mergehub``); usage lines name the one that was run."""
+    invoked = Path(sys.argv[0]).stem
+    cli(prog_name={"mergehub": "mergehub", "__main__": "python -m mergehub"}.get(invoked, "hub"))
