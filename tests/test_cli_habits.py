@@ -184,3 +184,93 @@ def test_mergehub_console_script_and_python_m(tmp_path):
     assert r.returncode == 0 and "initialized store" in r.stdout, r.stderr
     r = subprocess.run([sys.executable, "-m", "mergehub", "--help"], capture_output=True, text=True)
     assert r.stdout.startswith("Usage: python -m mergehub [OPTIONS] COMMAND")
+
+
+# --- item 9: output hygiene ---------------------------------------------------------------------
+
+def test_closed_pipe_exits_quietly(models, tmp_path):
+    """`hub show X | head -1`: the reader is gone before hub writes; no traceback, no
+    `error: [Errno 32] Broken pipe`."""
+    import os
+
+    store = tmp_path / "s"
+    invoke("add", models["base-bf16"], "--name", "base", "--store", store)
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        r = subprocess.run([*HUB, "show", "base", "--store", store], stdout=write,
+                           stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write)
+    assert r.stderr == "" and r.returncode == 1
+
+
+BAR = ("it/s", "B/s", "%|")
+
+
+def test_no_progress_bars_off_a_terminal(models, tmp_path, capsys):
+    """CLI output that is not a terminal has no bars (a re-sharding export printed one); the
+    Python API's default shows them only on a terminal too, progress=True forces them."""
+    import transformers
+
+    from mergehub.hub.demo import make_tiny_llama
+    from mergehub.storage.store import Store
+
+    s = ["--store", tmp_path / "s"]
+    runs = [invoke("add", models["base-bf16"], "--name", "base", *s),
+            invoke("add", models["ft-mlp"], "--name", "ft", "--base", "base", *s),
+            invoke("export", "ft", "-o", tmp_path / "e1", *s),
+            invoke("export", "ft", "-o", tmp_path / "e2", "--max-shard-size", "60KB", *s),
+            invoke("compress", "ft", "--codec", "bit1", *s),
+            invoke("verify", *s)]
+    for r in runs:
+        assert not any(b in r.stderr for b in BAR), r.stderr
+    capsys.readouterr()
+    with Store(tmp_path / "s") as store:
+        store.export("ft", tmp_path / "e3")
+        assert not any(b in capsys.readouterr().err for b in BAR)
+        store.export("ft", tmp_path / "e4", progress=True)
+        assert "export ft" in capsys.readouterr().err
+    transformers.logging.enable_progress_bar()  # as outside this test suite
+    try:
+        make_tiny_llama(tmp_path / "tiny")  # the README's Python example builds with these
+    finally:
+        transformers.logging.disable_progress_bar()
+    assert not any(b in capsys.readouterr().err for b in BAR)
+
+
+def test_show_keeps_a_space_after_every_label(models, tmp_path):
+    s = ["--store", tmp_path / "s"]
+    invoke("add", models["base-bf16"], "--name", "base", *s)
+    lines = invoke("show", "base", *s).output.splitlines()
+    assert any(line.startswith("codec lossless: ") for line in lines), lines
+    assert all(": " in line for line in lines)
+
+
+def test_demo_help_says_what_the_demo_does():
+    text = " ".join(invoke("demo", "--help").output.split())
+    for step in ("LoRA", "export", "TIES-merge", "compress", "train", "verify"):
+        assert step in text, step
+
+
+def test_model_card_has_no_placeholder(models, tmp_path):
+    """A pushed adapter whose base is not on the Hub gets a card that says how to get the base
+    (export it from the store) instead of `from_pretrained('BASE')`; with the base's repo known
+    the snippet names it."""
+    from mergehub.hub.remote import model_card
+    from mergehub.storage.store import Store
+
+    with Store.init(tmp_path / "s") as store:
+        store.add(models["base-bf16"], "base", progress=False)
+        store.add(models["lora"], "lora", base="base", progress=False)
+        store.add(models["lora"], "orphan", progress=False)
+        card = lambda name, base_model: model_card(  # noqa: E731
+            store.show(name), store.entry_manifest(name), ["peft"], base_model, "me/lora",
+            "AutoModelForCausalLM")
+        local, known, orphan = card("lora", None), card("lora", "me/base"), card("orphan", None)
+    assert "hub export base -o base-model" in local
+    assert "AutoModelForCausalLM.from_pretrained('base-model')" in local
+    assert "AutoModelForCausalLM.from_pretrained('me/base')" in known
+    assert "PeftModel.from_pretrained(base, 'me/lora')" in orphan
+    for text in (local, known, orphan):
+        assert "BASE" not in text

@@ -465,3 +465,23 @@ def test_cli_push_pull_and_the_token_never_shows(hf, models, tmp_path, caplog):
     # the token did go over the wire, to the write API, as the Hub expects
     assert any(h.get("authorization") == f"Bearer {WRITE_TOKEN}"
                for m, p, h in hf.hub.requests if "/commit/" in p)
+
+
+def test_cli_push_pull_show_no_library_bars_off_a_terminal(hf, models, tmp_path):
+    """huggingface_hub's own upload/download bars (switched on here, as they are by default
+    outside the test suite) stay out of `hub push` / `hub pull` output that is not a terminal."""
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    repo = _repo("bars")
+    enable_progress_bars()
+    try:
+        runner = CliRunner()
+        outs = [runner.invoke(cli, ["--store", str(tmp_path / s), *args]) for s, args in (
+            ("a", ["add", str(models["base-bf16"]), "--name", "base"]),
+            ("a", ["push", "base", repo]),
+            ("b", ["pull", repo, "--name", "base"]))]
+    finally:
+        disable_progress_bars()
+    for r in outs:
+        assert r.exit_code == 0, r.output
+        assert r.stderr == "", r.stderr

@@ -39,6 +39,7 @@ from mergehub.adapters import onebit, sparse
 from mergehub.adapters.config import ConfigError, TrainConfig, load_config
 from mergehub.adapters.data import Batch, Dataset, accuracy, build_dataset, completion_scores
 from mergehub.errors import InputError, StoreError
+from mergehub.progress import bar_disabled
 from mergehub.storage.atomic import atomic_output_dir, write_file_atomic
 from mergehub.storage.checkpoint import open_checkpoint
 from mergehub.storage.store import ModelInfo, Store, names_entry
@@ -480,7 +481,7 @@ def _copy_side_files(base_dir: Path, out: Path) -> None:
 
 
 def train(config: str | Path | dict[str, Any] | TrainConfig, *, store: Store | None = None,
-          resume: bool = True, progress: bool = True, stop_after: int | None = None,
+          resume: bool = True, progress: bool | None = None, stop_after: int | None = None,
           echo: Callable[[str], None] = lambda text: None) -> TrainResult:
     """Train as ``config`` says (a YAML path, a dict or a :class:`TrainConfig`).
 
@@ -488,7 +489,8 @@ def train(config: str | Path | dict[str, Any] | TrainConfig, *, store: Store | N
         store: where ``output.store`` goes and store-named bases come from.
         resume: continue from the newest checkpoint in the run dir if there is one (else
             its checkpoints are removed and training starts afresh).
-        progress: show a progress bar with the loss on stderr.
+        progress: a progress bar with the loss on stderr: None (default) on a terminal
+            only (:mod:`mergehub.progress`), True always, False never.
         stop_after: stop after this many steps (counted from 0) as if interrupted: the last
             checkpoint stays and no output is written. For tests and step-wise runs.
         echo: receives one-line status messages.
@@ -532,7 +534,7 @@ def train(config: str | Path | dict[str, Any] | TrainConfig, *, store: Store | N
             echo(f"resuming from {ckpt} (step {start}, loss {state['loss']:.4f})")
         log_every = cfg.checkpoint_every or max(1, cfg.steps // 10)
         bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.method}", unit="step",
-                   disable=not progress, leave=False)
+                   disable=bar_disabled(progress), leave=False)
         with bar:
             for step in range(start, cfg.steps):
                 if stop_after is not None and step >= stop_after:

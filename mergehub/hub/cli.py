@@ -81,6 +81,8 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:
+            raise  # the reader went away (`hub show X | head -1`): click exits quietly
         except (MergehubError, OSError) as e:
             if (ctx.obj or {}).get("debug"):
                 raise
@@ -223,19 +225,21 @@ def show(ctx: click.Context, name: str, as_json: bool) -> None:
         click.echo(json.dumps(info.to_dict(), indent=2))
         return
     ratio = info.logical_bytes / info.stored_bytes if info.stored_bytes else float("inf")
-    for key, value in (("name", info.name), ("kind", info.kind), ("base", info.base or "-"),
-                       ("format", info.format), ("created", info.created),
-                       ("tensors", info.tensors),
-                       ("logical bytes", f"{info.logical_bytes} ({human_bytes(info.logical_bytes)})"),
-                       ("bytes on disk", f"{info.stored_bytes} ({human_bytes(info.stored_bytes)})"),
-                       ("saving vs raw", f"{info.saving:.1%} ({ratio:.2f}x smaller)"),
-                       *((f"codec {c}", f"{v['blobs']} blobs, {human_bytes(v['stored_bytes'])} "
-                          f"for {human_bytes(v['raw_bytes'])} decoded "
-                          f"({v['raw_bytes'] / max(1, v['stored_bytes']):.2f}x)")
-                         for c, v in info.codecs.items()),
-                       ("metrics", json.dumps(info.metrics, sort_keys=True)),
-                       ("provenance", json.dumps(info.provenance, sort_keys=True))):
-        click.echo(f"{key + ':':15s}{value}")
+    rows = [("name", info.name), ("kind", info.kind), ("base", info.base or "-"),
+            ("format", info.format), ("created", info.created),
+            ("tensors", info.tensors),
+            ("logical bytes", f"{info.logical_bytes} ({human_bytes(info.logical_bytes)})"),
+            ("bytes on disk", f"{info.stored_bytes} ({human_bytes(info.stored_bytes)})"),
+            ("saving vs raw", f"{info.saving:.1%} ({ratio:.2f}x smaller)"),
+            *((f"codec {c}", f"{v['blobs']} blobs, {human_bytes(v['stored_bytes'])} "
+               f"for {human_bytes(v['raw_bytes'])} decoded "
+               f"({v['raw_bytes'] / max(1, v['stored_bytes']):.2f}x)")
+              for c, v in info.codecs.items()),
+            ("metrics", json.dumps(info.metrics, sort_keys=True)),
+            ("provenance", json.dumps(info.provenance, sort_keys=True))]
+    width = max(len(key) for key, _ in rows) + 2  # "codec lossless:" is as long as the column
+    for key, value in rows:
+        click.echo(f"{key + ':':{width}s}{value}")
 
 
 @cli.command()
@@ -560,8 +564,10 @@ def _wants_store(config: Path) -> bool:
 @click.option("--keep", type=click.Path(path_type=Path), default=None,
               help="Build the demo in this directory and keep it (default: a temp dir, removed).")
 def demo(keep: Path | None) -> None:
-    """Build a tiny transformers model, fine-tune-like variants and a LoRA adapter, store them
-    against the base, show the savings, export and check the exports are bit-exact."""
+    """Show every verb on a tiny random Llama, in a store of its own (not --store): add two
+    fine-tune-like variants and a LoRA against the base and show the savings, export each and
+    check it bit for bit, TIES-merge three of them into the store, compress one with ComPEFT,
+    train a LoRA on a synthetic task, and verify the store."""
     from mergehub.hub.demo import run_demo
 
     run_demo(keep, echo=click.echo)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from mergehub.progress import library_bars
+
 TINY_LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
 
@@ -27,7 +29,8 @@ def make_tiny_llama(out: str | Path, *, dtype: torch.dtype = torch.bfloat16, see
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).to(dtype)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(out, **kwargs)
+    with library_bars(False):
+        model.save_pretrained(out, **kwargs)
     return Path(out)
 
 
@@ -40,7 +43,8 @@ def make_finetune(base: str | Path, out: str | Path, *, pattern: str, scale: flo
     """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    with library_bars(False):
+        model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -48,7 +52,8 @@ def make_finetune(base: str | Path, out: str | Path, *, pattern: str, scale: flo
                 noise = torch.randn(param.shape, generator=gen) * param.float().std() * scale
                 param.copy_((param.float() + noise).to(param.dtype))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(out, **kwargs)
+    with library_bars(False):
+        model.save_pretrained(out, **kwargs)
     return Path(out)
 
 
@@ -59,10 +64,11 @@ def make_lora(base: str | Path, out: str | Path, *, rank: int = 4, seed: int = 2
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(target_modules),
-                        init_lora_weights=False)
-    get_peft_model(model, config).save_pretrained(out)
+    with library_bars(False):
+        model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(target_modules),
+                            init_lora_weights=False)
+        get_peft_model(model, config).save_pretrained(out)
     return Path(out)
 
 

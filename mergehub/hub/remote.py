@@ -44,6 +44,7 @@ from mergehub import __version__
 from mergehub.errors import (
     BaseMismatchError, InputError, IntegrityError, MergehubError, RemoteError, StoreError,
     shown)
+from mergehub.progress import bar_disabled, library_bars
 from mergehub.safejson import parse_json, read_json
 from mergehub.storage.checkpoint import ADAPTER_CONFIG, PICKLE_SUFFIXES, open_checkpoint
 from mergehub.storage.codec import sha256
@@ -323,15 +324,29 @@ def model_card(info: ModelInfo, manifest: dict[str, Any], forms: list[str],
     against = f", against base `{manifest['base']['name']}`" if manifest["base"] else ""
     lines = [f"# {repo_id.split('/')[-1]}", "",
              f"`{info.name}` ({info.kind}), pushed by mergehub {__version__}{against}.", ""]
-    lines += ["## Load it", "", "```python"]
+    lines += ["## Load it", ""]
     if "peft" in forms:
-        lines += ["from peft import PeftModel", f"from transformers import {auto_class}", "",
-                  f"base = {auto_class}.from_pretrained({base_model or 'BASE'!r})",
-                  f"model = PeftModel.from_pretrained(base, {repo_id!r})"]
+        base_ref = base_model
+        if base_ref is None and manifest["base"]:
+            # the base is not on the Hub: the reader exports it from the store that holds it
+            base_ref = f"{manifest['base']['name']}-model"
+            lines += [f"Its base, `{manifest['base']['name']}`, is not on the Hub: export it "
+                      "from a mergehub store that holds it,", "",
+                      "```bash", f"hub export {manifest['base']['name']} -o {base_ref}", "```",
+                      ""]
+        if base_ref is None:
+            lines += ["Load it onto the model it was trained on with "
+                      f"`PeftModel.from_pretrained(base, {repo_id!r})` (that model is not "
+                      "recorded).", ""]
+        else:
+            lines += ["```python", "from peft import PeftModel",
+                      f"from transformers import {auto_class}", "",
+                      f"base = {auto_class}.from_pretrained({base_ref!r})",
+                      f"model = PeftModel.from_pretrained(base, {repo_id!r})", "```", ""]
     elif "hf" in forms:
-        lines += [f"from transformers import {auto_class}", "",
-                  f"model = {auto_class}.from_pretrained({repo_id!r})"]
-    lines += ["```", "", "Into a mergehub store (" + (
+        lines += ["```python", f"from transformers import {auto_class}", "",
+                  f"model = {auto_class}.from_pretrained({repo_id!r})", "```", ""]
+    lines += ["Into a mergehub store (" + (
         "restores the compressed blobs without decoding; needs the base in the store"
         if "mergehub" in forms else "verified against `mergehub/manifest.json`") + "):", "",
               "```bash", f"hub pull {repo_id}", "```", ""]
@@ -374,7 +389,7 @@ def push(store: Store, name: str, repo_id: str, *, revision: str | None = None,
          private: bool = False, fmt: str | list[str] | tuple[str, ...] | None = None,
          base_model: str | None = None, message: str | None = None,
          subfolder: str | None = None, token: str | None = None, endpoint: str | None = None,
-         progress: bool = True) -> PushResult:
+         progress: bool | None = None) -> PushResult:
     """Push store entry ``name`` to the Hub repo ``repo_id`` in one commit.
 
     Args:
@@ -429,7 +444,7 @@ def push(store: Store, name: str, repo_id: str, *, revision: str | None = None,
                                  _auto_class(store, info)).encode()
         size = sum(len(s) if isinstance(s, bytes) else s.stat().st_size for s in files.values())
         what = f"push {name!r} to {repo_id}@{branch}" + (f" (folder {folder!r})" if folder else "")
-        with _hub_errors(api, what, writing=True):
+        with _hub_errors(api, what, writing=True), library_bars(progress):
             api.create_repo(repo_id, private=private, exist_ok=True)
             if branch != "main":
                 branches = {b.name for b in api.list_repo_refs(repo_id).branches}
@@ -450,14 +465,12 @@ def push(store: Store, name: str, repo_id: str, *, revision: str | None = None,
 # --- pull --------------------------------------------------------------------------------------
 
 def _download(api: "HfApi", repo_id: str, commit: str, remote: dict[str, Any],
-              paths: list[str], into: Path, progress: bool) -> list[str]:
+              paths: list[str], into: Path, progress: bool | None) -> list[str]:
     """Download ``paths`` of the repo at ``commit`` into ``into`` (same relative paths), a few
     at a time, each checked against the server's hash; returns those fetched. A file already
     there and matching is kept (an interrupted pull resumes); a mismatching download is deleted
     and reported."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.utils import (
-        are_progress_bars_disabled, disable_progress_bars, enable_progress_bars)
 
     for path in paths:
         inside(into, path, f"{repo_id}@{commit[:12]}: a file to download")
@@ -478,16 +491,12 @@ def _download(api: "HfApi", repo_id: str, commit: str, remote: dict[str, Any],
                                  f"{problem} (corrupted in transit or on the server)")
         return path
 
-    was_disabled = are_progress_bars_disabled()
-    disable_progress_bars()  # one bar for the whole pull instead of one per file
-    try:
-        with tqdm(total=sum(remote[p].size for p in todo), unit="B", unit_scale=True,
-                  desc=f"pull {repo_id}", disable=not progress, leave=False) as bar:
-            for path in ordered_map(fetch, todo, workers=8):
-                bar.update(remote[path].size)
-    finally:
-        if not was_disabled:
-            enable_progress_bars()
+    # one bar for the whole pull instead of one per file
+    with library_bars(False), tqdm(total=sum(remote[p].size for p in todo), unit="B",
+                                   unit_scale=True, desc=f"pull {repo_id}",
+                                   disable=bar_disabled(progress), leave=False) as bar:
+        for path in ordered_map(fetch, todo, workers=8):
+            bar.update(remote[path].size)
     return todo
 
 
@@ -583,7 +592,7 @@ def _check_dense(model_dir: Path, manifest: dict[str, Any], repo_id: str) -> Non
 
 def pull(store: Store, repo_id: str, *, revision: str | None = None, name: str | None = None,
          subfolder: str | None = None, base: str | None = None, token: str | None = None,
-         endpoint: str | None = None, progress: bool = True) -> PullResult:
+         endpoint: str | None = None, progress: bool | None = None) -> PullResult:
     """Add the model in Hub repo ``repo_id`` (``ORG/NAME`` or ``ORG/NAME@REVISION``) to
     ``store``.
 

@@ -37,6 +37,7 @@ from mergehub.merge.rmm import execute_rmm
 from mergehub.merge.recipe import (
     DTYPES, LineDict, ModelEntry, Recipe, RecipeError, did_you_mean, layer_index, load_recipe,
     resolve_params)
+from mergehub.progress import bar_disabled
 from mergehub.safejson import parse_json
 from mergehub.storage.parallel import background, busy_machine, ordered_map, torch_threads
 from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
@@ -400,14 +401,14 @@ class TensorMerger:
                   else src.theta(spec.name, base, dev, r0, r1) for src in sources]
             yield base, xs
 
-    def prepass(self, progress: bool = False) -> None:
+    def prepass(self, progress: bool | None = False) -> None:
         """The method's full passes over every tensor before merging (global statistics)."""
         method = self.plan.method
         mergeable = [s for s in self.plan.specs if s.name not in self.plan.copy_from_base]
         rnd = 0
         while rnd < method.prepass_rounds():
             for spec in tqdm(mergeable, desc=f"pre-pass {rnd + 1}", unit="tensor",
-                             disable=not progress, leave=False):
+                             disable=bar_disabled(progress), leave=False):
                 ctx = TensorContext(spec.name, self.device, self.seed, self.state)
                 for _, xs in self._chunks(spec, row_ranges(spec, self.chunk)):
                     method.observe(rnd, xs, self.params(spec), ctx)
@@ -461,7 +462,7 @@ class TensorMerger:
 
 def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
             max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
-            progress: bool = True, chunk_elements: int | None = None,
+            progress: bool | None = None, chunk_elements: int | None = None,
             fused: bool | None = None) -> MergeResult:
     """Run a checked plan, writing an HF model dir at ``out`` (atomically).
 
@@ -478,8 +479,8 @@ def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
         and busy_machine()
     with torch_threads(1 if busy else None):
         merger.prepass(progress)
-        bar = tqdm(total=len(plan.specs), desc="merge", unit="tensor", disable=not progress,
-                   leave=False)
+        bar = tqdm(total=len(plan.specs), desc="merge", unit="tensor",
+                   disable=bar_disabled(progress), leave=False)
         done_bytes = 0
 
         def produce() -> Iterator[tuple[str, torch.Tensor | None]]:
@@ -521,7 +522,7 @@ def merge(recipe: str | Path | Recipe, out: str | Path | None = None, *,
           store: Store | None = None, to_store: str | None = None, device: str = "cpu",
           missing: str = "error", seed: int = 0, dry_run: bool = False,
           max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
-          output_format: str = "auto", progress: bool = True, allow_foreign_base: bool = False,
+          output_format: str = "auto", progress: bool | None = None, allow_foreign_base: bool = False,
           echo: Callable[[str], Any] | None = None) -> MergeResult:
     """Merge as a recipe says: write an HF model dir at ``out`` and/or a store entry ``to_store``.
 

@@ -54,7 +54,7 @@ def can_write_peft(plan: Any) -> bool:
 
 def execute_peft(plan: Any, out: Path, *, device: str = "cpu", seed: int = 0,
                  max_shard_size: int | str = 0, overwrite: bool = False,
-                 progress: bool = True) -> Any:
+                 progress: bool | None = None) -> Any:
     """Run a plan whose result is a LoRA (see :func:`can_write_peft`): write a PEFT adapter dir
     (same signature and result as :func:`mergehub.merge.engine.execute`)."""
     import time

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from mergehub.errors import StoreError
 from mergehub.merge.methods.rmm import decompose, decompose_dense_lowrank, decompose_factors
+from mergehub.progress import bar_disabled
 from mergehub.safejson import parse_json
 from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
 from mergehub.storage.store import Store
@@ -39,7 +40,7 @@ def _dense_bytes(shape: tuple[int, ...], t: int, m: int) -> int:
 
 def execute_rmm(plan: Any, out: Path, *, device: str = "cpu", seed: int = 0,
                 max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
-                progress: bool = True) -> Any:
+                progress: bool | None = None) -> Any:
     """Run an ``rmm`` plan: write the basis directory at ``out`` (same signature and result as
     :func:`mergehub.merge.engine.execute`; the summary is the result's ``report``)."""
     import time
@@ -58,7 +59,7 @@ def execute_rmm(plan: Any, out: Path, *, device: str = "cpu", seed: int = 0,
     factored = 0
     all_lora = all(src.is_lora for src in plan.inputs)
     mergeable = [s for s in plan.specs if s.name not in plan.copy_from_base]
-    for spec in tqdm(mergeable, desc="rmm", unit="tensor", disable=not progress, leave=False):
+    for spec in tqdm(mergeable, desc="rmm", unit="tensor", disable=bar_disabled(progress), leave=False):
         if all_lora and len(spec.shape) == 2:
             factors = [src.factors(spec.name, spec.shape, dev) for src in plan.inputs]
             if all(left.shape[1] == 0 for left, _ in factors):
@@ -106,7 +107,7 @@ def execute_rmm(plan: Any, out: Path, *, device: str = "cpu", seed: int = 0,
 
 
 def revert(store: Store, name: str, task: str | int, out: str | Path, *,
-           overwrite: bool = False, progress: bool = True) -> Path:
+           overwrite: bool = False, progress: bool | None = None) -> Path:
     """Rebuild task ``task`` (its label, or index from 0) of the RMM entry ``name`` as an HF
     model dir: θ0 + Σj ctj Bj for every tensor with a dense basis, θ0 + (Σj c^L_tj L^j) @
     (Σj c^R_tj R^j) for every tensor with a factor basis, the base's tensor elsewhere."""

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from mergehub import __version__
 from mergehub.errors import BaseMismatchError, InputError, IntegrityError, StoreError, shown
+from mergehub.progress import bar_disabled
 from mergehub.storage.atomic import (
     atomic_output_dir, fsync_dir, start_writeback, write_file_atomic)
 from mergehub.storage.checkpoint import Checkpoint, open_checkpoint, peft_target_weight
@@ -637,7 +638,7 @@ class Store:
 
     def add(self, path: str | Path, name: str, *, base: str | None = None,
             kind: str | None = None, metrics: dict[str, Any] | None = None,
-            provenance: dict[str, Any] | None = None, progress: bool = True) -> ModelInfo:
+            provenance: dict[str, Any] | None = None, progress: bool | None = None) -> ModelInfo:
         """Add the checkpoint at ``path`` under ``name``.
 
         Args:
@@ -652,7 +653,8 @@ class Store:
             metrics: JSON-able metrics (loss, accuracy, step, ...) kept with the model.
             provenance: JSON-able facts about where it came from (recipe, run, ...); the source
                 path and mergehub version are always recorded.
-            progress: show a progress bar on stderr.
+            progress: a progress bar on stderr: None (default) on a terminal only
+                (:mod:`mergehub.progress`), True always, False never.
         """
         if not _NAME.match(name):
             raise StoreError(f"invalid model name {name!r}: use letters, digits and ._@+=/:- "
@@ -680,7 +682,7 @@ class Store:
 
     def _add_locked(self, ckpt: Checkpoint, name: str, kind: str, base_id: int | None,
                     base_tensors: dict[str, tuple[TensorSpec, str]], metrics: dict[str, Any],
-                    provenance: dict[str, Any], progress: bool) -> ModelInfo:
+                    provenance: dict[str, Any], progress: bool | None) -> ModelInfo:
         new_blobs: dict[str, tuple[str, str | None, str, int, int]] = {}
         dirs: set[Path] = set()
 
@@ -738,7 +740,7 @@ class Store:
         tensor_rows = []
         items = list(ckpt.tensors.items())
         with tqdm(total=sum(t.nbytes for _, t in items), unit="B", unit_scale=True,
-                  desc=f"add {name}", disable=not progress, leave=False) as bar:
+                  desc=f"add {name}", disable=bar_disabled(progress), leave=False) as bar:
             for (tname, info), blob_id in zip(items, ordered_map(put_tensor, items)):
                 offset = info.offset - ckpt.headers[info.file].data_start
                 tensor_rows.append((tname, info.file, offset, info.spec.dtype,
@@ -786,7 +788,7 @@ class Store:
         return self.show(name)
 
     def compress(self, name: str, codec: str, params: dict[str, Any] | None = None, *,
-                 as_name: str | None = None, progress: bool = True) -> ModelInfo:
+                 as_name: str | None = None, progress: bool | None = None) -> ModelInfo:
         """Store a lossy-compressed copy of fine-tune ``name`` as a new entry (``as_name``,
         default ``NAME-CODEC``) with the same base, files and provenance plus the codec.
 
@@ -830,7 +832,7 @@ class Store:
 
         with self._lock(exclusive=False):
             self._check_free([as_name])
-            bar = tqdm(rows, desc=f"compress {name}", unit="tensor", disable=not progress,
+            bar = tqdm(rows, desc=f"compress {name}", unit="tensor", disable=bar_disabled(progress),
                        leave=False)
             blobs = {row[0]: blob for row, blob in zip(rows, ordered_map(encode, bar))}
             if not new_blobs:
@@ -846,7 +848,7 @@ class Store:
     def compress_search(self, name: str, codec: str, grid: dict[str, list[Any]],
                         evaluate: Callable[[Path], float], params: dict[str, Any] | None = None,
                         *, as_name: str | None = None,
-                        progress: bool = True) -> tuple[ModelInfo, list[tuple[dict, float]]]:
+                        progress: bool | None = None) -> tuple[ModelInfo, list[tuple[dict, float]]]:
         """:meth:`compress` with the best codec parameters of a small grid.
 
         Every combination of ``grid`` (e.g. ``{"alpha": [0.5, 1, 2, 4]}`` for compeft) is
@@ -886,7 +888,7 @@ class Store:
         return self.show(final), tried
 
     def compress_tall(self, names: list[str], params: dict[str, Any] | None = None, *,
-                      suffix: str = "-tall", progress: bool = True) -> list[ModelInfo]:
+                      suffix: str = "-tall", progress: bool | None = None) -> list[ModelInfo]:
         """Store T fine-tunes of one base with TALL masks: per tensor the multi-task vector
         τMTL = Σt τt once, plus one bitmask per task (see :mod:`mergehub.storage.codecs.tall`).
 
@@ -956,7 +958,7 @@ class Store:
         as_names = [n + suffix for n in names]
         with self._lock(exclusive=False):
             self._check_free(as_names)
-            bar = tqdm(order, desc="compress tall", unit="tensor", disable=not progress,
+            bar = tqdm(order, desc="compress tall", unit="tensor", disable=bar_disabled(progress),
                        leave=False)
             columns = [dict(zip(order, blobs)) for blobs in zip(*ordered_map(encode, bar))]
             derived = []
@@ -1083,7 +1085,7 @@ class Store:
 
     def import_entry(self, manifest: dict[str, Any], blob_dir: str | Path, name: str, *,
                      base: str | None = None, provenance: dict[str, Any] | None = None,
-                     progress: bool = True) -> ModelInfo:
+                     progress: bool | None = None) -> ModelInfo:
         """Add the entry an :meth:`entry_manifest` describes, from its blob files in
         ``blob_dir`` (each named by its id), without decoding anything.
 
@@ -1187,7 +1189,7 @@ class Store:
         with self._lock(exclusive=False):
             self._check_free([name])
             for blob_id in tqdm(shipped, desc=f"import {name}", unit="blob",
-                                disable=not progress, leave=False):
+                                disable=bar_disabled(progress), leave=False):
                 put(blob_id)
             for d in dirs:
                 fsync_dir(d)
@@ -1275,7 +1277,7 @@ class Store:
         return load(name, self, device=device, dtype=dtype, model_class=model_class)
 
     def export(self, name: str, out: str | Path, *, max_shard_size: int | str | None = None,
-               overwrite: bool = False, progress: bool = True) -> Path:
+               overwrite: bool = False, progress: bool | None = None) -> Path:
         """Write model ``name`` to the directory ``out``, atomically.
 
         By default the files are re-created exactly as they were added (same names, same
@@ -1287,15 +1289,15 @@ class Store:
             rows = self._tensor_rows(model_id)
             files = self._db.execute("SELECT path, role, blob FROM files WHERE model_id = ? "
                                      "ORDER BY path", (model_id,)).fetchall()
-            total = sum(declared_size(_spec(r)) or 0 for r in rows)
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"export {name}",
-                       disable=not progress, leave=False)
-            with bar:
-                if max_shard_size is None:
-                    return self._export_exact(name, out, rows, files, overwrite, bar)
+            if max_shard_size is not None:
                 if fmt == "peft":
                     raise StoreError(f"model {name!r} is a PEFT adapter: it cannot be re-sharded")
-                return self._export_resharded(name, out, rows, files, max_shard_size, overwrite)
+                return self._export_resharded(name, out, rows, files, max_shard_size, overwrite,
+                                              progress)
+            total = sum(declared_size(_spec(r)) or 0 for r in rows)
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"export {name}",
+                      disable=bar_disabled(progress), leave=False) as bar:
+                return self._export_exact(name, out, rows, files, overwrite, bar)
 
     def _export_exact(self, name: str, out: str | Path, rows: list, files: list,
                       overwrite: bool, bar: tqdm) -> Path:
@@ -1327,7 +1329,8 @@ class Store:
         return Path(out)
 
     def _export_resharded(self, name: str, out: str | Path, rows: list, files: list,
-                          max_shard_size: int | str, overwrite: bool) -> Path:
+                          max_shard_size: int | str, overwrite: bool,
+                          progress: bool | None) -> Path:
         blobs = {r[0]: r[5] for r in rows}
         specs = [_spec(r) for r in rows]
         side = {p: self._read_raw(b, f"model {name!r}, file {p!r}")
@@ -1335,7 +1338,8 @@ class Store:
         return write_model_dir(
             out, specs, lambda s: self._iter_raw(blobs[s.name], f"model {name!r}, tensor "
                                                  f"{s.name!r}", declared_size(s)),
-            max_shard_size=max_shard_size, side_files=side, overwrite=overwrite)
+            max_shard_size=max_shard_size, side_files=side, overwrite=overwrite,
+            progress=progress)
 
     def rm(self, name: str) -> None:
         """Remove a model from the catalog (``gc`` then frees its blobs).
@@ -1430,7 +1434,7 @@ class Store:
             if sub.is_dir():
                 yield from sorted(sub.iterdir())
 
-    def verify(self, progress: bool = True) -> VerifyReport:
+    def verify(self, progress: bool | None = None) -> VerifyReport:
         """Check every blob against its hash, decode it and check the decoded bytes' hash.
 
         Problems name the models and tensors affected. Blob files no catalog row references
@@ -1453,7 +1457,7 @@ class Store:
                 report.problems.append(f"{users[blob]}: blob {blob[:16]} has no catalog entry")
             declared = self._declared_sizes()
             for blob_id, ref, raw_sha, size in tqdm(rows, desc="verify", unit="blob",
-                                                    disable=not progress, leave=False):
+                                                    disable=bar_disabled(progress), leave=False):
                 what = users.get(blob_id, f"blob {blob_id[:16]} (base of a stored delta)")
                 try:
                     header, pieces = self._blob_stream(blob_id, what, declared.get(blob_id))

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from mergehub.errors import InputError
+from mergehub.progress import bar_disabled
 from mergehub.storage.atomic import atomic_output_dir, start_writeback
 from mergehub.storage.paths import inside
 from mergehub.storage import safetensors_format
@@ -81,7 +82,7 @@ TensorSource = Callable[[TensorSpec], Any]
 def write_model_dir(out: str | Path, specs: list[TensorSpec], get: TensorSource, *,
                     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
                     side_files: Mapping[str, bytes | Path] | None = None,
-                    overwrite: bool = False, progress: bool = True,
+                    overwrite: bool = False, progress: bool | None = None,
                     weights_name: str = "model.safetensors") -> Path:
     """Write an HF model dir at ``out`` atomically, streaming tensors one at a time.
 
@@ -94,7 +95,8 @@ def write_model_dir(out: str | Path, specs: list[TensorSpec], get: TensorSource,
         side_files: extra files by name (``config.json``, tokenizer files, ...), as bytes or a
             path to copy; see :func:`model_side_files`.
         overwrite: replace a non-empty ``out``.
-        progress: show a progress bar (bytes/s) on stderr.
+        progress: a progress bar (bytes/s) on stderr: None (default) on a terminal only
+            (:mod:`mergehub.progress`), True always, False never.
         weights_name: file name of a single shard (``adapter_model.safetensors`` for PEFT);
             several shards are named ``<stem>-0000i-of-0000n.safetensors`` with an index.
     """
@@ -104,8 +106,8 @@ def write_model_dir(out: str | Path, specs: list[TensorSpec], get: TensorSource,
         stem = weights_name.removesuffix(".safetensors")
         names = ([weights_name] if len(shards) == 1 else
                  [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-        with tqdm(total=total, unit="B", unit_scale=True, desc="write", disable=not progress,
-                  leave=False) as bar:
+        with tqdm(total=total, unit="B", unit_scale=True, desc="write",
+                  disable=bar_disabled(progress), leave=False) as bar:
             for name, shard in zip(names, shards):
                 with open(tmp / name, "wb") as f:
                     f.write(build_header(shard, SHARD_METADATA))
