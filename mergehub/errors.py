@@ -4,11 +4,17 @@ Every problem caused by the user's input (a bad path, an unknown model name, a c
 raises a :class:`MergehubError` subclass whose message is one line naming the file, tensor or
 model and the problem. The ``hub`` CLI prints that line and exits with status 2; anything else
 is a bug and keeps its traceback.
+
+A message that tells the user what to pass names the option as the caller spells it
+(:func:`spelled`): ``missing="take-base"`` from Python, ``--missing take-base`` under the CLI.
 """
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import reprlib
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -64,3 +70,33 @@ def shown(value: Any, limit: int = 80) -> str:
     line, and formatting it looks at a bounded part of it)."""
     text = _REPR.repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+_cli_spelling = False
+
+
+@contextlib.contextmanager
+def cli_spelling() -> Iterator[None]:
+    """Inside the block, :func:`spelled` names options as the ``hub`` command line spells them
+    (the CLI runs every command in one)."""
+    global _cli_spelling
+    before, _cli_spelling = _cli_spelling, True
+    try:
+        yield
+    finally:
+        _cli_spelling = before
+
+
+def spelled(python: str, cli: str) -> str:
+    """An option as the caller spells it, for error messages: ``python`` (``overwrite=True``)
+    from the Python API, ``cli`` (``--overwrite``) inside :func:`cli_spelling`."""
+    return cli if _cli_spelling else python
+
+
+def did_you_mean(word: object, choices: list[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest choice, or an empty string (also for anything
+    but a short string: difflib's time grows with the product of the lengths)."""
+    if not isinstance(word, str) or len(word) > 100:
+        return ""
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

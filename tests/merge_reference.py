@@ -1,6 +1,6 @@
 """Plain, element-by-element reference implementations of the merge methods (test oracles).
 
-Written from the spec (../shared/specs/MERGE_ALGORITHMS.md), mergekit's ``sparsify.py`` and the
+Written from the papers (formulas in docs/merging.md), mergekit's ``sparsify.py`` and the
 TIES authors' code, with Python loops over entries (and numpy sorts for the trims), sharing no
 code with mergehub.merge, so a bug in the vectorized methods cannot hide here too.
 """

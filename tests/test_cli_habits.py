@@ -274,3 +274,60 @@ def test_model_card_has_no_placeholder(models, tmp_path):
     assert "PeftModel.from_pretrained(base, 'me/lora')" in orphan
     for text in (local, known, orphan):
         assert "BASE" not in text
+
+
+def test_python_errors_name_python_arguments(models, tmp_path):
+    """The same mistake, made from Python and from the CLI: each message names the option as
+    that caller spells it."""
+    import mergehub
+    from mergehub.errors import MergehubError
+    from mergehub.storage.store import Store
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {models['base-bf16']}\n"
+                      f"models:\n  - model: {models['ft-mlp']}\n")
+    with pytest.raises(MergehubError) as e:
+        mergehub.merge(recipe, progress=False)
+    assert "(out=) and/or a store entry name (to_store=)" in str(e.value)
+    assert "--" not in str(e.value) and "-o" not in str(e.value)
+    assert "(OUT or -o) and/or a store entry name (--name)" in invoke("merge", recipe,
+                                                                       code=2).output
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with Store.init(tmp_path / "s") as store:
+        store.add(models["base-bf16"], "base", progress=False)
+        with pytest.raises(MergehubError, match=r"pass overwrite=True to replace it"):
+            store.export("base", tmp_path / "full")
+        with pytest.raises(MergehubError, match=r"\(add it with base=\)"):
+            store.compress("base", "compeft")
+    cli_err = invoke("export", "base", "-o", tmp_path / "full", "--store", tmp_path / "s", code=2)
+    assert "pass --overwrite to replace it" in cli_err.output
+    # after the CLI ran in this process, Python callers still get Python spellings
+    with pytest.raises(MergehubError, match=r"Store\.init\(root\) creates one"):
+        Store(tmp_path / "nowhere")
+
+
+def test_did_you_mean_for_entry_names(models, tmp_path):
+    """An unknown entry name suggests the closest stored one: in every command that takes a
+    name, in a recipe's inputs and in a training config's base."""
+    s = ["--store", tmp_path / "s"]
+    invoke("add", models["base-bf16"], "--name", "llama-base", *s)
+    invoke("add", models["ft-mlp"], "--name", "math-sft", "--base", "llama-base", *s)
+    for args in (["show", "math-stf"], ["export", "math-stf", "-o", tmp_path / "o"],
+                 ["rm", "math-stf"], ["compress", "math-stf", "--codec", "bit1"],
+                 ["add", models["lora"], "--name", "l", "--base", "lama-base"]):
+        out = invoke(*args, *s, code=2).output
+        assert out.count("\n") == 1 and "(did you mean '" in out, (args, out)
+    assert "did you mean 'math-sft'" in invoke("show", "math-stf", *s, code=2).output
+    assert "`hub ls` lists them" in invoke("show", "zzzzzz", *s, code=2).output
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("merge_method: task_arithmetic\nbase_model: llama-base\nmodels:\n"
+                      "  - model: math_sft\n")
+    out = invoke("merge", recipe, tmp_path / "m", *s, code=2).output
+    assert "input 'math_sft' is neither a local path nor a model in store" in out
+    assert "(did you mean 'math-sft'?)" in out
+    config = tmp_path / "t.yaml"
+    config.write_text("base: lama-base\ndata: {task: add1}\nmethod: lora\nsteps: 1\n"
+                      "output: {store: t}\n")
+    out = invoke("train", config, *s, code=2).output
+    assert "base 'lama-base' is neither a path" in out and "did you mean 'llama-base'" in out

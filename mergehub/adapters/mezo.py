@@ -3,7 +3,7 @@
 :class:`MeZO` is a ``torch.optim.Optimizer`` whose ``step(closure)`` estimates the gradient from
 two evaluations of the closure's scalar loss (any objective, also a non-differentiable one such
 as accuracy) and updates the parameters in place (Malladi et al. 2023, "Fine-tuning language
-models with just forward passes"; spec: ``TRAINER_ALGORITHMS.md``)::
+models with just forward passes"; docs/training.md)::
 
     perturb(+eps);  L+ = closure()
     perturb(-2eps); L- = closure()
@@ -142,7 +142,7 @@ class MeZO(torch.optim.Optimizer):
             ``weight_decay`` and ``sparsity``.
         lr: learning rate (paper: 1e-6 to 1e-7 for full parameters, ~1e-4 with LoRA).
         eps: perturbation scale (paper: 1e-3; 1e-2 with LoRA).
-        weight_decay: decoupled from ``g``, as in the spec's update; applied only to
+        weight_decay: decoupled from ``g``, as in the update above; applied only to
             parameters with at least 2 dimensions (biases and norm weights are 1-D).
         seed: seeds every step's perturbation; same seed, same run.
         sparsity: None for MeZO; q in (0, 1] for Sparse MeZO: per tensor, only entries with

@@ -9,7 +9,7 @@ uses, per group (``group: row``: each output channel, i.e. each row of A and of 
     α = mean|W − μ|             (the L2-optimal scale for a fixed sign code)
 
 with sign(0) = +1, and the backward pass hands the gradient to the latent full-precision W
-unchanged (straight-through estimator). This follows the spec's reading of the paper: sign
+unchanged (straight-through estimator). This is our reading of the paper: sign
 code per channel with the mean-absolute scale, optional mean offset, STE. It departs from the
 authors' adapters in using LoRA factors rather than their bottleneck adapters.
 

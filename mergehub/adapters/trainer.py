@@ -38,7 +38,7 @@ from mergehub.adapters import lora as lora_mod
 from mergehub.adapters import onebit, sparse
 from mergehub.adapters.config import ConfigError, TrainConfig, load_config
 from mergehub.adapters.data import Batch, Dataset, accuracy, build_dataset, completion_scores
-from mergehub.errors import InputError, StoreError
+from mergehub.errors import InputError, StoreError, spelled
 from mergehub.progress import bar_disabled
 from mergehub.storage.atomic import atomic_output_dir, write_file_atomic
 from mergehub.storage.checkpoint import open_checkpoint
@@ -50,6 +50,11 @@ STATE_FILE, TENSORS_FILE, OPTIMIZER_FILE = ("state.json", "trainable.safetensors
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: config keys that may change between an interrupted run and its resumption
 _RESUMABLE_CHANGES = ("steps", "output", "checkpoint_every", "keep_checkpoints", "run_dir")
+
+
+def _fresh() -> str:
+    """How the caller starts a run over, as it spells it (error messages)."""
+    return spelled("resume=False", "`hub train --fresh`")
 
 
 # --- methods ------------------------------------------------------------------------------
@@ -110,7 +115,7 @@ class Method:
             for name, p in self.params.items():
                 if name not in tensors:
                     raise InputError(f"checkpoint has no tensor {name!r} (another method or "
-                                     "model? start afresh with --fresh)")
+                                     f"model? start afresh with {_fresh()})")
                 p.copy_(tensors[name])
 
     def save(self, out: Path, dtype: torch.dtype) -> tuple[str, dict[str, Any]]:
@@ -377,7 +382,7 @@ def _read_checkpoint(path: Path, cfg: TrainConfig) -> tuple[dict[str, Any], dict
     if state.get("config_digest") != _digest(cfg):
         raise ConfigError(f"{path}: this checkpoint was made with another config (only "
                           f"{', '.join(_RESUMABLE_CHANGES)} may change to resume); start "
-                          "afresh with `hub train --fresh` or use another run_dir")
+                          f"afresh with {_fresh()} or use another run_dir")
     return state, load_file(str(path / TENSORS_FILE))
 
 
@@ -468,7 +473,8 @@ def _resolve_base(cfg: TrainConfig, store: Store | None, tmp: Path) -> tuple[Pat
                 store.add(path, name, progress=False)
         return path, name
     if store is None or cfg.base not in store:
-        where = f" nor a model in store {store.root}" if store is not None else ""
+        where = (f" nor a model in store {store.root}{store.did_you_mean(cfg.base)}"
+                 if store is not None else "")
         raise InputError(f"{cfg.source}: base {cfg.base!r} is neither a path{where}")
     return store.export(cfg.base, tmp / "base", progress=False), cfg.base
 
@@ -500,7 +506,8 @@ def train(config: str | Path | dict[str, Any] | TrainConfig, *, store: Store | N
 
     cfg = config if isinstance(config, TrainConfig) else load_config(config)
     if cfg.output.get("store") and store is None:
-        raise StoreError(f"{cfg.source}: output.store needs a store (--store, or MERGEHUB_HOME)")
+        raise StoreError(f"{cfg.source}: output.store needs a store "
+                         f"({spelled('store=', '--store, or MERGEHUB_HOME')})")
     if cfg.output.get("store") and cfg.output["store"] in store:
         raise StoreError(f"{cfg.source}: a model named {cfg.output['store']!r} already exists "
                          f"in store {store.root}")

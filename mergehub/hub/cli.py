@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from mergehub import __version__
-from mergehub.errors import InputError, MergehubError
+from mergehub.errors import InputError, MergehubError, cli_spelling
 from mergehub.safejson import parse_json
 from mergehub.storage.store import KINDS, ModelInfo, Store, default_root
 from mergehub.units import human_bytes, parse_kmb, parse_size
@@ -80,7 +80,8 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with cli_spelling():  # messages name --options, not Python arguments
+                return super().invoke(ctx)
         except BrokenPipeError:
             raise  # the reader went away (`hub show X | head -1`): click exits quietly
         except (MergehubError, OSError) as e:

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from mergehub import __version__
 from mergehub.errors import (
     BaseMismatchError, InputError, IntegrityError, MergehubError, RemoteError, StoreError,
-    shown)
+    shown, spelled)
 from mergehub.progress import bar_disabled, library_bars
 from mergehub.safejson import parse_json, read_json
 from mergehub.storage.checkpoint import ADAPTER_CONFIG, PICKLE_SUFFIXES, open_checkpoint
@@ -519,11 +519,12 @@ def _find_base(store: Store, want: dict[str, Any] | None, base: str | None) -> s
 def _missing_base(repo_id: str, manifest: dict[str, Any], store: Store) -> BaseMismatchError:
     want = manifest["base"]
     hub = (want.get("hub") or {}).get("repo_id")
-    hint = f"`hub pull {hub}`" if hub else "add that base"
+    hint = spelled(f"pull(store, {hub!r})", f"`hub pull {hub}`") if hub else "add that base"
     return BaseMismatchError(
         f"{repo_id}: {manifest['name']!r} is stored as a delta against base {want['name']!r} "
         f"({want['tensors']} tensors, fingerprint {want['fingerprint'][:16]}), which no model in "
-        f"store {store.root} matches: {hint} first, or pass --base NAME")
+        f"store {store.root} matches: {hint} first, or pass "
+        f"{spelled('base=NAME', '--base NAME')}")
 
 
 def _peft_base(store: Store, model_dir: Path) -> str | None:
@@ -548,7 +549,7 @@ def _check_free(store: Store, name: str) -> None:
     """Refuse a taken name before downloading anything."""
     if name in store:
         raise StoreError(f"a model named {name!r} already exists in store {store.root} "
-                         "(pass --name, or `hub rm` it first)")
+                         f"(pass {spelled('name=', '--name')}, or remove it first)")
 
 
 def _read_manifest(path: Path, what: str) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mergehub.errors import BaseMismatchError, InputError, MergehubError, shown
+from mergehub.errors import BaseMismatchError, InputError, MergehubError, shown, spelled
 from mergehub.merge.inputs import FLOAT_DTYPES, Source, matrix_shape, resolve_input
 from mergehub.merge.methods import METHODS, MergeMethod, TensorContext
 from mergehub.merge.methods.base import value_problem
@@ -175,11 +175,18 @@ def _check_bases(recipe: Recipe, base: Source | None, entries: list[ModelEntry],
         what = (f"input {src.label!r} was added to the store against base {info.base!r}, but "
                 f"base_model {base.label!r} is {problem}")
         if allow:
-            notes.append(f"{what}: merged against it anyway (--allow-foreign-base)")
+            notes.append(f"{what}: merged against it anyway "
+                         f"({spelled('allow_foreign_base=True', '--allow-foreign-base')})")
             continue
         raise BaseMismatchError(f"{recipe.where(entry.line)}: {what}; its task vector would be "
-                                "taken against the wrong model. Pass --allow-foreign-base "
-                                "(allow_foreign_base=True) to merge it anyway")
+                                "taken against the wrong model. Pass "
+                                f"{spelled('allow_foreign_base=True', '--allow-foreign-base')} "
+                                "to merge it anyway")
+
+
+def _take_base() -> str:
+    """``missing="take-base"`` as the caller spells it (error messages)."""
+    return spelled('missing="take-base"', "--missing take-base")
 
 
 def plan_merge(recipe: Recipe, *, store: Store | None = None, missing: str = "error",
@@ -188,7 +195,8 @@ def plan_merge(recipe: Recipe, *, store: Store | None = None, missing: str = "er
     (and, for store inputs added against another base than a base_model given as a path,
     hashing that base's tensors to tell whether it is the same model)."""
     if missing not in MISSING_POLICIES:
-        raise InputError(f"--missing must be one of {', '.join(MISSING_POLICIES)}, not {missing!r}")
+        raise InputError(f"{spelled('missing', '--missing')} must be one of "
+                         f"{', '.join(MISSING_POLICIES)}, not {missing!r}")
     method_cls = METHODS.get(recipe.merge_method)
     if method_cls is None:
         raise RecipeError(f"{recipe.where(recipe.lines.get('merge_method'))}: unknown merge_method "
@@ -278,7 +286,7 @@ def _check_tensors(reference: Source, inputs: list[Source], entries: list, recip
                 problem = f"tensor {name!r} is {theirs.dtype}, not a float"
             if problem:
                 if missing == "error":
-                    raise BaseMismatchError(f"{where} {problem}; pass --missing take-base to use "
+                    raise BaseMismatchError(f"{where} {problem}; pass {_take_base()} to use "
                                             "the base's tensor there")
                 copy.add(name)
                 notes.append(f"{src.label} {problem}: taking the base's tensor")
@@ -286,7 +294,7 @@ def _check_tensors(reference: Source, inputs: list[Source], entries: list, recip
         if extra:
             if missing == "error":
                 raise BaseMismatchError(f"{where} has tensor {extra[0]!r}, which the base lacks "
-                                        f"({len(extra)} such); pass --missing take-base to "
+                                        f"({len(extra)} such); pass {_take_base()} to "
                                         "ignore them")
             notes.append(f"{src.label}: {len(extra)} tensors the base lacks are ignored")
     return list(ref_specs.values()), copy
@@ -372,7 +380,8 @@ class TensorMerger:
         self.plan = plan
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise InputError("--device cuda: no CUDA device is available")
+            raise InputError(spelled('device="cuda"', "--device cuda") + ": no CUDA device is "
+                             "available")
         self.seed = seed
         self.chunk = chunk_elements or CHUNK_ELEMENTS.get(self.device.type, CHUNK_ELEMENTS["cpu"])
         method = plan.method
@@ -554,14 +563,18 @@ def merge(recipe: str | Path | Recipe, out: str | Path | None = None, *,
         say(plan.describe())
         return MergeResult(None, len(plan.specs), sum(s.nbytes for s in plan.specs), 0.0, plan=plan)
     if out is None and to_store is None:
-        raise InputError("give an output directory (-o) and/or a store name (--to-store)")
+        raise InputError("give an output directory " + spelled(
+            "(out=) and/or a store entry name (to_store=)", "(OUT or -o) and/or a store entry "
+            "name (--name)"))
     if to_store is not None and store is None:
-        raise InputError("--to-store needs a store")
+        raise InputError(f"{spelled('to_store', '--name')} needs a store"
+                         f"{spelled(' (store=)', '')}")
     if output_format not in ("auto", "hf", "peft"):
         raise InputError(f"output format must be auto, hf or peft, not {output_format!r}")
     peft_ok = can_write_peft(plan)
     if output_format == "peft" and not peft_ok:
-        raise InputError("--format peft needs every input to be a LoRA adapter (same "
+        raise InputError(spelled('output_format="peft"', "--format peft") + " needs every "
+                         "input to be a LoRA adapter (same "
                          "fan_in_fan_out) and merge_method task_arithmetic or linear with "
                          "normalize: other methods do not keep low rank")
     if isinstance(plan.method, ReversibleMerge):

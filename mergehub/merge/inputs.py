@@ -6,7 +6,7 @@ once, up to :data:`STREAM_BYTES`, and a larger one a chunk at a time). A dense i
 fine-tuned weights θt; a LoRA adapter gives its task vector directly, ``τ = B·A·scaling`` per target module (scaling =
 ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA; ``alpha_pattern`` honoured), and
 ``θ = θ0 + τ``, so every method can ask any input for either. All values come back as float32
-on the requested device (the spec's convention: merge arithmetic in float32).
+on the requested device (merge arithmetic is always float32).
 """
 
 from __future__ import annotations
@@ -303,6 +303,7 @@ def resolve_input(ref: str, store: Store | None, where: str) -> Source:
             specs = {s.name: s for s in ckpt.specs()}
             lora = lora_targets(ref, ckpt.adapter_config or {}, specs)
         return Source(ref, ckpt, _side_metrics(path), lora, ckpt.adapter_config or {})
-    where_store = f" nor a model in store {store.root}" if store is not None else ""
+    where_store = (f" nor a model in store {store.root}{store.did_you_mean(ref)}"
+                   if store is not None else "")
     raise InputError(f"{where}: input {ref!r} is neither a local path{where_store} (mergehub does "
                      "not download models: fetch it first, e.g. `hub pull`)")

@@ -22,7 +22,6 @@ the layer index) and filter lists (``[{filter: self_attn, value: 0.5}, {value: 1
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from mergehub.errors import MergehubError, shown
+from mergehub.errors import MergehubError, did_you_mean, shown
 
 TOP_LEVEL = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
              "tokenizer_source"}
@@ -177,15 +176,6 @@ def load_recipe(path_or_text: str | Path, *, source: str | None = None) -> Recip
 
 def _fail(where: str, message: str) -> RecipeError:
     return RecipeError(f"{where}: {message}")
-
-
-def did_you_mean(word: object, choices: list[str]) -> str:
-    """`` (did you mean 'x'?)`` for the closest choice, or an empty string (also for anything
-    but a short string: difflib's time grows with the product of the lengths)."""
-    if not isinstance(word, str) or len(word) > 100:
-        return ""
-    close = difflib.get_close_matches(word, choices, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def load_yaml(text: str, source: str, error: type[MergehubError]) -> Any:

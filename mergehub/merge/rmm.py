@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mergehub.errors import StoreError
+from mergehub.errors import StoreError, spelled
 from mergehub.merge.methods.rmm import decompose, decompose_dense_lowrank, decompose_factors
 from mergehub.progress import bar_disabled
 from mergehub.safejson import parse_json
@@ -116,7 +116,8 @@ def revert(store: Store, name: str, task: str | int, out: str | Path, *,
     entry = store.open(name)
     if RMM_FILE not in entry.side_files:
         raise StoreError(f"model {name!r} is not a reversible merge (no {RMM_FILE}); "
-                         "--task only applies to merge_method rmm entries")
+                         f"{spelled('revert', '--task')} only applies to merge_method rmm "
+                         "entries")
     summary = parse_json(entry.side_file(RMM_FILE), f"model {name!r}: {RMM_FILE}")
     tasks = summary["tasks"]
     if isinstance(task, str) and task.isdigit():

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mergehub.errors import InputError
+from mergehub.errors import InputError, spelled
 from mergehub.storage.paths import check_output_dir
 
 
@@ -98,7 +98,8 @@ def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[P
         replacing = any(target.iterdir())
     check_output_dir(target, replacing and overwrite)
     if replacing and not overwrite:
-        raise InputError(f"{target}: exists and is not empty (pass --overwrite to replace it)")
+        raise InputError(f"{target}: exists and is not empty (pass "
+                         f"{spelled('overwrite=True', '--overwrite')} to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:12]
     tmp = target.with_name(f".{target.name}.tmp-{tag}")

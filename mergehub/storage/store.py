@@ -50,7 +50,8 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from mergehub import __version__
-from mergehub.errors import BaseMismatchError, InputError, IntegrityError, StoreError, shown
+from mergehub.errors import (
+    BaseMismatchError, InputError, IntegrityError, StoreError, did_you_mean, shown, spelled)
 from mergehub.progress import bar_disabled
 from mergehub.storage.atomic import (
     atomic_output_dir, fsync_dir, start_writeback, write_file_atomic)
@@ -331,8 +332,9 @@ class Store:
         self.root = Path(root).expanduser() if root is not None else default_root()
         if not (self.root / MARKER).is_file():
             if not create:
-                raise StoreError(f"no mergehub store at {self.root} (run `hub init`, or pass "
-                                 "--store / set MERGEHUB_HOME)")
+                raise StoreError(f"no mergehub store at {self.root} (" + spelled(
+                    "Store.init(root) creates one; Store(root) opens another",
+                    "run `hub init`, or pass --store / set MERGEHUB_HOME") + ")")
             self._create_layout()
         marker = json.loads((self.root / MARKER).read_text())
         if marker.get("layout") != LAYOUT_VERSION:
@@ -626,8 +628,15 @@ class Store:
     def _require(self, name: str) -> tuple[int, str, int | None, str]:
         row = self._model_row(name)
         if row is None:
-            raise StoreError(f"no model named {name!r} in store {self.root} (`hub ls` lists them)")
+            raise StoreError(f"no model named {name!r} in store {self.root}"
+                             + (self.did_you_mean(name) or spelled(
+                                 " (Store.ls() lists them)", " (`hub ls` lists them)")))
         return row
+
+    def did_you_mean(self, name: str) -> str:
+        """`` (did you mean 'x'?)`` for the stored name closest to ``name``, or ``""``: for
+        messages about a name the store lacks."""
+        return did_you_mean(name, [r[0] for r in self._db.execute("SELECT name FROM models")])
 
     def _tensor_rows(self, model_id: int) -> list[tuple[str, str, int, str, str, str]]:
         return self._db.execute(
@@ -669,7 +678,8 @@ class Store:
         with self._lock(exclusive=False):
             if self._model_row(name) is not None:
                 raise StoreError(f"a model named {name!r} already exists in store {self.root} "
-                                 f"(choose another name, or `hub rm {name}` first)")
+                                 "(choose another name, or remove it first: "
+                                 f"{spelled(f'rm({name!r})', f'`hub rm {name}`')})")
             base_id, base_tensors = None, {}
             if base is not None:
                 base_id = self._require(base)[0]
@@ -803,14 +813,14 @@ class Store:
         model_id, kind, base_id, fmt = self._require(name)
         if base_id is None:
             raise StoreError(f"model {name!r} has no base: a lossy codec stores the difference "
-                             f"to a base (add it with --base)")
+                             f"to a base (add it with {spelled('base=', '--base')})")
         try:
             full = resolve_params(codec, params or {})
         except ValueError as e:
             raise StoreError(str(e)) from None
         if codec == "tall":
-            raise StoreError("tall compresses several fine-tunes together: use compress_tall "
-                             "(hub compress A B ... --codec tall)")
+            raise StoreError("tall compresses several fine-tunes together: use " + spelled(
+                "compress_tall([A, B, ...])", "hub compress A B ... --codec tall"))
         as_name = as_name or f"{name}-{codec}"
         info = self.show(name)
         base_blobs = {r[0]: r[5] for r in self._tensor_rows(base_id)}

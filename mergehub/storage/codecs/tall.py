@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import zstandard
 
+from mergehub.errors import spelled
 from mergehub.merge.methods.consensus import tall_masks
 from mergehub.storage.codec import inflate
 from mergehub.storage.codecs import LossyCodec, register
@@ -40,8 +41,8 @@ def encode_task(tau: torch.Tensor, mtl: torch.Tensor, params: dict[str, Any],
 
 def encode(theta: torch.Tensor, base: torch.Tensor,
            params: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
-    raise ValueError("tall compresses several fine-tunes together: use Store.compress_tall "
-                     "(hub compress A B ... --codec tall)")
+    raise ValueError("tall compresses several fine-tunes together: use " + spelled(
+        "Store.compress_tall([A, B, ...])", "hub compress A B ... --codec tall"))
 
 
 def decode(payload: memoryview, params: dict[str, Any], base: torch.Tensor,
