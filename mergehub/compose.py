@@ -274,7 +274,8 @@ class Composer:
         if isinstance(plan.method, ReversibleMerge):
             raise InputError(f"{recipe.where(recipe.lines.get('merge_method'))}: rmm writes a "
                              "basis and per-task coefficients, not one model: run it with "
-                             "`hub merge --to-store` and load a task with `hub export --task`")
+                             "mergehub.merge(recipe, to_store=NAME) and rebuild a task with "
+                             "mergehub.merge.rmm.revert")
         if self.base is not None and plan.base is not None and not self._same_model(
                 plan.base.label, self.base):
             raise BaseMismatchError(f"{recipe.where(recipe.lines.get('base_model'))}: base_model "

@@ -177,12 +177,14 @@ def load(name_or_path: str | Path, store: Store | None = None, *,
     else:
         path = Path(ref).expanduser()
         if not path.exists():
-            where = f" nor a model in store {store.root}" if store is not None else ""
+            where = (f" nor a model in store {store.root}{store.did_you_mean(ref)}"
+                     if store is not None else "")
             raise InputError(f"{ref!r} is neither a local path{where}")
         reader = open_checkpoint(path)
         if reader.format == "peft":
             raise InputError(f"{ref}: a PEFT adapter dir: add it to a store with its base "
-                             "(`hub add DIR --base BASE`) and load that entry, or load the base "
+                             "(Store.add(DIR, NAME, base=BASE)) and load that entry, or load "
+                             "the base "
                              "and apply or attach the adapter with a Composer")
         if not (path / "config.json").is_file():
             raise InputError(f"{ref}: no config.json: only a transformers model dir can be "
@@ -257,7 +259,7 @@ def _load_adapter(name: str, store: Store, device: torch.device, dtype: torch.dt
     base = store.show(name).base
     if base is None:
         raise BaseMismatchError(f"adapter {name!r} has no base in store {store.root}: add it "
-                                "with --base to load it merged into its base")
+                                "with base= to load it merged into its base")
     model = load(base, store, device=device, dtype=dtype, model_class=model_class)
     Composer(model, store, base=base).apply({"merge_method": "task_arithmetic",
                                              "base_model": base, "models": [{"model": name}]})
