@@ -142,7 +142,7 @@ def test_compressed_delta_round_trip_stays_compressed(hf, models, pushed_base, t
 
     with _new_store(tmp_path / "b") as b:  # the base pulled from the Hub: same blobs
         with pytest.raises(BaseMismatchError,
-                           match=rf"delta against base 'base'.*`hub pull {base_repo}`"):
+                           match=rf"delta against base 'base'.*pull\(store, '{base_repo}'\) first"):
             pull(b, repo, progress=False)
         assert info.name not in b
         b.add(models["base-bf16"], "base", progress=False)
