@@ -30,6 +30,11 @@ class StoreError(MergehubError):
     """A store operation cannot proceed (no store, unknown or duplicate name, in use)."""
 
 
+class CatalogDamagedError(StoreError):
+    """A store's catalog or marker is missing, empty or unreadable although the store is there:
+    ``hub verify --repair`` rebuilds it from the store's entry records."""
+
+
 class BaseMismatchError(MergehubError):
     """A fine-tune or adapter does not fit the base model it is added against."""
 

@@ -1,7 +1,10 @@
-"""SIGKILL at any point of ``add`` leaves the store consistent; two writers both succeed."""
+"""SIGKILL at any point of ``add`` (and, in the slow loops, of merge, compress, gc and pull)
+leaves the store consistent and its catalog rebuildable from the entry records; concurrent
+writers, and concurrent creators of a new store, all succeed."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +19,7 @@ from mergehub.hub.demo import dir_digests
 from mergehub.storage.safetensors_format import TensorSpec
 from mergehub.storage.store import Store
 from mergehub.storage.writer import write_model_dir
+from tests.test_hf_hub import hf, hub_servers  # noqa: F401 (fixtures of the pull loop)
 
 WORKER = Path(__file__).with_name("store_worker.py")
 
@@ -44,9 +48,10 @@ def synthetic(tmp_path_factory) -> dict[str, Path]:
             "ft2": _synthetic(root / "ft2", 2, base), "other": _synthetic(root / "other", 9, base)}
 
 
-def _spawn(root: Path, path: Path, name: str, base: str = "-", go: str = "-") -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, str(WORKER), str(root), str(path), name, base, go],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _spawn(root: Path, path: Path | str, name: str, base: str = "-", go: str = "-",
+           op: str = "add") -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, str(WORKER), str(root), str(path), name, base, go,
+                             op], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
     return proc
 
@@ -120,3 +125,138 @@ def test_two_writers_at_once(tmp_path, synthetic):
             "SELECT blob FROM tensors t JOIN models m ON m.id = t.model_id WHERE m.name = ?", (n,))}
             for n in ("other-a", "other-b")}
         assert blobs["other-a"] == blobs["other-b"]
+
+
+def test_first_adds_into_a_new_store_path_at_once(tmp_path):
+    """Item 16: processes adding at once into a store path that does not exist yet all
+    succeed (creating the store used to race: "directory is not empty")."""
+    source = write_model_dir(tmp_path / "m", [TensorSpec("w", "F32", (32, 32))],
+                             lambda spec: torch.ones(spec.shape), progress=False)
+    for attempt in range(2):
+        root = tmp_path / f"new{attempt}" / "store"
+        go = tmp_path / f"go{attempt}"
+        procs = [_spawn(root, source, f"m{i}", "-", str(go)) for i in range(5)]
+        go.touch()
+        for proc in procs:
+            out, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0 and out.strip() == "done", err[-2000:]
+        with Store(root) as store:
+            assert sorted(m.name for m in store.ls()) == [f"m{i}" for i in range(5)]
+            assert store.verify(progress=False).ok
+
+
+def _catalog_lost_and_rebuilt(root: Path) -> set[str]:
+    """Delete the catalog, rebuild it from the records, check it; returns the models."""
+    for suffix in ("", "-wal", "-shm"):
+        (root / f"catalog.sqlite{suffix}").unlink(missing_ok=True)
+    report = Store.repair(root)
+    assert not report.problems, report.problems
+    with Store(root) as store:
+        check = store.verify(progress=False)
+        assert check.ok, check.problems
+        return {m.name for m in store.ls()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", ["add", "merge", "compress", "gc", "pull"])
+def test_sigkill_loop_then_catalog_rebuilt(op, tmp_path, synthetic, request):
+    """SIGKILL at spread points of one operation, MERGEHUB_CRASH_KILLS times (default 6):
+    after each, verify is OK and the models are those before plus, at most, the operation's
+    whole new model (exported bit for bit); then the catalog is deleted and rebuilt from the
+    records: the same models come back (plus the new one where the kill fell between its
+    record and its commit), a removed one never. Outcomes go to MERGEHUB_CRASH_REPORT (JSON)."""
+    kills = int(os.environ.get("MERGEHUB_CRASH_KILLS", "6"))
+    root = tmp_path / "store"
+    with Store.init(root) as store:
+        store.add(synthetic["base"], "base", progress=False)
+        store.add(synthetic["ft1"], "ft1", base="base", progress=False)
+        store.add(synthetic["ft2"], "ft2", base="base", progress=False)
+    new, base, source = "new", "-", synthetic["other"]
+    if op == "add":
+        base = "base"
+    elif op == "merge":
+        source = tmp_path / "recipe.yaml"
+        source.write_text("merge_method: task_arithmetic\nbase_model: base\nmodels:\n"
+                          "  - model: ft1\n    parameters: {weight: 0.6}\n"
+                          "  - model: ft2\n    parameters: {weight: 0.6}\n")
+    elif op == "compress":
+        source = "ft1"
+    elif op == "gc":
+        new = None
+    else:
+        from mergehub.hub.remote import push
+
+        request.getfixturevalue("hf")
+        with Store(root) as store:
+            store.compress("ft1", "bit1", {"scope": "all"}, as_name="ft1-bit1", progress=False)
+            repos = [f"org/crash-{i}-{os.getpid()}-{time.monotonic_ns()}" for i in range(2)]
+            push(store, "ft1", repos[0], progress=False)  # hf form: pulled by add
+            push(store, "ft1-bit1", repos[1], progress=False)  # its blobs: pulled by import
+        base = "base"
+
+    def junk() -> None:  # for gc: blobs of a removed model to delete
+        with Store(root) as store:
+            store.add(synthetic["other"], "junk", base="base", progress=False)
+            store.rm("junk")
+
+    def run(i: int, delay: float | None) -> float:
+        if op == "gc":
+            junk()
+        path = repos[i % 2] if op == "pull" else source
+        proc = _spawn(root, path, new or "-", base, "-", op)
+        t0 = time.monotonic()
+        if delay is None:
+            out, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0 and out.strip() == "done", err[-3000:]
+        else:
+            time.sleep(delay)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        return time.monotonic() - t0
+
+    reference: list[dict[str, str] | None] = [None, None]
+    durations = []
+    for i in range(2 if op == "pull" else 1):  # uninterrupted: the duration and the result
+        durations.append(run(i, None))
+        if new is not None:
+            with Store(root) as store:
+                reference[i] = dir_digests(store.export(new, tmp_path / f"ref{i}",
+                                                        progress=False))
+                store.rm(new)
+        with Store(root) as store:
+            store.gc()
+    duration = max(durations)
+    with Store(root) as store:
+        before = {m.name for m in store.ls()}
+
+    outcomes = []
+    for i in range(kills):
+        run(i, duration * 1.3 * (i + 0.5) / kills)
+        with Store(root) as store:
+            report = store.verify(progress=False)
+            assert report.ok, (i, report.problems)
+            names = {m.name for m in store.ls()}
+            assert names - {new} == before, (i, names)
+            committed = new in names
+            if committed:
+                out = store.export(new, tmp_path / f"out{i}", progress=False)
+                assert dir_digests(out) == reference[i % 2 if op == "pull" else 0]
+            partial = _leftovers(root, store) + report.unreferenced_records + (
+                len(list((root / "transfers").iterdir())) if (root / "transfers").is_dir() else 0)
+        rebuilt = _catalog_lost_and_rebuilt(root)
+        assert rebuilt - {new} == before and (committed <= (new in rebuilt)), (i, rebuilt)
+        outcomes.append("committed" if committed else "resurrected" if new in rebuilt
+                        else "partial" if partial else "clean")
+        with Store(root) as store:
+            if new in rebuilt:
+                out = store.export(new, tmp_path / f"again{i}", progress=False)
+                assert dir_digests(out) == reference[i % 2 if op == "pull" else 0]
+                store.rm(new)
+            store.gc()
+            assert _leftovers(root, store) == 0 and store.verify(progress=False).ok
+    counts = {k: outcomes.count(k) for k in sorted(set(outcomes))}
+    if os.environ.get("MERGEHUB_CRASH_REPORT"):
+        with open(os.environ["MERGEHUB_CRASH_REPORT"], "a") as f:
+            f.write(json.dumps({"op": op, "kills": kills, "duration_s": round(duration, 2),
+                                "outcomes": counts}) + "\n")
+    assert len(outcomes) == kills

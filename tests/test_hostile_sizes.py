@@ -291,9 +291,12 @@ def test_version_1_blobs_in_a_store_still_export(store, models, tmp_path, monkey
         raw = bytes(store._read_raw(blob_id, "test"))
         v1_ref = (old[ref], bytes(store._read_raw(ref, "test"))) if ref else None
         old[blob_id] = _put_blob(store, encode_v1(raw, header.dtype, header.sha256, v1_ref))
-    for table in ("tensors", "files"):
-        for blob_id, v1_id in old.items():
-            store._db.execute(f"UPDATE {table} SET blob = ? WHERE blob = ?", (v1_id, blob_id))
+    with store._transaction() as db:
+        for table in ("tensors", "files"):
+            for blob_id, v1_id in old.items():
+                db.execute(f"UPDATE {table} SET blob = ? WHERE blob = ?", (v1_id, blob_id))
+        for (model_id,) in db.execute("SELECT id FROM models").fetchall():
+            store._record(db, model_id)  # as the store that wrote them recorded its rows
     assert any(unpack_blob(store._blob_path(b).read_bytes())[0].params["transform"] == "delta"
                for b in old.values())
     used = {b for (b,) in store._db.execute("SELECT blob FROM tensors UNION SELECT blob FROM files")}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -68,8 +69,9 @@ def _shared_options(with_store: bool) -> list[click.Option]:
 
 
 class _Group(click.Group):
-    """Turns :class:`MergehubError` and OS errors into one line on stderr and exit status 2,
-    and gives every command the shared options (``--store`` to those that open a store)."""
+    """Turns :class:`MergehubError`, OS errors and catalog (SQLite) errors (a locked, full or
+    damaged catalog) into one line on stderr and exit status 2, and gives every command the
+    shared options (``--store`` to those that open a store)."""
 
     #: commands that never open the user's store
     STORELESS = frozenset({"demo"})
@@ -84,10 +86,11 @@ class _Group(click.Group):
                 return super().invoke(ctx)
         except BrokenPipeError:
             raise  # the reader went away (`hub show X | head -1`): click exits quietly
-        except (MergehubError, OSError) as e:
+        except (MergehubError, OSError, sqlite3.Error) as e:
             if (ctx.obj or {}).get("debug"):
                 raise
-            click.echo(f"error: {e}", err=True)
+            where = "store catalog: " if isinstance(e, sqlite3.Error) else ""
+            click.echo(f"error: {where}{e}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -328,29 +331,53 @@ def rm(ctx: click.Context, name: str) -> None:
 def gc(ctx: click.Context) -> None:
     """Delete blobs that no model references, leftovers of interrupted adds, and the partial
     downloads of interrupted pulls (a pull started again then starts from scratch).
-    Waits for running adds and exports of other processes to finish; leaves the transfers of
-    running pushes and pulls alone."""
+    Waits for running adds, compresses and exports of other processes to finish; leaves the
+    work folders of running merges, pushes and pulls alone. Refused while the catalog is
+    damaged (see `hub verify --repair`)."""
     with _open_store(ctx) as store:
         report = store.gc()
     click.echo(f"removed {report.blobs_removed} blobs ({human_bytes(report.bytes_freed)}), "
-               f"{report.temp_files_removed} temporary files and {report.transfers_removed} "
-               "unfinished transfers")
+               f"{report.temp_files_removed} temporary files, {report.transfers_removed} "
+               f"unfinished transfers and {report.records_removed} records of no model")
 
 
 @cli.command()
+@click.option("--repair", is_flag=True,
+              help="First make the catalog agree with the entry records (entries/*.json, one "
+                   "per model, written when it was stored): rebuild a lost, emptied or "
+                   "unreadable catalog from them, restore edited rows, write missing records "
+                   "again, restore models of records no row lists. Removed models stay removed. "
+                   "Blobs are never changed. Then verify as without --repair.")
 @click.pass_context
-def verify(ctx: click.Context) -> None:
-    """Check every blob against its sha256, decode it, and check the decoded bytes against the
-    original's sha256. Exits with status 2 and names the affected models if anything is wrong."""
+def verify(ctx: click.Context, repair: bool) -> None:
+    """Check the catalog (SQLite's integrity and foreign key checks; each model's rows against
+    the digest recorded when it was stored, and its record file), then every blob against its
+    sha256, decode it, and check the decoded bytes against the original's sha256. Exits with
+    status 2 and names every affected model if anything is wrong."""
+    if repair:
+        fixed = Store.repair(ctx.obj["store"])
+        for action in fixed.actions:
+            click.echo(f"repaired: {action}")
+        for problem in fixed.problems:
+            click.echo(f"error: {problem}", err=True)
     with _open_store(ctx) as store:
         report = store.verify(progress=_progress())
     for problem in report.problems:
         click.echo(f"error: {problem}", err=True)
-    note = (f"; {report.unreferenced_files} unreferenced blob files (`hub gc` removes them)"
-            if report.unreferenced_files else "")
+    if report.affected:
+        click.echo(f"affected models: {', '.join(sorted(report.affected))}", err=True)
+    notes = []
+    if report.unreferenced_files:
+        notes.append(f"{report.unreferenced_files} unreferenced blob files (`hub gc` removes "
+                     "them)")
+    if report.unreferenced_records:
+        notes.append(f"{report.unreferenced_records} entry records of no model, left by adds "
+                     "interrupted before their commit (`hub gc` removes them, `hub verify "
+                     "--repair` restores them)")
     status = "OK" if report.ok else f"{len(report.problems)} problems"
-    click.echo(f"checked {report.blobs} blobs ({human_bytes(report.bytes)}): {status}{note}")
-    if not report.ok:
+    click.echo(f"checked {report.blobs} blobs ({human_bytes(report.bytes)}): {status}"
+               + "".join(f"; {n}" for n in notes))
+    if not report.ok or (repair and fixed.problems):
         ctx.exit(2)
 
 

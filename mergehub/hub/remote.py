@@ -31,7 +31,6 @@ import json
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -376,15 +375,6 @@ def _owned(path: str, prefix: str) -> bool:
         rel == ADAPTER_CONFIG or rel.endswith((".safetensors", ".safetensors.index.json")))
 
 
-@contextlib.contextmanager
-def _removed(path: Path) -> Iterator[None]:
-    """Remove the work folder ``path`` on the way out, whatever happens."""
-    try:
-        yield
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def push(store: Store, name: str, repo_id: str, *, revision: str | None = None,
          private: bool = False, fmt: str | list[str] | tuple[str, ...] | None = None,
          base_model: str | None = None, message: str | None = None,
@@ -424,7 +414,7 @@ def push(store: Store, name: str, repo_id: str, *, revision: str | None = None,
     if folder and any(part in ("", ".", "..") for part in folder.split("/")):
         raise RemoteError(f"push {name!r}: bad subfolder {subfolder!r}")
     prefix = f"{folder}/" if folder else ""
-    with store.transfer(f"push-{uuid.uuid4().hex[:16]}") as tmp, _removed(tmp):
+    with store.work_folder("push") as tmp:
         files: dict[str, Path | bytes] = {}
         if "hf" in forms or "peft" in forms:
             out = store.export(name, Path(tmp) / "model", progress=progress)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import tempfile
 import time
 from contextlib import closing
 from collections.abc import Callable, Iterator
@@ -584,8 +583,8 @@ def merge(recipe: str | Path | Recipe, out: str | Path | None = None, *,
     else:
         run = execute
     if to_store is not None and out is None:
-        with tempfile.TemporaryDirectory(dir=store.root / "tmp", prefix="merge-") as tmp:
-            result = run(plan, Path(tmp) / "out", device=device, seed=seed,
+        with store.work_folder("merge") as tmp:  # held: `hub gc` leaves it alone
+            result = run(plan, tmp / "out", device=device, seed=seed,
                          max_shard_size=max_shard_size, progress=progress)
             _add_result(store, to_store, result, parsed, plan)
         result.out = None

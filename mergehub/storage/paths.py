@@ -19,7 +19,8 @@ from mergehub.errors import InputError, IntegrityError, shown
 
 #: the file that marks a directory as a mergehub store
 MARKER = "mergehub-store.json"
-#: work folders of transfers (``Store.transfer``: pull downloads, push exports), under a store
+#: work folders (``Store.transfer``, ``Store.work_folder``: pull downloads, push exports,
+#: merges to the store), under a store
 TRANSFERS = "transfers"
 #: the store's own work folders, where its commands write temporary outputs (merges to the
 #: store, push exports, pull downloads): the only output directories allowed inside a store

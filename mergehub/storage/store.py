@@ -5,7 +5,9 @@ Layout of a store root::
     mergehub-store.json     marker with the layout version
     catalog.sqlite          models, their files and tensors, and the blob index (WAL mode)
     blobs/ab/cdef...        one file per blob, named by the sha256 of its bytes
+    entries/<digest>.json   one record per model: its catalog rows, named by their sha256
     tmp/                    blobs being written (removed by ``gc``)
+    transfers/NAME/         work folders of pushes, pulls and merges, each held under a flock
     lock                    flock: adds/exports share it, ``gc`` takes it exclusively
 
 A model is a list of files as they were on disk: side files (config, tokenizer, index json) are
@@ -25,6 +27,17 @@ transaction that references them commits, so a process killed at any point leave
 unreferenced blob files (removed by ``gc``), never a catalog row pointing at a missing or
 partial blob. Every blob is checked against its id when read and every decoded tensor against
 the sha256 of the original bytes.
+
+Entry records: the catalog is the one file that holds which blobs make which model, so each
+model's rows (name, kind, base, metrics, provenance, files and tensors with their blob ids) are
+also written as a small JSON record, ``entries/<digest>.json``, atomically and before the
+catalog transaction that adds the model commits (after its blobs, in the same crash-safe
+order). The catalog keeps each model's digest: ``verify`` recomputes it from the rows (an
+edited or damaged row shows) and checks the record file; ``verify --repair``
+(:meth:`Store.repair`) restores edited rows, rewrites missing records and rebuilds a lost or
+unreadable catalog from the records. ``rm`` deletes a model's record before its catalog rows,
+so a removed model never comes back; ``gc`` removes records of no model (an add killed between
+its record and its commit).
 """
 
 from __future__ import annotations
@@ -42,7 +55,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,7 +64,7 @@ from tqdm.auto import tqdm
 
 from mergehub import __version__
 from mergehub.errors import (
-    BaseMismatchError, InputError, IntegrityError, StoreError, did_you_mean, shown, spelled)
+    BaseMismatchError, CatalogDamagedError, InputError, IntegrityError, StoreError, did_you_mean, shown, spelled)
 from mergehub.progress import bar_disabled
 from mergehub.storage.atomic import (
     atomic_output_dir, fsync_dir, start_writeback, write_file_atomic)
@@ -71,6 +84,17 @@ if TYPE_CHECKING:
     import torch
 
 LAYOUT_VERSION = 1
+CATALOG = "catalog.sqlite"
+#: the per-model records the catalog can be rebuilt from (see the module docstring)
+ENTRIES = "entries"
+#: what a store root holds (a folder of only these, with no blob, is a creation cut short)
+_LAYOUT = {MARKER, CATALOG, f"{CATALOG}-wal", f"{CATALOG}-shm", "blobs", ENTRIES, "tmp",
+           TRANSFERS, "lock"}
+#: SQLite's primary result codes meaning "cannot write here": SQLITE_READONLY, SQLITE_IOERR,
+#: SQLITE_FULL
+_CANNOT_WRITE = {8, 10, 13}
+#: SQLITE_CORRUPT and SQLITE_NOTADB: the catalog file is damaged
+_DAMAGED = {11, 26}
 KINDS = ("base", "finetune", "adapter", "merged")
 #: a fine-tune's lossless delta references its base tensor's blob while that is fewer deltas
 #: deep than this, else the self-contained blob it derives from (``Store._delta_ref``)
@@ -89,7 +113,8 @@ CREATE TABLE IF NOT EXISTS models(
   format TEXT NOT NULL CHECK (format IN ('hf', 'peft', 'safetensors')),
   metrics TEXT NOT NULL,
   provenance TEXT NOT NULL,
-  created TEXT NOT NULL);
+  created TEXT NOT NULL,
+  digest TEXT);                   -- sha256 of its record (entries/<digest>.json)
 CREATE TABLE IF NOT EXISTS blobs(
   id TEXT PRIMARY KEY,            -- sha256 of the blob file
   codec TEXT NOT NULL,
@@ -189,16 +214,27 @@ class ModelInfo:
 
 @dataclass
 class VerifyReport:
-    """Result of :meth:`Store.verify`: what was checked and every problem found."""
+    """Result of :meth:`Store.verify`: what was checked, every problem found and the models
+    they affect."""
 
     blobs: int = 0
     bytes: int = 0
     problems: list[str] = field(default_factory=list)
+    affected: set[str] = field(default_factory=set)
     unreferenced_files: int = 0
+    unreferenced_records: int = 0
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+@dataclass
+class RepairReport:
+    """Result of :meth:`Store.repair`: what was repaired, and what could not be."""
+
+    actions: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -209,6 +245,7 @@ class GcReport:
     bytes_freed: int
     temp_files_removed: int
     transfers_removed: int = 0
+    records_removed: int = 0
 
 
 def names_entry(ref: str, store: Store | None) -> bool:
@@ -219,6 +256,139 @@ def names_entry(ref: str, store: Store | None) -> bool:
     return store is not None and not ref.startswith((".", "/", "~")) and ref in store
 
 
+@contextmanager
+def _flock(path: Path, exclusive: bool) -> Iterator[None]:
+    """Hold a flock on the file ``path`` (created if missing), shared or exclusive."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # releases the flock (the kernel also does on SIGKILL)
+
+
+def _read_marker(root: Path) -> None:
+    """Check the store marker: the JSON mergehub writes, of a layout this version reads."""
+    path = root / MARKER
+    try:
+        marker = json.loads(path.read_bytes())
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
+        marker = None
+    if not isinstance(marker, dict) or "layout" not in marker:
+        raise CatalogDamagedError(f"{path}: store marker damaged (not the JSON mergehub "
+                                  "writes); `hub verify --repair` rewrites it")
+    if marker["layout"] != LAYOUT_VERSION:
+        raise StoreError(f"{root}: store layout {marker['layout']!r} is not supported by "
+                         f"mergehub {__version__} (layout {LAYOUT_VERSION})")
+
+
+#: SQLite's messages for the result codes :func:`_sqlite_code` needs (Python < 3.11 gives
+#: only the message)
+_SQLITE_MESSAGES = {"attempt to write a readonly database": 8, "disk I/O error": 10,
+                    "database disk image is malformed": 11, "database or disk is full": 13,
+                    "file is not a database": 26}
+
+
+def _sqlite_code(e: sqlite3.Error) -> int:
+    """The primary SQLite result code of ``e`` (0 if unknown)."""
+    code = getattr(e, "sqlite_errorcode", None)
+    return (code if code is not None else _SQLITE_MESSAGES.get(str(e), 0)) & 0xFF
+
+
+def _repair_hint(root: Path) -> str:
+    """What to do about a lost or damaged catalog, given the entry records ``root`` holds."""
+    records = len(list((root / ENTRIES).glob("*.json"))) if (root / ENTRIES).is_dir() else 0
+    if not records:
+        return ("this store holds no entry records to rebuild it from (written by an older "
+                "mergehub?): restore catalog.sqlite from a backup; `hub gc` is refused")
+    return (f"`hub verify --repair` rebuilds it from the {records} entry records in "
+            f"{root / ENTRIES}; until then every command but that one is refused")
+
+
+def _catalog_error(root: Path, e: sqlite3.Error) -> StoreError:
+    """The one-line error for an SQLite error while opening the catalog of ``root``."""
+    code = _sqlite_code(e)
+    if code in _DAMAGED:
+        return CatalogDamagedError(f"{root / CATALOG}: store damaged: the catalog is unreadable "
+                                   f"({e}); {_repair_hint(root)}")
+    return StoreError(f"{root / CATALOG}: cannot open the catalog: {e}"
+                      + (" (disk full?)" if code in _CANNOT_WRITE else ""))
+
+
+def _catalog_uri(root: Path, create: bool = False) -> str:
+    mode = "rwc" if create else "rw"  # opening never creates a missing catalog
+    return f"{(root / CATALOG).absolute().as_uri()}?mode={mode}"
+
+
+def _open_catalog(root: Path, create: bool = False) -> tuple[sqlite3.Connection, bool]:
+    """Open the catalog of the store at ``root`` in WAL mode (``create``: create it with its
+    tables); also returns whether it is open in exclusive locking mode.
+
+    Where WAL mode's shared index file (``catalog.sqlite-shm``) cannot be written, as on a
+    full disk, the catalog is opened in exclusive locking mode instead, in which SQLite keeps
+    that index in memory: reading commands work, and this process holds the catalog alone
+    until it closes it. A catalog that is missing, empty, not a database or without its tables
+    raises :class:`CatalogDamagedError`: opening never replaces a lost catalog by an empty one
+    (``verify --repair`` rebuilds it from the entry records).
+    """
+    path = root / CATALOG
+    if not create:
+        try:
+            state = "empty" if path.stat().st_size == 0 else None
+        except FileNotFoundError:
+            state = "missing"
+        if state is not None:
+            raise CatalogDamagedError(f"{root}: store damaged: its catalog ({CATALOG}) is "
+                                      f"{state}; {_repair_hint(root)}")
+
+    def connect() -> sqlite3.Connection:
+        return sqlite3.connect(_catalog_uri(root, create), uri=True, timeout=120,
+                               isolation_level=None, check_same_thread=False)
+
+    db, exclusive = connect(), False
+    try:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as e:
+            if create or _sqlite_code(e) not in _CANNOT_WRITE:
+                raise
+            db.close()
+            db, exclusive = connect(), True
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # takes the lock now
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+        if create:
+            db.executescript(_SCHEMA)
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as e:
+        db.close()
+        raise _catalog_error(root, e) from e
+    missing = {"models", "blobs", "blob_needs", "files", "tensors"} - tables
+    if missing:
+        db.close()
+        raise CatalogDamagedError(f"{path}: store damaged: the catalog lacks its tables "
+                                  f"({', '.join(sorted(missing))}); {_repair_hint(root)}")
+    return db, exclusive
+
+
+def _well_formed_record(record: Any) -> bool:
+    """Whether ``record`` has the fields and types of an entry record (``Store._record``)."""
+    def rows(items: Any, types: tuple[type, ...]) -> bool:
+        return isinstance(items, list) and all(
+            isinstance(row, list) and len(row) == len(types)
+            and all(isinstance(v, t) for v, t in zip(row, types)) for row in items)
+
+    return (isinstance(record, dict) and record.get("mergehub_entry") == 1
+            and isinstance(record.get("id"), int)
+            and isinstance(record.get("name"), str) and bool(_NAME.match(record["name"]))
+            and record.get("kind") in KINDS and isinstance(record.get("format"), str)
+            and isinstance(record.get("base"), (str, type(None)))
+            and isinstance(record.get("created"), str)
+            and isinstance(record.get("metrics"), dict)
+            and isinstance(record.get("provenance"), dict)
+            and rows(record.get("files"), (str, str, str))
+            and rows(record.get("tensors"), (str, str, int, str, list, str)))
 
 
 def _remove_unless_held(path: Path) -> bool:
@@ -330,19 +500,23 @@ class Store:
 
     def __init__(self, root: str | Path | None = None, *, create: bool = False):
         self.root = Path(root).expanduser() if root is not None else default_root()
+        #: whether the catalog is open in exclusive locking mode (see :meth:`_connect`)
+        self._exclusive = False
         if not (self.root / MARKER).is_file():
             if not create:
                 raise StoreError(f"no mergehub store at {self.root} (" + spelled(
                     "Store.init(root) creates one; Store(root) opens another",
                     "run `hub init`, or pass --store / set MERGEHUB_HOME") + ")")
             self._create_layout()
-        marker = json.loads((self.root / MARKER).read_text())
-        if marker.get("layout") != LAYOUT_VERSION:
-            raise StoreError(f"{self.root}: store layout {marker.get('layout')} is not supported "
-                             f"by mergehub {__version__} (layout {LAYOUT_VERSION})")
+        _read_marker(self.root)
         self._db = self._connect()
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
+        try:
+            self._migrate()
+        except BaseException:
+            self._db.close()
+            raise
 
     @classmethod
     def init(cls, root: str | Path | None = None) -> "Store":
@@ -352,23 +526,47 @@ class Store:
     # --- setup ----------------------------------------------------------------------------
 
     def _create_layout(self) -> None:
+        """Make the folders, the catalog and, last, the marker. Processes creating the same
+        store at once take turns under the store lock: the first creates it, the others find
+        its marker. A folder holding only what a creation cut short left is taken over."""
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"{self.root}: exists and is not a directory")
-        if self.root.is_dir() and any(p.name != "lock" for p in self.root.iterdir()):
-            raise StoreError(f"{self.root}: directory is not empty and is not a mergehub store")
-        for sub in ("blobs", "tmp"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-        db = self._connect()
-        db.close()
-        write_file_atomic(self.root / MARKER, json.dumps({"layout": LAYOUT_VERSION}).encode())
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._lock(exclusive=True):
+            if (self.root / MARKER).is_file():
+                return
+            if any(p.name not in _LAYOUT or (p.is_dir() and any(p.iterdir()))
+                   for p in self.root.iterdir()):
+                raise StoreError(f"{self.root}: directory is not empty and is not a mergehub "
+                                 "store")
+            for sub in ("blobs", "tmp", ENTRIES):
+                (self.root / sub).mkdir(exist_ok=True)
+            self._connect(create=True).close()
+            write_file_atomic(self.root / MARKER, json.dumps({"layout": LAYOUT_VERSION}).encode())
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.root / "catalog.sqlite", timeout=120, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA foreign_keys=ON")
-        db.executescript(_SCHEMA)
+    def _connect(self, create: bool = False) -> sqlite3.Connection:
+        """Open (``create``: create) the catalog: see :func:`_open_catalog`."""
+        db, self._exclusive = _open_catalog(self.root, create)
         return db
+
+    def _migrate(self) -> None:
+        """Give a catalog written by an older mergehub the digest column, and record every
+        model in it (:meth:`_record`), once, when this version first opens it."""
+        def has_digests() -> bool:
+            return any(r[1] == "digest" for r in self._db.execute("PRAGMA table_info(models)"))
+
+        if has_digests():
+            return
+        if self._exclusive:
+            raise StoreError(f"{self.root}: the catalog, written by an older mergehub, needs a "
+                             "one-time upgrade that cannot be written now (disk full?): free "
+                             "some space and run the command again")
+        with self._transaction() as db:
+            if has_digests():  # another process upgraded it meanwhile
+                return
+            db.execute("ALTER TABLE models ADD COLUMN digest TEXT")
+            for (model_id,) in db.execute("SELECT id FROM models ORDER BY id").fetchall():
+                self._record(db, model_id)
 
     def close(self) -> None:
         """Close the catalog connections."""
@@ -381,24 +579,21 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextmanager
-    def _lock(self, exclusive: bool) -> Iterator[None]:
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            yield
-        finally:
-            os.close(fd)  # releases the flock (the kernel also does on SIGKILL)
+    def _lock(self, exclusive: bool) -> AbstractContextManager[None]:
+        """The store lock: adds, imports, exports and verify share it; ``gc`` and ``repair``
+        take it exclusively."""
+        return _flock(self.root / "lock", exclusive)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:  # also after a failed COMMIT (a full disk)
+                self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
 
     # --- blobs ----------------------------------------------------------------------------
 
@@ -602,10 +797,13 @@ class Store:
         raise IntegrityError(f"blob {blob_id[:16]}: reference chain too long (store damaged?)")
 
     def _reader(self) -> sqlite3.Connection:
-        """This thread's read-only catalog connection (sqlite connections are per thread)."""
+        """This thread's read-only catalog connection (sqlite connections are per thread);
+        the one connection where the catalog is open in exclusive locking mode."""
+        if self._exclusive:
+            return self._db
         db = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.root / "catalog.sqlite", timeout=120,
+            db = sqlite3.connect(_catalog_uri(self.root), uri=True, timeout=120,
                                  check_same_thread=False)
             self._local.db = db
             self._readers.append(db)
@@ -641,7 +839,110 @@ class Store:
     def _tensor_rows(self, model_id: int) -> list[tuple[str, str, int, str, str, str]]:
         return self._db.execute(
             "SELECT name, file, offset, dtype, shape, blob FROM tensors WHERE model_id = ? "
-            "ORDER BY file, offset", (model_id,)).fetchall()
+            "ORDER BY file, offset, name", (model_id,)).fetchall()
+
+    def _entry_rows(self, model_id: int) -> tuple[list[list[Any]], list[list[Any]]]:
+        """A model's files ``[path, role, blob]`` (by path) and tensors ``[name, file, offset,
+        dtype, shape, blob]`` (in file order), as JSON lists: what its record and its
+        :meth:`entry_manifest` list."""
+        files = self._db.execute("SELECT path, role, blob FROM files WHERE model_id = ? "
+                                 "ORDER BY path", (model_id,)).fetchall()
+        return ([list(f) for f in files],
+                [[r[0], r[1], r[2], r[3], json.loads(r[4]), r[5]]
+                 for r in self._tensor_rows(model_id)])
+
+    # --- entry records (see the module docstring) ------------------------------------------
+
+    def _insert_entry(self, db: sqlite3.Connection, name: str, kind: str, base: str | None,
+                      base_id: int | None, fmt: str, metrics: str, provenance: str,
+                      created: str, files: Iterable[tuple[str, str, str]],
+                      tensors: Iterable[tuple[str, str, int, str, str, str]],
+                      model_id: int | None = None) -> int:
+        """Insert a model's catalog rows in the open transaction ``db`` and write its record
+        (:meth:`_record`); returns its id. ``metrics`` and ``provenance`` are JSON text,
+        ``tensors`` rows as :meth:`_tensor_rows` gives them.
+
+        The name and the base are checked here, in the transaction that inserts: another
+        process may have taken the name, or removed the base (whose id a new model could then
+        get, making an entry its own base), since they were first looked up.
+        """
+        if self._model_row(name) is not None:
+            raise StoreError(f"a model named {name!r} already exists in store {self.root}")
+        if base_id is not None:
+            row = db.execute("SELECT name FROM models WHERE id = ?", (base_id,)).fetchone()
+            if row is None or row[0] != base:
+                raise StoreError(f"base {base!r} of {name!r} was removed from store {self.root} "
+                                 f"while {name!r} was being stored; nothing was added")
+        model_id = db.execute(
+            "INSERT INTO models(id, name, kind, base_id, format, metrics, provenance, created) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (model_id, name, kind, base_id, fmt, metrics, provenance, created)).lastrowid
+        db.executemany("INSERT INTO files(model_id, path, role, blob) VALUES (?, ?, ?, ?)",
+                       [(model_id, *f) for f in files])
+        db.executemany("INSERT INTO tensors(model_id, name, file, offset, dtype, shape, blob) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)", [(model_id, *t) for t in tensors])
+        self._record(db, model_id)
+        return model_id
+
+    def _entry_record(self, model_id: int) -> bytes:
+        """A model's record: its catalog rows (id, name, kind, base name, format, metrics,
+        provenance, created, files, tensors) as canonical JSON, whose sha256 is its digest."""
+        name, kind, base, fmt, metrics, provenance, created = self._db.execute(
+            "SELECT m.name, m.kind, b.name, m.format, m.metrics, m.provenance, m.created "
+            "FROM models m LEFT JOIN models b ON b.id = m.base_id WHERE m.id = ?",
+            (model_id,)).fetchone()
+        try:
+            files, tensors = self._entry_rows(model_id)
+            record = {"mergehub_entry": 1, "id": model_id, "name": name, "kind": kind, "base": base,
+                      "format": fmt, "metrics": json.loads(metrics),
+                      "provenance": json.loads(provenance), "created": created,
+                      "files": files, "tensors": tensors}
+        except (ValueError, TypeError) as e:
+            raise IntegrityError(f"model {name!r}: catalog rows unreadable ({e})") from e
+        return json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+
+    def _record(self, db: sqlite3.Connection, model_id: int) -> str:
+        """Write the record of model ``model_id`` (durably) and set its digest, in the open
+        transaction ``db``; the record is on disk before the transaction commits."""
+        data = self._entry_record(model_id)
+        digest = sha256(data)
+        folder = self.root / ENTRIES
+        if not folder.is_dir():  # a store made by an older mergehub
+            folder.mkdir()
+            fsync_dir(self.root)
+        write_file_atomic(folder / f"{digest}.json", data)
+        db.execute("UPDATE models SET digest = ? WHERE id = ?", (digest, model_id))
+        return digest
+
+    def _record_files(self) -> dict[str, Path]:
+        """The record files in ``entries/`` by digest (others there: temp files)."""
+        folder = self.root / ENTRIES
+        return {p.stem: p for p in (sorted(folder.iterdir()) if folder.is_dir() else [])
+                if p.suffix == ".json" and re.fullmatch(r"[0-9a-f]{64}", p.stem)}
+
+    def _read_record(self, digest: str) -> dict[str, Any] | None:
+        """The record ``entries/<digest>.json`` if present, intact (its sha256 is its name)
+        and well-formed, else ``None``."""
+        try:
+            data = (self.root / ENTRIES / f"{digest}.json").read_bytes()
+        except OSError:
+            return None
+        if sha256(data) != digest:
+            return None
+        try:
+            record = json.loads(data)
+        except ValueError:
+            return None
+        return record if _well_formed_record(record) else None
+
+    def _drop_record(self, digest: str | None) -> None:
+        """Delete a record file (durably), before the transaction that removes its model
+        commits: a removed model must not come back from its record."""
+        if digest is not None:
+            path = self.root / ENTRIES / f"{digest}.json"
+            if path.exists():
+                path.unlink()
+                fsync_dir(path.parent)
 
     # --- verbs ----------------------------------------------------------------------------
 
@@ -687,12 +988,13 @@ class Store:
                     r[0]: (_spec(r), self._delta_ref(r[5]))
                     for r in self._tensor_rows(base_id)}
                 _check_fits_base(ckpt, kind, base, base_tensors)
-            return self._add_locked(ckpt, name, kind, base_id, base_tensors, metrics or {},
+            return self._add_locked(ckpt, name, kind, base, base_id, base_tensors, metrics or {},
                                     provenance or {}, progress)
 
-    def _add_locked(self, ckpt: Checkpoint, name: str, kind: str, base_id: int | None,
-                    base_tensors: dict[str, tuple[TensorSpec, str]], metrics: dict[str, Any],
-                    provenance: dict[str, Any], progress: bool | None) -> ModelInfo:
+    def _add_locked(self, ckpt: Checkpoint, name: str, kind: str, base: str | None,
+                    base_id: int | None, base_tensors: dict[str, tuple[TensorSpec, str]],
+                    metrics: dict[str, Any], provenance: dict[str, Any],
+                    progress: bool | None) -> ModelInfo:
         new_blobs: dict[str, tuple[str, str | None, str, int, int]] = {}
         dirs: set[Path] = set()
 
@@ -782,19 +1084,10 @@ class Store:
             prov.setdefault("base_model_name_or_path", ckpt.adapter_config["base_model_name_or_path"])
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         with self._transaction() as db:
-            if self._model_row(name) is not None:  # another process took the name meanwhile
-                raise StoreError(f"a model named {name!r} already exists in store {self.root}")
             db.executemany("INSERT OR IGNORE INTO blobs(id, codec, ref, raw_sha256, raw_size, size)"
                            " VALUES (?, ?, ?, ?, ?, ?)", [(k, *v) for k, v in new_blobs.items()])
-            model_id = db.execute(
-                "INSERT INTO models(name, kind, base_id, format, metrics, provenance, created) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (name, kind, base_id, ckpt.format, json.dumps(metrics), json.dumps(prov),
-                 created)).lastrowid
-            db.executemany("INSERT INTO files(model_id, path, role, blob) VALUES (?, ?, ?, ?)",
-                           [(model_id, *r) for r in file_rows])
-            db.executemany("INSERT INTO tensors(model_id, name, file, offset, dtype, shape, blob) "
-                           "VALUES (?, ?, ?, ?, ?, ?, ?)", [(model_id, *r) for r in tensor_rows])
+            self._insert_entry(db, name, kind, base, base_id, ckpt.format, json.dumps(metrics),
+                               json.dumps(prov), created, file_rows, tensor_rows)
         return self.show(name)
 
     def compress(self, name: str, codec: str, params: dict[str, Any] | None = None, *,
@@ -852,7 +1145,7 @@ class Store:
                                  "merged model)")
             provenance = {**info.provenance, "compressed_from": name, "codec": codec,
                           "codec_params": full}
-            self._commit_derived(dirs, new_blobs, [], [(model_id, as_name, blobs, provenance)])
+            self._commit_derived(dirs, new_blobs, [], [(model_id, name, as_name, blobs, provenance)])
         return self.show(as_name)
 
     def compress_search(self, name: str, codec: str, grid: dict[str, list[Any]],
@@ -867,8 +1160,6 @@ class Store:
         Returns its info and every (parameters, score) tried.
         """
         import itertools
-        import shutil
-        import tempfile
 
         keys = sorted(grid)
         if not keys or any(not grid[k] for k in keys):
@@ -881,11 +1172,8 @@ class Store:
             trial = {**(params or {}), **dict(zip(keys, values))}
             candidate = f"{final}.search{i}"
             self.compress(name, codec, trial, as_name=candidate, progress=progress)
-            tmp = Path(tempfile.mkdtemp(dir=self.root / "tmp", prefix="search-"))
-            try:
+            with self.work_folder("search") as tmp:
                 score = float(evaluate(self.export(candidate, tmp / "model", progress=False)))
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
             tried.append((trial, score))
             if best is None or score > best[0]:
                 if best is not None:
@@ -894,7 +1182,12 @@ class Store:
             else:
                 self.rm(candidate)
         with self._transaction() as db:
-            db.execute("UPDATE models SET name = ? WHERE name = ?", (final, best[1]))
+            self._check_free([final])
+            model_id, old = db.execute("SELECT id, digest FROM models WHERE name = ?",
+                                       (best[1],)).fetchone()
+            db.execute("UPDATE models SET name = ? WHERE id = ?", (final, model_id))
+            self._record(db, model_id)
+            self._drop_record(old)
         return self.show(final), tried
 
     def compress_tall(self, names: list[str], params: dict[str, Any] | None = None, *,
@@ -975,7 +1268,7 @@ class Store:
             for (model_id, *_), name, as_name, lam, blobs in zip(rows, names, as_names, lambdas,
                                                                  columns):
                 info = self.show(name)
-                derived.append((model_id, as_name, blobs, {
+                derived.append((model_id, name, as_name, blobs, {
                     **info.provenance, "compressed_from": name, "codec": "tall",
                     "codec_params": {**full, "lambda": float(lam)}, "tall_tasks": names}))
             self._commit_derived(dirs, new_blobs, needs, derived)
@@ -990,35 +1283,32 @@ class Store:
 
     def _commit_derived(self, dirs: set[Path], new_blobs: dict[str, tuple],
                         needs: list[tuple[str, str]],
-                        derived: list[tuple[int, str, dict[str, str], dict[str, Any]]]) -> None:
+                        derived: list[tuple[int, str, str, dict[str, str], dict[str, Any]]]) -> None:
         """Catalog new entries derived from stored models (same kind, base, format, files and
         metrics; new tensor blobs by tensor name, and provenance) in one transaction, after
-        the blobs are durable."""
+        the blobs are durable. ``derived``: (source model id, its name, new name, blob by tensor
+        name, provenance) each."""
         for d in dirs:
             fsync_dir(d)
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         with self._transaction() as db:
-            self._check_free([d[1] for d in derived])
             db.executemany("INSERT OR IGNORE INTO blobs(id, codec, ref, raw_sha256, raw_size, "
                            "size) VALUES (?, ?, ?, ?, ?, ?)",
                            [(k, *v) for k, v in new_blobs.items()])
             db.executemany("INSERT OR IGNORE INTO blob_needs(blob, needs) VALUES (?, ?)", needs)
-            for source_id, as_name, blobs, provenance in derived:
-                kind, base_id, fmt, metrics = db.execute(
-                    "SELECT kind, base_id, format, metrics FROM models WHERE id = ?",
-                    (source_id,)).fetchone()
-                new_id = db.execute(
-                    "INSERT INTO models(name, kind, base_id, format, metrics, provenance, created) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (as_name, kind, base_id, fmt, metrics, json.dumps(provenance),
-                     created)).lastrowid
-                db.execute("INSERT INTO files(model_id, path, role, blob) SELECT ?, path, role, "
-                           "blob FROM files WHERE model_id = ?", (new_id, source_id))
-                rows = self._tensor_rows(source_id)
-                db.executemany(
-                    "INSERT INTO tensors(model_id, name, file, offset, dtype, shape, blob) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(new_id, *row[:5], blobs[row[0]]) for row in rows])
+            for source_id, source, as_name, blobs, provenance in derived:
+                row = db.execute(
+                    "SELECT m.name, m.kind, b.name, m.base_id, m.format, m.metrics FROM models m "
+                    "LEFT JOIN models b ON b.id = m.base_id WHERE m.id = ?", (source_id,)).fetchone()
+                if row is None or row[0] != source:
+                    raise StoreError(f"model {source!r} was removed while {as_name!r} was being "
+                                     "made from it; nothing was added")
+                _, kind, base, base_id, fmt, metrics = row
+                files = db.execute("SELECT path, role, blob FROM files WHERE model_id = ?",
+                                   (source_id,)).fetchall()
+                tensors = [(*r[:5], blobs[r[0]]) for r in self._tensor_rows(source_id)]
+                self._insert_entry(db, as_name, kind, base, base_id, fmt, metrics,
+                                   json.dumps(provenance), created, files, tensors)
 
     # --- shipping an entry's own blobs to another store (hub push / pull) -------------------
 
@@ -1059,12 +1349,10 @@ class Store:
         info = self.show(name)
         base_rows = self._tensor_rows(base_id) if base_id is not None else []
         base_blobs = {r[5] for r in base_rows}
-        rows = self._tensor_rows(model_id)
-        files = self._db.execute("SELECT path, role, blob FROM files WHERE model_id = ? "
-                                 "ORDER BY path", (model_id,)).fetchall()
+        files, tensors = self._entry_rows(model_id)
         blobs: dict[str, dict[str, Any]] = {}
         external: dict[str, str] = {}
-        todo = [r[5] for r in rows] + [f[2] for f in files]
+        todo = [r[5] for r in tensors] + [f[2] for f in files]
         while todo:
             blob_id = todo.pop()
             if blob_id in blobs or blob_id in external:
@@ -1089,8 +1377,7 @@ class Store:
         return {"mergehub_manifest": 1, "mergehub_version": __version__, "name": name,
                 "kind": kind, "format": fmt, "metrics": info.metrics,
                 "provenance": info.provenance, "base": base,
-                "files": [list(f) for f in files],
-                "tensors": [[r[0], r[1], r[2], r[3], json.loads(r[4]), r[5]] for r in rows],
+                "files": files, "tensors": tensors,
                 "blobs": blobs, "external": external}
 
     def import_entry(self, manifest: dict[str, Any], blob_dir: str | Path, name: str, *,
@@ -1206,24 +1493,16 @@ class Store:
             created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             prov = {**manifest["provenance"], **(provenance or {})}
             with self._transaction() as db:
-                self._check_free([name])
                 db.executemany("INSERT OR IGNORE INTO blobs(id, codec, ref, raw_sha256, "
                                "raw_size, size) VALUES (?, ?, ?, ?, ?, ?)",
                                [(k, *v) for k, v in new_blobs.items()])
                 db.executemany("INSERT OR IGNORE INTO blob_needs(blob, needs) VALUES (?, ?)",
                                needs)
-                model_id = db.execute(
-                    "INSERT INTO models(name, kind, base_id, format, metrics, provenance, "
-                    "created) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (name, kind, base_id, fmt, json.dumps(manifest["metrics"]),
-                     json.dumps(prov), created)).lastrowid
-                db.executemany(
-                    "INSERT INTO files(model_id, path, role, blob) VALUES (?, ?, ?, ?)",
-                    [(model_id, p, role, mapping[b]) for p, role, b in manifest["files"]])
-                db.executemany(
-                    "INSERT INTO tensors(model_id, name, file, offset, dtype, shape, blob) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(model_id, t, f, off, dt, json.dumps(shape), mapping[b])
+                self._insert_entry(
+                    db, name, kind, base, base_id, fmt, json.dumps(manifest["metrics"]),
+                    json.dumps(prov), created,
+                    [(p, role, mapping[b]) for p, role, b in manifest["files"]],
+                    [(t, f, off, dt, json.dumps(shape), mapping[b])
                      for t, f, off, dt, shape, b in manifest["tensors"]])
         return self.show(name)
 
@@ -1352,23 +1631,68 @@ class Store:
             progress=progress)
 
     def rm(self, name: str) -> None:
-        """Remove a model from the catalog (``gc`` then frees its blobs).
+        """Remove a model from the catalog (``gc`` then frees its blobs), and its record.
 
-        Refused while other models are stored against it as their base.
+        Refused while other models are stored against it as their base. The record is deleted
+        before the catalog transaction commits, so that a removed model never comes back from
+        ``verify --repair``; if the commit fails, the record is written again.
         """
         model_id = self._require(name)[0]
-        with self._transaction() as db:
-            dependents = [r[0] for r in db.execute(
-                "SELECT name FROM models WHERE base_id = ? ORDER BY name", (model_id,))]
-            if dependents:
-                raise StoreError(f"cannot remove {name!r}: it is the base of "
-                                 f"{', '.join(map(repr, dependents))}; remove those first")
-            db.execute("DELETE FROM models WHERE id = ?", (model_id,))
+        dropped = None
+        try:
+            with self._transaction() as db:
+                dependents = [r[0] for r in db.execute(
+                    "SELECT name FROM models WHERE base_id = ? ORDER BY name", (model_id,))]
+                if dependents:
+                    raise StoreError(f"cannot remove {name!r}: it is the base of "
+                                     f"{', '.join(map(repr, dependents))}; remove those first")
+                (dropped,) = db.execute("SELECT digest FROM models WHERE id = ?",
+                                        (model_id,)).fetchone()
+                db.execute("DELETE FROM models WHERE id = ?", (model_id,))
+                self._drop_record(dropped)
+        except BaseException:
+            if dropped is not None and self._model_row(name) is not None:
+                with suppress(OSError):  # as on a full disk: `hub verify` reports it missing
+                    write_file_atomic(self.root / ENTRIES / f"{dropped}.json",
+                                      self._entry_record(model_id))
+            raise
 
     def gc(self) -> GcReport:
-        """Delete blobs no model references, leftovers of interrupted adds, and transfer
-        folders no running push or pull holds (an interrupted pull's partial download)."""
+        """Delete blobs no model references, leftovers of interrupted adds (temp files, blob
+        files and records of no model), and work folders no running command holds (an
+        interrupted pull's partial download).
+
+        Leftovers that need no catalog change go first, so that on a full disk the catalog
+        transaction finds room. Refused when the catalog lists no model but records exist
+        (a catalog lost and replaced by an empty one: ``verify --repair`` restores them).
+        """
         with self._lock(exclusive=True):
+            records = self._record_files()
+            if records and self._db.execute("SELECT COUNT(*) FROM models").fetchone()[0] == 0:
+                raise StoreError(
+                    f"{self.root}: refused: the catalog lists no model but {ENTRIES}/ holds "
+                    f"{len(records)} entry records (was the catalog lost and replaced?): "
+                    "`hub verify --repair` restores them; delete them to empty the store")
+            temps = list((self.root / "tmp").iterdir())  # left by killed adds
+            for t in temps:
+                if t.is_dir() and not t.is_symlink():
+                    shutil.rmtree(t)
+                else:
+                    t.unlink()
+            transfers = self.root / TRANSFERS
+            stale = sum(_remove_unless_held(t) for t in
+                        (sorted(transfers.iterdir()) if transfers.is_dir() else []))
+            with self._transaction() as db:  # records are written in transactions
+                digests = {r[0] for r in db.execute("SELECT digest FROM models")}
+                folder = self.root / ENTRIES
+                records = self._record_files()
+                strays = [p for p in (folder.iterdir() if folder.is_dir() else [])
+                          if records.get(p.stem) != p or p.stem not in digests]
+                for p in strays:
+                    p.unlink()
+                if strays:
+                    fsync_dir(folder)
+            removed, freed = self._remove_unknown_blobs()
             with self._transaction() as db:
                 dead = db.execute(
                     "WITH RECURSIVE live(id) AS ("
@@ -1379,24 +1703,30 @@ class Store:
                     "SELECT id, size FROM blobs WHERE id NOT IN (SELECT id FROM live)").fetchall()
                 db.executemany("DELETE FROM blob_needs WHERE blob = ?", [(d[0],) for d in dead])
                 db.executemany("DELETE FROM blobs WHERE id = ?", [(d[0],) for d in dead])
-            known = {r[0] for r in self._db.execute("SELECT id FROM blobs")}
-            removed, freed = 0, 0
-            for path in self._blob_files():
-                blob_id = path.parent.name + path.name
-                if blob_id not in known:
-                    freed += path.stat().st_size
-                    path.unlink()
-                    removed += 1
-            temps = list((self.root / "tmp").iterdir())  # left by killed adds and merges
-            for t in temps:
-                if t.is_dir() and not t.is_symlink():
-                    shutil.rmtree(t)
-                else:
-                    t.unlink()
-            transfers = self.root / TRANSFERS
-            stale = sum(_remove_unless_held(t) for t in
-                        (sorted(transfers.iterdir()) if transfers.is_dir() else []))
-        return GcReport(removed, freed, len(temps), stale)
+            more, more_freed = self._remove_unknown_blobs()
+        return GcReport(removed + more, freed + more_freed, len(temps), stale, len(strays))
+
+    def _remove_unknown_blobs(self) -> tuple[int, int]:
+        """Delete the blob files the catalog has no row for; returns (count, bytes)."""
+        known = {r[0] for r in self._db.execute("SELECT id FROM blobs")}
+        removed, freed = 0, 0
+        for path in self._blob_files():
+            if path.parent.name + path.name not in known:
+                freed += path.stat().st_size
+                path.unlink()
+                removed += 1
+        return removed, freed
+
+    @contextmanager
+    def work_folder(self, kind: str) -> Iterator[Path]:
+        """A new work folder ``transfers/KIND-<random>`` for a command that writes into the
+        store (a merge's output before it is added, a push's export): held like a
+        :meth:`transfer`, so that ``gc`` leaves it alone, and removed on the way out."""
+        with self.transfer(f"{kind}-{uuid.uuid4().hex[:16]}") as folder:
+            try:
+                yield folder
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
 
     @contextmanager
     def transfer(self, name: str) -> Iterator[Path]:
@@ -1445,44 +1775,299 @@ class Store:
                 yield from sorted(sub.iterdir())
 
     def verify(self, progress: bool | None = None) -> VerifyReport:
-        """Check every blob against its hash, decode it and check the decoded bytes' hash.
+        """Check the catalog, then every blob against its hash, decode it and check the
+        decoded bytes' hash.
 
-        Problems name the models and tensors affected. Blob files no catalog row references
-        (left by an interrupted add) are counted, not reported: ``gc`` removes them.
+        The catalog: SQLite's integrity and foreign key checks, and each model's rows against
+        the digest recorded when it was added and against its record file (an edited or damaged
+        row, a lost record). Problems name every model a damaged blob affects. Blob files and
+        records no catalog row references (left by an interrupted add) are counted, not
+        reported: ``gc`` removes them.
         """
         report = VerifyReport()
         with self._lock(exclusive=False):
-            for (msg,) in self._db.execute("PRAGMA integrity_check"):
-                if msg != "ok":
-                    report.problems.append(f"catalog: {msg}")
-            users: dict[str, str] = {}
-            for model, tname, blob in self._db.execute(
-                    "SELECT m.name, t.name, t.blob FROM tensors t JOIN models m ON m.id = t.model_id "
-                    "UNION ALL SELECT m.name, f.path, f.blob FROM files f "
-                    "JOIN models m ON m.id = f.model_id"):
-                users.setdefault(blob, f"model {model!r}, {tname!r}")
-            rows = self._db.execute("SELECT id, ref, raw_sha256, size FROM blobs").fetchall()
+            try:
+                users = self._verify_catalog(report)
+                rows = self._db.execute("SELECT id, ref, raw_sha256, size FROM blobs").fetchall()
+            except sqlite3.DatabaseError as e:
+                report.problems.append(f"catalog: {e}; {_repair_hint(self.root)}")
+                return report
+
+            def what(blob: str) -> str:
+                uses = users.get(blob)
+                if not uses:
+                    return f"blob {blob[:16]} (base of a stored delta)"
+                models = list(dict.fromkeys(m for m, _ in uses))
+                also = (f" (also used by {', '.join(f'model {m!r}' for m in models[1:])})"
+                        if len(models) > 1 else "")
+                return f"model {uses[0][0]!r}, {uses[0][1]!r}{also}"
+
+            def damaged(blob: str, problem: str) -> None:
+                report.problems.append(problem)
+                report.affected.update(m for m, _ in users.get(blob, []))
+
             known = {r[0] for r in rows}
             for blob in sorted(set(users) - known):
-                report.problems.append(f"{users[blob]}: blob {blob[:16]} has no catalog entry")
+                damaged(blob, f"{what(blob)}: blob {blob[:16]} has no catalog entry")
             declared = self._declared_sizes()
             for blob_id, ref, raw_sha, size in tqdm(rows, desc="verify", unit="blob",
                                                     disable=bar_disabled(progress), leave=False):
-                what = users.get(blob_id, f"blob {blob_id[:16]} (base of a stored delta)")
                 try:
-                    header, pieces = self._blob_stream(blob_id, what, declared.get(blob_id))
+                    header, pieces = self._blob_stream(blob_id, what(blob_id),
+                                                       declared.get(blob_id))
                     if header.sha256 != raw_sha or header.ref != ref:
-                        report.problems.append(f"{what}: blob {blob_id[:16]} disagrees with "
-                                               "its catalog entry")
+                        damaged(blob_id, f"{what(blob_id)}: blob {blob_id[:16]} disagrees with "
+                                         "its catalog entry")
                     for _ in pieces:  # decoded a chunk at a time, checked at the end
                         pass
                 except IntegrityError as e:
-                    report.problems.append(str(e))
+                    damaged(blob_id, str(e))
                 report.blobs += 1
                 report.bytes += size
             report.unreferenced_files = sum(
                 1 for p in self._blob_files() if p.parent.name + p.name not in known)
         return report
+
+    def _verify_catalog(self, report: VerifyReport) -> dict[str, list[tuple[str, str]]]:
+        """The catalog checks of :meth:`verify`; returns the users (model, tensor or file) of
+        each blob that tensors and files reference."""
+        for (msg,) in self._db.execute("PRAGMA integrity_check"):
+            if msg != "ok":
+                report.problems.append(f"catalog: {msg}; {_repair_hint(self.root)}")
+        for table, rowid, parent, _ in self._db.execute("PRAGMA foreign_key_check"):
+            report.problems.append(f"catalog: row {rowid} of table {table} references a "
+                                   f"missing row of {parent} (catalog edited or damaged)")
+        digests = set()
+        for model_id, name, recorded in self._db.execute(
+                "SELECT id, name, digest FROM models ORDER BY id").fetchall():
+            try:
+                actual = sha256(self._entry_record(model_id))
+            except IntegrityError as e:
+                actual = str(e)
+            digests.add(recorded)
+            problem = None
+            if recorded is None:
+                problem = ("no digest is recorded for its catalog rows (added by an older "
+                           "mergehub, or the catalog was edited): check it, then `hub verify "
+                           "--repair` records them")
+            elif actual != recorded:
+                problem = ("its catalog rows (files, tensors, offsets, blob ids, ...) differ "
+                           "from those recorded when it was stored (catalog edited or damaged)"
+                           + ("; `hub verify --repair` restores them from its record"
+                              if self._read_record(recorded) else "; its record is gone too"))
+            elif self._read_record(recorded) is None:
+                problem = (f"its record {ENTRIES}/{recorded}.json is missing or damaged; "
+                           "`hub verify --repair` writes it again")
+            if problem:
+                report.problems.append(f"model {name!r}: {problem}")
+                report.affected.add(name)
+        report.unreferenced_records = len(set(self._record_files()) - digests)
+        users: dict[str, list[tuple[str, str]]] = {}
+        for model, item, blob in self._db.execute(
+                "SELECT m.name, t.name, t.blob FROM tensors t JOIN models m ON m.id = t.model_id "
+                "UNION ALL SELECT m.name, f.path, f.blob FROM files f "
+                "JOIN models m ON m.id = f.model_id ORDER BY 1, 2"):
+            users.setdefault(blob, []).append((model, item))
+        return users
+
+    @classmethod
+    def repair(cls, root: str | Path | None = None) -> RepairReport:
+        """Make the catalog agree with the entry records again (``hub verify --repair``).
+
+        A damaged marker is written again. A catalog that is missing, empty, unreadable or
+        fails SQLite's integrity check is set aside (``catalog.sqlite.damaged-<time>``) and
+        rebuilt from the records. Then, per model: rows that differ from its recorded digest
+        are restored from its record; a missing record is written again from rows that match
+        the digest; rows without a digest (an older mergehub's) are recorded as they are.
+        Records of no model (a lost catalog's, or an add interrupted just before its commit)
+        are restored where their blobs are all present and the name is free. Removed models
+        do not come back: ``rm`` deletes the record first. Holds the store lock exclusively.
+        """
+        root = Path(root).expanduser() if root is not None else default_root()
+        if not (root / MARKER).exists() and not (root / "blobs").is_dir():
+            raise StoreError(f"no mergehub store at {root}")
+        report = RepairReport()
+        with _flock(root / "lock", exclusive=True):
+            try:
+                _read_marker(root)
+            except CatalogDamagedError:
+                write_file_atomic(root / MARKER, json.dumps({"layout": LAYOUT_VERSION}).encode())
+                report.actions.append(f"wrote the damaged store marker {MARKER} again")
+            why = None
+            try:
+                store = cls(root)
+            except CatalogDamagedError as e:
+                why = str(e)
+            else:
+                try:
+                    bad = [m for (m,) in store._db.execute("PRAGMA integrity_check") if m != "ok"]
+                except sqlite3.DatabaseError as e:
+                    bad = [str(e)]
+                if bad:
+                    store.close()
+                    why = f"the catalog fails SQLite's integrity check: {bad[0]}"
+            if why is not None:
+                cls._set_catalog_aside(root, why, report)
+                store = cls(root)
+            with store:
+                store._repair_entries(report)
+        return report
+
+    @staticmethod
+    def _set_catalog_aside(root: Path, why: str, report: RepairReport) -> None:
+        """Rename a damaged catalog (and its WAL files) aside and create an empty one."""
+        folder = root / ENTRIES
+        records = list(folder.glob("*.json")) if folder.is_dir() else []
+        if not records and any((root / "blobs").rglob("*")):
+            raise StoreError(f"{root}: {why}; and there are no entry records to rebuild it "
+                             "from (a store written by an older mergehub?): restore "
+                             f"{CATALOG} from a backup. Nothing was changed")
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        for suffix in ("", "-wal", "-shm"):
+            path = root / f"{CATALOG}{suffix}"
+            if path.exists():
+                os.replace(path, root / f"{CATALOG}.damaged-{stamp}{suffix}")
+        fsync_dir(root)
+        _open_catalog(root, create=True)[0].close()
+        report.actions.append(f"{why.split('; ')[0]}: set it aside as {CATALOG}.damaged-{stamp} "
+                              f"and rebuilt the catalog from the {len(records)} entry records")
+
+    def _repair_entries(self, report: RepairReport) -> None:
+        """The per-model part of :meth:`repair`, in one transaction."""
+        records = {d: r for d in self._record_files() if (r := self._read_record(d)) is not None}
+        with self._transaction() as db:
+            db.execute("PRAGMA defer_foreign_keys = ON")
+            for model_id, name, recorded in db.execute(
+                    "SELECT id, name, digest FROM models ORDER BY id").fetchall():
+                try:
+                    actual = sha256(self._entry_record(model_id))
+                except IntegrityError:
+                    actual = None
+                if recorded is None:
+                    if actual is None:
+                        report.problems.append(f"model {name!r}: catalog rows unreadable and "
+                                               "no record: `hub rm` it")
+                        continue
+                    self._record(db, model_id)
+                    report.actions.append(f"model {name!r}: recorded the digest of its rows")
+                elif actual == recorded:
+                    if recorded not in records:
+                        self._record(db, model_id)
+                        report.actions.append(f"model {name!r}: wrote its record again")
+                elif recorded in records:
+                    try:
+                        if self._restore(db, records[recorded], model_id) != recorded:
+                            self._drop_record(recorded)  # restored under this model's id
+                    except (IntegrityError, StoreError) as e:
+                        report.problems.append(f"model {name!r}: cannot restore its rows: {e}")
+                    else:
+                        report.actions.append(f"model {name!r}: restored its catalog rows "
+                                              "from its record")
+                elif actual in records:
+                    db.execute("UPDATE models SET digest = ? WHERE id = ?", (actual, model_id))
+                    report.actions.append(f"model {name!r}: its digest was changed: set it "
+                                          "back from its record")
+                else:
+                    report.problems.append(
+                        f"model {name!r}: its catalog rows differ from their recorded digest "
+                        "and no record matches them: `hub rm` it or restore a backup")
+            self._restore_unlisted(db, records, report)
+        for digest in self._record_files():
+            if self._read_record(digest) is None:
+                report.problems.append(f"{ENTRIES}/{digest}.json is damaged (not a record whose "
+                                       "sha256 is its name): not used; `hub gc` removes it")
+
+    def _restore_unlisted(self, db: sqlite3.Connection, records: dict[str, dict[str, Any]],
+                          report: RepairReport) -> None:
+        """Add the models of records no catalog row lists (bases first, in the order they
+        were added; of two records of one name, the newer), where the name is free and every
+        blob is present."""
+        listed = {r[0] for r in db.execute("SELECT digest FROM models")}
+        newest: dict[str, tuple[str, dict[str, Any]]] = {}
+        for digest, record in sorted(records.items(), key=lambda kv: (
+                kv[1]["created"], kv[1]["id"], kv[0])):
+            if digest not in listed:
+                newest[record["name"]] = (digest, record)
+        todo = []
+        for digest, record in sorted(newest.values(), key=lambda dr: dr[1]["id"]):
+            if record["name"] in self:
+                report.problems.append(f"record {ENTRIES}/{digest}.json of {record['name']!r} "
+                                       "not restored: the catalog has a model of that name "
+                                       "(`hub gc` removes the record)")
+            else:
+                todo.append((digest, record))
+        while todo:
+            ready = [dr for dr in todo if dr[1]["base"] is None or dr[1]["base"] in self]
+            if not ready:
+                for _, record in todo:
+                    report.problems.append(f"record of {record['name']!r} not restored: its "
+                                           f"base {record['base']!r} is in no record")
+                break
+            for digest, record in ready:
+                todo.remove((digest, record))
+                taken = db.execute("SELECT 1 FROM models WHERE id = ?", (record["id"],)).fetchone()
+                try:
+                    new = self._restore(db, record, None if taken else record["id"])
+                except (IntegrityError, StoreError) as e:
+                    report.problems.append(f"record of {record['name']!r} not restored: {e}")
+                    continue
+                if new != digest:  # under another id: the new record replaces the old
+                    self._drop_record(digest)
+                report.actions.append(f"model {record['name']!r}: restored from its record")
+
+    def _restore(self, db: sqlite3.Connection, record: dict[str, Any],
+                 model_id: int | None = None) -> str:
+        """Insert the rows of ``record`` under ``model_id`` (replacing the rows of that id if
+        any; a new id if ``None``), and the catalog rows of its blobs, read from their files;
+        returns the digest. Raises if a blob is missing or corrupt or the base is not in the
+        catalog, leaving the transaction as it was."""
+        db.execute("SAVEPOINT restore")
+        try:
+            for path in [f[0] for f in record["files"]] + [t[1] for t in record["tensors"]]:
+                safe_relpath(path, f"record of {record['name']!r}")  # as any manifest's
+            base_id = None
+            if record["base"] is not None:
+                row = self._model_row(record["base"])
+                if row is None:
+                    raise StoreError(f"its base {record['base']!r} is not in the catalog")
+                base_id = row[0]
+            self._catalog_blobs(db, [f[2] for f in record["files"]]
+                                + [t[5] for t in record["tensors"]], record["name"])
+            db.execute("DELETE FROM models WHERE id = ?", (model_id,))
+            model_id = self._insert_entry(
+                db, record["name"], record["kind"], record["base"], base_id, record["format"],
+                json.dumps(record["metrics"]), json.dumps(record["provenance"]),
+                record["created"], [tuple(f) for f in record["files"]],
+                [(t[0], t[1], t[2], t[3], json.dumps(t[4]), t[5]) for t in record["tensors"]],
+                model_id)
+        except BaseException:
+            db.execute("ROLLBACK TO restore")
+            raise
+        finally:
+            db.execute("RELEASE restore")
+        return db.execute("SELECT digest FROM models WHERE id = ?", (model_id,)).fetchone()[0]
+
+    def _catalog_blobs(self, db: sqlite3.Connection, blob_ids: list[str], name: str) -> None:
+        """Add the catalog rows of blobs (and of the blobs they reference) that have none,
+        from their files' headers; each file is checked against its id."""
+        todo = list(blob_ids)
+        while todo:
+            blob_id = todo.pop()
+            if db.execute("SELECT 1 FROM blobs WHERE id = ?", (blob_id,)).fetchone():
+                continue
+            header = self._open_blob(blob_id, f"model {name!r}")[0]
+            try:
+                needs = list(blob_needs(header).values())
+            except BlobFormatError as e:
+                raise IntegrityError(f"model {name!r}: blob {blob_id[:16]} is malformed: "
+                                     f"{e}") from e
+            db.execute("INSERT INTO blobs(id, codec, ref, raw_sha256, raw_size, size) "
+                       "VALUES (?, ?, ?, ?, ?, ?)",
+                       (blob_id, header.codec, header.ref, header.sha256, header.nbytes,
+                        self._blob_path(blob_id).stat().st_size))
+            db.executemany("INSERT OR IGNORE INTO blob_needs(blob, needs) VALUES (?, ?)",
+                           [(blob_id, n) for n in needs])
+            todo += [b for b in (header.ref, *needs) if b]
 
 
 def _check_fits_base(ckpt: Checkpoint, kind: str, base: str,
