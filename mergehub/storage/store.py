@@ -496,6 +496,9 @@ class Store:
     ``Store(root)`` opens an existing store; ``create=True`` (or :meth:`init`) creates it.
     ``root`` defaults to ``$MERGEHUB_HOME``, else ``~/.cache/mergehub``. Safe to use from several
     processes at once: adds of different models proceed in parallel, ``gc`` waits for them.
+    A store whose catalog or marker is missing, empty or unreadable raises
+    :class:`~mergehub.errors.CatalogDamagedError` (never opens as an empty store);
+    :meth:`repair` rebuilds it from the entry records.
     """
 
     def __init__(self, root: str | Path | None = None, *, create: bool = False):
@@ -1145,7 +1148,8 @@ class Store:
                                  "merged model)")
             provenance = {**info.provenance, "compressed_from": name, "codec": codec,
                           "codec_params": full}
-            self._commit_derived(dirs, new_blobs, [], [(model_id, name, as_name, blobs, provenance)])
+            self._commit_derived(dirs, new_blobs, [],
+                                 [(model_id, name, as_name, blobs, provenance)])
         return self.show(as_name)
 
     def compress_search(self, name: str, codec: str, grid: dict[str, list[Any]],
@@ -1283,7 +1287,8 @@ class Store:
 
     def _commit_derived(self, dirs: set[Path], new_blobs: dict[str, tuple],
                         needs: list[tuple[str, str]],
-                        derived: list[tuple[int, str, str, dict[str, str], dict[str, Any]]]) -> None:
+                        derived: list[tuple[int, str, str, dict[str, str], dict[str, Any]]],
+                        ) -> None:
         """Catalog new entries derived from stored models (same kind, base, format, files and
         metrics; new tensor blobs by tensor name, and provenance) in one transaction, after
         the blobs are durable. ``derived``: (source model id, its name, new name, blob by tensor
@@ -1299,7 +1304,8 @@ class Store:
             for source_id, source, as_name, blobs, provenance in derived:
                 row = db.execute(
                     "SELECT m.name, m.kind, b.name, m.base_id, m.format, m.metrics FROM models m "
-                    "LEFT JOIN models b ON b.id = m.base_id WHERE m.id = ?", (source_id,)).fetchone()
+                    "LEFT JOIN models b ON b.id = m.base_id WHERE m.id = ?",
+                    (source_id,)).fetchone()
                 if row is None or row[0] != source:
                     raise StoreError(f"model {source!r} was removed while {as_name!r} was being "
                                      "made from it; nothing was added")
