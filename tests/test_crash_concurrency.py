@@ -19,7 +19,6 @@ from mergehub.hub.demo import dir_digests
 from mergehub.storage.safetensors_format import TensorSpec
 from mergehub.storage.store import Store
 from mergehub.storage.writer import write_model_dir
-from tests.test_hf_hub import hf, hub_servers  # noqa: F401 (fixtures of the pull loop)
 
 WORKER = Path(__file__).with_name("store_worker.py")
 
