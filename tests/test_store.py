@@ -153,6 +153,21 @@ def test_rm_and_gc(store, models, tmp_path):
     assert _blob_bytes(store) == 0
 
 
+def test_gc_of_a_base_and_its_delta_fine_tune_removed_together(store, models):
+    """A fine-tune stored as deltas of its base, then both removed: one gc deletes every blob
+    (it used to delete a base blob row before the delta row referencing it: FOREIGN KEY
+    constraint failed)."""
+    store.add(models["base-bf16"], "base", progress=False)
+    store.add(models["ft-mlp"], "ft", base="base", progress=False)
+    assert store._db.execute("SELECT COUNT(*) FROM blobs WHERE ref IS NOT NULL").fetchone()[0]
+    store.rm("ft")
+    store.rm("base")
+    report = store.gc()
+    assert report.blobs_removed > 0 and _blob_bytes(store) == 0
+    assert store._db.execute("SELECT COUNT(*) FROM blobs").fetchone()[0] == 0
+    assert store.verify(progress=False).ok
+
+
 def test_gc_clears_temp_files_and_dirs_left_by_killed_work(store, models):
     store.add(models["base-bf16"], "base", progress=False)
     (store.root / "tmp" / "add-1234.blob").write_bytes(b"partial")

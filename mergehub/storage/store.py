@@ -1700,6 +1700,9 @@ class Store:
                     fsync_dir(folder)
             removed, freed = self._remove_unknown_blobs()
             with self._transaction() as db:
+                # dead blobs reference dead blobs (a removed fine-tune's deltas, its removed
+                # base's blobs): checked at the commit, when all are gone, not row by row
+                db.execute("PRAGMA defer_foreign_keys = ON")
                 dead = db.execute(
                     "WITH RECURSIVE live(id) AS ("
                     "  SELECT blob FROM tensors UNION SELECT blob FROM files"
