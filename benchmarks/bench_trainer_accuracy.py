@@ -64,7 +64,7 @@ SETUPS: dict[str, tuple[str, float, dict]] = {
     "sparse 1%": ("sparse", 1e-2, {"method_params": {"density": 0.01}}),
     "onebit lora r8": ("onebit", 3e-3, {"peft": LORA}),
     "mezo": ("mezo", 3e-4, {}),
-    "sparse_mezo q=0.25": ("sparse_mezo", 1e-3, {"method_params": {"sparsity": 0.25}}),
+    "sparse_mezo q=0.25": ("sparse_mezo", 1e-3, {"method_params": {"density": 0.25}}),
     "mezo lora r8": ("mezo", 1e-2, {"peft": LORA, "method_params": {"over": "adapter",
                                                                      "eps": 1e-2}}),
 }

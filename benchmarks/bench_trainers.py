@@ -95,7 +95,7 @@ def run_mode(args: argparse.Namespace) -> dict:
     elif "mezo" in mode:
         variant = mode.removesuffix("-torch")
         opt = MeZO(model.parameters(), lr=1e-6, eps=1e-3,
-                   sparsity=0.25 if variant == "sparse-mezo" else None,
+                   density=0.25 if variant == "sparse-mezo" else None,
                    master_weights=variant == "mezo-master",
                    backend="torch" if mode.endswith("-torch") else None)
 

@@ -214,7 +214,7 @@ def test_sparse_mezo_never_changes_entries_outside_the_mask(master, monkeypatch)
     target = [torch.randn(30, 11, generator=gen), torch.randn(7, 9, generator=gen)]
     loss = lambda: sum(float((p - t).square().sum()) for p, t in zip(params, target))  # noqa: E731
     closure, seen = recording(loss, params)
-    opt = MeZO(params, lr=1e-3, eps=1e-3, seed=0, sparsity=0.25, master_weights=master)
+    opt = MeZO(params, lr=1e-3, eps=1e-3, seed=0, density=0.25, master_weights=master)
     for _ in range(3):
         masks = [mask_of(p, 0.25) for p in params]
         before = [p.detach().clone() for p in params]
@@ -232,20 +232,20 @@ def test_sparse_mezo_quantile_from_a_sample_on_large_tensors(monkeypatch):
     gen = torch.Generator().manual_seed(5)
     theta = torch.nn.Parameter(torch.randn(50_000, generator=gen))
     before = theta.detach().clone()
-    MeZO([theta], lr=1e-2, eps=1e-3, seed=0, sparsity=0.2).step(lambda: float(theta.sum()))
+    MeZO([theta], lr=1e-2, eps=1e-3, seed=0, density=0.2).step(lambda: float(theta.sum()))
     changed = theta.detach() != before
     assert abs(float(changed.float().mean()) - 0.2) < 0.03
     # every changed entry is smaller in magnitude than every unchanged one
     assert float(before[changed].abs().max()) <= float(before[~changed].abs().min())
 
 
-@pytest.mark.parametrize("sparsity, lr", [(None, 5e-3), (0.3, 2e-2)])
-def test_mezo_lowers_the_loss_of_a_tiny_transformer(sparsity, lr):
+@pytest.mark.parametrize("density, lr", [(None, 5e-3), (0.3, 2e-2)])
+def test_mezo_lowers_the_loss_of_a_tiny_transformer(density, lr):
     model = tiny_llama()
     closure = lm_loss(model)
     with torch.no_grad():
         start = float(closure())
-    opt = MeZO(model.parameters(), lr=lr, eps=1e-3, seed=0, sparsity=sparsity)
+    opt = MeZO(model.parameters(), lr=lr, eps=1e-3, seed=0, density=density)
     losses = [opt.step(closure) for _ in range(100)]
     with torch.no_grad():
         end = float(closure())
@@ -298,7 +298,7 @@ def test_resume_from_state_dict_continues_bit_exactly(master, tmp_path):
     def new():
         model = tiny_llama(dtype=torch.bfloat16 if master else torch.float32)
         return model, MeZO(model.parameters(), lr=1e-3, eps=1e-3, weight_decay=0.1, seed=11,
-                           sparsity=0.5, master_weights=master)
+                           density=0.5, master_weights=master)
 
     model, opt = new()
     straight = [opt.step(lm_loss(model)) for _ in range(6)]
@@ -362,6 +362,10 @@ def test_errors_name_the_problem_and_leave_parameters_restored():
     opt = MeZO([theta], lr=0.1, eps=1e-3, seed=0)
     with pytest.raises(MeZOError, match="closure"):
         opt.step()
+    with pytest.raises(MeZOError, match="'sparsity' was renamed 'density': it is the fraction"):
+        MeZO([theta], lr=0.1, sparsity=0.25)  # the old name meant the fraction trained
+    with pytest.raises(MeZOError, match="'sparsity' was renamed 'density'"):
+        MeZO([{"params": [theta], "sparsity": 0.25}], lr=0.1)
     with pytest.raises(MeZOError, match="backend must be None, 'triton' or 'torch', not 'cuda'"):
         MeZO([theta], lr=0.1, backend="cuda")
     calls = []
@@ -380,7 +384,7 @@ def test_errors_name_the_problem_and_leave_parameters_restored():
     assert torch.equal(theta.detach(), before) and opt.steps_done == 0
 
     for kwargs, word in [({"lr": -1}, "lr"), ({"lr": 1, "eps": 0}, "eps"),
-                         ({"lr": 1, "sparsity": 1.5}, "sparsity"),
+                         ({"lr": 1, "density": 1.5}, "density"),
                          ({"lr": 1, "weight_decay": -1}, "weight_decay"),
                          ({"lr": 1, "seed": -2}, "seed")]:
         with pytest.raises(MeZOError, match=word):
@@ -390,11 +394,17 @@ def test_errors_name_the_problem_and_leave_parameters_restored():
         MeZO(groups, lr=0.1).step(lambda: 0.0)
     with pytest.raises(MeZOError, match="not a MeZO state"):
         opt.load_state_dict(torch.optim.SGD([theta], lr=0.1).state_dict())
+    old = MeZO([theta], lr=0.1, density=0.5).state_dict()  # as saved before the rename
+    old["param_groups"] = [{("sparsity" if k == "density" else k): v for k, v in g.items()}
+                           for g in old["param_groups"]]
+    resumed = MeZO([theta], lr=0.1)
+    resumed.load_state_dict(old)
+    assert resumed.param_groups[0]["density"] == 0.5 and "sparsity" not in resumed.param_groups[0]
 
 
 @pytest.mark.parametrize("device", [pytest.param("cpu", id="interp"),
                                     pytest.param("cuda", id="gpu", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("options", [{}, {"weight_decay": 0.1}, {"sparsity": 0.5},
+@pytest.mark.parametrize("options", [{}, {"weight_decay": 0.1}, {"density": 0.5},
                                      {"master_weights": True}])
 def test_triton_path_equals_its_torch_reference(monkeypatch, options, device):
     """The CUDA path (Triton's Philox draw; dense moves in one pass) run under Triton's
@@ -447,7 +457,7 @@ def test_on_cuda_masks_restoring_and_reproducibility_hold():
         masks = [mask_of(p, 0.25) for p in params]
         loss = lambda: float(sum(p.float().square().sum() for p in params))  # noqa: E731
         closure, seen = recording(loss, params)
-        MeZO(params, lr=1e-3, eps=1e-3, seed=0, sparsity=0.25, master_weights=True).step(closure)
+        MeZO(params, lr=1e-3, eps=1e-3, seed=0, density=0.25, master_weights=True).step(closure)
         return params, seen, masks
 
     params, seen, masks = run()

@@ -30,7 +30,7 @@ SETUPS = {
     "sparse": (1e-2, {"method_params": {"density": 0.05, "fisher_batches": 2}}),
     "onebit": (1e-2, {"peft": {"r": 4, "lora_alpha": 8}}),
     "mezo": (1e-3, {}),
-    "sparse_mezo": (2e-3, {"method_params": {"sparsity": 0.5}}),
+    "sparse_mezo": (2e-3, {"method_params": {"density": 0.5}}),
     "mezo-adapter": (2e-2, {"method_params": {"over": "adapter", "eps": 1e-2},
                             "peft": {"r": 4, "lora_alpha": 8}}),
 }
@@ -296,6 +296,8 @@ def test_config_errors_name_the_line(tmp_path):
         ("base: b\ndata: {task: copy}\nmethod: full\n", "output needs 'store'", ""),
         ("base: b\ndata: {task: copy}\nmethod: mezo\nmethod_params:\n  objective: acc\noutput: {dir: o}\n",
          ":5: objective must be 'loss' or 'token_error'", ""),
+        ("base: b\ndata: {task: copy}\nmethod: sparse_mezo\nmethod_params:\n  eps: 0.01\n  sparsity: 0.25\n"
+         "output: {dir: o}\n", ":6: sparse_mezo parameter 'sparsity' was renamed 'density'", "fraction"),
     ]
     for text, fragment, hint in cases:
         path.write_text(text)
@@ -385,3 +387,49 @@ def test_evaluate_matches_the_model_loss_and_accuracy(models):
     assert got["eval_loss"] == pytest.approx(float(model(**batch.kwargs()).loss), rel=1e-5)
     assert (got["eval_exact_match"], got["eval_token_accuracy"]) == accuracy(
         model, batch.input_ids, batch.labels)
+
+
+def _tiny_opt(out, dropout: float):
+    """A tiny OPT (seed 0, so the same weights for every ``dropout``) whose config sets dropout,
+    attention dropout and layer drop to ``dropout``."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=64, hidden_size=32, word_embed_proj_dim=32, ffn_dim=64,
+                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+                       dropout=dropout, attention_dropout=dropout, layerdrop=dropout)
+    OPTForCausalLM(config).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("method", ["mezo", "sparse_mezo"])
+def test_mezo_evaluates_in_eval_mode(tmp_path, method):
+    """MeZO's reference (large_models/trainer.py, zo_forward) evaluates L(θ±εz) in eval mode,
+    "Dropout is turned off too": the same weights with dropout 0.0 and 0.5 in an OPT config
+    train bit-identically (in train mode the two passes would see different masks)."""
+    runs = []
+    for p in (0.0, 0.5):
+        out = tmp_path / f"out-{p}"
+        r = train({"base": str(_tiny_opt(tmp_path / f"opt-{p}", p)), "data": {"task": "copy"},
+                   "method": method, "steps": 3, "batch_size": 8, "lr": 1e-3, "seed": 0,
+                   "run_dir": str(tmp_path / f"run-{p}"), "output": {"dir": str(out)}},
+                  progress=False)
+        runs.append((r.losses, load_file(out / "model.safetensors")))
+    (losses0, w0), (losses5, w5) = runs
+    assert losses0 == losses5
+    assert w0.keys() == w5.keys() and all(torch.equal(w0[k], w5[k]) for k in w0)
+
+
+def test_mezo_over_an_adapter_evaluates_without_lora_dropout(models, tmp_path):
+    """The same holds for peft's lora_dropout with ``over: adapter``."""
+    runs = []
+    for p in (0.0, 0.5):
+        out = tmp_path / f"out-{p}"
+        cfg = config(models["base-bf16"], tmp_path / str(p), "mezo-adapter", steps=3,
+                     output={"dir": str(out)})
+        cfg["peft"] = {**cfg["peft"], "lora_dropout": p}
+        r = train(cfg, progress=False)
+        runs.append((r.losses, load_file(out / "adapter_model.safetensors")))
+    (losses0, w0), (losses5, w5) = runs
+    assert losses0 == losses5
+    assert all(torch.equal(w0[k], w5[k]) for k in w0)

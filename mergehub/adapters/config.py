@@ -37,7 +37,12 @@ METHOD_PARAMS: dict[str, dict[str, Any]] = {
     "sparse": {"density": 0.01, "fisher_batches": 8, "include": None, "exclude": None},
     "onebit": {"group": "row", "mean": True},
     "mezo": {"eps": 1e-3, "objective": "loss", "over": "all"},
-    "sparse_mezo": {"eps": 1e-3, "objective": "loss", "over": "all", "sparsity": 0.25},
+    "sparse_mezo": {"eps": 1e-3, "objective": "loss", "over": "all", "density": 0.25},
+}
+#: (method, old parameter name) -> (new name, why): an old name is an error naming the new one
+RENAMED_PARAMS: dict[tuple[str, str], tuple[str, str]] = {
+    ("sparse_mezo", "sparsity"): ("density", "it is the fraction of each tensor trained (the "
+                                  "entries of smallest |θ|); a sparsity would be 1 - density"),
 }
 #: methods that train a peft adapter (``peft:`` configures it; LoRA by default)
 PEFT_METHODS = {"lora", "incrlora", "onebit"}
@@ -140,6 +145,13 @@ def parse_config(doc: Any, source: str = "<config>", root: Path | None = None) -
         if data.get(key):
             data[key] = str((root / scalar_text(data, key, source, "a file path",
                                                 ConfigError)).expanduser())
+    given = doc.get("method_params")
+    for key in given if isinstance(given, dict) else ():
+        if (method, key) in RENAMED_PARAMS:
+            new, why = RENAMED_PARAMS[(method, key)]
+            line = given.line_of(key) if isinstance(given, LineDict) else 0
+            raise ConfigError(f"{source}{f':{line}' if line else ''}: {method} parameter "
+                              f"{key!r} was renamed {new!r}: {why}")
     params = _check_keys(doc.get("method_params"), set(METHOD_PARAMS[method]), source,
                          at(doc, "method_params"), f"method_params of {method}")
     peft_cfg = doc.get("peft")

@@ -14,8 +14,9 @@ models with just forward passes"; docs/training.md)::
 with ``z ~ N(0, I)`` never stored: each parameter's ``z`` is regenerated, ``CHUNK`` entries at a
 time, from a generator seeded by (seed, step, parameter index). So the memory is that of
 inference plus a few chunk-sized temporaries: no gradients, no optimizer moments. Sparse MeZO
-(``sparsity=q``, Liu et al. 2024) perturbs and updates only the entries whose magnitude is at
-most the q-quantile of ``|theta|`` of their tensor (plus 1 bit per entry during a step). The
+(``density=q``, Liu et al. 2024) perturbs and updates only the entries whose magnitude is at
+most the q-quantile of ``|theta|`` of their tensor (plus 1 bit per entry during a step): the
+fraction q of each tensor is trained, its sparsity (the fraction left out) is 1 - q. The
 update moves along ``d / eps`` with ``d = eps z`` as applied (rounded to float32), the
 direction ``g`` was measured along. Measured (``benchmarks/RESULTS.md``): peak memory 1.00x
 inference for a 1.1B bf16 Llama on an H100, Sparse MeZO 1.04x, Adam 4.5x.
@@ -40,6 +41,11 @@ Floating point, what is and is not guaranteed:
   drift above matters. The optimizer then owns the values: write parameters through
   ``load_state_dict``, not behind its back.
 
+Eval mode: the closure's forward passes must not be stochastic, or L+ and L- see different
+dropout masks and g measures the masks instead of the direction. MeZO's reference evaluates in
+eval mode ("Dropout is turned off too", Malladi et al.'s trainer); run ``step`` inside
+:func:`forward_only` (``hub train`` does), which also turns off peft's LoRA dropout.
+
 Reproducibility: with the same seed, parameters, closure and data two runs are bit-identical
 on one device type (the CPU draws z with ``torch.randn``, CUDA with Triton's Philox: different
 streams); ``state_dict`` carries the step count (and the float32 copies), so a resumed run
@@ -53,9 +59,10 @@ with torch ops. Both do the same float32 operations in the same order.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -76,7 +83,13 @@ class MeZOError(MergehubError):
     """A MeZO step cannot proceed (no closure, non-finite loss) or was configured wrongly."""
 
 
-def _check_group(lr: float, eps: float, weight_decay: float, sparsity: float | None) -> None:
+#: what ``sparsity`` used to be called wrongly (it was the fraction trained)
+RENAMED = ("MeZO: 'sparsity' was renamed 'density': it is the fraction of each tensor's entries "
+           "that is trained (those of smallest |theta|); a sparsity is the fraction left out, "
+           "1 - density")
+
+
+def _check_group(lr: float, eps: float, weight_decay: float, density: float | None) -> None:
     """Refuse hyperparameters that would silently train nothing or diverge at once."""
     if not (math.isfinite(lr) and lr >= 0):
         raise MeZOError(f"MeZO: lr must be a finite number >= 0, got {lr!r}")
@@ -84,9 +97,22 @@ def _check_group(lr: float, eps: float, weight_decay: float, sparsity: float | N
         raise MeZOError(f"MeZO: eps must be a finite number > 0, got {eps!r}")
     if not (math.isfinite(weight_decay) and weight_decay >= 0):
         raise MeZOError(f"MeZO: weight_decay must be a finite number >= 0, got {weight_decay!r}")
-    if sparsity is not None and not 0 < sparsity <= 1:
-        raise MeZOError(f"MeZO: sparsity (the quantile q of |theta| below which entries are "
-                        f"trained) must be in (0, 1], got {sparsity!r}")
+    if density is not None and not 0 < density <= 1:
+        raise MeZOError(f"MeZO: density (the quantile q of |theta| below which entries are "
+                        f"trained) must be in (0, 1], got {density!r}")
+
+
+@contextlib.contextmanager
+def forward_only(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` in eval mode (dropout, LoRA dropout and layer drop off) and no autograd for
+    the forward passes of a zeroth-order step; the training mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
 
 
 #: parameter dtypes whose dense moves :func:`mergehub.kernels.zo_step` makes in one pass
@@ -133,20 +159,21 @@ def _sticky(d: torch.Tensor) -> torch.Tensor:
 
 
 class MeZO(torch.optim.Optimizer):
-    """In-place zeroth-order SGD (MeZO); ``sparsity=q`` gives Sparse MeZO.
+    """In-place zeroth-order SGD (MeZO); ``density=q`` gives Sparse MeZO.
 
     Args:
         params: parameters or parameter groups, as for any torch optimizer; parameters with
             ``requires_grad=False`` are left alone (so ``model.parameters()`` of a peft model
             trains only the adapter). Groups may set their own ``lr``, ``eps``,
-            ``weight_decay`` and ``sparsity``.
+            ``weight_decay`` and ``density``.
         lr: learning rate (paper: 1e-6 to 1e-7 for full parameters, ~1e-4 with LoRA).
         eps: perturbation scale (paper: 1e-3; 1e-2 with LoRA).
         weight_decay: decoupled from ``g``, as in the update above; applied only to
             parameters with at least 2 dimensions (biases and norm weights are 1-D).
         seed: seeds every step's perturbation; same seed, same run.
-        sparsity: None for MeZO; q in (0, 1] for Sparse MeZO: per tensor, only entries with
-            ``|theta| <=`` the q-quantile of its ``|theta|`` are perturbed and updated. The mask
+        density: None for MeZO; q in (0, 1] for Sparse MeZO: per tensor, only entries with
+            ``|theta| <=`` the q-quantile of its ``|theta|`` are perturbed and updated (the
+            fraction q is trained, the sparsity is 1 - q). The mask
             is recomputed every step from the current weights and held during the step as a
             packed bitmap (1 bit per entry): recomputing it from the *perturbed* weights would
             disagree with the mask used to perturb for entries within eps|z| of the threshold,
@@ -160,25 +187,31 @@ class MeZO(torch.optim.Optimizer):
             :mod:`mergehub.kernels` (CPU tensors need ``TRITON_INTERPRET=1``); ``"torch"``:
             ``torch.randn`` (the stream of mergehub versions before the kernels, e.g. to
             continue such a run bit-exactly). Part of the state, since it picks the stream.
+        sparsity: the old, misleading name of ``density``: an error naming it.
 
     ``step(closure)`` calls ``closure()`` twice under ``torch.no_grad()``; it must evaluate the
-    same batch both times and return a scalar (float or one-element tensor). It returns the mean
-    of the two losses (the loss at theta up to O(eps^2)); ``last_projected_grad`` holds g.
+    same batch both times, deterministically (eval mode: :func:`forward_only`), and return a
+    scalar (float or one-element tensor). It returns the mean of the two losses (the loss at
+    theta up to O(eps^2)); ``last_projected_grad`` holds g.
     """
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float,
                  eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
-                 sparsity: float | None = None, *, master_weights: bool = False,
-                 sign: bool = False, backend: str | None = None) -> None:
-        _check_group(lr, eps, weight_decay, sparsity)
+                 density: float | None = None, *, master_weights: bool = False,
+                 sign: bool = False, backend: str | None = None, sparsity: Any = None) -> None:
+        if sparsity is not None:
+            raise MeZOError(RENAMED)
+        _check_group(lr, eps, weight_decay, density)
         if not isinstance(seed, int) or seed < 0:
             raise MeZOError(f"MeZO: seed must be an integer >= 0, got {seed!r}")
         if backend not in (None, "triton", "torch"):
             raise MeZOError(f"MeZO: backend must be None, 'triton' or 'torch', not {backend!r}")
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay,
-                                      sparsity=sparsity))
+                                      density=density))
         for group in self.param_groups:
-            _check_group(group["lr"], group["eps"], group["weight_decay"], group["sparsity"])
+            if "sparsity" in group:
+                raise MeZOError(RENAMED)
+            _check_group(group["lr"], group["eps"], group["weight_decay"], group["density"])
         self.seed = seed
         self.master_weights = master_weights
         self.sign = sign
@@ -236,7 +269,7 @@ class MeZO(torch.optim.Optimizer):
             key = (self.seed, self.steps_done, index)
             seed, gen = (_seed(*key), None) if fused else (None, _generator(p.device, *key))
             master = self._master(p) if self.master_weights else None
-            q = group["sparsity"]
+            q = group["density"]
             if q is not None and frm == 0:
                 tau = _threshold(p if master is None else master, q,
                                  _generator(p.device, self.seed, self.steps_done, index, 1))
@@ -284,7 +317,7 @@ class MeZO(torch.optim.Optimizer):
         decay = None
         if decays and group["weight_decay"]:
             decay = target * (-lr * group["weight_decay"])
-            if group["sparsity"] is not None:
+            if group["density"] is not None:
                 decay.mul_(d != 0)  # d has its lowest bit set inside the mask: never zero there
         step = d.mul_(self._step_scale(grad, group))
         target.add_(step if decay is None else step + decay)  # float64 stays float64
@@ -362,6 +395,10 @@ class MeZO(torch.optim.Optimizer):
                    if "master" in v}
         state_dict["state"] = {k: {n: t for n, t in v.items() if n != "master"}
                                for k, v in state_dict.get("state", {}).items()}
+        # states saved before the rename call the density "sparsity" (same meaning)
+        state_dict["param_groups"] = [
+            {("density" if k == "sparsity" else k): v for k, v in group.items()}
+            for group in state_dict.get("param_groups", [])]
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         for key, master in masters.items():

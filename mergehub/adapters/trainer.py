@@ -281,20 +281,22 @@ class MezoMethod(Method):
     def make_optimizer(self) -> torch.optim.Optimizer:
         from mergehub.adapters.mezo import MeZO
 
-        sparsity = float(self.cfg.param("sparsity")) if self.cfg.method == "sparse_mezo" else None
+        density = float(self.cfg.param("density")) if self.cfg.method == "sparse_mezo" else None
         return MeZO(list(self.params.values()), lr=self.cfg.lr, eps=float(self.cfg.param("eps")),
-                    weight_decay=self.cfg.weight_decay, seed=self.cfg.seed, sparsity=sparsity)
+                    weight_decay=self.cfg.weight_decay, seed=self.cfg.seed, density=density)
 
     def step(self, batch: Batch, step: int) -> float:
+        from mergehub.adapters.mezo import forward_only
+
         objective = self.cfg.param("objective")  # checked by the config
 
-        @torch.no_grad()
         def closure() -> float:
             if objective == "loss":
                 return float(self.model(**batch.kwargs()).loss)
             return 1.0 - accuracy(self.model, batch.input_ids, batch.labels)[1]
 
-        return float(self.optimizer.step(closure))
+        with forward_only(self.model):  # eval mode: both passes see the same function
+            return float(self.optimizer.step(closure))
 
     def save(self, out: Path, dtype: torch.dtype) -> tuple[str, dict[str, Any]]:
         if self.cfg.param("over") == "adapter":
