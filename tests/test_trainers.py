@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from statistics import NormalDist
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import mergehub
 from mergehub.adapters import onebit, sparse
 from mergehub.adapters.config import ConfigError, load_config
 from mergehub.adapters.data import BOS, SEP, SyntheticDataset
-from mergehub.adapters.lora import IncreLoRA
+from mergehub.adapters.lora import RESERVE, IncreLoRA, lora_layers
 from mergehub.adapters.trainer import evaluate, train
 from mergehub.hub.demo import dir_digests
 
@@ -123,19 +124,80 @@ def test_stored_results_merge(trained, tmp_path):
 
 def test_sparse_changes_only_masked_entries(trained, models):
     """Outside the mask the saved weights are bit-identical to the base; inside, at most
-    density * numel entries per tensor changed."""
+    int(density * their total size) entries of the selected tensors changed (FISH's global
+    scope: one tensor may take more than its share)."""
     base = load_file(models["base-bf16"] / "model.safetensors")
     tuned = load_file(results_dir(trained, "sparse"))
-    changed_total = 0
+    changed_total = selected = 0
     for name, b in base.items():
         t = tuned[name]
         changed = int((b.view(torch.int16) != t.view(torch.int16)).sum())
         if b.dim() < 2:
             assert changed == 0, name  # norms are not selected by default
-        assert changed <= max(1, round(0.05 * b.numel())), name
+        else:
+            selected += b.numel()
         changed_total += changed
-    assert changed_total > 0
+    assert 0 < changed_total <= int(0.05 * selected)
+    assert trained[1]["sparse"].facts["sparse_entries"] == int(0.05 * selected)
     assert trained[1]["sparse"].facts["sparse_entries"] >= changed_total
+
+
+class _TwoLinear(torch.nn.Module):
+    """loss(x) = mean((W1 x)²) + mean((W2 (10 x))²): the second map's gradients are ~100x the
+    first's, so a global ranking favours it."""
+
+    def __init__(self):
+        super().__init__()
+        self.one = torch.nn.Linear(6, 5, bias=False, dtype=torch.float64)
+        self.two = torch.nn.Linear(6, 3, bias=False, dtype=torch.float64)
+
+    def forward(self, x):
+        loss = self.one(x).square().mean(-1) + self.two(10 * x).square().mean(-1)
+        return type("Out", (), {"loss": loss.mean()})()
+
+
+def test_sparse_fisher_is_the_mean_of_per_example_squared_gradients_and_fish_top_k():
+    """The oracle follows FISH (Sung et al. 2021; their fisher.py): squared gradients of
+    single examples (batch size 1), summed, and one top-k over all tensors concatenated,
+    keep_num = int(size * keep_ratio). Gradients are by hand: d mean((W x)²)/dW = 2 (W x) xᵀ / rows."""
+    torch.manual_seed(0)
+    model = _TwoLinear()
+    gen = torch.Generator().manual_seed(1)
+    batches = [{"x": torch.randn(4, 6, generator=gen, dtype=torch.float64)} for _ in range(3)]
+    params = sparse.select(model, r"weight$", None)
+    fisher = {"one.weight": torch.zeros(5, 6, dtype=torch.float64),
+              "two.weight": torch.zeros(3, 6, dtype=torch.float64)}
+    with torch.no_grad():
+        for b in batches:
+            for x in b["x"]:
+                fisher["one.weight"] += (2 * torch.outer(model.one.weight @ x, x) / 5) ** 2
+                fisher["two.weight"] += (2 * torch.outer(model.two.weight @ (10 * x), 10 * x) / 3) ** 2
+    got = sparse.fisher_information(model, params, batches)
+    for name, f in fisher.items():
+        torch.testing.assert_close(got[name].double(), f / 12, rtol=1e-5, atol=0)
+    flat = torch.cat([f.reshape(-1) for f in fisher.values()])
+    keep = int(flat.numel() * 0.25)
+    top = torch.zeros(flat.numel(), dtype=torch.bool)
+    top[torch.topk(flat, keep)[1]] = True
+    masks = sparse.fisher_masks(model, params, batches, density=0.25)
+    assert sum(m.numel() for m in masks.values()) == keep
+    got_flat = torch.zeros(flat.numel(), dtype=torch.bool)
+    got_flat[masks.get("one.weight", torch.tensor([], dtype=torch.long))] = True
+    got_flat[30 + masks["two.weight"]] = True
+    assert torch.equal(got_flat, top)
+    assert masks["two.weight"].numel() > 0.25 * 18  # global: the larger gradients win entries
+    per_tensor = sparse.fisher_masks(model, params, batches, density=0.25, scope="tensor")
+    assert [m.numel() for m in per_tensor.values()] == [round(0.25 * 30), round(0.25 * 18)]
+    for name, f in fisher.items():
+        assert torch.equal(per_tensor[name], torch.topk(f.reshape(-1), per_tensor[name].numel())[1].sort().values)
+
+
+def test_sparse_top_positions_break_ties_by_position():
+    values = torch.tensor([1.0, 3.0, 2.0, 3.0, 2.0, 2.0, 0.0])
+    assert sparse.top_positions(values, 3).tolist() == [1, 2, 3]
+    assert sparse.top_positions(values, 5).tolist() == [1, 2, 3, 4, 5]
+    with pytest.raises(mergehub.MergehubError, match="scope must be 'global' or 'tensor'"):
+        sparse.top_masks({"w": values}, 0.5, "layer")
 
 
 def test_sparse_mask_holds_under_weight_decay():
@@ -155,7 +217,7 @@ def test_sparse_mask_holds_under_weight_decay():
 
     model = Wrap()
     params = sparse.select(model, r"weight$", None)
-    masks = sparse.fisher_masks(model, params, batches, density=0.1)
+    masks = sparse.fisher_masks(model, params, batches, density=0.1, scope="tensor")
     assert masks["lin.weight"].numel() == round(0.1 * 128)
     values = sparse.attach(model, masks)
     opt = torch.optim.AdamW(list(values.values()), lr=0.1, weight_decay=0.5)
@@ -175,23 +237,105 @@ def test_onebit_two_values_per_group_and_packed_round_trip(trained):
     root = trained[2] / "out" / "onebit"
     tensors = load_file(root / "adapter_model.safetensors")
     assert tensors
-    for name, t in tensors.items():
-        for row in t.float():
-            assert row.unique().numel() <= 2, name
-    assert any(row.unique().numel() == 2 for t in tensors.values() for row in t.float())
+    for name, t in tensors.items():  # default group: matrix
+        assert t.unique().numel() == 2, name
     unpacked = onebit.unpack(root / onebit.PACKED_FILE)
     assert unpacked.keys() == tensors.keys()
     for name, t in tensors.items():  # the adapter is saved in the base's bf16
         assert torch.equal(unpacked[name].to(t.dtype), t), name
     n = sum(t.numel() for t in tensors.values())
-    assert (root / onebit.PACKED_FILE).stat().st_size < n / 8 + 4 * 2 * 4 * len(tensors) + 4096
+    assert (root / onebit.PACKED_FILE).stat().st_size < n / 8 + 3 * 8 * len(tensors) + 4096
 
 
-def test_onebit_scale_is_l2_optimal_and_gradient_passes_straight_through():
+def test_onebit_reads_packed_files_of_the_earlier_format(tmp_path):
+    """Files written before the authors' quantizer (mergehub-onebit-1: per tensor a bit1 codec
+    payload, rows coded around μ with scale mean|W - μ|, and μ) still unpack."""
+    from safetensors.torch import save_file
+
+    from mergehub.storage.codecs import LOSSY
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(4, 10, generator=gen)
+    mu = w.mean(1, keepdim=True)
+    _, payload = LOSSY["bit1"].encode(w, mu.expand_as(w), {"granularity": "row"})
+    save_file({"x.bit1": torch.frombuffer(bytearray(payload), dtype=torch.uint8),
+               "x.mu": mu.reshape(-1).contiguous()}, str(tmp_path / "old.safetensors"),
+              metadata={"format": "mergehub-onebit-1", "group": "row", "mean": "true",
+                        "shapes": json.dumps({"x": [4, 10]})})
+    alpha = (w - mu).abs().mean(1, keepdim=True)
+    expect = torch.where(w >= mu, mu + alpha, mu - alpha)
+    torch.testing.assert_close(onebit.unpack(tmp_path / "old.safetensors")["x"], expect)
+
+
+def authors_qlinear_weight(w: torch.Tensor) -> torch.Tensor:
+    """The weight QLinear.forward of the 1-bit adapter authors' code (PETL-ViT,
+    binary_adapter/utils.py) multiplies with, for bits = 1, transcribed: the code comes from
+    their Lloyd iteration on a standard normal (500 rounds from all-zero levels), the rounding
+    is sign(x - boundary) * half the level gap, and the straight-through estimator acts on the
+    standardised weight only."""
+    normal = NormalDist()
+    values, ranges = [0.0, 0.0], [0.0]
+    for _ in range(500):
+        ranges = [(values[1] + values[0]) / 2]
+        pv = [0.0, normal.cdf(ranges[0]), 1.0]
+        values = [normal.inv_cdf((pv[i] + pv[i + 1]) / 2) for i in range(2)]
+    code, pos = torch.tensor(values).float(), torch.tensor(ranges).float()
+    delta = (code[1:] - code[:-1]) / 2
+    mean_w, std_w = w.mean(), w.std()
+    x = (w - mean_w) / (std_w + 1e-5)
+    q = (torch.sign(x.unsqueeze(-1) - pos) * delta).sum(-1)
+    wb = q.data + x - x.data
+    return wb * std_w + mean_w
+
+
+def test_onebit_default_is_the_authors_quantizer_and_estimator():
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(8, 48), (48, 8), (1, 5)]:
+        w = (torch.randn(shape, generator=gen) * 0.05 + 0.01).requires_grad_(True)
+        upstream = torch.randn(shape, generator=gen)
+        expect = authors_qlinear_weight(w)
+        (expect * upstream).sum().backward()
+        expect_grad, w.grad = w.grad.clone(), None
+        got = onebit.SignQuant("matrix", "normal", True)(w)
+        (got * upstream).sum().backward()
+        torch.testing.assert_close(got, expect, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(w.grad, expect_grad, rtol=1e-5, atol=1e-6)
+        # mean ± 0.6745·std, the std with n - 1 in the denominator
+        levels = got.detach().unique()
+        mu, std = float(w.mean()), float(w.std())
+        assert levels.numel() == 2
+        torch.testing.assert_close(levels.double(), torch.tensor([mu - 0.6744897 * std,
+                                                                  mu + 0.6744897 * std],
+                                                                 dtype=torch.float64),
+                                   rtol=1e-6, atol=1e-7)
+        assert not torch.equal(w.grad, upstream)  # gradient through mean and std as well
+    # per row: each row standardised on its own
+    w = torch.randn(4, 30, generator=gen)
+    rows = onebit.quantize(w, "row", "normal")[0]
+    for i in range(4):
+        torch.testing.assert_close(rows[i], authors_qlinear_weight(w[i]), rtol=1e-6, atol=1e-7)
+
+
+def test_onebit_starts_b_as_the_authors_up_projection(models):
+    """The authors start the up-projection from N(0, 1e-3²) truncated at ±2e-3, since with
+    their estimator a constant B (σ = 0) would stay constant; meanabs keeps peft's B = 0."""
+    for quantizer in ("normal", "meanabs"):
+        torch.manual_seed(0)
+        model = _peft_lora(models["base-bf16"], r=4)
+        onebit.attach(model, "matrix", quantizer, True)
+        for layer in lora_layers(model).values():
+            b = layer.lora_B["default"].parametrizations.weight.original
+            if quantizer == "meanabs":
+                assert not b.any()
+            else:
+                assert 0 < float(b.abs().max()) <= 2e-3 and 5e-4 < float(b.std()) < 1.5e-3
+
+
+def test_onebit_meanabs_scale_is_l2_optimal_and_gradient_passes_straight_through():
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(6, 40, generator=gen) * 0.3 + 0.1
     for mean in (True, False):
-        wq, alpha, mu = onebit.quantize(w, "row", mean)
+        wq, alpha, mu = onebit.quantize(w, "row", "meanabs", mean)
         signs = torch.where(w - mu[:, None] >= 0, 1.0, -1.0)
         for i in range(w.shape[0]):
             grid = alpha[i] * torch.linspace(0.5, 1.5, 201)
@@ -202,10 +346,12 @@ def test_onebit_scale_is_l2_optimal_and_gradient_passes_straight_through():
         assert torch.allclose(alpha, (w - mu[:, None]).abs().mean(1))
     latent = w.clone().requires_grad_(True)
     c = torch.randn(6, 40, generator=gen)
-    (onebit.SignQuant("row", True)(latent) * c).sum().backward()
+    (onebit.SignQuant("row", "meanabs", True)(latent) * c).sum().backward()
     assert torch.equal(latent.grad, c)
-    wq_matrix = onebit.quantize(w, "matrix", True)[0]
+    wq_matrix = onebit.quantize(w, "matrix", "meanabs")[0]
     assert wq_matrix.unique().numel() == 2
+    with pytest.raises(mergehub.MergehubError, match="mean: false needs quantizer: meanabs"):
+        onebit.quantize(w, "matrix", "normal", False)
 
 
 def _peft_lora(base, r=1):
@@ -216,24 +362,108 @@ def _peft_lora(base, r=1):
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
 
 
+def _grower(model, **kw):
+    options = dict(init_r=1, budget=None, grow_every=1, grow_modules=3, warmup=0, beta=0.5,
+                   init_std=0.02, seed=0)
+    return IncreLoRA(model, **{**options, **kw})
+
+
 def test_incrlora_growth_keeps_the_output_and_respects_the_budget(models):
     torch.manual_seed(0)
     model = _peft_lora(models["base-bf16"])
-    grower = IncreLoRA(model, init_r=1, budget=6, grow_every=1, grow_modules=3, warmup=0,
-                       beta=0.5, init_std=0.5, seed=0)
+    grower = _grower(model, budget=9, grow_modules=3)
+    assert grower.grow_rank == 1  # the reference's table: average target rank 9 // 4 = 2 -> 1
+    grower = _grower(_peft_lora(models["base-bf16"]))  # default budget 4 x 4 modules x init_r
+    assert (grower.budget, grower.grow_rank) == (16, 2)  # average 4 -> 2 ranks per growth
+    grower = _grower(model := _peft_lora(models["base-bf16"]), budget=9, grow_rank=2)
     for layer in grower.layers.values():  # non-zero B, so the adapter already acts
-        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.5)
+        torch.nn.init.normal_(layer.lora_B["default"].parametrizations.weight.original, std=0.5)
     ids = torch.tensor([[BOS, 20, 1, 2, 3, 4, 5, 6, 7, 8, SEP]])
     before = model(input_ids=ids).logits
     scaling = {n: layer.scaling["default"] for n, layer in grower.layers.items()}
-    grower.scores = {n: float(i) for i, n in enumerate(grower.layers)}
+    names = list(grower.layers)
+    reserves = {n: (getattr(layer, RESERVE).a.detach().clone(),
+                    getattr(layer, RESERVE).b.detach().clone()) for n, layer in grower.layers.items()}
+    grower.sensitivity = {n: float(i + 1) for i, n in enumerate(names)}
+    grower.unsure = {n: float(4 - i) for i, n in enumerate(names)}  # products 4, 6, 6, 4
     assert grower.total_rank() == 4
     grown = grower.maybe_grow(0)
-    assert len(grown) == 2 and grower.total_rank() == 6  # capped by the budget, not by grow_modules
-    after = model(input_ids=ids).logits
+    # the top 3 by sensitivity x uncertainty (ties by name), 2 ranks each until the budget
+    assert grown == sorted(names[1:3]) + [names[0]]
+    assert grower.ranks() == {names[0]: 2, names[1]: 3, names[2]: 3, names[3]: 1}
+    assert grower.total_rank() == 9 and grower.finished  # capped by the budget; reserves gone
+    assert not any(hasattr(layer, RESERVE) for layer in grower.layers.values())
+    for name in grown:  # the reserve became the new ranks, with scale E = 1e-5
+        a, b, scale = grower._factors(name)
+        k = grower.ranks()[name] - 1
+        assert torch.equal(a.weight[1:], reserves[name][0][:k])
+        assert torch.equal(b.parametrizations.weight.original[:, 1:], reserves[name][1][:, :k])
+        assert scale.scales.tolist() == [pytest.approx(1e-5)] * k
+    after = model(input_ids=ids).logits  # the reserves' 1e-5 share is gone: ~1e-9 here
     assert torch.allclose(after, before, atol=1e-6, rtol=0)
     assert {n: layer.scaling["default"] for n, layer in grower.layers.items()} == scaling
-    assert grower.maybe_grow(1) == [] and grower.total_rank() == 6
+    assert grower.maybe_grow(1) == [] and grower.total_rank() == 9
+
+
+def test_incrlora_scores_the_dense_increment_times_its_uncertainty(models):
+    """Oracle from the reference (loralib/increlora.py): a backward hook on the dense ΔW gives
+    ∂L/∂ΔW; the step's score is sum |ΔW ⊙ ∂L/∂ΔW| / sqrt(ΔW.numel()); RankAllocator keeps
+    ipt = β1 ipt + (1-β1) s and unc = β2 unc + (1-β2) |s - ipt| and ranks by ipt x unc. Here
+    ∂L/∂ΔW comes from a zero probe matrix P added to each layer's output as x Pᵀ."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(models["base-bf16"], dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0,
+                                            target_modules=["q_proj", "v_proj"]))
+    grower = _grower(model, init_r=2, beta=0.6, beta_unc=0.7)
+    for layer in grower.layers.values():
+        torch.nn.init.normal_(layer.lora_B["default"].parametrizations.weight.original, std=0.1)
+    probes = {}
+    for name, layer in grower.layers.items():
+        probes[name] = torch.zeros(layer.out_features, layer.in_features, requires_grad=True)
+        layer.register_forward_hook(lambda m, args, out, p=probes[name]: out + args[0] @ p.T)
+    ipt = {n: 0.0 for n in grower.layers}
+    unc = {n: 0.0 for n in grower.layers}
+    data = SyntheticDataset(["copy"], 8)
+    for step in range(3):
+        model.zero_grad()
+        for p in probes.values():
+            p.grad = None
+        batch = data.batch(step, 4, 0)
+        model(**batch.kwargs()).loss.backward()
+        expected = {}
+        for name, layer in grower.layers.items():
+            reserve = getattr(layer, RESERVE)
+            delta = layer.get_delta_weight("default") + layer.scaling["default"] * 1e-5 * (
+                reserve.b @ reserve.a)
+            s = float((delta.detach() * probes[name].grad).abs().sum()) / math.sqrt(delta.numel())
+            ipt[name] = 0.6 * ipt[name] + 0.4 * s
+            unc[name] = 0.7 * unc[name] + 0.3 * abs(s - ipt[name])
+            expected[name] = ipt[name] * unc[name]
+        grower.observe()
+        got = grower.importance()
+        for name in expected:
+            assert got[name] == pytest.approx(expected[name], rel=1e-4), (step, name)
+    assert len(set(got.values())) == len(got) and min(got.values()) > 0
+    # reserves learn in advance: they are parameters and receive gradients
+    assert all(getattr(layer, RESERVE).a.grad is not None and getattr(layer, RESERVE).a.grad.any()
+               for layer in grower.layers.values())
+
+
+def test_incrlora_starts_at_zero_scores_without_reserves(models):
+    """At init B = 0, so ΔW = 0 and every score is 0 (dense and factor scores alike); with
+    reserves, their 1e-5 share is what the first scores see."""
+    data = SyntheticDataset(["copy"], 8)
+    for score, reserve in [("dense", False), ("factors", False), ("dense", True)]:
+        torch.manual_seed(0)
+        model = _peft_lora(models["base-bf16"])
+        grower = _grower(model, score=score, reserve=reserve)
+        model(**data.batch(0, 4, 0).kwargs()).loss.backward()
+        grower.observe()
+        positive = [v > 0 for v in grower.sensitivity.values()]
+        assert all(positive) if reserve else not any(positive), (score, reserve)
 
 
 def test_incrlora_adapter_reloads_with_peft(trained, models):

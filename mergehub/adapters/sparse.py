@@ -1,15 +1,22 @@
 """Sparse fine-tuning with a fixed FISH mask (Sung et al. 2021, "Training neural networks with
 fixed sparse masks").
 
-Before training, squared gradients are accumulated per entry over ``fisher_batches`` batches
-(the empirical Fisher information); in every selected tensor the ``density`` fraction of
-entries with the largest Fisher values form the mask (at least one entry per tensor). Only
-those entries are trained: each selected weight W0 is reparametrized as
-``W = W0.flatten().index_add(0, idx, values)``, with the k ``values`` the only trainable
-parameters (so optimizer state exists only for the masked entries, and entries outside the
-mask are never written: after training they are bit-identical to the base, also after saving
-in the base's dtype). ``include`` / ``exclude`` are regular expressions on parameter names
-(default: every parameter of two or more dimensions, i.e. the weight matrices and embeddings).
+Before training, the empirical Fisher information of every entry is estimated as FISH does:
+the mean over examples of the squared gradient of each example's own loss (FISH takes the
+gradients at batch size 1; here each of the ``fisher_batches`` batches is split into single
+examples), not the square of a batch's mean gradient, which lets the examples' gradients
+cancel. The mask keeps the entries with the largest Fisher values: ``scope: global`` (FISH's)
+ranks the entries of all selected tensors together and keeps k = int(density · their total
+size), so tensors that matter more get more entries (some may get none); ``scope: tensor``
+keeps the top ``density`` fraction of each tensor (round(density · size), at least one). Ties
+are broken by position, lowest first (tensors in the model's parameter order), so the mask is
+the same on every run. Only those entries are trained: each selected weight W0 is
+reparametrized as ``W = W0.flatten().index_add(0, idx, values)``, with the k ``values`` the
+only trainable parameters (so optimizer state exists only for the masked entries, and entries
+outside the mask are never written: after training they are bit-identical to the base, also
+after saving in the base's dtype). ``include`` / ``exclude`` are regular expressions on
+parameter names (default: every parameter of two or more dimensions, i.e. the weight matrices
+and embeddings).
 
 The result is saved as a full HF model and stored as a fine-tune of its base: the store's
 lossless delta codec keeps only what differs, so the stored size follows the density (see
@@ -19,7 +26,7 @@ lossless delta codec keeps only what differs, so the stored size follows the den
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch.nn.utils import parametrize
@@ -50,24 +57,79 @@ def select(model: torch.nn.Module, include: str | None, exclude: str | None) -> 
     return out
 
 
-def fisher_masks(model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
-                 batches: Iterable[dict[str, torch.Tensor]], density: float) -> dict[str, torch.Tensor]:
-    """Indices (flat, sorted) of the top ``density`` entries of Σ grad² per tensor."""
+SCOPES = ("global", "tensor")
+
+
+def check(density: float, scope: str) -> None:
+    """Refuse a density outside (0, 1] or an unknown scope."""
     if not 0 < density <= 1:
         raise InputError(f"sparse: density must be in (0, 1], got {density}")
-    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    if scope not in SCOPES:
+        raise InputError(f"sparse: scope must be 'global' or 'tensor', not {scope!r}")
+
+
+def _examples(batch: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+    """The examples of a batch one at a time, each as a batch of one."""
+    for i in range(len(next(iter(batch.values())))):
+        yield {k: v[i:i + 1] for k, v in batch.items()}
+
+
+def fisher_information(model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
+                       batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per entry of each of ``params``, the mean over the examples of ``batches`` of the
+    squared gradient of that example's loss (``model(**example).loss``), in float32."""
+    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    examples = 0
     for batch in batches:
-        model.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
-        for n, p in params.items():
-            if p.grad is not None:
-                fisher[n] += p.grad.detach() ** 2
+        for example in _examples(batch):
+            model.zero_grad(set_to_none=True)
+            model(**example).loss.backward()
+            for n, p in params.items():
+                if p.grad is not None:
+                    fisher[n] += p.grad.detach().float().square()
+            examples += 1
     model.zero_grad(set_to_none=True)
-    out = {}
+    if not examples:
+        raise InputError("sparse: no examples to estimate the Fisher information from")
+    return {n: f.div_(examples) for n, f in fisher.items()}
+
+
+def top_positions(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted flat positions of the ``k`` largest ``values``, ties by position (lowest
+    first), so the selection does not depend on how ``topk`` orders equal values."""
+    flat = values.reshape(-1)
+    kth = flat.topk(k).values[-1]
+    above = torch.nonzero(flat > kth).reshape(-1)
+    tied = torch.nonzero(flat == kth).reshape(-1)[:k - above.numel()]
+    return torch.cat([above, tied]).sort().values
+
+
+def top_masks(fisher: dict[str, torch.Tensor], density: float,
+              scope: str = "global") -> dict[str, torch.Tensor]:
+    """Flat, sorted indices of the entries to train by tensor name (module docstring);
+    tensors that keep no entry (global scope) are left out."""
+    check(density, scope)
+    if scope == "tensor":
+        return {n: top_positions(f, max(1, round(density * f.numel())))
+                for n, f in fisher.items()}
+    flat = torch.cat([f.reshape(-1) for f in fisher.values()])
+    kept = top_positions(flat, max(1, int(density * flat.numel())))
+    out, start = {}, 0
     for n, f in fisher.items():
-        k = max(1, round(density * f.numel()))
-        out[n] = f.reshape(-1).topk(k).indices.sort().values
+        stop = start + f.numel()
+        lo, hi = torch.searchsorted(kept, torch.tensor([start, stop]))
+        if hi > lo:
+            out[n] = kept[lo:hi] - start
+        start = stop
     return out
+
+
+def fisher_masks(model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
+                 batches: Iterable[dict[str, torch.Tensor]], density: float,
+                 scope: str = "global") -> dict[str, torch.Tensor]:
+    """The FISH mask of ``params``: :func:`top_masks` of :func:`fisher_information`."""
+    check(density, scope)  # before the backward passes
+    return top_masks(fisher_information(model, params, batches), density, scope)
 
 
 def attach(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.nn.Parameter]:

@@ -180,8 +180,10 @@ class IncreLoRAMethod(PeftMethod):
         p = self.cfg.param
         self.grower = lora_mod.IncreLoRA(
             model, init_r=int(p("init_r")), budget=p("budget"), grow_every=int(p("grow_every")),
-            grow_modules=int(p("grow_modules")), warmup=int(p("warmup")), beta=float(p("beta")),
-            init_std=float(p("init_std")), seed=self.cfg.seed)
+            grow_modules=int(p("grow_modules")), grow_rank=p("grow_rank"), warmup=int(p("warmup")),
+            beta=float(p("beta")), beta_unc=float(p("beta_unc")), init_std=float(p("init_std")),
+            score=str(p("score")), uncertainty=bool(p("uncertainty")),
+            reserve=bool(p("reserve")), seed=self.cfg.seed)
         if resume is not None:
             self.grower.restore(resume[1]["incrlora"])
         return model
@@ -196,8 +198,8 @@ class IncreLoRAMethod(PeftMethod):
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         old_opt, self.optimizer = self.optimizer, self.make_optimizer()
         for name, p in self.params.items():  # carry Adam's moments over, zero for new ranks
-            state = old_opt.state.get(old[name])
-            if state:
+            state = old_opt.state.get(old[name]) if name in old else None
+            if state and lora_mod.RESERVE not in name:  # a reserve is drawn anew
                 self.optimizer.state[p] = {k: _pad(v, p.shape) if torch.is_tensor(v) and v.dim() else v
                                            for k, v in state.items()}
 
@@ -205,6 +207,7 @@ class IncreLoRAMethod(PeftMethod):
         return {"incrlora": self.grower.state()}
 
     def save(self, out: Path, dtype: torch.dtype) -> tuple[str, dict[str, Any]]:
+        self.grower.finish()
         self.grower.finalize_config(self.model.peft_config["default"])
         kind, facts = super().save(out, dtype)
         self.grower.write_side_config(out)
@@ -223,8 +226,16 @@ class OneBitMethod(PeftMethod):
 
     def build(self, model, resume):
         model = super().build(model, resume)
-        onebit.attach(model, self.cfg.param("group"), bool(self.cfg.param("mean")))
+        try:
+            onebit.attach(model, *self.options())
+        except InputError as e:
+            raise ConfigError(f"{self.cfg.source}: {e}") from None
         return model
+
+    def options(self) -> tuple[str, str, bool]:
+        """(group, quantizer, mean) of the config."""
+        p = self.cfg.param
+        return str(p("group")), str(p("quantizer")), bool(p("mean"))
 
     def save(self, out: Path, dtype: torch.dtype) -> tuple[str, dict[str, Any]]:
         latent = {}
@@ -235,7 +246,7 @@ class OneBitMethod(PeftMethod):
         onebit.detach(self.model)
         kind, facts = super().save(out, dtype)
         if kind == "adapter":
-            onebit.write_packed(out, latent, self.cfg.param("group"), bool(self.cfg.param("mean")))
+            onebit.write_packed(out, latent, *self.options())
             facts["onebit_packed_bytes"] = (out / onebit.PACKED_FILE).stat().st_size
         return kind, facts
 
@@ -246,13 +257,14 @@ class SparseMethod(Method):
     def build(self, model, resume):
         p = self.cfg.param
         selected = sparse.select(model, p("include"), p("exclude"))
-        if resume is not None:
-            masks = {n: resume[0][f"mask:{n}"] for n in selected}
+        if resume is not None:  # a global mask may leave a tensor out
+            masks = {n: resume[0][f"mask:{n}"] for n in selected if f"mask:{n}" in resume[0]}
         else:
             model.requires_grad_(True)
             batches = (self.dataset.batch(10**9 + i, self.cfg.batch_size, self.cfg.seed).kwargs()
                        for i in range(int(p("fisher_batches"))))
-            masks = sparse.fisher_masks(model, selected, batches, float(p("density")))
+            masks = sparse.fisher_masks(model, selected, batches, float(p("density")),
+                                        str(p("scope")))
         sparse.attach(model, masks)
         return model
 
