@@ -405,6 +405,23 @@ def test_incrlora_growth_keeps_the_output_and_respects_the_budget(models):
     assert grower.maybe_grow(1) == [] and grower.total_rank() == 9
 
 
+def test_incrlora_restore_rebuilds_the_grown_structure(models):
+    """A checkpoint's state rebuilds every shape (ranks grown several times, reserves, grown
+    scales), so the checkpointed tensors load by name."""
+    torch.manual_seed(0)
+    grower = _grower(model := _peft_lora(models["base-bf16"]), budget=12, grow_rank=2)
+    name = list(grower.layers)[1]
+    grower.grow(name, 2, 3)
+    grower.grow(name, 2, 7)
+    grower.observe()
+    fresh = _grower(again := _peft_lora(models["base-bf16"]), budget=12, grow_rank=2)
+    fresh.restore(json.loads(json.dumps(grower.state())))
+    shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+    assert {n: p.shape for n, p in again.named_parameters() if p.requires_grad} == shapes
+    assert fresh.ranks() == grower.ranks() and fresh.ranks()[name] == 5
+    assert fresh.history == grower.history
+
+
 def test_incrlora_scores_the_dense_increment_times_its_uncertainty(models):
     """Oracle from the reference (loralib/increlora.py): a backward hook on the dense ΔW gives
     ∂L/∂ΔW; the step's score is sum |ΔW ⊙ ∂L/∂ΔW| / sqrt(ΔW.numel()); RankAllocator keeps

@@ -343,8 +343,8 @@ class IncreLoRA:
     def restore(self, state: dict[str, Any]) -> None:
         """Grow every module to its checkpointed rank (weights are loaded afterwards)."""
         for name, rank in state["ranks"].items():
-            if rank > self.layers[name].r[self.adapter]:
-                self.grow(name, rank - self.layers[name].r[self.adapter], -1)
+            while rank > self.layers[name].r[self.adapter]:  # a reserve holds grow_rank
+                self.grow(name, min(self.grow_rank, rank - self.layers[name].r[self.adapter]), -1)
         if state["finished"]:
             self._drop_reserves()
         self.sensitivity = {k: float(v) for k, v in state["sensitivity"].items()}
