@@ -159,7 +159,8 @@ class _TwoLinear(torch.nn.Module):
 def test_sparse_fisher_is_the_mean_of_per_example_squared_gradients_and_fish_top_k():
     """The oracle follows FISH (Sung et al. 2021; their fisher.py): squared gradients of
     single examples (batch size 1), summed, and one top-k over all tensors concatenated,
-    keep_num = int(size * keep_ratio). Gradients are by hand: d mean((W x)²)/dW = 2 (W x) xᵀ / rows."""
+    keep_num = int(size * keep_ratio). Gradients are by hand:
+    d mean((W x)²)/dW = 2 (W x) xᵀ / rows."""
     torch.manual_seed(0)
     model = _TwoLinear()
     gen = torch.Generator().manual_seed(1)
@@ -171,7 +172,8 @@ def test_sparse_fisher_is_the_mean_of_per_example_squared_gradients_and_fish_top
         for b in batches:
             for x in b["x"]:
                 fisher["one.weight"] += (2 * torch.outer(model.one.weight @ x, x) / 5) ** 2
-                fisher["two.weight"] += (2 * torch.outer(model.two.weight @ (10 * x), 10 * x) / 3) ** 2
+                y = 10 * x
+                fisher["two.weight"] += (2 * torch.outer(model.two.weight @ y, y) / 3) ** 2
     got = sparse.fisher_information(model, params, batches)
     for name, f in fisher.items():
         torch.testing.assert_close(got[name].double(), f / 12, rtol=1e-5, atol=0)
@@ -189,7 +191,8 @@ def test_sparse_fisher_is_the_mean_of_per_example_squared_gradients_and_fish_top
     per_tensor = sparse.fisher_masks(model, params, batches, density=0.25, scope="tensor")
     assert [m.numel() for m in per_tensor.values()] == [round(0.25 * 30), round(0.25 * 18)]
     for name, f in fisher.items():
-        assert torch.equal(per_tensor[name], torch.topk(f.reshape(-1), per_tensor[name].numel())[1].sort().values)
+        top_k = torch.topk(f.reshape(-1), per_tensor[name].numel())[1]
+        assert torch.equal(per_tensor[name], top_k.sort().values)
 
 
 def test_sparse_top_positions_break_ties_by_position():
@@ -383,7 +386,8 @@ def test_incrlora_growth_keeps_the_output_and_respects_the_budget(models):
     scaling = {n: layer.scaling["default"] for n, layer in grower.layers.items()}
     names = list(grower.layers)
     reserves = {n: (getattr(layer, RESERVE).a.detach().clone(),
-                    getattr(layer, RESERVE).b.detach().clone()) for n, layer in grower.layers.items()}
+                    getattr(layer, RESERVE).b.detach().clone())
+                for n, layer in grower.layers.items()}
     grower.sensitivity = {n: float(i + 1) for i, n in enumerate(names)}
     grower.unsure = {n: float(4 - i) for i, n in enumerate(names)}  # products 4, 6, 6, 4
     assert grower.total_rank() == 4
@@ -543,8 +547,9 @@ def test_config_errors_name_the_line(tmp_path):
         ("base: b\ndata: {task: copy}\nmethod: full\n", "output needs 'store'", ""),
         ("base: b\ndata: {task: copy}\nmethod: mezo\nmethod_params:\n  objective: acc\noutput: {dir: o}\n",
          ":5: objective must be 'loss' or 'token_error'", ""),
-        ("base: b\ndata: {task: copy}\nmethod: sparse_mezo\nmethod_params:\n  eps: 0.01\n  sparsity: 0.25\n"
-         "output: {dir: o}\n", ":6: sparse_mezo parameter 'sparsity' was renamed 'density'", "fraction"),
+        ("base: b\ndata: {task: copy}\nmethod: sparse_mezo\nmethod_params:\n  eps: 0.01\n"
+         "  sparsity: 0.25\noutput: {dir: o}\n",
+         ":6: sparse_mezo parameter 'sparsity' was renamed 'density'", "fraction"),
     ]
     for text, fragment, hint in cases:
         path.write_text(text)

@@ -129,7 +129,8 @@ class Reserve(torch.nn.Module):
 
 class GrownScale(torch.nn.Module):
     """Parametrization of B: its columns past the first ``initial`` are multiplied by the
-    trainable scales E of the grown ranks (the reference's Λ on those ranks)."""
+    trainable scales E of the grown ranks (the reference's E, its singular values, on those
+    ranks only)."""
 
     def __init__(self, initial: int, like: torch.Tensor):
         super().__init__()
@@ -244,7 +245,8 @@ class IncreLoRA:
         if reserve is not None:
             delta = delta + RESERVE_GATE * (reserve.b @ reserve.a)
         grad_w = grad.reshape(-1, grad.shape[-1]).T.float() @ x.reshape(-1, x.shape[-1]).float()
-        self._step_score[name] += float((delta.float() * grad_w).abs().sum()) / math.sqrt(delta.numel())
+        score = float((delta.float() * grad_w).abs().sum()) / math.sqrt(delta.numel())
+        self._step_score[name] += score
 
     @torch.no_grad()
     def _factor_score(self, name: str) -> float:
@@ -306,7 +308,8 @@ class IncreLoRA:
         a.weight = torch.nn.Parameter(torch.cat([a.weight, source.a[:k]]))
         b.parametrizations.weight.original = torch.nn.Parameter(
             torch.cat([original, source.b[:, :k]], dim=1))
-        scale.scales = torch.nn.Parameter(torch.cat([scale.scales, scale.scales.new_full((k,), start)]))
+        scale.scales = torch.nn.Parameter(torch.cat([scale.scales,
+                                                     scale.scales.new_full((k,), start)]))
         a.out_features = b.in_features = layer.r[self.adapter] + k
         layer.r[self.adapter] += k  # scaling[adapter] stays: the function is unchanged
         if self.reserve:
