@@ -17,7 +17,7 @@ import json
 import math
 import sys
 import time
-from contextlib import closing
+from contextlib import ExitStack, closing, contextmanager
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -584,18 +584,36 @@ def merge(recipe: str | Path | Recipe, out: str | Path | None = None, *,
         run = execute
     if to_store is not None and out is None:
         with store.work_folder("merge") as tmp:  # held: `hub gc` leaves it alone
-            result = run(plan, tmp / "out", device=device, seed=seed,
-                         max_shard_size=max_shard_size, progress=progress)
+            with reusing_reads(plan):
+                result = run(plan, tmp / "out", device=device, seed=seed,
+                             max_shard_size=max_shard_size, progress=progress)
             _add_result(store, to_store, result, parsed, plan)
         result.out = None
         result.store_name = to_store
         return result
-    result = run(plan, Path(out), device=device, seed=seed, max_shard_size=max_shard_size,
-                 overwrite=overwrite, progress=progress)
+    with reusing_reads(plan):
+        result = run(plan, Path(out), device=device, seed=seed, max_shard_size=max_shard_size,
+                     overwrite=overwrite, progress=progress)
     if to_store is not None:
         _add_result(store, to_store, result, parsed, plan)
         result.store_name = to_store
     return result
+
+
+@contextmanager
+def reusing_reads(plan: MergePlan) -> Iterator[None]:
+    """Within the block, the stores that the plan's base and inputs come from keep the decoded
+    bytes of the blobs the merge reads more than once (:meth:`Store.reusing`): a base tensor
+    is then decoded once, not once more for each fine-tune whose delta references it."""
+    stores: dict[int, tuple[Store, list[str]]] = {}
+    for src in (plan.base, *plan.inputs):
+        if src is not None and isinstance(src.reader, StoredModel):
+            stores.setdefault(id(src.reader.store), (src.reader.store, []))[1].append(
+                src.reader.name)
+    with ExitStack() as stack:
+        for store, names in stores.values():
+            stack.enter_context(store.reusing(store.shared_blobs(names)))
+        yield
 
 
 def _add_result(store: Store, name: str, result: MergeResult, recipe: Recipe,

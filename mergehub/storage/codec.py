@@ -296,14 +296,18 @@ def _planes(x: np.ndarray, keep: int | None = None) -> list[bytes]:
     return [np.ascontiguousarray(cols[:, i]).tobytes() for i in range(keep or w)]
 
 
-def _unplanes(buf: Buffer, w: int, n: int) -> np.ndarray:
-    """Inverse of :func:`_planes` for ``n`` values of width ``w`` (missing planes are zero)."""
-    planes = np.frombuffer(buf, np.uint8).reshape(-1, n)
+def _unplanes(planes: list[Buffer], w: int, n: int) -> np.ndarray:
+    """Inverse of :func:`_planes`: the ``n`` values of width ``w`` whose first byte planes are
+    ``planes`` (the missing ones are zero). Assembled with shifts and ors on whole values, not
+    byte by byte through a strided copy (several times faster)."""
+    t = _UINT[w]
     if w == 1:
-        return planes.reshape(-1).copy()
-    out = np.zeros((n, w), np.uint8)
-    out[:, :planes.shape[0]] = planes.T
-    return out.view(_UINT[w]).reshape(-1)
+        return np.frombuffer(planes[0], np.uint8, n).copy()
+    out = np.frombuffer(planes[-1], np.uint8, n).astype(t)
+    for plane in reversed(planes[:-1]):
+        out <<= t(8)
+        out |= np.frombuffer(plane, np.uint8, n)
+    return out
 
 
 def _exp_split(x: np.ndarray, e: int, m: int) -> list[bytes]:
@@ -314,12 +318,19 @@ def _exp_split(x: np.ndarray, e: int, m: int) -> list[bytes]:
     return _planes(exp, keep=-(-e // 8)) + _planes(rest, keep=-(-(m + 1) // 8))
 
 
-def _exp_join(buf: Buffer, w: int, n: int, e: int, m: int) -> np.ndarray:
+def _exp_join(planes: list[Buffer], w: int, n: int, e: int, m: int) -> np.ndarray:
+    """Inverse of :func:`_exp_split` (in place where it can: each step is a pass over the
+    values)."""
     t = _UINT[w]
-    split = -(-e // 8) * n
-    view = memoryview(buf).cast("B")
-    exp, rest = _unplanes(view[:split], w, n), _unplanes(view[split:], w, n)
-    return ((rest >> t(m)) << t(8 * w - 1)) | (exp << t(m)) | (rest & t((1 << m) - 1))
+    split = -(-e // 8)
+    exp, rest = _unplanes(planes[:split], w, n), _unplanes(planes[split:], w, n)
+    out = rest >> t(m)
+    out <<= t(8 * w - 1)
+    exp <<= t(m)
+    out |= exp
+    rest &= t((1 << m) - 1)
+    out |= rest
+    return out
 
 
 def _zigzag_delta(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -328,9 +339,15 @@ def _zigzag_delta(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 
 def _unzigzag_delta(z: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    it = _INT[z.dtype.itemsize]
-    s = (z >> z.dtype.type(1)).view(it) ^ -((z & z.dtype.type(1)).view(it))
-    return ref + s.view(z.dtype)
+    """Inverse of :func:`_zigzag_delta`, computed in ``z`` (which it returns)."""
+    t = z.dtype.type
+    sign = z & t(1)
+    signed = sign.view(_INT[z.dtype.itemsize])
+    np.negative(signed, out=signed)  # all ones where the difference is negative
+    z >>= t(1)
+    z ^= sign
+    z += ref  # wraps, as the difference did
+    return z
 
 
 def _width(dtype: str, nbytes: int) -> int:
@@ -357,15 +374,16 @@ def _compress_planes(planes: list[bytes]) -> bytes:
     return struct.pack(f"<I{len(frames)}Q", len(frames), *map(len, frames)) + b"".join(frames)
 
 
-def _join(transform: str, body: Buffer, w: int, n: int, dtype: str,
+def _join(transform: str, planes: list[Buffer], w: int, n: int, dtype: str,
           ref: Buffer | None) -> memoryview:
-    """The ``n`` values of width ``w`` whose planes are ``body`` (inverse of the transform)."""
+    """The ``n`` values of width ``w`` whose byte planes are ``planes`` (inverse of the
+    transform)."""
     if transform == "delta":
-        x = _unzigzag_delta(_unplanes(body, w, n), np.frombuffer(ref, _UINT[w]))
+        x = _unzigzag_delta(_unplanes(planes, w, n), np.frombuffer(ref, _UINT[w]))
     elif transform == "exp":
-        x = _exp_join(body, w, n, *_FLOAT_BITS[dtype])
+        x = _exp_join(planes, w, n, *_FLOAT_BITS[dtype])
     else:
-        x = _unplanes(body, w, n)
+        x = _unplanes(planes, w, n)
     return memoryview(x).cast("B")
 
 
@@ -508,11 +526,11 @@ def _decode_v2(header: BlobHeader, payload: Payload, refs: Iterator[memoryview] 
             yield payload.read(pos, size)
             continue
         n = size // w
-        body = bytearray()
+        planes = []
         for frame_size in sizes:
-            body += inflate(payload.read(pos, frame_size), n)
+            planes.append(inflate(payload.read(pos, frame_size), n))
             pos += frame_size
-        yield _join(transform, body, w, n, header.dtype, ref)
+        yield _join(transform, planes, w, n, header.dtype, ref)
     _finish(refs)
 
 
@@ -565,8 +583,8 @@ def _decode_v1(header: BlobHeader, payload: Payload, refs: Iterator[memoryview] 
     values = chunk // w
     for start in range(0, n, values):
         c = min(values, n - start)
-        body = b"".join(_read_exactly(r, c) for r in readers)
-        yield _join(transform, body, w, c, header.dtype, next(refs) if refs is not None else None)
+        planes = [_read_exactly(r, c) for r in readers]
+        yield _join(transform, planes, w, c, header.dtype, next(refs) if refs is not None else None)
     if any(r.read(1) for r in readers):
         raise BlobFormatError("a zstd frame holds more than its plane")
     _finish(refs)

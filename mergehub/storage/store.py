@@ -54,6 +54,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field, replace
@@ -103,6 +104,9 @@ MAX_DELTA_DEPTH = 3
 #: lossy blob and what it needs); longer means a damaged store
 _MAX_CHAIN = 2 * MAX_DELTA_DEPTH + 2
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+=/:-]{0,199}$")
+#: decoded bytes a read may keep for reuse (:meth:`Store.reusing`); a blob of more than half
+#: of it is decoded again each time
+REUSE_BYTES = 256 << 20
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models(
@@ -408,6 +412,36 @@ def _remove_unless_held(path: Path) -> bool:
         os.close(fd)
 
 
+class _Reuse:
+    """Decoded, verified bytes of chosen blobs, kept for :meth:`Store.reusing` (least recently
+    used dropped first beyond ``max_bytes``); safe to use from several threads."""
+
+    def __init__(self, wanted: set[str], max_bytes: int):
+        self.wanted, self.max_bytes = wanted, max_bytes
+        self.held: OrderedDict[str, bytes] = OrderedDict()
+        self.size = 0
+        self.lock = threading.Lock()
+
+    def get(self, blob_id: str) -> bytes | None:
+        with self.lock:
+            data = self.held.get(blob_id)
+            if data is not None:
+                self.held.move_to_end(blob_id)
+            return data
+
+    def put(self, blob_id: str, data: Buffer) -> None:
+        if blob_id not in self.wanted or len(data) > self.max_bytes // 2:
+            return
+        copy = bytes(data)  # readers get copies: a consumer may write into what it was given
+        with self.lock:
+            if blob_id in self.held:
+                return
+            self.held[blob_id] = copy
+            self.size += len(copy)
+            while self.size > self.max_bytes:
+                self.size -= len(self.held.popitem(last=False)[1])
+
+
 class StoredModel:
     """A model in the store, read like a checkpoint: specs, then one tensor at a time."""
 
@@ -515,6 +549,7 @@ class Store:
         self._db = self._connect()
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
+        self._reuse: _Reuse | None = None
         try:
             self._migrate()
         except BaseException:
@@ -742,22 +777,77 @@ class Store:
             raise IntegrityError(f"{what}: blob {blob_id[:16]} decodes to bytes whose sha256 "
                                  "does not match the original")
 
+    def _reused(self, blob_id: str, expect: int | None) -> bytes | None:
+        """The decoded bytes of ``blob_id`` if :meth:`reusing` keeps them (and they have the
+        size expected)."""
+        reuse = self._reuse
+        data = reuse.get(blob_id) if reuse is not None else None
+        return data if data is not None and expect in (None, len(data)) else None
+
     def _iter_raw(self, blob_id: str, what: str, expect: int | None = None,
                   _depth: int = 0) -> Iterator[Buffer]:
         """The decoded bytes of a blob in pieces (:meth:`_blob_stream`), opened when the first
         piece is asked for."""
+        kept = self._reused(blob_id, expect)
+        if kept is not None:
+            view = memoryview(kept)
+            yield from (view[i:i + _codec.CHUNK_BYTES]
+                        for i in range(0, len(kept), _codec.CHUNK_BYTES))
+            return
         yield from self._blob_stream(blob_id, what, expect, _depth)[1]
 
     def _read_raw(self, blob_id: str, what: str, expect: int | None = None,
                   _depth: int = 0) -> bytearray:
         """A blob decoded to the original bytes, whole, checked like :meth:`_blob_stream`."""
+        kept = self._reused(blob_id, expect)
+        if kept is not None:
+            return bytearray(kept)
         header, pieces = self._blob_stream(blob_id, what, expect, _depth)
         out = bytearray(header.nbytes)
         view, pos = memoryview(out), 0
         for piece in pieces:
             view[pos:pos + len(piece)] = piece
             pos += len(piece)
+        if self._reuse is not None:
+            self._reuse.put(blob_id, out)
         return out
+
+    @contextmanager
+    def reusing(self, blobs: Iterable[str], max_bytes: int = REUSE_BYTES) -> Iterator[None]:
+        """Within the block, keep the decoded bytes of ``blobs`` once a read has decoded and
+        verified them whole (up to ``max_bytes``, the least recently used dropped first), so
+        that reading them again copies them instead of decoding again.
+
+        What a merge wants for :meth:`shared_blobs`: it reads the base's tensor, then each
+        fine-tune's, whose lossless delta is decoded against that same base tensor; without
+        this the base tensor is decoded once for the base and once more per fine-tune.
+        """
+        previous, self._reuse = self._reuse, _Reuse(set(blobs), max_bytes)
+        try:
+            yield
+        finally:
+            self._reuse = previous
+
+    def shared_blobs(self, names: Iterable[str]) -> set[str]:
+        """The blobs that reading every tensor of the models ``names`` (a name listed twice is
+        read twice) decodes more than once: a tensor several of them share, or a reference
+        that their deltas are decoded against (each read of a delta decodes its reference)."""
+        refs: dict[str, str | None] = {}
+        counts: Counter[str] = Counter()
+        for name in names:
+            model_id = self._require(name)[0]
+            for (blob,) in self._db.execute("SELECT blob FROM tensors WHERE model_id = ?",
+                                            (model_id,)):
+                for _ in range(_MAX_CHAIN):
+                    counts[blob] += 1
+                    if blob not in refs:
+                        row = self._db.execute("SELECT ref FROM blobs WHERE id = ?",
+                                               (blob,)).fetchone()
+                        refs[blob] = row[0] if row else None
+                    if refs[blob] is None:
+                        break
+                    blob = refs[blob]
+        return {blob for blob, n in counts.items() if n > 1}
 
     def _decode_on(self, blob_id: str, what: str, device: "torch.device") -> "torch.Tensor | None":
         """A lossy blob decoded on ``device`` (float32), or ``None`` for a lossless blob (those
