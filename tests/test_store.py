@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergehub.errors import BaseMismatchError, IntegrityError, StoreError
+from mergehub.errors import BaseMismatchError, InputError, IntegrityError, StoreError
 from mergehub.hub.demo import dir_digests, make_tiny_llama
 from mergehub.storage.checkpoint import open_checkpoint
 from mergehub.storage.store import Store
@@ -323,10 +323,11 @@ def test_unreadable_side_file_is_clear(store, models, tmp_path):
     d = tmp_path / "m"
     shutil.copytree(models["base-bf16"], d)
     (d / "config.json").unlink()
-    (d / "config.json").symlink_to(tmp_path / "dangling")
-    # a dangling symlink is not a regular file: skipped, not an error
-    store.add(d, "m", progress=False)
-    assert "config.json" not in store.open("m").side_files
+    (d / "config.json").symlink_to(d / "dangling")
+    # a dangling symlink cannot be kept: one clear error, not a file silently left out
+    with pytest.raises(InputError, match=r"config\.json: a broken symlink \(to .*dangling\)"):
+        store.add(d, "m", progress=False)
+    assert "m" not in store
 
 
 def _depths(store) -> dict[str, int]:

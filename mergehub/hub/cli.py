@@ -186,11 +186,17 @@ def init(ctx: click.Context) -> None:
 def add(ctx: click.Context, path: Path, name: str, base: str | None, kind: str | None,
         metrics: str | None, provenance: str | None) -> None:
     """Add the checkpoint at PATH: an HF model dir (sharded or not), a PEFT adapter dir, or a
-    .safetensors file. Creates the store if needed. Pickle files (.bin/.pt/...) are refused."""
+    .safetensors file. Creates the store if needed. A directory is kept whole (every file, at
+    any depth); pickle files (.bin/.pt/...) are not kept (and refused as the weights), nor are
+    .git and other tools' folders: a note lists them."""
     m, p = _json_arg(metrics, "--metrics"), _json_arg(provenance, "--provenance")
     with _open_store(ctx, create=True) as store:
         info = store.add(path, name, base=base, kind=kind, metrics=m, provenance=p,
                          progress=_progress())
+    not_kept = info.provenance.get("not_kept")
+    if isinstance(not_kept, dict) and not_kept:
+        click.echo("note: not kept: " + "; ".join(f"{path} ({why})" for path, why in
+                                                  not_kept.items()), err=True)
     click.echo(f"added {_summary(info)}")
 
 

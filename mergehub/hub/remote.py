@@ -9,7 +9,8 @@ A model goes into a repo in one or more *forms* (see ``docs/hub.md``):
 
 * ``peft``: a PEFT adapter's own files at the repo root (``adapter_config.json``,
   ``adapter_model.safetensors``), loadable with ``PeftModel.from_pretrained(base, repo_id)``;
-* ``hf``: an HF model's own files (safetensors shards and index, config, tokenizer files), as
+* ``hf``: an HF model's own files (safetensors shards and index, config, tokenizer files, and
+  every other file at any depth, such as a sentence-transformers model's ``1_Pooling/``), as
   they were added, loadable with ``AutoModel.from_pretrained(repo_id)``;
 * ``mergehub``: the entry's own stored blobs under ``mergehub/blobs/<id>`` (a compressed delta
   stays compressed), which ``pull`` puts back into a store that holds the same base without
@@ -45,7 +46,8 @@ from mergehub.errors import (
     shown, spelled)
 from mergehub.progress import bar_disabled, library_bars
 from mergehub.safejson import parse_json, read_json
-from mergehub.storage.checkpoint import ADAPTER_CONFIG, PICKLE_SUFFIXES, open_checkpoint
+from mergehub.storage.checkpoint import (
+    ADAPTER_CONFIG, OTHER_WEIGHTS, PICKLE_SUFFIXES, TOOL_DIRS, not_kept_reason, open_checkpoint)
 from mergehub.storage.codec import sha256
 from mergehub.storage.parallel import ordered_map
 from mergehub.storage.paths import inside, safe_relpath
@@ -418,8 +420,9 @@ def push(store: Store, name: str, repo_id: str, *, revision: str | None = None,
         files: dict[str, Path | bytes] = {}
         if "hf" in forms or "peft" in forms:
             out = store.export(name, Path(tmp) / "model", progress=progress)
-            for p in sorted(out.iterdir()):
-                files[f"{SHADOW}/{p.name}" if p.name == CARD else p.name] = p
+            for p in sorted(q for q in out.rglob("*") if q.is_file()):
+                rel = p.relative_to(out).as_posix()
+                files[f"{SHADOW}/{rel}" if rel == CARD else rel] = p
             if (out / CARD).exists():
                 manifest["shadowed"] = {CARD: f"{SHADOW}/{CARD}"}
         if "mergehub" in forms:
@@ -565,6 +568,24 @@ def _read_manifest(path: Path, what: str) -> dict[str, Any]:
     return manifest
 
 
+def _model_folder(staging: Path, files: dict[str, str], repo_id: str) -> Path:
+    """The folder ``hub add`` reads a pulled model from: each model path of ``files`` holds
+    the downloaded file (a path under ``staging``) it maps to, hard-linked (copied where links
+    fail), and nothing else: not the manifest, the model card a push wrote, nor the download
+    tool's data."""
+    folder = staging / ".mergehub-model"
+    if folder.exists():
+        shutil.rmtree(folder)
+    for rel, downloaded in files.items():
+        source = inside(staging, downloaded, repo_id)
+        target = inside(folder, rel, f"{repo_id}: a model file")
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
+    return folder
+
+
 def _check_dense(model_dir: Path, manifest: dict[str, Any], repo_id: str) -> None:
     """Check the downloaded files against the manifest: every tensor's bytes and every side
     file's content hash to what the pushing store recorded."""
@@ -629,7 +650,6 @@ def pull(store: Store, repo_id: str, *, revision: str | None = None, name: str |
         def get(paths: list[str]) -> None:
             fetched.extend(_download(api, repo_id, commit, remote, paths, staging, progress))
 
-        model_dir = staging / folder
         if prefix + MANIFEST in remote:
             get([prefix + MANIFEST])
             manifest = _read_manifest(staging / prefix / MANIFEST, f"{repo_id}: {prefix}{MANIFEST}")
@@ -649,21 +669,19 @@ def pull(store: Store, repo_id: str, *, revision: str | None = None, name: str |
                                           provenance=origin, progress=progress)
                 form = "mergehub"
             else:
-                shadowed = manifest["shadowed"]
-                get([prefix + shadowed.get(p, p) for p, _, _ in manifest["files"]])
-                for path, source in shadowed.items():
-                    shutil.copyfile(inside(staging, prefix + source, repo_id),
-                                    inside(model_dir, path, repo_id))
+                where = {p: prefix + manifest["shadowed"].get(p, p) for p, _, _ in manifest["files"]}
+                get(list(where.values()))
+                model_dir = _model_folder(staging, where, repo_id)
                 _check_dense(model_dir, manifest, repo_id)
                 info = store.add(model_dir, name, base=base_name, kind=manifest["kind"],
                                  metrics=manifest["metrics"],
                                  provenance={**manifest["provenance"], **origin}, progress=progress)
                 form = manifest["format"]
         else:
-            top = sorted(p for p in remote if "/" not in p[len(prefix):]
-                         and not p[len(prefix):].startswith("."))
-            if not any(p.endswith(".safetensors") for p in top):
-                pickles = [p for p in top if p.lower().endswith(PICKLE_SUFFIXES)]
+            rels = sorted(p[len(prefix):] for p in remote if p.startswith(prefix))
+            top = [r for r in rels if "/" not in r]
+            if not any(r.endswith(".safetensors") for r in top):
+                pickles = [prefix + r for r in top if r.lower().endswith(PICKLE_SUFFIXES)]
                 raise RemoteError(f"{repo_id}@{revision}: no safetensors weights" + (
                     f" ({pickles[0]} is a pickle checkpoint, which mergehub refuses to load: it "
                     "can run arbitrary code)" if pickles
@@ -671,10 +689,22 @@ def pull(store: Store, repo_id: str, *, revision: str | None = None, name: str |
             name = name or repo_id.split("/")[-1] + (f"-{folder.replace('/', '-')}" if folder
                                                      else "")
             _check_free(store, name)
-            get([p for p in top if not p.lower().endswith(PICKLE_SUFFIXES)])
-            form = "peft" if prefix + ADAPTER_CONFIG in top else "hf"
+            skipped: dict[str, str] = {}
+            for rel in rels:
+                reason = not_kept_reason(rel) or (
+                    "weights in another format: not downloaded"
+                    if rel.lower().endswith(OTHER_WEIGHTS) else None)
+                if reason:
+                    top_dir = rel.split("/", 1)[0]
+                    skipped[f"{top_dir}/" if top_dir in TOOL_DIRS and "/" in rel else rel] = reason
+            wanted = {r: prefix + r for r in rels
+                      if r not in skipped and r.split("/", 1)[0] + "/" not in skipped}
+            get(list(wanted.values()))
+            model_dir = _model_folder(staging, wanted, repo_id)
+            form = "peft" if ADAPTER_CONFIG in top else "hf"
             if base is None and form == "peft":
                 base = _peft_base(store, model_dir)
-            info = store.add(model_dir, name, base=base, provenance=origin, progress=progress)
+            info = store.add(model_dir, name, base=base, progress=progress, provenance={
+                **origin, **({"not_kept": skipped} if skipped else {})})
         shutil.rmtree(staging, ignore_errors=True)
     return PullResult(info, repo_id, revision, commit, form, fetched)

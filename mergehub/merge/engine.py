@@ -41,7 +41,8 @@ from mergehub.safejson import parse_json
 from mergehub.storage.parallel import background, busy_machine, ordered_map, torch_threads
 from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
 from mergehub.storage.store import Store, StoredModel
-from mergehub.storage.writer import DEFAULT_MAX_SHARD_SIZE, MODEL_SIDE_FILES, write_model_dir
+from mergehub.storage.writer import (
+    DEFAULT_MAX_SHARD_SIZE, MODEL_SIDE_FILES, NOT_CARRIED, write_model_dir)
 from mergehub.units import human_bytes
 
 MISSING_POLICIES = ("error", "take-base")
@@ -299,17 +300,18 @@ def _check_tensors(reference: Source, inputs: list[Source], entries: list, recip
     return list(ref_specs.values()), copy
 
 
-def _side_files(plan: MergePlan) -> dict[str, bytes]:
-    """config/generation config from the base, tokenizer files from ``tokenizer_source``."""
-    def files_of(src: Source) -> dict[str, bytes]:
+def _side_files(plan: MergePlan) -> dict[str, bytes | Path]:
+    """The base's files besides its weights, at any depth, but those that would be wrong for
+    the merge (:data:`~mergehub.storage.writer.NOT_CARRIED`); tokenizer files from
+    ``tokenizer_source``."""
+    def files_of(src: Source, keep: Callable[[str], bool]) -> dict[str, bytes | Path]:
         reader = src.reader
-        if hasattr(reader, "side_file"):  # a stored model
-            return {p: reader.side_file(p) for p in reader.side_files if MODEL_SIDE_FILES.match(p)}
-        root = reader.root
-        return {p: (root / p).read_bytes() for p in reader.side_files if MODEL_SIDE_FILES.match(p)}
+        if isinstance(reader, StoredModel):
+            return {p: reader.side_file(p) for p in reader.side_files if keep(p)}
+        return {p: reader.root / p for p in reader.side_files if keep(p)}
 
     reference = plan.base or plan.inputs[0]
-    out = files_of(reference)
+    out = files_of(reference, lambda p: not NOT_CARRIED.search(p))
     source = plan.recipe.tokenizer_source
     if source not in (None, "base"):
         match = [s for s in plan.inputs if s.label == source]
@@ -318,10 +320,12 @@ def _side_files(plan: MergePlan) -> dict[str, bytes]:
                               f"tokenizer_source {shown(source)} is not one of the models")
         out = {k: v for k, v in out.items() if not k.startswith(("tokenizer", "special_tokens",
                                                                  "added_tokens", "vocab", "merges"))}
-        out.update({k: v for k, v in files_of(match[0]).items() if k not in ("config.json",
-                                                                            "generation_config.json")})
+        out.update(files_of(match[0], lambda p: MODEL_SIDE_FILES.match(p) is not None
+                            and p not in ("config.json", "generation_config.json")))
     if "config.json" in out and plan.out_dtype:
-        config = parse_json(out["config.json"], f"{reference.label}: config.json")
+        text = out["config.json"]
+        config = parse_json(text.read_bytes() if isinstance(text, Path) else text,
+                            f"{reference.label}: config.json")
         if not isinstance(config, dict):
             raise InputError(f"{reference.label}: config.json is not a JSON object")
         name = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[plan.out_dtype]

@@ -11,12 +11,22 @@ Only headers are read on open; :meth:`Checkpoint.load` memory-maps one tensor at
 ``safetensors``. Pickle checkpoints are refused: unpickling runs arbitrary code. So are files of
 a model dir that are symlinks leading out of it (they would be stored and pushed as the model's
 own; :func:`~mergehub.storage.paths.check_links`).
+
+A model dir is kept whole (:func:`model_files`): besides the weights, every file at any depth is
+a side file (``config.json``, tokenizer files, and the sub-folders of a sentence-transformers
+model such as ``1_Pooling/config.json``), symlinks inside the folder read as the files they
+lead to. Not kept, and listed in :attr:`Checkpoint.not_kept` with the reason: pickle files
+(mergehub neither loads nor ships them) and tools' data: git's (``.git``, ``.gitattributes``,
+``.gitignore``), the ``.cache`` that ``huggingface_hub`` downloads write, the ``mergehub``
+folder of a pushed repo. Anything else it cannot hold (a device or socket file, a
+broken or looping symlink, a file name with a backslash) is refused with one clear error.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +45,9 @@ if TYPE_CHECKING:
 Format = Literal["hf", "peft", "safetensors"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+#: top-level folders of a model dir that hold tools' data, not the model's: not kept
+TOOL_DIRS = {".git": "version control data", ".cache": "download tool data",
+             "mergehub": "the data of a mergehub push (`hub pull` restores an entry from it)"}
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -67,17 +80,21 @@ class Checkpoint:
         format: ``"hf"``, ``"peft"`` or ``"safetensors"`` (a lone file).
         headers: parsed header of each weight file, keyed by its name relative to ``root``.
         tensors: every tensor by name, in file order.
-        side_files: other files kept with the model (config, tokenizer, index json, ...),
-            relative to ``root``.
+        side_files: the other files kept with the model (config, tokenizer, index json,
+            sub-folders, ...), relative POSIX paths under ``root``.
+        not_kept: files and folders of a model dir that are not kept, by relative path
+            (``/``-terminated for a folder), with the reason.
         adapter_config: the parsed ``adapter_config.json`` of a PEFT dir, else ``None``.
     """
 
     def __init__(self, path: Path, format: Format, root: Path, weight_files: list[str],
-                 side_files: list[str], adapter_config: dict[str, Any] | None = None):
+                 side_files: list[str], adapter_config: dict[str, Any] | None = None,
+                 not_kept: dict[str, str] | None = None):
         self.path = path
         self.format: Format = format
         self.root = root
         self.side_files = side_files
+        self.not_kept = not_kept or {}
         self.adapter_config = adapter_config
         self.headers: dict[str, SafetensorsHeader] = {}
         self.tensors: dict[str, TensorInfo] = {}
@@ -169,10 +186,10 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         return Checkpoint(path, "safetensors", path.parent, [path.name], [])
     if not path.is_dir():
         raise InputError(f"{path}: not a regular file or directory")
-    files = sorted(p.name for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    check_links(path, files)
+    tree, not_kept = model_files(path)
+    files = [f for f in tree if "/" not in f]  # the weights are at the top
     if ADAPTER_CONFIG in files:
-        return _open_peft(path, files)
+        return _open_peft(path, files, tree, not_kept)
     indexes = [f for f in files if f.endswith(".safetensors.index.json")]
     singles = [f for f in files if f.endswith(".safetensors")]
     if len(indexes) > 1:
@@ -186,22 +203,86 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise InputError(f"{path}: {len(singles)} .safetensors files but no "
                          "model.safetensors.index.json saying which tensors each holds")
     else:
-        pickles = [f for f in files if f.lower().endswith(PICKLE_SUFFIXES)]
+        pickles = [f for f in not_kept if "/" not in f and f.lower().endswith(PICKLE_SUFFIXES)]
         if pickles:
             raise pickle_refusal(path / pickles[0])
         raise InputError(f"{path}: no safetensors weights (model.safetensors or "
                          "model.safetensors.index.json) in this directory")
-    ckpt = Checkpoint(path, "hf", path, weights, _side_files(files, weights))
+    ckpt = Checkpoint(path, "hf", path, weights, [f for f in tree if f not in weights],
+                      not_kept=not_kept)
     if indexes:
         _check_index(path / indexes[0], ckpt)
     return ckpt
 
 
-def _side_files(files: list[str], weights: list[str]) -> list[str]:
-    """Files kept beside the weights: everything but weights and pickles."""
-    skip = set(weights)
-    return [f for f in files if f not in skip and not f.lower().endswith(PICKLE_SUFFIXES)
-            and not f.endswith(".bin.index.json")]
+#: suffixes of a model's weights in formats other than safetensors, besides pickles (ONNX,
+#: TensorFlow, Flax, rust-bert, GGUF, TF Lite): kept by ``hub add`` as files, but not
+#: downloaded by ``hub pull`` from a Hub repo nor carried into merge outputs
+OTHER_WEIGHTS = (".onnx", ".onnx_data", ".h5", ".msgpack", ".ot", ".gguf", ".tflite")
+
+
+def not_kept_reason(rel: str) -> str | None:
+    """Why the file ``rel`` (a relative POSIX path) of a model dir is not kept, or ``None``
+    when it is: it lies in one of :data:`TOOL_DIRS`, is git's configuration
+    (``.gitattributes``, ``.gitignore``) or is a pickle."""
+    top = rel.split("/", 1)[0]
+    if "/" in rel and top in TOOL_DIRS:
+        return TOOL_DIRS[top]
+    if rel in (".gitattributes", ".gitignore"):
+        return TOOL_DIRS[".git"]
+    if rel.lower().endswith(PICKLE_SUFFIXES) or rel.endswith(".bin.index.json"):
+        return "pickle: mergehub neither loads nor stores pickle files"
+    return None
+
+
+def model_files(folder: Path) -> tuple[list[str], dict[str, str]]:
+    """Every file of the model dir ``folder`` at any depth, as sorted relative POSIX paths,
+    and what is not kept (:func:`not_kept_reason`; a folder as ``NAME/``) with the reason.
+
+    A symlink is read as what it leads to (a file, or a folder walked like any other) under
+    its own name, once :func:`~mergehub.storage.paths.check_links` has found its target inside
+    the folder. Raises :class:`InputError` for what cannot be kept: a file that is not a
+    regular file (device, socket, pipe), a broken symlink, a symlink to a folder that contains
+    it (a loop), a name with a backslash (not a portable path), an unreadable folder.
+    """
+    kept: list[str] = []
+    not_kept: dict[str, str] = {}
+
+    def walk(directory: Path, prefix: str, seen: tuple[Path, ...]) -> None:
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as e:
+            raise InputError(f"{directory}: cannot list: {e.strerror or e}") from e
+        for entry in entries:
+            rel, path = prefix + entry.name, Path(entry.path)
+            if "\\" in entry.name:
+                raise InputError(f"{path}: a file name with a backslash cannot be stored "
+                                 "(it is no portable path); rename it")
+            if not prefix and entry.name in TOOL_DIRS and entry.is_dir(follow_symlinks=False):
+                not_kept[rel + "/"] = TOOL_DIRS[entry.name]
+                continue
+            if entry.is_symlink():
+                check_links(folder, [rel])
+                if not path.exists():
+                    raise InputError(f"{path}: a broken symlink (to {os.readlink(path)})")
+            if entry.is_dir():
+                real = path.resolve()
+                if real in seen:
+                    raise InputError(f"{path}: a symlink to {real}, a folder that contains "
+                                     "it: the folder would never end")
+                walk(path, rel + "/", (*seen, real))
+            elif entry.is_file():
+                reason = not_kept_reason(rel)
+                if reason:
+                    not_kept[rel] = reason
+                else:
+                    kept.append(rel)
+            else:
+                raise InputError(f"{path}: not a regular file or folder (a device, socket or "
+                                 "pipe): it cannot be stored")
+
+    walk(folder, "", (folder.resolve(),))
+    return sorted(kept), not_kept
 
 
 def _shards_from_index(root: Path, index_name: str) -> list[str]:
@@ -274,15 +355,17 @@ def check_adapter_config(config: Any, where: str) -> dict[str, Any]:
     return config
 
 
-def _open_peft(path: Path, files: list[str]) -> Checkpoint:
+def _open_peft(path: Path, files: list[str], tree: list[str],
+               not_kept: dict[str, str]) -> Checkpoint:
     config = check_adapter_config(read_json(path / ADAPTER_CONFIG), str(path / ADAPTER_CONFIG))
     if ADAPTER_WEIGHTS not in files:
-        pickles = [f for f in files if f.lower().endswith(PICKLE_SUFFIXES)]
+        pickles = [f for f in not_kept if "/" not in f and f.lower().endswith(PICKLE_SUFFIXES)]
         if pickles:
             raise pickle_refusal(path / pickles[0])
         raise InputError(f"{path}: PEFT adapter dir without {ADAPTER_WEIGHTS}")
-    return Checkpoint(path, "peft", path, [ADAPTER_WEIGHTS], _side_files(files, [ADAPTER_WEIGHTS]),
-                      adapter_config=config)
+    return Checkpoint(path, "peft", path, [ADAPTER_WEIGHTS],
+                      [f for f in tree if f != ADAPTER_WEIGHTS], adapter_config=config,
+                      not_kept=not_kept)
 
 
 _PEFT_MODULE = re.compile(

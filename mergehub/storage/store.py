@@ -79,7 +79,7 @@ from mergehub.storage.parallel import ordered_map
 from mergehub.storage.paths import MARKER, TRANSFERS, inside, safe_relpath
 from mergehub.storage import safetensors_format
 from mergehub.storage.safetensors_format import DTYPE_WIDTH, FLOAT_DTYPES, TensorSpec, read_range
-from mergehub.storage.writer import MODEL_SIDE_FILES, WRITEBACK_BYTES, write_model_dir
+from mergehub.storage.writer import WEIGHTS_INDEX, WRITEBACK_BYTES, write_model_dir
 
 if TYPE_CHECKING:
     import torch
@@ -1044,6 +1044,12 @@ class Store:
             provenance: dict[str, Any] | None = None, progress: bool | None = None) -> ModelInfo:
         """Add the checkpoint at ``path`` under ``name``.
 
+        A directory is kept whole: the weights as tensors, every other file at any depth
+        (config, tokenizer, a sentence-transformers model's ``modules.json`` and
+        ``1_Pooling/``, ...) as it is, so that an export gives the folder back bit for bit.
+        Pickle files and tools' folders (``.git``, ``.cache``) are not kept: they are listed,
+        with the reason, in the entry's ``provenance["not_kept"]`` (``hub add`` prints them).
+
         Args:
             path: an HF model dir, a PEFT adapter dir or a ``.safetensors`` file.
             name: the new model's name (unique in the store).
@@ -1175,6 +1181,9 @@ class Store:
                 "mergehub_version": __version__, **provenance}
         if ckpt.adapter_config and ckpt.adapter_config.get("base_model_name_or_path"):
             prov.setdefault("base_model_name_or_path", ckpt.adapter_config["base_model_name_or_path"])
+        if ckpt.not_kept:
+            given = prov.get("not_kept")
+            prov["not_kept"] = {**(given if isinstance(given, dict) else {}), **ckpt.not_kept}
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         with self._transaction() as db:
             db.executemany("INSERT OR IGNORE INTO blobs(id, codec, ref, raw_sha256, raw_size, size)"
@@ -1667,7 +1676,7 @@ class Store:
 
         By default the files are re-created exactly as they were added (same names, same
         bytes). With ``max_shard_size`` an HF model is re-sharded instead (new shard files and
-        index, the config/tokenizer files kept).
+        index; every other file kept as it was).
         """
         model_id, _, _, fmt = self._require(name)
         with self._lock(exclusive=False):
@@ -1719,7 +1728,7 @@ class Store:
         blobs = {r[0]: r[5] for r in rows}
         specs = [_spec(r) for r in rows]
         side = {p: self._read_raw(b, f"model {name!r}, file {p!r}")
-                for p, role, b in files if role == "side" and MODEL_SIDE_FILES.match(p)}
+                for p, role, b in files if role == "side" and not WEIGHTS_INDEX.match(p)}
         return write_model_dir(
             out, specs, lambda s: self._iter_raw(blobs[s.name], f"model {name!r}, tensor "
                                                  f"{s.name!r}", declared_size(s)),

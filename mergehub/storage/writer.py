@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from mergehub.errors import InputError
 from mergehub.progress import bar_disabled
+from mergehub.storage.checkpoint import OTHER_WEIGHTS
 from mergehub.storage.atomic import atomic_output_dir, start_writeback
 from mergehub.storage.paths import inside
 from mergehub.storage import safetensors_format
@@ -36,11 +37,23 @@ SHARD_METADATA = {"format": "pt"}
 #: start writing a shard to disk every this many bytes, so the final fsync has little left
 WRITEBACK_BYTES = 64 << 20
 
-#: Files that describe a model beside its weights: copied from a source model into merge outputs.
+#: The config, generation config and tokenizer files of a model (a merge's
+#: ``tokenizer_source`` gives the tokenizer ones).
 MODEL_SIDE_FILES = re.compile(
     r"^(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|"
     r"added_tokens\.json|vocab\..*|merges\.txt|.*\.model|chat_template\..*|"
     r"preprocessor_config\.json)$")
+#: The index of a model's safetensors shards: a re-sharded copy writes its own.
+WEIGHTS_INDEX = re.compile(r"^[^/]*\.safetensors\.index\.json$")
+#: Files of a model that a merge output does not take over from its base, because they would
+#: be wrong for the merge: the shards' index, the model card, the base's own training state and
+#: results, and its weights in other formats (ONNX, TensorFlow, Flax, GGUF, ...). Every other
+#: file is carried, at any depth (e.g. a sentence-transformers model's ``modules.json`` and
+#: ``1_Pooling/config.json``).
+NOT_CARRIED = re.compile(
+    r"^([^/]*\.safetensors\.index\.json|README\.md|trainer_state\.json|training_args\.[^/]*|"
+    r"(all|train|eval|test)_results\.json|metrics\.json)$"
+    rf"|({'|'.join(map(re.escape, OTHER_WEIGHTS))})$")
 
 def plan_shards(specs: list[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
     """Split ``specs`` in order into shards of at most ``max_shard_size`` data bytes.
