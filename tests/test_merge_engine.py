@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -391,7 +392,8 @@ def test_lora_only_task_arithmetic_writes_peft_adapter(models, tmp_path):
     text = (f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
             f"  - model: {l1}\n    parameters: {{weight: 0.7}}\n  - model: {l2}\n"
             f"parameters: {{lambda: 0.5}}\n")
-    result = mergehub.merge(text, out=tmp_path / "peft", progress=False)
+    result = mergehub.merge(text, out=tmp_path / "peft", output_format="peft", progress=False)
+    assert result.format == "peft"
     files = sorted(p.name for p in result.out.iterdir())
     assert files == ["adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((result.out / "adapter_config.json").read_text())
@@ -543,3 +545,52 @@ def test_store_merge_decodes_each_blob_once(models, tmp_path, monkeypatch):
     stored, folders = load_all(tmp_path / "stored"), load_all(tmp_path / "folders")
     assert stored.keys() == folders.keys()
     assert all(torch.equal(stored[n], folders[n]) for n in stored)
+
+
+def test_lora_merge_writes_a_model_by_default_and_an_adapter_that_finds_its_base(models,
+                                                                                 tmp_path):
+    """``hub merge -o`` of LoRA inputs writes the whole model by default (what the README
+    promises), a PEFT adapter with ``--format peft``, and its output line says which. The
+    adapter's base_model_name_or_path is where the base came from (the folder a store base
+    was added from, an absolute path for a path base), not the store's name nor what the input
+    adapter said, so that peft's AutoPeftModel loads it alone (issue 15, item 3)."""
+    from peft import AutoPeftModelForCausalLM
+
+    from mergehub.hub.demo import make_lora
+
+    base = models["base-fp32"]
+    lora = make_lora(base, tmp_path / "lora", rank=2, seed=21)
+    config = json.loads((lora / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "base"  # a store name, as `hub train` used to write
+    (lora / "adapter_config.json").write_text(json.dumps(config))
+    runner = CliRunner()
+    store = str(tmp_path / "store")
+    for args in (("add", base, "-n", "base"), ("add", lora, "-n", "lora", "--base", "base")):
+        assert runner.invoke(cli, ["--store", store, *map(str, args)]).exit_code == 0
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("merge_method: task_arithmetic\nbase_model: base\nmodels:\n"
+                      "  - model: lora\nparameters: {lambda: 0.5}\n")
+
+    def merge(out, *more):
+        res = runner.invoke(cli, ["--store", store, "merge", str(recipe), "-o", str(out), *more])
+        assert res.exit_code == 0, res.output
+        return res.output.strip().splitlines()[-1]
+
+    assert merge(tmp_path / "dense").endswith(f"into {tmp_path / 'dense'}: an HF model dir")
+    assert (tmp_path / "dense" / "model.safetensors").is_file()
+    assert not (tmp_path / "dense" / "adapter_config.json").exists()
+    assert merge(tmp_path / "adapter", "--format", "peft").endswith(": a PEFT adapter of the base")
+    written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert written["base_model_name_or_path"] == str(base)
+    model = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").merge_and_unload()
+    merged = model.state_dict()
+    for name, t in load_all(tmp_path / "dense").items():
+        assert torch.allclose(merged[name], t, atol=1e-6), name
+    # a base given by a relative path: the adapter names it absolutely (peft would read a
+    # relative one from wherever it runs)
+    relative = Path(os.path.relpath(base))
+    out = mergehub.merge(f"merge_method: task_arithmetic\nbase_model: {relative}\nmodels:\n"
+                         f"  - model: {lora}\n", out=tmp_path / "p2", output_format="peft",
+                         progress=False)
+    assert json.loads((out.out / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == str(base.absolute())

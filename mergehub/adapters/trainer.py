@@ -41,8 +41,9 @@ from mergehub.adapters.data import Batch, Dataset, accuracy, build_dataset, comp
 from mergehub.errors import InputError, StoreError, spelled
 from mergehub.progress import bar_disabled
 from mergehub.storage.atomic import atomic_output_dir, write_file_atomic
-from mergehub.storage.checkpoint import open_checkpoint
-from mergehub.storage.store import ModelInfo, Store, names_entry
+from mergehub.safejson import read_json
+from mergehub.storage.checkpoint import ADAPTER_CONFIG, open_checkpoint
+from mergehub.storage.store import ModelInfo, Store, base_reference, names_entry
 from mergehub.storage.writer import MODEL_SIDE_FILES
 
 STATE_FILE, TENSORS_FILE, OPTIMIZER_FILE = ("state.json", "trainable.safetensors",
@@ -155,7 +156,9 @@ def save_peft(model: torch.nn.Module, cfg: TrainConfig, out: Path,
     """An adapter dir, or (``output.as: merged``, or ``auto`` for an adapter that is not a
     plain delta) the base with the adapter merged in."""
     config = model.peft_config["default"]
-    config.base_model_name_or_path = cfg.base  # not the temp dir a store-named base was read from
+    # peft would look the name up on the Hub while saving (a store name is no repo id there);
+    # the output's adapter_config.json gets the base's origin afterwards (_write_output)
+    config.base_model_name_or_path = None
     mode = cfg.output.get("as", "auto")
     if mode == "auto":
         mode = "adapter" if lora_mod.is_plain_lora(config) else "merged"
@@ -603,6 +606,11 @@ def _write_output(cfg: TrainConfig, method: Method, dtype: torch.dtype, base_dir
         facts.update(more)
         if kind == "finetune":
             _copy_side_files(base_dir, out)
+        if (out / ADAPTER_CONFIG).is_file():
+            config = read_json(out / ADAPTER_CONFIG)
+            config["base_model_name_or_path"] = base_reference(cfg.base, store)
+            write_file_atomic(out / ADAPTER_CONFIG, (json.dumps(config, indent=2, sort_keys=True)
+                                                     + "\n").encode())
         write_file_atomic(out / "metrics.json", json.dumps(metrics, indent=2).encode())
         return kind
 

@@ -411,11 +411,12 @@ def verify(ctx: click.Context, repair: bool) -> None:
               help="Largest output shard as mergekit spells it: bytes as an integer, or with "
                    "K, M or B for thousand, million, billion (5B = 5GB).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
-@click.option("--format", "output_format", type=click.Choice(["auto", "hf", "peft"]),
-              default="auto", show_default=True,
-              help="hf: a full HF model dir. peft: a PEFT adapter dir (only when all inputs are "
-                   "LoRAs and the method is task_arithmetic or normalized linear). auto: peft "
-                   "when possible, else hf.")
+@click.option("--format", "output_format", type=click.Choice(["hf", "peft", "auto"]),
+              default="hf", show_default=True,
+              help="hf: a full HF model dir. peft: a PEFT adapter dir of the base (only when all "
+                   "inputs are LoRAs and the method is task_arithmetic or normalized linear; "
+                   "its base_model_name_or_path is where the base came from). auto: peft when "
+                   "possible, else hf.")
 @click.option("--dry-run", is_flag=True,
               help="Check the recipe and inputs and print the plan (tensors, bytes, inputs) "
                    "on stdout without computing anything.")
@@ -470,11 +471,13 @@ def merge_(ctx: click.Context, recipe: Path, out: Path | None, output: Path | No
         approx = any(tally.approximate)
         click.echo(kept_line([s.label for s in result.plan.inputs], tally.kept, tally.seen,
                              "kept about" if approx else "kept"))
+    what = {"peft": "a PEFT adapter of the base", "rmm": "a reversible merge basis"}.get(
+        result.format, "an HF model dir")
     where = " and ".join(x for x in (str(output) if output else "",
                                      f"store entry {to_store!r}" if to_store else "") if x)
     click.echo(f"merged {result.tensors} tensors ({human_bytes(result.bytes)}) in "
                f"{result.seconds:.1f} s ({result.bytes / max(result.seconds, 1e-9) / 1e9:.2f} GB/s) "
-               f"into {where}")
+               f"into {where}: {what}")
 
 
 @cli.command()

@@ -522,7 +522,8 @@ def _missing_base(repo_id: str, manifest: dict[str, Any], store: Store) -> BaseM
 
 def _peft_base(store: Store, model_dir: Path) -> str | None:
     """The stored model a plain PEFT adapter's ``base_model_name_or_path`` names: an entry of
-    that name, or one pulled from that Hub repo."""
+    that name, or one that came from there (:meth:`Store.origin`: pulled from that Hub repo,
+    or added from that folder)."""
     try:
         config = read_json(model_dir / ADAPTER_CONFIG)
     except InputError:
@@ -533,7 +534,7 @@ def _peft_base(store: Store, model_dir: Path) -> str | None:
     if named in store:
         return named
     for info in store.ls():
-        if (info.provenance.get("hub") or {}).get("repo_id") == named:
+        if store.origin(info.name) == named:
             return info.name
     return None
 

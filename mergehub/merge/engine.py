@@ -347,6 +347,9 @@ class MergeResult:
     store_name: str | None = None
     plan: MergePlan | None = None
     report: dict[str, Any] | None = None  # method-specific summary (rmm: errors by m; kept)
+    #: what ``out`` holds: ``hf`` (a model dir), ``peft`` (an adapter dir), ``rmm`` (a
+    #: reversible merge's basis, which ``hub export --task`` turns into models)
+    format: str = "hf"
 
 
 #: elements per chunk: ~1 MB of float32 per input keeps a chunk's inputs in CPU caches
@@ -534,7 +537,7 @@ def merge(recipe: str | Path | Recipe, out: str | Path | None = None, *,
           store: Store | None = None, to_store: str | None = None, device: str = "cpu",
           missing: str = "error", seed: int = 0, dry_run: bool = False,
           max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
-          output_format: str = "auto", progress: bool | None = None, allow_foreign_base: bool = False,
+          output_format: str = "hf", progress: bool | None = None, allow_foreign_base: bool = False,
           echo: Callable[[str], Any] | None = None) -> MergeResult:
     """Merge as a recipe says: write an HF model dir at ``out`` and/or a store entry ``to_store``.
 
@@ -549,9 +552,12 @@ def merge(recipe: str | Path | Recipe, out: str | Path | None = None, *,
             another shape: the base's tensor is used there.
         seed: seed of the random methods (DARE); same seed, same output.
         dry_run: only plan and check; print the plan through ``echo``.
-        output_format: ``hf`` (a full model), ``peft`` (an adapter: only when every input is a
-            LoRA and the method is task arithmetic or a normalized linear average, which keep
-            low rank exactly) or ``auto`` (``peft`` when possible, else ``hf``).
+        output_format: ``hf`` (default: a full model), ``peft`` (an adapter of the base:
+            only when every input is a LoRA and the method is task arithmetic or a normalized
+            linear average, which keep low rank exactly; its ``base_model_name_or_path`` is
+            where the base came from, :func:`~mergehub.storage.store.base_reference`) or
+            ``auto`` (``peft`` when possible, else ``hf``). ``MergeResult.format`` says which
+            was written.
         allow_foreign_base: merge store inputs that were added against another base than the
             recipe's base_model (by default an error: their task vectors are relative to
             their own base).

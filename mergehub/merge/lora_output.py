@@ -4,7 +4,10 @@ Task arithmetic (and a normalized linear average) of LoRAs is exactly a LoRA aga
 Σt ct·Bt·At·st = [c1·s1·B1, ..., cT·sT·BT] @ [A1; ...; AT], a rank Σ rt adapter per module
 (the "cat" combination of PEFT's ``add_weighted_adapter``). It is written with scaling 1
 (``lora_alpha`` = r per module) so the factors carry every coefficient, and loads with
-``PeftModel.from_pretrained(base, out)``. TIES, DARE and the other sparsifying methods change
+``PeftModel.from_pretrained(base, out)``; its ``base_model_name_or_path`` is where the merge's
+base came from (a path, or the Hub repo a store entry was pulled from), so that
+``AutoPeftModel.from_pretrained(out)`` finds it too. Written when asked for (``--format
+peft``; by default a merge writes the whole model). TIES, DARE and the other sparsifying methods change
 the dense deltas entrywise and have no such form: they write a full HF model.
 """
 
@@ -21,6 +24,7 @@ from mergehub.merge.methods.task_arithmetic import TaskArithmetic
 from mergehub.merge.recipe import resolve_params
 from mergehub.storage.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from mergehub.storage.safetensors_format import SAFETENSORS_DTYPE, TensorSpec
+from mergehub.storage.store import StoredModel, base_reference
 from mergehub.storage.writer import write_model_dir
 
 
@@ -64,7 +68,7 @@ def execute_peft(plan: Any, out: Path, *, device: str = "cpu", seed: int = 0,
     start = time.perf_counter()
     specs = write_peft(plan, out, overwrite=overwrite)
     return MergeResult(Path(out), len(specs), sum(s.nbytes for s in specs),
-                       time.perf_counter() - start, plan=plan)
+                       time.perf_counter() - start, plan=plan, format="peft")
 
 
 def write_peft(plan: Any, out: Path, *, overwrite: bool = False) -> list[TensorSpec]:
@@ -83,7 +87,9 @@ def write_peft(plan: Any, out: Path, *, overwrite: bool = False) -> list[TensorS
         factors[names[0]] = torch.cat(a_parts, dim=0)
         factors[names[1]] = torch.cat(b_parts, dim=1)
         ranks[target.removesuffix(".weight")] = factors[names[0]].shape[0]
-    config = _adapter_config(plan.inputs[0].lora_config, ranks)
+    reader = plan.base.reader
+    config = _adapter_config(plan.inputs[0].lora_config, ranks, base_reference(
+        plan.base.label, reader.store if isinstance(reader, StoredModel) else None))
     specs = [TensorSpec(n, SAFETENSORS_DTYPE[t.dtype], tuple(t.shape)) for n, t in factors.items()]
     write_model_dir(out, specs, lambda s: factors[s.name].contiguous(),
                     side_files={ADAPTER_CONFIG: (json.dumps(config, indent=2) + "\n").encode()},
@@ -91,11 +97,14 @@ def write_peft(plan: Any, out: Path, *, overwrite: bool = False) -> list[TensorS
     return specs
 
 
-def _adapter_config(first: dict[str, Any], ranks: dict[str, int]) -> dict[str, Any]:
-    """The first input's adapter config with the merged ranks and scaling 1 everywhere."""
+def _adapter_config(first: dict[str, Any], ranks: dict[str, int],
+                    base: str | None) -> dict[str, Any]:
+    """The first input's adapter config with the merged ranks, scaling 1 everywhere, and the
+    merge's base as ``base_model_name_or_path``."""
     r = max(ranks.values())
     module_names = [m.removeprefix("base_model.model.") for m in ranks]
-    return {**first, "r": r, "lora_alpha": r, "use_rslora": False, "use_dora": False,
+    return {**first, "base_model_name_or_path": base, "r": r, "lora_alpha": r,
+            "use_rslora": False, "use_dora": False,
             "target_modules": sorted({m.rsplit(".", 1)[-1] for m in module_names}),
             "rank_pattern": {m: k for m, k in zip(module_names, ranks.values()) if k != r},
             "alpha_pattern": {m: k for m, k in zip(module_names, ranks.values()) if k != r}}

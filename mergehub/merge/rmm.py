@@ -103,7 +103,7 @@ def execute_rmm(plan: Any, out: Path, *, device: str = "cpu", seed: int = 0,
     write_model_dir(out, specs, get, max_shard_size=max_shard_size, side_files=side,
                     overwrite=overwrite, progress=False)
     return MergeResult(Path(out), len(specs), sum(s.nbytes for s in specs),
-                       time.perf_counter() - start, plan=plan, report=summary)
+                       time.perf_counter() - start, plan=plan, report=summary, format="rmm")
 
 
 def revert(store: Store, name: str, task: str | int, out: str | Path, *,

@@ -104,6 +104,8 @@ MAX_DELTA_DEPTH = 3
 #: lossy blob and what it needs); longer means a damaged store
 _MAX_CHAIN = 2 * MAX_DELTA_DEPTH + 2
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+=/:-]{0,199}$")
+#: a model folder of the Hugging Face cache: ``.../models--ORG--NAME/snapshots/REVISION``
+_HF_CACHE_SNAPSHOT = re.compile(r"/models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
 #: decoded bytes a read may keep for reuse (:meth:`Store.reusing`); a blob of more than half
 #: of it is decoded again each time
 REUSE_BYTES = 256 << 20
@@ -393,6 +395,16 @@ def _well_formed_record(record: Any) -> bool:
             and isinstance(record.get("provenance"), dict)
             and rows(record.get("files"), (str, str, str))
             and rows(record.get("tensors"), (str, str, int, str, list, str)))
+
+
+def base_reference(ref: str, store: Store | None) -> str | None:
+    """What a PEFT adapter's ``base_model_name_or_path`` says for the base model reference
+    ``ref`` (a store entry or a path, told apart by :func:`names_entry`): the entry's
+    :meth:`Store.origin`, or the path made absolute (peft reads a relative one from the
+    current directory)."""
+    if names_entry(ref, store):
+        return store.origin(ref)
+    return os.path.abspath(os.path.expanduser(ref))
 
 
 def _remove_unless_held(path: Path) -> bool:
@@ -1643,6 +1655,25 @@ class Store:
                       "GROUP BY codec ORDER BY codec", {"m": model_id, "b": base_id})}
         return ModelInfo(name, kind, base, fmt, created, json.loads(metrics),
                          json.loads(provenance), count, tensor_bytes + file_bytes, stored, codecs)
+
+    def origin(self, name: str) -> str | None:
+        """Where stored model ``name`` came from, as transformers and peft find it (what an
+        adapter's ``base_model_name_or_path`` should say rather than the store's name, which
+        they would look up on the Hub): the Hub repo it was pulled from, the repo of the
+        Hugging Face cache folder it was added from, else the path it was added from; ``None``
+        when it came from none (a merge or training result, added from the store's own work
+        folders)."""
+        provenance = self.show(name).provenance
+        hub = provenance.get("hub")
+        if isinstance(hub, dict) and isinstance(hub.get("repo_id"), str):
+            return hub["repo_id"]
+        source = provenance.get("source")
+        if not isinstance(source, str) or not source.startswith("/"):
+            return None
+        cached = _HF_CACHE_SNAPSHOT.search(source)
+        if cached:
+            return f"{cached['org']}/{cached['name']}"
+        return None if Path(source).is_relative_to(self.root.absolute()) else source
 
     def __contains__(self, name: object) -> bool:
         """``name in store``: whether a model of that name exists."""
