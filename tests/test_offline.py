@@ -1,7 +1,7 @@
 """No network access the user did not ask for (issue 15, item 8): with the network blocked
-and ``HF_HUB_OFFLINE`` unset, add, merge, train (on a store base, which made peft ask the Hub
-for a repo named like the store entry), export and verify run as they do anywhere, and nothing
-tries to connect."""
+and ``HF_HUB_OFFLINE`` unset, add, train (on a store base, which made peft ask the Hub for a
+repo named like the store entry), merge, export, compress, ls, show and verify run as they do
+anywhere, and nothing tries to connect."""
 
 from __future__ import annotations
 
@@ -71,6 +71,9 @@ def test_offline_operations_never_touch_the_network(no_network, models, tmp_path
         hub("merge", recipe, "-o", tmp_path / "merged", "--to-store", "merged")
         hub("export", "merged", "-o", tmp_path / "exported")
         hub("export", "trained", "-o", tmp_path / "adapter")
+        hub("compress", "mlp", "--codec", "compeft")
+        hub("ls")
+        hub("show", "merged")
         assert hub("verify").rstrip().endswith(": OK")
         # the trained adapter names its base as peft can find it: the folder "base" was
         # added from, not the store's name for it (which peft would look up on the Hub)
