@@ -515,7 +515,7 @@ class StoredModel:
             decoded = self.store._decode_on(blob, what, torch.device(device))
             if decoded is not None:
                 return decoded.to(TORCH_DTYPE[spec.dtype]).reshape(spec.shape)
-        raw = self.store._read_raw(blob, what, declared_size(spec))
+        raw = self.store._read_raw(blob, what, declared_size(spec), copy=False)
         out = torch.frombuffer(raw, dtype=TORCH_DTYPE[spec.dtype]).reshape(spec.shape)
         return out if device is None else out.to(device)
 
@@ -809,12 +809,22 @@ class Store:
         yield from self._blob_stream(blob_id, what, expect, _depth)[1]
 
     def _read_raw(self, blob_id: str, what: str, expect: int | None = None,
-                  _depth: int = 0) -> bytearray:
-        """A blob decoded to the original bytes, whole, checked like :meth:`_blob_stream`."""
+                  _depth: int = 0, *, copy: bool = True) -> bytearray | memoryview:
+        """A blob decoded to the original bytes, whole, checked like :meth:`_blob_stream`: a
+        bytearray, or with ``copy=False`` a writable buffer of any kind (a blob of at most a
+        chunk then comes back as the piece it decodes to, without being copied again)."""
         kept = self._reused(blob_id, expect)
         if kept is not None:
             return bytearray(kept)
         header, pieces = self._blob_stream(blob_id, what, expect, _depth)
+        if not copy and header.nbytes <= _codec.CHUNK_BYTES:
+            parts = list(pieces)  # all of it: the checks at the end have run
+            if len(parts) == 1 and not memoryview(parts[0]).readonly:
+                whole = memoryview(parts[0]).cast("B")
+                if self._reuse is not None:
+                    self._reuse.put(blob_id, whole)
+                return whole
+            pieces = iter(parts)
         out = bytearray(header.nbytes)
         view, pos = memoryview(out), 0
         for piece in pieces:
