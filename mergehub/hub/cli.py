@@ -195,8 +195,8 @@ def add(ctx: click.Context, path: Path, name: str, base: str | None, kind: str |
                          progress=_progress())
     not_kept = info.provenance.get("not_kept")
     if isinstance(not_kept, dict) and not_kept:
-        click.echo("note: not kept: " + "; ".join(f"{path} ({why})" for path, why in
-                                                  not_kept.items()), err=True)
+        _note("note: not kept: " + "; ".join(f"{path} ({why})" for path, why in
+                                             not_kept.items()))
     click.echo(f"added {_summary(info)}")
 
 
