@@ -37,7 +37,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -47,6 +47,7 @@ import torch
 import yaml
 
 from mergehub.errors import BaseMismatchError, InputError, MergehubError
+from mergehub.kernels import CutMemo
 from mergehub.loading import match_names, state_tensors
 from mergehub.merge.engine import READ_WORKERS, MergePlan, TensorMerger, plan_merge
 from mergehub.merge.inputs import Source
@@ -107,6 +108,10 @@ class DeltaCache:
             self.hits += 1
             return tensor
 
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._items
+
     def put(self, key: Hashable, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
         with self._lock:
@@ -155,6 +160,12 @@ class _CachedReader:
         path = (self.reader.root / info.file).resolve()
         stat = path.stat()
         return ("file", str(path), stat.st_mtime_ns, stat.st_size, info.offset)
+
+    def resident(self, name: str, device: torch.device) -> bool:
+        """Whether :meth:`load` of ``name`` on ``device`` reads nothing (pinned or cached)."""
+        content = self.content_key(name)
+        return ((device == self.composer.device and content in self.composer._pinned)
+                or (content, str(device)) in self.composer.cache)
 
     def load(self, name: str, device: str | torch.device | None = None) -> torch.Tensor:
         dev = torch.device(device or "cpu")
@@ -235,6 +246,10 @@ class Composer:
         self._held: dict[str, _Held] = {}  # tensors not at their bind-time value
         self._where: dict[str, torch.Tensor] = {}  # output tensor name -> model tensor written
         self._active: Active | None = None
+        #: trims found by earlier applies, found again without a pass while the cached input
+        #: tensors live
+        self._cuts = CutMemo()
+        self._fingerprints: dict[Hashable, str] = {}  # see _fingerprint
         self.peft_model: Any = None
         self.attached: dict[str, str] = {}  # PEFT adapter name -> store entry
 
@@ -376,7 +391,7 @@ class Composer:
                           allow_foreign_base=allow_foreign_base)
         self._check(plan)
         plan = self._cached(plan)
-        merger = TensorMerger(plan, self.device, seed=seed)
+        merger = TensorMerger(plan, self.device, seed=seed, cut_memo=self._cuts)
         targets = self._targets(plan)
         keys = self._keys(merger, list(targets))
         wanted = {name: _Held(key, merger) for name, key in keys.items()}
@@ -390,14 +405,23 @@ class Composer:
                 raise MergehubError(f"{err}; then putting the model back failed too ({again}): "
                                     "reset() restores the bind-time weights") from again
             raise
-        inputs = [{"model": src.label,
-                   "fingerprint": (self.store.fingerprint(src.label)
-                                   if names_entry(src.label, self.store) else None)}
+        inputs = [{"model": src.label, "fingerprint": self._fingerprint(src)}
                   for src in plan.inputs]
         self._active = Active(parsed.text, parsed.merge_method, plan.base.label if plan.base
                               else None, inputs, seed, len(targets), rewritten,
                               time.perf_counter() - start)
         return self._active
+
+    def _fingerprint(self, src: Source) -> str | None:
+        """The store's fingerprint of an entry input (``None`` for a path), remembered per
+        entry content (its blob ids) so that a warm apply asks the catalog nothing."""
+        reader = src.reader.reader if isinstance(src.reader, _CachedReader) else src.reader
+        if not isinstance(reader, StoredModel):
+            return None
+        key = (reader.name, tuple(reader.blob(s.name) for s in reader.specs()))
+        if key not in self._fingerprints:
+            self._fingerprints[key] = self.store.fingerprint(reader.name)
+        return self._fingerprints[key]
 
     def _bring_to(self, wanted: dict[str, _Held], targets: dict[str, torch.Tensor]) -> int:
         """Write the tensors whose held key differs from ``wanted`` (computed by the wanted
@@ -406,9 +430,9 @@ class Composer:
         todo = [name for name, held in wanted.items()
                 if name not in self._held or self._held[name].key != held.key]
         written = 0
-        for name in [n for n in self._held if n not in wanted]:
-            self._put_back(name)
-            written += 1
+        back = [n for n in self._held if n not in wanted]
+        self._put_back(back)
+        written += len(back)
         if not todo:
             return written
         merger = next(iter(wanted.values())).merger
@@ -416,8 +440,14 @@ class Composer:
             merger.prepass()
         specs = {s.name: s for s in merger.plan.specs}
         order = [specs[n] for n in todo]
-        raws = (ordered_map(merger.raw_inputs, order, workers=READ_WORKERS) if merger.fuse
-                else (None for _ in order))
+        if not merger.fuse:
+            raws: Iterable[list[torch.Tensor] | None] = (None for _ in order)
+        elif all(src.reader.resident(spec.name, self.device)
+                 for spec in order if spec.name not in merger.plan.copy_from_base
+                 for src in (merger.plan.base, *merger.plan.inputs)):
+            raws = map(merger.raw_inputs, order)  # nothing to read: threads would only cost
+        else:
+            raws = ordered_map(merger.raw_inputs, order, workers=READ_WORKERS)
         with torch.no_grad():
             for spec, raw in zip(order, raws):
                 value = _whole(list(merger.merged(spec, raw)), spec)
@@ -447,18 +477,20 @@ class Composer:
                 return
         self._saved[name] = target.detach().clone()
 
-    def _put_back(self, name: str) -> None:
-        """Return tensor ``name`` to its bind-time value."""
+    def _put_back(self, names: list[str]) -> None:
+        """Return the tensors ``names`` to their bind-time values (one multi-tensor copy)."""
+        if not names:
+            return
         with torch.no_grad():
-            self._where[name].copy_(self._saved[name])
-        del self._held[name]
+            torch._foreach_copy_([self._where[n] for n in names], [self._saved[n] for n in names])
+        for name in names:
+            del self._held[name]
 
     def _restore(self, before: dict[str, _Held]) -> None:
         """Make every tensor hold what it held in ``before`` again (after a failed apply, or
         when :meth:`applied` ends): bind-time values from the saved copies, merged ones
         computed again by the merger that made them (deterministic: the same bits)."""
-        for name in [n for n in self._held if n not in before]:
-            self._put_back(name)
+        self._put_back([n for n in self._held if n not in before])
         stale = [(name, held) for name, held in before.items()
                  if name not in self._held or self._held[name].key != held.key]
         with torch.no_grad():
@@ -471,8 +503,7 @@ class Composer:
 
     def reset(self) -> None:
         """Return every tensor to its value when the composer was made, bit for bit."""
-        for name in list(self._held):
-            self._put_back(name)
+        self._put_back(list(self._held))
         self._active = None
 
     @contextmanager

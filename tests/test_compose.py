@@ -665,3 +665,56 @@ def test_gpu_load_attach_and_failure(hub, tmp_path):
         composer.apply(recipe("linear", [("mlp", {"weight": "[1.0, 1.0]"}),
                                          ("attn", {"weight": "[1.0, -1.0]"})]))
     assert_same(model, before)
+
+
+def test_warm_apply_finds_trims_without_a_selection_pass(hub, tmp_path, monkeypatch):
+    """On the fused path (the GPU's; here with the torch references), a warm apply of the same
+    TIES recipe takes each input's trim from the composer's CutMemo: no magnitude_cuts call,
+    and still hub merge's bits. Without a cache the inputs are new tensors: trims are found
+    again."""
+    from mergehub import kernels
+    from mergehub.merge import engine
+
+    store, _ = hub
+    monkeypatch.setattr(compose, "TensorMerger", functools.partial(engine.TensorMerger, fused=True))
+    calls = []
+    real = kernels.magnitude_cuts
+    monkeypatch.setattr(kernels, "magnitude_cuts",
+                        lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    text = recipe("ties", [("mlp", {"density": 0.3}), ("attn-compeft", {"density": 0.5})],
+                  {"lambda": 0.9})
+    want = hub_merge(text, store, tmp_path)
+    for budget, again in ((None, False), (0, True)):
+        model = mergehub.load("base", store)
+        composer = Composer(model, cache_bytes=budget)
+        composer.apply(text)
+        assert calls
+        calls.clear()
+        composer.reset()
+        composer.apply(text)
+        assert bool(calls) == again
+        assert_holds(model, want)
+        calls.clear()
+
+
+def test_cut_memo_never_serves_a_changed_or_new_tensor():
+    """CutMemo equals magnitude_cuts; an in-place change of an input (its version counter
+    moves) or another tensor object with the same values is selected again."""
+    from mergehub import kernels
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 33, generator=gen).to(torch.bfloat16)
+    thetas = [base + torch.randn(64, 33, generator=gen).to(torch.bfloat16) * 0.01
+              for _ in range(3)]
+    memo = kernels.CutMemo()
+    densities = [0.2, 0.5, 1.0]
+    first = memo(base, thetas, densities, ties="index", name="w")
+    assert first == kernels.magnitude_cuts(base, thetas, densities, ties="index", name="w")
+    assert memo(base, thetas, densities, ties="index", name="w") == first
+    thetas[0].mul_(-3)  # in place: the memo must not serve the old cut
+    changed = memo(base, thetas, densities, ties="index", name="w")
+    assert changed == kernels.magnitude_cuts(base, thetas, densities, ties="index", name="w")
+    assert changed[0] != first[0] and changed[1:] == first[1:]
+    other = thetas[1].clone().mul_(2)  # a new object: selected, not taken from memory
+    assert memo(base, [other], [0.5], ties="index", name="w") == kernels.magnitude_cuts(
+        base, [other], [0.5], ties="index", name="w")

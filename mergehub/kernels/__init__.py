@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -45,7 +46,7 @@ from mergehub.kernels.deltas import (
 from mergehub.merge.methods.sparsify import (
     NOTHING, Cut, Order, check_ties, cut_at, kth_rank, located, sample_positions, sampled_cut)
 
-__all__ = ["merge_tensor", "magnitude_cuts", "magnitude_cut", "Cut", "apply_deltas",
+__all__ = ["merge_tensor", "magnitude_cuts", "magnitude_cut", "Cut", "CutMemo", "apply_deltas",
            "zo_direction", "zo_step",
            "SignDelta", "TernaryDelta", "LowRankDelta", "dense", "triton_available"]
 
@@ -238,6 +239,52 @@ def magnitude_cuts(base: torch.Tensor, thetas: list[torch.Tensor], densities: li
     for t, cut in zip(which, found):
         out[t] = cut
     return out
+
+
+class CutMemo:
+    """:func:`magnitude_cuts` that remembers each input's cut while its tensors live unchanged.
+
+    A cut depends only on the base tensor, the input's tensor and the trim's settings, so a
+    caller that merges the same tensor objects again (:class:`mergehub.compose.Composer`, whose
+    delta cache hands out the same device tensors on every warm ``apply``) finds it without
+    another selection pass and without the device sync that bringing the cut to the host costs.
+    An entry is keyed by the tensors' identities and version counters (bumped by every in-place
+    write) and holds weak references to them, so a freed or modified tensor never matches.
+    """
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple[Any, ...], tuple[weakref.ref, weakref.ref, Cut | None]] = {}
+        self._prune_at = 1024
+
+    def __call__(self, base: torch.Tensor, thetas: list[torch.Tensor], densities: list[float],
+                 **options: Any) -> list[Cut | None]:
+        """:func:`magnitude_cuts` (same arguments), from memory where known."""
+        settings = tuple(sorted(options.items()))
+        keys = [(id(base), base._version, id(t), t._version, float(d), settings)
+                for t, d in zip(thetas, densities)]
+        out: list[Cut | None] = []
+        missing = []
+        for i, (key, theta) in enumerate(zip(keys, thetas)):
+            hit = self._memo.get(key)
+            if hit is not None and hit[0]() is base and hit[1]() is theta:
+                out.append(hit[2])
+            else:
+                out.append(None)
+                missing.append(i)
+        if missing:
+            found = magnitude_cuts(base, [thetas[i] for i in missing],
+                                   [densities[i] for i in missing], **options)
+            for i, cut in zip(missing, found):
+                out[i] = cut
+                self._memo[keys[i]] = (weakref.ref(base), weakref.ref(thetas[i]), cut)
+            if len(self._memo) > self._prune_at:
+                self._memo = {k: v for k, v in self._memo.items()
+                              if v[0]() is not None and v[1]() is not None}
+                self._prune_at = max(1024, 2 * len(self._memo))
+        return out
+
+    def clear(self) -> None:
+        self._memo.clear()
 
 
 @functools.lru_cache(maxsize=64)

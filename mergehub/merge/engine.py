@@ -382,8 +382,12 @@ class TensorMerger:
     """
 
     def __init__(self, plan: MergePlan, device: str | torch.device = "cpu", *, seed: int = 0,
-                 chunk_elements: int | None = None, fused: bool | None = None):
+                 chunk_elements: int | None = None, fused: bool | None = None,
+                 cut_memo: Any = None):
         self.plan = plan
+        #: a ``kernels.CutMemo`` the fused path's trims go through (kept by a caller that
+        #: merges the same input tensors again)
+        self.cut_memo = cut_memo
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise InputError(spelled('device="cuda"', "--device cuda") + ": no CUDA device is "
@@ -468,8 +472,10 @@ class TensorMerger:
 
         params = self.params(spec)
         ctx = TensorContext(spec.name, self.device, self.seed,
-                            {**self.state, "numel": math.prod(spec.shape)})
-        base, *thetas = (t.to(self.device, non_blocking=True) for t in raw)
+                            {**self.state, "numel": math.prod(spec.shape)},
+                            cut_memo=self.cut_memo)
+        base, *thetas = (t if t.device == self.device else t.to(self.device, non_blocking=True)
+                         for t in raw)
         args = self.plan.method.fused(base, thetas, params, ctx)
         yield kernels.merge_tensor(base, thetas, **args, out_dtype=TORCH_DTYPE[spec.dtype],
                                    name=spec.name)

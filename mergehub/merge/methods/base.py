@@ -129,6 +129,9 @@ class TensorContext:
     state: dict[str, Any] = field(default_factory=dict)
     rows: tuple[int, int] = (0, 0)  # the row range of the chunk being merged
     row_size: int = 0  # entries per row (the chunk's first flat position is rows[0]·row_size)
+    #: the fused path's magnitude_cuts: a ``kernels.CutMemo`` where the caller keeps one
+    #: (``None``: ``kernels.magnitude_cuts``)
+    cut_memo: Any = None
 
     @property
     def offset(self) -> int:

@@ -231,9 +231,11 @@ class Ties(MergeMethod):
               model_params: list[dict[str, Any]], ctx: TensorContext) -> dict[str, Any]:
         from mergehub import kernels
 
+        find = ctx.cut_memo or kernels.magnitude_cuts
+
         def per_tensor(densities: list[float]) -> list[Cut | None]:
-            return kernels.magnitude_cuts(base, thetas, densities, tolerance=self._tolerance,
-                                          ties=self.params["ties"], name=ctx.name)
+            return find(base, thetas, densities, tolerance=self._tolerance,
+                        ties=self.params["ties"], name=ctx.name)
 
         return {**self.mix_args(model_params), "cuts": self._cuts(model_params, ctx, per_tensor),
                 "elect": self.params["sign_method"]}
