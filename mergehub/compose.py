@@ -157,7 +157,7 @@ class _CachedReader:
         if isinstance(self.reader, StoredModel):
             return ("blob", self.reader.blob(name))
         info = self.reader.tensors[name]
-        path = (self.reader.root / info.file).resolve()
+        path = self.reader.local_file(info.file).resolve()
         stat = path.stat()
         return ("file", str(path), stat.st_mtime_ns, stat.st_size, info.offset)
 

@@ -424,11 +424,20 @@ def verify(ctx: click.Context, repair: bool) -> None:
               help="Merge store entries that were added against another base than the "
                    "recipe's base_model (refused by default: a task vector is relative to the "
                    "base it was taken from, so against another model it is meaningless).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None,
+              metavar="[ADDRESS]",
+              help="Merge on a Ray cluster: the output's shards are split among Ray tasks, "
+                   "each writing its own shard files (bit-identical to a merge without --ray). "
+                   "ADDRESS: the cluster to join (ray://HOST:10001, HOST:6379, auto); without "
+                   "it, a local Ray instance. OUTPUT (or the store) must be on a file system "
+                   "every node sees. Give it as --ray=ADDRESS, or after RECIPE. Needs "
+                   "pip install 'mergehub[ray]'.")
 @click.pass_context
 def merge_(ctx: click.Context, recipe: Path, out: Path | None, output: Path | None,
            to_store: str | None, device: str, cuda: bool, missing: str, seed: int,
            max_shard_size: str, out_shard_size: str | None, overwrite: bool,
-           output_format: str, dry_run: bool, allow_foreign_base: bool) -> None:
+           output_format: str, dry_run: bool, allow_foreign_base: bool,
+           ray_address: str | None) -> None:
     """Merge models as RECIPE (mergekit-style YAML) says into the directory OUT (or -o) and/or
     a new store entry (--name). Inputs are HF model dirs, PEFT LoRA dirs (used as dense deltas
     B·A·scaling), .safetensors files or store names. `hub merge RECIPE OUT` is `mergekit-yaml
@@ -454,7 +463,9 @@ def merge_(ctx: click.Context, recipe: Path, out: Path | None, output: Path | No
                        max_shard_size=shard_bytes, overwrite=overwrite,
                        output_format=output_format, progress=_progress(),
                        allow_foreign_base=allow_foreign_base,
-                       echo=click.echo if dry_run else _note)
+                       echo=click.echo if dry_run else _note,
+                       executor="local" if ray_address is None else "ray",
+                       ray_address=ray_address or None)
     finally:
         if store is not None:
             store.close()

@@ -13,6 +13,7 @@ the output dir appears only when the whole merge has succeeded.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -31,6 +32,7 @@ from mergehub.merge.inputs import FLOAT_DTYPES, Source, matrix_shape, resolve_in
 from mergehub.merge.methods import METHODS, MergeMethod, TensorContext
 from mergehub.merge.methods.base import value_problem
 from mergehub.merge.methods.rmm import ReversibleMerge
+from mergehub.merge.cluster import execute_ray, import_ray, ray_option
 from mergehub.merge.lora_output import can_write_peft, execute_peft
 from mergehub.merge.rmm import execute_rmm
 from mergehub.merge.recipe import (
@@ -42,10 +44,12 @@ from mergehub.storage.parallel import background, busy_machine, ordered_map, tor
 from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
 from mergehub.storage.store import Store, StoredModel
 from mergehub.storage.writer import (
-    DEFAULT_MAX_SHARD_SIZE, MODEL_SIDE_FILES, NOT_CARRIED, write_model_dir)
+    DEFAULT_MAX_SHARD_SIZE, MODEL_SIDE_FILES, NOT_CARRIED, model_dir_layout, write_shard)
 from mergehub.units import human_bytes
 
 MISSING_POLICIES = ("error", "take-base")
+#: where the tensors of a merge are computed: this process, or tasks on a Ray cluster
+EXECUTORS = ("local", "ray")
 
 
 class MergeError(MergehubError):
@@ -308,7 +312,7 @@ def _side_files(plan: MergePlan) -> dict[str, bytes | Path]:
         reader = src.reader
         if isinstance(reader, StoredModel):
             return {p: reader.side_file(p) for p in reader.side_files if keep(p)}
-        return {p: reader.root / p for p in reader.side_files if keep(p)}
+        return {p: reader.local_file(p) for p in reader.side_files if keep(p)}
 
     reference = plan.base or plan.inputs[0]
     out = files_of(reference, lambda p: not NOT_CARRIED.search(p))
@@ -481,62 +485,81 @@ class TensorMerger:
                                    name=spec.name)
 
 
+def write_merged(merger: TensorMerger, files: list[tuple[Path, list[TensorSpec]]],
+                 done: Callable[[TensorSpec], Any] | None = None) -> None:
+    """Merge the tensors of ``files`` (shard path, its tensors in order) with ``merger`` and
+    write each shard file (:func:`~mergehub.storage.writer.write_shard`); ``done(spec)`` after
+    each tensor. What :func:`execute` runs for a whole model, and each Ray task of
+    :mod:`mergehub.merge.cluster` for its shards.
+
+    On the fused path the inputs' raw tensors are read on threads ahead of the merge
+    (:data:`READ_WORKERS`); on a GPU, reading and merging also run a few chunks ahead of the
+    writer, so reading, merging and writing overlap.
+    """
+    specs = [spec for _, shard in files for spec in shard]
+
+    def produce() -> Iterator[tuple[str, torch.Tensor | None]]:
+        """Every output chunk in write order, then ``(name, None)`` at the end of each tensor."""
+        raws = (ordered_map(merger.raw_inputs, specs, workers=READ_WORKERS)
+                if merger.fuse else (None for _ in specs))
+        for spec, raw in zip(specs, raws):
+            for part in merger.merged(spec, raw):
+                yield spec.name, part.cpu()
+            yield spec.name, None
+
+    # on a GPU, reading and merging run on a thread of their own, a few chunks ahead of the
+    # writer; on a CPU that thread would compete with torch's own for the cores (measured
+    # on 2 idle cores: TIES 72 s with it, 63 s without; task arithmetic 15.4 s, 13.1 s)
+    stream = background(produce(), depth=4) if merger.device.type == "cuda" else produce()
+
+    def get(spec: TensorSpec) -> Iterator[torch.Tensor]:
+        for name, part in stream:
+            assert name == spec.name, (name, spec.name)
+            if part is None:
+                break
+            yield part
+
+    with closing(stream):
+        for path, shard in files:
+            write_shard(path, shard, get, done)
+
+
 def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
             max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
             progress: bool | None = None, chunk_elements: int | None = None,
             fused: bool | None = None) -> MergeResult:
     """Run a checked plan, writing an HF model dir at ``out`` (atomically).
 
-    Tensors are merged by a :class:`TensorMerger` (``chunk_elements`` and ``fused`` as there);
-    on the fused path the inputs' raw tensors are read on threads ahead of the merge
-    (:data:`READ_WORKERS`), so reading, merging and writing overlap.
+    Tensors are merged by a :class:`TensorMerger` (``chunk_elements`` and ``fused`` as there)
+    and written by :func:`write_merged`.
     """
     merger = TensorMerger(plan, device, seed=seed, chunk_elements=chunk_elements, fused=fused)
-    dev = merger.device
     start = time.perf_counter()
     # on a busy machine, one intra-op thread: small ops split across cores stall (torch_threads);
     # worth sampling only for a merge that takes more than a moment
-    busy = dev.type == "cpu" and sum(s.nbytes for s in plan.specs) >= BUSY_CHECK_BYTES \
+    busy = merger.device.type == "cpu" and sum(s.nbytes for s in plan.specs) >= BUSY_CHECK_BYTES \
         and busy_machine()
     with torch_threads(1 if busy else None):
         merger.prepass(progress)
-        bar = tqdm(total=len(plan.specs), desc="merge", unit="tensor",
-                   disable=bar_disabled(progress), leave=False)
-        done_bytes = 0
+        side = _side_files(plan)
+        with byte_bar(sum(s.nbytes for s in plan.specs), "merge", progress) as bar, \
+                model_dir_layout(out, plan.specs, max_shard_size=max_shard_size,
+                                 side_files=side, overwrite=overwrite) as files:
+            write_merged(merger, files, lambda spec: bar.update(spec.nbytes))
+    return merge_result(plan, Path(out), time.perf_counter() - start)
 
-        def produce() -> Iterator[tuple[str, torch.Tensor | None]]:
-            """Every output chunk in write order, then ``(name, None)`` at the end of each tensor."""
-            raws = (ordered_map(merger.raw_inputs, plan.specs, workers=READ_WORKERS)
-                    if merger.fuse else (None for _ in plan.specs))
-            for spec, raw in zip(plan.specs, raws):
-                for part in merger.merged(spec, raw):
-                    yield spec.name, part.cpu()
-                yield spec.name, None
 
-        # on a GPU, reading and merging run on a thread of their own, a few chunks ahead of the
-        # writer; on a CPU that thread would compete with torch's own for the cores (measured
-        # on 2 idle cores: TIES 72 s with it, 63 s without; task arithmetic 15.4 s, 13.1 s)
-        stream = background(produce(), depth=4) if dev.type == "cuda" else produce()
+def byte_bar(total: int, desc: str, progress: bool | None) -> tqdm:
+    """The progress bar of a merge: bytes written of ``total``, and the rate."""
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True,
+                disable=bar_disabled(progress), leave=False)
 
-        def get(spec: TensorSpec) -> Iterator[torch.Tensor]:
-            nonlocal done_bytes
-            for name, part in stream:
-                assert name == spec.name, (name, spec.name)
-                if part is None:
-                    break
-                yield part
-            done_bytes += spec.nbytes
-            bar.update(1)
-            elapsed = max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix_str(f"{done_bytes / elapsed / 1e9:.2f} GB/s", refresh=False)
 
-        with bar, closing(stream):
-            write_model_dir(out, plan.specs, get, max_shard_size=max_shard_size,
-                            side_files=_side_files(plan), overwrite=overwrite, progress=False)
+def merge_result(plan: MergePlan, out: Path, seconds: float) -> MergeResult:
+    """What a finished merge of ``plan`` into ``out`` reports (with the method's kept tally)."""
     tally = plan.method.kept_report()
-    return MergeResult(Path(out), len(plan.specs), sum(s.nbytes for s in plan.specs),
-                       time.perf_counter() - start, plan=plan,
-                       report=None if tally is None else {"kept": tally})
+    return MergeResult(out, len(plan.specs), sum(s.nbytes for s in plan.specs), seconds,
+                       plan=plan, report=None if tally is None else {"kept": tally})
 
 
 def merge(recipe: str | Path | Recipe, out: str | Path | None = None, *,
@@ -544,7 +567,8 @@ def merge(recipe: str | Path | Recipe, out: str | Path | None = None, *,
           missing: str = "error", seed: int = 0, dry_run: bool = False,
           max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
           output_format: str = "hf", progress: bool | None = None, allow_foreign_base: bool = False,
-          echo: Callable[[str], Any] | None = None) -> MergeResult:
+          echo: Callable[[str], Any] | None = None, executor: str = "local",
+          ray_address: str | None = None) -> MergeResult:
     """Merge as a recipe says: write an HF model dir at ``out`` and/or a store entry ``to_store``.
 
     Args:
@@ -567,7 +591,16 @@ def merge(recipe: str | Path | Recipe, out: str | Path | None = None, *,
         allow_foreign_base: merge store inputs that were added against another base than the
             recipe's base_model (by default an error: their task vectors are relative to
             their own base).
+        executor: ``local`` (this process) or ``ray``: the tensors are merged by tasks on a
+            Ray cluster (:mod:`mergehub.merge.cluster`; the output, or the store with
+            ``to_store``, on a file system every node sees), bit-identical to ``local``.
+        ray_address: with ``executor="ray"``, the cluster to join (``ray://HOST:10001``,
+            ``auto``); ``None``: the one this process has joined, else a local instance.
     """
+    if executor not in EXECUTORS:
+        raise InputError(f"executor must be one of {', '.join(EXECUTORS)}, not {executor!r}")
+    if executor == "ray" and not dry_run:
+        import_ray()  # before any work: says how to install it
     parsed = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     plan = plan_merge(parsed, store=store, missing=missing,
                       allow_foreign_base=allow_foreign_base)
@@ -593,9 +626,18 @@ def merge(recipe: str | Path | Recipe, out: str | Path | None = None, *,
                          "fan_in_fan_out) and merge_method task_arithmetic or linear with "
                          "normalize: other methods do not keep low rank")
     if isinstance(plan.method, ReversibleMerge):
+        if executor == "ray":
+            raise InputError(f"{ray_option()}: merge_method rmm builds "
+                             "one basis from all inputs at once and is not split by tensor; run "
+                             "it in one process")
         run = execute_rmm
     elif peft_ok and output_format != "hf":
+        if executor == "ray":
+            say(f"note: {ray_option()}: a PEFT adapter output (a few "
+                "factors per module) is merged in this process")
         run = execute_peft
+    elif executor == "ray":
+        run = functools.partial(execute_ray, address=ray_address)
     else:
         run = execute
     if to_store is not None and out is None:

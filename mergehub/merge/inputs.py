@@ -74,6 +74,10 @@ class Source:
         self._stream: tuple[str, int, Iterator[Any], bytearray] | None = None
         self._factors: tuple[str, torch.device, torch.Tensor, torch.Tensor] | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (to a Ray task) without the cached decoded tensor and LoRA factors."""
+        return {**self.__dict__, "_cached": None, "_factors": None}
+
     @property
     def is_lora(self) -> bool:
         return self.lora is not None

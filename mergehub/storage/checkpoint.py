@@ -30,6 +30,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from mergehub.errors import InputError, shown
@@ -52,7 +53,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def pickle_refusal(path: Path) -> InputError:
+def pickle_refusal(path: str | Path) -> InputError:
     """The error for a pickle checkpoint: why it is refused and how to convert it."""
     return InputError(
         f"{path}: pickle checkpoint refused: loading .bin/.pt/.pth/.ckpt files unpickles them, "
@@ -99,7 +100,7 @@ class Checkpoint:
         self.headers: dict[str, SafetensorsHeader] = {}
         self.tensors: dict[str, TensorInfo] = {}
         for rel in weight_files:
-            header = read_header(root / rel)
+            header = self._read_header(rel)
             self.headers[rel] = header
             for name, entry in sorted(header.entries.items(), key=lambda kv: kv[1].begin):
                 if name in self.tensors:
@@ -108,6 +109,19 @@ class Checkpoint:
                 self.tensors[name] = TensorInfo(entry.spec, rel, header.data_start + entry.begin,
                                                 entry.nbytes)
         self._handles: dict[str, Any] = {}
+
+    def _read_header(self, rel: str) -> SafetensorsHeader:
+        """The parsed header of weight file ``rel``."""
+        return read_header(self.root / rel)
+
+    def local_file(self, rel: str) -> Path:
+        """The path of file ``rel`` (relative to :attr:`root`) on this machine (a Hub input
+        downloads it first)."""
+        return self.root / rel
+
+    def side_file(self, rel: str) -> bytes:
+        """The content of side file ``rel`` (``config.json``, tokenizer files, ...)."""
+        return self.local_file(rel).read_bytes()
 
     def specs(self) -> list[TensorSpec]:
         """Specs of all tensors, in file order."""
@@ -126,7 +140,7 @@ class Checkpoint:
         the buffer ``into`` when given."""
         info = self._info(name)
         stop = info.nbytes if stop is None else stop
-        path = self.root / info.file
+        path = self.local_file(info.file)
         try:
             with open(path, "rb") as f:
                 return read_range(f, info.offset + start, stop - start, into)
@@ -152,13 +166,17 @@ class Checkpoint:
                              f"{info.spec.dtype}, which torch cannot represent")
         handle = self._handles.get(info.file)
         if handle is None:
-            handle = safe_open(str(self.root / info.file), framework="pt")
+            handle = safe_open(str(self.local_file(info.file)), framework="pt")
             self._handles[info.file] = handle
         return handle.get_tensor(name)
 
     def close(self) -> None:
         """Release the memory maps opened by :meth:`load`."""
         self._handles.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (to a Ray task) without its open memory maps: they reopen on use."""
+        return {**self.__dict__, "_handles": {}}
 
     def __enter__(self) -> "Checkpoint":
         return self
@@ -187,31 +205,54 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if not path.is_dir():
         raise InputError(f"{path}: not a regular file or directory")
     tree, not_kept = model_files(path)
+    return open_listing(str(path), tree, not_kept, lambda name: read_json(path / name),
+                        lambda fmt, weights, side, config: Checkpoint(
+                            path, fmt, path, weights, side, config, not_kept))
+
+
+#: makes the checkpoint of a listing: (format, weight files, side files, adapter config)
+CheckpointMaker = Callable[[Format, list[str], list[str], "dict[str, Any] | None"], Checkpoint]
+
+
+def open_listing(where: str, tree: list[str], not_kept: dict[str, str],
+                 read: Callable[[str], Any], make: CheckpointMaker) -> Checkpoint:
+    """The checkpoint that a model folder is, from its listing: ``tree``, the files it keeps
+    at any depth, and ``not_kept`` (as :func:`model_files` returns them). A PEFT adapter dir
+    or an HF model dir (one ``.safetensors`` file, or an index and its shards, at the top);
+    every other kept file is a side file. Errors name ``where``. ``read(name)`` parses a JSON
+    file of the folder; ``make`` opens the checkpoint. Shared by local folders and Hub repos
+    (:mod:`mergehub.hub.inputs`)."""
     files = [f for f in tree if "/" not in f]  # the weights are at the top
+    pickles = [f for f in not_kept if "/" not in f and f.lower().endswith(PICKLE_SUFFIXES)]
     if ADAPTER_CONFIG in files:
-        return _open_peft(path, files, tree, not_kept)
+        config = check_adapter_config(read(ADAPTER_CONFIG), f"{where}/{ADAPTER_CONFIG}")
+        if ADAPTER_WEIGHTS not in files:
+            if pickles:
+                raise pickle_refusal(f"{where}/{pickles[0]}")
+            raise InputError(f"{where}: PEFT adapter dir without {ADAPTER_WEIGHTS}")
+        return make("peft", [ADAPTER_WEIGHTS], [f for f in tree if f != ADAPTER_WEIGHTS], config)
     indexes = [f for f in files if f.endswith(".safetensors.index.json")]
     singles = [f for f in files if f.endswith(".safetensors")]
     if len(indexes) > 1:
-        raise InputError(f"{path}: several safetensors index files ({', '.join(indexes)}); "
+        raise InputError(f"{where}: several safetensors index files ({', '.join(indexes)}); "
                          "pass the one model's directory")
+    weight_map = None
     if indexes:
-        weights = _shards_from_index(path, indexes[0])
+        weight_map = _weight_map(f"{where}/{indexes[0]}", read(indexes[0]), files)
+        weights = sorted(set(weight_map.values()))
     elif len(singles) == 1:
         weights = singles
     elif len(singles) > 1:
-        raise InputError(f"{path}: {len(singles)} .safetensors files but no "
+        raise InputError(f"{where}: {len(singles)} .safetensors files but no "
                          "model.safetensors.index.json saying which tensors each holds")
     else:
-        pickles = [f for f in not_kept if "/" not in f and f.lower().endswith(PICKLE_SUFFIXES)]
         if pickles:
-            raise pickle_refusal(path / pickles[0])
-        raise InputError(f"{path}: no safetensors weights (model.safetensors or "
+            raise pickle_refusal(f"{where}/{pickles[0]}")
+        raise InputError(f"{where}: no safetensors weights (model.safetensors or "
                          "model.safetensors.index.json) in this directory")
-    ckpt = Checkpoint(path, "hf", path, weights, [f for f in tree if f not in weights],
-                      not_kept=not_kept)
-    if indexes:
-        _check_index(path / indexes[0], ckpt)
+    ckpt = make("hf", weights, [f for f in tree if f not in weights], None)
+    if weight_map is not None:
+        _check_index(f"{where}/{indexes[0]}", weight_map, ckpt)
     return ckpt
 
 
@@ -285,30 +326,29 @@ def model_files(folder: Path) -> tuple[list[str], dict[str, str]]:
     return sorted(kept), not_kept
 
 
-def _shards_from_index(root: Path, index_name: str) -> list[str]:
-    index = read_json(root / index_name)
+def _weight_map(where: str, index: Any, files: list[str]) -> dict[str, str]:
+    """The ``weight_map`` of a parsed index json, checked: every shard it names is a plain
+    file name among ``files``."""
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise InputError(f"{root / index_name}: no 'weight_map' object of tensor -> file")
-    shards = sorted(set(weight_map.values()))
-    for shard in shards:
+        raise InputError(f"{where}: no 'weight_map' object of tensor -> file")
+    for shard in sorted(set(weight_map.values())):
         if "/" in shard or shard.startswith("."):
-            raise InputError(f"{root / index_name}: shard name {shard!r} is not a plain file name")
-        if not (root / shard).is_file():
-            raise InputError(f"{root / index_name}: lists shard {shard}, which is missing")
-    return shards
+            raise InputError(f"{where}: shard name {shard!r} is not a plain file name")
+        if shard not in files:
+            raise InputError(f"{where}: lists shard {shard}, which is missing")
+    return weight_map
 
 
-def _check_index(index_path: Path, ckpt: Checkpoint) -> None:
-    weight_map: dict[str, str] = read_json(index_path)["weight_map"]
+def _check_index(where: str, weight_map: dict[str, str], ckpt: Checkpoint) -> None:
     for name, info in ckpt.tensors.items():
         listed = weight_map.get(name)
         if listed != info.file:
-            raise InputError(f"{index_path}: tensor {name!r} is in {info.file} but the index "
+            raise InputError(f"{where}: tensor {name!r} is in {info.file} but the index "
                              f"says {listed or 'nothing'}")
     missing = sorted(set(weight_map) - set(ckpt.tensors))
     if missing:
-        raise InputError(f"{index_path}: tensor {missing[0]!r} is listed in the index but not "
+        raise InputError(f"{where}: tensor {missing[0]!r} is listed in the index but not "
                          f"in {weight_map[missing[0]]}")
 
 
@@ -353,19 +393,6 @@ def check_adapter_config(config: Any, where: str) -> dict[str, Any]:
                 raise InputError(f"{where}: {key}[{shown(pattern)}] must be {what}, not "
                                  f"{shown(value)}")
     return config
-
-
-def _open_peft(path: Path, files: list[str], tree: list[str],
-               not_kept: dict[str, str]) -> Checkpoint:
-    config = check_adapter_config(read_json(path / ADAPTER_CONFIG), str(path / ADAPTER_CONFIG))
-    if ADAPTER_WEIGHTS not in files:
-        pickles = [f for f in not_kept if "/" not in f and f.lower().endswith(PICKLE_SUFFIXES)]
-        if pickles:
-            raise pickle_refusal(path / pickles[0])
-        raise InputError(f"{path}: PEFT adapter dir without {ADAPTER_WEIGHTS}")
-    return Checkpoint(path, "peft", path, [ADAPTER_WEIGHTS],
-                      [f for f in tree if f != ADAPTER_WEIGHTS], adapter_config=config,
-                      not_kept=not_kept)
 
 
 _PEFT_MODULE = re.compile(

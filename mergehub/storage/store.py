@@ -623,6 +623,11 @@ class Store:
         for db in [self._db, *self._readers]:
             db.close()
 
+    def __reduce__(self) -> tuple[type["Store"], tuple[Path]]:
+        """Pickled as its root (for a Ray task, on a node that sees the same path): the copy
+        opens its own catalog connection."""
+        return Store, (self.root,)
+
     def __enter__(self) -> "Store":
         return self
 

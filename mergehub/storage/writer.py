@@ -14,7 +14,8 @@ import json
 import math
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +93,65 @@ def tensor_bytes(part: "torch.Tensor", spec: TensorSpec) -> memoryview:
 TensorSource = Callable[[TensorSpec], Any]
 
 
+def write_shard(path: Path, shard: list[TensorSpec], get: TensorSource,
+                done: Callable[[TensorSpec], Any] | None = None) -> None:
+    """Write one safetensors file holding ``shard``'s tensors, in order: its header first,
+    then each tensor as ``get`` gives it (see :func:`write_model_dir`), one at a time;
+    ``done(spec)`` is called after each tensor. Disk writeback is started every
+    :data:`WRITEBACK_BYTES`, so the final fsync has little left."""
+    with open(path, "wb") as f:
+        f.write(build_header(shard, SHARD_METADATA))
+        flushed = 0  # bytes handed to start_writeback so far
+        for spec in shard:
+            data = get(spec)
+            single = isinstance(data, (bytes, bytearray, memoryview)) or hasattr(data, "dtype")
+            written = 0
+            for part in [data] if single else data:
+                if hasattr(part, "dtype"):  # a torch tensor
+                    part = tensor_bytes(part, spec)
+                f.write(part)
+                written += len(part)
+            if written != spec.nbytes:
+                raise InputError(f"tensor {spec.name!r}: got {written} bytes, "
+                                 f"expected {spec.nbytes}")
+            if done is not None:
+                done(spec)
+            if f.tell() - flushed >= WRITEBACK_BYTES:
+                f.flush()
+                start_writeback(f.fileno(), flushed, f.tell() - flushed)
+                flushed = f.tell()
+
+
+@contextmanager
+def model_dir_layout(out: str | Path, specs: list[TensorSpec], *,
+                     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                     side_files: Mapping[str, bytes | Path] | None = None,
+                     overwrite: bool = False, weights_name: str = "model.safetensors"
+                     ) -> Iterator[list[tuple[Path, list[TensorSpec]]]]:
+    """The shard files of an HF model dir to write at ``out``: yields (path, tensors) per
+    shard, the paths inside a temp folder beside ``out``; once the caller has written them
+    all (:func:`write_shard`, from this process or any other that sees the folder), writes
+    the index and the side files and renames the folder into place
+    (:func:`~mergehub.storage.atomic.atomic_output_dir`: on an exception, nothing appears).
+    Arguments as :func:`write_model_dir`."""
+    shards = plan_shards(specs, parse_size(max_shard_size))
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        stem = weights_name.removesuffix(".safetensors")
+        names = ([weights_name] if len(shards) == 1 else
+                 [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        yield [(tmp / name, shard) for name, shard in zip(names, shards)]
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(s.nbytes for s in specs)},
+                     "weight_map": {s.name: n for n, shard in zip(names, shards) for s in shard}}
+            (tmp / f"{weights_name}.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        for name, content in (side_files or {}).items():
+            dest = inside(tmp, name, f"{out}: a side file's name")
+            if isinstance(content, Path):
+                shutil.copyfile(content, dest)
+            else:
+                dest.write_bytes(content)
+
+
 def write_model_dir(out: str | Path, specs: list[TensorSpec], get: TensorSource, *,
                     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
                     side_files: Mapping[str, bytes | Path] | None = None,
@@ -113,45 +173,13 @@ def write_model_dir(out: str | Path, specs: list[TensorSpec], get: TensorSource,
         weights_name: file name of a single shard (``adapter_model.safetensors`` for PEFT);
             several shards are named ``<stem>-0000i-of-0000n.safetensors`` with an index.
     """
-    shards = plan_shards(specs, parse_size(max_shard_size))
     total = sum(s.nbytes for s in specs)
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        stem = weights_name.removesuffix(".safetensors")
-        names = ([weights_name] if len(shards) == 1 else
-                 [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-        with tqdm(total=total, unit="B", unit_scale=True, desc="write",
-                  disable=bar_disabled(progress), leave=False) as bar:
-            for name, shard in zip(names, shards):
-                with open(tmp / name, "wb") as f:
-                    f.write(build_header(shard, SHARD_METADATA))
-                    flushed = 0  # bytes handed to start_writeback so far
-                    for spec in shard:
-                        data = get(spec)
-                        single = isinstance(data, (bytes, bytearray, memoryview)) or hasattr(data, "dtype")
-                        written = 0
-                        for part in [data] if single else data:
-                            if hasattr(part, "dtype"):  # a torch tensor
-                                part = tensor_bytes(part, spec)
-                            f.write(part)
-                            written += len(part)
-                        if written != spec.nbytes:
-                            raise InputError(f"tensor {spec.name!r}: got {written} bytes, "
-                                             f"expected {spec.nbytes}")
-                        bar.update(spec.nbytes)
-                        if f.tell() - flushed >= WRITEBACK_BYTES:
-                            f.flush()
-                            start_writeback(f.fileno(), flushed, f.tell() - flushed)
-                            flushed = f.tell()
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": total},
-                     "weight_map": {s.name: n for n, shard in zip(names, shards) for s in shard}}
-            (tmp / f"{weights_name}.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        for name, content in (side_files or {}).items():
-            dest = inside(tmp, name, f"{out}: a side file's name")
-            if isinstance(content, Path):
-                shutil.copyfile(content, dest)
-            else:
-                dest.write_bytes(content)
+    with model_dir_layout(out, specs, max_shard_size=max_shard_size, side_files=side_files,
+                          overwrite=overwrite, weights_name=weights_name) as files, \
+            tqdm(total=total, unit="B", unit_scale=True, desc="write", disable=bar_disabled(progress),
+                 leave=False) as bar:
+        for path, shard in files:
+            write_shard(path, shard, get, lambda spec: bar.update(spec.nbytes))
     return Path(out)
 
 

@@ -6,11 +6,14 @@ import hashlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from mergehub.errors import shown
+
+if TYPE_CHECKING:
+    from mergehub.merge.methods.sparsify import KeptTally
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,9 @@ class MergeMethod:
     base_is_input: ClassVar[bool] = False  # mergekit's linear: the base is one of the averaged
     #: rules for parameters this method reads differently from :data:`PARAM_RULES`
     param_rules: ClassVar[dict[str, Rule]] = {}
+    #: a sparsifying method's count of the entries it kept in the tensors this instance merged
+    #: (a Ray task's copy sends its count back to the driver's, :meth:`KeptTally.absorb`)
+    tally: KeptTally | None = None
 
     def __init__(self, params: dict[str, Any]):
         self.params = {**self.global_params, **params}

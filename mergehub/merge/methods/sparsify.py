@@ -315,6 +315,12 @@ class KeptTally:
     def __post_init__(self) -> None:
         self.approximate = self.approximate or [False] * len(self.kept)
 
+    def absorb(self, other: "KeptTally") -> None:
+        """Add the counts of ``other`` (a tally of other tensors, e.g. a Ray task's)."""
+        for t, (kept, seen, approx) in enumerate(zip(other.kept, other.seen,
+                                                     other.approximate)):
+            self.add(t, None if approx else kept, kept, seen)
+
 
 def magnitude_cuts(chunks: ChunkStream, n: int, densities: list[float],
                    tolerance: float | None = None, ties: str = "index",
