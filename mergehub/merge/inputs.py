@@ -75,8 +75,9 @@ class Source:
         self._factors: tuple[str, torch.device, torch.Tensor, torch.Tensor] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickled (to a Ray task) without the cached decoded tensor and LoRA factors."""
-        return {**self.__dict__, "_cached": None, "_factors": None}
+        """Pickled (to a Ray task) without the cached decoded tensor, the store tensor being
+        decoded and LoRA factors."""
+        return {**self.__dict__, "_cached": None, "_stream": None, "_factors": None}
 
     @property
     def is_lora(self) -> bool:
