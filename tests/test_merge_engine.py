@@ -213,9 +213,9 @@ def test_recipe_errors_name_the_line(models, tmp_path, text, message):
 
 def test_unknown_input_is_clear(models, tmp_path):
     r = recipe(tmp_path, f"merge_method: ties\nbase_model: {models['base-bf16']}\n"
-                         "models:\n  - model: org/some-hub-model\n")
-    with pytest.raises(InputError, match=r"recipe.yaml:4: input 'org/some-hub-model' is neither a "
-                                         r"local path.*does not download"):
+                         "models:\n  - model: some-model\n")
+    with pytest.raises(InputError, match=r"recipe.yaml:4: input 'some-model' is neither a "
+                                         r"local path nor a Hub repo \(write org/name"):
         mergehub.merge(r, out=tmp_path / "out", progress=False)
 
 

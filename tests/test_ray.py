@@ -30,12 +30,16 @@ def ray_instance(tmp_path_factory: pytest.TempPathFactory):
     fault hook of ``tests/ray_faults.py``; yields the path that arms it."""
     ray = pytest.importorskip("ray")
     root = Path(__file__).resolve().parents[1]
-    kill = tmp_path_factory.mktemp("ray") / "kill"
+    work = tmp_path_factory.mktemp("ray")
+    kill = work / "kill"
     path = os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {"PYTHONPATH": path, "MERGEHUB_TEST_KILL": str(kill),
+           # the workers' own Hugging Face cache (Hub inputs), no saved login, no Xet
+           "HF_HUB_CACHE": str(work / "hf-cache"), "HF_TOKEN_PATH": str(work / "no-token"),
+           "HF_HUB_DISABLE_XET": "1"}
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 << 20,
              logging_level="ERROR", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": path, "MERGEHUB_TEST_KILL": str(kill)},
-                          "worker_process_setup_hook": "tests.ray_faults.arm"})
+             runtime_env={"env_vars": env, "worker_process_setup_hook": "tests.ray_faults.arm"})
     yield kill
     ray.shutdown()
 
@@ -165,3 +169,33 @@ def test_ray_missing_says_how_to_install(models, tmp_path, monkeypatch):
     assert result.output.strip() == ("error: --ray needs Ray, which is not installed: "
                                      "pip install 'mergehub[ray]'")
     assert not (tmp_path / "out").exists()
+
+
+def test_ray_hub_inputs_are_fetched_by_the_tasks(ray_instance, hf, models, tmp_path):
+    """Hub inputs on Ray: the driver reads headers only (its cache gets no weight file), the
+    tasks download the shards into their own cache (the endpoint recorded in the plan), and
+    the output is the merge of the local folders."""
+    from huggingface_hub import HfApi, constants
+
+    from tests.hub_server import new_repo_id
+
+    repos = {}
+    for key in ("sharded-bf16", "ft-sharded"):
+        repos[key] = new_repo_id(key)
+        HfApi().create_repo(repos[key])
+        HfApi().upload_folder(repo_id=repos[key], folder_path=str(models[key]))
+    text = ("merge_method: dare_ties\nbase_model: BASE\nmodels:\n"
+            "  - model: FT\n    parameters: {weight: 1.0, density: 0.5}\n"
+            f"  - model: {models['ft-attn']}\n    parameters: {{weight: 0.5, density: 0.7}}\n")
+    (tmp_path / "local.yaml").write_text(text.replace("BASE", str(models["sharded-bf16"]))
+                                         .replace("FT", str(models["ft-sharded"])))
+    (tmp_path / "hub.yaml").write_text(text.replace("BASE", f"hf://{repos['sharded-bf16']}")
+                                       .replace("FT", repos["ft-sharded"]))
+    mergehub.merge(tmp_path / "local.yaml", tmp_path / "local", max_shard_size=SHARD,
+                   progress=False)
+    mergehub.merge(tmp_path / "hub.yaml", tmp_path / "ray", max_shard_size=SHARD,
+                   progress=False, executor="ray")
+    assert dir_digests(tmp_path / "ray") == dir_digests(tmp_path / "local")
+    driver = list(Path(constants.HF_HUB_CACHE).rglob("*.safetensors"))
+    workers = list((ray_instance.parent / "hf-cache").rglob("*.safetensors"))
+    assert driver == [] and len(workers) >= 6

@@ -47,7 +47,8 @@ from mergehub.errors import (
 from mergehub.progress import bar_disabled, library_bars
 from mergehub.safejson import parse_json, read_json
 from mergehub.storage.checkpoint import (
-    ADAPTER_CONFIG, OTHER_WEIGHTS, PICKLE_SUFFIXES, TOOL_DIRS, not_kept_reason, open_checkpoint)
+    ADAPTER_CONFIG, OTHER_WEIGHTS, PICKLE_SUFFIXES, not_kept_reason, open_checkpoint,
+    split_listing)
 from mergehub.storage.codec import sha256
 from mergehub.storage.parallel import ordered_map
 from mergehub.storage.paths import inside, safe_relpath
@@ -690,16 +691,10 @@ def pull(store: Store, repo_id: str, *, revision: str | None = None, name: str |
             name = name or repo_id.split("/")[-1] + (f"-{folder.replace('/', '-')}" if folder
                                                      else "")
             _check_free(store, name)
-            skipped: dict[str, str] = {}
-            for rel in rels:
-                reason = not_kept_reason(rel) or (
-                    "weights in another format: not downloaded"
-                    if rel.lower().endswith(OTHER_WEIGHTS) else None)
-                if reason:
-                    top_dir = rel.split("/", 1)[0]
-                    skipped[f"{top_dir}/" if top_dir in TOOL_DIRS and "/" in rel else rel] = reason
-            wanted = {r: prefix + r for r in rels
-                      if r not in skipped and r.split("/", 1)[0] + "/" not in skipped}
+            kept, skipped = split_listing(rels, lambda rel: not_kept_reason(rel) or (
+                "weights in another format: not downloaded"
+                if rel.lower().endswith(OTHER_WEIGHTS) else None))
+            wanted = {r: prefix + r for r in kept}
             get(list(wanted.values()))
             model_dir = _model_folder(staging, wanted, repo_id)
             form = "peft" if ADAPTER_CONFIG in top else "hf"

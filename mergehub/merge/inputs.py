@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from mergehub.errors import BaseMismatchError, InputError, shown
+from mergehub.errors import BaseMismatchError, InputError, RemoteError, shown
 from mergehub.safejson import parse_json, read_json
 from mergehub.storage.checkpoint import (
     ADAPTER_CONFIG, Checkpoint, check_adapter_config, open_checkpoint, peft_target_weight)
@@ -256,18 +256,16 @@ def lora_targets(label: str, config: dict[str, Any],
     return out
 
 
-def _side_metrics(path: Path) -> dict[str, Any]:
+def _side_metrics(read: Callable[[str], Any]) -> dict[str, Any]:
     """Metrics kept beside a checkpoint: ``metrics.json``, ``all_results.json`` or the last
-    ``log_history`` entry with a loss in ``trainer_state.json`` (plus its ``global_step``)."""
-    root = path if path.is_dir() else path.parent
+    ``log_history`` entry with a loss in ``trainer_state.json`` (plus its ``global_step``).
+    ``read(name)`` parses the JSON file ``name`` beside it, ``None`` when there is none."""
     for name in ("metrics.json", "all_results.json", "eval_results.json"):
-        if (root / name).is_file():
-            data = read_json(root / name)
-            if isinstance(data, dict):
-                return data
-    state_path = root / "trainer_state.json"
-    if state_path.is_file():
-        state = read_json(state_path)
+        data = read(name)
+        if isinstance(data, dict):
+            return data
+    state = read("trainer_state.json")
+    if state is not None:
         history = state.get("log_history") if isinstance(state, dict) else None
         if not isinstance(history, list):
             return {}
@@ -280,13 +278,26 @@ def _side_metrics(path: Path) -> dict[str, Any]:
     return {}
 
 
+def _checkpoint_source(ref: str, ckpt: Checkpoint, read: Callable[[str], Any]) -> Source:
+    """A local or Hub checkpoint as a :class:`Source` (``read`` as :func:`_side_metrics`)."""
+    lora = None
+    if ckpt.format == "peft":
+        lora = lora_targets(ref, ckpt.adapter_config or {}, {s.name: s for s in ckpt.specs()})
+    return Source(ref, ckpt, _side_metrics(read), lora, ckpt.adapter_config or {})
+
+
 def resolve_input(ref: str, store: Store | None, where: str) -> Source:
     """Turn a recipe's model reference into a :class:`Source`.
 
-    ``ref`` is the name of a model in ``store`` (:func:`~mergehub.storage.store.names_entry`)
-    or a path (HF dir, PEFT dir, ``.safetensors`` file). ``where`` locates the reference in the
-    recipe for error messages.
+    ``ref`` is ``hf://org/name[@revision]`` (a Hub repo, :mod:`mergehub.hub.inputs`), the name
+    of a model in ``store`` (:func:`~mergehub.storage.store.names_entry`), a path (HF dir,
+    PEFT dir, ``.safetensors`` file), or else ``org/name[@revision]`` on the Hub. ``where``
+    locates the reference in the recipe for error messages.
     """
+    from mergehub.hub.inputs import HF_PREFIX, hub_ref
+
+    if ref.startswith(HF_PREFIX):
+        return _hub_source(ref, where)
     if names_entry(ref, store):
         model = store.open(ref)
         lora, config = None, {}
@@ -302,13 +313,30 @@ def resolve_input(ref: str, store: Store | None, where: str) -> Source:
     except OSError as e:  # a name too long for the file system, ...
         raise InputError(f"{where}: input {shown(ref)}: {e.strerror}") from None
     if exists:
-        ckpt = open_checkpoint(path)
-        lora = None
-        if ckpt.format == "peft":
-            specs = {s.name: s for s in ckpt.specs()}
-            lora = lora_targets(ref, ckpt.adapter_config or {}, specs)
-        return Source(ref, ckpt, _side_metrics(path), lora, ckpt.adapter_config or {})
+        root = path if path.is_dir() else path.parent
+        return _checkpoint_source(ref, open_checkpoint(path), lambda name: read_json(
+            root / name) if (root / name).is_file() else None)
     where_store = (f" nor a model in store {store.root}{store.did_you_mean(ref)}"
                    if store is not None else "")
-    raise InputError(f"{where}: input {ref!r} is neither a local path{where_store} (mergehub does "
-                     "not download models: fetch it first, e.g. `hub pull`)")
+    if hub_ref(ref):
+        try:
+            return _hub_source(ref, where)
+        except RemoteError as e:
+            raise InputError(f"{where}: input {ref!r} is neither a local path{where_store} nor "
+                             f"a Hub repo ({e})") from None
+    raise InputError(f"{where}: input {ref!r} is neither a local path{where_store} nor a Hub "
+                     "repo (write org/name or hf://org/name[@revision])")
+
+
+def _hub_source(ref: str, where: str) -> Source:
+    """The Hub repo ``ref`` names as a :class:`Source` (headers read, weights fetched later)."""
+    from mergehub.hub.inputs import HF_PREFIX, open_hub_input
+
+    try:
+        ckpt = open_hub_input(ref, where)
+    except RemoteError as e:
+        if ref.startswith(HF_PREFIX):
+            raise RemoteError(f"{where}: input {ref!r}: {e}") from None
+        raise
+    return _checkpoint_source(ref, ckpt, lambda name: parse_json(
+        ckpt.side_file(name), f"{ref}: {name}") if name in ckpt.side_files else None)

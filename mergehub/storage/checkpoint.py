@@ -276,6 +276,23 @@ def not_kept_reason(rel: str) -> str | None:
     return None
 
 
+def split_listing(rels: list[str], reason: Callable[[str], str | None] = not_kept_reason
+                  ) -> tuple[list[str], dict[str, str]]:
+    """Split the files of a model folder listed by relative POSIX path (a Hub repo's files)
+    as :func:`model_files` splits a local folder's: the sorted kept ones, and those
+    ``reason`` gives a reason for, a tool folder of :data:`TOOL_DIRS` named once as ``NAME/``."""
+    kept: list[str] = []
+    not_kept: dict[str, str] = {}
+    for rel in sorted(rels):
+        why = reason(rel)
+        if why is None:
+            kept.append(rel)
+        else:
+            top = rel.split("/", 1)[0]
+            not_kept[f"{top}/" if "/" in rel and top in TOOL_DIRS else rel] = why
+    return kept, not_kept
+
+
 def model_files(folder: Path) -> tuple[list[str], dict[str, str]]:
     """Every file of the model dir ``folder`` at any depth, as sorted relative POSIX paths,
     and what is not kept (:func:`not_kept_reason`; a folder as ``NAME/``) with the reason.

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -115,34 +116,48 @@ def read_header(path: Path) -> SafetensorsHeader:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise InputError(f"{path}: not a safetensors file (only {size} bytes)")
-            (n,) = struct.unpack("<Q", prefix)
-            if n == 0 or n > MAX_HEADER_BYTES or 8 + n > size:
-                raise InputError(
-                    f"{path}: not a safetensors file (header length {n} does not fit a "
-                    f"{size}-byte file)")
-            header_bytes = f.read(n)
+            def read(offset: int, n: int) -> bytes:
+                f.seek(offset)
+                return f.read(n)
+
+            return parse_header(str(path), size, read)
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror or e}") from e
-    obj = parse_json(header_bytes, f"{path}: not a safetensors file: header")
+
+
+def parse_header(where: str, size: int, read: Callable[[int, int], bytes]) -> SafetensorsHeader:
+    """Parse and validate the header of a safetensors file of ``size`` bytes whose bytes
+    ``read(offset, n)`` returns (a local file, or a file on a server read by range requests),
+    as :func:`read_header` does; errors name ``where``."""
+    prefix = read(0, 8)
+    if len(prefix) < 8:
+        raise InputError(f"{where}: not a safetensors file (only {size} bytes)")
+    (n,) = struct.unpack("<Q", prefix)
+    if n == 0 or n > MAX_HEADER_BYTES or 8 + n > size:
+        raise InputError(
+            f"{where}: not a safetensors file (header length {n} does not fit a "
+            f"{size}-byte file)")
+    header_bytes = read(8, n)
+    if len(header_bytes) < n:
+        raise InputError(f"{where}: not a safetensors file (the header ends after "
+                         f"{len(header_bytes)} of {n} bytes)")
+    obj = parse_json(header_bytes, f"{where}: not a safetensors file: header")
     if not isinstance(obj, dict):
-        raise InputError(f"{path}: not a safetensors file (header is not a JSON object)")
+        raise InputError(f"{where}: not a safetensors file (header is not a JSON object)")
     metadata = obj.pop("__metadata__", None)
     if metadata is not None and not (
             isinstance(metadata, dict)
             and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
-        raise InputError(f"{path}: __metadata__ must map strings to strings")
+        raise InputError(f"{where}: __metadata__ must map strings to strings")
     data_size = size - 8 - n
     entries: dict[str, TensorEntry] = {}
     for name, info in obj.items():
-        entries[name] = _parse_entry(path, name, info, data_size)
-    _check_contiguous(path, entries, data_size)
+        entries[name] = _parse_entry(where, name, info, data_size)
+    _check_contiguous(where, entries, data_size)
     return SafetensorsHeader(raw=prefix + header_bytes, entries=entries, metadata=metadata)
 
 
-def _parse_entry(path: Path, name: str, info: object, data_size: int) -> TensorEntry:
+def _parse_entry(path: str, name: str, info: object, data_size: int) -> TensorEntry:
     where = f"{path}: tensor {shown(name)}"
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise InputError(f"{where}: header entry must have exactly dtype, shape, data_offsets")
@@ -166,7 +181,7 @@ def _parse_entry(path: Path, name: str, info: object, data_size: int) -> TensorE
     return TensorEntry(spec, begin, end)
 
 
-def _check_contiguous(path: Path, entries: dict[str, TensorEntry], data_size: int) -> None:
+def _check_contiguous(path: str, entries: dict[str, TensorEntry], data_size: int) -> None:
     pos = 0
     for e in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
         if e.begin != pos:
