@@ -65,6 +65,18 @@ mergekit's TIES)::
 
     python benchmarks/bench_merge.py                                   # full size
     python benchmarks/bench_merge.py --layers 2 --hidden 256 --intermediate 512 --vocab 1000
+
+``--ray`` (no mergekit needed; ``pip install 'mergehub[ray]'``) instead measures the overhead of
+``hub merge --ray`` on the same inputs and machine: for each recipe, ``hub merge`` in one
+process, then the same merge on a local Ray instance started with 1 and with 2 worker CPUs
+(``ray.init(num_cpus=N)`` in the child, timed apart), all with the output in ``--ray-shards``
+shards (``--max-shard-size`` of the output size over that, so that the tasks have shards to
+share), each output checked byte for byte against the single process's. One machine, so a
+check of overhead, not of speed-up. From the rows it prints an estimate of the wall time of a
+4-input 405B merge on N machines (:func:`estimate_405b`) for ``--disk-gbps`` and
+``--net-gbps``::
+
+    python benchmarks/bench_merge.py --ray --methods ties,task_arithmetic
 """
 
 from __future__ import annotations
@@ -506,6 +518,128 @@ def print_diff(label: str, d: Diff) -> None:
         print(f"  PROBLEM: {p}")
 
 
+# --- Ray overhead (--ray) -------------------------------------------------------------------------
+
+#: the child that merges on a local Ray instance of N worker CPUs: ray.init timed apart
+RAY_CHILD = """
+import sys, time
+import ray
+import mergehub
+recipe, out, shard, n = sys.argv[1:5]
+t0 = time.perf_counter()
+ray.init(num_cpus=int(n), include_dashboard=False, logging_level="ERROR")
+print(f"ray.init {time.perf_counter() - t0:.3f} s", flush=True)
+t0 = time.perf_counter()
+mergehub.merge(recipe, out, max_shard_size=int(shard), executor="ray", progress=False)
+print(f"merge {time.perf_counter() - t0:.3f} s", flush=True)
+"""
+
+#: a 4-input merge of a 405B model: base + 4 inputs read, one model written (bf16)
+PARAMS_405B = 405_000_000_000
+
+
+def estimate_405b(rate: float, workers: int, machines: int, disk: float, net: float,
+                  fixed: float) -> tuple[float, str]:
+    """Seconds for a 4-input 405B bf16 merge on ``machines`` machines of ``workers`` worker
+    CPUs each, and what bounds it. Each machine merges 1/N of the output's shards: it reads
+    its share of the 5 inputs (base + 4) and writes its share of the output, through its own
+    disk (``disk`` bytes/s, reads and writes together) and its network link (``net`` bytes/s:
+    inputs on shared storage or the Hub, the output to shared storage), and computes at
+    ``rate`` output bytes/s per worker CPU (measured: the 1-worker Ray row). ``fixed``: start
+    and plan (measured). The three overlap (streamed), so the slowest sets the time; the
+    shared storage's own total bandwidth is assumed not to bind (it must serve
+    N x net)."""
+    out = 2 * PARAMS_405B
+    moved = out * (N_FINETUNES + 1) + out  # read 5 models, write 1
+    bounds = {"compute": out / (rate * workers * machines),
+              "disk": moved / (disk * machines), "network": moved / (net * machines)}
+    which = max(bounds, key=bounds.get)
+    return fixed + bounds[which], which
+
+
+def run_ray(args: argparse.Namespace, work: Path, methods: list[str]) -> None:
+    """The --ray rows (see the module docstring)."""
+    import ray  # noqa: F401  (fails here, before the models are written, if Ray is missing)
+
+    from mergehub.hub.demo import dir_digests
+
+    dims = (args.layers, args.hidden, args.intermediate, args.vocab)
+    specs = llama_specs(*dims, "BF16")
+    n_params = sum(s.nbytes for s in specs) // 2
+    print(f"mergehub --ray overhead: Llama-style, {n_params:,} params bf16, {len(specs)} tensors; "
+          f"base + {N_FINETUNES} fine-tunes; torch {torch.__version__}, ray {ray.__version__}, "
+          f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}; work dir {work}")
+    t0 = time.perf_counter()
+    paths = write_models(work / "models", specs, config_json(*dims, "bfloat16"), "bf16",
+                         args.shard_size)
+    files = [f for p in paths.values() for f in data_files(p)]
+    in_bytes = sum(f.stat().st_size for f in files)
+    out_bytes = sum(s.nbytes for s in specs)
+    shard = -(-out_bytes // args.ray_shards)
+    print(f"generated 5 models in {time.perf_counter() - t0:.0f} s: {in_bytes / 1e9:.3f} GB of "
+          f"input; output {out_bytes / 1e9:.3f} GB in {args.ray_shards} shards of <= {shard:,} "
+          "bytes (--max-shard-size)")
+    read_all(files, bytearray(CHUNK))  # warm the page cache, as for the mergekit rows
+    logs = work / "logs"
+    logs.mkdir()
+    rows = []
+    for m in methods:
+        recipe = work / f"{m}.yaml"
+        recipe.write_text(recipe_text(m, paths, "bfloat16"))
+        single = work / f"{m}-single"
+        cmds = [("single process", 0, hub_command() + ["merge", str(recipe), "-o", str(single),
+                                                       "--max-shard-size", str(shard)])]
+        cmds += [(f"ray, {n} worker{'s' * (n > 1)}", n,
+                  [sys.executable, "-c", RAY_CHILD, str(recipe), str(work / f"{m}-ray{n}"),
+                   str(shard), str(n)]) for n in (1, 2)]
+        for label, n, cmd in cmds:
+            for r in range(args.repeats):
+                log(f"{m}: {label} (run {r + 1})")
+                x = run_child(ChildRun(label, m, r), cmd, logs / f"{m}-{n}-r{r}.log")
+                if x.rc != 0:
+                    raise SystemExit(f"{label} failed on {m} (exit {x.rc}); log {x.log}:\n"
+                                     f"{x.log.read_text(errors='replace')[-3000:]}")
+                text = x.log.read_text()
+                init = re.search(r"ray.init ([\d.]+) s", text)
+                merge_s = re.search(r"merge ([\d.]+) s", text)
+                out = work / f"{m}-ray{n}" if n else single
+                same = n == 0 or dir_digests(out) == dir_digests(single)
+                rows.append((m, label, n, r, x, float(init.group(1)) if init else 0.0,
+                             float(merge_s.group(1)) if merge_s else x.wall, same))
+                if n:
+                    shutil.rmtree(out)
+        shutil.rmtree(single)
+    print(f"\n## hub merge --ray against one process ({n_params:,} params, output "
+          f"{out_bytes / 1e9:.2f} GB in {args.ray_shards} shards; wall = the child process, "
+          "+sync = with the os.sync() after it; ray.init and merge = inside the Ray child; "
+          "anon MiB = peak RssAnon of its largest process (the driver or one Ray worker); "
+          "same = output identical to the single process's)")
+    print(f"{'method':16s} {'how':18s} {'run':>3s} {'wall s':>7s} {'+sync s':>7s} "
+          f"{'ray.init s':>10s} {'merge s':>8s} {'GB/s out':>8s} {'anon MiB':>8s} same")
+    for m, label, n, r, x, init, merge_s, same in rows:
+        print(f"{m:16s} {label:18s} {r + 1:>3d} {x.wall:7.2f} {x.wall + x.sync:7.2f} "
+              f"{init:10.2f} {merge_s:8.2f} {out_bytes / merge_s / 1e9:8.3f} "
+              f"{x.anon_kb / 1024:8.0f} {'yes' if same else 'NO'}")
+    if not all(row[-1] for row in rows):
+        raise SystemExit("a Ray output differs from the single-process output")
+    print(f"\n## Estimate: a 4-input merge of a 405B model (bf16: {2 * PARAMS_405B / 1e12:.2f} "
+          f"TB per model; {2 * PARAMS_405B * (N_FINETUNES + 1) / 1e12:.2f} TB read, "
+          f"{2 * PARAMS_405B / 1e12:.2f} TB written) on N machines of {args.workers_per_machine} "
+          f"worker CPUs, disk {args.disk_gbps} GB/s and network {args.net_gbps} GB/s each "
+          "(see estimate_405b); the compute rate per worker is the best 1-worker Ray row's "
+          "(its merge time includes the workers' start), the fixed cost its ray.init")
+    for m in methods:
+        one = [row for row in rows if row[0] == m and row[2] == 1]
+        rate = max(out_bytes / row[6] for row in one)  # best run: the least disturbed
+        fixed = min(row[5] for row in one)
+        cells = []
+        for machines in (1, 2, 4, 8, 16, 32, 64):
+            secs, bound = estimate_405b(rate, args.workers_per_machine, machines,
+                                        args.disk_gbps * 1e9, args.net_gbps * 1e9, fixed)
+            cells.append(f"N={machines}: {secs / 3600:.2f} h ({bound})")
+        print(f"{m} ({rate / 1e6:.0f} MB/s of output per worker): " + "; ".join(cells))
+
+
 # --- the benchmark ------------------------------------------------------------------------------
 
 def main() -> None:
@@ -527,12 +661,23 @@ def main() -> None:
                     help="scratch dir (default: a new temp dir under /tmp); must be empty or "
                          "absent")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (models, outputs)")
+    ap.add_argument("--ray", action="store_true",
+                    help="measure hub merge --ray with 1 and 2 local workers against one process "
+                         "instead of comparing with mergekit (see the module docstring)")
+    ap.add_argument("--ray-shards", type=int, default=8,
+                    help="--ray: shards of the output, the tasks' units (default 8)")
+    ap.add_argument("--workers-per-machine", type=int, default=32,
+                    help="--ray estimate: worker CPUs per machine (default 32)")
+    ap.add_argument("--disk-gbps", type=float, default=2.0,
+                    help="--ray estimate: disk GB/s per machine, reads and writes (default 2)")
+    ap.add_argument("--net-gbps", type=float, default=3.125,
+                    help="--ray estimate: network GB/s per machine (default 3.125: 25 Gbit/s)")
     args = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not set(methods) <= {"ties", "task_arithmetic", "linear"}:
         ap.error("--methods: ties, task_arithmetic and/or linear")
-    if not os.access(args.mergekit, os.X_OK):
+    if not args.ray and not os.access(args.mergekit, os.X_OK):
         ap.error(f"--mergekit {args.mergekit}: not an executable (install mergekit in its own "
                  "venv, e.g. python -m venv /tmp/mkvenv && /tmp/mkvenv/bin/pip install mergekit)")
     t_start = time.perf_counter()
@@ -544,7 +689,7 @@ def main() -> None:
             ap.error(f"--workdir {work} is not empty")
         work.mkdir(parents=True, exist_ok=True)
     try:
-        run(args, work, methods)
+        (run_ray if args.ray else run)(args, work, methods)
     finally:
         if args.keep:
             log(f"kept {work}")
