@@ -5,6 +5,7 @@ merge of the same models from local folders."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,36 @@ def test_hub_inputs_merge_as_local_folders_and_download_lazily(hf, models, tmp_p
 
     mergehub.merge(tmp_path / "hub.yaml", tmp_path / "hub", progress=False)
     assert dir_digests(tmp_path / "hub") == dir_digests(tmp_path / "local")
+
+
+def test_hub_input_is_a_whole_model_folder(hf, models, tmp_path):
+    """A Hub repo is a model folder as a local one is: its files at any depth are side files
+    (a sentence-transformers module's ``1_Pooling/config.json``), a pickle is named as not
+    kept; the merge output carries the same files as the merge of the local folder (nested
+    ones too, not the model card), and the files it does not carry are never downloaded."""
+    base = tmp_path / "base"
+    shutil.copytree(models["sharded-bf16"], base)
+    (base / "1_Pooling").mkdir()
+    (base / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}\n')
+    (base / "modules.json").write_text('[{"idx": 1, "path": "1_Pooling"}]\n')
+    (base / "pytorch_model.bin").write_bytes(b"a pickle would be here")
+    (base / "README.md").write_text("# the base's card\n")
+    repo = _upload(base, "tree")
+
+    ckpt = open_hub_input(f"hf://{repo}", "here")
+    assert {"1_Pooling/config.json", "modules.json", "README.md", "config.json"} <= set(
+        ckpt.side_files)
+    assert ckpt.not_kept["pytorch_model.bin"].startswith("pickle")
+    assert "pytorch_model.bin" not in ckpt.side_files
+
+    (tmp_path / "local.yaml").write_text(_ties(base, [models["ft-sharded"]]))
+    (tmp_path / "hub.yaml").write_text(_ties(f"hf://{repo}", [models["ft-sharded"]]))
+    mergehub.merge(tmp_path / "local.yaml", tmp_path / "local", progress=False)
+    mergehub.merge(tmp_path / "hub.yaml", tmp_path / "hub", progress=False)
+    got = dir_digests(tmp_path / "hub")
+    assert got == dir_digests(tmp_path / "local")
+    assert "1_Pooling/config.json" in got and "README.md" not in got
+    assert not {"README.md", "pytorch_model.bin"} & _snapshot_files(repo)
 
 
 def test_hub_lora_input_and_cli(hf, models, tmp_path):

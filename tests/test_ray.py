@@ -6,6 +6,8 @@ same files, byte for byte. Skipped when ``ray`` cannot be imported (``pip instal
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -44,12 +46,28 @@ def ray_instance(tmp_path_factory: pytest.TempPathFactory):
     ray.shutdown()
 
 
-def _recipe(tmp_path: Path, models: dict[str, Path], method: str, extra: str = "") -> Path:
-    """Two dense fine-tunes and a LoRA on the bf16 base; densities for the sparsifying methods."""
+@pytest.fixture(scope="module")
+def tree_base(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bf16 base as a whole model folder: besides its weights and config, a
+    sentence-transformers module's config one folder down, a model card and a pickle."""
+    base = tmp_path_factory.mktemp("tree") / "base"
+    shutil.copytree(models["base-bf16"], base)
+    (base / "1_Pooling").mkdir()
+    (base / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}\n')
+    (base / "modules.json").write_text('[{"idx": 1, "path": "1_Pooling"}]\n')
+    (base / "README.md").write_text("# the base's card\n")
+    (base / "pytorch_model.bin").write_bytes(b"a pickle would be here")
+    return base
+
+
+def _recipe(tmp_path: Path, models: dict[str, Path], method: str, extra: str = "",
+            base: Path | None = None) -> Path:
+    """Two dense fine-tunes and a LoRA on the bf16 base (``base``: a copy of it);
+    densities for the sparsifying methods."""
     density = (lambda d: "" if method == "task_arithmetic" else f", density: {d}")
     path = tmp_path / f"{method}.yaml"
     path.write_text(f"""merge_method: {method}
-base_model: {models['base-bf16']}
+base_model: {base or models['base-bf16']}
 models:
   - model: {models['ft-mlp']}
     parameters: {{weight: 1.0{density(0.4)}}}
@@ -84,13 +102,15 @@ def test_balanced_groups_by_bytes():
     ("dare_ties", ""),
     ("ties", ", trim_scope: global"),  # a pre-pass on the driver, its cuts shipped to tasks
 ])
-def test_ray_output_is_the_single_process_output(ray_instance, models, tmp_path, method, extra):
+def test_ray_output_is_the_single_process_output(ray_instance, models, tree_base, tmp_path,
+                                                 method, extra):
     """Several tasks (7 shards in groups over 2 workers), dense and LoRA inputs: the Ray output
-    is the single-process one file for file, byte for byte, and so is the count of kept
-    entries the tasks send back."""
-    local, on_ray = _both(_recipe(tmp_path, models, method, extra), tmp_path, seed=3)
+    is the single-process one file for file, byte for byte (the base's files at any depth
+    included), and so is the count of kept entries the tasks send back."""
+    local, on_ray = _both(_recipe(tmp_path, models, method, extra, tree_base), tmp_path, seed=3)
     want = dir_digests(tmp_path / "local")
     assert len([n for n in want if n.endswith(".safetensors")]) >= 4
+    assert {"1_Pooling/config.json", "modules.json", "config.json"} <= set(want)
     assert dir_digests(tmp_path / "ray") == want
     if local.report:
         assert on_ray.report["kept"] == local.report["kept"]
@@ -156,6 +176,28 @@ def test_ray_cli_merges(ray_instance, models, tmp_path):
     result = CliRunner().invoke(cli, ["merge", str(recipe), "-o", str(tmp_path / "out"), "--ray"])
     assert result.exit_code == 0, result.output
     assert dir_digests(tmp_path / "out") == dir_digests(tmp_path / "local")
+
+
+def test_one_progress_bar_over_all_tasks(ray_instance, models, tmp_path, monkeypatch, capsys):
+    """A Ray merge shows one bar, the driver's: bytes (and bytes/s) over all tasks, at the
+    total of the merge's tensors when it ends; the tasks show none of their own."""
+    import mergehub.merge.engine as engine
+
+    bars = []
+
+    def byte_bar(total: int, desc: str, progress: bool | None):  # noqa: ANN202 (a tqdm)
+        bars.append(real(total, desc, progress))
+        return bars[-1]
+
+    real = engine.byte_bar
+    monkeypatch.setattr(engine, "byte_bar", byte_bar)
+    result = mergehub.merge(_recipe(tmp_path, models, "ties"), tmp_path / "out",
+                            max_shard_size=SHARD, progress=True, executor="ray")
+    assert len(bars) == 1 and bars[0].unit == "B"
+    assert bars[0].total == bars[0].n == result.bytes
+    shown = capsys.readouterr().err
+    assert "merge:" in shown and "B/s" in shown
+    assert not re.search(r"(?m)(^|\r)(?!merge:)[\w -]+:\s+\d+%", shown), shown
 
 
 def test_ray_missing_says_how_to_install(models, tmp_path, monkeypatch):

@@ -73,9 +73,10 @@ def make_lora(base: str | Path, out: str | Path, *, rank: int = 4, seed: int = 2
 
 
 def dir_digests(path: Path) -> dict[str, str]:
-    """sha256 of every file in a directory, by name: what "bit for bit" is checked against."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.iterdir()) if p.is_file()}
+    """sha256 of every file in a directory, at any depth, by relative POSIX path (a file at
+    the top by its name): what "bit for bit" is checked against."""
+    return {p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def run_demo(keep: Path | None = None, echo: Callable[[str], None] = print) -> None:
