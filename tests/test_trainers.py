@@ -575,7 +575,7 @@ def test_jsonl_prompt_completion_with_token_ids(models, tmp_path):
     (tmp_path / "text.jsonl").write_text('{"text": "hello"}\n')
     cfg = {"base": str(models["base-bf16"]), "data": {"path": "train.jsonl", "eval_path": "eval.jsonl"},
            "method": "lora", "peft": {"r": 4}, "steps": 20, "batch_size": 8, "lr": 2e-2,
-           "output": {"dir": "out"}}
+           "output": {"dir": "out", "overwrite": True}}
     (tmp_path / "c.yaml").write_text(json.dumps(cfg))
     r = train(tmp_path / "c.yaml", progress=False)
     assert r.history[-1]["eval_loss"] < r.history[0]["eval_loss"]

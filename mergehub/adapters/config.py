@@ -4,6 +4,7 @@ An example (``docs/training.md`` lists every key)::
 
     base: base                      # a store name or an HF model dir
     data: {task: add3}              # or {path: train.jsonl, eval_path: eval.jsonl}
+    task_type: causal_lm            # causal_lm | seq_cls ({text, label} rows) | masked_lm
     method: lora                    # full | lora | incrlora | sparse | onebit | mezo | sparse_mezo
     peft: {r: 8, lora_alpha: 16, target_modules: [q_proj, v_proj]}
     steps: 200
@@ -48,10 +49,14 @@ RENAMED_PARAMS: dict[tuple[str, str], tuple[str, str]] = {
 }
 #: methods that train a peft adapter (``peft:`` configures it; LoRA by default)
 PEFT_METHODS = {"lora", "incrlora", "onebit"}
-TOP_LEVEL = {"base", "data", "method", "method_params", "peft", "steps", "batch_size", "lr",
-             "weight_decay", "schedule", "warmup_steps", "seed", "checkpoint_every",
-             "keep_checkpoints", "run_dir", "output"}
-DATA_KEYS = {"task", "path", "eval_path", "max_length", "eval_examples"}
+TOP_LEVEL = {"base", "data", "task_type", "method", "method_params", "peft", "steps",
+             "batch_size", "lr", "weight_decay", "schedule", "warmup_steps", "seed",
+             "checkpoint_every", "keep_checkpoints", "run_dir", "output"}
+DATA_KEYS = {"task", "path", "eval_path", "max_length", "eval_examples", "labels",
+             "mlm_probability"}
+#: what the model is trained to do: the transformers auto class it is loaded with
+#: (``AutoModelForCausalLM``, ``AutoModelForSequenceClassification``, ``AutoModelForMaskedLM``)
+TASK_TYPES = ("causal_lm", "seq_cls", "masked_lm")
 OUTPUT_KEYS = {"store", "base", "dir", "as", "dtype", "overwrite"}
 SCHEDULES = ("constant", "linear")
 OUTPUT_AS = ("auto", "adapter", "merged")
@@ -70,6 +75,7 @@ class TrainConfig:
     base: str
     method: str
     data: dict[str, Any]
+    task_type: str = "causal_lm"
     steps: int = 100
     batch_size: int = 8
     lr: float = 1e-3
@@ -142,6 +148,12 @@ def parse_config(doc: Any, source: str = "<config>", root: Path | None = None) -
     if bool(data.get("task")) == bool(data.get("path")):
         raise ConfigError(f"{at(doc, 'data')}: data needs exactly one of 'task' (a built-in "
                           "synthetic task) and 'path' (a JSONL or text file)")
+    task_type = doc.get("task_type", "causal_lm")
+    if task_type not in TASK_TYPES:
+        raise ConfigError(f"{at(doc, 'task_type')}: task_type must be one of "
+                          f"{', '.join(TASK_TYPES)}, not {shown(task_type)}"
+                          f"{did_you_mean(str(task_type), list(TASK_TYPES))}")
+    _check_task_data(data, task_type, source, at)
     data = dict(data)
     for key in ("path", "eval_path"):
         if data.get(key):
@@ -171,6 +183,10 @@ def parse_config(doc: Any, source: str = "<config>", root: Path | None = None) -
         if params.get("objective", "loss") not in ("loss", "token_error"):
             raise ConfigError(f"{at(params, 'objective')}: objective must be 'loss' or "
                               "'token_error'")
+        if params.get("objective") == "token_error" and task_type != "causal_lm":
+            raise ConfigError(f"{at(params, 'objective')}: objective token_error scores "
+                              "completions of a causal LM; use loss with task_type "
+                              f"{task_type}")
         if peft_cfg is None and over == "adapter":
             raise ConfigError(f"{at(doc, 'method')}: {method} over 'adapter' needs a peft: section")
     elif peft_cfg is not None and method not in PEFT_METHODS:
@@ -214,7 +230,7 @@ def parse_config(doc: Any, source: str = "<config>", root: Path | None = None) -
     elif run_dir is None:
         run_dir = root / f".hub-train-{str(output['store']).replace('/', '_')}"
     return TrainConfig(
-        base=base, method=method, data=data,
+        base=base, method=method, data=data, task_type=task_type,
         steps=number("steps", int, 100, 1), batch_size=number("batch_size", int, 8, 1),
         lr=number("lr", float, 1e-3, 0), weight_decay=number("weight_decay", float, 0.0, 0),
         schedule=schedule, warmup_steps=number("warmup_steps", int, 0, 0),
@@ -223,6 +239,30 @@ def parse_config(doc: Any, source: str = "<config>", root: Path | None = None) -
         run_dir=(root / str(run_dir)).expanduser(), method_params=dict(params),
         peft=dict(peft_cfg) if peft_cfg is not None else None, output=output, source=source,
         raw=_plain(doc))
+
+
+def _check_task_data(data: LineDict, task_type: str, source: str, at: Any) -> None:
+    """The data keys that only some task types take, and what each task type needs."""
+    if task_type != "causal_lm" and data.get("task"):
+        raise ConfigError(f"{at(data, 'task')}: the synthetic tasks train causal LMs; "
+                          f"task_type {task_type} needs data path: (a JSONL file)")
+    if "labels" in data:
+        labels = data["labels"]
+        if task_type != "seq_cls":
+            raise ConfigError(f"{at(data, 'labels')}: data labels applies to task_type seq_cls")
+        if not isinstance(labels, list) or len(labels) < 2 or \
+                len({str(v) for v in labels}) != len(labels) or \
+                not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in labels):
+            raise ConfigError(f"{at(data, 'labels')}: data labels must be a list of at least "
+                              "two distinct strings or integers (the classes, in id order)")
+    if "mlm_probability" in data:
+        p = data["mlm_probability"]
+        if task_type != "masked_lm":
+            raise ConfigError(f"{at(data, 'mlm_probability')}: data mlm_probability applies "
+                              "to task_type masked_lm")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < 1:
+            raise ConfigError(f"{at(data, 'mlm_probability')}: data mlm_probability must be "
+                              f"a number between 0 and 1, not {shown(p)}")
 
 
 def _plain(obj: Any) -> Any:

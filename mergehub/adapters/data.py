@@ -15,6 +15,13 @@ non-empty line. Text is tokenized with the base model's tokenizer (its tokenizer
 in the base dir); without one, JSONL rows may give token ids directly (``prompt_ids`` /
 ``completion_ids`` or ``input_ids``).
 
+**Classification** (``task_type: seq_cls``): JSONL rows ``{"text": ..., "label": ...}``
+(optionally ``"text_pair"`` for sentence pairs); labels are strings or integers, the classes
+are ``data.labels`` in that order or else the sorted distinct labels of the training file.
+**Masked LM** (``task_type: masked_lm``): ``{"text": ...}`` rows or a ``.txt`` file; each
+batch masks ``mlm_probability`` (0.15) of the ordinary tokens as BERT does (80% ``[MASK]``,
+10% a random token, 10% unchanged; the loss on those tokens only).
+
 **Determinism.** The batch of step ``s`` depends only on (seed, s): a resumed run sees exactly
 the batches an uninterrupted run would.
 """
@@ -23,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -115,16 +122,20 @@ def accuracy(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor,
 
 @dataclass
 class Batch:
-    """One causal-LM batch; ``kwargs()`` is what a transformers model's forward takes."""
+    """One batch; ``kwargs()`` is what a transformers model's forward takes (segment ids only
+    for sentence pairs of a classifier)."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     attention_mask: torch.Tensor | None = None
+    token_type_ids: torch.Tensor | None = None
 
     def kwargs(self) -> dict[str, torch.Tensor]:
         out = {"input_ids": self.input_ids, "labels": self.labels}
         if self.attention_mask is not None:
             out["attention_mask"] = self.attention_mask
+        if self.token_type_ids is not None:
+            out["token_type_ids"] = self.token_type_ids
         return out
 
 
@@ -135,6 +146,8 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 class Dataset:
     """What the trainer draws batches from and evaluates on."""
+
+    task_type = "causal_lm"
 
     def batch(self, step: int, size: int, seed: int) -> Batch:  # pragma: no cover - interface
         raise NotImplementedError
@@ -235,6 +248,9 @@ def _read_examples(path: Path, tokenizer: Any, max_length: int) -> list[tuple[li
         row = parse_json(line, where)
         if not isinstance(row, dict):
             raise InputError(f"{where}: each line must be a JSON object")
+        if "label" in row:
+            raise InputError(f"{where}: a row with a 'label' is classification data: set "
+                             "task_type: seq_cls (this config trains a causal LM)")
         if "prompt_ids" in row or "input_ids" in row:
             prompt = ids_field(row, "prompt_ids", where) if "prompt_ids" in row else []
             completion = ids_field(row, "completion_ids" if "completion_ids" in row
@@ -253,6 +269,168 @@ def _read_examples(path: Path, tokenizer: Any, max_length: int) -> list[tuple[li
     return out
 
 
+def _read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(``FILE:LINE``, object) per non-empty line of a JSONL file; a ``.txt`` file's lines are
+    ``{"text": line}``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"{path}: cannot read training data: {e.strerror or e}") from e
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        row = parse_json(line, where) if path.suffix == ".jsonl" else {"text": line}
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: each line must be a JSON object")
+        rows.append((where, row))
+    return rows
+
+
+def _text_field(row: dict[str, Any], key: str, where: str) -> str:
+    value = row.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise InputError(f"{where}: {key!r} must be a non-empty string")
+    return value
+
+
+def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and their attention mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+class Example(NamedTuple):
+    """A tokenized classification row: its ids, their segment ids (a sentence pair, when the
+    tokenizer gives them) and its class id."""
+
+    ids: list[int]
+    type_ids: list[int] | None
+    label: int
+
+
+class ClassificationDataset(Dataset):
+    """Texts with one class each (``task_type: seq_cls``); ``labels`` names the classes in id
+    order, as the model's ``id2label`` will."""
+
+    task_type = "seq_cls"
+
+    def __init__(self, train: list[Example], evals: list[Example], labels: list[str],
+                 pad_id: int, source: str):
+        if not train:
+            raise InputError(f"{source}: no training examples")
+        self.train, self.evals, self.labels, self.pad_id = train, evals, labels, pad_id
+        self.source = source
+
+    def _collate(self, rows: list[Example]) -> Batch:
+        ids, mask = _pad([r.ids for r in rows], self.pad_id)
+        types = None
+        if any(r.type_ids is not None for r in rows):
+            types = _pad([r.type_ids or [0] * len(r.ids) for r in rows], 0)[0]
+        return Batch(ids, torch.tensor([r.label for r in rows]), mask, types)
+
+    def batch(self, step: int, size: int, seed: int) -> Batch:
+        idx = torch.randint(len(self.train), (size,), generator=step_generator(seed, step))
+        return self._collate([self.train[i] for i in idx.tolist()])
+
+    def eval_batches(self) -> list[Batch]:
+        return [self._collate(self.evals[i:i + 64]) for i in range(0, len(self.evals), 64)]
+
+    def describe(self) -> str:
+        return (f"{self.source} ({len(self.train)} examples, {len(self.evals)} held out, "
+                f"{len(self.labels)} classes)")
+
+
+def read_classification(path: Path, tokenizer: Any, max_length: int,
+                        labels: list[str] | None) -> tuple[list[Example], list[str]]:
+    """An :class:`Example` per ``{text, label}`` (or ``{text, text_pair, label}``) row of
+    ``path``, and the class names: ``labels`` when given (a row with another label is an
+    error), else the file's sorted distinct labels."""
+    rows = _read_rows(path)
+    parsed = []
+    for where, row in rows:
+        if "label" not in row:
+            raise InputError(f"{where}: a classification row needs 'text' and 'label'; got "
+                             f"{sorted(row)}")
+        label = row["label"]
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            raise InputError(f"{where}: label must be a string or an integer, not {label!r}")
+        text = _text_field(row, "text", where)
+        pair = _text_field(row, "text_pair", where) if "text_pair" in row else None
+        encoded = tokenizer(text, pair, truncation=True, max_length=max_length)
+        types = encoded.get("token_type_ids") if pair is not None else None
+        parsed.append((where, list(encoded["input_ids"]), types and list(types), label))
+    if labels is None:
+        kinds = {type(row[-1]) for row in parsed}
+        if len(kinds) > 1:
+            raise InputError(f"{path}: labels mix strings and integers; list the classes in "
+                             "data labels")
+        labels = [str(v) for v in sorted({row[-1] for row in parsed})]
+        if len(labels) < 2:
+            raise InputError(f"{path}: a classifier needs at least two classes; found "
+                             f"{labels or 'none'}")
+    index = {name: i for i, name in enumerate(labels)}
+    out = []
+    for where, ids, types, label in parsed:
+        if str(label) not in index:
+            raise InputError(f"{where}: label {label!r} is not one of the classes "
+                             f"({', '.join(labels)})")
+        out.append(Example(ids, types, index[str(label)]))
+    return out, labels
+
+
+class MaskedLMDataset(Dataset):
+    """Texts for masked-LM training (``task_type: masked_lm``): BERT's masking, drawn per
+    batch from the step's generator; held-out batches are masked once with a fixed seed."""
+
+    task_type = "masked_lm"
+
+    def __init__(self, train: list[list[int]], evals: list[list[int]], tokenizer: Any,
+                 probability: float, source: str):
+        if not train:
+            raise InputError(f"{source}: no training examples")
+        self.train, self.evals, self.probability, self.source = train, evals, probability, source
+        self.pad_id = tokenizer.pad_token_id or 0
+        self.mask_id = tokenizer.mask_token_id
+        self.vocab = len(tokenizer)
+        self.special = set(tokenizer.all_special_ids)
+
+    def _masked(self, rows: list[list[int]], gen: torch.Generator) -> Batch:
+        ids, mask = _pad(rows, self.pad_id)
+        ordinary = mask.bool() & ~torch.isin(ids, torch.tensor(sorted(self.special)))
+        chosen = (torch.rand(ids.shape, generator=gen) < self.probability) & ordinary
+        labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+        roll = torch.rand(ids.shape, generator=gen)
+        randoms = torch.randint(self.vocab, ids.shape, generator=gen)
+        ids = torch.where(chosen & (roll < 0.8), torch.full_like(ids, self.mask_id), ids)
+        ids = torch.where(chosen & (roll >= 0.8) & (roll < 0.9), randoms, ids)
+        return Batch(ids, labels, mask)
+
+    def batch(self, step: int, size: int, seed: int) -> Batch:
+        gen = step_generator(seed, step)
+        idx = torch.randint(len(self.train), (size,), generator=gen)
+        return self._masked([self.train[i] for i in idx.tolist()], gen)
+
+    def eval_batches(self) -> list[Batch]:
+        gen = torch.Generator().manual_seed(20_000)
+        return [self._masked(self.evals[i:i + 64], gen) for i in range(0, len(self.evals), 64)]
+
+    def describe(self) -> str:
+        return f"{self.source} ({len(self.train)} texts, {len(self.evals)} held out, masked LM)"
+
+
+def read_texts(path: Path, tokenizer: Any, max_length: int) -> list[list[int]]:
+    """Token ids (with the tokenizer's special tokens) of each ``{text}`` row or text line."""
+    return [list(tokenizer(_text_field(row, "text", where), truncation=True,
+                           max_length=max_length)["input_ids"]) for where, row in _read_rows(path)]
+
+
 def load_tokenizer(base_dir: Path) -> Any:
     """The base's tokenizer if its dir has tokenizer files, else ``None``."""
     if not any(base_dir.glob("tokenizer*")):
@@ -262,16 +440,35 @@ def load_tokenizer(base_dir: Path) -> Any:
     return AutoTokenizer.from_pretrained(base_dir)
 
 
-def build_dataset(spec: dict[str, Any], base_dir: Path) -> Dataset:
-    """The dataset a config's ``data:`` section describes (already checked by the config)."""
+def build_dataset(spec: dict[str, Any], base_dir: Path, task_type: str = "causal_lm") -> Dataset:
+    """The dataset a config's ``data:`` section describes (already checked by the config) for
+    a model of ``task_type``."""
     if spec.get("task"):
         tasks = spec["task"] if isinstance(spec["task"], list) else [spec["task"]]
         return SyntheticDataset([str(t) for t in tasks], int(spec.get("eval_examples", 200)))
     tokenizer = load_tokenizer(base_dir)
     max_length = int(spec.get("max_length", 256))
     train_path = Path(spec["path"]).expanduser()
+    eval_path = Path(spec["eval_path"]).expanduser() if spec.get("eval_path") else None
+    if task_type != "causal_lm":
+        if tokenizer is None:
+            raise InputError(f"{train_path}: task_type {task_type} reads text, and the base "
+                             f"{base_dir} has no tokenizer files")
+        if task_type == "seq_cls":
+            given = [str(v) for v in spec["labels"]] if spec.get("labels") else None
+            train, labels = read_classification(train_path, tokenizer, max_length, given)
+            evals = (read_classification(eval_path, tokenizer, max_length, labels)[0]
+                     if eval_path else [])
+            return ClassificationDataset(train, evals, labels, tokenizer.pad_token_id or 0,
+                                         str(train_path))
+        if tokenizer.mask_token_id is None:
+            raise InputError(f"{base_dir}: task_type masked_lm needs a tokenizer with a mask "
+                             "token")
+        return MaskedLMDataset(read_texts(train_path, tokenizer, max_length),
+                               read_texts(eval_path, tokenizer, max_length) if eval_path else [],
+                               tokenizer, float(spec.get("mlm_probability", 0.15)),
+                               str(train_path))
     train = _read_examples(train_path, tokenizer, max_length)
-    evals = (_read_examples(Path(spec["eval_path"]).expanduser(), tokenizer, max_length)
-             if spec.get("eval_path") else [])
+    evals = _read_examples(eval_path, tokenizer, max_length) if eval_path else []
     pad = 0 if tokenizer is None or tokenizer.pad_token_id is None else tokenizer.pad_token_id
     return ExamplesDataset(train, evals, pad, str(train_path))

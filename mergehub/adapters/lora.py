@@ -92,10 +92,11 @@ def peft_config(spec: dict[str, Any], where: str, steps: int) -> Any:
 def is_plain_lora(config: Any) -> bool:
     """Whether the adapter is a dense delta B·A·scaling of the base (what ``hub merge`` reads
     from an adapter dir): LoRA, without DoRA, with an init that leaves the base weights as
-    they are."""
+    they are, and no whole modules of its own (``modules_to_save``: a classifier's head)."""
     init = getattr(config, "init_lora_weights", True)
     return (str(config.peft_type.value if hasattr(config.peft_type, "value") else config.peft_type)
             == "LORA" and not getattr(config, "use_dora", False)
+            and not getattr(config, "modules_to_save", None)
             and not (isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS)))
 
 

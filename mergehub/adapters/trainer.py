@@ -8,6 +8,15 @@ loss history); a later run of the same config resumes from the newest one. Batch
 function of (seed, step) and every step reseeds torch's global generator with (seed, step), so
 a resumed run reproduces the uninterrupted run's loss curve exactly.
 
+The model is loaded with the auto class of the config's ``task_type``: a causal LM, a sequence
+classifier (``AutoModelForSequenceClassification``, e.g. a BERT-style encoder with a new
+classification head) or a masked LM. Tensors are saved under the base's names (a base saved
+without the task model's prefix, such as a bare ``BertModel``, keeps its names: transformers
+loads either spelling), tensors of the base the task model does not use are carried over
+unchanged, and a new head is kept in the result: the entry is a fine-tune of the base plus
+its head. A new classification layer starts at zero (as ViT fine-tuning does, Dosovitskiy et
+al. 2021), so its task vector is its trained value and merges can treat it as one.
+
 At the end the result is written as an HF model dir (full, sparse, MeZO over all parameters;
 stored as a fine-tune, i.e. a delta of the base) or a PEFT adapter dir (LoRA family, IncreLoRA,
 1-bit, MeZO over an adapter; stored as an adapter when ``hub merge`` can read it as a dense
@@ -36,11 +45,11 @@ from tqdm.auto import tqdm
 
 from mergehub.adapters import lora as lora_mod
 from mergehub.adapters import onebit, sparse
-from mergehub.adapters.config import ConfigError, TrainConfig, load_config
+from mergehub.adapters.config import PEFT_METHODS, ConfigError, TrainConfig, load_config
 from mergehub.adapters.data import Batch, Dataset, accuracy, build_dataset, completion_scores
-from mergehub.errors import InputError, StoreError, spelled
+from mergehub.errors import InputError, MergehubError, StoreError, spelled
 from mergehub.progress import bar_disabled
-from mergehub.storage.atomic import atomic_output_dir, write_file_atomic
+from mergehub.storage.atomic import atomic_output_dir, check_output_target, write_file_atomic
 from mergehub.safejson import read_json
 from mergehub.storage.checkpoint import ADAPTER_CONFIG, open_checkpoint
 from mergehub.storage.store import ModelInfo, Store, base_reference, names_entry
@@ -119,14 +128,88 @@ class Method:
                                      f"model? start afresh with {_fresh()})")
                 p.copy_(tensors[name])
 
+    #: the base's tensors, which saved results are named after (set by :func:`train`)
+    layout: "BaseLayout | None" = None
+
     def save(self, out: Path, dtype: torch.dtype) -> tuple[str, dict[str, Any]]:
         """Write the result to ``out``; returns the store kind and facts for provenance."""
-        save_full(self.model, out, dtype)
+        save_full(self.model, out, dtype, self.layout)
         return "finetune", {}
 
 
-def save_full(model: torch.nn.Module, out: Path, dtype: torch.dtype) -> None:
+@dataclass
+class BaseLayout:
+    """The tensor names of the base a model was loaded from, so that a saved result lines up
+    with its base tensor by tensor: a task model's ``PREFIX.name`` is saved as ``name`` when the
+    base spells it so, and base tensors the task model lacks (a pooler a masked LM does not
+    use, another head) are copied over unchanged."""
+
+    base_dir: Path
+    names: set[str]
+
+    @classmethod
+    def of(cls, base_dir: Path) -> "BaseLayout":
+        return cls(base_dir, set(open_checkpoint(base_dir).tensors))
+
+    def saved_name(self, name: str, prefix: str) -> str:
+        """The name ``name`` of the task model is saved under."""
+        if name not in self.names and prefix and name.startswith(prefix + "."):
+            stripped = name[len(prefix) + 1:]
+            if stripped in self.names:
+                return stripped
+        return name
+
+    def new_names(self, model: torch.nn.Module) -> list[str]:
+        """The model's tensors the base has under no spelling (a new head); a tensor tied to
+        one the base has (a masked LM's decoder, tied to the word embeddings) is not new."""
+        prefix = getattr(model, "base_model_prefix", "")
+        ties: dict[tuple[int, tuple[int, ...]], list[str]] = {}
+        for name, t in model.state_dict().items():
+            ties.setdefault((t.data_ptr(), tuple(t.shape)), []).append(name)
+        return [n for names in ties.values()
+                if not any(self.saved_name(m, prefix) in self.names for m in names)
+                for n in names]
+
+    def check(self, model: torch.nn.Module, where: str) -> None:
+        """Refuse a task model that shares no tensor with the base (another architecture)."""
+        prefix = getattr(model, "base_model_prefix", "")
+        if not any(self.saved_name(n, prefix) in self.names for n in model.state_dict()):
+            raise InputError(f"{where}: the {type(model).__name__} built from base "
+                             f"{self.base_dir} shares no tensor name with the base's weights")
+
+    def align(self, out: Path, prefix: str) -> None:
+        """Rename the weights ``save_pretrained`` wrote to ``out`` and add the base tensors
+        they lack (unchanged, in the base's dtype), rewriting only what changes."""
+        from safetensors.torch import load_file, save_file
+
+        index_path = next(out.glob("*.safetensors.index.json"), None)
+        files = sorted(p.name for p in out.glob("*.safetensors"))
+        renamed: dict[str, dict[str, torch.Tensor]] = {}
+        changed: set[str] = set()
+        for f in files:
+            tensors = load_file(str(out / f))
+            renamed[f] = {self.saved_name(n, prefix): t for n, t in tensors.items()}
+            if set(renamed[f]) != set(tensors):
+                changed.add(f)
+        carry = sorted(self.names - {n for tensors in renamed.values() for n in tensors})
+        if carry:
+            with open_checkpoint(self.base_dir) as base:
+                renamed[files[-1]].update({n: base.load(n).clone() for n in carry})
+            changed.add(files[-1])
+        for f in sorted(changed):
+            save_file(renamed[f], str(out / f), metadata={"format": "pt"})
+        if index_path is not None:
+            index = json.loads(index_path.read_text())
+            index["weight_map"] = {n: f for f in files for n in renamed[f]}
+            index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def save_full(model: torch.nn.Module, out: Path, dtype: torch.dtype,
+              layout: BaseLayout | None = None) -> None:
+    """``save_pretrained`` in ``dtype``, named after the base's tensors when ``layout`` says."""
     model.to(dtype).save_pretrained(out)
+    if layout is not None:
+        layout.align(out, getattr(model, "base_model_prefix", ""))
 
 
 class PeftMethod(Method):
@@ -140,21 +223,28 @@ class PeftMethod(Method):
             self.model.base_model.update_and_allocate(step)
 
     def save(self, out: Path, dtype: torch.dtype) -> tuple[str, dict[str, Any]]:
-        return save_peft(self.model, self.cfg, out, dtype)
+        return save_peft(self.model, self.cfg, out, dtype, self.layout)
+
+
+#: the peft task type of each ``task_type`` (peft keeps a classifier's head trainable and
+#: saves it with the adapter, ``modules_to_save``)
+PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "masked_lm": None}
 
 
 def wrap_peft(model: torch.nn.Module, cfg: TrainConfig, **overrides: Any) -> torch.nn.Module:
     """``model`` wrapped with the config's peft tuner (``overrides`` win over ``peft:``)."""
     from peft import get_peft_model
 
-    spec = {**(cfg.peft or {"target_modules": "all-linear"}), **overrides}
+    spec = {"task_type": PEFT_TASK_TYPES[cfg.task_type],
+            **(cfg.peft or {"target_modules": "all-linear"}), **overrides}
     return get_peft_model(model, lora_mod.peft_config(spec, f"{cfg.source} (peft)", cfg.steps))
 
 
-def save_peft(model: torch.nn.Module, cfg: TrainConfig, out: Path,
-              dtype: torch.dtype) -> tuple[str, dict[str, Any]]:
+def save_peft(model: torch.nn.Module, cfg: TrainConfig, out: Path, dtype: torch.dtype,
+              layout: BaseLayout | None = None) -> tuple[str, dict[str, Any]]:
     """An adapter dir, or (``output.as: merged``, or ``auto`` for an adapter that is not a
-    plain delta) the base with the adapter merged in."""
+    plain delta, such as a classifier's LoRA with its head) the base with the adapter merged
+    in."""
     config = model.peft_config["default"]
     # peft would look the name up on the Hub while saving (a store name is no repo id there);
     # the output's adapter_config.json gets the base's origin afterwards (_write_output)
@@ -165,7 +255,7 @@ def save_peft(model: torch.nn.Module, cfg: TrainConfig, out: Path,
     if mode == "adapter":
         model.to(dtype).save_pretrained(out)
         return "adapter", {"saved_as": "adapter"}
-    save_full(model.merge_and_unload(), out, dtype)
+    save_full(model.merge_and_unload(), out, dtype, layout)
     return "finetune", {"saved_as": "merged", "peft_type": str(config.peft_type.value)}
 
 
@@ -278,7 +368,7 @@ class SparseMethod(Method):
     def save(self, out: Path, dtype: torch.dtype) -> tuple[str, dict[str, Any]]:
         masked = sum(idx.numel() for idx in sparse.masks_of(self.model).values())
         sparse.detach(self.model)
-        save_full(self.model, out, dtype)
+        save_full(self.model, out, dtype, self.layout)
         return "finetune", {"sparse_entries": masked}
 
 
@@ -315,7 +405,7 @@ class MezoMethod(Method):
 
     def save(self, out: Path, dtype: torch.dtype) -> tuple[str, dict[str, Any]]:
         if self.cfg.param("over") == "adapter":
-            return save_peft(self.model, self.cfg, out, dtype)
+            return save_peft(self.model, self.cfg, out, dtype, self.layout)
         return super().save(out, dtype)
 
 
@@ -358,13 +448,34 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: Dataset) -> dict[str, float]:
-    """Held-out loss and teacher-forced exact match / token accuracy (empty without eval data),
-    from one forward pass per eval batch."""
+    """Held-out metrics (empty without eval data), from one forward pass per eval batch: the
+    loss and teacher-forced exact match / token accuracy of a causal LM's completions, the
+    loss and accuracy of a classifier, the loss and token accuracy of a masked LM on its
+    masked tokens."""
     batches = dataset.eval_batches()
     if not batches:
         return {}
     was_training = model.training
     model.eval()
+    try:
+        if dataset.task_type == "causal_lm":
+            return _evaluate_completions(model, batches)
+        loss_sum = right = total = 0.0
+        for b in batches:
+            kwargs = {k: v for k, v in b.kwargs().items() if k != "labels"}
+            logits = model(**kwargs).logits.float()
+            mask = b.labels != -100
+            loss_sum += float(torch.nn.functional.cross_entropy(
+                logits[mask], b.labels[mask], reduction="sum"))
+            right += float((logits.argmax(-1) == b.labels)[mask].sum())
+            total += float(mask.sum())
+        key = "eval_accuracy" if dataset.task_type == "seq_cls" else "eval_token_accuracy"
+        return {"eval_loss": loss_sum / max(total, 1), key: right / max(total, 1)}
+    finally:
+        model.train(was_training)
+
+
+def _evaluate_completions(model: torch.nn.Module, batches: list[Batch]) -> dict[str, float]:
     loss_sum = exact = right = total = examples = 0.0
     for b in batches:
         kwargs = {k: v for k, v in b.kwargs().items() if k != "labels"}
@@ -375,7 +486,6 @@ def evaluate(model: torch.nn.Module, dataset: Dataset) -> dict[str, float]:
             ignore_index=-100, reduction="sum"))
         e, r, t = completion_scores(logits, b.labels)
         exact, right, total, examples = exact + e, right + r, total + t, examples + len(b.labels)
-    model.train(was_training)
     return {"eval_loss": loss_sum / max(total, 1), "eval_exact_match": exact / examples,
             "eval_token_accuracy": right / max(total, 1)}
 
@@ -519,7 +629,6 @@ def train(config: str | Path | dict[str, Any] | TrainConfig, *, store: Store | N
         echo: receives one-line status messages.
     """
     import transformers
-    from transformers import AutoModelForCausalLM
 
     cfg = config if isinstance(config, TrainConfig) else load_config(config)
     if cfg.output.get("store") and store is None:
@@ -528,6 +637,12 @@ def train(config: str | Path | dict[str, Any] | TrainConfig, *, store: Store | N
     if cfg.output.get("store") and cfg.output["store"] in store:
         raise StoreError(f"{cfg.source}: a model named {cfg.output['store']!r} already exists "
                          f"in store {store.root}")
+    if cfg.output.get("dir"):
+        try:
+            check_output_target(cfg.output["dir"], bool(cfg.output.get("overwrite")),
+                                "set output overwrite: true")
+        except InputError as e:
+            raise InputError(f"{cfg.source}: output dir {e}") from None
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     started = time.time()
@@ -535,8 +650,8 @@ def train(config: str | Path | dict[str, Any] | TrainConfig, *, store: Store | N
         warnings.simplefilter("ignore", FutureWarning)  # peft/transformers deprecation notices
         tmp = Path(tmp_name)
         base_dir, base_name = _resolve_base(cfg, store, tmp)
-        dataset = build_dataset(cfg.data, base_dir)
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto", use_safetensors=True)
+        dataset = build_dataset(cfg.data, base_dir, cfg.task_type)
+        model, layout = load_task_model(cfg, base_dir, dataset)
         base_dtype = next(model.parameters()).dtype
         model = model.float()
         model.train()
@@ -548,6 +663,7 @@ def train(config: str | Path | dict[str, Any] | TrainConfig, *, store: Store | N
         torch.manual_seed(cfg.seed)
         method = METHODS[cfg.method](cfg, model, dataset,
                                      (tensors, state["method_state"]) if ckpt else None)
+        method.layout = layout
         start = 0
         losses: list[float] = []
         history: list[dict[str, Any]] = []
@@ -594,6 +710,48 @@ def train(config: str | Path | dict[str, Any] | TrainConfig, *, store: Store | N
     return result
 
 
+AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM", "seq_cls": "AutoModelForSequenceClassification",
+                "masked_lm": "AutoModelForMaskedLM"}
+
+
+def load_task_model(cfg: TrainConfig, base_dir: Path,
+                    dataset: Dataset) -> tuple[torch.nn.Module, BaseLayout]:
+    """The base loaded for ``cfg.task_type`` (a classifier with ``dataset``'s classes), with
+    the new layer of a classification head at zero; refused before any step when the base's
+    architecture has no such model or shares no tensor with it."""
+    import transformers
+
+    kwargs: dict[str, Any] = {}
+    if cfg.task_type == "seq_cls":
+        labels = dataset.labels
+        kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                  "label2id": {name: i for i, name in enumerate(labels)}}
+    auto = getattr(transformers, AUTO_CLASSES[cfg.task_type])
+    torch.manual_seed(cfg.seed)  # a new head's initialization (masked LM)
+    try:
+        model = auto.from_pretrained(base_dir, dtype="auto", use_safetensors=True, **kwargs)
+    except (ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{cfg.source}: base {cfg.base} cannot be loaded as "
+                         f"{AUTO_CLASSES[cfg.task_type]} (task_type {cfg.task_type}): "
+                         f"{first}") from None
+    layout = BaseLayout.of(base_dir)
+    layout.check(model, cfg.source)
+    new = layout.new_names(model)
+    if cfg.task_type == "seq_cls":
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name in new:  # the output layer: one row per class
+                if name in params and params[name].shape[0] == len(dataset.labels):
+                    params[name].zero_()
+    elif cfg.task_type == "masked_lm" and new and (cfg.method in PEFT_METHODS or
+                                                     cfg.method_params.get("over") == "adapter"):
+        raise ConfigError(f"{cfg.source}: base {cfg.base} has no masked-LM head ({new[0]}, ... "
+                          "would start untrained and an adapter would not keep it); use "
+                          "method full, or a base with its MLM head")
+    return model, layout
+
+
 def _write_output(cfg: TrainConfig, method: Method, dtype: torch.dtype, base_dir: Path,
                   base_name: str | None, store: Store | None, dataset: Dataset,
                   metrics: dict[str, Any], tmp: Path, seconds: float,
@@ -625,9 +783,21 @@ def _write_output(cfg: TrainConfig, method: Method, dtype: torch.dtype, base_dir
     entry = None
     if cfg.output.get("store"):
         provenance = {"source": f"hub train {cfg.source}", "trainer": {
-            "method": cfg.method, "config": cfg.raw, "data": dataset.describe(),
-            "base": cfg.base, "seconds": round(seconds, 2),
+            "method": cfg.method, "task_type": cfg.task_type, "config": cfg.raw,
+            "data": dataset.describe(), "base": cfg.base, "seconds": round(seconds, 2),
             "resumed_from_step": resumed_from or None, **facts}}
-        entry = store.add(written, cfg.output["store"], base=base_name, kind=kind,
-                          metrics=metrics, provenance=provenance, progress=False)
+        head = sorted(set(open_checkpoint(written).tensors) - method.layout.names) \
+            if kind == "finetune" and method.layout is not None else []
+        try:
+            entry = store.add(written, cfg.output["store"], base=base_name, kind=kind,
+                              metrics=metrics, provenance=provenance, progress=False,
+                              new_tensors=head)
+        except (MergehubError, OSError) as e:
+            kept = written
+            if target is None:  # in the temp dir, which goes: keep it beside the checkpoints
+                kept = cfg.run_dir / "result"
+                shutil.rmtree(kept, ignore_errors=True)
+                cfg.run_dir.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(written), kept)
+            raise StoreError(f"{e}; the trained result is kept in {kept}") from e
     return target, entry, facts

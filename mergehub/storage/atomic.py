@@ -80,6 +80,23 @@ def _fsync_tree(root: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
+def check_output_target(target: str | Path, overwrite: bool, how: str | None = None) -> None:
+    """Raise :class:`InputError` if :func:`atomic_output_dir` would refuse ``target``, so that
+    work whose result goes there (training) can be refused before it starts. ``how`` says how
+    to allow replacing it as the caller's user spells that (default: ``overwrite=True`` from
+    Python, ``--overwrite`` under the CLI)."""
+    target = Path(target).absolute()
+    replacing = False
+    if target.exists():
+        if not target.is_dir():
+            raise InputError(f"{target}: exists and is not a directory")
+        replacing = any(target.iterdir())
+    check_output_dir(target, replacing and overwrite)
+    if replacing and not overwrite:
+        how = how or f"pass {spelled('overwrite=True', '--overwrite')}"
+        raise InputError(f"{target}: exists and is not empty ({how} to replace it)")
+
+
 @contextmanager
 def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp dir to fill; on success it replaces ``target`` in one rename.
@@ -91,15 +108,7 @@ def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[P
     and ``target`` is untouched.
     """
     target = Path(target).absolute()
-    replacing = False
-    if target.exists():
-        if not target.is_dir():
-            raise InputError(f"{target}: exists and is not a directory")
-        replacing = any(target.iterdir())
-    check_output_dir(target, replacing and overwrite)
-    if replacing and not overwrite:
-        raise InputError(f"{target}: exists and is not empty (pass "
-                         f"{spelled('overwrite=True', '--overwrite')} to replace it)")
+    check_output_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:12]
     tmp = target.with_name(f".{target.name}.tmp-{tag}")

@@ -55,7 +55,7 @@ import threading
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -1068,7 +1068,8 @@ class Store:
 
     def add(self, path: str | Path, name: str, *, base: str | None = None,
             kind: str | None = None, metrics: dict[str, Any] | None = None,
-            provenance: dict[str, Any] | None = None, progress: bool | None = None) -> ModelInfo:
+            provenance: dict[str, Any] | None = None, progress: bool | None = None,
+            new_tensors: Collection[str] = ()) -> ModelInfo:
         """Add the checkpoint at ``path`` under ``name``.
 
         A directory is kept whole: the weights as tensors, every other file at any depth
@@ -1091,6 +1092,9 @@ class Store:
                 path and mergehub version are always recorded.
             progress: a progress bar on stderr: None (default) on a terminal only
                 (:mod:`mergehub.progress`), True always, False never.
+            new_tensors: tensors of a fine-tune that its base lacks and that it may add all
+                the same, stored whole: a task head (a classifier trained on an encoder,
+                ``hub train``). Any other tensor the base lacks is refused.
         """
         if not _NAME.match(name):
             raise StoreError(f"invalid model name {name!r}: use letters, digits and ._@+=/:- "
@@ -1113,7 +1117,7 @@ class Store:
                 base_tensors = {  # the blob each base tensor's delta is coded against
                     r[0]: (_spec(r), self._delta_ref(r[5]))
                     for r in self._tensor_rows(base_id)}
-                _check_fits_base(ckpt, kind, base, base_tensors)
+                _check_fits_base(ckpt, kind, base, base_tensors, set(new_tensors))
             return self._add_locked(ckpt, name, kind, base, base_id, base_tensors, metrics or {},
                                     provenance or {}, progress)
 
@@ -2225,17 +2229,24 @@ class Store:
 
 
 def _check_fits_base(ckpt: Checkpoint, kind: str, base: str,
-                     base_tensors: dict[str, tuple[TensorSpec, str]]) -> None:
-    """Raise :class:`BaseMismatchError` naming the first tensor that does not fit ``base``."""
+                     base_tensors: dict[str, tuple[TensorSpec, str]],
+                     new_tensors: set[str] = frozenset()) -> None:
+    """Raise :class:`BaseMismatchError` naming the first tensor that does not fit ``base``
+    (``new_tensors`` may be absent from it). An adapter of a task model (a classifier built
+    on a bare encoder) names its targets with the task model's prefix (``bert.encoder...``):
+    a target fits when the base has it with or without that first component."""
     if ckpt.format == "peft" or kind == "adapter":
         for name in ckpt.tensors:
             target = peft_target_weight(name)
-            if target is not None and target not in base_tensors:
+            if target is not None and target not in base_tensors and \
+                    target.partition(".")[2] not in base_tensors:
                 raise BaseMismatchError(
                     f"{ckpt.path}: adapter tensor {name!r} targets {target!r}, which base "
                     f"{base!r} does not have")
         return
     for name in sorted(set(ckpt.tensors) | set(base_tensors)):
+        if name not in base_tensors and name in new_tensors:
+            continue
         if name not in base_tensors:
             raise BaseMismatchError(f"{ckpt.path}: tensor {name!r} is not in base {base!r} "
                                     "(different architecture, or resized/extra layers?)")
