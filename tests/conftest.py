@@ -54,6 +54,17 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models (``pytestmark =
+    pytest.mark.usefixtures("one_thread")``): a second thread only adds hand-offs (3-15x slower
+    on a busy 2-CPU machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     with Store.init(tmp_path / "store") as s:

@@ -22,14 +22,7 @@ from mergehub.adapters.trainer import load_optimizer_state, save_optimizer_state
 from mergehub.hub.demo import TINY_LLAMA
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: a second intra-op thread only adds hand-offs (3-15x slower on a
-    busy 2-CPU machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quadratic(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.nn.Parameter]:

@@ -30,12 +30,7 @@ VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "movie", "film", "
 LORA = "peft: {r: 4, lora_alpha: 8, target_modules: [query, value, dense]}\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tokenizer() -> transformers.PreTrainedTokenizerBase:

@@ -183,7 +183,25 @@ class SyntheticDataset(Dataset):
         return f"synthetic task {'+'.join(self.tasks)}"
 
 
-class ExamplesDataset(Dataset):
+class RowsDataset(Dataset):
+    """Examples read from files (``train``, ``evals``), drawn per step and collated into a
+    padded batch by ``_collate``."""
+
+    train: list[Any]
+    evals: list[Any]
+
+    def _collate(self, rows: list[Any]) -> Batch:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def batch(self, step: int, size: int, seed: int) -> Batch:
+        idx = torch.randint(len(self.train), (size,), generator=step_generator(seed, step))
+        return self._collate([self.train[i] for i in idx.tolist()])
+
+    def eval_batches(self) -> list[Batch]:
+        return [self._collate(self.evals[i:i + 64]) for i in range(0, len(self.evals), 64)]
+
+
+class ExamplesDataset(RowsDataset):
     """Tokenized examples (prompt ids, completion ids) from files, padded per batch."""
 
     def __init__(self, train: list[tuple[list[int], list[int]]],
@@ -203,13 +221,6 @@ class ExamplesDataset(Dataset):
             labels[i, len(p):n] = torch.tensor(c)
             mask[i, :n] = 1
         return Batch(ids, labels, mask)
-
-    def batch(self, step: int, size: int, seed: int) -> Batch:
-        idx = torch.randint(len(self.train), (size,), generator=step_generator(seed, step))
-        return self._collate([self.train[i] for i in idx.tolist()])
-
-    def eval_batches(self) -> list[Batch]:
-        return [self._collate(self.evals[i:i + 64]) for i in range(0, len(self.evals), 64)]
 
     def describe(self) -> str:
         return f"{self.source} ({len(self.train)} examples, {len(self.evals)} held out)"
@@ -315,7 +326,7 @@ class Example(NamedTuple):
     label: int
 
 
-class ClassificationDataset(Dataset):
+class ClassificationDataset(RowsDataset):
     """Texts with one class each (``task_type: seq_cls``); ``labels`` names the classes in id
     order, as the model's ``id2label`` will."""
 
@@ -334,13 +345,6 @@ class ClassificationDataset(Dataset):
         if any(r.type_ids is not None for r in rows):
             types = _pad([r.type_ids or [0] * len(r.ids) for r in rows], 0)[0]
         return Batch(ids, torch.tensor([r.label for r in rows]), mask, types)
-
-    def batch(self, step: int, size: int, seed: int) -> Batch:
-        idx = torch.randint(len(self.train), (size,), generator=step_generator(seed, step))
-        return self._collate([self.train[i] for i in idx.tolist()])
-
-    def eval_batches(self) -> list[Batch]:
-        return [self._collate(self.evals[i:i + 64]) for i in range(0, len(self.evals), 64)]
 
     def describe(self) -> str:
         return (f"{self.source} ({len(self.train)} examples, {len(self.evals)} held out, "
