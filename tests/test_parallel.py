@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from mergehub.storage.parallel import background, ordered_map, torch_threads
+from mergehub.storage.parallel import LoadWatch, background, ordered_map
 
 
 def test_ordered_map_keeps_order_with_uneven_work():
@@ -76,19 +76,47 @@ def test_background_early_stop_ends_the_producer():
     assert not any(t.name == "mergehub-producer" for t in threading.enumerate())
 
 
-def test_torch_threads_sets_and_restores_even_on_error():
+def test_load_watch_sets_and_restores_even_on_error():
     import torch
 
     before = torch.get_num_threads()
     seen = []
     with pytest.raises(RuntimeError):
-        with torch_threads(1):
+        with LoadWatch(busy=True):
             worker = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
             worker.start()
             worker.join()
             seen.append(torch.get_num_threads())
             raise RuntimeError("boom")
     assert seen == [1, 1] and torch.get_num_threads() == before
+
+
+def test_load_watch_follows_other_processes_load(monkeypatch):
+    """One thread while others use at least half a core over the last interval (the busy
+    core-seconds less this process's own CPU seconds), torch's setting otherwise; no look
+    before the interval has passed."""
+    import torch
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    clock = {"busy": 0.0, "own": 0.0, "now": 0.0}
+    watch = LoadWatch(busy=False, interval=1.0, clock=lambda: clock["now"],
+                      sample=lambda: (clock["busy"], clock["own"], clock["now"]))
+    with watch:
+        for busy, own, elapsed, want in [
+                (1.9, 1.6, 1.0, 4),  # others 0.3 core: not busy
+                (1.2, 0.5, 1.0, 1),  # others 0.7 core: busy
+                (3.0, 0.0, 0.5, 1),  # before the interval: no look
+                (3.0, 2.0, 2.0, 1),  # others 1.6 cores over the 2.5 s since the last look
+                (2.0, 1.9, 1.0, 4)]:  # others 0.1 core: back to torch's setting
+            clock["busy"] += busy
+            clock["own"] += own
+            clock["now"] += elapsed
+            watch.check()
+            assert watch.busy == (want == 1)
+            assert threads[-1] == want
+    assert threads[-1] == 4
 
 
 def test_busy_machine_sees_a_spinning_core():

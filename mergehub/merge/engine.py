@@ -6,8 +6,10 @@ the method, casts the result to the output dtype and writes it into the current 
 that need whole-tensor statistics (trim thresholds, L1 norms) first stream over the same chunks.
 Peak memory is a few chunks plus, for store inputs, one decoded tensor of at most
 :data:`~mergehub.merge.inputs.STREAM_BYTES` (256 MiB; a larger one is decoded a chunk at a time
-for each pass over it), whatever the model size; and chunks small enough for the CPU caches make the elementwise work several times
-faster than on whole tensors. Everything is checked before the first tensor is computed, and
+for each pass over it), and for TIES on the CPU one merged tensor of at most 512 MiB and up
+to 256 MiB of its inputs (:mod:`~mergehub.merge.methods.onepass`), whatever the model size;
+and chunks small enough for the CPU caches make the elementwise work several times faster
+than on whole tensors. Everything is checked before the first tensor is computed, and
 the output dir appears only when the whole merge has succeeded.
 """
 
@@ -18,7 +20,7 @@ import json
 import math
 import sys
 import time
-from contextlib import ExitStack, closing, contextmanager
+from contextlib import ExitStack, closing, contextmanager, nullcontext
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +42,7 @@ from mergehub.merge.recipe import (
     resolve_params)
 from mergehub.progress import bar_disabled
 from mergehub.safejson import parse_json
-from mergehub.storage.parallel import background, busy_machine, ordered_map, torch_threads
+from mergehub.storage.parallel import LoadWatch, background, busy_machine, ordered_map
 from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
 from mergehub.storage.store import Store, StoredModel
 from mergehub.storage.writer import (
@@ -405,6 +407,8 @@ class TensorMerger:
                      and not any(src.is_lora for src in plan.inputs))
         #: results of the method's pre-pass (:meth:`prepass`), e.g. global TIES thresholds
         self.state: dict[str, Any] = {}
+        #: called before each chunk is read, in every pass (:func:`execute`: LoadWatch.check)
+        self.between_chunks: Callable[[], None] = lambda: None
         self.reference = plan.base or plan.inputs[0]
 
     def params(self, spec: TensorSpec) -> list[dict[str, Any]]:
@@ -419,6 +423,7 @@ class TensorMerger:
         plan, dev = self.plan, self.device
         sources = plan.inputs if which is None else [plan.inputs[i] for i in which]
         for r0, r1 in ranges:
+            self.between_chunks()
             base = plan.base.theta(spec.name, None, dev, r0, r1) if plan.base is not None else None
             xs = [src.tau(spec.name, base, dev, r0, r1) if plan.method.on_deltas
                   else src.theta(spec.name, base, dev, r0, r1) for src in sources]
@@ -462,14 +467,21 @@ class TensorMerger:
     def _chunked(self, spec: TensorSpec) -> Iterator[torch.Tensor]:
         method, params = self.plan.method, self.params(spec)
         ranges = row_ranges(spec, self.chunk)
+        dtype = TORCH_DTYPE[spec.dtype]
+        sources = [src for src in (self.plan.base, *self.plan.inputs) if src is not None]
         ctx = TensorContext(spec.name, self.device, self.seed,
                             {**self.state, "numel": math.prod(spec.shape),
-                             "row_starts": [r0 for r0, _ in ranges]},
-                            row_size=matrix_shape(spec)[1])
-        method.tensor_stats(lambda which=None: self._chunks(spec, ranges, which), params, ctx)
-        for (r0, r1), (base, xs) in zip(ranges, self._chunks(spec, ranges)):
-            ctx.rows = (r0, r1)
-            yield method.merge(base, xs, params, ctx).to(TORCH_DTYPE[spec.dtype])
+                             "row_starts": [r0 for r0, _ in ranges],
+                             "any_rows": not any(src.in_order(spec.name) for src in sources)},
+                            row_size=matrix_shape(spec)[1], out_dtype=dtype)
+
+        def chunks(which: list[int] | None = None,
+                   rows: list[tuple[int, int]] | None = None) -> Iterator[tuple[
+                       torch.Tensor | None, list[torch.Tensor]]]:
+            return self._chunks(spec, ranges if rows is None else rows, which)
+
+        for part in method.merge_chunks(chunks, ranges, params, ctx):
+            yield part.to(dtype)
 
     def _fused(self, spec: TensorSpec, raw: list[torch.Tensor]) -> Iterator[torch.Tensor]:
         from mergehub import kernels
@@ -535,11 +547,15 @@ def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
     """
     merger = TensorMerger(plan, device, seed=seed, chunk_elements=chunk_elements, fused=fused)
     start = time.perf_counter()
-    # on a busy machine, one intra-op thread: small ops split across cores stall (torch_threads);
-    # worth sampling only for a merge that takes more than a moment
-    busy = merger.device.type == "cpu" and sum(s.nbytes for s in plan.specs) >= BUSY_CHECK_BYTES \
+    # on a busy machine, one intra-op thread: small ops split across cores stall (LoadWatch);
+    # worth sampling before the start only for a merge that takes more than a moment, and
+    # looked at again as the merge reads
+    dev = merger.device
+    busy = dev.type == "cpu" and sum(s.nbytes for s in plan.specs) >= BUSY_CHECK_BYTES \
         and busy_machine()
-    with torch_threads(1 if busy else None):
+    with LoadWatch(busy) if dev.type == "cpu" else nullcontext() as watch:
+        if watch is not None:
+            merger.between_chunks = watch.check
         merger.prepass(progress)
         side = _side_files(plan)
         with byte_bar(sum(s.nbytes for s in plan.specs), "merge", progress) as bar, \

@@ -83,6 +83,13 @@ class Source:
     def is_lora(self) -> bool:
         return self.lora is not None
 
+    def in_order(self, name: str) -> bool:
+        """Whether :meth:`rows` decodes tensor ``name`` a chunk at a time in order (a store
+        entry's tensor above :data:`STREAM_BYTES`): each read out of order starts it over."""
+        spec = self.specs.get(name)
+        return (self.lora is None and isinstance(self.reader, StoredModel) and spec is not None
+                and spec.nbytes > STREAM_BYTES)
+
     def rows(self, name: str, r0: int, r1: int, device: torch.device) -> torch.Tensor:
         """Rows [r0, r1) of a dense input's tensor as float32, shape (r1 - r0, columns).
 

@@ -31,7 +31,7 @@ _DONE = object()
 def busy_machine(sample: float = 0.2) -> bool:
     """Whether other processes keep the cores busy right now: at least half a core in use
     during a short sample (``/proc/stat``, Linux); elsewhere, the 1-minute load average + 1 >=
-    the number of cores. Then :func:`torch_threads` should be 1 for streamed work."""
+    the number of cores. Then streamed work should run on one intra-op thread (:class:`LoadWatch`)."""
     cores = os.cpu_count() or 1
 
     def ticks() -> tuple[int, int]:
@@ -52,29 +52,79 @@ def busy_machine(sample: float = 0.2) -> bool:
     return elapsed > 0 and (1 - (idle1 - idle0) / elapsed) * cores >= 0.5
 
 
-@contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run torch's CPU operations on ``n`` intra-op threads inside the block, then restore
-    (``None``: leave torch's setting alone).
+def _cpu_sample() -> tuple[float, float, float] | None:
+    """(cores busy since boot in core-seconds as ``/proc/stat`` counts them, this process's
+    CPU seconds, a monotonic clock), or ``None`` where ``/proc/stat`` cannot be read."""
+    try:
+        import resource
+
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        busy = (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+    except (ImportError, OSError, ValueError, IndexError):
+        return None
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return busy, own.ru_utime + own.ru_stime, time.monotonic()
+
+
+class LoadWatch:
+    """Torch's intra-op threads for streamed CPU work, chosen again as the work goes on: one
+    while other processes keep at least half a core busy (``busy`` to start with, e.g. from
+    :func:`busy_machine`), torch's own setting otherwise; restored on leaving. A context
+    manager; :meth:`check` between pieces of work looks at the cores' use since the last look
+    (at most every ``interval`` seconds, without waiting): the busy core-seconds of
+    ``/proc/stat`` less this process's own CPU time.
 
     Streamed work is many small operations (a chunk of ~1 MB each): splitting each of them
     across every core costs a barrier per operation, and when other processes keep the cores
     busy one descheduled thread stalls every barrier. Measured on 2 cores, 1B-parameter
     merges: busy, task arithmetic took 213-292 s with two intra-op threads and 26 s with one;
-    idle, one thread made TIES 1.5x slower (106 s against 72 s) and task arithmetic 1.1x. Hence
-    ``torch_threads(1 if busy_machine() else None)``.
+    idle, one thread made TIES 1.5x slower (106 s against 72 s) and task arithmetic 1.1x. A
+    load that starts after the merge has started matters as much as one before it (a task
+    arithmetic merge of 211M parameters on a 2-core machine other processes kept busy: 55-60 s
+    with two threads, 2.9-3.9 s with one), and a choice made once at the start cannot see it.
     """
-    import torch
 
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    def __init__(self, busy: bool, interval: float = 1.0,
+                 sample: Callable[[], tuple[float, float, float] | None] = _cpu_sample,
+                 clock: Callable[[], float] = time.monotonic):
+        import torch
+
+        self.default = torch.get_num_threads()
+        self.busy = busy
+        self.interval = interval
+        self._sample, self._clock = sample, clock
+        self._last = sample()
+
+    def __enter__(self) -> LoadWatch:
+        self._apply()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        torch.set_num_threads(self.default)
+
+    def _apply(self) -> None:
+        import torch
+
+        torch.set_num_threads(1 if self.busy else self.default)
+
+    def check(self) -> None:
+        """Look again if ``interval`` has passed since the last look, and set the threads."""
+        if (self._last is None or self.default == 1
+                or self._clock() - self._last[2] < self.interval):
+            return
+        now = self._sample()
+        if now is None:
+            return
+        elapsed = now[2] - self._last[2]
+        others = (now[0] - self._last[0]) - (now[1] - self._last[1])
+        self._last = now
+        busy = others / elapsed >= 0.5
+        if busy != self.busy:
+            self.busy = busy
+            self._apply()
 
 
 def background(items: Iterable[T], depth: int = 2) -> Iterator[T]:

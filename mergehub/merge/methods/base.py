@@ -135,6 +135,7 @@ class TensorContext:
     #: the fused path's magnitude_cuts: a ``kernels.CutMemo`` where the caller keeps one
     #: (``None``: ``kernels.magnitude_cuts``)
     cut_memo: Any = None
+    out_dtype: torch.dtype = torch.float32  # the dtype the merged tensor is written in
 
     @property
     def offset(self) -> int:
@@ -209,6 +210,24 @@ class MergeMethod:
         ``chunks()`` (or ``chunks(which)`` for some inputs) streams (base rows, input rows)
         over the tensor, as often as needed. Elementwise methods need nothing.
         """
+
+    def merge_chunks(self, chunks: Callable[..., Iterable[tuple[torch.Tensor | None,
+                                                                list[torch.Tensor]]]],
+                     ranges: list[tuple[int, int]], model_params: list[dict[str, Any]],
+                     ctx: TensorContext) -> Iterable[torch.Tensor]:
+        """Merge one whole tensor read through ``chunks``: the merged values in order, as
+        consecutive row chunks of any size (float32, or ``ctx.out_dtype``), on the engine's
+        chunked path.
+
+        ``chunks(which=None, rows=None)`` streams (base rows, input rows) over ``ranges``
+        (the row chunks, in order) or over the row ranges ``rows``. By default
+        :meth:`tensor_stats`, then :meth:`merge` chunk by chunk; a method may instead read
+        the tensor fewer times.
+        """
+        self.tensor_stats(chunks, model_params, ctx)
+        for (r0, r1), (base, xs) in zip(ranges, chunks()):
+            ctx.rows = (r0, r1)
+            yield self.merge(base, xs, model_params, ctx)
 
     @property
     def fusable(self) -> bool:

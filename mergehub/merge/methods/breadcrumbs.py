@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
+from mergehub.merge.methods import fast
 from mergehub.merge.methods.base import MergeMethod, TensorContext, register
 from mergehub.merge.methods.sparsify import (
-    ChunkStream, KeptTally, apply_mask, band_kept, band_mask, combine, l1_scales,
+    ChunkStream, KeptTally, apply_mask, band_kept, band_mask, l1_scales,
     outlier_bands, planned)
 
 
@@ -54,8 +55,8 @@ class _Breadcrumbs(MergeMethod):
               model_params: list[dict[str, Any]], ctx: TensorContext) -> torch.Tensor:
         bands, scales = ctx.state["band"]
         kept = [apply_mask(x, band_mask(x, b, ctx.offset), s) for x, b, s in zip(xs, bands, scales)]
-        mixed = combine(kept, model_params, self.elect, self.params["normalize"])
-        return base + float(self.params["lambda"]) * mixed
+        mixed = fast.combine(kept, model_params, self.elect, self.params["normalize"])
+        return fast.finish(base, mixed, float(self.params["lambda"]))
 
 
 @register

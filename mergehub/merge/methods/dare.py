@@ -10,13 +10,15 @@ the tensor first), or not at all (``rescale: false``).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
+from mergehub.merge.methods import fast
 from mergehub.merge.methods.base import MergeMethod, Rule, TensorContext, register
 from mergehub.merge.methods.sparsify import (
-    ChunkStream, KeptTally, apply_mask, bernoulli_mask, combine, l1_scales, planned)
+    ChunkStream, KeptTally, apply_mask, bernoulli_mask, l1_scales, planned)
 
 
 class _Dare(MergeMethod):
@@ -51,10 +53,29 @@ class _Dare(MergeMethod):
         scales = ctx.state["dare"]
         out = []
         for t, (x, p, s) in enumerate(zip(xs, model_params, scales)):
-            mask = self._mask(x, float(p["density"]), ctx, t, ctx.rows[0])
-            self.tally.add(t, x.numel() if mask is None else int(mask.sum()), 0, x.numel())
-            out.append(apply_mask(x, mask, s))
+            density = float(p["density"])
+            kept = self._fast_drop(x, density, ctx, t, s)
+            if kept is None:
+                mask = self._mask(x, density, ctx, t, ctx.rows[0])
+                self.tally.add(t, x.numel() if mask is None else int(mask.sum()), 0, x.numel())
+                kept = apply_mask(x, mask, s)
+            out.append(kept)
         return out
+
+    def _fast_drop(self, x: torch.Tensor, density: float, ctx: TensorContext, t: int,
+                   scale: float) -> torch.Tensor | None:
+        """Input t's drop on the CPU by :func:`fast.dare_keep` (the same draws and bits), its
+        kept count tallied; ``None`` where that does not apply: the plain masks then draw
+        from a fresh generator of the same seed."""
+        if x.device.type != "cpu" or not 0 < density < 1 \
+                or not math.isfinite(float(x.sum())):  # x * False of an infinite x is NaN
+            return None
+        done = fast.dare_keep(x, density, ctx.generator("dare", t, ctx.rows[0]), scale)
+        if done is None:
+            return None
+        kept, count = done
+        self.tally.add(t, count, 0, x.numel())
+        return kept
 
     def planned_kept(self, densities: list[list[float]], numels: list[int]
                      ) -> tuple[list[float], str]:
@@ -65,9 +86,9 @@ class _Dare(MergeMethod):
 
     def merge(self, base: torch.Tensor | None, xs: list[torch.Tensor],
               model_params: list[dict[str, Any]], ctx: TensorContext) -> torch.Tensor:
-        mixed = combine(self.drop(xs, model_params, ctx), model_params, self.elect,
-                        self.params["normalize"])
-        return base + float(self.params["lambda"]) * mixed
+        mixed = fast.combine(self.drop(xs, model_params, ctx), model_params, self.elect,
+                             self.params["normalize"])
+        return fast.finish(base, mixed, float(self.params["lambda"]))
 
 
 @register

@@ -19,14 +19,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
+from mergehub.merge.methods import fast, onepass
 from mergehub.merge.methods.base import MergeMethod, TensorContext, register
 from mergehub.merge.methods.sparsify import (
-    NOTHING, ChunkStream, Cut, KeptTally, Order, apply_mask, combine, cut_at,
+    NOTHING, ChunkStream, Cut, KeptTally, Order, apply_mask, cut_at,
     cut_mask, kth_rank, l1_scales, located, magnitude_cuts, planned, trim_count)
 
 _BINS = 1 << 16  # a non-negative float32's bits, high half then low half (its sign is 0)
@@ -205,6 +206,37 @@ class Ties(MergeMethod):
             self.tally.add(t, n if cut is None else cut.kept, kth_rank(d, n) or 0, n)
         return cuts
 
+    def merge_chunks(self, chunks: ChunkStream, ranges: list[tuple[int, int]],
+                     model_params: list[dict[str, Any]], ctx: TensorContext
+                     ) -> Iterable[torch.Tensor]:
+        """On the CPU, exact per-tensor trims are selected during the merge's own read
+        (:func:`onepass.one_pass_ties`) where the tensor allows it; otherwise the cuts first
+        (:meth:`tensor_stats`, more reads), then the merge chunk by chunk: the same bits."""
+        if self._one_pass(ctx):
+            n = ctx.state["numel"]
+            ks = [None if d >= 1 or not n else kth_rank(d, n) or 0
+                  for d in (float(p["density"]) for p in model_params)]
+            done = onepass.one_pass_ties(
+                chunks, ranges, ctx.row_size, ks, self.params["ties"],
+                [float(p["weight"]) for p in model_params], self.params["sign_method"],
+                bool(self.params["normalize"]), float(self.params["lambda"]), ctx.out_dtype)
+            if done is not None:
+                merged, cuts = done
+                self._cuts(model_params, ctx, lambda _: cuts)  # the tally
+                yield merged
+                return
+        yield from super().merge_chunks(chunks, ranges, model_params, ctx)
+
+    def _one_pass(self, ctx: TensorContext) -> bool:
+        """Whether :meth:`merge_chunks` tries the one-read path: exact per-tensor trims of
+        plain TIES (a subclass's merge adds to it; ``rescale`` needs the cuts before the
+        first chunk) on the CPU, a merged tensor of at most ``onepass.ONE_PASS_BYTES``, and
+        inputs whose rows can be sampled (none decoded in order)."""
+        return (ctx.device.type == "cpu" and self._global is None and not self._tolerance
+                and not self.params["rescale"] and type(self).merge is Ties.merge
+                and ctx.state.get("any_rows", False)
+                and ctx.state["numel"] * ctx.out_dtype.itemsize <= onepass.ONE_PASS_BYTES)
+
     def kept_report(self) -> KeptTally | None:
         if self._global is not None:
             return KeptTally(self._global.kept(), [self._global.total] * len(self._global.kept()))
@@ -241,17 +273,23 @@ class Ties(MergeMethod):
                 "elect": self.params["sign_method"]}
 
     def trim(self, xs: list[torch.Tensor], ctx: TensorContext) -> list[torch.Tensor]:
-        """Step 1: each task vector restricted to its largest magnitudes."""
+        """Step 1: each task vector restricted to its largest magnitudes (on the CPU by
+        :func:`fast.shrink` where it applies: the same bits)."""
         cuts, scales = ctx.state["trim"]
-        return [apply_mask(x, cut_mask(x, cut, ctx.offset), s)
-                for x, cut, s in zip(xs, cuts, scales)]
+        out = []
+        for x, cut, s in zip(xs, cuts, scales):
+            kept = fast.shrink(x, cut, ctx.offset) if x.device.type == "cpu" else None
+            out.append(apply_mask(x, cut_mask(x, cut, ctx.offset), s) if kept is None
+                       else kept if cut is None or s == 1.0 else kept * s)
+        return out
 
     def merged_delta(self, xs: list[torch.Tensor], model_params: list[dict[str, Any]],
                      ctx: TensorContext) -> torch.Tensor:
         """Steps 1-3: τm, the disjoint mean of the trimmed, sign-elected task vectors."""
-        return combine(self.trim(xs, ctx), model_params, self.params["sign_method"],
-                       self.params["normalize"])
+        return fast.combine(self.trim(xs, ctx), model_params, self.params["sign_method"],
+                            self.params["normalize"])
 
     def merge(self, base: torch.Tensor | None, xs: list[torch.Tensor],
               model_params: list[dict[str, Any]], ctx: TensorContext) -> torch.Tensor:
-        return base + float(self.params["lambda"]) * self.merged_delta(xs, model_params, ctx)
+        return fast.finish(base, self.merged_delta(xs, model_params, ctx),
+                           float(self.params["lambda"]))
