@@ -55,6 +55,32 @@ Speed: on CUDA a dense parameter (no sparsity mask, no float32 copy, no weight d
 update) is moved in one pass per move, z drawn in registers (:func:`mergehub.kernels.zo_step`);
 the other cases draw d into a float32 chunk (:func:`mergehub.kernels.zo_direction`) and move
 with torch ops. Both do the same float32 operations in the same order.
+
+z of an entry is a function of (seed, step, parameter index, perturbation, the entry's position
+in the flattened parameter), whatever part of the parameter a process holds: Triton's Philox
+stream is addressed by position; the torch stream draws each block of ``CHUNK`` entries from a
+generator of its own. So a rank that holds a shard of a parameter (a DTensor, e.g. FSDP2's)
+draws the z of its shard alone and perturbs and updates only it, and the result does not
+depend on the number of ranks or how the parameters are sharded.
+
+Several perturbations (``n_perturbations=P``, the n-SPSA estimate of Malladi et al.): P
+directions z_1..z_P, each evaluated at theta +- eps z_j on the same batch, and the update
+moves along the mean of the P estimates, (1/P) sum_j g_j z_j.
+
+More than one process (``process_group``): every rank holds the model (or its shard) and the
+same seed, so it draws the same z; the ranks only exchange loss values, a few scalars per step
+whatever the model's size, and apply the same update:
+
+* batch-parallel (one perturbation, or sharded parameters): every rank evaluates every
+  perturbation on its own rows of the batch (:meth:`MeZO.batch_rows`); the closure returns its
+  rows' loss sum and their weight (e.g. the token count), and one all-reduce of 4 float64 per
+  perturbation gives every rank the loss of the whole batch;
+* perturbation-parallel (P > 1, every rank holding whole parameters): rank r evaluates
+  perturbations r, r + N, ... on the whole batch, and one all-reduce of 2 float64 per
+  perturbation gives every rank every g_j. Every rank still makes the moves of every
+  perturbation (without evaluating the others'): restoring rounds, as above, and the ranks'
+  weights must round alike to stay equal (moves cost a pass over the parameters, far less
+  than the forward passes they spare).
 """
 
 from __future__ import annotations
@@ -69,12 +95,14 @@ import numpy as np
 import torch
 
 from mergehub import kernels
+from mergehub.adapters import distributed
 from mergehub.kernels.deltas import pack_bits, unpack_bits
 from mergehub.errors import MergehubError
 
 CHUNK = 1 << 22
 """Entries of ``z`` drawn at once (16 MiB of float32); the optimizer's transient memory is a
-few such chunks."""
+few such chunks. On the torch stream also the unit of seeding: entries [k CHUNK, (k+1) CHUNK)
+of a flattened parameter are drawn by a generator of their own (:func:`_stream`)."""
 
 QUANTILE_SAMPLE = 1 << 20
 """Tensors with more entries estimate Sparse MeZO's quantile from this many sampled entries."""
@@ -127,6 +155,15 @@ def _seed(*key: int) -> int:
     return int(words[0]) | (int(words[1]) << 32)
 
 
+def _stream(seed: int, step: int, index: int, j: int = 0, block: int = 0) -> tuple[int, ...]:
+    """The key of perturbation ``j``'s z for parameter ``index`` at ``step`` (its entries
+    [block CHUNK, (block+1) CHUNK) on the torch stream): (seed, step, index) for the first
+    perturbation's first block, the key mergehub used before blocks and perturbations (so a
+    run resumed from then continues bit-exactly where its parameters have at most CHUNK
+    entries); a longer key, which no other stream uses, otherwise."""
+    return (seed, step, index) if j == 0 and block == 0 else (seed, step, index, 2, j, block)
+
+
 def _generator(device: torch.device, *key: int) -> torch.Generator:
     """A torch generator on ``device`` seeded by :func:`_seed` of ``key``."""
     gen = torch.Generator(device=device)
@@ -165,7 +202,8 @@ class MeZO(torch.optim.Optimizer):
         params: parameters or parameter groups, as for any torch optimizer; parameters with
             ``requires_grad=False`` are left alone (so ``model.parameters()`` of a peft model
             trains only the adapter). Groups may set their own ``lr``, ``eps``,
-            ``weight_decay`` and ``density``.
+            ``weight_decay`` and ``density``. A parameter may be a DTensor sharded along dim 0
+            (FSDP2's ``fully_shard``): this process perturbs and updates its shard only.
         lr: learning rate (paper: 1e-6 to 1e-7 for full parameters, ~1e-4 with LoRA).
         eps: perturbation scale (paper: 1e-3; 1e-2 with LoRA).
         weight_decay: decoupled from ``g``, as in the update above; applied only to
@@ -178,10 +216,18 @@ class MeZO(torch.optim.Optimizer):
             packed bitmap (1 bit per entry): recomputing it from the *perturbed* weights would
             disagree with the mask used to perturb for entries within eps|z| of the threshold,
             and restoring would then move entries outside the mask. Entries outside the mask
-            keep their value (they get an exact +0; a -0.0 may come back as +0.0).
+            keep their value (they get an exact +0; a -0.0 may come back as +0.0). The
+            quantile of a sharded tensor is taken over the whole tensor (gathered once a step).
+        n_perturbations: P directions per step (2P evaluations of the closure, spread over the
+            ranks where they hold whole parameters); the update is the mean of the P
+            estimates g_j z_j.
+        process_group: the ranks that train together (``torch.distributed.group.WORLD`` for
+            all), or None for one process. Every rank must build the optimizer with the same
+            arguments and call ``step`` with closures over the same batch: it evaluates
+            :meth:`batch_rows` of it, and the ranks exchange only the loss values.
         master_weights: keep float32 copies of the trained parameters (see the module
             docstring): bit-exact restoring and float32 updates for bf16/fp16 parameters.
-        sign: ZO-SGD-Sign (ZO-Bench): update with sign(g) instead of g.
+        sign: ZO-SGD-Sign (ZO-Bench): update with sign(g) instead of g (one perturbation).
         backend: where z comes from: ``None`` picks ``"triton"`` for CUDA parameters when
             Triton is installed, ``"torch"`` otherwise; ``"triton"``: Philox in the kernels of
             :mod:`mergehub.kernels` (CPU tensors need ``TRITON_INTERPRET=1``); ``"torch"``:
@@ -189,15 +235,19 @@ class MeZO(torch.optim.Optimizer):
             continue such a run bit-exactly). Part of the state, since it picks the stream.
         sparsity: the old, misleading name of ``density``: an error naming it.
 
-    ``step(closure)`` calls ``closure()`` twice under ``torch.no_grad()``; it must evaluate the
-    same batch both times, deterministically (eval mode: :func:`forward_only`), and return a
-    scalar (float or one-element tensor). It returns the mean of the two losses (the loss at
-    theta up to O(eps^2)); ``last_projected_grad`` holds g.
+    ``step(closure)`` calls ``closure()`` twice per perturbation it evaluates, under
+    ``torch.no_grad()``; it must evaluate the same rows both times, deterministically (eval
+    mode: :func:`forward_only`), and return a scalar (float or one-element tensor) or a pair
+    (loss sum, weight): the loss of several rows, or of several ranks' rows, is the sum of
+    their loss sums over the sum of their weights (a scalar has weight 1). It returns the mean
+    over the perturbations of (L+ + L-) / 2; ``last_projected_grads`` holds the P values g_j
+    (``last_projected_grad`` g itself when P = 1).
     """
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float,
                  eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
-                 density: float | None = None, *, master_weights: bool = False,
+                 density: float | None = None, *, n_perturbations: int = 1,
+                 process_group: Any = None, master_weights: bool = False,
                  sign: bool = False, backend: str | None = None, sparsity: Any = None) -> None:
         if sparsity is not None:
             raise MeZOError(RENAMED)
@@ -206,6 +256,13 @@ class MeZO(torch.optim.Optimizer):
             raise MeZOError(f"MeZO: seed must be an integer >= 0, got {seed!r}")
         if backend not in (None, "triton", "torch"):
             raise MeZOError(f"MeZO: backend must be None, 'triton' or 'torch', not {backend!r}")
+        if isinstance(n_perturbations, bool) or not isinstance(n_perturbations, int) \
+                or n_perturbations < 1:
+            raise MeZOError(f"MeZO: n_perturbations must be an integer >= 1, got "
+                            f"{n_perturbations!r}")
+        if sign and n_perturbations > 1:
+            raise MeZOError("MeZO: sign (ZO-SGD-Sign) takes the sign of one projected "
+                            "gradient: use n_perturbations=1 with it")
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay,
                                       density=density))
         for group in self.param_groups:
@@ -213,11 +270,14 @@ class MeZO(torch.optim.Optimizer):
                 raise MeZOError(RENAMED)
             _check_group(group["lr"], group["eps"], group["weight_decay"], group["density"])
         self.seed = seed
+        self.n_perturbations = n_perturbations
+        self.process_group = process_group
         self.master_weights = master_weights
         self.sign = sign
         self.backend = backend
         self.steps_done = 0
         self.last_projected_grad: float | None = None
+        self.last_projected_grads: list[float] = []
 
     def _on_triton(self, p: torch.Tensor) -> bool:
         """Whether ``p``'s perturbations come from the Triton kernels (see ``backend``)."""
@@ -237,73 +297,154 @@ class MeZO(torch.optim.Optimizer):
                 index += 1
         return out
 
-    def _master(self, p: torch.Tensor) -> torch.Tensor:
-        """p's float32 copy, made from p the first time it is needed (so weights loaded into
-        the model after the optimizer was built are picked up)."""
+    # --- who evaluates what ---------------------------------------------------------------
+
+    def _ranks(self) -> tuple[int, int]:
+        """(this rank, number of ranks) in ``process_group``; (0, 1) for one process."""
+        if self.process_group is None:
+            return 0, 1
+        import torch.distributed as dist
+
+        return dist.get_rank(self.process_group), dist.get_world_size(self.process_group)
+
+    def _splits_perturbations(self) -> bool:
+        """Whether the ranks share out the perturbations (P > 1, whole parameters on every
+        rank) rather than the batch."""
+        if self._ranks()[1] == 1 or self.n_perturbations == 1:
+            return False
+        return not any(distributed.is_dtensor(p) for _, p, _ in self._trained())
+
+    def batch_rows(self, n: int) -> slice:
+        """The rows of an ``n``-row batch this rank's closure must evaluate: its part of the
+        batch when the ranks share out the batch (:func:`distributed.rows`: consecutive,
+        sizes differing by at most one, in rank order), else all of them."""
+        rank, size = self._ranks()
+        if size == 1 or self._splits_perturbations():
+            return slice(0, n)
+        if n < size:
+            raise MeZOError(f"MeZO: a batch of {n} rows cannot be shared out among {size} "
+                            "ranks: use a batch of at least one row per rank")
+        return distributed.rows(n, rank, size)
+
+    # --- where z lives --------------------------------------------------------------------
+
+    def _local(self, index: int, p: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(p's entries held here, the flat position of the first): see
+        :func:`distributed.local_run`."""
+        try:
+            return distributed.local_run(p)
+        except ValueError as e:
+            raise MeZOError(f"MeZO: parameter {index}: {e}") from None
+
+    def _master(self, p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """The float32 copy of p's ``local`` entries, made from them the first time it is
+        needed (so weights loaded into the model after the optimizer was built are picked
+        up)."""
         state = self.state[p]
         if "master" not in state:
-            state["master"] = p.detach().to(torch.float32, copy=True)
+            state["master"] = local.detach().to(torch.float32, copy=True)
         return state["master"]
 
     @staticmethod
-    def _chunks(p: torch.Tensor, master: torch.Tensor | None
+    def _pieces(local: torch.Tensor, master: torch.Tensor | None, offset: int
                 ) -> Iterable[tuple[torch.Tensor, torch.Tensor | None, int]]:
-        """(slice of p, the same slice of its master, first entry): flat runs of ``CHUNK``
-        entries, or the whole tensor when p is not contiguous."""
-        if not p.is_contiguous():
-            yield p.data, master, 0
+        """(slice of ``local``, the same slice of its master, the flat position of its first
+        entry in the whole parameter): ``local`` cut where the flat positions cross a multiple
+        of ``CHUNK``, or the whole of it when it is not contiguous."""
+        if not local.is_contiguous():
+            yield local, master, offset
             return
-        flat = p.data.view(-1)
+        flat = local.view(-1)
         mflat = None if master is None else master.view(-1)
-        for start in range(0, flat.numel(), CHUNK):
-            stop = start + CHUNK
-            yield flat[start:stop], None if mflat is None else mflat[start:stop], start
+        at = 0
+        while at < flat.numel():
+            stop = min(flat.numel(), ((offset + at) // CHUNK + 1) * CHUNK - offset)
+            yield flat[at:stop], None if mflat is None else mflat[at:stop], offset + at
+            at = stop
+
+    def _direction(self, p: torch.Tensor, index: int, j: int, chunk: torch.Tensor,
+                   start: int, eps: float) -> torch.Tensor:
+        """d = eps z (float32, shaped as ``chunk``, lowest bit set) of perturbation ``j`` for
+        the entries of parameter ``index`` (``p``) at flat positions [start, start +
+        chunk.numel())."""
+        n = chunk.numel()
+        if self._on_triton(p):
+            skew = start % 4  # the Philox stream is addressed in fours
+            seed = _seed(*_stream(self.seed, self.steps_done, index, j))
+            d = kernels.zo_direction(n + skew, seed, eps, start=start - skew,
+                                     device=chunk.device)[skew:]
+            return d.view(chunk.shape)
+        d = torch.empty(n, dtype=torch.float32, device=chunk.device)
+        at = start
+        while at < start + n:
+            block = at // CHUNK
+            first = block * CHUNK
+            size = min(CHUNK, p.numel() - first)
+            gen = _generator(chunk.device, *_stream(self.seed, self.steps_done, index, j,
+                                                     block))
+            lo, hi = at - first, min(size, start + n - first)
+            if lo == 0 and hi == size:
+                torch.randn(size, generator=gen, out=d[at - start:at - start + size])
+            else:  # a shard's edge: the block drawn whole, as a process holding it would
+                d[at - start:first + hi - start] = torch.randn(
+                    size, generator=gen, dtype=torch.float32, device=chunk.device)[lo:hi]
+            at = first + hi
+        return _sticky(d.mul_(eps)).view(chunk.shape)
+
+    def _masks(self, trained: list[tuple[int, torch.Tensor, dict[str, Any]]]
+               ) -> dict[int, list[torch.Tensor]]:
+        """Sparse MeZO's masks for this step, from the weights at theta: per sparse parameter,
+        per piece (:meth:`_pieces`), the packed bits of ``|theta| <= tau``."""
+        masks: dict[int, list[torch.Tensor]] = {}
+        for index, p, group in trained:
+            q = group["density"]
+            if q is None:
+                continue
+            local, offset = self._local(index, p)
+            master = self._master(p, local) if self.master_weights else None
+            tau = _threshold(distributed.whole(p, master), q,
+                             _generator(p.device, self.seed, self.steps_done, index, 1))
+            masks[index] = [
+                pack_bits(((ref <= tau) & (ref >= -tau)).reshape(-1))
+                for chunk, mchunk, _ in self._pieces(local, master, offset)
+                for ref in [chunk if mchunk is None else mchunk]]
+        return masks
+
+    # --- moving ---------------------------------------------------------------------------
 
     def _move(self, trained: list[tuple[int, torch.Tensor, dict[str, Any]]], frm: int, to: int,
-              masks: dict[int, torch.Tensor], grad: float | None = None) -> None:
-        """Move every trained parameter from ``theta + frm*eps*z`` to ``theta + to*eps*z``
+              masks: dict[int, list[torch.Tensor]], j: int = 0, grad: float | None = None,
+              decay: bool = True) -> None:
+        """Move every trained parameter from ``theta + frm*eps*z_j`` to ``theta + to*eps*z_j``
         (one rounded eps-sized move at a time, or from the float32 copy), then, with ``grad``,
-        apply the update at ``to == 0``. At ``frm == 0`` a sparse step computes its masks."""
+        apply the update along z_j (and, with ``decay``, the weight decay) at ``to == 0``."""
         for index, p, group in trained:
             fused = self._on_triton(p)
-            key = (self.seed, self.steps_done, index)
-            seed, gen = (_seed(*key), None) if fused else (None, _generator(p.device, *key))
-            master = self._master(p) if self.master_weights else None
+            local, offset = self._local(index, p)
+            master = self._master(p, local) if self.master_weights else None
             q = group["density"]
-            if q is not None and frm == 0:
-                tau = _threshold(p if master is None else master, q,
-                                 _generator(p.device, self.seed, self.steps_done, index, 1))
-                masks[index] = torch.empty((p.numel() + 7) // 8, dtype=torch.uint8,
-                                           device=p.device)
             eps = group["eps"]
-            decays = grad is not None and p.dim() >= 2 and bool(group["weight_decay"])
-            if fused and q is None and master is None and not decays and p.is_contiguous() \
-                    and p.dtype in _IN_REGISTERS:  # one pass, d in registers: no chunks needed
-                kernels.zo_step(p.data.view(-1), seed, eps, to - frm, update=None
+            decays = decay and grad is not None and p.dim() >= 2 and bool(group["weight_decay"])
+            if fused and q is None and master is None and not decays and local.is_contiguous() \
+                    and local.dtype in _IN_REGISTERS and offset % 4 == 0:
+                # one pass, d in registers: no chunks needed
+                kernels.zo_step(local.view(-1), _seed(*_stream(self.seed, self.steps_done,
+                                                               index, j)),
+                                eps, to - frm, start=offset, update=None
                                 if grad is None else self._step_scale(grad, group))
                 continue
-            for chunk, mchunk, start in self._chunks(p, master):
+            for piece, (chunk, mchunk, start) in enumerate(self._pieces(local, master, offset)):
                 # d = eps z, zero outside the mask: every move below is a plain dense add
-                if fused:
-                    d = kernels.zo_direction(chunk.numel(), seed, eps, start=start,
-                                             device=chunk.device).view(chunk.shape)
-                else:
-                    d = torch.randn(chunk.shape, generator=gen, device=chunk.device,
-                                    dtype=torch.float32)
-                    _sticky(d.mul_(eps))
+                d = self._direction(p, index, j, chunk, start, eps)
                 if q is not None:
-                    bits = masks[index][start // 8:(start + chunk.numel() + 7) // 8]
-                    if frm == 0:
-                        ref = chunk if mchunk is None else mchunk
-                        bits.copy_(pack_bits(((ref <= tau) & (ref >= -tau)).reshape(-1)))
-                    d.mul_(unpack_bits(bits, chunk.numel()).view(chunk.shape))
+                    d.mul_(unpack_bits(masks[index][piece], chunk.numel()).view(chunk.shape))
                 if mchunk is None:
                     for _ in range(abs(to - frm)):
                         chunk.add_(d) if to > frm else chunk.sub_(d)
                 elif to != 0:
                     chunk.copy_(torch.add(mchunk, d, alpha=to))
                 if grad is not None:
-                    self._update(chunk, mchunk, d, grad, group, p.dim() >= 2)
+                    self._update(chunk, mchunk, d, grad, group, decays)
                 elif mchunk is not None and to == 0:
                     chunk.copy_(mchunk)
 
@@ -315,7 +456,7 @@ class MeZO(torch.optim.Optimizer):
         lr = group["lr"]
         target = chunk if mchunk is None else mchunk
         decay = None
-        if decays and group["weight_decay"]:
+        if decays:
             decay = target * (-lr * group["weight_decay"])
             if group["density"] is not None:
                 decay.mul_(d != 0)  # d has its lowest bit set inside the mask: never zero there
@@ -330,41 +471,108 @@ class MeZO(torch.optim.Optimizer):
         g = math.copysign(1.0, grad) if self.sign and grad != 0 else grad
         return -group["lr"] * g / group["eps"]
 
+    # --- evaluating -----------------------------------------------------------------------
+
     def _evaluate(self, closure: Callable[[], Any], trained: list, at: int,
-                  masks: dict[int, torch.Tensor]) -> float:
-        """closure() at offset ``at``; on an exception or a non-finite value the parameters are
-        restored before the error propagates."""
+                  masks: dict[int, list[torch.Tensor]], j: int) -> tuple[float, float]:
+        """(loss sum, weight) of closure() at offset ``at`` along z_j; on an exception the
+        parameters are restored before it propagates."""
         try:
             value = closure()
-            loss = float(value.detach() if isinstance(value, torch.Tensor) else value)
+            if isinstance(value, (tuple, list)):
+                total, weight = (float(v.detach() if isinstance(v, torch.Tensor) else v)
+                                 for v in value)
+            else:
+                total, weight = float(value.detach() if isinstance(value, torch.Tensor)
+                                      else value), 1.0
         except BaseException:
-            self._move(trained, at, 0, masks)
+            self._move(trained, at, 0, masks, j)
             raise
-        if not math.isfinite(loss):
-            self._move(trained, at, 0, masks)
-            raise MeZOError(f"MeZO step {self.steps_done}: the closure returned {loss} at the "
-                            f"{'+' if at > 0 else '-'}eps perturbation; parameters restored, "
-                            f"step not taken (lower eps or check the objective)")
-        return loss
+        return total, weight
+
+    def _losses(self, measured: dict[int, tuple[tuple[float, float], tuple[float, float]]],
+                by_perturbation: bool) -> list[tuple[float, float]]:
+        """(L+, L-) of every perturbation, the same on every rank: from this rank's
+        (sum, weight) pairs, summed over the ranks that shared out the batch, or gathered from
+        the ranks that shared out the perturbations (one all-reduce either way)."""
+        def ratio(total: float, weight: float) -> float:
+            return total / weight if weight else math.nan
+
+        if by_perturbation:  # rank r holds perturbations r, r + N, ...: zeros elsewhere
+            flat = [0.0] * (2 * self.n_perturbations)
+            for j, (plus, minus) in measured.items():
+                flat[2 * j:2 * j + 2] = ratio(*plus), ratio(*minus)
+            flat = distributed.sum_over_ranks(flat, self.process_group)
+            return [(flat[2 * j], flat[2 * j + 1]) for j in range(self.n_perturbations)]
+        flat = [x for j in sorted(measured) for pair in measured[j] for x in pair]
+        if self.process_group is not None:
+            flat = distributed.sum_over_ranks(flat, self.process_group)
+        return [(ratio(*flat[4 * j:4 * j + 2]), ratio(*flat[4 * j + 2:4 * j + 4]))
+                for j in range(len(measured))]
+
+    def _check_finite(self, losses: list[tuple[float, float]]) -> None:
+        """A MeZOError naming the first non-finite loss (the parameters are at theta)."""
+        for j, pair in enumerate(losses):
+            for side, loss in zip("+-", pair):
+                if not math.isfinite(loss):
+                    which = f" of perturbation {j}" if self.n_perturbations > 1 else ""
+                    where = " (summed over the ranks)" if self.process_group is not None else ""
+                    raise MeZOError(f"MeZO step {self.steps_done}: the closure returned {loss}"
+                                    f"{where} at the {side}eps perturbation{which}; parameters "
+                                    f"restored, step not taken (lower eps or check the "
+                                    f"objective)")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> float:  # type: ignore[override]
-        """One MeZO step on the closure's batch; returns (L+ + L-) / 2."""
+        """One MeZO step on the closure's batch; returns the mean of (L+ + L-) / 2 over the
+        perturbations."""
         if closure is None:
             raise MeZOError("MeZO.step needs a closure that returns the loss of the current "
                             "batch (it is evaluated twice, at theta + eps z and theta - eps z)")
         trained = self._trained()
         eps = self._eps_of(trained)
-        masks: dict[int, torch.Tensor] = {}
-        self._move(trained, 0, 1, masks)
-        loss_plus = self._evaluate(closure, trained, 1, masks)
-        self._move(trained, 1, -1, masks)
-        loss_minus = self._evaluate(closure, trained, -1, masks)
-        grad = (loss_plus - loss_minus) / (2 * eps)
-        self._move(trained, -1, 0, masks, grad=grad)
-        self.last_projected_grad = grad
+        sharded = any(distributed.is_dtensor(p) for _, p, _ in trained)
+        if sharded and self.process_group is None:
+            raise MeZOError("MeZO: the parameters are sharded (DTensors): pass process_group, "
+                            "the ranks that hold the shards and evaluate the loss together")
+        masks = self._masks(trained)
+        by_perturbation = self._splits_perturbations()
+        rank, size = self._ranks()
+        mine = range(rank, self.n_perturbations, size) if by_perturbation \
+            else range(self.n_perturbations)
+        measured = {}
+        if self.n_perturbations == 1:  # restoring and updating in one move
+            self._move(trained, 0, 1, masks)
+            plus = self._evaluate(closure, trained, 1, masks, 0)
+            self._move(trained, 1, -1, masks)
+            minus = self._evaluate(closure, trained, -1, masks, 0)
+            losses = self._losses({0: (plus, minus)}, False)
+            if not all(math.isfinite(x) for x in losses[0]):
+                self._move(trained, -1, 0, masks)
+                self._check_finite(losses)
+            grads = [(losses[0][0] - losses[0][1]) / (2 * eps)]
+            self._move(trained, -1, 0, masks, grad=grads[0])
+        else:
+            for j in range(self.n_perturbations):
+                # every rank makes every perturbation's moves, evaluated or not: restoring
+                # rounds (module docstring), and so the weights stay the same on every rank,
+                # and the same as on one process
+                self._move(trained, 0, 1, masks, j)
+                plus = self._evaluate(closure, trained, 1, masks, j) if j in mine else None
+                self._move(trained, 1, -1, masks, j)
+                if j in mine:
+                    measured[j] = (plus, self._evaluate(closure, trained, -1, masks, j))
+                self._move(trained, -1, 0, masks, j)
+            losses = self._losses(measured, by_perturbation)
+            self._check_finite(losses)
+            grads = [(lp - lm) / (2 * eps) for lp, lm in losses]
+            for j, g in enumerate(grads):  # the mean of the P estimates g_j z_j
+                self._move(trained, 0, 0, masks, j, grad=g / self.n_perturbations,
+                           decay=j == 0)
+        self.last_projected_grads = grads
+        self.last_projected_grad = grads[0] if len(grads) == 1 else None
         self.steps_done += 1
-        return (loss_plus + loss_minus) / 2
+        return sum(lp + lm for lp, lm in losses) / (2 * len(losses))
 
     def _eps_of(self, trained: list[tuple[int, torch.Tensor, dict[str, Any]]]) -> float:
         """The eps of the step: every group perturbed must share one, since g is one scalar."""
@@ -377,11 +585,14 @@ class MeZO(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The torch optimizer state plus the step count, seed and options, so a run resumed
-        from it draws the same perturbations (and float32 copies with ``master_weights``)."""
+        from it draws the same perturbations (and float32 copies with ``master_weights``: of
+        this rank's shards, for sharded parameters)."""
         out = super().state_dict()
         out["mezo"] = {"steps_done": self.steps_done, "seed": self.seed,
                        "master_weights": self.master_weights, "sign": self.sign,
-                       "backend": self.backend, "last_projected_grad": self.last_projected_grad}
+                       "backend": self.backend, "n_perturbations": self.n_perturbations,
+                       "last_projected_grad": self.last_projected_grad,
+                       "last_projected_grads": self.last_projected_grads}
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -409,4 +620,6 @@ class MeZO(torch.optim.Optimizer):
         self.master_weights = bool(extra["master_weights"])
         self.sign = bool(extra["sign"])
         self.backend = extra.get("backend")  # states saved before the kernels have none
+        self.n_perturbations = int(extra.get("n_perturbations", 1))  # 1 before there was a choice
         self.last_projected_grad = extra["last_projected_grad"]
+        self.last_projected_grads = list(extra.get("last_projected_grads", []))
