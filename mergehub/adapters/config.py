@@ -39,8 +39,10 @@ METHOD_PARAMS: dict[str, dict[str, Any]] = {
     "sparse": {"density": 0.01, "scope": "global", "fisher_batches": 8, "include": None,
                "exclude": None},
     "onebit": {"group": "matrix", "quantizer": "normal", "mean": True},
-    "mezo": {"eps": 1e-3, "objective": "loss", "over": "all"},
-    "sparse_mezo": {"eps": 1e-3, "objective": "loss", "over": "all", "density": 0.25},
+    "mezo": {"eps": 1e-3, "objective": "loss", "over": "all", "n_perturbations": 1,
+             "shard": False},
+    "sparse_mezo": {"eps": 1e-3, "objective": "loss", "over": "all", "density": 0.25,
+                    "n_perturbations": 1, "shard": False},
 }
 #: (method, old parameter name) -> (new name, why): an old name is an error naming the new one
 RENAMED_PARAMS: dict[tuple[str, str], tuple[str, str]] = {
@@ -187,6 +189,14 @@ def parse_config(doc: Any, source: str = "<config>", root: Path | None = None) -
             raise ConfigError(f"{at(params, 'objective')}: objective token_error scores "
                               "completions of a causal LM; use loss with task_type "
                               f"{task_type}")
+        perturbations = params.get("n_perturbations", 1)
+        if isinstance(perturbations, bool) or not isinstance(perturbations, int) \
+                or perturbations < 1:
+            raise ConfigError(f"{at(params, 'n_perturbations')}: n_perturbations must be an "
+                              f"integer >= 1, got {shown(perturbations)}")
+        if not isinstance(params.get("shard", False), bool):
+            raise ConfigError(f"{at(params, 'shard')}: shard must be true or false, got "
+                              f"{shown(params['shard'])}")
         if peft_cfg is None and over == "adapter":
             raise ConfigError(f"{at(doc, 'method')}: {method} over 'adapter' needs a peft: section")
     elif peft_cfg is not None and method not in PEFT_METHODS:

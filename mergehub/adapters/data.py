@@ -100,6 +100,22 @@ def completion_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, 
     return int(ok.all(1).sum()), int((ok & mask).sum()), int(mask.sum())
 
 
+def token_loss(logits: torch.Tensor, labels: torch.Tensor,
+               causal: bool = True) -> tuple[float, int]:
+    """(sum of the cross-entropies of the scored targets, number of scored targets) of
+    ``logits`` for ``labels`` (-100: not scored): the loss transformers computes, of the next
+    token for a causal LM (``causal``), else of each position (a masked LM's masked tokens) or
+    each row (a classifier's label), as a sum in float64 and a count, so that the loss of
+    several batches, or of the parts of one batch on several ranks, is the sum of their sums
+    over the sum of their counts."""
+    if causal:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != -100
+    losses = torch.nn.functional.cross_entropy(logits[mask].float(), labels[mask],
+                                               reduction="none")
+    return float(losses.double().sum()), int(mask.sum())
+
+
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor,
              chunk: int = 500) -> tuple[float, float]:
@@ -137,6 +153,17 @@ class Batch:
         if self.token_type_ids is not None:
             out["token_type_ids"] = self.token_type_ids
         return out
+
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """``kwargs()`` without the labels: the model returns logits and computes no loss."""
+        return {k: v for k, v in self.kwargs().items() if k != "labels"}
+
+    def part(self, rows: slice) -> "Batch":
+        """The batch of ``rows`` (same width: the padding of the whole batch is kept)."""
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[rows]
+        return Batch(self.input_ids[rows], self.labels[rows], cut(self.attention_mask),
+                     cut(self.token_type_ids))
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:

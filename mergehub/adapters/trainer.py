@@ -43,10 +43,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from mergehub.adapters import distributed, onebit, sparse
 from mergehub.adapters import lora as lora_mod
-from mergehub.adapters import onebit, sparse
 from mergehub.adapters.config import PEFT_METHODS, ConfigError, TrainConfig, load_config
-from mergehub.adapters.data import Batch, Dataset, accuracy, build_dataset, completion_scores
+from mergehub.adapters.data import Batch, Dataset, build_dataset, completion_scores, token_loss
+from mergehub.adapters.distributed import World
 from mergehub.errors import InputError, MergehubError, StoreError, spelled
 from mergehub.progress import bar_disabled
 from mergehub.storage.atomic import atomic_output_dir, check_output_target, write_file_atomic
@@ -76,9 +77,14 @@ class Method:
     state a checkpoint keeps, and how the result is saved.
     """
 
+    #: whether the parameters are sharded over the ranks (every rank must then take part in
+    #: evaluating, checkpointing and saving)
+    sharded = False
+
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, dataset: Dataset,
-                 resume: tuple[dict[str, torch.Tensor], dict[str, Any]] | None):
-        self.cfg, self.dataset = cfg, dataset
+                 resume: tuple[dict[str, torch.Tensor], dict[str, Any]] | None,
+                 world: World | None = None):
+        self.cfg, self.dataset, self.world = cfg, dataset, world
         self.model = self.build(model, resume)
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.optimizer = self.make_optimizer()
@@ -119,6 +125,11 @@ class Method:
     def extra_state(self) -> dict[str, Any]:
         """JSON-able method state a checkpoint keeps (besides tensors and optimizer)."""
         return {}
+
+    def whole_model(self, fresh: Callable[[], torch.nn.Module]) -> None:
+        """Before rank 0 saves: make ``self.model`` the whole model there (a sharded method
+        gathers its weights into ``fresh()``, a plain copy of the model; every rank calls
+        this)."""
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
@@ -374,34 +385,76 @@ class SparseMethod(Method):
 
 class MezoMethod(Method):
     """MeZO / Sparse MeZO (zeroth order, two forward passes per step) over every parameter or
-    over a peft adapter's; the optimizer is :class:`mergehub.adapters.mezo.MeZO`."""
+    over a peft adapter's; the optimizer is :class:`mergehub.adapters.mezo.MeZO`. On several
+    processes the ranks share out each batch (or, with ``n_perturbations`` > 1, the
+    perturbations) and exchange only loss values; with ``shard: true`` each rank holds 1/N of
+    every parameter (FSDP2, :func:`mergehub.adapters.distributed.shard_model`)."""
 
     def build(self, model, resume):
         # the trained parameters are those that require grad (MeZO's rule); the closure runs
         # under no_grad, so no autograd graph is built: the memory of inference
         if self.cfg.param("over") == "adapter":
             return wrap_peft(model, self.cfg)
-        return model.requires_grad_(True)
+        model.requires_grad_(True)
+        if self.cfg.param("shard"):
+            self.sharded = True
+            return distributed.shard_model(model)
+        return model
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         from mergehub.adapters.mezo import MeZO
 
         density = float(self.cfg.param("density")) if self.cfg.method == "sparse_mezo" else None
         return MeZO(list(self.params.values()), lr=self.cfg.lr, eps=float(self.cfg.param("eps")),
-                    weight_decay=self.cfg.weight_decay, seed=self.cfg.seed, density=density)
+                    weight_decay=self.cfg.weight_decay, seed=self.cfg.seed, density=density,
+                    n_perturbations=int(self.cfg.param("n_perturbations")),
+                    process_group=None if self.world is None else torch.distributed.group.WORLD)
 
     def step(self, batch: Batch, step: int) -> float:
         from mergehub.adapters.mezo import forward_only
 
         objective = self.cfg.param("objective")  # checked by the config
+        part = batch.part(self.optimizer.batch_rows(len(batch.input_ids)))
 
-        def closure() -> float:
+        def closure() -> tuple[float, int]:
+            """(loss sum, scored tokens) of this rank's rows: the ranks' sums and counts add
+            up to the loss of the whole batch."""
+            logits = self.model(**part.inputs()).logits
             if objective == "loss":
-                return float(self.model(**batch.kwargs()).loss)
-            return 1.0 - accuracy(self.model, batch.input_ids, batch.labels)[1]
+                return token_loss(logits, part.labels, self.cfg.task_type == "causal_lm")
+            _, right, total = completion_scores(logits, part.labels)
+            return total - right, total
 
         with forward_only(self.model):  # eval mode: both passes see the same function
             return float(self.optimizer.step(closure))
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The trained tensors; sharded, gathered one at a time (every rank must call this)
+        and kept by rank 0 only."""
+        if not self.sharded:
+            return super().state_tensors()
+        keep = self.world.main
+        return {n: t for n, p in self.params.items()
+                for t in [distributed.whole(p)] if keep}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if not self.sharded:
+            return super().load_tensors(tensors)
+        for name, p in self.params.items():
+            if name not in tensors or tensors[name].shape != p.shape:
+                raise InputError(f"checkpoint has no tensor {name!r} of shape {tuple(p.shape)} "
+                                 f"(another method or model? start afresh with {_fresh()})")
+            distributed.set_whole(p, tensors[name])
+
+    def whole_model(self, fresh: Callable[[], torch.nn.Module]) -> None:
+        if not self.sharded:
+            return
+        tensors = self.state_tensors()
+        if self.world.main:
+            self.model = fresh().requires_grad_(True)
+            self.params = dict(self.model.named_parameters())
+            self.sharded = False
+            self.load_tensors(tensors)
 
     def save(self, out: Path, dtype: torch.dtype) -> tuple[str, dict[str, Any]]:
         if self.cfg.param("over") == "adapter":
@@ -428,6 +481,8 @@ class TrainResult:
     entry: ModelInfo | None = None
     resumed_from: int | None = None
     interrupted: bool = False
+    #: this process's rank when several trained together (only rank 0 writes the result)
+    rank: int = 0
     last_checkpoint: Path | None = None
     facts: dict[str, Any] = field(default_factory=dict)
 
@@ -462,11 +517,9 @@ def evaluate(model: torch.nn.Module, dataset: Dataset) -> dict[str, float]:
             return _evaluate_completions(model, batches)
         loss_sum = right = total = 0.0
         for b in batches:
-            kwargs = {k: v for k, v in b.kwargs().items() if k != "labels"}
-            logits = model(**kwargs).logits.float()
+            logits = model(**b.inputs()).logits
             mask = b.labels != -100
-            loss_sum += float(torch.nn.functional.cross_entropy(
-                logits[mask], b.labels[mask], reduction="sum"))
+            loss_sum += token_loss(logits, b.labels, causal=False)[0]
             right += float((logits.argmax(-1) == b.labels)[mask].sum())
             total += float(mask.sum())
         key = "eval_accuracy" if dataset.task_type == "seq_cls" else "eval_token_accuracy"
@@ -478,12 +531,8 @@ def evaluate(model: torch.nn.Module, dataset: Dataset) -> dict[str, float]:
 def _evaluate_completions(model: torch.nn.Module, batches: list[Batch]) -> dict[str, float]:
     loss_sum = exact = right = total = examples = 0.0
     for b in batches:
-        kwargs = {k: v for k, v in b.kwargs().items() if k != "labels"}
-        logits = model(**kwargs).logits.float()
-        target = b.labels[:, 1:]
-        loss_sum += float(torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
-            ignore_index=-100, reduction="sum"))
+        logits = model(**b.inputs()).logits
+        loss_sum += token_loss(logits, b.labels)[0]
         e, r, t = completion_scores(logits, b.labels)
         exact, right, total, examples = exact + e, right + r, total + t, examples + len(b.labels)
     return {"eval_loss": loss_sum / max(total, 1), "eval_exact_match": exact / examples,
@@ -562,12 +611,17 @@ def load_optimizer_state(path: Path) -> dict[str, Any]:
 
 
 def _write_checkpoint(cfg: TrainConfig, method: Method, step: int, losses: list[float],
-                      history: list[dict[str, Any]]) -> Path:
+                      history: list[dict[str, Any]], main: bool = True) -> Path | None:
+    """Write ``checkpoint-STEP`` (on rank 0 only; the other ranks of a sharded run take part
+    in gathering the tensors); returns its path."""
     from safetensors.torch import save_file
 
+    state_tensors = method.state_tensors()
+    if not main:
+        return None
     path = cfg.run_dir / f"checkpoint-{step:07d}"
     with atomic_output_dir(path, overwrite=True) as tmp:
-        tensors = {n: t.detach().contiguous().clone() for n, t in method.state_tensors().items()}
+        tensors = {n: t.detach().contiguous().clone() for n, t in state_tensors.items()}
         save_file(tensors, str(tmp / TENSORS_FILE))
         save_optimizer_state(method.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         (tmp / STATE_FILE).write_text(json.dumps({
@@ -613,10 +667,42 @@ def _copy_side_files(base_dir: Path, out: Path) -> None:
             shutil.copyfile(p, out / p.name)
 
 
+#: the methods that train on several processes (torchrun)
+PARALLEL_METHODS = ("mezo", "sparse_mezo")
+
+
+def check_world(cfg: TrainConfig, size: int) -> None:
+    """Refuse a config that cannot train on ``size`` processes: only MeZO methods run on more
+    than one, a batch shared out among the ranks needs a row for each, and ``shard`` needs
+    several processes and whole-model training."""
+    shard = cfg.method in PARALLEL_METHODS and cfg.param("shard")
+    if shard and cfg.param("over") == "adapter":
+        raise ConfigError(f"{cfg.source}: shard: true shards the model's own weights; MeZO over "
+                          "an adapter trains a few tensors: run it data-parallel without shard")
+    if size == 1:
+        if shard:
+            raise ConfigError(f"{cfg.source}: shard: true needs more than one process (torchrun "
+                              "--nproc-per-node N, or hub train --nproc N)")
+        return
+    if cfg.method not in PARALLEL_METHODS:
+        raise ConfigError(f"{cfg.source}: method {cfg.method} trains on one process; of the "
+                          f"methods only {' and '.join(PARALLEL_METHODS)} run on {size} "
+                          f"processes")
+    by_batch = shard or int(cfg.param("n_perturbations")) == 1
+    if by_batch and cfg.batch_size < size:
+        raise ConfigError(f"{cfg.source}: batch_size {cfg.batch_size} is smaller than the {size} "
+                          f"processes that share out each batch (one row each at least)")
+
+
 def train(config: str | Path | dict[str, Any] | TrainConfig, *, store: Store | None = None,
           resume: bool = True, progress: bool | None = None, stop_after: int | None = None,
           echo: Callable[[str], None] = lambda text: None) -> TrainResult:
     """Train as ``config`` says (a YAML path, a dict or a :class:`TrainConfig`).
+
+    Started by torchrun as one of several processes (or in a process group already
+    initialized), MeZO methods train on all of them: every rank runs this function; rank 0
+    alone shows progress, writes checkpoints and the result, and returns ``output_dir`` and
+    ``entry`` (see :mod:`mergehub.adapters.distributed`).
 
     Args:
         store: where ``output.store`` goes and store-named bases come from.
@@ -628,9 +714,25 @@ def train(config: str | Path | dict[str, Any] | TrainConfig, *, store: Store | N
             checkpoint stays and no output is written. For tests and step-wise runs.
         echo: receives one-line status messages.
     """
+    cfg = config if isinstance(config, TrainConfig) else load_config(config)
+    world, created = distributed.join()
+    try:
+        check_world(cfg, world.size if world else 1)
+        if world is not None and not world.main:
+            progress, echo = False, lambda text: None
+        return _train(cfg, world, store, resume, progress, stop_after, echo)
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, world: World | None, store: Store | None, resume: bool,
+           progress: bool | None, stop_after: int | None,
+           echo: Callable[[str], None]) -> TrainResult:
+    """:func:`train` on this rank (``world`` None: the only one)."""
     import transformers
 
-    cfg = config if isinstance(config, TrainConfig) else load_config(config)
+    main = world is None or world.main
     if cfg.output.get("store") and store is None:
         raise StoreError(f"{cfg.source}: output.store needs a store "
                          f"({spelled('store=', '--store, or MERGEHUB_HOME')})")
@@ -649,7 +751,11 @@ def train(config: str | Path | dict[str, Any] | TrainConfig, *, store: Store | N
     with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="hub-train-") as tmp_name:
         warnings.simplefilter("ignore", FutureWarning)  # peft/transformers deprecation notices
         tmp = Path(tmp_name)
+        if not main:  # rank 0 adds a base given as a path to the store first
+            distributed.barrier()
         base_dir, base_name = _resolve_base(cfg, store, tmp)
+        if main and world is not None:
+            distributed.barrier()
         dataset = build_dataset(cfg.data, base_dir, cfg.task_type)
         model, layout = load_task_model(cfg, base_dir, dataset)
         base_dtype = next(model.parameters()).dtype
@@ -657,12 +763,14 @@ def train(config: str | Path | dict[str, Any] | TrainConfig, *, store: Store | N
         model.train()
 
         ckpt = latest_checkpoint(cfg.run_dir) if resume else None
-        if not resume and cfg.run_dir.exists():
+        if world is not None:
+            _same_checkpoint(ckpt, world)
+        if main and not resume and cfg.run_dir.exists():
             shutil.rmtree(cfg.run_dir)
         state, tensors = _read_checkpoint(ckpt, cfg) if ckpt else ({}, {})
         torch.manual_seed(cfg.seed)
         method = METHODS[cfg.method](cfg, model, dataset,
-                                     (tensors, state["method_state"]) if ckpt else None)
+                                     (tensors, state["method_state"]) if ckpt else None, world)
         method.layout = layout
         start = 0
         losses: list[float] = []
@@ -680,7 +788,8 @@ def train(config: str | Path | dict[str, Any] | TrainConfig, *, store: Store | N
                 if stop_after is not None and step >= stop_after:
                     return TrainResult(step, losses, history, {}, resumed_from=start or None,
                                        interrupted=True,
-                                       last_checkpoint=latest_checkpoint(cfg.run_dir))
+                                       last_checkpoint=latest_checkpoint(cfg.run_dir),
+                                       rank=world.rank if world else 0)
                 _set_lr(method.optimizer, lr_at(cfg, step))
                 torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout etc.: same on resume
                 loss = method.step(dataset.batch(step, cfg.batch_size, cfg.seed), step)
@@ -692,17 +801,24 @@ def train(config: str | Path | dict[str, Any] | TrainConfig, *, store: Store | N
                 done = step + 1
                 if done % log_every == 0 or done == cfg.steps:
                     recent = losses[-min(len(losses), log_every):]
+                    # sharded, every rank takes part in the forward passes
+                    scores = evaluate(method.model, dataset) if main or method.sharded else {}
                     history.append({"step": done, "loss": sum(recent) / len(recent),
-                                    **evaluate(method.model, dataset)})
-                if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-                    _write_checkpoint(cfg, method, done, losses, history)
+                                    **(scores if main else {})})
+                if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps) \
+                        and (main or method.sharded):
+                    _write_checkpoint(cfg, method, done, losses, history, main)
         last = losses[-10:]
         metrics = {"loss": sum(last) / len(last), "step": cfg.steps,
                    **{k: v for k, v in history[-1].items() if k.startswith("eval_")},
                    "history": history}
         out_dtype = base_dtype if cfg.output.get("dtype", "base") == "base" \
             else DTYPES[cfg.output["dtype"]]
-        result = TrainResult(cfg.steps, losses, history, metrics, resumed_from=start or None)
+        result = TrainResult(cfg.steps, losses, history, metrics, resumed_from=start or None,
+                             rank=world.rank if world else 0)
+        method.whole_model(lambda: load_task_model(cfg, base_dir, dataset)[0].float())
+        if not main:
+            return result
         result.output_dir, result.entry, result.facts = _write_output(
             cfg, method, out_dtype, base_dir, base_name, store, dataset, metrics, tmp,
             time.time() - started, start)
@@ -750,6 +866,17 @@ def load_task_model(cfg: TrainConfig, base_dir: Path,
                           "would start untrained and an adapter would not keep it); use "
                           "method full, or a base with its MLM head")
     return model, layout
+
+
+def _same_checkpoint(ckpt: Path | None, world: World) -> None:
+    """Refuse to start when this rank would resume from another step than rank 0 (a run dir
+    that is not on a file system every node shares)."""
+    mine = int(ckpt.name.split("-")[1]) if ckpt else 0
+    theirs = distributed.broadcast_int(mine)
+    if mine != theirs:
+        raise InputError(f"rank {world.rank} would resume from step {mine} ({ckpt}), rank 0 "
+                         f"from step {theirs}: run_dir must be on a file system every node "
+                         "shares")
 
 
 def _write_output(cfg: TrainConfig, method: Method, dtype: torch.dtype, base_dir: Path,
