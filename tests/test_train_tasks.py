@@ -294,3 +294,33 @@ def test_masked_lm_trains_an_encoder_with_its_head(tmp_path):
     _, loading = transformers.AutoModelForMaskedLM.from_pretrained(
         tmp_path / "exported", output_loading_info=True)
     assert not any(loading.values()), loading
+
+
+def test_mezo_s_loss_sums_are_the_loss_transformers_computes_for_every_task(setup, tmp_path):
+    """MeZO's closure returns (loss sum, count) so that ranks can add them up (issue 17):
+    sum / count equals the model's own ``.loss`` for a classifier (per row), a masked LM (per
+    masked token) and a causal LM (per next token), -100 labels left out; and MeZO trains the
+    classifier through hub train."""
+    from mergehub.adapters.data import token_loss
+    from mergehub.hub.demo import TINY_LLAMA
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, len(VOCAB), (4, 7), generator=gen)
+    config = transformers.BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=48, num_labels=3)
+    causal = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_LLAMA))
+    masked = ids.clone()
+    masked[:, ::2] = -100
+    for model, labels, shift in [
+            (transformers.BertForSequenceClassification(config), torch.tensor([0, 2, 1, 2]), False),
+            (transformers.BertForMaskedLM(config), masked, False),
+            (causal, torch.where(ids > 8, ids, -100), True)]:
+        with torch.no_grad():
+            out = model.eval()(input_ids=ids, labels=labels)
+        total, count = token_loss(out.logits, labels, shift)
+        assert count == int((labels[:, 1:] if shift else labels).ne(-100).sum())
+        assert total / count == pytest.approx(float(out.loss), rel=1e-6)
+    root, store, _ = setup
+    out = hub_ok(store, "train", cls_config(root, "cls-mezo", "mezo",
+                                            output="{dir: out-cls-mezo}"))
+    assert "trained 40 steps" in out
