@@ -92,14 +92,20 @@ def bracket(blocks: np.ndarray, k: int, n: int) -> tuple[int, int]:
     m = flat.size
     q = k / n
     rank = min(m, max(1, round(q * m)))  # the estimate is the rank-th largest sampled value
-    guess = np.partition(flat, m - rank)[m - rank]
-    shares = (blocks >= guess).mean(axis=1)
-    spread = max(float(shares.var()) / shares.size, q * (1 - q) / m) ** 0.5
-    margin = SPREAD * spread + 16 / m
-    top, bottom = math.floor((q - margin) * m), math.ceil((q + margin) * m)
-    picks = [m - top] if top >= 1 else []
-    picks += [m - bottom] if bottom < m else []
-    part = np.partition(flat, picks) if picks else flat
+    binomial = q * (1 - q) / m
+    spread = binomial
+    while True:
+        margin = SPREAD * spread ** 0.5 + 16 / m
+        top, bottom = math.floor((q - margin) * m), math.ceil((q + margin) * m)
+        picks = sorted({m - rank} | ({m - top} if top >= 1 else set())
+                       | ({m - bottom} if bottom < m else set()))
+        part = np.partition(flat, picks)
+        if spread > binomial:
+            break
+        shares = (blocks >= part[m - rank]).mean(axis=1)
+        spread = float(shares.var()) / shares.size
+        if spread <= binomial:
+            break
     hi = int(part[m - top]) if top >= 1 else _INF
     lo = int(part[m - bottom]) if bottom < m else 0
     return lo, min(hi, _INF)
@@ -251,8 +257,8 @@ def _cut_among(values: torch.Tensor, at: torch.Tensor, bounds: tuple[int, int], 
     """The exact top-k cut of a tensor, from its values noted by the pass at flat positions
     ``at`` (ascending), ``above`` entries lying above the bracket ``bounds`` (magnitude
     bits); raises :class:`_Declined` where the k-th largest lies outside the bracket."""
-    keys = magnitude_bits(values).numpy()
-    inside = (keys >= bounds[0]) & (keys <= bounds[1])
+    keys = np.bitwise_and(values.numpy().view(np.int32), 0x7FFFFFFF)
+    inside = (keys - bounds[0]).view(np.uint32) <= bounds[1] - bounds[0]  # lo <= key <= hi
     cand, where = keys[inside], at.numpy()[inside]
     r = k - above
     if not 0 < r <= cand.size:
