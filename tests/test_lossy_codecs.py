@@ -207,8 +207,32 @@ def test_bit1_default_is_bitdelta_scope_and_one_scale_per_matrix(models, tmp_pat
                        progress=False)
         check(open_checkpoint(store.export("ft-all", tmp_path / "all", progress=False)),
               lambda name, b, f: bit1_reference(f, b, "row" if b.ndim == 2 else "matrix"))
-        with pytest.raises(StoreError, match="bit1 scope must be 'bitdelta' or 'all', not 'at'"):
+        store.compress("ft", "bit1", {"scope": "linear"}, as_name="ft-linear", progress=False)
+        check(open_checkpoint(store.export("ft-linear", tmp_path / "lin", progress=False)),
+              lambda name, b, f: bit1_reference(f, b) if name in selected else None)
+        with pytest.raises(StoreError, match="bit1 scope must be 'bitdelta' or 'linear' or "
+                                             "'all', not 'at'"):
             store.compress("ft", "bit1", {"scope": "at"}, progress=False)
+
+
+def test_bit1_linear_scope_selects_a_bert_encoders_linear_layers():
+    """scope linear: exactly the weights of the nn.Linear modules inside BERT's numbered
+    encoder layers (not the embeddings, the pooler, the classifier, norms or biases); BitDelta's
+    name rule selects none of them."""
+    import transformers
+
+    from mergehub.storage.codecs.bit1 import applies
+
+    config = transformers.BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=16)
+    model = transformers.BertForSequenceClassification(config)
+    linear = {f"{name}.weight" for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and ".layer." in name}
+    assert len(linear) == 12
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    params = {"granularity": "matrix"}
+    assert {n for n, s in shapes.items() if applies(n, s, {**params, "scope": "linear"})} == linear
+    assert not any(applies(n, s, {**params, "scope": "bitdelta"}) for n, s in shapes.items())
 
 
 def test_compressed_blob_corruption_and_errors(stocked, tmp_path):

@@ -290,7 +290,7 @@ def export(ctx: click.Context, name: str, output: Path, max_shard_size: str | No
                    "bitmask per task).")
 @click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE",
               help="Codec parameter, repeatable: bit1 granularity=matrix|row "
-                   "scope=bitdelta|all; compeft "
+                   "scope=bitdelta|linear|all; compeft "
                    "density=0.1 alpha=1.0; lowrank rank=16 (or rank=0 energy=0.9); tall "
                    "lambda=0.4 (or [0.3,0.4,...] per fine-tune) alpha=1.0.")
 @click.option("--name", "-n", "--as", "as_name", default=None,

@@ -10,7 +10,11 @@ Which tensors are sign-coded (``scope``): ``bitdelta`` (the default) takes BitDe
 the weight of every projection module (a module whose name contains ``proj``) inside an
 attention or MLP block (a parent module path containing ``self_attn`` or ``mlp``): q/k/v/o and
 gate/up/down in a Llama. Embeddings, the LM head, norms and biases keep their lossless blobs,
-as BitDelta keeps them exact. ``all`` sign-codes every changed float tensor (norms and biases
+as BitDelta keeps them exact. That rule names Llama's modules and selects nothing in other
+architectures; ``linear`` (a mergehub option) selects the same kind of weights by shape and
+place instead, every 2-D ``weight`` inside a numbered block of the model (``layers.3.``,
+``layer.3.``, ``h.3.``): a Llama's projections as ``bitdelta`` does, a BERT encoder's query, key,
+value and dense layers. ``all`` sign-codes every changed float tensor (norms and biases
 included, which a sign code with one scale per row approximates badly).
 """
 
@@ -26,7 +30,7 @@ from mergehub.kernels import SignDelta, apply_deltas
 from mergehub.kernels.deltas import matrix_shape
 from mergehub.storage.codecs import LossyCodec, register
 
-GRANULARITIES, SCOPES = ("matrix", "row"), ("bitdelta", "all")
+GRANULARITIES, SCOPES = ("matrix", "row"), ("bitdelta", "linear", "all")
 
 
 def in_bitdelta_scope(name: str) -> bool:
@@ -39,8 +43,17 @@ def in_bitdelta_scope(name: str) -> bool:
     return "mlp" in parent or "self_attn" in parent
 
 
+def in_block_linear(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether ``name`` is a 2-D ``weight`` inside a numbered block (a path component that is
+    an integer, as ``encoder.layer.3.attention.self.query.weight``): scope ``linear``."""
+    parts = name.split(".")
+    return len(shape) == 2 and parts[-1] == "weight" and any(p.isdigit() for p in parts[:-2])
+
+
 def applies(name: str, shape: tuple[int, ...], params: dict[str, Any]) -> bool:
     """The tensors ``scope`` selects (see the module docstring)."""
+    if params["scope"] == "linear":
+        return in_block_linear(name, shape)
     return params["scope"] == "all" or in_bitdelta_scope(name)
 
 
