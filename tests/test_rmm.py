@@ -148,19 +148,20 @@ def rmm_reference(loras: list[dict], m: int, basis: str) -> list[dict[str, np.nd
     return out
 
 
-@pytest.mark.parametrize("basis", ["factors", "dense"])
+@pytest.mark.parametrize("basis", ["factors", "dense", None])
 def test_rmm_of_loras_keeps_the_basis_as_factors(models, tmp_path, basis):
     """LoRA inputs (ranks 2, 3, 2): the basis is stored as factors, m adapter-sized factor pairs
-    (``factors``, the paper's) or the dense optimum's basis matrices at rank Σ rt
-    (``dense``); the reverted tasks, the reported errors and the stored bytes per m match a
-    numpy reference."""
+    (``factors``, the paper's, and the default: ``None`` leaves ``basis`` out of the recipe) or
+    the dense optimum's basis matrices at rank Σ rt (``dense``); the reverted tasks, the
+    reported errors and the stored bytes per m match a numpy reference."""
     base = models["base-fp32"]
     ranks = [2, 3, 2]
     loras = [make_lora(base, tmp_path / f"lora{i}", seed=20 + i, rank=r) for i, r in enumerate(ranks)]
     refs = [lora_deltas(p) for p in loras]
     text = ("merge_method: rmm\nbase_model: base\nmodels:\n"
             + "".join(f"  - model: {p}\n" for p in loras)
-            + "parameters: {m: %d, basis: " + basis + "}\n")
+            + "parameters: {m: %d" + (f", basis: {basis}" if basis else "") + "}\n")
+    basis = basis or "factors"
     shapes = {k: (b.shape[0], a.shape[1]) for k, (b, a) in refs[0].items()}
     t = len(loras)
     with Store.init(tmp_path / "store") as store:
