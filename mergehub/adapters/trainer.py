@@ -826,7 +826,8 @@ def _train(cfg: TrainConfig, world: World | None, store: Store | None, resume: b
     return result
 
 
-AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM", "seq_cls": "AutoModelForSequenceClassification",
+AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM",
+                "seq_cls": "AutoModelForSequenceClassification",
                 "masked_lm": "AutoModelForMaskedLM"}
 
 
