@@ -4,7 +4,8 @@
 Measures, for full fine-tunes and for LoRA adapters of one tiny Llama, the compression ratio of
 each codec and the task accuracy of the decompressed model relative to the uncompressed
 fine-tune; the lossless codec's size on the base and on the fine-tunes; TALL masks for the 6
-fine-tunes together (if ``Store.compress_tall`` exists); and encode/decode throughput of every
+fine-tunes together (if ``Store.compress_tall`` exists); stored bytes and reconstruction
+error per basis size m of reversible merging (RMM); and encode/decode throughput of every
 codec on one large synthetic tensor.
 
 What it builds (CPU only, no downloads, everything under a temp dir deleted at the end):
@@ -53,6 +54,12 @@ What it builds (CPU only, no downloads, everything under a temp dir deleted at t
 * **TALL** (``Store.compress_tall``, skipped with a note if absent): the 6 full fine-tunes at
   lambda 0.4 (and 0.2, 0.6); the bytes are those of the union of the blobs of the 6 entries
   (τMTL counted once), compared with 6 dense bf16 deltas.
+* **RMM** (reversible merging, ``merge_method: rmm``): for m = 1..6, the 6 LoRA adapters
+  (``basis: factors``, the default, and ``basis: dense``), the 6 merged LoRAs and the 6 full
+  fine-tunes (dense inputs, for contrast) merged into a store entry; its stored bytes, the
+  basis bytes and relative reconstruction error ||W_rec - W_t|| / ||W_t - W_0|| of every task
+  that ``rmm.json`` reports, and each task reverted (``mergehub.merge.rmm.revert``), its error
+  measured on the bf16 output and its accuracy.
 * **Throughput** (at the end, after everything else): one 4096x4096 bf16 "base" N(0, 0.02) and
   "fine-tune" = bf16(base + N(0, 1) * 0.02 * rel), rel = 0.05; MB/s over the tensor's raw bf16
   bytes (MB = 10^6 bytes), best of 3 (lowrank: 1, its full SVD of 4096x4096 takes ~13 s).
@@ -326,6 +333,95 @@ def call_compress_tall(store: Store, names: list[str], lam: float, suffix: str):
     return store.compress_tall(names, **kwargs)
 
 
+def rel_error(base_dir: Path, ref_dir: Path, got_dir: Path) -> float:
+    """||W_got - W_ref|| / ||W_ref - W_0|| over every tensor (Frobenius, float64)."""
+    base, ref, got = load_state(base_dir), load_state(ref_dir), load_state(got_dir)
+    err = sum(float(((got[k].double() - ref[k].double()) ** 2).sum()) for k in ref)
+    norm = sum(float(((ref[k].double() - base[k].double()) ** 2).sum()) for k in ref)
+    return math.sqrt(err / norm) if norm else float("nan")
+
+
+def rmm_rows(store: Store, ev: Evaluator, work: Path, label: str, names: list[str],
+             basis: str, refs: list[Path], ref_exact: list[float]) -> list[dict]:
+    """For m = 1..T: ``mergehub.merge`` of the T store entries ``names`` with ``merge_method:
+    rmm`` (``basis`` for LoRA inputs) into a store entry; its ``stored_bytes``, the basis bytes
+    and per-task relative errors that ``rmm.json`` reports, and per task (``revert`` to the
+    task, evaluated on its test set) the error measured on the reverted bf16 model against the
+    task's bf16 checkpoint ``refs[t]`` and its exact match over ``ref_exact[t]``."""
+    import mergehub
+    from mergehub.merge.rmm import revert
+
+    rows = []
+    for m in range(1, len(names) + 1):
+        recipe = ("merge_method: rmm\nbase_model: base\nmodels:\n"
+                  + "".join(f"  - model: {n}\n" for n in names)
+                  + f"parameters: {{m: {m}, basis: {basis}}}\n")
+        as_name = f"rmm-{label}-m{m}"
+        t0 = time.perf_counter()
+        report = mergehub.merge(recipe, store=store, to_store=as_name, progress=False).report
+        seconds = time.perf_counter() - t0
+        tasks = []
+        for i, (task, ref_dir) in enumerate(zip(TASKS, refs)):
+            out = revert(store, as_name, i, work / "export" / f"{as_name}-{i}", progress=False)
+            exact = ev.hf_dir(out, task)["test"][0]
+            tasks.append({"error": report["relative_error_by_m"][report["tasks"][i]][m - 1],
+                          "measured": rel_error(ev.base_dir, ref_dir, out),
+                          "exact": exact, "rel": div(exact, ref_exact[i])})
+            shutil.rmtree(out)
+        rows.append({"m": m, "stored": store.show(as_name).stored_bytes,
+                     "basis_bytes": report["stored_bytes_by_m"][m - 1],
+                     "factored": report["factored_tensors"], "tensors": report["tensors"],
+                     "tasks": tasks, "seconds": seconds})
+        log(f"rmm {label} m={m}")
+    return rows
+
+
+def print_rmm(rmm: dict[str, list[dict]], res: dict[str, dict]) -> None:
+    """The RMM tables: one per input set of :func:`rmm_rows`, a row per m."""
+    print()
+    print("## Reversible merging (RMM) of the 6 tasks: stored bytes and reconstruction error per m")
+    print("stored = ModelInfo.stored_bytes of the rmm store entry (float32 basis and "
+          "coefficients, lossless codec); basis f32 = the bytes rmm.json reports for the basis "
+          "(4 B per float); err = ||W_rec - W_t|| / ||W_t - W_0|| over every tensor as rmm.json "
+          "reports it (float64, before rounding); meas = the same measured on the reverted bf16 "
+          "model against the task's bf16 checkpoint (so it has a floor of bf16 rounding); rel = "
+          "exact(reverted) / exact(task), mean and min over the tasks the inputs learned (exact "
+          "> 0); s = merge seconds; per-task columns: err / rel")
+    lora6 = sum(res[t]["lora_info"].stored_bytes for t in TASKS)
+    for key, title, inputs in (
+            ("lora-factors", "6 LoRA adapters, basis: factors (the default, the paper's)",
+             f"the 6 adapters store {fmt_bytes(lora6)}"),
+            ("lora-dense",
+             "6 LoRA adapters, basis: dense (the dense deltas' optimum, kept as factors)",
+             f"the 6 adapters store {fmt_bytes(lora6)}"),
+            ("merged",
+             "6 LoRA-merged fine-tunes (dense inputs: the same deltas as dense bf16 tensors)",
+             dense_and_lossless(res, "merged_delta", "merged_info")),
+            ("ft", "6 full fine-tunes (dense inputs)",
+             dense_and_lossless(res, "delta", "ft_info"))):
+        rows = rmm[key]
+        print(f"{title}; {inputs}; {rows[0]['tensors']} tensors with a basis, "
+              f"{rows[0]['factored']} of them as factors")
+        print(f"{'m':>2} {'stored':>11} {'basis f32':>11} {'err mean':>8} {'err max':>8} "
+              f"{'meas mean':>9} {'rel mean':>8} {'rel min':>8} {'s':>5} "
+              + " ".join(f"{t:>13}" for t in TASKS))
+        for row in rows:
+            tk = row["tasks"]
+            rel = [x["rel"] for x in tk if not math.isnan(x["rel"])] or [float("nan")]
+            print(f"{row['m']:>2} {fmt_bytes(row['stored']):>11} "
+                  f"{fmt_bytes(row['basis_bytes']):>11} {np.mean([x['error'] for x in tk]):>8.4f} "
+                  f"{max(x['error'] for x in tk):>8.4f} "
+                  f"{np.mean([x['measured'] for x in tk]):>9.4f} "
+                  f"{pct(np.mean(rel)):>8} {pct(min(rel)):>8} {row['seconds']:>5.1f} "
+                  + " ".join(f"{x['error']:.3f}/{pct(x['rel']):>6}" for x in tk))
+
+
+def dense_and_lossless(res: dict[str, dict], delta: str, info: str) -> str:
+    """The 6 inputs' dense bf16 deltas and lossless stored bytes, for a table's title."""
+    return (f"6 dense bf16 deltas {fmt_bytes(sum(res[t][delta]['dense_bytes'] for t in TASKS))}, "
+            f"lossless {fmt_bytes(sum(res[t][info].stored_bytes for t in TASKS))}")
+
+
 def best_time(fn, reps: int) -> tuple[float, object]:
     best, out = float("inf"), None
     for _ in range(reps):
@@ -403,6 +499,10 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=1000)
     ap.add_argument("--tall-lambdas", default="0.4,0.2,0.6")
     ap.add_argument("--tp-size", type=int, default=4096, help="throughput tensor is SIZE x SIZE")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch intra-op threads (default: one per CPU); on a busy machine "
+                         "pass 1: a descheduled thread stalls every barrier (20 training steps "
+                         "took 7-12 s with 1 thread, 113-204 s with 2, on 2 busy CPUs)")
     ap.add_argument("--work", default=None, help="work dir (default: a temp dir, deleted)")
     args = ap.parse_args()
     if args.smoke:
@@ -417,14 +517,15 @@ def main() -> None:
     import peft
     import transformers
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     t_start = time.time()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-codecs-"))
     work.mkdir(parents=True, exist_ok=True)
     n_params = sum(p.numel() for p in new_model().parameters())
     print(f"mergehub codec benchmark: tiny Llama {json.dumps(CONFIG)}, {n_params:,} params; "
           f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-          f"{os.cpu_count()} CPUs; {'SMOKE RUN; ' if args.smoke else ''}work dir {work}")
+          f"{os.cpu_count()} CPUs, {args.threads} torch thread(s); "
+          f"{'SMOKE RUN; ' if args.smoke else ''}work dir {work}")
     print(f"training: pre-train {args.pretrain_steps} steps (batch {args.batch * 3 // 2}, lr 2e-3) on "
           f"{'/'.join(PRETRAIN_TASKS)}; per task: full fine-tune {args.ft_steps} steps (lr {args.lr:g}), "
           f"LoRA r=8 alpha=16 on {'/'.join(p.split('_')[0] for p in LORA_TARGETS)} {args.lora_steps} "
@@ -548,7 +649,19 @@ def main() -> None:
                               "lossless6": lossless6, "accs": accs, "seconds": t_tall})
             log(f"tall {lam}")
 
-    # 6. lossless sizes
+    # 6. reversible merging (RMM) of the 6 tasks: stored bytes and reconstruction error per m
+    lora_names = [f"lora-{t}" for t in TASKS]
+    merged_refs = [work / f"merged-{t}" for t in TASKS]
+    merged_exact = [res[t]["merged"]["test"][0] for t in TASKS]
+    rmm = {key: rmm_rows(store, ev, work, key, names, basis, refs, exact)
+           for key, names, basis, refs, exact in (
+               ("lora-factors", lora_names, "factors", merged_refs, merged_exact),
+               ("lora-dense", lora_names, "dense", merged_refs, merged_exact),
+               ("merged", [f"merged-{t}" for t in TASKS], "factors", merged_refs, merged_exact),
+               ("ft", [f"ft-{t}" for t in TASKS], "factors", [work / f"ft-{t}" for t in TASKS],
+                [res[t]["ft"]["test"][0] for t in TASKS]))}
+
+    # 7. lossless sizes
     raw_base = base_info.logical_bytes
     lossless_base = base_info.stored_bytes
 
@@ -623,6 +736,8 @@ def main() -> None:
         print("  rel exact: " + ", ".join(f"{t} {pct(v)} ({pct(row['accs'][t][0])})" for t, v in rels.items())
               + f"; mean {pct(np.mean(list(rels.values())))}, min {pct(min(rels.values()))}")
 
+    print_rmm(rmm, res)
+
     print()
     print("## Lossless")
     print(f"base: {lossless_base:,} stored / {raw_base:,} raw bytes = {lossless_base / raw_base:.3f} "
@@ -633,7 +748,7 @@ def main() -> None:
           f"({min(ft_ratio):.3f}..{max(ft_ratio):.3f}); merged LoRAs: {np.mean(m_ratio):.3f} mean "
           f"({min(m_ratio):.3f}..{max(m_ratio):.3f})")
 
-    # 7. throughput, last
+    # 8. throughput, last
     load = os.getloadavg()
     log("throughput")
     reps = 3

@@ -81,6 +81,10 @@ def main() -> None:
     ap.add_argument("--tasks", default="add3,swap,rotr2")
     ap.add_argument("--methods", default=None, help="comma-separated labels of SETUPS")
     ap.add_argument("--lr", type=float, default=None, help="override every method's lr")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch intra-op threads (default: one per CPU); on a busy machine "
+                         "pass 1: a descheduled thread stalls every barrier (20 training steps "
+                         "took 7-12 s with 1 thread, 113-204 s with 2, on 2 busy CPUs)")
     ap.add_argument("--work", default=None,
                     help="work dir, kept (default: a temp dir, deleted); a pre-trained base "
                          "and the runs already stored in it are reused (an interrupted "
@@ -97,7 +101,7 @@ def main() -> None:
     import transformers
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     t_start = time.time()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-acc-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -106,7 +110,8 @@ def main() -> None:
         new_model().save_pretrained(work / "init")
     print(f"mergehub trainer accuracy benchmark: tiny Llama {json.dumps(CONFIG)}; torch "
           f"{torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-          f"{os.cpu_count()} CPUs; {'SMOKE RUN; ' if args.smoke else ''}work dir {work}")
+          f"{os.cpu_count()} CPUs, {args.threads} torch thread(s); "
+          f"{'SMOKE RUN; ' if args.smoke else ''}work dir {work}")
 
     if args.lr is not None and (work / "store").exists():
         shutil.rmtree(work / "store")  # entries are named without the rate: do not reuse
