@@ -14,6 +14,8 @@ BitDelta / ComPEFT / low-rank deltas against decoding them densely with torch. E
 result is checked against its reference (bit-exact; low-rank within 1e-5) on the timed data.
 
     python benchmarks/bench_kernels.py                 # on a CUDA GPU; --json PATH saves rows
+    python benchmarks/bench_kernels.py --parts merge,breakdown --ks 4   # a subset; breakdown:
+        # an exact threshold selection's and a TIES merge's kernels under torch.profiler
     TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --smoke   # CPU check of the script
 """
 
@@ -212,11 +214,42 @@ def bench_apply(bench, dev, copy, shape, rows, smoke, k=4, rank=16):
                      "speedup": ref_ms / ms})
 
 
+def breakdown(dev, shape, k, rows) -> None:
+    """Where an exact threshold selection's time goes, against the TIES merge it serves: one
+    call of each (after a warm-up) under ``torch.profiler``, its wall time (host clock, synced)
+    and each kernel's device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    base, thetas = inputs(shape, k, dev, seed=k)
+    dens = [DENSITY] * k
+    cuts = kernels.magnitude_cuts(base, thetas, dens)
+    calls = {"exact thresholds": lambda: kernels.magnitude_cuts(base, thetas, dens),
+             "merge TIES": lambda: kernels.merge_tensor(base, thetas, weights=[1.0] * k, lam=1.0,
+                                                        cuts=cuts, elect="sum")}
+    for name, fn in calls.items():
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t) * 1e3
+        parts = [(e.key, e.count, e.device_time_total / 1e3) for e in prof.key_averages()
+                 if e.device_time_total > 0 and not e.key.startswith(("aten::", "cuda"))]
+        rows.append({"op": f"breakdown {name}", "shape": list(shape), "K": k, "ms": wall,
+                     "device_ms": sum(ms for _, _, ms in parts),
+                     "kernels": sorted(parts, key=lambda r: -r[2])})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (interpreter)")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--parts", default="blocks,merge,apply",
+                    help="comma-separated: blocks, merge, apply, breakdown (GPU only)")
+    ap.add_argument("--ks", default="2,4,8", help="numbers of fine-tunes for the merge rows")
     args = ap.parse_args()
+    parts = args.parts.split(",")
     dev = "cpu" if args.smoke else "cuda"
     bench = timer(args.smoke)
     gpu = "cpu (interpreter)" if args.smoke else torch.cuda.get_device_name()
@@ -227,18 +260,28 @@ def main() -> None:
           f"device-to-device copy {copy:.0f} GB/s (read + write)", flush=True)
     rows: list[dict] = []
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
-    bench_blocks(bench, dev, copy, shapes[0], rows,
-                 [(512, 4), (1024, 2), (1024, 4), (1024, 8), (2048, 8)] if not args.smoke else [(64, 1)])
-    bench_merge(bench, dev, copy, shapes, [2, 4, 8] if not args.smoke else [2, 3], rows,
-                args.smoke)
-    bench_apply(bench, dev, copy, shapes[0], rows, args.smoke)
+    if "blocks" in parts:
+        bench_blocks(bench, dev, copy, shapes[0], rows,
+                     [(512, 4), (1024, 2), (1024, 4), (1024, 8), (2048, 8)] if not args.smoke
+                     else [(64, 1)])
+    if "merge" in parts:
+        bench_merge(bench, dev, copy, shapes,
+                    [int(k) for k in args.ks.split(",")] if not args.smoke else [2, 3], rows,
+                    args.smoke)
+    if "apply" in parts:
+        bench_apply(bench, dev, copy, shapes[0], rows, args.smoke)
+    if "breakdown" in parts and not args.smoke:
+        breakdown(dev, shapes[0], 4, rows)
     print(f"{'op':34} {'shape':>12} {'K':>2} {'ms':>8} {'GB/s':>7} {'copy':>5} "
           f"{'torch ms':>9} {'speedup':>8}")
     for r in rows:
         notes = [r["torch"]] if "torch" in r else []
         if "of_merge" in r:
             notes.append(f"{r['of_merge']:.2f}x the TIES merge")
-        if "device_ms" in r:
+        if "kernels" in r:
+            notes.append(f"device {r['device_ms']:.3f} ms: " + "; ".join(
+                f"{name[:40]} {count}x {ms:.3f}" for name, count, ms in r["kernels"][:6]))
+        elif "device_ms" in r:
             notes.append(f"graphed: {r['device_ms']:.3f} ms vs merge {r['merge_device_ms']:.3f}"
                          f" = {r['device_of_merge']:.2f}x; sample {r['sample']:,}; kept "
                          f"{min(r['kept']):.4f}-{max(r['kept']):.4f}")

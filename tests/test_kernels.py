@@ -25,6 +25,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from mergehub import kernels  # noqa: E402
 from mergehub.errors import InputError  # noqa: E402
@@ -154,6 +156,88 @@ def test_merge_edge_values(device, dtype):
             got, want = _both(kernels.merge_tensor, b, xs, **kw)
             assert not torch.isnan(want.float()).any()
             assert torch.equal(got, want)
+
+
+def _division_cases(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (a, b) pairs, b in [2^-100, 2^100]: quotients within an ulp's fraction of a
+    rounding midpoint (a = b·m rounded, m halfway between two float32 values), a over the whole
+    float32 range (subnormals too), special values of a, and b with every mantissa bit set."""
+    gen = np.random.default_rng(seed)
+    b = (gen.uniform(1, 2, n) * 2.0 ** gen.integers(-100, 100, n)).astype(np.float32)
+    b[: n // 4] = ((2 - 2.0 ** -23 * gen.integers(1, 4, n // 4))
+                   * 2.0 ** gen.integers(-60, 60, n // 4)).astype(np.float32)
+    mid = (gen.integers(2 ** 24, 2 ** 25, n) | 1) * 2.0 ** gen.integers(-175, 104, n)
+    with np.errstate(over="ignore"):
+        a = (b.astype(np.float64) * mid).astype(np.float32)
+    wide = gen.standard_normal(n) * 2.0 ** gen.integers(-149, 127, n)
+    a[::2] = wide[::2].astype(np.float32)
+    special = [0.0, -0.0, np.inf, -np.inf, np.nan, 3.4028235e38, -1.4e-45, 1.1754942e-38]
+    a[: len(special)] = special
+    return torch.from_numpy(a), torch.from_numpy(b)
+
+
+@triton.jit
+def _quotient_kernel(a_ptr, b_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    off = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = off < n
+    q = triton_kernels._quotient(tl.load(a_ptr + off, mask=m, other=1.0),
+                                 tl.load(b_ptr + off, mask=m, other=1.0))
+    tl.store(out_ptr + off, q, mask=m)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's
+def test_quotient_is_the_correctly_rounded_division(device):
+    """The disjoint mean's division without ``div_rn`` (a refined float64 reciprocal, rounded
+    once) gives IEEE float32 division's result bit for bit (torch on the CPU is the oracle),
+    also for quotients that lie a hair from a rounding midpoint, subnormal and overflowing."""
+    n = 1 << 15 if device == "cpu" else 1 << 22
+    a, b = _division_cases(n, seed=11)
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    _quotient_kernel[(triton.cdiv(n, 1024),)](a.to(device), b.to(device), out, n, BLOCK=1024,
+                                              enable_fp_fusion=False)
+    want = a / b
+    got = out.cpu()
+    same = (got.view(torch.int32) == want.view(torch.int32)) | (got.isnan() & want.isnan())
+    assert bool(same.all()), (a[~same][:5], b[~same][:5], got[~same][:5], want[~same][:5])
+
+
+@pytest.mark.parametrize("weights", [[0.3, 1.7, 2.0 ** -90, 0.9, 5e20],
+                                     [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+                                     [0.0625, 3.0, 0.1],
+                                     [0.5, -0.5, 1e-30, 2.0, -3.0],
+                                     [0.7 + 0.1 * t for t in range(10)],
+                                     [1.0, -2.0] + [1.0] * 8])
+def test_ties_disjoint_mean_divisions(device, weights):
+    """TIES's disjoint mean by each of the kernel's divisions equals the reference in float32
+    outputs, on inputs whose deltas span many binades: the table of reciprocals (up to 8
+    inputs, any weights: tiny, huge, negative, subsets that cancel to 0), the refined
+    reciprocal (more inputs, positive weights) and ``div_rn`` (more inputs, a negative one)."""
+    k = len(weights)
+    gen = torch.Generator().manual_seed(k)
+    base = torch.randn(3001, generator=gen)
+    thetas = [base + torch.randn(3001, generator=gen) * 2.0 ** torch.randint(-30, 30, (3001,),
+                                                                            generator=gen)
+              for _ in range(k)]
+    for elect in ("sum", "count"):
+        got, want = _both(kernels.merge_tensor, base.to(device), [t.to(device) for t in thetas],
+                          weights=weights, lam=0.9, elect=elect)
+        assert torch.equal(got, want)
+
+
+def test_merge_blocks_with_and_without_tie_ends(device, monkeypatch):
+    """Blocks that hold no tie end take the kernel's plain path, the others (and the partial
+    last block) the general one: tie ends at 0, on block boundaries, inside blocks and at n
+    keep exactly the reference's entries."""
+    monkeypatch.setattr(triton_kernels, "MERGE_BLOCK", 32)
+    n = 32 * 12 + 5
+    base, thetas = _inputs((n,), 5, torch.bfloat16, device, seed=21)
+    taus = [(t.float() - base.float()).abs().cpu() for t in thetas]
+    ends = [0, 64, 77, 32 * 11, n]
+    cuts = [Cut(float(tau.median()), end) for tau, end in zip(taus, ends)]
+    for elect in (None, "sum"):
+        got, want = _both(kernels.merge_tensor, base, thetas, weights=[1.0, 0.5, 2.0, 1.0, 0.3],
+                          lam=1.0, cuts=cuts, elect=elect)
+        assert torch.equal(got, want)
 
 
 def test_packed_masks_equal_boolean_masks(device):

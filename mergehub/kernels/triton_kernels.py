@@ -2,16 +2,21 @@
 
 Every kernel makes one pass over memory and does its float32 arithmetic in the same order, with
 the same roundings, as the torch reference: launches pass ``enable_fp_fusion=False`` (no
-multiply-add contraction), divisions are correctly rounded (``div_rn``) and bf16 outputs are
-rounded to nearest-even by :func:`_round_bf16` (Triton's interpreter truncates instead), so on
-float32 math the kernels are bit-identical to the references (low-rank products excepted: a
-``tl.dot`` sums in another order than a CPU matmul).
+multiply-add contraction), divisions are correctly rounded (``div_rn``, or for the disjoint mean
+a table of float64 reciprocals or :func:`_quotient`, which give the same float32) and bf16
+outputs are rounded to nearest-even by :func:`_round_bf16` (Triton's interpreter truncates
+instead), so on float32 math the kernels are bit-identical to the references (low-rank products
+excepted: a ``tl.dot`` sums in another order than a CPU matmul).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import struct
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -30,6 +35,9 @@ SAMPLE_BLOCK_VALUES = 1024
 ZO_BLOCK = 1024  # MeZO perturbation: entries per program
 APPLY_BM, APPLY_BN = 32, 128  # decompress-and-apply tile; low-rank factors are padded to 16
 _FAST = {"enable_fp_fusion": False}
+#: under Triton's interpreter a float32 -> bf16 cast truncates: :func:`_round_bf16` rounds first
+#: (compiled, the cast itself rounds to nearest-even, in one instruction)
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -71,17 +79,78 @@ def _tile_bits(ptr, r, c0, rows, cols, off, m, ALIGNED: tl.constexpr, BM: tl.con
 
 
 @triton.jit
-def _merge_kernel(base_ptr, thetas, out_ptr, weights, thresholds, tie_hi, tie_lo, scales,
-                  tall_lambdas, masks_ptr, n, mask_stride, lam, total, votes_needed,
+def _quotient(a, b):
+    """a / b correctly rounded to float32 (what ``div_rn`` gives) for any float32 ``a`` and a
+    ``b`` in [2^-100, 2^100], at a fraction of ``div_rn``'s cost (no slow path, no branch).
+
+    Why it is exact: a/b is never within a relative 2^-49 of a midpoint between two float32
+    values (a = b·m with m such a midpoint, 25 significant bits, would need more bits than a
+    has; otherwise a − b·m is a nonzero multiple of the ulp of b·m, and |b·m| < 2^49 of those
+    ulps), so any q with |q − a/b| < 2^-49·|a/b| rounds to float32 as a/b does, overflow and
+    subnormal results included. Here q = a·y in float64 with y the float64 reciprocal of b:
+    a float32 seed whose low 8 mantissa bits are cleared (relative error < 2^-14.9 whatever
+    the hardware's approximate division gives, so the two Newton steps below are what make y
+    accurate, on the GPU and in the interpreter alike) and two Newton steps
+    y ← y + y·(1 − b·y), each squaring the error plus ~2^-52 of roundings: |y·b − 1| < 2^-51.9,
+    so |q − a/b| < 2^-51.4·|a/b|. Zeros, infinities and NaNs of ``a`` come out as ``div_rn``'s."""
+    seed = ((1.0 / b).to(tl.int32, bitcast=True) & -256).to(tl.float32, bitcast=True)
+    y = seed.to(tl.float64)
+    b64 = b.to(tl.float64)
+    for _ in tl.static_range(2):
+        y = y + y * (1.0 - b64 * y)
+    return (a.to(tl.float64) * y).to(tl.float32)
+
+
+@triton.jit
+def _merge_kernel(base_ptr, thetas, out_ptr, weights, thresholds, below, tie_hi, tie_lo, scales,
+                  tall_lambdas, masks_ptr, recips_ptr, n, mask_stride, lam, total, votes_needed,
                   K: tl.constexpr, TRIM: tl.constexpr, SCALE: tl.constexpr,
                   ELECT: tl.constexpr, NORMALIZE: tl.constexpr, CONSENSUS: tl.constexpr,
-                  OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
-    # weights, thresholds, tie_hi, tie_lo, scales, tall_lambdas: K float32 scalars each.
+                  DIVIDE: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    # weights, thresholds, below, tie_hi, tie_lo, scales, tall_lambdas: K float32 scalars each.
     # TRIM keeps |τ| > threshold, and |τ| == threshold at flat positions below the tie end
-    # (tie_hi·4096 + tie_lo). ELECT: 0 none, 1 sum, 2 count. CONSENSUS: 0 none, 1 TALL masks
-    # computed here, 2 given.
-    off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = off < n
+    # (tie_hi·4096 + tie_lo): |τ| > below there, ``below`` being the float under the threshold.
+    # ELECT: 0 none, 1 sum, 2 count. CONSENSUS: 0 none, 1 TALL masks computed here, 2 given.
+    # DIVIDE, the disjoint mean's division (all three correctly rounded): 0 ``div_rn``; 1 by the
+    # float64 reciprocal of each agreeing set's divisor, from recips_ptr[Σ 2^t over the agreeing
+    # inputs t] (:func:`_reciprocals`), rounded once; 2 :func:`_quotient` (the divisors are
+    # sums of positive weights in [2^-100, 2^100], checked by the caller).
+    # ROUND_BF16: round the bf16 output by :func:`_round_bf16` (the interpreter's cast
+    # truncates). Blocks that are whole and hold no input's tie end (all but a few) take a path
+    # without per-entry bounds checks or tie-end compares.
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    plain = start + BLOCK <= n
+    if TRIM:
+        for t in tl.static_range(K):
+            tied = _joined(tie_hi[t], tie_lo[t]) - start
+            plain = plain & ((tied <= 0) | (tied >= BLOCK))
+    if plain:
+        _merge_block(base_ptr, thetas, out_ptr, weights, thresholds, below, tie_hi, tie_lo,
+                     scales, tall_lambdas, masks_ptr, recips_ptr, start, n, mask_stride, lam,
+                     total, votes_needed, K, TRIM, SCALE, ELECT, NORMALIZE, CONSENSUS, DIVIDE,
+                     ROUND_BF16, BLOCK, True)
+    else:
+        _merge_block(base_ptr, thetas, out_ptr, weights, thresholds, below, tie_hi, tie_lo,
+                     scales, tall_lambdas, masks_ptr, recips_ptr, start, n, mask_stride, lam,
+                     total, votes_needed, K, TRIM, SCALE, ELECT, NORMALIZE, CONSENSUS, DIVIDE,
+                     ROUND_BF16, BLOCK, False)
+
+
+@triton.jit
+def _merge_block(base_ptr, thetas, out_ptr, weights, thresholds, below, tie_hi, tie_lo, scales,
+                 tall_lambdas, masks_ptr, recips_ptr, start, n, mask_stride, lam, total,
+                 votes_needed, K: tl.constexpr, TRIM: tl.constexpr, SCALE: tl.constexpr,
+                 ELECT: tl.constexpr, NORMALIZE: tl.constexpr, CONSENSUS: tl.constexpr,
+                 DIVIDE: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr,
+                 PLAIN: tl.constexpr):
+    """:func:`_merge_kernel` on the entries [start, start + BLOCK); PLAIN: all of them exist
+    and no input's tie end falls inside (each input's cut is then one value for the block)."""
+    local = tl.arange(0, BLOCK)
+    off = start + local
+    if PLAIN:
+        m = tl.full([BLOCK], 1, tl.int1)
+    else:
+        m = off < n
     b = tl.load(base_ptr + off, mask=m, other=0).to(tl.float32)
     taus = ()
     ds = ()
@@ -90,9 +159,12 @@ def _merge_kernel(base_ptr, thetas, out_ptr, weights, thresholds, tie_hi, tie_lo
         taus = taus + (tau,)
         d = tau
         if TRIM:
-            a = tl.abs(d)
-            tied = (a == thresholds[t]) & (off < _joined(tie_hi[t], tie_lo[t]))
-            d = tl.where((a > thresholds[t]) | tied, d, 0.0)
+            tied = tl.minimum(tl.maximum(_joined(tie_hi[t], tie_lo[t]) - start, 0), BLOCK)
+            if PLAIN:
+                cut = tl.where(tied > 0, below[t], thresholds[t])
+            else:
+                cut = tl.where(local < tied.to(tl.int32), below[t], thresholds[t])
+            d = tl.where(tl.abs(d) > cut, d, 0.0)
         if SCALE:
             d = d * scales[t]
         ds = ds + (d * weights[t],)
@@ -109,14 +181,23 @@ def _merge_kernel(base_ptr, thetas, out_ptr, weights, thresholds, tie_hi, tie_lo
                 score += ds[t]
             else:
                 score += tl.where(ds[t] > 0, 1.0, tl.where(ds[t] < 0, -1.0, 0.0))
-        positive = score >= 0
+        sign = tl.where(score >= 0, 1.0, -1.0)
         divisor = tl.zeros([BLOCK], tl.float32)
+        agreeing = tl.zeros([BLOCK], tl.int32)
         for t in tl.static_range(K):
-            agree = tl.where(positive, ds[t] > 0, ds[t] < 0)
+            agree = ds[t] * sign > 0  # ds > 0 where the elected sign is +, ds < 0 where it is -
             mixed += tl.where(agree, ds[t], 0.0)
-            divisor += tl.where(agree, weights[t], 0.0)
+            if DIVIDE == 1:
+                agreeing += tl.where(agree, 1 << t, 0)
+            else:
+                divisor += tl.where(agree, weights[t], 0.0)
         if NORMALIZE:
-            mixed = tl.math.div_rn(mixed, tl.where(divisor == 0, 1.0, divisor))
+            if DIVIDE == 1:
+                mixed = (mixed.to(tl.float64) * tl.load(recips_ptr + agreeing)).to(tl.float32)
+            elif DIVIDE == 2:
+                mixed = _quotient(mixed, tl.where(divisor == 0, 1.0, divisor))
+            else:
+                mixed = tl.math.div_rn(mixed, tl.where(divisor == 0, 1.0, divisor))
     if CONSENSUS != 0:
         votes = tl.zeros([BLOCK], tl.int32)
         for t in tl.static_range(K):
@@ -129,7 +210,44 @@ def _merge_kernel(base_ptr, thetas, out_ptr, weights, thresholds, tie_hi, tie_lo
                 keep = _packed_bit(masks_ptr + t * mask_stride, off, m)
             votes += keep.to(tl.int32)
         mixed = tl.where(votes >= votes_needed, mixed, 0.0)
-    _store(out_ptr, off, b + lam * mixed, m, OUT_BF16)
+    _store(out_ptr, off, b + lam * mixed, m, ROUND_BF16)
+
+
+#: the disjoint mean divides by a table of reciprocals for up to this many inputs (2^K float64)
+RECIPROCAL_TABLE_K = 8
+
+
+@functools.lru_cache(maxsize=64)
+def _reciprocals(weights: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """float64 [2^K] on ``device``: entry i is RN64(1 / b_i), b_i the disjoint mean's divisor
+    where the inputs t with bit t of i set agree: their float32 weights summed in order in
+    float32 (as the kernel and the reference sum them), 1 where that is 0.
+
+    Why the kernel's RN32(a · table[i]) is a correctly rounded a / b_i for every float32 a:
+    a/b is never within a relative 2^-49 of a midpoint between two float32 values (see
+    :func:`_quotient`), and a·y in float64, y within 2^-53 of 1/b, lands within 2^-52 of a/b,
+    so on the same side of every midpoint; float64 holds every such product without overflow
+    or underflow (|a| and 1/|b| are float32-sized)."""
+    w32 = [np.float32(w) for w in weights]
+    sums = np.zeros(1 << len(weights), dtype=np.float32)
+    for i in range(1, sums.size):
+        total = np.float32(0)
+        for t, w in enumerate(w32):
+            if i >> t & 1:
+                total = np.float32(total + w)
+        sums[i] = total
+    divisors = np.where(sums == 0, np.float32(1), sums).astype(np.float64)
+    return torch.from_numpy(1.0 / divisors).to(device)
+
+
+def _float32_below(value: float) -> float:
+    """The largest float32 below the float32 ``value`` (-inf stays -inf, NaN stays NaN)."""
+    if math.isnan(value) or value == -math.inf:
+        return value
+    if value == 0:
+        return -2.0 ** -149
+    bits = struct.unpack("<i", struct.pack("<f", value))[0]
+    return struct.unpack("<f", struct.pack("<i", bits - 1 if value > 0 else bits + 1))[0]
 
 
 def merge(base: torch.Tensor, thetas: list[torch.Tensor], out: torch.Tensor,
@@ -138,15 +256,25 @@ def merge(base: torch.Tensor, thetas: list[torch.Tensor], out: torch.Tensor,
           consensus: int) -> None:
     """Launch :func:`_merge_kernel` over flat contiguous tensors (checked by the caller);
     ``coef``: weights, thresholds, tie ends (as :func:`split_ints`' two halves), scales and
-    TALL lambdas, K of each."""
+    TALL lambdas, K of each. The disjoint mean divides by a table of reciprocals for up to
+    RECIPROCAL_TABLE_K inputs, through :func:`_quotient` beyond that when every weight is
+    positive and their sums stay in its range, through ``div_rn`` otherwise."""
     n = base.numel()
+    weights, thresholds = [float(w) for w in coef[0]], [float(c) for c in coef[1]]
+    below = [_float32_below(c) for c in thresholds]
+    divide, recips = 0, base
+    if elect and normalize and len(thetas) <= RECIPROCAL_TABLE_K:
+        divide, recips = 1, _reciprocals(tuple(weights), base.device)
+    elif min(weights) >= 2.0 ** -100 and math.fsum(weights) <= 2.0 ** 99:
+        divide = 2
     grid = (triton.cdiv(n, MERGE_BLOCK),)
     _merge_kernel[grid](
-        base, tuple(thetas), out, *(tuple(map(float, c)) for c in coef),
-        masks if masks is not None else base, n,
-        masks.shape[1] if masks is not None else 0, lam, total, votes_needed,
+        base, tuple(thetas), out, tuple(weights), tuple(thresholds), tuple(below),
+        *(tuple(map(float, c)) for c in coef[2:]), masks if masks is not None else base, recips,
+        n, masks.shape[1] if masks is not None else 0, lam, total, votes_needed,
         K=len(thetas), TRIM=trim, SCALE=scale, ELECT=elect, NORMALIZE=normalize,
-        CONSENSUS=consensus, OUT_BF16=out.dtype == torch.bfloat16, BLOCK=MERGE_BLOCK,
+        CONSENSUS=consensus, DIVIDE=divide,
+        ROUND_BF16=_INTERPRETED and out.dtype == torch.bfloat16, BLOCK=MERGE_BLOCK,
         num_warps=MERGE_WARPS, **_FAST)
 
 
