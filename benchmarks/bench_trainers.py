@@ -17,6 +17,10 @@ subprocess, so one mode's allocations cannot hide in another's peak:
 - ``adam-amp`` (CUDA): the usual mixed-precision recipe, float32 weights, gradients and Adam
   moments with the forward under ``torch.autocast(bfloat16)``.
 
+``--profile`` (CUDA) adds one more step per mode under ``torch.profiler`` and a summary of its
+timeline: device time inside and outside the closure's forward passes, kernels launched, the
+host's waits (:func:`profile_step`).
+
 Measured: on CUDA ``torch.cuda.max_memory_allocated`` (and ``max_memory_reserved``) from just
 before the first step; on CPU the process's peak RSS (VmHWM, reset through
 ``/proc/self/clear_refs`` once the model is built), both over ``--steps`` steps. Ratios are
@@ -33,12 +37,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+FORWARD = "closure forward"  # the profiler range around each of the closure's forward passes
 CPU_MODES = ("inference", "mezo", "sparse-mezo", "adam")
 CUDA_MODES = ("inference", "mezo", "mezo-torch", "sparse-mezo", "sparse-mezo-torch",
               "mezo-master", "mezo-master-torch", "adam", "adam-amp")
@@ -64,6 +70,7 @@ def _reset_peak_rss() -> bool:
 def run_mode(args: argparse.Namespace) -> dict:
     """Build the model, run ``args.child`` for ``args.steps`` steps, return its peak memory."""
     import torch
+    from torch.profiler import record_function
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mergehub.adapters.mezo import MeZO
@@ -86,7 +93,8 @@ def run_mode(args: argparse.Namespace) -> dict:
     ids = torch.randint(args.vocab, (args.batch, args.seq), generator=gen).to(device)
 
     def loss():
-        return model(input_ids=ids, labels=ids).loss
+        with record_function(FORWARD):
+            return model(input_ids=ids, labels=ids).loss
 
     if mode == "inference":
         def step():
@@ -139,7 +147,67 @@ def run_mode(args: argparse.Namespace) -> dict:
                    peak_mib=torch.cuda.max_memory_allocated() / 2**20,
                    reserved_mib=torch.cuda.max_memory_reserved() / 2**20,
                    gpu=torch.cuda.get_device_name())
+        if args.profile:
+            out["profile"] = profile_step(step)
     return out
+
+
+def profile_step(step) -> dict:
+    """One more step under ``torch.profiler`` (after the timed ones), summarized from its
+    Chrome trace: the step's wall time (profiler overhead included), the device's busy time
+    (union of kernel intervals) and kernel count inside the closure's forward passes (the
+    ``FORWARD`` ranges) and outside them (the optimizer's own work), the host time outside the
+    forwards, the runtime calls that wait for the device (synchronizations, copies), and the
+    kernels outside the forwards that took the most device time."""
+    import tempfile
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+    forwards = [(e["ts"], e["ts"] + e["dur"]) for e in events
+                if e.get("cat") == "user_annotation" and e.get("name") == FORWARD]
+    runtime = {e["args"]["correlation"]: e for e in events  # launches: runtime or driver API
+               if e.get("cat") in ("cuda_runtime", "cuda_driver")
+               and "correlation" in e.get("args", {})}
+    kernels = [e for e in events if e.get("cat") == "kernel"]
+
+    def in_forward(kernel: dict) -> bool:
+        launch = runtime.get(kernel.get("args", {}).get("correlation"))
+        return launch is not None and any(a <= launch["ts"] <= b for a, b in forwards)
+
+    def busy_ms(ks: list[dict]) -> float:
+        total, end = 0.0, -math.inf
+        for k in sorted(ks, key=lambda k: k["ts"]):
+            start, stop = max(k["ts"], end), k["ts"] + k["dur"]
+            total += max(0.0, stop - start)
+            end = max(end, stop)
+        return total / 1e3
+
+    fwd = [k for k in kernels if in_forward(k)]
+    rest = [k for k in kernels if not in_forward(k)]
+    top: dict[str, list[float]] = {}
+    for k in rest:
+        entry = top.setdefault(k["name"][:70], [0, 0.0])
+        entry[0] += 1
+        entry[1] += k["dur"] / 1e3
+    waits = [e for e in runtime.values() if "Synchronize" in e["name"] or "Memcpy" in e["name"]]
+    return {"wall_ms": wall * 1e3, "forwards": len(forwards),
+            "forward_host_ms": sum(b - a for a, b in forwards) / 1e3,
+            "kernels_forward": len(fwd), "kernels_other": len(rest),
+            "device_busy_forward_ms": busy_ms(fwd), "device_busy_other_ms": busy_ms(rest),
+            "launches": sum("LaunchKernel" in e["name"] for e in runtime.values()),
+            "waits": len(waits), "wait_ms": sum(e["dur"] for e in waits) / 1e3,
+            "top_other": sorted(([n, c, round(ms, 3)] for n, (c, ms) in top.items()),
+                                key=lambda r: -r[2])[:8]}
 
 
 def memory(args: argparse.Namespace) -> None:
@@ -185,6 +253,20 @@ def memory(args: argparse.Namespace) -> None:
     if not cuda:
         print(f"(RSS of the interpreter with torch and transformers imported, before the model: "
               f"{first['rss_baseline_mib']:.0f} MiB; 'at start' is after building the model)")
+    profiled = [r for r in results if "profile" in r]
+    if profiled:
+        print(f"\n## One profiled step (torch.profiler; ms; 'fwd' = inside the closure's forward "
+              f"passes, 'other' = the optimizer's own work)")
+        print(f"{'mode':18s} {'wall':>8s} {'fwd host':>8s} {'busy fwd':>8s} {'busy oth':>8s} "
+              f"{'k fwd':>6s} {'k oth':>6s} {'waits':>5s} {'wait ms':>8s}")
+        for r in profiled:
+            p = r["profile"]
+            print(f"{r['mode']:18s} {p['wall_ms']:8.2f} {p['forward_host_ms']:8.2f} "
+                  f"{p['device_busy_forward_ms']:8.2f} {p['device_busy_other_ms']:8.2f} "
+                  f"{p['kernels_forward']:6d} {p['kernels_other']:6d} {p['waits']:5d} "
+                  f"{p['wait_ms']:8.2f}")
+            for name, count, ms in p["top_other"][:4]:
+                print(f"{'':18s}   {ms:8.3f} ms {count:5d}x {name}")
 
 
 def main() -> None:
@@ -203,6 +285,8 @@ def main() -> None:
     mem.add_argument("--seq", type=int, default=256)
     mem.add_argument("--steps", type=int, default=3)
     mem.add_argument("--modes", default=None, help="comma-separated subset of the modes")
+    mem.add_argument("--profile", action="store_true",
+                     help="CUDA: profile one more step per mode and summarize its timeline")
     mem.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:

@@ -460,6 +460,79 @@ def test_zo_step_equals_torch_ops_on_the_drawn_direction(device, dtype, times, u
         kernels.zo_step(x, 77, 1e-3, 1, start=6)
 
 
+def _many(dtype: torch.dtype, device: str, seed: int) -> list[torch.Tensor]:
+    """Flat tensors of odd sizes (an empty one, one of a single entry, one misaligned: a view
+    one entry into a buffer), more than two so that the launch's search takes several steps."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [4099, 1, 0, 2048, 2500, 37]
+    xs = [(torch.randn(n, generator=gen) * 0.02).to(dtype).to(device) for n in sizes]
+    xs.append((torch.randn(1001, generator=gen) * 0.02).to(dtype).to(device)[1:])
+    return xs
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zo_steps_equal_zo_step_on_each_tensor(device, dtype):
+    """One launch over many tensors = zo_step on each (its own seed, stream from 0), dense;
+    sparse: the masks |x| <= bound it packs equal pack_bits of that comparison, computed at the
+    first move and kept, and each move equals torch ops on d * mask."""
+    from mergehub.kernels.deltas import pack_bits
+
+    xs = _many(dtype, device, seed=1)
+    seeds = [2 ** 64 - 1 - t if t % 2 else t * 7919 for t in range(len(xs))]
+    got = [x.clone() for x in xs]
+    for times, update in ((1, None), (-2, None), (1, 0.37)):
+        kernels.zo_steps(got, seeds, 1e-3, times, update=update)
+    for x, seed, y in zip(xs, seeds, got):
+        want = x.clone()
+        if want.numel():
+            for times, update in ((1, None), (-2, None), (1, 0.37)):
+                kernels.zo_step(want, seed, 1e-3, times, update=update)
+        assert torch.equal(y, want)
+    bounds = torch.tensor([float(x.float().abs().median()) if x.numel() else 0.0 for x in xs],
+                          device=device)
+    bits = torch.empty(kernels.zo_mask_bytes(xs), dtype=torch.uint8, device=device)
+    got = [x.clone() for x in xs]
+    for times, update in ((1, None), (-2, None), (1, -2.5)):
+        kernels.zo_steps(got, seeds, 1e-3, times, update=update, bounds=bounds, bits=bits,
+                         fresh=times == 1 and update is None)
+    offset = 0
+    for t, (x, seed, y) in enumerate(zip(xs, seeds, got)):
+        mask = x.float().abs() <= bounds[t]
+        nbytes = (x.numel() + 7) // 8
+        assert torch.equal(bits[offset:offset + nbytes], pack_bits(mask))
+        offset += nbytes
+        d = kernels.zo_direction(x.numel(), seed, 1e-3, device=device) * mask
+        want = x.clone()
+        want.add_(d), want.sub_(d), want.sub_(d), want.add_(d), want.add_(d * -2.5)
+        assert torch.equal(y, want)
+    with pytest.raises(InputError, match="one dtype"):
+        kernels.zo_steps([xs[0], xs[1].half() if dtype != torch.float16 else xs[1].float()],
+                         [1, 2], 1e-3, 1)
+    with pytest.raises(InputError, match="bits buffer"):
+        kernels.zo_steps(xs, seeds, 1e-3, 1, bounds=bounds, bits=bits[:5])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_smallest_magnitudes_equal_a_sort(device, dtype):
+    """The k-th smallest |x| of each tensor, exactly as sorting finds it: k = 1 and k = n, runs
+    of ties (few distinct values), zeros of both signs, infinities and NaN (sorted last)."""
+    xs = [x for x in _many(dtype, device, seed=2) if x.numel()]
+    gen = torch.Generator().manual_seed(5)
+    xs.append((torch.randint(-3, 4, (3000,), generator=gen) * 0.25).to(dtype).to(device))
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), -1.5, 2.0,
+                            -0.0, float("nan")]).to(dtype).to(device)
+    xs.append(special)
+    ks = [1, 1, 2048, 1250, 37, 1000, 1700, 9]
+    ks += [t + 1 for t in range(9)]
+    xs += [special] * 9
+    got = kernels.smallest_magnitudes(xs, ks).cpu()
+    want = torch.stack([x.float().abs().sort().values[k - 1] for x, k in zip(xs, ks)]).cpu()
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got[~got.isnan()], want[~want.isnan()])
+    with pytest.raises(InputError, match="one k in"):
+        kernels.smallest_magnitudes(xs[:2], [1, 2])
+
+
 def test_pack_bits_is_numpys_packbits_and_unpack_bits_inverts_it():
     from mergehub.kernels.deltas import pack_bits, unpack_bits
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -398,20 +399,43 @@ def test_errors_name_the_problem_and_leave_parameters_restored():
 @pytest.mark.parametrize("device", [pytest.param("cpu", id="interp"),
                                     pytest.param("cuda", id="gpu", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("options", [{}, {"weight_decay": 0.1}, {"density": 0.5},
-                                     {"master_weights": True}])
+                                     {"master_weights": True},
+                                     {"density": 0.5, "n_perturbations": 2}])
 def test_triton_path_equals_its_torch_reference(monkeypatch, options, device):
-    """The CUDA path (Triton's Philox draw; dense moves in one pass) run under Triton's
-    interpreter: zo_step gives what torch ops on zo_direction's d give, step by step, for bf16,
-    float32, float64 (no one-pass form) and non-contiguous parameters and every option."""
+    """The CUDA path (Triton's Philox draw; dense and sparse moves of many parameters in one
+    launch, Sparse MeZO's thresholds by a radix select) run under Triton's interpreter: it
+    gives what torch ops on zo_direction's d give, with thresholds from a sort and masks packed
+    by pack_bits, step by step, for bf16, float32, float64 (no one-pass form), misaligned and
+    non-contiguous parameters in two groups and every option (two perturbations too: the
+    masks of the step's start kept for the second)."""
     pytest.importorskip("triton")
     from mergehub import kernels
+    from mergehub.kernels.deltas import pack_bits, unpack_bits
 
-    def reference_step(x, seed, eps, times, *, start=0, update=None):
+    def reference_step(x, seed, eps, times, *, start=0, update=None, mask=None):
         d = kernels.zo_direction(x.numel(), seed, eps, start=start, device=x.device)
+        if mask is not None:
+            d = d * mask
         for _ in range(abs(times)):
             x.add_(d) if times > 0 else x.sub_(d)
         if update is not None:
             x.add_(d * update)
+
+    def reference_steps(xs, seeds, eps, times, *, update=None, bounds=None, bits=None,
+                        fresh=False):
+        offset = 0
+        for t, (x, seed) in enumerate(zip(xs, seeds.cpu().numpy().view(np.uint64))):
+            mask = None
+            if bounds is not None:
+                segment = bits[offset:offset + (x.numel() + 7) // 8]
+                offset += segment.numel()
+                if fresh:
+                    segment.copy_(pack_bits(x.float().abs() <= bounds[t]))
+                mask = unpack_bits(segment, x.numel())
+            reference_step(x, int(seed), eps, times, update=update, mask=mask)
+
+    def sorted_bounds(xs, ks):
+        return torch.stack([x.float().abs().sort().values[k - 1] for x, k in zip(xs, ks)])
 
     monkeypatch.setattr(mezo_mod, "CHUNK", 300)  # chunks start mid-stream
 
@@ -421,9 +445,12 @@ def test_triton_path_equals_its_torch_reference(monkeypatch, options, device):
             (0.02 * torch.randn(40, 23, generator=gen)).bfloat16(),
             torch.randn(700, generator=gen),
             torch.randn(5, 3, generator=gen, dtype=torch.float64),
-            torch.randn(9, 7, generator=gen).t())]
+            torch.randn(9, 7, generator=gen).t(),
+            (0.02 * torch.randn(3001, generator=gen)).bfloat16())]
+        params.append(torch.nn.Parameter(torch.randn(513, generator=gen).to(device)[1:]))
         loss = lambda: float(sum(p.double().sin().sum() for p in params))  # noqa: E731
-        opt = MeZO(params, lr=1e-3, eps=1e-3, seed=0, backend=backend, **options)
+        opt = MeZO([{"params": params[:4]}, {"params": params[4:], "lr": 2e-3}], lr=1e-3,
+                   eps=1e-3, seed=0, backend=backend, **options)
         losses = [opt.step(loss) for _ in range(3)]
         return losses, [p.detach().clone() for p in params]
 
@@ -433,11 +460,24 @@ def test_triton_path_equals_its_torch_reference(monkeypatch, options, device):
     restored.load_state_dict(saved)
     assert restored.backend == "triton"  # the stream is part of the state
     monkeypatch.setattr(kernels, "zo_step", reference_step)
+    monkeypatch.setattr(kernels, "zo_steps", reference_steps)
+    monkeypatch.setattr(kernels, "smallest_magnitudes", sorted_bounds)
     reference = run()
     assert fused[0] == reference[0]
     assert all(torch.equal(a, b) for a, b in zip(fused[1], reference[1]))
     _, torch_path = run("torch")  # torch.randn: another stream
     assert not torch.equal(torch_path[0], fused[1][0])
+
+
+def test_seeds_of_many_keys_are_seed_sequences():
+    """The vectorized seeds (one per parameter and step) equal numpy's SeedSequence words, for
+    keys whose values take one or two 32-bit words and keys of 3 and 4 values."""
+    gen = np.random.default_rng(0)
+    keys = [(int(gen.integers(2 ** 64, dtype=np.uint64)) if i % 3 else int(gen.integers(2 ** 31)),
+             int(gen.integers(2 ** 40)) if i % 5 == 0 else i, i % 301)
+            + ((1,) if i % 7 == 0 else ()) for i in range(500)] + [(0, 0, 0), (0, 0, 0, 1)]
+    want = [np.random.SeedSequence(list(key)).generate_state(2, dtype=np.uint32) for key in keys]
+    assert [int(s) for s in mezo_mod._seeds(keys)] == [int(w[0]) | int(w[1]) << 32 for w in want]
 
 
 @pytest.mark.gpu

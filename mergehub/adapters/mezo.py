@@ -15,7 +15,9 @@ with ``z ~ N(0, I)`` never stored: each parameter's ``z`` is regenerated, ``CHUN
 time, from a generator seeded by (seed, step, parameter index). So the memory is that of
 inference plus a few chunk-sized temporaries: no gradients, no optimizer moments. Sparse MeZO
 (``density=q``, Liu et al. 2024) perturbs and updates only the entries whose magnitude is at
-most the q-quantile of ``|theta|`` of their tensor (plus 1 bit per entry during a step): the
+most the q-quantile of ``|theta|`` of their tensor (plus 1 bit per entry during a step; the
+quantile is exact with the Triton kernels, estimated from a sample of ``QUANTILE_SAMPLE``
+entries for larger tensors otherwise): the
 fraction q of each tensor is trained, its sparsity (the fraction left out) is 1 - q. The
 update moves along ``d / eps`` with ``d = eps z`` as applied (rounded to float32), the
 direction ``g`` was measured along. Measured (``benchmarks/RESULTS.md``): peak memory 1.00x
@@ -51,10 +53,15 @@ on one device type (the CPU draws z with ``torch.randn``, CUDA with Triton's Phi
 streams); ``state_dict`` carries the step count (and the float32 copies), so a resumed run
 continues bit-exactly.
 
-Speed: on CUDA a dense parameter (no sparsity mask, no float32 copy, no weight decay in the
-update) is moved in one pass per move, z drawn in registers (:func:`mergehub.kernels.zo_step`);
-the other cases draw d into a float32 chunk (:func:`mergehub.kernels.zo_direction`) and move
-with torch ops. Both do the same float32 operations in the same order.
+Speed: on CUDA every parameter held whole by this process, without a float32 copy or weight
+decay in its update (bf16, fp16 or fp32, contiguous) is moved by one launch per move for all of
+them (:func:`mergehub.kernels.zo_steps`): z drawn in registers from each parameter's seed,
+Sparse MeZO's mask computed in the pass of the first move and kept as packed bits, its
+thresholds found exactly on the device beforehand (:func:`mergehub.kernels.
+smallest_magnitudes`), and no host synchronization but the closure's losses. A shard's whole
+parameter moves in one pass too (:func:`mergehub.kernels.zo_step`); the other cases draw d into
+a float32 chunk (:func:`mergehub.kernels.zo_direction`) and move with torch ops. All do the
+same float32 operations in the same order.
 
 z of an entry is a function of (seed, step, parameter index, perturbation, the entry's position
 in the flattened parameter), whatever part of the parameter a process holds: Triton's Philox
@@ -86,6 +93,7 @@ whatever the model's size, and apply the same update:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -164,6 +172,68 @@ def _stream(seed: int, step: int, index: int, j: int = 0, block: int = 0) -> tup
     return (seed, step, index) if j == 0 and block == 0 else (seed, step, index, 2, j, block)
 
 
+#: numpy's SeedSequence constants (numpy/random/bit_generator.pyx): pool size, the entropy
+#: hash's init and multiplier, the state hash's, and the mix's two multipliers
+_POOL, _INIT_A, _MULT_A, _INIT_B, _MULT_B = 4, 0x43B0D7E5, 0x931E8875, 0x8B51F9DD, 0x58F38DED
+_MIX_L, _MIX_R = 0xCA01F9DD, 0x4973F715
+
+
+def _seeds(keys: list[tuple[int, ...]]) -> np.ndarray:
+    """:func:`_seed` of many keys at once (uint64): numpy's ``SeedSequence(key)
+    .generate_state(2)`` computed over all keys in one pass of array operations (its hash is
+    specified word by word, so a vectorized copy gives the same words; tests check it against
+    ``SeedSequence``). A step needs one seed per parameter: ~0.3 ms for 200 keys instead of
+    ~5 ms of ``SeedSequence`` calls."""
+    words = [[w for v in key for w in _words(v)] for key in keys]
+    out = np.empty(len(keys), dtype=np.uint64)
+    for width in {len(w) for w in words}:  # keys whose values take as many 32-bit words
+        rows = [i for i, w in enumerate(words) if len(w) == width]
+        out[rows] = _seed_words(np.array([words[i] for i in rows], dtype=np.uint32).T)
+    return out
+
+
+def _words(value: int) -> list[int]:
+    """A non-negative int as SeedSequence reads it: 32-bit words, least significant first."""
+    out = [value & 0xFFFFFFFF]
+    while value := value >> 32:
+        out.append(value & 0xFFFFFFFF)
+    return out
+
+
+def _seed_words(entropy: np.ndarray) -> np.ndarray:
+    """SeedSequence's mixing of uint32 entropy [words, keys] into two state words per key,
+    joined as uint64 (the steps of ``mix_entropy`` and ``generate_state``, wrapping uint32)."""
+    u32 = np.uint32
+    hash_const = [_INIT_A]
+
+    def hashmix(value: np.ndarray) -> np.ndarray:
+        value = value ^ u32(hash_const[0])
+        hash_const[0] = (hash_const[0] * _MULT_A) & 0xFFFFFFFF
+        value = value * u32(hash_const[0])
+        return value ^ (value >> u32(16))
+
+    def mix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        result = x * u32(_MIX_L) - y * u32(_MIX_R)
+        return result ^ (result >> u32(16))
+
+    zeros = np.zeros(entropy.shape[1], dtype=np.uint32)
+    pool = [hashmix(entropy[i] if i < len(entropy) else zeros) for i in range(_POOL)]
+    for src in range(_POOL):
+        for dst in range(_POOL):
+            if src != dst:
+                pool[dst] = mix(pool[dst], hashmix(pool[src]))
+    for src in range(_POOL, len(entropy)):
+        for dst in range(_POOL):
+            pool[dst] = mix(pool[dst], hashmix(entropy[src]))
+    state, const = [], _INIT_B
+    for i in range(2):
+        value = pool[i] ^ u32(const)
+        const = (const * _MULT_B) & 0xFFFFFFFF
+        value = value * u32(const)
+        state.append((value ^ (value >> u32(16))).astype(np.uint64))
+    return state[0] | (state[1] << np.uint64(32))
+
+
 def _generator(device: torch.device, *key: int) -> torch.Generator:
     """A torch generator on ``device`` seeded by :func:`_seed` of ``key``."""
     gen = torch.Generator(device=device)
@@ -172,8 +242,9 @@ def _generator(device: torch.device, *key: int) -> torch.Generator:
 
 
 def _threshold(values: torch.Tensor, q: float, generator: torch.Generator) -> float:
-    """The q-quantile of ``|values|`` (the k-th smallest, k = ceil(q n)); estimated from
-    ``QUANTILE_SAMPLE`` seeded draws for larger tensors, to keep the transient memory small."""
+    """The q-quantile of ``|values|`` (the k-th smallest, k = ceil(q n)) on the torch path;
+    estimated from ``QUANTILE_SAMPLE`` seeded draws for larger tensors, to keep the transient
+    memory small (the Triton path selects it exactly: :meth:`MeZO._bound`)."""
     flat = values.detach().reshape(-1)
     if flat.numel() > QUANTILE_SAMPLE:
         pick = torch.randint(flat.numel(), (QUANTILE_SAMPLE,), generator=generator,
@@ -193,6 +264,30 @@ def _sticky(d: torch.Tensor) -> torch.Tensor:
     round-half-to-even could go one way and come back the other)."""
     d.view(torch.int32).bitwise_or_(1)
     return d
+
+
+@dataclasses.dataclass
+class _Launch:
+    """The parameters of one group, dtype and device that one :func:`mergehub.kernels.zo_steps`
+    launch moves (flat views, and their indices among all parameters), their seeds per
+    perturbation (int64 on their device) and, in a sparse step, their thresholds and packed
+    masks (``fresh`` until the step's first move computes them)."""
+    group: dict[str, Any]
+    xs: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    indices: list[int] = dataclasses.field(default_factory=list)
+    seeds: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    bounds: torch.Tensor | None = None
+    bits: torch.Tensor | None = None
+    fresh: bool = False
+
+
+@dataclasses.dataclass
+class _Plan:
+    """How one step moves its parameters: the launches, the parameters moved one by one
+    (index, parameter, group), and those parameters' packed sparse masks by index."""
+    launches: list[_Launch]
+    rest: list[tuple[int, torch.Tensor, dict[str, Any]]]
+    masks: dict[int, list[torch.Tensor]]
 
 
 class MeZO(torch.optim.Optimizer):
@@ -391,6 +486,46 @@ class MeZO(torch.optim.Optimizer):
             at = first + hi
         return _sticky(d.mul_(eps)).view(chunk.shape)
 
+    def _plan(self, trained: list[tuple[int, torch.Tensor, dict[str, Any]]]) -> _Plan:
+        """This step's launches: the parameters the Triton kernels move in registers (whole
+        on this process, flat, contiguous, bf16 / fp16 / fp32, no float32 copy, no weight decay
+        in the update), one :func:`mergehub.kernels.zo_steps` launch per group, dtype and
+        device for each move, each parameter with its own seed (the stream the parameter-by-
+        parameter path draws), Sparse MeZO's thresholds exact on the device
+        (:func:`mergehub.kernels.smallest_magnitudes`) and its masks computed in the first
+        move's pass; the other parameters move one by one, with :meth:`_masks`."""
+        launches: dict[tuple[int, torch.dtype, torch.device], _Launch] = {}
+        rest = []
+        for index, p, group in trained:
+            if self._on_triton(p) and not self.master_weights and not distributed.is_dtensor(p) \
+                    and p.is_contiguous() and p.dtype in _IN_REGISTERS and p.numel() < 2 ** 31 \
+                    and not (group["weight_decay"] and p.dim() >= 2):
+                launch = launches.setdefault((id(group), p.dtype, p.device), _Launch(group))
+                launch.xs.append(p.data.view(-1))
+                launch.indices.append(index)
+            else:
+                rest.append((index, p, group))
+        for launch in launches.values():
+            q = launch.group["density"]
+            if q is not None:
+                launch.bounds = kernels.smallest_magnitudes(
+                    launch.xs, [max(1, math.ceil(q * x.numel())) for x in launch.xs])
+                launch.bits = torch.empty(kernels.zo_mask_bytes(launch.xs), dtype=torch.uint8,
+                                          device=launch.xs[0].device)
+                launch.fresh = True
+        return _Plan(list(launches.values()), rest, self._masks(rest))
+
+    def _bound(self, ref: torch.Tensor, q: float, index: int,
+               fused: bool) -> float | torch.Tensor:
+        """Sparse MeZO's threshold for one parameter (whole; or its float32 copy): with the
+        Triton kernels the exact q-quantile of |ref| (:func:`mergehub.kernels.
+        smallest_magnitudes`, left on the device), as :meth:`_plan`'s launches take it;
+        otherwise :func:`_threshold`."""
+        if fused and ref.dtype in _IN_REGISTERS and ref.numel() < 2 ** 31:
+            flat = ref.detach().reshape(-1)
+            return kernels.smallest_magnitudes([flat], [max(1, math.ceil(q * flat.numel()))])[0]
+        return _threshold(ref, q, _generator(ref.device, self.seed, self.steps_done, index, 1))
+
     def _masks(self, trained: list[tuple[int, torch.Tensor, dict[str, Any]]]
                ) -> dict[int, list[torch.Tensor]]:
         """Sparse MeZO's masks for this step, from the weights at theta: per sparse parameter,
@@ -402,8 +537,7 @@ class MeZO(torch.optim.Optimizer):
                 continue
             local, offset = self._local(index, p)
             master = self._master(p, local) if self.master_weights else None
-            tau = _threshold(distributed.whole(p, master), q,
-                             _generator(p.device, self.seed, self.steps_done, index, 1))
+            tau = self._bound(distributed.whole(p, master), q, index, self._on_triton(p))
             masks[index] = [
                 pack_bits(((ref <= tau) & (ref >= -tau)).reshape(-1))
                 for chunk, mchunk, _ in self._pieces(local, master, offset)
@@ -412,13 +546,23 @@ class MeZO(torch.optim.Optimizer):
 
     # --- moving ---------------------------------------------------------------------------
 
-    def _move(self, trained: list[tuple[int, torch.Tensor, dict[str, Any]]], frm: int, to: int,
-              masks: dict[int, list[torch.Tensor]], j: int = 0, grad: float | None = None,
+    def _move(self, plan: _Plan, frm: int, to: int, j: int = 0, grad: float | None = None,
               decay: bool = True) -> None:
         """Move every trained parameter from ``theta + frm*eps*z_j`` to ``theta + to*eps*z_j``
         (one rounded eps-sized move at a time, or from the float32 copy), then, with ``grad``,
-        apply the update along z_j (and, with ``decay``, the weight decay) at ``to == 0``."""
-        for index, p, group in trained:
+        apply the update along z_j (and, with ``decay``, the weight decay) at ``to == 0``: the
+        plan's launches in one pass each, its other parameters one by one."""
+        for launch in plan.launches:
+            if j not in launch.seeds:
+                launch.seeds[j] = kernels.seed_table(
+                    _seeds([_stream(self.seed, self.steps_done, index, j)
+                            for index in launch.indices]), launch.xs[0].device)
+            kernels.zo_steps(launch.xs, launch.seeds[j], launch.group["eps"], to - frm,
+                             update=None if grad is None else self._step_scale(grad, launch.group),
+                             bounds=launch.bounds, bits=launch.bits, fresh=launch.fresh)
+            launch.fresh = False  # the masks are those of theta at the step's first move
+        masks = plan.masks
+        for index, p, group in plan.rest:
             fused = self._on_triton(p)
             local, offset = self._local(index, p)
             master = self._master(p, local) if self.master_weights else None
@@ -473,8 +617,8 @@ class MeZO(torch.optim.Optimizer):
 
     # --- evaluating -----------------------------------------------------------------------
 
-    def _evaluate(self, closure: Callable[[], Any], trained: list, at: int,
-                  masks: dict[int, list[torch.Tensor]], j: int) -> tuple[float, float]:
+    def _evaluate(self, closure: Callable[[], Any], plan: _Plan, at: int,
+                  j: int) -> tuple[float, float]:
         """(loss sum, weight) of closure() at offset ``at`` along z_j; on an exception the
         parameters are restored before it propagates."""
         try:
@@ -486,7 +630,7 @@ class MeZO(torch.optim.Optimizer):
                 total, weight = float(value.detach() if isinstance(value, torch.Tensor)
                                       else value), 1.0
         except BaseException:
-            self._move(trained, at, 0, masks, j)
+            self._move(plan, at, 0, j)
             raise
         return total, weight
 
@@ -535,39 +679,39 @@ class MeZO(torch.optim.Optimizer):
         if sharded and self.process_group is None:
             raise MeZOError("MeZO: the parameters are sharded (DTensors): pass process_group, "
                             "the ranks that hold the shards and evaluate the loss together")
-        masks = self._masks(trained)
+        plan = self._plan(trained)
         by_perturbation = self._splits_perturbations()
         rank, size = self._ranks()
         mine = range(rank, self.n_perturbations, size) if by_perturbation \
             else range(self.n_perturbations)
         measured = {}
         if self.n_perturbations == 1:  # restoring and updating in one move
-            self._move(trained, 0, 1, masks)
-            plus = self._evaluate(closure, trained, 1, masks, 0)
-            self._move(trained, 1, -1, masks)
-            minus = self._evaluate(closure, trained, -1, masks, 0)
+            self._move(plan, 0, 1)
+            plus = self._evaluate(closure, plan, 1, 0)
+            self._move(plan, 1, -1)
+            minus = self._evaluate(closure, plan, -1, 0)
             losses = self._losses({0: (plus, minus)}, False)
             if not all(math.isfinite(x) for x in losses[0]):
-                self._move(trained, -1, 0, masks)
+                self._move(plan, -1, 0)
                 self._check_finite(losses)
             grads = [(losses[0][0] - losses[0][1]) / (2 * eps)]
-            self._move(trained, -1, 0, masks, grad=grads[0])
+            self._move(plan, -1, 0, grad=grads[0])
         else:
             for j in range(self.n_perturbations):
                 # every rank makes every perturbation's moves, evaluated or not: restoring
                 # rounds (module docstring), and so the weights stay the same on every rank,
                 # and the same as on one process
-                self._move(trained, 0, 1, masks, j)
-                plus = self._evaluate(closure, trained, 1, masks, j) if j in mine else None
-                self._move(trained, 1, -1, masks, j)
+                self._move(plan, 0, 1, j)
+                plus = self._evaluate(closure, plan, 1, j) if j in mine else None
+                self._move(plan, 1, -1, j)
                 if j in mine:
-                    measured[j] = (plus, self._evaluate(closure, trained, -1, masks, j))
-                self._move(trained, -1, 0, masks, j)
+                    measured[j] = (plus, self._evaluate(closure, plan, -1, j))
+                self._move(plan, -1, 0, j)
             losses = self._losses(measured, by_perturbation)
             self._check_finite(losses)
             grads = [(lp - lm) / (2 * eps) for lp, lm in losses]
             for j, g in enumerate(grads):  # the mean of the P estimates g_j z_j
-                self._move(trained, 0, 0, masks, j, grad=g / self.n_perturbations,
+                self._move(plan, 0, 0, j, grad=g / self.n_perturbations,
                            decay=j == 0)
         self.last_projected_grads = grads
         self.last_projected_grad = grads[0] if len(grads) == 1 else None

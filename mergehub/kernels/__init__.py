@@ -15,9 +15,11 @@ from the merge methods' own functions) otherwise or when Triton is not installed
   of a random sample, radix-selected without a pass;
 * :func:`apply_deltas`: W + Σk sk·decode(δk) for BitDelta, ComPEFT and low-rank deltas
   (:mod:`mergehub.kernels.deltas`), decoded tile by tile, never materialized;
-* :func:`zo_direction` / :func:`zo_step`: MeZO's perturbation drawn from Philox, materialized
-  or added to a parameter in one pass with the draw in registers (their oracle is torch ops on
-  the materialized draw; the CPU path of MeZO draws with ``torch.randn`` instead).
+* :func:`zo_direction` / :func:`zo_step` / :func:`zo_steps`: MeZO's perturbation drawn from
+  Philox, materialized or added to a parameter in one pass with the draw in registers, or to
+  many parameters in one launch, Sparse MeZO's mask computed in the same pass (their oracle is
+  torch ops on the materialized draw; the CPU path of MeZO draws with ``torch.randn``
+  instead); :func:`smallest_magnitudes`: Sparse MeZO's per-tensor quantiles of |θ|, exact.
 
 Tolerances (tests/test_kernels.py checks them): float32 arithmetic is done in the reference's
 order with its roundings, so merge results and sign/ternary deltas are bit-identical to the
@@ -36,6 +38,7 @@ import math
 import weakref
 from typing import Any
 
+import numpy as np
 import torch
 
 from mergehub.errors import InputError
@@ -47,7 +50,8 @@ from mergehub.merge.methods.sparsify import (
     NOTHING, Cut, Order, check_ties, cut_at, kth_rank, located, sample_positions, sampled_cut)
 
 __all__ = ["merge_tensor", "magnitude_cuts", "magnitude_cut", "Cut", "CutMemo", "apply_deltas",
-           "zo_direction", "zo_step",
+           "zo_direction", "zo_step", "zo_steps", "zo_mask_bytes", "seed_table",
+           "smallest_magnitudes",
            "SignDelta", "TernaryDelta", "LowRankDelta", "dense", "triton_available"]
 
 _ELECT = {None: 0, "sum": 1, "count": 2}
@@ -412,6 +416,83 @@ def zo_step(x: torch.Tensor, seed: int, eps: float, times: int, *, start: int = 
 
     if x.numel():
         triton_kernels.zo(x, None, x.numel(), start, seed, eps, times, update)
+
+
+_ZO_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _check_many(name: str, xs: list[torch.Tensor]) -> None:
+    """Flat contiguous tensors of one float dtype on one device, each below 2^31 entries."""
+    for x in xs:
+        if not (x.is_contiguous() and x.dim() == 1 and x.dtype in _ZO_DTYPES):
+            raise InputError(f"{name}: want flat contiguous float tensors, not {x.dtype} "
+                             f"{tuple(x.shape)}")
+        if x.dtype != xs[0].dtype or x.device != xs[0].device:
+            raise InputError(f"{name}: tensors of one dtype on one device, not {x.dtype} on "
+                             f"{x.device} beside {xs[0].dtype} on {xs[0].device}")
+        if x.numel() >= 2 ** 31:
+            raise InputError(f"{name}: a tensor of {x.numel()} entries (at most 2^31 - 1)")
+
+
+def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor copied to ``device`` without waiting for the device's queued work
+    (through pinned memory on CUDA): kernel arguments that change from call to call."""
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
+def seed_table(seeds: list[int] | np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint64 seeds as the int64 [T] (same bits) :func:`zo_steps` takes, on ``device``."""
+    return to_device(torch.from_numpy(np.asarray(seeds, dtype=np.uint64).view(np.int64)), device)
+
+
+def zo_mask_bytes(xs: list[torch.Tensor]) -> int:
+    """Bytes of the packed masks :func:`zo_steps` keeps for ``xs``: ceil(numel / 8) each."""
+    return sum(-(-x.numel() // 8) for x in xs)
+
+
+def zo_steps(xs: list[torch.Tensor], seeds: list[int] | torch.Tensor, eps: float, times: int,
+             *, update: float | None = None, bounds: torch.Tensor | None = None,
+             bits: torch.Tensor | None = None, fresh: bool = False) -> None:
+    """:func:`zo_step` on each of the flat contiguous tensors ``xs`` (one dtype: bf16, fp16 or
+    fp32) from stream position 0 of its seed (``seeds``: ints, or int64 [T] on their device
+    holding the uint64 seeds' bits), in one launch: every tensor ends as ``zo_step(x, seed,
+    eps, times, update=update)`` leaves it.
+
+    With ``bounds`` (float32 [T], e.g. from :func:`smallest_magnitudes`) the move is Sparse
+    MeZO's: d is multiplied by the mask |x| <= bounds[t] (d·1 or d·0, as torch ops on a
+    materialized d and mask would), the mask of the parameter as it was when ``fresh`` (the
+    step's first move, which computes it and stores it into ``bits``) and read back from
+    ``bits`` otherwise. ``bits``: uint8 of :func:`zo_mask_bytes` entries, tensor t's
+    ceil(numel / 8) bytes after tensor t − 1's, each in ``np.packbits`` order."""
+    _check_many("zo_steps", xs)
+    if not any(x.numel() for x in xs):
+        return
+    if bounds is not None and (bits is None or bits.dtype != torch.uint8
+                               or bits.numel() < zo_mask_bytes(xs)):
+        raise InputError("zo_steps: masked moves need a uint8 bits buffer of zo_mask_bytes(xs)")
+    from mergehub.kernels import triton_kernels
+
+    if not isinstance(seeds, torch.Tensor):
+        seeds = seed_table(seeds, xs[0].device)
+    triton_kernels.zo_many(xs, seeds, eps, times, update, bounds, bits, fresh)
+
+
+def smallest_magnitudes(xs: list[torch.Tensor], ks: list[int]) -> torch.Tensor:
+    """float32 [T] on the tensors' device: the ks[t]-th smallest |x| of each flat contiguous
+    tensor in ``xs`` (one dtype: bf16, fp16 or fp32; 1 <= k <= numel), exactly (NaN sorts
+    last), without a host synchronization: a radix select over the magnitudes' bit patterns,
+    one counting pass over all the tensors per digit (:func:`triton_kernels.
+    smallest_magnitudes`). Triton only (CUDA, or the interpreter)."""
+    _check_many("smallest_magnitudes", xs)
+    if len(ks) != len(xs) or any(not 1 <= k <= x.numel() for x, k in zip(xs, ks)):
+        raise InputError(f"smallest_magnitudes: want one k in [1, numel] per tensor, got {ks} "
+                         f"for {[x.numel() for x in xs]} entries")
+    from mergehub.kernels import triton_kernels
+
+    return triton_kernels.smallest_magnitudes(xs, to_device(torch.tensor(ks, dtype=torch.int64),
+                                                            xs[0].device))
 
 
 def apply_deltas(base: torch.Tensor, deltas: list[Delta], scales: list[float] | None = None, *,
