@@ -77,6 +77,12 @@ check of overhead, not of speed-up. From the rows it prints an estimate of the w
 ``--net-gbps``::
 
     python benchmarks/bench_merge.py --ray --methods ties,task_arithmetic
+
+With ``--device cuda`` the single process merges on one GPU and each Ray task on a GPU of its
+own (``--ray-workers 1 2``: local Ray instances of 1 and 2 GPUs; the models are drawn on the
+GPU, which is faster and draws other numbers than the CPU)::
+
+    python benchmarks/bench_merge.py --ray --device cuda --methods ties,task_arithmetic
 """
 
 from __future__ import annotations
@@ -156,44 +162,51 @@ def config_json(layers: int, hidden: int, inter: int, vocab: int, dtype: str) ->
         "tie_word_embeddings": False}, indent=2).encode() + b"\n"
 
 
-def generator(tag: str, name: str) -> torch.Generator:
+def generator(tag: str, name: str, device: str = "cpu") -> torch.Generator:
     seed = int.from_bytes(hashlib.sha256(f"{tag}:{name}".encode()).digest()[:8], "little")
-    return torch.Generator().manual_seed(seed & (2**63 - 1))
+    return torch.Generator(device).manual_seed(seed & (2**63 - 1))
 
 
-def base_f32(spec: TensorSpec, tag: str) -> torch.Tensor:
+def base_f32(spec: TensorSpec, tag: str, device: str = "cpu") -> torch.Tensor:
+    """The base's tensor, drawn on ``device`` (another device draws other numbers)."""
     if spec.name.endswith("norm.weight"):
-        return torch.ones(spec.shape)
-    return torch.randn(spec.shape, generator=generator(tag, spec.name)).mul_(0.02)
+        return torch.ones(spec.shape, device=device)
+    return torch.randn(spec.shape, generator=generator(tag, spec.name, device),
+                       device=device).mul_(0.02)
 
 
 def finetune_f32(base: torch.Tensor, spec: TensorSpec, tag: str) -> torch.Tensor:
-    """``base + dense noise + sparse large changes`` in float32 (see the module docstring)."""
-    gen = generator(tag, spec.name)
+    """``base + dense noise + sparse large changes`` in float32 (see the module docstring),
+    drawn on ``base``'s device."""
+    dev = base.device
+    gen = generator(tag, spec.name, str(dev))
     s = NORM_STD if spec.name.endswith("norm.weight") else float(base.std())
-    out = base + torch.randn(base.shape, generator=gen).mul_(DENSE_REL * s)
+    out = base + torch.randn(base.shape, generator=gen, device=dev).mul_(DENSE_REL * s)
     flat = out.view(-1)
     k = max(1, round(SPARSE_FRAC * flat.numel()))
-    idx = torch.randint(flat.numel(), (k,), generator=gen)
-    signs = torch.randint(0, 2, (k,), generator=gen).float().mul_(2).sub_(1)
+    idx = torch.randint(flat.numel(), (k,), generator=gen, device=dev)
+    signs = torch.randint(0, 2, (k,), generator=gen, device=dev).float().mul_(2).sub_(1)
     flat.index_add_(0, idx, signs.mul_(SPARSE_REL * s))
     return out
 
 
 def write_models(root: Path, specs: list[TensorSpec], config: bytes, tag: str,
-                 shard_size: str) -> dict[str, Path]:
-    """Write the base and the fine-tunes under ``root``; bf16 or fp32 as ``specs`` say."""
+                 shard_size: str, device: str = "cpu") -> dict[str, Path]:
+    """Write the base and the fine-tunes under ``root``; bf16 or fp32 as ``specs`` say; the
+    numbers drawn on ``device`` (a GPU draws a large model's in seconds; other numbers than
+    the CPU's, so compare only runs that drew on the same kind of device)."""
     fp32 = specs[0].dtype == "F32"
     side = {"config.json": config}
 
     def base_tensor(spec: TensorSpec) -> torch.Tensor:
-        w = base_f32(spec, f"{tag}-base")
-        return w if fp32 else w.to(torch.bfloat16)
+        w = base_f32(spec, f"{tag}-base", device)
+        return (w if fp32 else w.to(torch.bfloat16)).cpu()
 
     def ft_tensor(i: int, spec: TensorSpec) -> torch.Tensor:
-        base = base_tensor(spec).float()
+        base = base_f32(spec, f"{tag}-base", device)
+        base = base if fp32 else base.to(torch.bfloat16).float()
         w = finetune_f32(base, spec, f"{tag}-ft{i}")
-        return w if fp32 else w.to(torch.bfloat16)
+        return (w if fp32 else w.to(torch.bfloat16)).cpu()
 
     paths = {}
     for i in range(N_FINETUNES + 1):
@@ -520,17 +533,23 @@ def print_diff(label: str, d: Diff) -> None:
 
 # --- Ray overhead (--ray) -------------------------------------------------------------------------
 
-#: the child that merges on a local Ray instance of N worker CPUs: ray.init timed apart
+#: the child that merges on a local Ray instance of N workers (CPUs, or GPUs with device
+#: cuda: one task per GPU): ray.init timed apart
 RAY_CHILD = """
-import sys, time
+import os, sys, time
 import ray
 import mergehub
-recipe, out, shard, n = sys.argv[1:5]
+recipe, out, shard, n, device = sys.argv[1:6]
 t0 = time.perf_counter()
-ray.init(num_cpus=int(n), include_dashboard=False, logging_level="ERROR")
+if device == "cuda":
+    ray.init(num_cpus=os.cpu_count(), num_gpus=int(n), include_dashboard=False,
+             logging_level="ERROR")
+else:
+    ray.init(num_cpus=int(n), include_dashboard=False, logging_level="ERROR")
 print(f"ray.init {time.perf_counter() - t0:.3f} s", flush=True)
 t0 = time.perf_counter()
-mergehub.merge(recipe, out, max_shard_size=int(shard), executor="ray", progress=False)
+mergehub.merge(recipe, out, max_shard_size=int(shard), executor="ray", progress=False,
+               device=device)
 print(f"merge {time.perf_counter() - t0:.3f} s", flush=True)
 """
 
@@ -566,12 +585,15 @@ def run_ray(args: argparse.Namespace, work: Path, methods: list[str]) -> None:
     dims = (args.layers, args.hidden, args.intermediate, args.vocab)
     specs = llama_specs(*dims, "BF16")
     n_params = sum(s.nbytes for s in specs) // 2
+    gpus = f", {torch.cuda.device_count()} x {torch.cuda.get_device_name()}" \
+        if args.device == "cuda" else ""
     print(f"mergehub --ray overhead: Llama-style, {n_params:,} params bf16, {len(specs)} tensors; "
           f"base + {N_FINETUNES} fine-tunes; torch {torch.__version__}, ray {ray.__version__}, "
-          f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}; work dir {work}")
+          f"{os.cpu_count()} CPUs{gpus}; device {args.device}; load average "
+          f"{os.getloadavg()[0]:.2f}; work dir {work}")
     t0 = time.perf_counter()
     paths = write_models(work / "models", specs, config_json(*dims, "bfloat16"), "bf16",
-                         args.shard_size)
+                         args.shard_size, args.device)
     files = [f for p in paths.values() for f in data_files(p)]
     in_bytes = sum(f.stat().st_size for f in files)
     out_bytes = sum(s.nbytes for s in specs)
@@ -587,11 +609,13 @@ def run_ray(args: argparse.Namespace, work: Path, methods: list[str]) -> None:
         recipe = work / f"{m}.yaml"
         recipe.write_text(recipe_text(m, paths, "bfloat16"))
         single = work / f"{m}-single"
+        unit = "GPU" if args.device == "cuda" else "worker"
         cmds = [("single process", 0, hub_command() + ["merge", str(recipe), "-o", str(single),
-                                                       "--max-shard-size", str(shard)])]
-        cmds += [(f"ray, {n} worker{'s' * (n > 1)}", n,
+                                                       "--max-shard-size", str(shard),
+                                                       "--device", args.device])]
+        cmds += [(f"ray, {n} {unit}{'s' * (n > 1)}", n,
                   [sys.executable, "-c", RAY_CHILD, str(recipe), str(work / f"{m}-ray{n}"),
-                   str(shard), str(n)]) for n in (1, 2)]
+                   str(shard), str(n), args.device]) for n in args.ray_workers]
         for label, n, cmd in cmds:
             for r in range(args.repeats):
                 log(f"{m}: {label} (run {r + 1})")
@@ -622,6 +646,8 @@ def run_ray(args: argparse.Namespace, work: Path, methods: list[str]) -> None:
               f"{x.anon_kb / 1024:8.0f} {'yes' if same else 'NO'}")
     if not all(row[-1] for row in rows):
         raise SystemExit("a Ray output differs from the single-process output")
+    if args.device != "cpu" or 1 not in args.ray_workers:
+        return  # the estimate below scales the 1-worker CPU rate
     print(f"\n## Estimate: a 4-input merge of a 405B model (bf16: {2 * PARAMS_405B / 1e12:.2f} "
           f"TB per model; {2 * PARAMS_405B * (N_FINETUNES + 1) / 1e12:.2f} TB read, "
           f"{2 * PARAMS_405B / 1e12:.2f} TB written) on N machines of {args.workers_per_machine} "
@@ -664,6 +690,12 @@ def main() -> None:
     ap.add_argument("--ray", action="store_true",
                     help="measure hub merge --ray with 1 and 2 local workers against one process "
                          "instead of comparing with mergekit (see the module docstring)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="--ray: where every merge runs (cuda: the single process on one GPU, "
+                         "each Ray task on a GPU of its own; default cpu)")
+    ap.add_argument("--ray-workers", type=int, nargs="+", default=[1, 2],
+                    help="--ray: local Ray instances of these many worker CPUs (GPUs with "
+                         "--device cuda) (default: 1 2)")
     ap.add_argument("--ray-shards", type=int, default=8,
                     help="--ray: shards of the output, the tasks' units (default 8)")
     ap.add_argument("--workers-per-machine", type=int, default=32,
@@ -718,7 +750,7 @@ def run(args: argparse.Namespace, work: Path, methods: list[str]) -> None:
 
     t0 = time.perf_counter()
     paths = write_models(work / "models", specs, config_json(*dims, "bfloat16"), "bf16",
-                         args.shard_size)
+                         args.shard_size, args.device)
     files = [f for p in paths.values() for f in data_files(p)]
     in_bytes = sum(f.stat().st_size for f in files)
     print(f"generated 5 models in {time.perf_counter() - t0:.0f} s: "

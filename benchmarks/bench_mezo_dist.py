@@ -1,29 +1,42 @@
 #!/usr/bin/env python
-"""Data-parallel MeZO against DDP backprop on N processes (issue 17, item 5).
+"""Data-parallel and sharded MeZO against DDP backprop on N processes (issues 17 and 21).
 
 The same randomly initialized Llama-style model (transformers ``LlamaForCausalLM``) and the
 same global batches of random tokens, on N = 1, 2, 4 processes (``--procs``) joined by
-torch.distributed (gloo on the CPU, NCCL with ``--device cuda``, one GPU a process):
+torch.distributed (gloo on the CPU, NCCL with ``--device cuda``, one GPU a process), one row
+per N and ``--modes``:
 
-- ``mezo``: :class:`mergehub.adapters.mezo.MeZO` with ``process_group``: every rank draws the
-  same z, evaluates L(theta +- eps z) on its rows of the batch, and the ranks all-reduce the
-  loss sums and their token counts;
-- ``ddp``: ``torch.nn.parallel.DistributedDataParallel`` backprop with SGD: every rank runs
+- ``mezo``: :class:`mergehub.adapters.mezo.MeZO` with ``process_group``: every rank holds the
+  whole model, draws the same z, evaluates L(theta +- eps z) on its rows of the batch, and the
+  ranks all-reduce the loss sums and their token counts;
+- ``sharded``: the same MeZO on the model sharded with FSDP2
+  (:func:`mergehub.adapters.distributed.shard_model`): a rank holds 1/N of each parameter,
+  perturbs and updates its shard only (z keyed by the global element index), and FSDP gathers
+  each block for its forward; with ``--meta-init`` no rank ever holds the whole model, so the
+  model may be larger than one device;
+- ``ddp``: ``torch.nn.parallel.DistributedDataParallel`` backprop with AdamW: every rank runs
   forward and backward on its rows and the ranks all-reduce the gradients.
 
 Per row: steps/s (the median step time of ``--steps`` steps after ``--warmup``, the slowest
-rank's) and the bytes a rank hands to collectives per step. MeZO's are counted by
-:func:`mergehub.adapters.distributed.count_bytes` (a wrapper around torch.distributed's
-collectives); DDP's gradient all-reduce runs inside its C++ reducer, so it is counted by a
-communication hook that adds up the buckets it all-reduces (DDP's default all-reduce, then
-the bucket's bytes). The headline is DDP's bytes per step over MeZO's, at equal N; N = 1
-exchanges nothing (no process group; DDP is not used at N = 1, its row is plain backprop).
+rank's), the bytes a rank hands to collectives per step and the peak memory of the fullest
+rank (``torch.cuda.max_memory_allocated``, or the peak RSS on the CPU; every row runs in fresh
+processes). MeZO's bytes are counted by :func:`mergehub.adapters.distributed.count_bytes` (a
+wrapper around torch.distributed's collectives, the FSDP all-gathers of ``sharded`` included);
+DDP's gradient all-reduce runs inside its C++ reducer, so it is counted by a communication
+hook that adds up the buckets it all-reduces. N = 1 exchanges nothing (no process group
+except for ``sharded``; DDP is not used at N = 1, its row is plain backprop). ``--weights``
+gathers every MeZO row's final weights and compares them with the first MeZO row's: sharded
+and replicated MeZO on the same N take the same steps bit for bit.
 
     python benchmarks/bench_mezo_dist.py                              # CPU, ~30M params
     python benchmarks/bench_mezo_dist.py --hidden 64 --intermediate 128 --layers 2 \\
-        --vocab 256 --steps 3 --warmup 1                              # smoke test, seconds
-    python benchmarks/bench_mezo_dist.py --device cuda --procs 1 2 4 8 --hidden 2048 \\
-        --intermediate 5632 --layers 22 --heads 32 --kv-heads 4 --seq 512 --batch 32
+        --vocab 256 --steps 3 --warmup 1 --modes mezo sharded ddp --weights  # seconds
+    python benchmarks/bench_mezo_dist.py --device cuda --dtype bfloat16 --procs 1 2 \\
+        --hidden 2048 --intermediate 5632 --layers 22 --heads 32 --kv-heads 4 --vocab 32000 \\
+        --seq 512 --batch 8                                           # 1.1B, GPUs
+    python benchmarks/bench_mezo_dist.py --device cuda --dtype bfloat16 --procs 2 \\
+        --modes sharded --meta-init --hidden 8192 --intermediate 28672 --layers 96 \\
+        --heads 64 --kv-heads 8 --vocab 128256 --seq 512 --batch 2   # 84B on 2 GPUs
 
 Timings on a shared or busy machine are not comparable; run on an otherwise idle one, with
 ``--threads`` x N at most the cores (CPU).
@@ -34,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import socket
 import statistics
 import sys
@@ -46,15 +60,60 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _model(args: argparse.Namespace) -> torch.nn.Module:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _model(args: argparse.Namespace, device: torch.device, shard: bool) -> torch.nn.Module:
+    """The benchmark's Llama on ``device`` in ``--dtype``, FSDP2-sharded over the ranks when
+    ``shard``. By default its weights are transformers' random init under seed 0 (the same on
+    every rank and for every N); ``--meta-init`` builds it on the meta device, shards it first,
+    then draws N(0, 0.02) weights (norms 1) into each rank's shard on ``device``, one whole
+    parameter at a time (the same weights for every N): no rank ever holds the whole model,
+    so it may be larger than one device."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mergehub.adapters import distributed
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
                          intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                          num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
                          max_position_embeddings=max(args.seq, 128), use_cache=False)
-    return LlamaForCausalLM(config)
+    dtype = DTYPES[args.dtype]
+    if not args.meta_init:
+        model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+        return distributed.shard_model(model) if shard else model
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(dtype)
+    if shard:
+        distributed.shard_model(model)
+    model.to_empty(device=device)
+    gen = torch.Generator(device)
+    with torch.no_grad():
+        for i, (name, p) in enumerate(model.named_parameters()):
+            local, offset = distributed.local_run(p)
+            if name.endswith("norm.weight"):
+                local.fill_(1.0)
+                continue
+            # the whole parameter drawn (one at a time), this rank's run of it kept: the
+            # weights do not depend on N or the rank
+            full = torch.empty(p.shape, dtype=p.dtype, device=device)
+            full.normal_(0.0, 0.02, generator=gen.manual_seed(i))
+            local.copy_(full.view(-1)[offset:offset + local.numel()].view(local.shape))
+            del full
+        for module in model.modules():  # buffers computed at init: the rotary embedding's
+            if next(module.buffers(recurse=False), None) is not None:
+                fresh = type(module)(config=module.config)  # small; built on the CPU
+                for key, buf in fresh.named_buffers(recurse=False):
+                    getattr(module, key).copy_(buf)
+    return model
+
+
+def _peak_mib(device: torch.device) -> float:
+    """This process's peak memory: allocated on the GPU, or resident (VmHWM) on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
 def _batch(args: argparse.Namespace, step: int) -> torch.Tensor:
@@ -71,23 +130,26 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
     torch.set_num_threads(args.threads)
     cuda = args.device == "cuda"
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    if world > 1:
+    sharded = args.mode == "sharded"
+    joined = world > 1 or sharded  # FSDP2 needs a process group, also of one
+    if cuda:
+        torch.cuda.set_device(device)
+    if joined:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        if cuda:
-            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
-    group = dist.group.WORLD if world > 1 else None
-    model = _model(args).to(device)
+    group = dist.group.WORLD if joined else None
+    model = _model(args, device, sharded)
     rows = distributed.rows(args.batch, rank, world)
     sent = [0]
-    if args.mode == "mezo":
+    losses: list[float] = []
+    if args.mode in ("mezo", "sharded"):
         opt = MeZO(list(model.parameters()), lr=1e-6, eps=1e-3, seed=0, process_group=group)
 
         def step(ids: torch.Tensor) -> None:
             def closure() -> tuple[float, int]:
                 return token_loss(model(input_ids=ids).logits, ids)
             with forward_only(model):
-                opt.step(closure)
+                losses.append(opt.step(closure))
     else:
         net = model
         if world > 1:
@@ -100,7 +162,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
                 sent[0] += bucket.buffer().numel() * bucket.buffer().element_size()
                 return default_hooks.allreduce_hook(state, bucket)
             net.register_comm_hook(None, counting)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
         def step(ids: torch.Tensor) -> None:
             logits = net(input_ids=ids).logits
@@ -113,7 +175,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
     with distributed.count_bytes() as counted:
         for i in range(args.warmup + args.steps):
             ids = _batch(args, i)[rows].to(device)
-            if world > 1:
+            if joined:
                 dist.barrier()
             if cuda:
                 torch.cuda.synchronize()
@@ -126,19 +188,26 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
             if i >= args.warmup:
                 times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    if world > 1:  # the slowest rank sets the pace
-        median = _slowest(median, device)
+    peak = _peak_mib(device)
+    if joined:  # the slowest rank sets the pace; the fullest the peak
+        median, peak = _largest(median, device), _largest(peak, device)
+    if args.weights:  # every rank takes part in gathering a sharded parameter
+        final = {n: distributed.whole(p).cpu() for n, p in model.named_parameters()}
     if rank == 0:
-        bytes_per_step = (counted.bytes if args.mode == "mezo" else sent[0]) / args.steps
+        bytes_per_step = (sent[0] if args.mode == "ddp" else counted.bytes) / args.steps
+        if args.weights:
+            from safetensors.torch import save_file
+
+            save_file(final, str(Path(out).with_suffix(".safetensors")))
         Path(out).write_text(json.dumps({
             "mode": args.mode, "procs": world, "steps_per_s": 1 / median,
-            "bytes_per_step": bytes_per_step,
+            "bytes_per_step": bytes_per_step, "peak_mib": peak, "losses": losses,
             "params": sum(p.numel() for p in model.parameters())}))
-    if world > 1:
+    if joined:
         dist.destroy_process_group()
 
 
-def _slowest(value: float, device: torch.device) -> float:
+def _largest(value: float, device: torch.device) -> float:
     """The largest ``value`` over the ranks."""
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -151,23 +220,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(args: argparse.Namespace, mode: str, procs: int) -> dict:
-    """One row: ``mode`` on ``procs`` processes."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "row.json")
-        args = argparse.Namespace(**{**vars(args), "mode": mode})
-        if procs == 1:
-            _rank(0, 1, 0, args, out)
-        else:
-            mp.start_processes(_rank, args=(procs, _free_port(), args, out), nprocs=procs,
-                               start_method="spawn")
-        return json.loads(Path(out).read_text())
+def run(args: argparse.Namespace, mode: str, procs: int, keep: Path) -> dict:
+    """One row: ``mode`` on ``procs`` fresh processes (also at N = 1, so that each row's peak
+    memory is its own); with ``--weights`` the final weights are kept in ``keep``."""
+    out = str(keep / f"{mode}-{procs}.json")
+    args = argparse.Namespace(**{**vars(args), "mode": mode})
+    mp.start_processes(_rank, args=(procs, _free_port(), args, out), nprocs=procs,
+                       start_method="spawn")
+    row = json.loads(Path(out).read_text())
+    if args.weights:
+        row["weights"] = str(Path(out).with_suffix(".safetensors"))
+    return row
+
+
+def _differences(rows: list[dict]) -> list[str]:
+    """For ``--weights``: each MeZO row's final weights and losses against the first MeZO
+    row's (bit-identical, or the largest absolute difference)."""
+    from safetensors.torch import load_file
+
+    runs = [r for r in rows if r["mode"] != "ddp"]
+    first = load_file(runs[0]["weights"])
+    lines = []
+    for r in runs[1:]:
+        other = load_file(r["weights"])
+        same = all(torch.equal(first[k], other[k]) for k in first)
+        diff = max(float((first[k].float() - other[k].float()).abs().max()) for k in first)
+        lines.append(f"{r['mode']} N={r['procs']} against {runs[0]['mode']} "
+                     f"N={runs[0]['procs']}: weights {'bit-identical' if same else 'differ'} "
+                     f"(max |diff| {diff:.3g}), losses "
+                     f"{'equal' if r['losses'] == runs[0]['losses'] else 'differ'}")
+    return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--modes", nargs="+", choices=("mezo", "ddp", "sharded"),
+                    default=["mezo", "ddp"], help="rows per N (default: mezo ddp)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    ap.add_argument("--meta-init", action="store_true",
+                    help="build on the meta device and draw each rank's shard in place (a "
+                    "model larger than one device; fast on a GPU; other weights than the "
+                    "default init, the same for every N)")
+    ap.add_argument("--weights", action="store_true",
+                    help="gather the final weights and compare the MeZO rows' bit for bit")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
@@ -183,22 +280,34 @@ def main() -> None:
     args = ap.parse_args()
     if any(args.batch < n for n in args.procs):
         sys.exit(f"error: --batch {args.batch} has fewer rows than --procs {max(args.procs)}")
-    rows = [run(args, mode, n) for n in args.procs for mode in ("mezo", "ddp")]
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = []
+        for n in args.procs:
+            for mode in args.modes:
+                rows.append(run(args, mode, n, Path(tmp)))
+                if not args.json:
+                    print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}),
+                          flush=True)
+        compared = _differences(rows) if args.weights else []
     if args.json:
         for row in rows:
-            print(json.dumps(row))
+            print(json.dumps({k: v for k, v in row.items() if k != "weights"}))
+        for line in compared:
+            print(json.dumps({"compare": line}))
         return
-    print(f"{rows[0]['params'] / 1e6:.1f}M parameters, global batch {args.batch} x {args.seq}, "
-          f"{args.device}, {args.threads} thread(s) a process")
-    print(f"{'N':>3} {'MeZO steps/s':>13} {'DDP steps/s':>12} {'MeZO B/step':>12} "
-          f"{'DDP B/step':>14} {'DDP/MeZO bytes':>15}")
+    print(f"\n{rows[0]['params'] / 1e6:.1f}M parameters ({args.dtype}), global batch "
+          f"{args.batch} x {args.seq}, {args.device}, {args.threads} thread(s) a process")
+    print(f"{'N':>3} {'mode':>8} {'steps/s':>9} {'bytes/step':>14} {'peak MiB':>10}")
+    for r in rows:
+        print(f"{r['procs']:>3} {r['mode']:>8} {r['steps_per_s']:>9.3f} "
+              f"{r['bytes_per_step']:>14,.0f} {r['peak_mib']:>10,.0f}")
     for n in args.procs:
-        mezo, ddp = (next(r for r in rows if r["procs"] == n and r["mode"] == m)
-                     for m in ("mezo", "ddp"))
-        ratio = f"{ddp['bytes_per_step'] / mezo['bytes_per_step']:.3g}" \
-            if mezo["bytes_per_step"] else "-"
-        print(f"{n:>3} {mezo['steps_per_s']:>13.3f} {ddp['steps_per_s']:>12.3f} "
-              f"{mezo['bytes_per_step']:>12.0f} {ddp['bytes_per_step']:>14.0f} {ratio:>15}")
+        got = {r["mode"]: r for r in rows if r["procs"] == n}
+        if "mezo" in got and "ddp" in got and got["mezo"]["bytes_per_step"]:
+            print(f"N={n}: DDP/MeZO bytes per step "
+                  f"{got['ddp']['bytes_per_step'] / got['mezo']['bytes_per_step']:.3g}")
+    for line in compared:
+        print(line)
 
 
 if __name__ == "__main__":

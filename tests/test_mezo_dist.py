@@ -273,3 +273,22 @@ def test_hub_train_nproc_trains_resumes_and_stores_once(tmp_path):
     with Store(tmp_path / "s") as store:
         metrics = store.show("add1-mezo").metrics
     assert metrics["loss"] == pytest.approx(single.metrics["loss"], rel=1e-6)
+
+
+def test_count_bytes_skips_collectives_this_torch_lacks(monkeypatch):
+    """torch versions differ in the collectives they define (2.11 has no
+    ``all_gather_single`` in ``distributed_c10d``): counting wraps those that exist, restores
+    them afterwards, and leaves the missing ones missing."""
+    import torch.distributed._functional_collectives  # noqa: F401  (imports c10d's names)
+    import torch.distributed.distributed_c10d as c10d
+
+    from mergehub.adapters import distributed
+
+    monkeypatch.delattr(c10d, "all_gather_single", raising=False)
+    monkeypatch.delattr(c10d, "all_to_all", raising=True)
+    before = c10d.all_reduce
+    with distributed.count_bytes():
+        assert c10d.all_reduce is not before  # wrapped
+        assert not hasattr(c10d, "all_to_all")
+    assert c10d.all_reduce is before
+    assert not hasattr(c10d, "all_to_all")

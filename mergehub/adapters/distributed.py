@@ -232,7 +232,9 @@ def count_bytes() -> Iterator[ByteCount]:
         for module_name, functions in _COLLECTIVES.items():
             module = importlib.import_module(module_name)
             for name, (position, keyword) in functions.items():
-                original = getattr(module, name)
+                original = getattr(module, name, None)
+                if original is None:  # not in this torch version
+                    continue
                 counted = wrap(original, position, keyword)
                 for holder in (module, dist):
                     if getattr(holder, name, None) is original:

@@ -106,7 +106,13 @@ def _merge_group(shared: tuple[MergePlan, dict[str, Any]], files: list[tuple[str
                          "of the cluster sees")
     merger = TensorMerger(plan, device, seed=seed, chunk_elements=chunk_elements, fused=fused)
     merger.state = state
-    write_merged(merger, [(Path(path), shard) for path, shard in files])
+    try:
+        write_merged(merger, [(Path(path), shard) for path, shard in files])
+    finally:
+        if device == "cuda":  # the worker stays for the next task; its GPU memory need not
+            import torch
+
+            torch.cuda.empty_cache()
     return plan.method.tally
 
 
@@ -168,8 +174,11 @@ def execute_ray(plan: MergePlan, out: Path, *, address: str | None = None, devic
         start = time.perf_counter()
         merger.prepass(progress)
         side = _side_files(plan)
+        # max_calls=0: a worker runs task after task. Ray's default for GPU tasks is one task
+        # a worker (a fresh process, torch import, CUDA context and kernel loads, seconds
+        # each time); a task frees its cached GPU memory when it ends instead.
         task_fn = ray.remote(num_cpus=1, num_gpus=1 if device == "cuda" else 0,
-                             max_retries=MAX_RETRIES)(_merge_group)
+                             max_retries=MAX_RETRIES, max_calls=0)(_merge_group)
         total = sum(s.nbytes for s in plan.specs)
         with byte_bar(total, "merge", progress) as bar, \
                 model_dir_layout(out, plan.specs, max_shard_size=max_shard_size,
