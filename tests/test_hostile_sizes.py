@@ -165,8 +165,8 @@ def test_pulled_bomb_is_refused_by_verify(hf, models, tmp_path):
         pull(b, repo, progress=False)
     result, peak = hub(tmp_path, "--store", str(tmp_path / "b"), "verify")
     assert result.returncode == 2, result.stderr
-    assert re.search(rf"error: model 'base', '{tensor}': blob \w+ cannot be decoded: a zstd "
-                     rf"frame declares {GIB} bytes .* where 16384 belong", result.stderr)
+    assert re.search(rf"error: model 'base', '{tensor}': blob \w+ is corrupt: it cannot be decoded \(a "
+                     rf"zstd frame declares {GIB} bytes .* where 16384 belong", result.stderr)
     assert peak < 400 * MIB
 
 
@@ -413,6 +413,7 @@ def test_merge_of_a_streamed_store_tensor_checks_its_bytes(store, models, tmp_pa
                       "(SELECT id FROM models WHERE name = 'mlp')", (blob, tensor))
     text = "merge_method: task_arithmetic\nbase_model: base\nmodels: [{model: mlp}]\n"
     with pytest.raises(IntegrityError, match=rf"model 'mlp', tensor '{tensor}': blob \w+ "
-                                             "decodes to bytes whose sha256 does not match"):
+                                             "is corrupt: it decodes to bytes whose sha256 "
+                                             "does not match"):
         mergehub.merge(text, out=tmp_path / "out", store=store, progress=False)
     assert not (tmp_path / "out").exists()

@@ -240,6 +240,22 @@ def test_corrupt_blob_detected_with_model_and_tensor(store, models, tmp_path):
     assert any("is missing" in p for p in store.verify(progress=False).problems)
 
 
+def test_a_read_checks_the_blob_header_against_the_catalog(store, models, tmp_path):
+    """Reads do not hash a blob's stored bytes (the decoded bytes are checked instead); a blob
+    file swapped for another valid blob, whose header then names another original, is caught
+    before decoding by the catalog's record of that original, naming model and tensor."""
+    store.add(models["base-bf16"], "base", progress=False)
+    (a_name, a_blob), (_, b_blob) = store._db.execute(
+        "SELECT name, blob FROM tensors WHERE name LIKE '%q_proj.weight' ORDER BY name "
+        "LIMIT 2").fetchall()  # two layers' weights: the same shape, other bytes
+    store._blob_path(a_blob).write_bytes(store._blob_path(b_blob).read_bytes())
+    with pytest.raises(IntegrityError, match=rf"model 'base', tensor '{a_name}': blob \w+ is "
+                                             "corrupt \\(its header disagrees with the catalog"):
+        store.export("base", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert any(a_name in p for p in store.verify(progress=False).problems)
+
+
 def test_verify_checks_decoded_bytes(store, models):
     """A blob whose header lies about the original's hash is caught after decoding."""
     from dataclasses import replace

@@ -683,10 +683,13 @@ class Store:
             raise
         return digest.hexdigest(), path.parent
 
-    def _open_blob(self, blob_id: str, what: str) -> tuple[BlobHeader, Payload]:
+    def _open_blob(self, blob_id: str, what: str,
+                   check_id: bool = True) -> tuple[BlobHeader, Payload]:
         """Check a blob file against its id and parse its header. The payload stays in the
         file, read a piece at a time as decoding asks (a blob of at most a chunk is read whole:
-        one read serves the check and the decoding)."""
+        one read serves the check and the decoding). ``check_id=False`` skips the hash of the
+        stored bytes: for a caller that checks the decoded bytes against the catalog instead
+        (:meth:`_blob_stream`)."""
         try:
             f = open(self._blob_path(blob_id), "rb")
         except FileNotFoundError:
@@ -696,11 +699,12 @@ class Store:
         if size <= _codec.CHUNK_BYTES:
             with f:
                 data = f.read()
-            blob, digest = Payload(data), sha256(data)
+            blob, digest = Payload(data), sha256(data) if check_id else blob_id
         else:  # the file is closed when the payload is dropped
             blob = Payload(file=f, size=size)
             digest = _sha256_pieces(blob.read(start, min(_codec.CHUNK_BYTES, size - start))
-                                    for start in range(0, size, _codec.CHUNK_BYTES))
+                                    for start in range(0, size, _codec.CHUNK_BYTES)) \
+                if check_id else blob_id
         if digest != blob_id:
             raise IntegrityError(f"{what}: blob {blob_id[:16]} is corrupt (its sha256 does not "
                                  "match; `hub verify` lists what is affected)")
@@ -744,9 +748,17 @@ class Store:
         return blob_id
 
     def _blob_stream(self, blob_id: str, what: str, expect: int | None = None,
-                     _depth: int = 0) -> tuple[BlobHeader, Iterator[Buffer]]:
+                     _depth: int = 0, *, check_id: bool = True
+                     ) -> tuple[BlobHeader, Iterator[Buffer]]:
         """The header of a blob checked against its id, and its decoded bytes as an iterator of
         pieces of at most a chunk, decoded as they are taken.
+
+        ``check_id=False`` (the reads of models, merges and exports): the stored bytes are not
+        hashed; instead the header's hash of the decoded bytes must be the one the catalog
+        recorded for the blob, and the decoded bytes are checked against it as always. A
+        damaged blob file then fails to decode or decodes to other bytes, which that check
+        catches; reading costs one hash instead of two (``hub verify`` still checks both). A
+        blob the catalog does not know is checked against its id.
 
         ``expect``: the size the catalog declares for the tensor (dtype x shape); a header
         that says otherwise is refused before anything is decoded, and decoding never makes
@@ -761,7 +773,12 @@ class Store:
         if _depth > _MAX_CHAIN:
             raise IntegrityError(f"{what}: blob {blob_id[:16]} is at the end of a reference "
                                  "chain longer than mergehub writes (store damaged?)")
-        header, payload = self._open_blob(blob_id, what)
+        recorded = None if check_id else self._recorded_sha256(blob_id)
+        header, payload = self._open_blob(blob_id, what, check_id=recorded is None)
+        if recorded is not None and header.sha256 != recorded:
+            raise IntegrityError(f"{what}: blob {blob_id[:16]} is corrupt (its header "
+                                 "disagrees with the catalog; `hub verify` lists what is "
+                                 "affected)")
         if expect is not None and header.nbytes != expect:
             raise IntegrityError(f"{what}: blob {blob_id[:16]} says it decodes to "
                                  f"{header.nbytes} bytes, but the tensor (dtype x shape) has "
@@ -789,10 +806,12 @@ class Store:
                 total += len(piece)
                 yield piece
         except (BlobFormatError, ValueError, KeyError) as e:  # codec errors are ValueErrors
-            raise IntegrityError(f"{what}: blob {blob_id[:16]} cannot be decoded: {e}") from e
+            raise IntegrityError(f"{what}: blob {blob_id[:16]} is corrupt: it cannot be "
+                                 f"decoded ({e}; `hub verify` lists what is affected)") from e
         if total != header.nbytes or digest.hexdigest() != header.sha256:
-            raise IntegrityError(f"{what}: blob {blob_id[:16]} decodes to bytes whose sha256 "
-                                 "does not match the original")
+            raise IntegrityError(f"{what}: blob {blob_id[:16]} is corrupt: it decodes to bytes "
+                                 "whose sha256 does not match the original (`hub verify` "
+                                 "lists what is affected)")
 
     def _reused(self, blob_id: str, expect: int | None) -> bytes | None:
         """The decoded bytes of ``blob_id`` if :meth:`reusing` keeps them (and they have the
@@ -811,7 +830,7 @@ class Store:
             yield from (view[i:i + _codec.CHUNK_BYTES]
                         for i in range(0, len(kept), _codec.CHUNK_BYTES))
             return
-        yield from self._blob_stream(blob_id, what, expect, _depth)[1]
+        yield from self._blob_stream(blob_id, what, expect, _depth, check_id=False)[1]
 
     def _read_raw(self, blob_id: str, what: str, expect: int | None = None,
                   _depth: int = 0, *, copy: bool = True) -> bytearray | memoryview:
@@ -821,7 +840,7 @@ class Store:
         kept = self._reused(blob_id, expect)
         if kept is not None:
             return bytearray(kept)
-        header, pieces = self._blob_stream(blob_id, what, expect, _depth)
+        header, pieces = self._blob_stream(blob_id, what, expect, _depth, check_id=False)
         if not copy and header.nbytes <= _codec.CHUNK_BYTES:
             parts = list(pieces)  # all of it: the checks at the end have run
             if len(parts) == 1 and not memoryview(parts[0]).readonly:
@@ -928,6 +947,13 @@ class Store:
             self._local.db = db
             self._readers.append(db)
         return db
+
+    def _recorded_sha256(self, blob_id: str) -> str | None:
+        """The hash of the decoded bytes the catalog recorded for ``blob_id`` (``None``: not in
+        the catalog)."""
+        row = self._reader().execute("SELECT raw_sha256 FROM blobs WHERE id = ?",
+                                     (blob_id,)).fetchone()
+        return row[0] if row else None
 
     def _find_blob(self, raw_sha256: str) -> str | None:
         """A stored blob that decodes to bytes with this hash, if its file is present."""
