@@ -14,7 +14,7 @@ What it keeps:
   bit for bit). When that value equals the base's stored tensor (the usual case: the model
   was loaded from the base), the one copy also serves as the base the merges read;
 * a cache of the inputs' decoded tensors on the model's device (:class:`DeltaCache`, an LRU
-  within ``cache_bytes``), keyed by the store's blob ids, so that switching among a working
+  within ``cache_bytes`` that keeps what the current apply uses), keyed by the store's blob ids, so that switching among a working
   set of entries does not read the store again. Compressed entries (bit1, compeft, lowrank,
   TALL) are decoded on the model's device (by the decompress-and-apply kernels on CUDA), as
   ``hub merge`` decodes them there;
@@ -85,9 +85,17 @@ class Active:
     seconds: float
 
 
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 class DeltaCache:
     """Tensors read for merges, kept on the composer's device within ``budget`` bytes; the
-    least recently used go first. A tensor larger than the budget is used but not kept.
+    least recently used go first, but never one used by the current apply (:meth:`new_apply`):
+    when the rest of an apply's tensors do not fit, they are used and not kept. So an apply
+    whose inputs are larger than the budget keeps the first budget's worth of them and the next
+    apply of it finds those, where a plain LRU would have evicted each tensor before its next
+    use (a cyclic scan) and found none. A tensor larger than the budget is used but not kept.
     Thread-safe (the fused path reads inputs on threads)."""
 
     def __init__(self, budget: int):
@@ -95,18 +103,25 @@ class DeltaCache:
         self.bytes = 0
         self.hits = 0
         self.misses = 0
-        self._items: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self._items: OrderedDict[Hashable, tuple[torch.Tensor, int]] = OrderedDict()
+        self._apply = 0
         self._lock = threading.Lock()
+
+    def new_apply(self) -> None:
+        """Start an apply: the tensors it uses from now on are kept over older ones."""
+        with self._lock:
+            self._apply += 1
 
     def get(self, key: Hashable) -> torch.Tensor | None:
         with self._lock:
-            tensor = self._items.get(key)
-            if tensor is None:
+            item = self._items.get(key)
+            if item is None:
                 self.misses += 1
                 return None
+            self._items[key] = (item[0], self._apply)
             self._items.move_to_end(key)
             self.hits += 1
-            return tensor
+            return item[0]
 
     def __contains__(self, key: Hashable) -> bool:
         with self._lock:
@@ -117,18 +132,27 @@ class DeltaCache:
         with self._lock:
             if size > self.budget or key in self._items:
                 return
-            while self.bytes + size > self.budget:
-                _, old = self._items.popitem(last=False)
-                self.bytes -= old.numel() * old.element_size()
-            self._items[key] = tensor
+            older = [k for k, (_, used) in self._items.items() if used < self._apply]
+            free = self.budget - self.bytes
+            evict = []
+            for k in older:  # least recently used first
+                if free >= size:
+                    break
+                evict.append(k)
+                free += _nbytes(self._items[k][0])
+            if free < size:  # only this apply's tensors would make room: not kept
+                return
+            for k in evict:
+                self.bytes -= _nbytes(self._items.pop(k)[0])
+            self._items[key] = (tensor, self._apply)
             self.bytes += size
 
     def pop(self, key: Hashable) -> None:
         """Forget ``key`` (its tensor is kept elsewhere)."""
         with self._lock:
-            tensor = self._items.pop(key, None)
-            if tensor is not None:
-                self.bytes -= tensor.numel() * tensor.element_size()
+            item = self._items.pop(key, None)
+            if item is not None:
+                self.bytes -= _nbytes(item[0])
 
     def clear(self) -> None:
         with self._lock:
@@ -195,9 +219,18 @@ class _Held:
 
 def _default_budget(device: torch.device) -> int:
     """Half the free memory of a CUDA device, a quarter of the available host memory for the
-    CPU."""
+    CPU: Linux's ``MemAvailable``, which counts the page cache the kernel would give back (the
+    free pages alone are small on a machine that has just read or written models), else the
+    free pages, else 1 GiB."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] // 2
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 4
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
     except (ValueError, OSError):
@@ -390,6 +423,7 @@ class Composer:
         plan = plan_merge(parsed, store=self.store, missing=missing,
                           allow_foreign_base=allow_foreign_base)
         self._check(plan)
+        self.cache.new_apply()
         plan = self._cached(plan)
         merger = TensorMerger(plan, self.device, seed=seed, cut_memo=self._cuts)
         targets = self._targets(plan)

@@ -293,12 +293,37 @@ def test_delta_cache_is_lru_within_its_budget():
                                                               ("big", 11))}
     for key in ("a", "b"):
         cache.put(key, t[key])
+    cache.new_apply()
     assert cache.bytes == 32 and cache.get("a") is t["a"]  # a is now the most recent
     cache.put("c", t["c"])  # 32 + 12 > 40: b, the least recent, goes
     assert cache.get("b") is None and cache.get("a") is t["a"] and cache.get("c") is t["c"]
     assert cache.bytes == 28
     cache.put("big", t["big"])  # larger than the budget: not kept, nothing evicted
     assert cache.get("big") is None and cache.bytes == 28 and len(cache) == 2
+
+
+def test_delta_cache_keeps_part_of_a_working_set_larger_than_its_budget():
+    """Five inputs of 16 bytes through a 48-byte cache, the same apply twice: the second finds
+    the three the first kept (a plain LRU evicts each before its next use and finds none); the
+    current apply's tensors are never evicted for its own later ones; a new recipe's tensors
+    replace the old ones, least recently used first."""
+    cache = DeltaCache(budget=48)
+    t = {k: torch.zeros(4, dtype=torch.float32) for k in "abcdefg"}
+
+    def apply(keys: str) -> int:
+        cache.new_apply()
+        hits = 0
+        for key in keys:
+            if cache.get(key) is None:
+                cache.put(key, t[key])
+            else:
+                hits += 1
+        return hits
+
+    assert apply("abcde") == 0 and cache.bytes == 48
+    assert {k for k in t if k in cache} == {"a", "b", "c"}
+    assert apply("abcde") == 3
+    assert apply("fg") == 0 and {k for k in t if k in cache} == {"c", "f", "g"}
 
 
 def test_failed_apply_leaves_the_model_as_it_was(hub, tmp_path):
