@@ -49,7 +49,8 @@ import yaml
 from mergehub.errors import BaseMismatchError, InputError, MergehubError
 from mergehub.kernels import CutMemo
 from mergehub.loading import match_names, state_tensors
-from mergehub.merge.engine import READ_WORKERS, MergePlan, TensorMerger, plan_merge
+from mergehub.merge.engine import (READ_WORKERS, MergePlan, TensorMerger, plan_merge,
+                                   reusing_reads)
 from mergehub.merge.inputs import Source
 from mergehub.merge.methods.rmm import ReversibleMerge
 from mergehub.merge.recipe import Recipe, load_recipe, parse_recipe
@@ -424,6 +425,7 @@ class Composer:
                           allow_foreign_base=allow_foreign_base)
         self._check(plan)
         self.cache.new_apply()
+        stored = plan
         plan = self._cached(plan)
         merger = TensorMerger(plan, self.device, seed=seed, cut_memo=self._cuts)
         targets = self._targets(plan)
@@ -431,7 +433,8 @@ class Composer:
         wanted = {name: _Held(key, merger) for name, key in keys.items()}
         before = dict(self._held)
         try:
-            rewritten = self._bring_to(wanted, targets)
+            with reusing_reads(stored):  # a base tensor decoded once, not once per delta
+                rewritten = self._bring_to(wanted, targets)
         except BaseException as err:
             try:
                 self._restore(before)
