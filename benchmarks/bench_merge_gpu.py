@@ -30,7 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_merge as bm  # noqa: E402  (the model builder and recipes)
 
-from mergehub.merge.engine import execute, plan_merge  # noqa: E402
+from mergehub.merge.engine import execute  # noqa: E402
+from mergehub.merge.plan import plan_merge  # noqa: E402
 from mergehub.merge.recipe import load_recipe  # noqa: E402
 
 

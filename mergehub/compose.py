@@ -3,7 +3,7 @@ held in memory, swap recipes and revert, with the same engine and kernels as ``h
 
 A :class:`Composer` is bound to one live ``transformers`` model (e.g. from
 :func:`mergehub.load`). :meth:`Composer.apply` runs a ``hub merge`` recipe through the merge
-engine's own per-tensor step (:class:`~mergehub.merge.engine.TensorMerger`: the same plan, the
+engine's own per-tensor step (:class:`~mergehub.merge.tensors.TensorMerger`: the same plan, the
 same chunking and fused kernels, the same seeds), on the model's device, and copies each
 merged tensor into the parameter it belongs to; so the model's weights become exactly, bit for
 bit, what ``hub merge --device DEVICE -o DIR`` writes for that recipe (``--format hf``).
@@ -48,12 +48,13 @@ import yaml
 
 from mergehub.errors import BaseMismatchError, InputError, MergehubError
 from mergehub.kernels import CutMemo
-from mergehub.loading import match_names, state_tensors
-from mergehub.merge.engine import (READ_WORKERS, MergePlan, TensorMerger, plan_merge,
-                                   reusing_reads)
+from mergehub.merge.engine import reusing_reads
+from mergehub.merge.plan import MergePlan, plan_merge
 from mergehub.merge.inputs import Source
 from mergehub.merge.methods.rmm import ReversibleMerge
 from mergehub.merge.recipe import Recipe, load_recipe, parse_recipe
+from mergehub.merge.tensors import READ_WORKERS, TensorMerger
+from mergehub.names import match_names, state_tensors
 from mergehub.storage.checkpoint import ADAPTER_CONFIG, Checkpoint
 from mergehub.storage.parallel import ordered_map
 from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec

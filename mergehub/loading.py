@@ -9,9 +9,7 @@ tensor. A LoRA entry loads as its base with the adapter merged as ``hub merge`` 
 a compressed entry loads as what it decodes to (its base plus the approximated delta).
 
 Checkpoint names are matched to the model's state-dict names as ``from_pretrained`` matches
-them for the common cases: equal names, a checkpoint of the bare model loaded into a model
-with a head (or the reverse: the ``base_model_prefix``), the class's
-``_checkpoint_conversion_mapping`` and the legacy ``gamma``/``beta`` of layer norms. Tied
+them for the common cases (:mod:`mergehub.names`). Tied
 weights (an LM head sharing the embedding) are tied before loading, so the one stored tensor
 fills both. Model tensors that the checkpoint lacks are initialized by the model's own
 ``_init_weights`` and listed in :attr:`LoadInfo.missing` with a warning, as ``from_pretrained``
@@ -21,7 +19,6 @@ does; checkpoint tensors the model has no place for are listed in :attr:`LoadInf
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,6 +28,7 @@ from typing import Any
 import torch
 
 from mergehub.errors import BaseMismatchError, InputError
+from mergehub.names import match_names, state_tensors
 from mergehub.storage.checkpoint import Checkpoint, open_checkpoint
 from mergehub.storage.safetensors_format import FLOAT_DTYPES, TORCH_DTYPE
 from mergehub.storage.store import Store, StoredModel, names_entry
@@ -54,48 +52,6 @@ class LoadInfo:
     base: str
     missing: list[str] = field(default_factory=list)
     unused: list[str] = field(default_factory=list)
-
-
-def state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's parameters and persistent buffers by state-dict name (the live tensors,
-    not copies), with PEFT's wrapping removed from the names (``base_model.model.`` and
-    ``.base_layer``), so the names stay those of the plain model after an adapter is
-    attached."""
-    out = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if ".lora_" in name or "lora_magnitude_vector" in name:
-            continue
-        out[name.removeprefix("base_model.model.").replace(".base_layer.", ".")] = tensor
-    return out
-
-
-_LEGACY = ((re.compile(r"(LayerNorm|layer_norm|layernorm)\.gamma$"), r"\1.weight"),
-           (re.compile(r"(LayerNorm|layer_norm|layernorm)\.beta$"), r"\1.bias"))
-
-
-def match_names(model: torch.nn.Module, names: list[str],
-                tensors: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Checkpoint tensor name -> the model's state-dict name it fills (see the module
-    docstring for the rules); names without a place in the model are left out."""
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    conversions = [(re.compile(pattern), repl) for pattern, repl in
-                   (getattr(model, "_checkpoint_conversion_mapping", None) or {}).items()]
-    out = {}
-    for name in names:
-        candidates = [name]
-        for pattern, repl in conversions + list(_LEGACY):
-            converted = pattern.sub(repl, name)
-            if converted != name:
-                candidates.append(converted)
-        for cand in list(candidates):
-            if prefix and cand.startswith(prefix + "."):
-                candidates.append(cand[len(prefix) + 1:])
-            elif prefix:
-                candidates.append(f"{prefix}.{cand}")
-        found = next((c for c in candidates if c in tensors), None)
-        if found is not None:
-            out[name] = found
-    return out
 
 
 def _no_init() -> Any:

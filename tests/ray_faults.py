@@ -17,9 +17,9 @@ from pathlib import Path
 def arm() -> None:
     """Wrap :func:`mergehub.storage.writer.write_shard` in this worker (see the module
     docstring)."""
-    import mergehub.merge.engine as engine
+    import mergehub.merge.tensors as tensors
 
-    original = engine.write_shard
+    original = tensors.write_shard
 
     def write_shard(path, shard, get, done=None):  # noqa: ANN001, ANN202  (same as wrapped)
         def done_then_maybe_die(spec):  # noqa: ANN001, ANN202
@@ -36,4 +36,4 @@ def arm() -> None:
 
         return original(path, shard, get, done_then_maybe_die)
 
-    engine.write_shard = write_shard
+    tensors.write_shard = write_shard

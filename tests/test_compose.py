@@ -27,7 +27,7 @@ from mergehub import compose  # noqa: E402
 from mergehub.compose import Composer, DeltaCache  # noqa: E402
 from mergehub.errors import BaseMismatchError, InputError, IntegrityError  # noqa: E402
 from mergehub.hub.demo import make_finetune, make_lora, make_tiny_llama  # noqa: E402
-from mergehub.loading import state_tensors  # noqa: E402
+from mergehub.names import state_tensors  # noqa: E402
 from mergehub.merge.recipe import RecipeError  # noqa: E402
 from mergehub.storage.checkpoint import open_checkpoint  # noqa: E402
 from mergehub.storage.store import Store  # noqa: E402
@@ -213,7 +213,7 @@ def test_kernel_path_equals_hub_merge(hub, tmp_path, monkeypatch, method):
     the interpreter: the GPU tests cover them, test_gpu_compose.py.)"""
     pytest.importorskip("triton")
     from mergehub import kernels
-    from mergehub.merge import engine
+    from mergehub.merge import engine, plan, tensors
 
     store, _ = hub
     per_model, params = METHODS[method]
@@ -225,15 +225,15 @@ def test_kernel_path_equals_hub_merge(hub, tmp_path, monkeypatch, method):
     use = kernels._use_triton
     monkeypatch.setattr(kernels, "_use_triton",
                         lambda backend, t: calls.append(1) or use(backend or "triton", t))
-    monkeypatch.setattr(compose, "TensorMerger", functools.partial(engine.TensorMerger, fused=True))
+    monkeypatch.setattr(compose, "TensorMerger", functools.partial(tensors.TensorMerger, fused=True))
     # the interpreter is not thread-safe: decode on the merging thread
     monkeypatch.setattr(compose, "READ_WORKERS", 1)
-    monkeypatch.setattr(engine, "READ_WORKERS", 1)
+    monkeypatch.setattr(tensors, "READ_WORKERS", 1)
     model = mergehub.load("base", store)
     Composer(model).apply(text)
     assert calls
     fused = tmp_path / "fused"
-    engine.execute(engine.plan_merge(mergehub.merge.recipe.load_recipe(text), store=store), fused,
+    engine.execute(plan.plan_merge(mergehub.merge.recipe.load_recipe(text), store=store), fused,
                    fused=True, progress=False)
     ckpt = open_checkpoint(fused)
     for name, want in cpu.items():
@@ -339,7 +339,7 @@ def test_failed_apply_leaves_the_model_as_it_was(hub, tmp_path):
         if applied:
             composer.apply(applied)
         before, active = snapshot(model), composer.active
-        with pytest.raises(mergehub.merge.engine.MergeError, match=r"layers\.1\..*sum to 0"):
+        with pytest.raises(mergehub.merge.plan.MergeError, match=r"layers\.1\..*sum to 0"):
             composer.apply(fails)
         assert_same(model, before)
         assert composer.active == active
@@ -686,7 +686,7 @@ def test_gpu_load_attach_and_failure(hub, tmp_path):
     text = recipe("ties", [("lora", {"density": 0.5}), ("lora-qo", {"density": 0.5})])
     assert_holds(model, hub_merge(text, store, tmp_path, device="cuda"))
     before = snapshot(model)
-    with pytest.raises(mergehub.merge.engine.MergeError, match="sum to 0"):
+    with pytest.raises(mergehub.merge.plan.MergeError, match="sum to 0"):
         composer.apply(recipe("linear", [("mlp", {"weight": "[1.0, 1.0]"}),
                                          ("attn", {"weight": "[1.0, -1.0]"})]))
     assert_same(model, before)
@@ -698,10 +698,10 @@ def test_warm_apply_finds_trims_without_a_selection_pass(hub, tmp_path, monkeypa
     and still hub merge's bits. Without a cache the inputs are new tensors: trims are found
     again."""
     from mergehub import kernels
-    from mergehub.merge import engine
+    from mergehub.merge import tensors
 
     store, _ = hub
-    monkeypatch.setattr(compose, "TensorMerger", functools.partial(engine.TensorMerger, fused=True))
+    monkeypatch.setattr(compose, "TensorMerger", functools.partial(tensors.TensorMerger, fused=True))
     calls = []
     real = kernels.magnitude_cuts
     monkeypatch.setattr(kernels, "magnitude_cuts",

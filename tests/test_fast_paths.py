@@ -1,5 +1,5 @@
 """The CPU fast paths (mergehub.merge.methods.fast, onepass) against the plain torch functions
-of mergehub.merge.methods.sparsify, bit for bit, on awkward inputs: many ties at the cut,
+of mergehub.ops.sparsify, bit for bit, on awkward inputs: many ties at the cut,
 all-zero and mostly-zero task vectors, signed zeros, heavy tails, density 0 and 1, negative
 weights, bf16/fp16/fp32 inputs, tensors smaller and larger than a chunk.
 
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from mergehub.merge.methods import fast, onepass
-from mergehub.merge.methods.sparsify import (
+from mergehub.ops.sparsify import (
     NOTHING, Cut, apply_mask, bernoulli_mask, combine, cut_mask, magnitude_cuts)
 
 WEIGHTS = {"mixed": [1.0, 0.5, 0.75, 1.0], "negative": [1.0, -0.5, 2.0, 1.0],

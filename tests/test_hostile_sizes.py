@@ -367,7 +367,7 @@ def test_merge_reads_large_store_tensors_a_chunk_at_a_time(store, models, tmp_pa
     over their rows (TIES makes a statistics pass first, so each tensor is read twice): the
     merge equals the same merge of the model dirs, bit for bit, and reads no tensor whole."""
     import mergehub
-    from mergehub.merge import engine, inputs
+    from mergehub.merge import inputs, tensors
     from mergehub.storage.store import StoredModel
 
     monkeypatch.setattr(codec, "CHUNK_BYTES", 4096)
@@ -375,7 +375,7 @@ def test_merge_reads_large_store_tensors_a_chunk_at_a_time(store, models, tmp_pa
     store.add(models["ft-mlp"], "mlp", base="base", progress=False)
     store.add(models["ft-attn"], "attn", base="base", progress=False)
     monkeypatch.setattr(inputs, "STREAM_BYTES", 0)
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", {"cpu": 1000})  # several row ranges a tensor
+    monkeypatch.setattr(tensors, "CHUNK_ELEMENTS", {"cpu": 1000})  # several row ranges a tensor
     monkeypatch.setattr(StoredModel, "load", None)  # no whole tensor is read
     params = "{weight: 1.0, density: 0.5}" if method == "ties" else "{weight: 0.7}"
 

@@ -32,7 +32,7 @@ from mergehub import kernels  # noqa: E402
 from mergehub.errors import InputError  # noqa: E402
 from mergehub.kernels import (  # noqa: E402
     Cut, LowRankDelta, SignDelta, TernaryDelta, triton_kernels)
-from mergehub.merge.methods.sparsify import cut_mask  # noqa: E402
+from mergehub.ops.sparsify import cut_mask  # noqa: E402
 from mergehub.storage.codecs import LOSSY  # noqa: E402
 
 import merge_reference as ref  # noqa: E402
@@ -379,7 +379,7 @@ def test_cuts_approximate_equal_reference(device, k, dtype, shape):
     """With a tolerance both backends cut at the same entry of the same random sample (odd
     sizes, K up to 8), so they agree: its k_s-th largest value, its ties ending after the last
     kept sampled one; a tolerance too fine for the tensor gives the exact cuts."""
-    from mergehub.merge.methods.sparsify import sample_positions
+    from mergehub.ops.sparsify import sample_positions
 
     base, thetas = _inputs(shape, k, dtype, device, seed=k)
     n = base.numel()
@@ -409,7 +409,7 @@ def test_cuts_approximate_equal_reference(device, k, dtype, shape):
 def test_cuts_approximate_ties_and_extremes(device):
     """A sample of few distinct values (zero, subnormal, 0.5, near the float32 maximum): the
     k_s-th sampled value sits in a long run of ties, found exactly at every density."""
-    from mergehub.merge.methods.sparsify import sample_positions
+    from mergehub.ops.sparsify import sample_positions
 
     gen = torch.Generator().manual_seed(3)
     n = 9001

@@ -330,7 +330,7 @@ def test_kept_share_in_dry_run_and_summary(models, tmp_path, method, extra, word
     """``--dry-run`` says how many task-vector entries each input's sparsification will keep,
     the merge summary how many it kept: k = int(d·n) per tensor, exactly, with ``ties:
     index`` (bf16 deltas tie at nearly every cut); at least that with ``threshold``."""
-    from mergehub.merge.methods.sparsify import kth_rank
+    from mergehub.ops.sparsify import kth_rank
 
     r = recipe(tmp_path, f"merge_method: {method}\nbase_model: {models['base-bf16']}\nmodels:\n"
                          f"  - model: {models['ft-mlp']}\n    parameters: {{density: 0.2}}\n"
@@ -422,7 +422,8 @@ def test_fused_path_equals_chunked_path(models, tmp_path, monkeypatch, method, e
     """The whole-tensor path through mergehub.kernels.merge_tensor (the GPU path; on CPU its
     torch reference) gives the chunked path's output."""
     from mergehub import kernels
-    from mergehub.merge.engine import execute, plan_merge
+    from mergehub.merge.engine import execute
+    from mergehub.merge.plan import plan_merge
     from mergehub.merge.recipe import load_recipe
 
     calls = []
@@ -452,7 +453,8 @@ def test_fused_path_equals_chunked_path(models, tmp_path, monkeypatch, method, e
 def test_fused_path_reads_compressed_store_entries(models, tmp_path):
     """Store inputs (lossless and lossy) go through Source.raw / StoredModel.load on the fused
     path and give the chunked path's output."""
-    from mergehub.merge.engine import execute, plan_merge
+    from mergehub.merge.engine import execute
+    from mergehub.merge.plan import plan_merge
     from mergehub.merge.recipe import load_recipe
 
     store = Store(tmp_path / "store", create=True)
@@ -477,7 +479,7 @@ def test_fused_path_reads_compressed_store_entries(models, tmp_path):
 def test_density_tolerance_samples_tensors(models, tmp_path):
     """``density_tolerance`` changes the trim of tensors large enough to sample (a sample's
     threshold may also hit the exact one), nothing else."""
-    from mergehub.merge.methods.sparsify import sample_positions
+    from mergehub.ops.sparsify import sample_positions
 
     outs = {}
     for tol in (0, 0.3):

@@ -98,7 +98,7 @@ def test_consensus_task_arithmetic_weighted_masks(k):
 
 
 def test_tall_masks_spec_example():
-    from mergehub.merge.methods.consensus import tall_masks
+    from mergehub.ops.consensus import tall_masks
 
     xs = [torch.tensor(t) for t in TAUS]
     mtl = sum(xs)
@@ -379,7 +379,8 @@ def test_consensus_ties_default_is_the_tall_masks_code(models, tmp_path, weights
         got = out.load(name).double()
         assert torch.allclose(got, want, atol=1e-6), name
     # the fused whole-tensor path (the GPU's, here its torch reference) computes the same
-    from mergehub.merge.engine import execute, plan_merge
+    from mergehub.merge.engine import execute
+    from mergehub.merge.plan import plan_merge
     from mergehub.merge.recipe import parse_recipe
 
     fused = open_checkpoint(execute(plan_merge(parse_recipe(text)), tmp_path / "fused",
@@ -410,7 +411,7 @@ def test_dare_statistics_and_reproducibility():
 
 def test_dare_l1_rescale_matches_mergekit_with_its_masks():
     """mergekit 0.1.5 drew these masks (torch.manual_seed(0)); rescale l1 then gives its output."""
-    from mergehub.merge.methods.sparsify import apply_mask, combine, l1_scales
+    from mergehub.ops.sparsify import apply_mask, combine, l1_scales
 
     masks = [torch.tensor(m, dtype=torch.bool)
              for m in ([1, 0, 1, 1, 1, 0], [1, 0, 1, 0, 1, 1], [1, 1, 1, 0, 0, 0])]
@@ -439,7 +440,7 @@ def test_global_trim_matches_oracle(ties):
     vector (tensors in merge order) keeps: exactly k = int(d·N) with ``index`` although many
     magnitudes tie at the cut; streamed in small chunks, so runs of ties straddle chunks and
     tensors. Density <= 0 keeps nothing there, as in the per-tensor scope."""
-    from mergehub.merge.methods.sparsify import cut_mask, magnitude_cuts
+    from mergehub.ops.sparsify import cut_mask, magnitude_cuts
     from mergehub.merge.methods.ties import GlobalCuts
 
     tensors = [[_bf16_taus(1000, 1 + t), _bf16_taus(37 * 11, 3 + t, 0.02).reshape(37, 11),
@@ -487,7 +488,7 @@ def test_streamed_kth_largest_is_exact(pattern):
     """The sampled bracket + count selection equals a full sort (the k-th value and the counts
     above and at it), including when the strided sample misrepresents the tensor (then it
     falls back to gathering)."""
-    from mergehub.merge.methods.sparsify import kth_largest_abs
+    from mergehub.ops.sparsify import kth_largest_abs
 
     n = 3_000_017
     gen = torch.Generator().manual_seed(5)
@@ -541,7 +542,7 @@ def test_sampled_cuts_within_tolerance(pattern, ties):
     a prefix of the oracle's ranking; with ``threshold`` the entries above the threshold are at
     most d + ε and those at or above it at least d − ε. Streamed in chunks it equals one
     chunk."""
-    from mergehub.merge.methods.sparsify import cut_mask, magnitude_cuts, sample_positions
+    from mergehub.ops.sparsify import cut_mask, magnitude_cuts, sample_positions
 
     n = 1 << 21
     x = _arranged(pattern, n)
@@ -575,7 +576,7 @@ def test_sampled_cuts_within_tolerance(pattern, ties):
 def test_sample_positions_plan():
     """The sample: the least count Hoeffding's bound allows, drawn uniformly, reproducibly,
     sorted, and none for small tensors."""
-    from mergehub.merge.methods.sparsify import SAMPLE_FAILURE, sample_positions
+    from mergehub.ops.sparsify import SAMPLE_FAILURE, sample_positions
 
     def meets(c: int, tol: float) -> bool:
         return 2 * math.exp(-2 * c * (tol - 1 / c) ** 2) <= SAMPLE_FAILURE
@@ -601,7 +602,8 @@ def test_sample_positions_plan():
     ("ties", {"density": 0.2}), ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.05}),
     ("consensus_ties", {"density": 0.3}), ("task_arithmetic", {})])
 def test_chunked_merge_equals_whole_tensor_merge(models, tmp_path, method, params):
-    from mergehub.merge.engine import execute, plan_merge
+    from mergehub.merge.engine import execute
+    from mergehub.merge.plan import plan_merge
     from mergehub.merge.recipe import parse_recipe
     from mergehub.storage.checkpoint import open_checkpoint
 

@@ -19,7 +19,7 @@ from mergehub.errors import InputError
 from mergehub.hub.cli import cli
 from mergehub.hub.demo import dir_digests
 from mergehub.merge.cluster import balanced_groups
-from mergehub.merge.engine import MergeError
+from mergehub.merge.plan import MergeError
 from mergehub.storage.store import Store
 
 #: small shards, so that the tiny models' output has several, split among several tasks
@@ -80,7 +80,7 @@ parameters: {{lambda: 0.9{extra}}}
     return path
 
 
-def _both(recipe: Path, tmp_path: Path, **kw) -> tuple[mergehub.merge.engine.MergeResult, ...]:
+def _both(recipe: Path, tmp_path: Path, **kw) -> tuple[mergehub.merge.tensors.MergeResult, ...]:
     """The recipe merged in this process and on Ray; both outputs' digests must be equal."""
     local = mergehub.merge(recipe, tmp_path / "local", max_shard_size=SHARD, progress=False,
                            echo=lambda t: None, **kw)
@@ -181,7 +181,7 @@ def test_ray_cli_merges(ray_instance, models, tmp_path):
 def test_one_progress_bar_over_all_tasks(ray_instance, models, tmp_path, monkeypatch, capsys):
     """A Ray merge shows one bar, the driver's: bytes (and bytes/s) over all tasks, at the
     total of the merge's tensors when it ends; the tasks show none of their own."""
-    import mergehub.merge.engine as engine
+    import mergehub.merge.cluster as cluster
 
     bars = []
 
@@ -189,8 +189,8 @@ def test_one_progress_bar_over_all_tasks(ray_instance, models, tmp_path, monkeyp
         bars.append(real(total, desc, progress))
         return bars[-1]
 
-    real = engine.byte_bar
-    monkeypatch.setattr(engine, "byte_bar", byte_bar)
+    real = cluster.byte_bar
+    monkeypatch.setattr(cluster, "byte_bar", byte_bar)
     result = mergehub.merge(_recipe(tmp_path, models, "ties"), tmp_path / "out",
                             max_shard_size=SHARD, progress=True, executor="ray")
     assert len(bars) == 1 and bars[0].unit == "B"

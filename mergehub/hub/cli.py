@@ -443,7 +443,8 @@ def merge_(ctx: click.Context, recipe: Path, out: Path | None, output: Path | No
     B·A·scaling), .safetensors files or store names. `hub merge RECIPE OUT` is `mergekit-yaml
     RECIPE OUT`; --random-seed, --out-shard-size, --cuda, -v and --quiet mean what they mean
     there."""
-    from mergehub.merge.engine import kept_line, merge
+    from mergehub.merge.engine import merge
+    from mergehub.merge.plan import kept_line
 
     _not_both(ctx, "output", out, "OUT", "--output")
     _not_both(ctx, "max_shard_size", out_shard_size, "--out-shard-size", "--max-shard-size")

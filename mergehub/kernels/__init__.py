@@ -46,7 +46,7 @@ from mergehub.kernels import reference
 from mergehub.kernels.deltas import (
     KIND_ORDER, Delta, LowRankDelta, SignDelta, TernaryDelta, dense, matrix_shape, pack_bits,
     unpack_bits)
-from mergehub.merge.methods.sparsify import (
+from mergehub.ops.sparsify import (
     NOTHING, Cut, Order, check_ties, cut_at, kth_rank, located, sample_positions, sampled_cut)
 
 __all__ = ["merge_tensor", "magnitude_cuts", "magnitude_cut", "Cut", "CutMemo", "apply_deltas",

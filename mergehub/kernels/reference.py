@@ -1,8 +1,8 @@
 """Plain-torch versions of the kernels: the CPU path and the kernels' test oracle.
 
-They are the merge methods' own functions (:mod:`mergehub.merge.methods.sparsify`,
-:mod:`~mergehub.merge.methods.consensus`) applied to one whole tensor, so a kernel that matches
-them computes what ``hub merge`` computes on the CPU.
+They are the primitives the merge methods are built from (:mod:`mergehub.ops.sparsify`,
+:mod:`mergehub.ops.consensus`) applied to one whole tensor, so a kernel that matches them
+computes what ``hub merge`` computes on the CPU.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from mergehub.kernels.deltas import Delta, dense
-from mergehub.merge.methods.consensus import consensus
-from mergehub.merge.methods.sparsify import (
+from mergehub.ops.consensus import consensus
+from mergehub.ops.sparsify import (
     Cut, apply_mask, combine, cut_mask, magnitude_cuts as streamed_cuts)
 
 

@@ -6,8 +6,8 @@ merge exactly as a single-process merge does (headers only), runs a method's pre
 has any (``trim_scope: global``), and lays out the same output shards
 (:func:`~mergehub.storage.writer.model_dir_layout`). The shards are split into groups of about
 equal bytes (:func:`balanced_groups`), one Ray task per group; each task merges its tensors
-with the same :class:`~mergehub.merge.engine.TensorMerger` and writes its shard files with the
-same :func:`~mergehub.merge.engine.write_merged` as a single-process merge, straight into the
+with the same :class:`~mergehub.merge.tensors.TensorMerger` and writes its shard files with the
+same :func:`~mergehub.merge.tensors.write_merged` as a single-process merge, straight into the
 output's temp folder (which every node must see: a shared file system). The driver then writes
 the index, config and tokenizer files and renames the folder into place. Same plan, same
 shard layout, same arithmetic per tensor, DARE's draws keyed by (seed, tensor): the files are
@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergehub.errors import InputError, MergehubError, spelled
+from mergehub.merge.plan import MergePlan, side_files
+from mergehub.merge.tensors import MergeResult, TensorMerger, byte_bar, merge_result, write_merged
 from mergehub.storage.writer import DEFAULT_MAX_SHARD_SIZE, model_dir_layout
 
 if TYPE_CHECKING:
-    from mergehub.merge.engine import MergePlan, MergeResult
-    from mergehub.merge.methods.sparsify import KeptTally
+    from mergehub.ops.sparsify import KeptTally
     from mergehub.storage.safetensors_format import TensorSpec
 
 #: groups (tasks) per worker slot (a CPU, or a GPU with ``--device cuda``): enough that a slow
@@ -96,8 +97,6 @@ def _merge_group(shared: tuple[MergePlan, dict[str, Any]], files: list[tuple[str
     """One Ray task: merge the tensors of ``files`` (shard path, its tensors) and write the
     shard files. ``shared`` is the plan and its pre-pass state; returns the method's tally of
     kept entries over these tensors."""
-    from mergehub.merge.engine import TensorMerger, write_merged
-
     plan, state = shared
     folder = Path(files[0][0]).parent
     if not folder.is_dir():
@@ -157,8 +156,6 @@ def execute_ray(plan: MergePlan, out: Path, *, address: str | None = None, devic
     """
     import torch
 
-    from mergehub.merge.engine import TensorMerger, _side_files, byte_bar, merge_result
-
     ray = import_ray()
     # the pre-passes run here: on a GPU if this machine has one, else on the CPU (their
     # results, counts of bits, are the same on either)
@@ -173,7 +170,7 @@ def execute_ray(plan: MergePlan, out: Path, *, address: str | None = None, devic
                              f"no {slot}s")
         start = time.perf_counter()
         merger.prepass(progress)
-        side = _side_files(plan)
+        side = side_files(plan)
         # max_calls=0: a worker runs task after task. Ray's default for GPU tasks is one task
         # a worker (a fresh process, torch import, CUDA context and kernel loads, seconds
         # each time); a task frees its cached GPU memory when it ends instead.

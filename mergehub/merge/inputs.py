@@ -24,7 +24,7 @@ from mergehub.errors import BaseMismatchError, InputError, RemoteError, shown
 from mergehub.safejson import parse_json, read_json
 from mergehub.storage.checkpoint import (
     ADAPTER_CONFIG, Checkpoint, check_adapter_config, open_checkpoint, peft_target_weight)
-from mergehub.storage.safetensors_format import FLOAT_DTYPES, TORCH_DTYPE, TensorSpec
+from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
 from mergehub.storage.store import Store, StoredModel, names_entry
 
 #: a store input's tensor of more bytes than this (a large embedding) is decoded in order a

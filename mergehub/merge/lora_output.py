@@ -14,6 +14,7 @@ the dense deltas entrywise and have no such form: they write a full HF model.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 from mergehub.merge.methods.linear import Linear
 from mergehub.merge.methods.task_arithmetic import TaskArithmetic
 from mergehub.merge.recipe import resolve_params
+from mergehub.merge.tensors import MergeResult
 from mergehub.storage.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from mergehub.storage.safetensors_format import SAFETENSORS_DTYPE, TensorSpec
 from mergehub.storage.store import StoredModel, base_reference
@@ -61,10 +63,6 @@ def execute_peft(plan: Any, out: Path, *, device: str = "cpu", seed: int = 0,
                  progress: bool | None = None) -> Any:
     """Run a plan whose result is a LoRA (see :func:`can_write_peft`): write a PEFT adapter dir
     (same signature and result as :func:`mergehub.merge.engine.execute`)."""
-    import time
-
-    from mergehub.merge.engine import MergeResult
-
     start = time.perf_counter()
     specs = write_peft(plan, out, overwrite=overwrite)
     return MergeResult(Path(out), len(specs), sum(s.nbytes for s in specs),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from tqdm.auto import tqdm
 
 from mergehub.errors import StoreError, spelled
 from mergehub.merge.methods.rmm import decompose, decompose_dense_lowrank, decompose_factors
+from mergehub.merge.plan import side_files
+from mergehub.merge.tensors import MergeResult
 from mergehub.progress import bar_disabled
 from mergehub.safejson import parse_json
 from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
@@ -43,10 +46,6 @@ def execute_rmm(plan: Any, out: Path, *, device: str = "cpu", seed: int = 0,
                 progress: bool | None = None) -> Any:
     """Run an ``rmm`` plan: write the basis directory at ``out`` (same signature and result as
     :func:`mergehub.merge.engine.execute`; the summary is the result's ``report``)."""
-    import time
-
-    from mergehub.merge.engine import MergeResult, _side_files
-
     start = time.perf_counter()
     dev = torch.device(device)
     m, basis_kind = int(plan.method.params["m"]), plan.method.params["basis"]
@@ -93,7 +92,7 @@ def execute_rmm(plan: Any, out: Path, *, device: str = "cpu", seed: int = 0,
                "stored_bytes_by_m": stored_by_m}
     specs = [TensorSpec(f"{name}::{part}", "F32", tuple(value.shape))
              for name, parts in results.items() for part, value in parts.items()]
-    side = _side_files(plan)
+    side = side_files(plan)
     side[RMM_FILE] = (json.dumps(summary, indent=2) + "\n").encode()
 
     def get(spec: TensorSpec) -> torch.Tensor:

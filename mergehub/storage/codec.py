@@ -64,6 +64,7 @@ import numpy as np
 import zstandard
 
 from mergehub.storage import safetensors_format
+from mergehub.storage.frames import BlobFormatError, inflate, zstd_bound
 from mergehub.storage.safetensors_format import DTYPE_WIDTH, read_range
 
 if TYPE_CHECKING:
@@ -87,10 +88,6 @@ _INT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 _FLOAT_BITS = {"F16": (5, 10), "BF16": (8, 7), "F32": (8, 23), "F64": (11, 52)}
 
 Buffer = Union[bytes, bytearray, memoryview]
-
-
-class BlobFormatError(ValueError):
-    """The bytes are not a well-formed blob (the store turns this into an IntegrityError)."""
 
 
 @dataclass(frozen=True)
@@ -257,32 +254,6 @@ def _finish(items: Iterator[Any] | None) -> None:
     """Run an iterator to its end, so that checks its generator makes there run."""
     for _ in items or ():
         raise BlobFormatError("more bytes than expected")
-
-
-def zstd_bound(size: int) -> int:
-    """The most bytes a zstd frame of ``size`` bytes of content takes (ZSTD_COMPRESSBOUND, plus
-    the frame header and checksum)."""
-    return size + (size >> 8) + (((128 << 10) - size) >> 11 if size < 128 << 10 else 0) + 32
-
-
-def inflate(frame: Buffer, size: int) -> bytes:
-    """Decompress one zstd frame that must hold exactly ``size`` bytes.
-
-    The frame header's content size is checked before anything is decompressed: zstd's
-    ``max_output_size`` does not stop a frame that declares a larger size, and decompressing
-    allocates what the frame declares.
-    """
-    try:
-        declared = zstandard.frame_content_size(frame)
-        if declared != size:
-            raise BlobFormatError(f"a zstd frame declares {declared} bytes (-1: unknown) where "
-                                  f"{size} belong")
-        out = zstandard.ZstdDecompressor().decompress(frame, max_output_size=size)
-    except zstandard.ZstdError as e:
-        raise BlobFormatError(f"bad zstd frame: {e}") from e
-    if len(out) != size:
-        raise BlobFormatError(f"a zstd frame holds {len(out)} bytes, not {size}")
-    return out
 
 
 # --- byte-level transforms ------------------------------------------------------------------

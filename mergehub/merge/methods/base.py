@@ -13,7 +13,7 @@ import torch
 from mergehub.errors import shown
 
 if TYPE_CHECKING:
-    from mergehub.merge.methods.sparsify import KeptTally
+    from mergehub.ops.sparsify import KeptTally
 
 
 @dataclass(frozen=True)
@@ -242,7 +242,7 @@ class MergeMethod:
         raise NotImplementedError
 
     def kept_report(self) -> Any:
-        """After a merge, a sparsifying method's :class:`~mergehub.merge.methods.sparsify.KeptTally`
+        """After a merge, a sparsifying method's :class:`~mergehub.ops.sparsify.KeptTally`
         (task-vector entries kept per input); ``None`` for methods that keep every entry."""
         return None
 
@@ -272,8 +272,3 @@ def register(cls: type[MergeMethod]) -> type[MergeMethod]:
     """Class decorator adding a method to :data:`METHODS` under its ``name``."""
     METHODS[cls.name] = cls
     return cls
-
-
-def weighted(xs: list[torch.Tensor], model_params: list[dict[str, Any]]) -> list[torch.Tensor]:
-    """Each input multiplied by its ``weight``."""
-    return [x * float(p["weight"]) for x, p in zip(xs, model_params)]

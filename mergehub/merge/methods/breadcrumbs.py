@@ -3,7 +3,7 @@
 between, then task arithmetic (``breadcrumbs``) or TIES' sign election (``breadcrumbs_ties``).
 Parameter names and semantics follow mergekit's ``magnitude_outliers``: exactly int(density·n)
 entries are kept, the ranking's ties broken by position (``ties: index``, see
-:mod:`~mergehub.merge.methods.sparsify`); ``ties: threshold`` keeps the band between the two
+:mod:`~mergehub.ops.sparsify`); ``ties: threshold`` keeps the band between the two
 values at those ranks instead (ties at its upper end kept, at its lower end dropped).
 """
 
@@ -15,7 +15,7 @@ import torch
 
 from mergehub.merge.methods import fast
 from mergehub.merge.methods.base import MergeMethod, TensorContext, register
-from mergehub.merge.methods.sparsify import (
+from mergehub.ops.sparsify import (
     ChunkStream, KeptTally, apply_mask, band_kept, band_mask, l1_scales,
     outlier_bands, planned)
 

@@ -22,27 +22,10 @@ from typing import Any
 
 import torch
 
-from mergehub.merge.methods.base import MergeMethod, TensorContext, register, weighted
-from mergehub.merge.methods.sparsify import combine, weight_total
+from mergehub.merge.methods.base import MergeMethod, TensorContext, register
+from mergehub.ops.consensus import consensus
+from mergehub.ops.sparsify import combine, weight_total
 from mergehub.merge.methods.ties import Ties
-
-
-def tall_masks(xs: list[torch.Tensor], mtl: torch.Tensor, lambdas: list[float]) -> list[torch.Tensor]:
-    """m_t = |xt| > λt·|τMTL − xt|, one boolean mask per task."""
-    return [x.abs() > lam * (mtl - x).abs() for x, lam in zip(xs, lambdas)]
-
-
-def consensus(xs: list[torch.Tensor], mtl: torch.Tensor, model_params: list[dict[str, Any]],
-              k: int, normalized: bool = False) -> torch.Tensor:
-    """τMTL restricted to the entries at least ``k`` tasks' TALL masks keep; the masks compare
-    τMTL with each wt·τt (÷ Σ wt where ``normalized``: a task arithmetic τMTL divided by it)."""
-    contributions = weighted(xs, model_params)
-    if normalized:
-        total = weight_total(model_params)
-        contributions = [x / total for x in contributions]
-    masks = tall_masks(contributions, mtl, [float(p["tall_lambda"]) for p in model_params])
-    votes = torch.stack(masks).sum(dim=0)
-    return mtl * (votes >= k)
 
 
 def _consensus_args(params: dict[str, Any], model_params: list[dict[str, Any]]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import torch
 
 from mergehub.merge.methods import fast
 from mergehub.merge.methods.base import MergeMethod, Rule, TensorContext, register
-from mergehub.merge.methods.sparsify import (
+from mergehub.ops.sparsify import (
     ChunkStream, KeptTally, apply_mask, bernoulli_mask, l1_scales, planned)
 
 

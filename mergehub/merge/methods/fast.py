@@ -1,5 +1,5 @@
 """The CPU's fast path for the sparsified merges: the bits of
-:mod:`~mergehub.merge.methods.sparsify`'s plain functions (the reference, and the GPU's
+:mod:`~mergehub.ops.sparsify`'s plain functions (the reference, and the GPU's
 chunked path) in fewer and cheaper operations.
 
 On a CPU a merge is a few dozen elementwise torch operations per chunk of ~1 MB, and their
@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from mergehub.merge.methods import sparsify
-from mergehub.merge.methods.sparsify import Cut
+from mergehub.ops import sparsify
+from mergehub.ops.sparsify import Cut
 
 
 def below(value: float) -> float:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from mergehub.merge.methods import fast
-from mergehub.merge.methods.sparsify import (
+from mergehub.ops.sparsify import (
     NOTHING, ChunkStream, Cut, Order, cut_at, located, top_k_cuts)
 
 #: the largest merged tensor held whole for this path (bytes in the output dtype)

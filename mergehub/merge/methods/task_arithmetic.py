@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from mergehub.merge.methods.base import MergeMethod, TensorContext, register
-from mergehub.merge.methods.sparsify import combine
+from mergehub.ops.sparsify import combine
 
 
 @register

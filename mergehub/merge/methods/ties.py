@@ -26,7 +26,7 @@ import torch
 
 from mergehub.merge.methods import fast, onepass
 from mergehub.merge.methods.base import MergeMethod, TensorContext, register
-from mergehub.merge.methods.sparsify import (
+from mergehub.ops.sparsify import (
     NOTHING, ChunkStream, Cut, KeptTally, Order, apply_mask, cut_at,
     cut_mask, kth_rank, l1_scales, located, magnitude_cuts, planned, trim_count)
 

@@ -18,8 +18,8 @@ import torch
 import zstandard
 
 from mergehub.errors import spelled
-from mergehub.merge.methods.consensus import tall_masks
-from mergehub.storage.codec import inflate
+from mergehub.ops.consensus import tall_masks
+from mergehub.storage.frames import inflate
 from mergehub.storage.codecs import LossyCodec, register
 
 
