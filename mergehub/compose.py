@@ -14,10 +14,10 @@ What it keeps:
   bit for bit). When that value equals the base's stored tensor (the usual case: the model
   was loaded from the base), the one copy also serves as the base the merges read;
 * a cache of the inputs' decoded tensors on the model's device (:class:`DeltaCache`, an LRU
-  within ``cache_bytes`` that keeps what the current apply uses), keyed by the store's blob ids, so that switching among a working
-  set of entries does not read the store again. Compressed entries (bit1, compeft, lowrank,
-  TALL) are decoded on the model's device (by the decompress-and-apply kernels on CUDA), as
-  ``hub merge`` decodes them there;
+  within ``cache_bytes`` that keeps what the current apply uses), keyed by the store's blob
+  ids, so that switching among a working set of entries does not read the store again.
+  Compressed entries (bit1, compeft, lowrank, TALL) are decoded on the model's device (by the
+  decompress-and-apply kernels on CUDA), as ``hub merge`` decodes them there;
 * for each tensor a key of everything its merged value depends on (method and parameters for
   that tensor, the content of every input's tensor, seed, dtype), so a second apply rewrites
   only the tensors whose result changes, and a failed apply can put every tensor back.
@@ -49,9 +49,9 @@ import yaml
 from mergehub.errors import BaseMismatchError, InputError, MergehubError
 from mergehub.kernels import CutMemo
 from mergehub.merge.engine import reusing_reads
-from mergehub.merge.plan import MergePlan, plan_merge
 from mergehub.merge.inputs import Source
 from mergehub.merge.methods.rmm import ReversibleMerge
+from mergehub.merge.plan import MergePlan, plan_merge
 from mergehub.merge.recipe import Recipe, load_recipe, parse_recipe
 from mergehub.merge.tensors import READ_WORKERS, TensorMerger
 from mergehub.names import match_names, state_tensors
