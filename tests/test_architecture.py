@@ -35,9 +35,6 @@ FORBIDDEN = {
 KNOWN_UPWARD = {
     ("mergehub.storage.store", "mergehub.loading"):
         "Store.load_model, a facade for mergehub.load that users asked for (issue 14)",
-    ("mergehub.merge.inputs", "mergehub.hub.inputs"):
-        "merge inputs on the Hugging Face Hub live beside the Hub client in hub/, still to "
-        "move under storage/ with the client's helpers",
 }
 
 

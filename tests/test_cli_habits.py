@@ -129,7 +129,7 @@ def test_new_entry_is_name_everywhere(models, tmp_path):
 def test_pull_revision_option_and_conflict(tmp_path):
     """`hub pull REPO --revision REV` is REPO@REV; both, disagreeing, is one clear error (before
     any network access: the endpoint here does not exist)."""
-    from mergehub.hub.remote import split_repo_ref
+    from mergehub.storage.hf_hub import split_repo_ref
 
     assert split_repo_ref("me/x", "exp") == ("me/x", "exp") == split_repo_ref("me/x@exp")
     assert split_repo_ref("me/x@exp", "exp") == ("me/x", "exp")

@@ -16,7 +16,8 @@ from mergehub.errors import (
     BaseMismatchError, IntegrityError, MergehubError, RemoteError, StoreError)
 from mergehub.hub.cli import cli
 from mergehub.hub.demo import dir_digests, make_finetune, make_tiny_llama
-from mergehub.hub.remote import MANIFEST, pull, push, split_repo_ref
+from mergehub.hub.remote import MANIFEST, pull, push
+from mergehub.storage.hf_hub import split_repo_ref
 from mergehub.storage.store import Store
 from tests.hub_server import READ_TOKEN, WRITE_TOKEN
 from tests.hub_server import new_repo_id as _repo

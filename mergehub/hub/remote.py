@@ -26,30 +26,27 @@ against the manifest before anything is added to the store; downloads go to
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 from tqdm.auto import tqdm
 
 from mergehub import __version__
 from mergehub.errors import (
-    BaseMismatchError, InputError, IntegrityError, MergehubError, RemoteError, StoreError,
-    shown, spelled)
+    BaseMismatchError, InputError, IntegrityError, RemoteError, StoreError, shown, spelled)
 from mergehub.progress import bar_disabled, library_bars
 from mergehub.safejson import parse_json, read_json
 from mergehub.storage.checkpoint import (
     ADAPTER_CONFIG, OTHER_WEIGHTS, PICKLE_SUFFIXES, not_kept_reason, open_checkpoint,
     split_listing)
 from mergehub.storage.codec import sha256
+from mergehub.storage.hf_hub import (
+    REPO_ID, hub_api, hub_errors, public_endpoint, resolve_revision, split_repo_ref)
 from mergehub.storage.parallel import ordered_map
 from mergehub.storage.paths import inside, safe_relpath
 from mergehub.storage.store import ModelInfo, Store, check_manifest
@@ -64,7 +61,6 @@ BLOBS = "mergehub/blobs"
 SHADOW = "mergehub/files"
 CARD = "README.md"
 #: Folder of the store for pull downloads and push exports (same disk as the store).
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CHUNK = 1 << 20
 
 
@@ -91,122 +87,6 @@ class PullResult:
     commit: str
     form: str  # "mergehub", "hf" or "peft"
     downloaded: list[str]
-
-
-def split_repo_ref(ref: str, revision: str | None = None) -> tuple[str, str | None]:
-    """``"org/name@rev"`` -> ``("org/name", "rev")``; no ``@`` -> ``revision`` (default
-    ``None``). A revision both after ``@`` and in ``revision`` must be the same one."""
-    repo_id, sep, at = ref.partition("@")
-    if not _REPO_ID.match(repo_id) or (sep and not at):
-        raise RemoteError(f"{ref!r} is not a repo id of the form ORG/NAME[@REVISION]")
-    if at and revision and at != revision:
-        raise RemoteError(f"{ref!r}: revision {at!r} after '@' and {revision!r} given as well: "
-                          "give one")
-    return repo_id, at or revision or None
-
-
-# --- talking to the Hub ------------------------------------------------------------------------
-
-def _api(endpoint: str | None, token: str | None) -> "HfApi":
-    from huggingface_hub import HfApi
-
-    return HfApi(endpoint=endpoint, token=token)
-
-
-def _public_endpoint(api: "HfApi") -> str:
-    """The endpoint URL without any ``user:password@`` part."""
-    parts = urlsplit(api.endpoint)
-    if parts.username is None and parts.password is None:
-        return api.endpoint
-    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=host))
-
-
-def _scrub(text: str, api: "HfApi") -> str:
-    """``text`` with the token in use (argument, HF_TOKEN or saved login) blanked out."""
-    from huggingface_hub import get_token
-
-    for secret in {api.token if isinstance(api.token, str) else None, get_token()}:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
-
-
-@contextlib.contextmanager
-def _hub_errors(api: "HfApi", what: str, *, writing: bool = False) -> Iterator[None]:
-    """Turn ``huggingface_hub`` / HTTP exceptions into one-line :class:`RemoteError`\\ s."""
-    from huggingface_hub.errors import (  # HTTPError: the base error of the HTTP client it uses
-        EntryNotFoundError, HfHubHTTPError, HTTPError, RepositoryNotFoundError,
-        RevisionNotFoundError)
-
-    where = _public_endpoint(api)
-    try:
-        yield
-    except MergehubError:
-        raise
-    except RevisionNotFoundError:
-        raise RemoteError(_scrub(f"{what}: revision not found on {where}", api)) from None
-    except EntryNotFoundError:
-        raise RemoteError(_scrub(f"{what}: file not found on {where}", api)) from None
-    except RepositoryNotFoundError as e:
-        status = e.response.status_code if e.response is not None else None
-        if writing and status in (401, 403):
-            raise RemoteError(_scrub(_no_write(what, where, status), api)) from None
-        raise _not_found(what, api) from None
-    except HfHubHTTPError as e:
-        status = e.response.status_code if e.response is not None else None
-        if status in (401, 403):
-            raise RemoteError(_scrub(_no_write(what, where, status) if writing else
-                                     f"{what}: access denied by {where} (HTTP {status})",
-                                     api)) from None
-        detail = (e.server_message or str(e)).strip().splitlines()
-        raise RemoteError(_scrub(f"{what}: {where} answered HTTP {status}: "
-                                 f"{detail[0] if detail else ''}", api)) from None
-    except (HTTPError, OSError, ValueError, RuntimeError) as e:  # unreachable, malformed answers
-        cause = e.__cause__ or e
-        raise RemoteError(_scrub(f"{what}: {type(cause).__name__}: {cause} ({where})",
-                                 api)) from None
-
-
-def _not_found(what: str, api: "HfApi") -> RemoteError:
-    return RemoteError(_scrub(f"{what}: repository not found on {_public_endpoint(api)} (or not "
-                              "visible with your token; check the name, `hf auth login` or "
-                              "HF_TOKEN)", api))
-
-
-def _no_write(what: str, where: str, status: int) -> str:
-    return (f"{what}: no write permission on {where} (HTTP {status}): log in with "
-            "`hf auth login` or set HF_TOKEN to a token with write access")
-
-
-def _resolve_revision(api: "HfApi", repo_id: str, revision: str | None) -> tuple[str, str]:
-    """``(revision name, commit sha)``; clear errors for a missing repo or revision."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    with _hub_errors(api, repo_id):
-        try:
-            refs = api.list_repo_refs(repo_id)
-        except HfHubHTTPError as e:  # servers answer 401, 403 or 404 for a repo not there
-            if e.response is not None and e.response.status_code in (401, 403, 404):
-                raise _not_found(repo_id, api) from None
-            raise
-    revision = revision or "main"
-    names = {r.name: r.target_commit for r in [*refs.branches, *refs.tags]}
-    if revision in names:
-        return revision, names[revision]
-    known = ", ".join(sorted(names)) or "none"
-    missing = RemoteError(f"{repo_id}: revision {revision!r} not found (branches and tags: "
-                          f"{known})")
-    if not re.fullmatch(r"[0-9a-f]{40}", revision):
-        raise missing
-    with _hub_errors(api, f"{repo_id}@{revision}"):
-        try:
-            next(iter(api.list_repo_tree(repo_id, revision=revision)), None)
-        except HfHubHTTPError as e:  # the repo is there: 401/404 mean no such commit
-            if e.response is not None and e.response.status_code in (401, 404):
-                raise missing from None
-            raise
-    return revision, revision
 
 
 # --- hashing ---------------------------------------------------------------------------------
@@ -261,7 +141,7 @@ def _hub_repo_of(store: Store, info: ModelInfo) -> str | None:
         if hub.get("repo_id"):
             return hub["repo_id"]
     named = info.provenance.get("base_model_name_or_path")
-    return named if isinstance(named, str) and _REPO_ID.match(named) else None
+    return named if isinstance(named, str) and REPO_ID.match(named) else None
 
 
 def _auto_class(store: Store, info: ModelInfo) -> str:
@@ -411,7 +291,7 @@ def push(store: Store, name: str, repo_id: str, *, revision: str | None = None,
     if manifest["base"] is not None and base_model:
         manifest["base"]["hub"] = {**(manifest["base"]["hub"] or {}), "repo_id": base_model}
     check_manifest(manifest, f"push {name!r}: the entry's manifest")
-    api = _api(endpoint, token)
+    api = hub_api(endpoint, token)
     branch = revision or "main"
     folder = (subfolder or "").strip("/")
     if folder and any(part in ("", ".", "..") for part in folder.split("/")):
@@ -438,7 +318,7 @@ def push(store: Store, name: str, repo_id: str, *, revision: str | None = None,
                                  _auto_class(store, info)).encode()
         size = sum(len(s) if isinstance(s, bytes) else s.stat().st_size for s in files.values())
         what = f"push {name!r} to {repo_id}@{branch}" + (f" (folder {folder!r})" if folder else "")
-        with _hub_errors(api, what, writing=True), library_bars(progress):
+        with hub_errors(api, what, writing=True), library_bars(progress):
             api.create_repo(repo_id, private=private, exist_ok=True)
             if branch != "main":
                 branches = {b.name for b in api.list_repo_refs(repo_id).branches}
@@ -475,7 +355,7 @@ def _download(api: "HfApi", repo_id: str, commit: str, remote: dict[str, Any],
                                      and _server_check(into / p, remote[p]) is None)]
 
     def fetch(path: str) -> str:
-        with _hub_errors(api, f"{repo_id}@{commit[:12]}: {path}"):
+        with hub_errors(api, f"{repo_id}@{commit[:12]}: {path}"):
             hf_hub_download(repo_id, path, revision=commit, local_dir=into,
                             endpoint=api.endpoint, token=api.token)
         problem = _server_check(into / path, remote[path])
@@ -628,11 +508,11 @@ def pull(store: Store, repo_id: str, *, revision: str | None = None, name: str |
     from huggingface_hub.hf_api import RepoFile
 
     repo_id, revision = split_repo_ref(repo_id, revision)
-    api = _api(endpoint, token)
-    revision, commit = _resolve_revision(api, repo_id, revision)
+    api = hub_api(endpoint, token)
+    revision, commit = resolve_revision(api, repo_id, revision)
     folder = subfolder.strip("/") if subfolder else ""
     prefix = f"{folder}/" if folder else ""
-    with _hub_errors(api, f"{repo_id}@{revision}" + (f": folder {folder!r}" if folder else "")):
+    with hub_errors(api, f"{repo_id}@{revision}" + (f": folder {folder!r}" if folder else "")):
         remote = {f.path: f for f in api.list_repo_tree(repo_id, revision=commit, recursive=True,
                                                        path_in_repo=folder or None)
                   if isinstance(f, RepoFile)}
@@ -642,7 +522,7 @@ def pull(store: Store, repo_id: str, *, revision: str | None = None, name: str |
     slug = "--".join([repo_id.replace("/", "--"), commit, *([folder.replace("/", "--")]
                                                             if folder else [])])
     hub = {"repo_id": repo_id, "revision": revision, "commit": commit,
-           "endpoint": _public_endpoint(api), **({"subfolder": folder} if folder else {})}
+           "endpoint": public_endpoint(api), **({"subfolder": folder} if folder else {})}
     #: where it came from, instead of the transfer folder `store.add` would record as source
     origin = {"source": f"{hub['endpoint']}/{repo_id}@{commit}" + (f"/{folder}" if folder else ""),
               "hub": hub}

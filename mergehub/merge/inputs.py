@@ -296,12 +296,12 @@ def _checkpoint_source(ref: str, ckpt: Checkpoint, read: Callable[[str], Any]) -
 def resolve_input(ref: str, store: Store | None, where: str) -> Source:
     """Turn a recipe's model reference into a :class:`Source`.
 
-    ``ref`` is ``hf://org/name[@revision]`` (a Hub repo, :mod:`mergehub.hub.inputs`), the name
+    ``ref`` is ``hf://org/name[@revision]`` (a Hub repo, :mod:`mergehub.merge.hub_inputs`), the name
     of a model in ``store`` (:func:`~mergehub.storage.store.names_entry`), a path (HF dir,
     PEFT dir, ``.safetensors`` file), or else ``org/name[@revision]`` on the Hub. ``where``
     locates the reference in the recipe for error messages.
     """
-    from mergehub.hub.inputs import HF_PREFIX, hub_ref
+    from mergehub.merge.hub_inputs import HF_PREFIX, hub_ref
 
     if ref.startswith(HF_PREFIX):
         return _hub_source(ref, where)
@@ -337,7 +337,7 @@ def resolve_input(ref: str, store: Store | None, where: str) -> Source:
 
 def _hub_source(ref: str, where: str) -> Source:
     """The Hub repo ``ref`` names as a :class:`Source` (headers read, weights fetched later)."""
-    from mergehub.hub.inputs import HF_PREFIX, open_hub_input
+    from mergehub.merge.hub_inputs import HF_PREFIX, open_hub_input
 
     try:
         ckpt = open_hub_input(ref, where)

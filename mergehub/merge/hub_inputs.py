@@ -27,6 +27,7 @@ from typing import Any
 from mergehub.errors import InputError
 from mergehub.safejson import parse_json
 from mergehub.storage.checkpoint import Checkpoint, Format, open_listing, split_listing
+from mergehub.storage.hf_hub import hub_api, hub_errors, resolve_revision, split_repo_ref
 from mergehub.storage.safetensors_format import SafetensorsHeader, parse_header
 
 #: how a recipe names a Hub repo explicitly
@@ -91,7 +92,7 @@ class HubCheckpoint(Checkpoint):
         from huggingface_hub import hf_hub_download
 
         where = f"{self.root / rel}"
-        with hub_errors(self.endpoint, where):
+        with endpoint_errors(self.endpoint, where):
             path = Path(hf_hub_download(self.repo_id, rel, revision=self.commit,
                                         endpoint=self.endpoint))
         header = self.headers.get(rel)
@@ -107,11 +108,9 @@ class HubCheckpoint(Checkpoint):
         return path
 
 
-def hub_errors(endpoint: str, what: str) -> Any:
+def endpoint_errors(endpoint: str, what: str) -> Any:
     """``huggingface_hub`` errors as one-line :class:`RemoteError`\\ s (as ``hub pull``'s)."""
-    from mergehub.hub.remote import _api, _hub_errors
-
-    return _hub_errors(_api(endpoint, None), what)
+    return hub_errors(hub_api(endpoint, None), what)
 
 
 def _get_range(endpoint: str, url: str, offset: int, n: int, where: str) -> bytes:
@@ -122,7 +121,7 @@ def _get_range(endpoint: str, url: str, offset: int, n: int, where: str) -> byte
     headers = {**build_hf_headers(), "Range": f"bytes={offset}-{offset + n - 1}"}
     session = get_session()
     out = bytearray()
-    with hub_errors(endpoint, where):
+    with endpoint_errors(endpoint, where):
         if callable(getattr(session, "stream", None)):  # httpx (huggingface_hub >= 1.0)
             with session.stream("GET", url, headers=headers, follow_redirects=True) as response:
                 hf_raise_for_status(response)
@@ -156,20 +155,19 @@ def open_hub_input(ref: str, where: str) -> HubCheckpoint:
     repo, the revision or its weights are not there."""
     from huggingface_hub.hf_api import RepoFile
 
-    from mergehub.hub.remote import _api, _hub_errors, _resolve_revision, split_repo_ref
 
     repo_id, revision = split_repo_ref(ref.removeprefix(HF_PREFIX))
-    api = _api(None, None)
-    revision, commit = _resolve_revision(api, repo_id, revision)
+    api = hub_api(None, None)
+    revision, commit = resolve_revision(api, repo_id, revision)
     label = f"{repo_id}@{revision}"
-    with _hub_errors(api, label):
+    with hub_errors(api, label):
         listing = {f.path: f for f in api.list_repo_tree(repo_id, revision=commit, recursive=True)
                    if isinstance(f, RepoFile)}
     tree, not_kept = split_listing(list(listing))
     sizes = {p: int(f.size) for p, f in listing.items()}
 
     def read(name: str) -> Any:
-        with _hub_errors(api, f"{label}/{name}"):
+        with hub_errors(api, f"{label}/{name}"):
             from huggingface_hub import hf_hub_download
 
             path = hf_hub_download(repo_id, name, revision=commit, endpoint=api.endpoint)
