@@ -71,7 +71,8 @@ def store(tmp_path: Path) -> Store:
         yield s
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a test server or a torch.distributed rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -84,7 +85,7 @@ def hub_servers(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("hub")
     mirrors = root / "mirrors"
     (mirrors / "models").mkdir(parents=True)
-    port = _free_port()
+    port = free_port()
     config = root / "olah.toml"
     config.write_text(f'[basic]\nhost = "127.0.0.1"\nport = {port}\n'
                       f'mirrors-path = ["{mirrors}"]\nrepos-path = "{root / "repos"}"\n'

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import free_port
 from mergehub.adapters.trainer import train
 
 SIZES = (2, 3)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(n: int, out: Path, scenarios: list[tuple[str, str, dict[str, Any]]]) -> None:
@@ -37,7 +31,7 @@ def launch(n: int, out: Path, scenarios: list[tuple[str, str, dict[str, Any]]]) 
     from tests import mezo_dist_worker as worker
 
     multiprocessing.set_forkserver_preload(["tests.mezo_dist_worker"])
-    mp.start_processes(worker.rank_main, args=(n, _free_port(), out, scenarios), nprocs=n,
+    mp.start_processes(worker.rank_main, args=(n, free_port(), out, scenarios), nprocs=n,
                        start_method="forkserver")
 
 
