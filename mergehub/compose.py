@@ -38,7 +38,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -130,7 +130,7 @@ class DeltaCache:
             return key in self._items
 
     def put(self, key: Hashable, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
+        size = _nbytes(tensor)
         with self._lock:
             if size > self.budget or key in self._items:
                 return
@@ -434,8 +434,7 @@ class Composer:
         wanted = {name: _Held(key, merger) for name, key in keys.items()}
         before = dict(self._held)
         try:
-            with reusing_reads(stored):  # a base tensor decoded once, not once per delta
-                rewritten = self._bring_to(wanted, targets)
+            rewritten = self._bring_to(wanted, targets, stored)
         except BaseException as err:
             try:
                 self._restore(before)
@@ -461,10 +460,12 @@ class Composer:
             self._fingerprints[key] = self.store.fingerprint(reader.name)
         return self._fingerprints[key]
 
-    def _bring_to(self, wanted: dict[str, _Held], targets: dict[str, torch.Tensor]) -> int:
+    def _bring_to(self, wanted: dict[str, _Held], targets: dict[str, torch.Tensor],
+                  stored: MergePlan) -> int:
         """Write the tensors whose held key differs from ``wanted`` (computed by the wanted
         merger) and return the tensors in ``self._held`` but not in ``wanted`` to their
-        bind-time values; returns how many tensors were written."""
+        bind-time values; returns how many tensors were written. ``stored``: the plan before
+        its readers were wrapped by the composer's cache (the stores it reads from)."""
         todo = [name for name, held in wanted.items()
                 if name not in self._held or self._held[name].key != held.key]
         written = 0
@@ -478,15 +479,19 @@ class Composer:
             merger.prepass()
         specs = {s.name: s for s in merger.plan.specs}
         order = [specs[n] for n in todo]
+        resident = all(spec.name in src.specs and src.reader.resident(spec.name, self.device)
+                       for spec in order if spec.name not in merger.plan.copy_from_base
+                       for src in (merger.plan.base, *merger.plan.inputs) if src is not None)
         if not merger.fuse:
             raws: Iterable[list[torch.Tensor] | None] = (None for _ in order)
-        elif all(src.reader.resident(spec.name, self.device)
-                 for spec in order if spec.name not in merger.plan.copy_from_base
-                 for src in (merger.plan.base, *merger.plan.inputs)):
+        elif resident:
             raws = map(merger.raw_inputs, order)  # nothing to read: threads would only cost
         else:
             raws = ordered_map(merger.raw_inputs, order, workers=READ_WORKERS)
-        with torch.no_grad():
+        # reads from the store keep each base tensor decoded for the deltas that reference it
+        # (as hub merge does); a warm apply reads nothing and skips working out which
+        reads = nullcontext() if resident else reusing_reads(stored)
+        with torch.no_grad(), reads:
             for spec, raw in zip(order, raws):
                 value = _whole(list(merger.merged(spec, raw)), spec)
                 target = targets[spec.name]

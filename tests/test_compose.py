@@ -265,14 +265,19 @@ def test_swap_rewrites_only_changed_tensors(hub, tmp_path):
 
 
 def test_cache_serves_a_working_set(hub, tmp_path, monkeypatch):
-    """Switching back to entries applied before reads nothing from the store; with no cache
-    budget, everything is read again."""
+    """Switching back to entries applied before reads nothing from the store, and does not
+    even work out which store blobs a read would decode twice; with no cache budget,
+    everything is read again (with that bookkeeping)."""
     store, _ = hub
     reads = []
     real = mergehub.storage.store.StoredModel.load
     monkeypatch.setattr(mergehub.storage.store.StoredModel, "load",
                         lambda self, name, device=None: reads.append(name)
                         or real(self, name, device))
+    shared = mergehub.storage.store.Store.shared_blobs
+    monkeypatch.setattr(mergehub.storage.store.Store, "shared_blobs",
+                        lambda self, names: reads.append("shared_blobs")
+                        or shared(self, names))
     a = recipe("ties", [("mlp", {"density": 0.5}), ("attn-compeft", {"density": 0.5})])
     b = recipe("ties", [("mlp-bit1", {"density": 0.5}), ("attn", {"density": 0.5})])
     for budget, rereads in ((None, False), (0, True)):
