@@ -17,7 +17,10 @@ and peak host memory during the row):
   K=4 over the compressed copies (bit1, bit1, compeft, compeft), each ``cold`` (a new Composer:
   empty delta cache, store blobs in the page cache; twice, as the first of a process also
   compiles the Triton kernels of that recipe on CUDA) and ``warm`` (the same recipe again after
-  ``reset``, every input in the delta cache); then ``reset``;
+  ``reset``, every input in the delta cache; twice, as the first also compiles the kernel that
+  merges many tensors in one launch; the second is the same recipe onto the same cached
+  inputs, which launches the first one's recorded merges again), each followed by ``reset``;
+  and warm with other weights (a recipe not applied before: planned and prepared anew);
 * (a) PEFT: the 4 LoRAs loaded with ``PeftModel.from_pretrained`` / ``load_adapter``, then
   ``add_weighted_adapter(combination_type="ties", density=0.5)`` and ``merge_adapter`` (timed
   together), against ``apply`` of TIES (density 0.5) over the same stored LoRAs; and PEFT's
@@ -314,14 +317,23 @@ def apply_rows(model, text: str, k: int, label: str, nbytes: int, report) -> Non
                note="includes compiling the kernels (Triton)" if first and device.type == "cuda"
                else "")
         composer.reset()
+    for first in (True, False):  # the first warm apply also compiles the batched kernel
+        with Row(device) as row:
+            active = composer.apply(text)
+        report(f"apply {label}, warm{' (1st)' if first else ''}", row, floor,
+               note=f"cache {composer.cache.bytes / 2**30:.1f} GiB"
+               + ("; includes compiling the batched kernel (Triton)"
+                  if first and device.type == "cuda" else ""))
+        assert active.rewritten == active.tensors
+        with Row(device) as row:
+            composer.reset()
+        report("reset", row, 2 * nbytes)
+    other = text.replace("weight: 1.0", "weight: 0.9")  # a recipe not applied before
     with Row(device) as row:
-        active = composer.apply(text)
-    report(f"apply {label}, warm", row, floor,
-           note=f"cache {composer.cache.bytes / 2**30:.1f} GiB")
-    assert active.rewritten == active.tensors
-    with Row(device) as row:
-        composer.reset()
-    report("reset", row, 2 * nbytes)
+        composer.apply(other)
+    report(f"apply {label}, warm, other weights", row, floor,
+           note="planned and prepared anew (no recorded launches)")
+    composer.reset()
     del composer
 
 

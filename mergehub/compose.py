@@ -47,7 +47,7 @@ import torch
 import yaml
 
 from mergehub.errors import BaseMismatchError, InputError, MergehubError
-from mergehub.kernels import CutMemo
+from mergehub.kernels import CutMemo, MergeBatch
 from mergehub.merge.engine import reusing_reads
 from mergehub.merge.inputs import Source
 from mergehub.merge.methods.rmm import ReversibleMerge
@@ -59,6 +59,11 @@ from mergehub.storage.checkpoint import ADAPTER_CONFIG, Checkpoint
 from mergehub.storage.parallel import ordered_map
 from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
 from mergehub.storage.store import Store, StoredModel, names_entry
+
+
+#: how many recipes' plans (and recorded launches) a Composer remembers
+#: (:meth:`Composer._planned`, :meth:`Composer._replayed`)
+PLAN_MEMO = 16
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,21 @@ class DeltaCache:
         with self._lock:
             return key in self._items
 
+    def used_keys(self) -> list[Hashable]:
+        """The keys the current apply has used (see :meth:`new_apply`)."""
+        with self._lock:
+            return [key for key, (_, used) in self._items.items() if used == self._apply]
+
+    def touch(self, keys: Iterable[Hashable]) -> None:
+        """Count ``keys`` as used by the current apply, as :meth:`get` would (an apply that
+        launches recorded merges again gets nothing)."""
+        with self._lock:
+            for key in keys:
+                item = self._items.get(key)
+                if item is not None:
+                    self._items[key] = (item[0], self._apply)
+                    self._items.move_to_end(key)
+
     def put(self, key: Hashable, tensor: torch.Tensor) -> None:
         size = _nbytes(tensor)
         with self._lock:
@@ -167,12 +187,15 @@ class DeltaCache:
 
 class _CachedReader:
     """A merge input's reader (a stored model or a checkpoint) whose whole tensors come from
-    the composer: its pinned bind-time copies of base tensors, its :class:`DeltaCache`, or
-    else the reader (then kept in the cache)."""
+    a composer: its pinned bind-time copies of base tensors on its device, its
+    :class:`DeltaCache`, or else the reader (then kept in the cache). It holds those, not the
+    composer, so that the plans a composer remembers do not keep it alive."""
 
-    def __init__(self, reader: StoredModel | Checkpoint, composer: "Composer"):
+    def __init__(self, reader: StoredModel | Checkpoint, device: torch.device, cache: DeltaCache,
+                 pinned: dict[Hashable, torch.Tensor]):
         self.reader = reader
-        self.composer = composer
+        self.device, self.cache, self.pinned = device, cache, pinned
+        self._blobs: dict[str, Hashable] = {}  # a store entry's tensors never change
 
     def specs(self) -> list[TensorSpec]:
         return self.reader.specs()
@@ -181,7 +204,10 @@ class _CachedReader:
         """What identifies the tensor's decoded value: a store blob id, or a file range with the
         file's size and modification time."""
         if isinstance(self.reader, StoredModel):
-            return ("blob", self.reader.blob(name))
+            key = self._blobs.get(name)
+            if key is None:
+                key = self._blobs[name] = ("blob", self.reader.blob(name))
+            return key
         info = self.reader.tensors[name]
         path = self.reader.local_file(info.file).resolve()
         stat = path.stat()
@@ -190,23 +216,22 @@ class _CachedReader:
     def resident(self, name: str, device: torch.device) -> bool:
         """Whether :meth:`load` of ``name`` on ``device`` reads nothing (pinned or cached)."""
         content = self.content_key(name)
-        return ((device == self.composer.device and content in self.composer._pinned)
-                or (content, str(device)) in self.composer.cache)
+        return ((device == self.device and content in self.pinned)
+                or (content, str(device)) in self.cache)
 
     def load(self, name: str, device: str | torch.device | None = None) -> torch.Tensor:
         dev = torch.device(device or "cpu")
         content = self.content_key(name)
-        composer = self.composer
-        if dev == composer.device and content in composer._pinned:
-            return composer._pinned[content]
+        if dev == self.device and content in self.pinned:
+            return self.pinned[content]
         key = (content, str(dev))
-        tensor = composer.cache.get(key)
+        tensor = self.cache.get(key)
         if tensor is None:
             if isinstance(self.reader, StoredModel):
                 tensor = self.reader.load(name, device=dev)
             else:
                 tensor = self.reader.load(name).to(dev)
-            composer.cache.put(key, tensor)
+            self.cache.put(key, tensor)
         return tensor
 
 
@@ -285,6 +310,8 @@ class Composer:
         #: tensors live
         self._cuts = CutMemo()
         self._fingerprints: dict[Hashable, str] = {}  # see _fingerprint
+        self._plans: OrderedDict[Hashable, tuple[Any, ...]] = OrderedDict()  # see _planned
+        self._replays: OrderedDict[Hashable, tuple[Any, ...]] = OrderedDict()  # see _replayed
         self.peft_model: Any = None
         self.attached: dict[str, str] = {}  # PEFT adapter name -> store entry
 
@@ -340,7 +367,8 @@ class Composer:
             if src is None:
                 return None
             if id(src) not in swapped:
-                swapped[id(src)] = replace(src, reader=_CachedReader(src.reader, self))
+                swapped[id(src)] = replace(src, reader=_CachedReader(
+                    src.reader, self.device, self.cache, self._pinned))
             return swapped[id(src)]
 
         return replace(plan, base=wrap(plan.base), inputs=[wrap(s) for s in plan.inputs])
@@ -421,16 +449,10 @@ class Composer:
         tensor is put back: a failed apply leaves the model as it was.
         """
         start = time.perf_counter()
-        parsed = self._recipe(recipe)
-        plan = plan_merge(parsed, store=self.store, missing=missing,
-                          allow_foreign_base=allow_foreign_base)
-        self._check(plan)
+        parsed, stored, merger, targets, keys = self._planned(recipe, seed, missing,
+                                                              allow_foreign_base)
+        plan = merger.plan
         self.cache.new_apply()
-        stored = plan
-        plan = self._cached(plan)
-        merger = TensorMerger(plan, self.device, seed=seed, cut_memo=self._cuts)
-        targets = self._targets(plan)
-        keys = self._keys(merger, list(targets))
         wanted = {name: _Held(key, merger) for name, key in keys.items()}
         before = dict(self._held)
         try:
@@ -448,6 +470,55 @@ class Composer:
                               else None, inputs, seed, len(targets), rewritten,
                               time.perf_counter() - start)
         return self._active
+
+    def _planned(self, recipe: str | Path | dict[str, Any] | Recipe, seed: int, missing: str,
+                 allow_foreign_base: bool) -> tuple[Recipe, MergePlan, TensorMerger,
+                                                    dict[str, torch.Tensor], dict[str, str]]:
+        """The parsed recipe, its plan as the engine makes it (``stored``), the merger of that
+        plan read through the composer's caches, the model tensors it sets and their keys
+        (:meth:`_keys`). Remembered per recipe text and options while the store's catalog is
+        unchanged, when every model the recipe reads is a store entry (immutable once
+        written; a folder's files could change unseen), so that applying a recipe again asks
+        the catalog one question instead of planning anew."""
+        memo_key = self._memo_key(recipe, seed, missing, allow_foreign_base)
+        hit = self._plans.get(memo_key) if memo_key is not None else None
+        if hit is not None:
+            self._plans.move_to_end(memo_key)
+            return hit
+        parsed = self._recipe(recipe)
+        stored = plan_merge(parsed, store=self.store, missing=missing,
+                            allow_foreign_base=allow_foreign_base)
+        self._check(stored)
+        plan = self._cached(stored)
+        merger = TensorMerger(plan, self.device, seed=seed, cut_memo=self._cuts)
+        targets = self._targets(plan)
+        planned = parsed, stored, merger, targets, self._keys(merger, list(targets))
+        if memo_key is not None and all(
+                isinstance(src.reader, StoredModel)
+                for src in (stored.base, *stored.inputs) if src is not None):
+            self._plans[memo_key] = planned
+            while len(self._plans) > PLAN_MEMO:
+                self._plans.popitem(last=False)
+        return planned
+
+    def _memo_key(self, recipe: str | Path | dict[str, Any] | Recipe, seed: int, missing: str,
+                  allow_foreign_base: bool) -> Hashable | None:
+        """What :meth:`_planned` remembers a plan by: the recipe's text (a dict's JSON), the
+        options and the catalog's version (``None``: not remembered: a parsed Recipe object,
+        no store)."""
+        if self.store is None or isinstance(recipe, Recipe):
+            return None
+        if isinstance(recipe, dict):
+            text = json.dumps(recipe, sort_keys=True, default=str)
+        elif isinstance(recipe, Path) or "\n" not in recipe:
+            try:
+                text = Path(recipe).read_text()
+            except (OSError, ValueError):
+                return None  # not a readable file: planning says why
+        else:
+            text = recipe
+        return (type(recipe).__name__, text, seed, missing, allow_foreign_base,
+                self.store.catalog_version())
 
     def _fingerprint(self, src: Source) -> str | None:
         """The store's fingerprint of an entry input (``None`` for a path), remembered per
@@ -475,6 +546,10 @@ class Composer:
         if not todo:
             return written
         merger = next(iter(wanted.values())).merger
+        if self._replayed(merger, todo):
+            for name in todo:
+                self._held[name] = wanted[name]
+            return written + len(todo)
         if merger.plan.method.prepass_rounds() and not merger.state:
             merger.prepass()
         specs = {s.name: s for s in merger.plan.specs}
@@ -491,15 +566,42 @@ class Composer:
         # reads from the store keep each base tensor decoded for the deltas that reference it
         # (as hub merge does); a warm apply reads nothing and skips working out which
         reads = nullcontext() if resident else reusing_reads(stored)
+        # a warm apply queues its fused merges and launches them together (one launch for
+        # all tensors of like settings: launches one by one would bound it by the host)
+        batch = MergeBatch() if resident else None
         with torch.no_grad(), reads:
             for spec, raw in zip(order, raws):
-                value = _whole(list(merger.merged(spec, raw)), spec)
                 target = targets[spec.name]
                 self._save(spec.name, target, merger)
-                target.copy_(value)
+                if not merger.merge_into(spec, raw, target, batch):
+                    target.copy_(_whole(list(merger.merged(spec, raw)), spec))
                 self._held[spec.name] = wanted[spec.name]
                 written += 1
+            if batch is not None:
+                batch.run()
+                if batch.added == len(todo):  # every tensor in the batch: it can be replayed
+                    self._replays[(id(merger), tuple(todo))] = (merger, batch.replay,
+                                                                self.cache.used_keys())
+                    while len(self._replays) > PLAN_MEMO:
+                        self._replays.popitem(last=False)
         return written
+
+    def _replayed(self, merger: TensorMerger, todo: list[str]) -> bool:
+        """Whether the merges of ``todo`` by ``merger`` were launched again as an earlier
+        apply recorded them (:class:`kernels.MergeReplay`: the same recipe onto the same cached
+        inputs, every one in a batch), for none of the host work of preparing them."""
+        key = (id(merger), tuple(todo))
+        hit = self._replays.get(key)
+        if hit is None:
+            return False
+        _, replay, used = hit
+        with torch.no_grad():
+            if not replay():
+                del self._replays[key]
+                return False
+        self.cache.touch(used)
+        self._replays.move_to_end(key)
+        return True
 
     def _save(self, name: str, target: torch.Tensor, merger: TensorMerger) -> None:
         """Keep ``target``'s bind-time value before it is first written: the base's cached

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -230,8 +231,28 @@ def test_kernel_path_equals_hub_merge(hub, tmp_path, monkeypatch, method):
     monkeypatch.setattr(compose, "READ_WORKERS", 1)
     monkeypatch.setattr(tensors, "READ_WORKERS", 1)
     model = mergehub.load("base", store)
-    Composer(model).apply(text)
+    composer = Composer(model)
+    composer.apply(text)
     assert calls
+    assert_holds(model, cpu)
+    # warm (every input in the cache): the merges are queued and launched together
+    runs = []
+    run = kernels.MergeBatch.run
+    monkeypatch.setattr(kernels.MergeBatch, "run", lambda self: runs.append(len(self)) or run(self))
+    composer.reset()
+    composer.apply(text)
+    assert runs and runs[0] >= 8
+    assert_holds(model, cpu)
+    # the same recipe again onto the same cached inputs: the recorded launches run again
+    replays = []
+    replay = kernels.MergeReplay.__call__
+    monkeypatch.setattr(kernels.MergeReplay, "__call__",
+                        lambda self: replays.append(replay(self)) or replays[-1])
+    composer.reset()
+    model.model.layers[0].mlp.up_proj.weight.data.fill_(3.0)  # overwritten by the apply
+    runs.clear()
+    composer.apply(text)
+    assert replays == [True] and not runs
     fused = tmp_path / "fused"
     engine.execute(plan.plan_merge(mergehub.merge.recipe.load_recipe(text), store=store), fused,
                    fused=True, progress=False)
@@ -239,6 +260,41 @@ def test_kernel_path_equals_hub_merge(hub, tmp_path, monkeypatch, method):
     for name, want in cpu.items():
         assert torch.equal(ckpt.load(name), want), name
     assert_holds(model, cpu)
+
+
+def test_a_plan_is_remembered_until_the_catalog_changes(models, tmp_path, monkeypatch):
+    """Applying a recipe of store entries again plans it once; a change of the catalog, by
+    this Store or by another connection, plans it anew, so an entry removed and added again
+    under its name with other content is merged as it is now. Recipes that read a folder are
+    planned every time (its files could change unseen)."""
+    store = Store.init(tmp_path / "store")
+    store.add(models["base-bf16"], "base", progress=False)
+    store.add(models["ft-mlp"], "ft", base="base", progress=False)
+    plans = []
+    real = compose.plan_merge
+    monkeypatch.setattr(compose, "plan_merge", lambda *a, **k: plans.append(1) or real(*a, **k))
+    text = recipe("task_arithmetic", [("ft", {})], {"lambda": 0.5})
+    model = mergehub.load("base", store)
+    composer = Composer(model)
+    for _ in range(3):
+        composer.apply(text)
+        composer.reset()
+    composer.apply(yaml.safe_load(text))
+    composer.apply(yaml.safe_load(text))
+    assert len(plans) == 2
+    store.add(models["ft-attn"], "other", base="base", progress=False)
+    composer.apply(text)
+    assert len(plans) == 3
+    with Store(store.root) as elsewhere:
+        elsewhere.rm("ft")
+        elsewhere.add(models["ft-attn"], "ft", base="base", progress=False)
+    composer.apply(text)
+    assert len(plans) == 4
+    assert_holds(model, hub_merge(text, store, tmp_path))
+    folder = recipe("task_arithmetic", [(str(models["ft-mlp"]), {})])
+    composer.apply(folder)
+    composer.apply(folder)
+    assert len(plans) == 6
 
 
 def test_swap_rewrites_only_changed_tensors(hub, tmp_path):
@@ -646,7 +702,8 @@ GPU_METHODS = ["task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "cons
 @pytest.mark.parametrize("method", GPU_METHODS)
 def test_gpu_apply_equals_hub_merge(hub, tmp_path, method):
     """On CUDA (fused kernels for dense inputs, compressed entries decoded on the GPU, chunked
-    torch ops with LoRAs), the composed model holds what ``hub merge --device cuda`` writes."""
+    torch ops with LoRAs), the composed model holds what ``hub merge --device cuda`` writes,
+    cold and warm (the warm apply's merges launched together, kernels.MergeBatch)."""
     store, paths = hub
     model = mergehub.load("base", store, device="cuda")
     assert next(model.parameters()).is_cuda
@@ -658,8 +715,13 @@ def test_gpu_apply_equals_hub_merge(hub, tmp_path, method):
         per_model, params = METHODS[method]
         inputs = [(ref, {**per_model, "weight": w}) for ref, w in zip(refs(paths), (1.0, 0.6, 0.3))]
         text = recipe(method, inputs, params)
+        want = hub_merge(text, store, tmp_path, device="cuda", seed=5)
         composer.apply(text, seed=5)
-        assert_holds(model, hub_merge(text, store, tmp_path, device="cuda", seed=5))
+        assert_holds(model, want)
+        for _ in range(2):  # warm: the fused merges launched as one batch, then replayed
+            composer.reset()
+            composer.apply(text, seed=5)
+            assert_holds(model, want)
     text = recipe("ties", [("mlp", {"density": 0.3}), ("attn", {"density": 0.4})],
                   {"trim_scope": "global"})
     composer.apply(text)

@@ -240,6 +240,86 @@ def test_merge_blocks_with_and_without_tie_ends(device, monkeypatch):
         assert torch.equal(got, want)
 
 
+def test_merge_batch_equals_one_launch_per_tensor(device, monkeypatch):
+    """A MergeBatch launches each group of merges once over all its tensors: every output is
+    the torch reference's, bit for bit, for tensors of one entry, of a partial block and of
+    many blocks with tie ends inside and on block boundaries, in two groups (other weights,
+    other dtypes) and with merges that cannot join (given masks, a view off 16 bytes), which
+    run at once."""
+    monkeypatch.setattr(triton_kernels, "MERGE_BLOCK", 32)
+    k = 3
+    tensors = []
+    for i, (shape, dtype) in enumerate([((1,), torch.bfloat16), ((45,), torch.bfloat16),
+                                        ((7, 61), torch.bfloat16), ((32 * 9,), torch.bfloat16),
+                                        ((3, 50), torch.float32), ((200,), torch.float16)]):
+        base, thetas = _inputs(shape, k, dtype, device, seed=40 + i)
+        n = base.numel()
+        taus = [(t.float() - base.float()).abs().cpu().reshape(-1) for t in thetas]
+        cuts = [None, Cut(float(taus[1].median()), min(n, 32 * (i + 1))),
+                Cut(float(taus[2].median()), n // 2 + 1)]
+        tensors.append((base, thetas, cuts))
+    plans = [  # (weights, elect, extra): the first two share a group
+        ([1.0, 0.5, 2.0], "sum", {}), ([1.0, 0.5, 2.0], "sum", {}),
+        ([0.7, 0.7, 0.2], None, {"tall_lambdas": [0.4, 0.6, 0.5]}),
+        ([1.0, 1.0, 1.0], "count", {}), ([1.0, 0.5, 2.0], "sum", {}),
+        ([0.3, 1.0, 1.0], None, {}),
+    ]
+    batch = kernels.MergeBatch()
+    outs, wants = [], []
+    for (base, thetas, cuts), (weights, elect, extra) in zip(tensors, plans):
+        kw = {"weights": weights, "lam": 0.9, "elect": elect, **extra}
+        if not extra:
+            kw["cuts"] = cuts
+        out = torch.full_like(base, 7.0)
+        assert kernels.merge_tensor(base, thetas, **kw, out=out, batch=batch,
+                                    backend="triton") is out
+        outs.append(out)
+        wants.append(kernels.merge_tensor(*_cpu((base, thetas)), **_cpu(kw), backend="torch"))
+    # given masks, and an output that is a view starting off 16 bytes, are merged at once
+    base, thetas, _ = tensors[1]
+    masks = (torch.rand((k, 45), generator=torch.Generator().manual_seed(5)) < 0.5).to(device)
+    out = torch.zeros_like(base)
+    kernels.merge_tensor(base, thetas, weights=[1.0] * k, lam=1.0, masks=masks, out=out,
+                         batch=batch, backend="triton")
+    holder = torch.zeros(46, dtype=base.dtype, device=device)
+    kernels.merge_tensor(base, thetas, weights=[1.0] * k, lam=1.0, out=holder[1:], batch=batch,
+                         backend="triton")
+    assert len(batch) == 6
+    want_masks = kernels.merge_tensor(*_cpu((base, thetas)), weights=[1.0] * k, lam=1.0,
+                                      masks=masks.cpu(), backend="torch")
+    assert torch.equal(out.cpu(), want_masks)  # already there
+    assert torch.equal(holder[1:].cpu(), kernels.merge_tensor(
+        *_cpu((base, thetas)), weights=[1.0] * k, lam=1.0, backend="torch"))
+    assert all(torch.equal(o.cpu(), torch.full_like(o.cpu(), 7.0)) for o in outs)  # queued
+    batch.run()
+    assert len(batch) == 0
+    for got, want in zip(outs, wants):
+        assert got.dtype == want.dtype and torch.equal(got.cpu(), want)
+    # the replay launches the same merges again; not once an input was written in place
+    for out in outs:
+        out.fill_(7.0)
+    assert batch.replay()
+    for got, want in zip(outs, wants):
+        assert torch.equal(got.cpu(), want)
+    for out in outs:
+        out.fill_(7.0)
+    tensors[3][1][2].add_(0)  # same values, but a write: its version moves
+    assert not batch.replay()
+    assert all(torch.equal(o.cpu(), torch.full_like(o.cpu(), 7.0)) for o in outs)
+    # flush_bytes: what is queued is launched as soon as it holds that many bytes
+    base, thetas, cuts = tensors[2]
+    batch = kernels.MergeBatch(flush_bytes=2 * base.numel() * 2 * (k + 2))  # two merges' bytes
+    kw = {"weights": [1.0, 0.5, 2.0], "lam": 0.9, "elect": "sum", "cuts": cuts}
+    want = kernels.merge_tensor(*_cpu((base, thetas)), **_cpu(kw), backend="torch")
+    outs = [torch.zeros_like(base) for _ in range(3)]
+    for out, queued in zip(outs, (1, 0, 1)):
+        kernels.merge_tensor(base, thetas, **kw, out=out, batch=batch, backend="triton")
+        assert len(batch) == queued
+    assert [torch.equal(o.cpu(), want) for o in outs] == [True, True, False]
+    batch.run()
+    assert torch.equal(outs[2].cpu(), want)
+
+
 def test_packed_masks_equal_boolean_masks(device):
     base, thetas = _inputs((1001,), 3, torch.float32, device, seed=3)
     masks = torch.rand(3, 1001) < 0.5

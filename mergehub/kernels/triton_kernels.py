@@ -15,6 +15,7 @@ import functools
 import math
 import os
 import struct
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -116,9 +117,67 @@ def _merge_kernel(base_ptr, thetas, out_ptr, weights, thresholds, below, tie_hi,
     # inputs t] (:func:`_reciprocals`), rounded once; 2 :func:`_quotient` (the divisors are
     # sums of positive weights in [2^-100, 2^100], checked by the caller).
     # ROUND_BF16: round the bf16 output by :func:`_round_bf16` (the interpreter's cast
-    # truncates). Blocks that are whole and hold no input's tie end (all but a few) take a path
-    # without per-entry bounds checks or tie-end compares.
-    start = tl.program_id(0).to(tl.int64) * BLOCK
+    # truncates).
+    _merge_program(base_ptr, thetas, out_ptr, weights, thresholds, below, tie_hi, tie_lo, scales,
+                   tall_lambdas, masks_ptr, recips_ptr, tl.program_id(0).to(tl.int64) * BLOCK, n,
+                   mask_stride, lam, total, votes_needed, K, TRIM, SCALE, ELECT, NORMALIZE,
+                   CONSENSUS, DIVIDE, ROUND_BF16, BLOCK)
+
+
+@triton.jit
+def _merge_many_kernel(base_like, thetas_like, out_like, meta_ptr, cut_ptr, first_ptr, weights,
+                       scales, tall_lambdas, recips_ptr, lam, total, votes_needed,
+                       K: tl.constexpr, TRIM: tl.constexpr, SCALE: tl.constexpr,
+                       ELECT: tl.constexpr, NORMALIZE: tl.constexpr, CONSENSUS: tl.constexpr,
+                       DIVIDE: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr,
+                       LOG_T: tl.constexpr):
+    """:func:`_merge_kernel` over many tensors in one launch (:func:`merge_many`): program pid
+    merges a block of tensor t, found by binary search over the tensors' first programs
+    (``first_ptr``). Row t of ``meta_ptr`` (int64, 3 + 2K): the base's, the output's and the
+    K inputs' offsets in entries from ``base_like``, ``out_like`` and ``thetas_like[k]`` (each
+    a multiple of 16 bytes), the entry count, then the K tie ends; row t of ``cut_ptr``
+    (float32, 2K): the K thresholds, then the floats below them. Everything else is one value
+    for all the tensors (no given TALL masks)."""
+    pid = tl.program_id(0).to(tl.int64)
+    t = _tensor_of(first_ptr, pid, LOG_T)
+    row = meta_ptr + t * (3 + 2 * K)
+    base_ptr = _at(base_like, tl.load(row))
+    out_ptr = _at(out_like, tl.load(row + 1))
+    n = tl.load(row + 2)
+    thetas = ()
+    thresholds = ()
+    below = ()
+    tie_hi = ()
+    tie_lo = ()
+    for k in tl.static_range(K):
+        thetas = thetas + (_at(thetas_like[k], tl.load(row + 3 + k)),)
+        tie = tl.load(row + 3 + K + k)
+        tie_hi = tie_hi + (tie >> 12,)
+        tie_lo = tie_lo + (tie & 4095,)
+        thresholds = thresholds + (tl.load(cut_ptr + t * 2 * K + k),)
+        below = below + (tl.load(cut_ptr + t * 2 * K + K + k),)
+    _merge_program(base_ptr, thetas, out_ptr, weights, thresholds, below, tie_hi, tie_lo, scales,
+                   tall_lambdas, base_ptr, recips_ptr, (pid - tl.load(first_ptr + t)) * BLOCK, n,
+                   0, lam, total, votes_needed, K, TRIM, SCALE, ELECT, NORMALIZE, CONSENSUS,
+                   DIVIDE, ROUND_BF16, BLOCK)
+
+
+@triton.jit
+def _at(like_ptr, offset):
+    """``like_ptr + offset`` where the offset is a whole number of 16-byte units (the hint
+    keeps the loads and stores 16 bytes wide)."""
+    return like_ptr + tl.multiple_of(offset, 128 // like_ptr.dtype.element_ty.primitive_bitwidth)
+
+
+@triton.jit
+def _merge_program(base_ptr, thetas, out_ptr, weights, thresholds, below, tie_hi, tie_lo, scales,
+                   tall_lambdas, masks_ptr, recips_ptr, start, n, mask_stride, lam, total,
+                   votes_needed, K: tl.constexpr, TRIM: tl.constexpr, SCALE: tl.constexpr,
+                   ELECT: tl.constexpr, NORMALIZE: tl.constexpr, CONSENSUS: tl.constexpr,
+                   DIVIDE: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    """One program of the merge kernels: the entries [start, start + BLOCK) of one tensor.
+    Blocks that are whole and hold no input's tie end (all but a few) take a path without
+    per-entry bounds checks or tie-end compares."""
     plain = start + BLOCK <= n
     if TRIM:
         for t in tl.static_range(K):
@@ -250,32 +309,85 @@ def _float32_below(value: float) -> float:
     return struct.unpack("<f", struct.pack("<i", bits - 1 if value > 0 else bits + 1))[0]
 
 
+def _division(weights: list[float], k: int, elect: int, normalize: bool,
+              device: torch.device) -> tuple[int, torch.Tensor | None]:
+    """The disjoint mean's DIVIDE mode and reciprocal table: a table of reciprocals for up to
+    RECIPROCAL_TABLE_K inputs, :func:`_quotient` beyond that when every weight is positive and
+    their sums stay in its range, ``div_rn`` otherwise."""
+    if elect and normalize and k <= RECIPROCAL_TABLE_K:
+        return 1, _reciprocals(tuple(weights), device)
+    if min(weights) >= 2.0 ** -100 and math.fsum(weights) <= 2.0 ** 99:
+        return 2, None
+    return 0, None
+
+
 def merge(base: torch.Tensor, thetas: list[torch.Tensor], out: torch.Tensor,
           coef: list[list[float]], masks: torch.Tensor | None, lam: float, total: float,
           votes_needed: int, *, trim: bool, scale: bool, elect: int, normalize: bool,
           consensus: int) -> None:
     """Launch :func:`_merge_kernel` over flat contiguous tensors (checked by the caller);
     ``coef``: weights, thresholds, tie ends (as :func:`split_ints`' two halves), scales and
-    TALL lambdas, K of each. The disjoint mean divides by a table of reciprocals for up to
-    RECIPROCAL_TABLE_K inputs, through :func:`_quotient` beyond that when every weight is
-    positive and their sums stay in its range, through ``div_rn`` otherwise."""
+    TALL lambdas, K of each."""
     n = base.numel()
     weights, thresholds = [float(w) for w in coef[0]], [float(c) for c in coef[1]]
     below = [_float32_below(c) for c in thresholds]
-    divide, recips = 0, base
-    if elect and normalize and len(thetas) <= RECIPROCAL_TABLE_K:
-        divide, recips = 1, _reciprocals(tuple(weights), base.device)
-    elif min(weights) >= 2.0 ** -100 and math.fsum(weights) <= 2.0 ** 99:
-        divide = 2
+    divide, recips = _division(weights, len(thetas), elect, normalize, base.device)
     grid = (triton.cdiv(n, MERGE_BLOCK),)
     _merge_kernel[grid](
         base, tuple(thetas), out, tuple(weights), tuple(thresholds), tuple(below),
-        *(tuple(map(float, c)) for c in coef[2:]), masks if masks is not None else base, recips,
+        *(tuple(map(float, c)) for c in coef[2:]), masks if masks is not None else base,
+        base if recips is None else recips,
         n, masks.shape[1] if masks is not None else 0, lam, total, votes_needed,
         K=len(thetas), TRIM=trim, SCALE=scale, ELECT=elect, NORMALIZE=normalize,
         CONSENSUS=consensus, DIVIDE=divide,
         ROUND_BF16=_INTERPRETED and out.dtype == torch.bfloat16, BLOCK=MERGE_BLOCK,
         num_warps=MERGE_WARPS, **_FAST)
+
+
+def merge_many(bases: list[torch.Tensor], thetas: list[list[torch.Tensor]],
+               outs: list[torch.Tensor], cuts: list[list[tuple[float, int]]],
+               weights: list[float], scales: list[float], tall_lambdas: list[float], lam: float,
+               total: float, votes_needed: int, *, trim: bool, scale: bool, elect: int,
+               normalize: bool, consensus: int) -> Callable[[list[torch.Tensor]], None]:
+    """Launch :func:`_merge_many_kernel` once over the tensors ``bases[i]``, ``thetas[i]``
+    (K each) -> ``outs[i]`` (any shape): contiguous, not empty, starting on 16 bytes, one dtype
+    per role (the base, each input, the output), checked by the caller; ``cuts[i]``: each
+    input's (threshold, tie end). Everything else as :func:`merge`, one value for all tensors.
+
+    Returns a function that launches the same merges again given the first tensor of each
+    role (``[bases[0], *thetas[0], outs[0]]``): valid while every tensor is where it was."""
+    k = len(weights)
+    roles = [bases, *zip(*thetas), outs]
+    likes = [xs[0] for xs in roles]
+    rows, floats, first, programs = [], [], [], 0
+    for i, n in enumerate(b.numel() for b in bases):
+        off = [(xs[i].data_ptr() - like.data_ptr()) // like.element_size()
+               for xs, like in zip(roles, likes)]
+        rows += [off[0], off[-1], n, *off[1:-1], *(tie for _, tie in cuts[i])]
+        floats += [c for c, _ in cuts[i]] + [_float32_below(c) for c, _ in cuts[i]]
+        first.append(programs)
+        programs += triton.cdiv(n, MERGE_BLOCK)
+    log_t = max(1, (len(bases) - 1).bit_length())
+    first += [programs] * ((1 << log_t) - len(first))
+    device = bases[0].device
+    divide, recips = _division(weights, k, elect, normalize, device)
+    tables = (torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True),
+              torch.tensor(floats, dtype=torch.float32).to(device, non_blocking=True),
+              torch.tensor(first, dtype=torch.int64).to(device, non_blocking=True))
+    coefficients = (tuple(map(float, weights)), tuple(map(float, scales)),
+                    tuple(map(float, tall_lambdas)))
+    round_bf16 = _INTERPRETED and outs[0].dtype == torch.bfloat16
+
+    def launch(likes: list[torch.Tensor]) -> None:
+        _merge_many_kernel[(programs,)](
+            likes[0], tuple(likes[1:-1]), likes[-1], *tables, *coefficients,
+            likes[0] if recips is None else recips, lam, total, votes_needed,
+            K=k, TRIM=trim, SCALE=scale, ELECT=elect, NORMALIZE=normalize,
+            CONSENSUS=consensus, DIVIDE=divide, ROUND_BF16=round_bf16, BLOCK=MERGE_BLOCK,
+            LOG_T=log_t, num_warps=MERGE_WARPS, **_FAST)
+
+    launch(likes)
+    return launch
 
 
 #: sample histograms: by the 8-bit prefix of |τ|'s float bits (its sign bit is always 0), then

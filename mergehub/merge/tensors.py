@@ -10,7 +10,7 @@ they compute the same bits. :class:`MergeResult` is what any of them reports.
 from __future__ import annotations
 
 import math
-from contextlib import closing
+from contextlib import closing, contextmanager
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,10 +97,16 @@ class TensorMerger:
         #: called before each chunk is read, in every pass (:func:`execute`: LoadWatch.check)
         self.between_chunks: Callable[[], None] = lambda: None
         self.reference = plan.base or plan.inputs[0]
+        self._params: dict[str, list[dict[str, Any]]] = {}  # see params
 
     def params(self, spec: TensorSpec) -> list[dict[str, Any]]:
-        """Each input's parameters resolved for tensor ``spec`` (gradients, filters)."""
-        return [resolve_params(p, spec.name, self.plan.num_layers) for p in self.plan.model_params]
+        """Each input's parameters resolved for tensor ``spec`` (gradients, filters); worked
+        out once per tensor (a live composer merges the same plan's tensors again)."""
+        params = self._params.get(spec.name)
+        if params is None:
+            params = self._params[spec.name] = [
+                resolve_params(p, spec.name, self.plan.num_layers) for p in self.plan.model_params]
+        return params
 
     def _chunks(self, spec: TensorSpec, ranges: list[tuple[int, int]],
                 which: list[int] | None = None) -> Iterator[tuple[torch.Tensor | None,
@@ -145,9 +151,31 @@ class TensorMerger:
         if spec.name in self.plan.copy_from_base:
             yield self.reference.reader.load(spec.name).to(TORCH_DTYPE[spec.dtype])
             return
+        with self._named(spec):
+            if raw is not None:
+                yield self._fused(spec, raw)
+            else:
+                yield from self._chunked(spec)
+
+    def merge_into(self, spec: TensorSpec, raw: list[torch.Tensor] | None, out: torch.Tensor,
+                   batch: Any = None) -> bool:
+        """Merge tensor ``spec`` on the fused path (given its :meth:`raw_inputs`) straight into
+        ``out`` (its shape and output dtype, on the device), or queue it in ``batch`` (a
+        :class:`mergehub.kernels.MergeBatch`, where the merge can join one: ``out`` is written
+        when the batch runs). False, and nothing done, for a tensor that does not take the
+        fused path (see :meth:`merged`)."""
+        if raw is None or spec.name in self.plan.copy_from_base:
+            return False
+        with self._named(spec):
+            self._fused(spec, raw, out, batch)
+        return True
+
+    @contextmanager
+    def _named(self, spec: TensorSpec) -> Iterator[None]:
+        """Bad parameter values for this tensor as a MergeError naming it and the method."""
         try:
-            yield from (self._fused(spec, raw) if raw is not None else self._chunked(spec))
-        except (ValueError, TypeError) as err:  # bad parameter values for this tensor
+            yield
+        except (ValueError, TypeError) as err:
             raise MergeError(f"tensor {spec.name!r}: {self.plan.recipe.merge_method}: "
                              f"{err}") from err
 
@@ -170,7 +198,8 @@ class TensorMerger:
         for part in method.merge_chunks(chunks, ranges, params, ctx):
             yield part.to(dtype)
 
-    def _fused(self, spec: TensorSpec, raw: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    def _fused(self, spec: TensorSpec, raw: list[torch.Tensor], out: torch.Tensor | None = None,
+               batch: Any = None) -> torch.Tensor:
         from mergehub import kernels
 
         params = self.params(spec)
@@ -180,8 +209,8 @@ class TensorMerger:
         base, *thetas = (t if t.device == self.device else t.to(self.device, non_blocking=True)
                          for t in raw)
         args = self.plan.method.fused(base, thetas, params, ctx)
-        yield kernels.merge_tensor(base, thetas, **args, out_dtype=TORCH_DTYPE[spec.dtype],
-                                   name=spec.name)
+        return kernels.merge_tensor(base, thetas, **args, out_dtype=TORCH_DTYPE[spec.dtype],
+                                    name=spec.name, out=out, batch=batch)
 
 
 def write_merged(merger: TensorMerger, files: list[tuple[Path, list[TensorSpec]]],

@@ -618,6 +618,13 @@ class Store:
             for (model_id,) in db.execute("SELECT id FROM models ORDER BY id").fetchall():
                 self._record(db, model_id)
 
+    def catalog_version(self) -> tuple[int, int]:
+        """A value that changes whenever the catalog does, by a commit of this store object or
+        of any other connection (another Store, another process): for callers that remember
+        what they read from the catalog (:class:`mergehub.compose.Composer`'s plans)."""
+        (changed_elsewhere,), = self._db.execute("PRAGMA data_version").fetchall()
+        return changed_elsewhere, self._db.total_changes
+
     def close(self) -> None:
         """Close the catalog connections."""
         for db in [self._db, *self._readers]:
