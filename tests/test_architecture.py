@@ -171,3 +171,43 @@ def test_the_worked_example_of_a_new_method_merges(models, tmp_path, monkeypatch
     ours = merged("scaled", ("weight: 1.0, scale: 2.0", "weight: 0.5, scale: 0.0"))
     ta = merged("task_arithmetic", ("weight: 2.0", "weight: 0.0"))
     assert all(torch.equal(ours[k], ta[k]) for k in ta)
+
+
+def test_the_worked_example_of_a_new_training_method_trains(models, tmp_path, monkeypatch):
+    """docs/architecture.md's example training method, as written there, registers and
+    trains through ``train`` (what ``hub train`` runs): the config parser takes its name and
+    refuses a parameter it does not list, naming the one it does; only the tensors its
+    pattern matches change, and after one step they hold what full fine-tuning gives them
+    (AdamW's update of an entry reads only that entry's gradient, which is the same whether
+    or not the other tensors train: the same batch and seed, the same forward pass)."""
+    from safetensors.torch import load_file
+
+    from mergehub.adapters.config import ConfigError, load_config
+    from mergehub.adapters.methods import METHODS
+    from mergehub.adapters.trainer import train
+
+    text = (ROOT.parent / "docs" / "architecture.md").read_text()
+    code = text.split("# mergehub/adapters/methods/norms.py\n", 1)[1].split("```", 1)[0]
+    monkeypatch.setitem(METHODS, "norms", None)  # the registration is undone after the test
+    exec(compile(code, "norms.py", "exec"), {"__name__": "norms"})  # noqa: S102 (our doc)
+    base = models["base-bf16"]
+
+    def config(method: str, steps: int, **extra) -> dict:
+        return {"base": str(base), "data": {"task": "copy"}, "method": method, "steps": steps,
+                "batch_size": 4, "lr": 1e-2, "seed": 0, "run_dir": str(tmp_path / "run"),
+                "output": {"dir": str(tmp_path / f"{method}-{steps}")}, **extra}
+
+    with pytest.raises(ConfigError, match="unknown key 'patern' in method_params of norms.*"
+                                          "pattern"):
+        load_config(config("norms", 1, method_params={"patern": "norm"}))
+    before = load_file(base / "model.safetensors")
+    train(config("norms", 2), progress=False, resume=False)
+    after = load_file(tmp_path / "norms-2" / "model.safetensors")
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all("norm" in n for n in changed), changed
+
+    train(config("norms", 1), progress=False, resume=False)
+    train(config("full", 1), progress=False, resume=False)
+    norms = load_file(tmp_path / "norms-1" / "model.safetensors")
+    full = load_file(tmp_path / "full-1" / "model.safetensors")
+    assert all(torch.equal(norms[n], full[n] if "norm" in n else before[n]) for n in before)

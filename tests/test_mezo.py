@@ -18,8 +18,8 @@ if not torch.cuda.is_available():  # the Triton path's tests run under the inter
 from safetensors.torch import load_file, save_file
 
 from mergehub.adapters import mezo as mezo_mod
+from mergehub.adapters.checkpoints import load_optimizer_state, save_optimizer_state
 from mergehub.adapters.mezo import MeZO, MeZOError
-from mergehub.adapters.trainer import load_optimizer_state, save_optimizer_state
 from mergehub.hub.demo import TINY_LLAMA
 
 

@@ -13,10 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 import mergehub
-from mergehub.adapters import onebit, sparse
 from mergehub.adapters.config import ConfigError, load_config
 from mergehub.adapters.data import BOS, SEP, SyntheticDataset
-from mergehub.adapters.lora import RESERVE, IncreLoRA, lora_layers
+from mergehub.adapters.methods import onebit, sparse
+from mergehub.adapters.methods.incrlora import RESERVE, IncreLoRA
+from mergehub.adapters.methods.lora import lora_layers
 from mergehub.adapters.trainer import evaluate, train
 from mergehub.hub.demo import dir_digests
 

@@ -16,41 +16,23 @@ An example (``docs/training.md`` lists every key)::
 
 Unknown keys are errors naming the YAML line (and the closest known key): a typo must not be
 ignored silently. Method parameters (``method_params``) are checked against each method's own
-list; ``peft`` is handed to peft, whose config classes reject unknown options.
+list and rules (its class in :mod:`mergehub.adapters.methods`); ``peft`` is handed to peft,
+whose config classes reject unknown options.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergehub.errors import MergehubError, shown
+from mergehub.adapters.methods import METHODS
+from mergehub.adapters.schema import ConfigError, TrainConfig
+from mergehub.errors import shown
 from mergehub.merge.recipe import LineDict, did_you_mean, leaves, load_yaml, scalar_text
 
-#: method -> its parameters and their defaults (``method_params`` in a config)
-METHOD_PARAMS: dict[str, dict[str, Any]] = {
-    "full": {},
-    "lora": {},
-    "incrlora": {"init_r": 1, "budget": None, "grow_every": 10, "grow_modules": 2,
-                 "grow_rank": None, "warmup": 10, "beta": 0.85, "beta_unc": 0.85,
-                 "init_std": 0.02, "score": "dense", "uncertainty": True, "reserve": True},
-    "sparse": {"density": 0.01, "scope": "global", "fisher_batches": 8, "include": None,
-               "exclude": None},
-    "onebit": {"group": "matrix", "quantizer": "normal", "mean": True},
-    "mezo": {"eps": 1e-3, "objective": "loss", "over": "all", "n_perturbations": 1,
-             "shard": False},
-    "sparse_mezo": {"eps": 1e-3, "objective": "loss", "over": "all", "density": 0.25,
-                    "n_perturbations": 1, "shard": False},
-}
-#: (method, old parameter name) -> (new name, why): an old name is an error naming the new one
-RENAMED_PARAMS: dict[tuple[str, str], tuple[str, str]] = {
-    ("sparse_mezo", "sparsity"): ("density", "it is the fraction of each tensor trained (the "
-                                  "entries of smallest |θ|); a sparsity would be 1 - density"),
-}
-#: methods that train a peft adapter (``peft:`` configures it; LoRA by default)
-PEFT_METHODS = {"lora", "incrlora", "onebit"}
+__all__ = ["ConfigError", "TrainConfig", "load_config", "parse_config"]
+
 TOP_LEVEL = {"base", "data", "task_type", "method", "method_params", "peft", "steps",
              "batch_size", "lr", "weight_decay", "schedule", "warmup_steps", "seed",
              "checkpoint_every", "keep_checkpoints", "run_dir", "output"}
@@ -63,40 +45,6 @@ OUTPUT_KEYS = {"store", "base", "dir", "as", "dtype", "overwrite"}
 SCHEDULES = ("constant", "linear")
 OUTPUT_AS = ("auto", "adapter", "merged")
 OUTPUT_DTYPES = ("base", "float32", "bfloat16", "float16")
-
-
-class ConfigError(MergehubError):
-    """A training config that cannot be run; the message starts with ``FILE:LINE:``."""
-
-
-@dataclass
-class TrainConfig:
-    """A checked training config. ``source`` is the file (or ``<config>``); paths in it are
-    relative to the file's directory."""
-
-    base: str
-    method: str
-    data: dict[str, Any]
-    task_type: str = "causal_lm"
-    steps: int = 100
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    seed: int = 0
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2
-    run_dir: Path | None = None
-    method_params: dict[str, Any] = field(default_factory=dict)
-    peft: dict[str, Any] | None = None
-    output: dict[str, Any] = field(default_factory=dict)
-    source: str = "<config>"
-    raw: dict[str, Any] = field(default_factory=dict)
-
-    def param(self, key: str) -> Any:
-        """A method parameter (given, else the method's default)."""
-        return self.method_params.get(key, METHOD_PARAMS[self.method][key])
 
 
 def load_config(path_or_dict: str | Path | dict[str, Any]) -> TrainConfig:
@@ -143,9 +91,10 @@ def parse_config(doc: Any, source: str = "<config>", root: Path | None = None) -
         if key not in doc:
             raise ConfigError(f"{source}: missing {key!r}")
     method = doc["method"]
-    if not isinstance(method, str) or method not in METHOD_PARAMS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ConfigError(f"{at(doc, 'method')}: unknown method {shown(method)} (one of "
-                          f"{', '.join(METHOD_PARAMS)}){did_you_mean(method, list(METHOD_PARAMS))}")
+                          f"{', '.join(METHODS)}){did_you_mean(method, list(METHODS))}")
+    trainer = METHODS[method]
     data = _check_keys(doc["data"], DATA_KEYS, source, at(doc, "data"), "data")
     if bool(data.get("task")) == bool(data.get("path")):
         raise ConfigError(f"{at(doc, 'data')}: data needs exactly one of 'task' (a built-in "
@@ -163,12 +112,12 @@ def parse_config(doc: Any, source: str = "<config>", root: Path | None = None) -
                                                 ConfigError)).expanduser())
     given = doc.get("method_params")
     for key in given if isinstance(given, dict) else ():
-        if (method, key) in RENAMED_PARAMS:
-            new, why = RENAMED_PARAMS[(method, key)]
+        if key in trainer.renamed:
+            new, why = trainer.renamed[key]
             line = given.line_of(key) if isinstance(given, LineDict) else 0
             raise ConfigError(f"{source}{f':{line}' if line else ''}: {method} parameter "
                               f"{key!r} was renamed {new!r}: {why}")
-    params = _check_keys(doc.get("method_params"), set(METHOD_PARAMS[method]), source,
+    params = _check_keys(doc.get("method_params"), set(trainer.params), source,
                          at(doc, "method_params"), f"method_params of {method}")
     peft_cfg = doc.get("peft")
     if peft_cfg is not None and not isinstance(peft_cfg, dict):
@@ -178,31 +127,7 @@ def parse_config(doc: Any, source: str = "<config>", root: Path | None = None) -
             if any(isinstance(v, float) and not math.isfinite(v) for v in leaves(value)):
                 raise ConfigError(f"{at(section, key) if isinstance(section, LineDict) else source}"
                                   f": {what} {shown(key)} must be finite, not {shown(value)}")
-    over = params.get("over", METHOD_PARAMS[method].get("over"))
-    if method.endswith("mezo"):
-        if over not in ("all", "adapter"):
-            raise ConfigError(f"{at(params, 'over')}: over must be 'all' or 'adapter'")
-        if params.get("objective", "loss") not in ("loss", "token_error"):
-            raise ConfigError(f"{at(params, 'objective')}: objective must be 'loss' or "
-                              "'token_error'")
-        if params.get("objective") == "token_error" and task_type != "causal_lm":
-            raise ConfigError(f"{at(params, 'objective')}: objective token_error scores "
-                              "completions of a causal LM; use loss with task_type "
-                              f"{task_type}")
-        perturbations = params.get("n_perturbations", 1)
-        if isinstance(perturbations, bool) or not isinstance(perturbations, int) \
-                or perturbations < 1:
-            raise ConfigError(f"{at(params, 'n_perturbations')}: n_perturbations must be an "
-                              f"integer >= 1, got {shown(perturbations)}")
-        if not isinstance(params.get("shard", False), bool):
-            raise ConfigError(f"{at(params, 'shard')}: shard must be true or false, got "
-                              f"{shown(params['shard'])}")
-        if peft_cfg is None and over == "adapter":
-            raise ConfigError(f"{at(doc, 'method')}: {method} over 'adapter' needs a peft: section")
-    elif peft_cfg is not None and method not in PEFT_METHODS:
-        raise ConfigError(f"{at(doc, 'peft')}: method {method} does not train a peft adapter "
-                          f"(peft: applies to {', '.join(sorted(PEFT_METHODS))}, and to "
-                          "mezo/sparse_mezo with over: adapter)")
+    trainer.check_params(params, peft_cfg, task_type, at, doc)
     output = _check_keys(doc.get("output"), OUTPUT_KEYS, source, at(doc, "output"), "output")
     if not output.get("store") and not output.get("dir"):
         raise ConfigError(f"{at(doc, 'output') if 'output' in doc else source}: output needs "
@@ -248,7 +173,7 @@ def parse_config(doc: Any, source: str = "<config>", root: Path | None = None) -
         keep_checkpoints=number("keep_checkpoints", int, 2, 1),
         run_dir=(root / str(run_dir)).expanduser(), method_params=dict(params),
         peft=dict(peft_cfg) if peft_cfg is not None else None, output=output, source=source,
-        raw=_plain(doc))
+        raw=_plain(doc), param_defaults=dict(trainer.params))
 
 
 def _check_task_data(data: LineDict, task_type: str, source: str, at: Any) -> None:

@@ -1,5 +1,9 @@
 """MeZO and Sparse MeZO: zeroth-order SGD that fine-tunes with forward passes only.
 
+(Over 500 lines: one optimizer class, whose streams, moves and rank exchange share the
+invariants this docstring states once; its training method is
+:mod:`mergehub.adapters.methods.mezo`.)
+
 :class:`MeZO` is a ``torch.optim.Optimizer`` whose ``step(closure)`` estimates the gradient from
 two evaluations of the closure's scalar loss (any objective, also a non-differentiable one such
 as accuracy) and updates the parameters in place (Malladi et al. 2023, "Fine-tuning language

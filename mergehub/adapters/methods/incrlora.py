@@ -1,14 +1,4 @@
-"""The LoRA family through peft, and IncreLoRA (a variant peft lacks) as an extension of it.
-
-**peft tuners.** A config's ``peft:`` mapping is handed to peft as it is: ``peft_type`` picks
-the tuner (``LORA`` by default; ``ADALORA``, ``IA3``, ``LOHA``, ``LOKR``, ``VERA``, ``OFT``,
-... whatever the installed peft has) and every other key is an option of that tuner's config
-class (for LoRA: ``r``, ``lora_alpha``, ``use_rslora``, ``use_dora``, ``target_modules``,
-``init_lora_weights`` (``pissa``, ``olora``, ...), ``rank_pattern``, ...). peft rejects unknown
-options; the message names the config line. Results are standard adapter dirs
-(``adapter_config.json`` + ``adapter_model.safetensors``, ``PeftModel.save_pretrained``).
-
-**IncreLoRA** (Zhang et al. 2023, "IncreLoRA: Incremental parameter allocation method for
+"""IncreLoRA, the ``incrlora`` method (Zhang et al. 2023, "IncreLoRA: Incremental parameter allocation method for
 parameter-efficient fine-tuning"; reference: the authors' ``loralib/increlora.py``): every
 target module starts at rank ``init_r`` and ranks are added to the most important modules until
 the total rank reaches ``budget``. As in the reference, by default:
@@ -48,6 +38,10 @@ result is a standard LoRA.
 The saved adapter is a standard peft LoRA dir whose ``rank_pattern`` gives each module's final
 rank and ``alpha_pattern`` keeps each module's scaling; ``incrlora_config.json`` beside it keeps
 the budget and the growth history (step, module, new rank).
+
+The method's parameters (``method_params``) are those of :class:`IncreLoRA` below, with the
+defaults in :attr:`IncreLoRAMethod.params`; ``peft:`` configures the LoRA it grows (any option
+but ``r``: ``init_r`` and ``budget`` set the ranks).
 """
 
 from __future__ import annotations
@@ -59,54 +53,9 @@ from typing import Any
 
 import torch
 
-from mergehub.adapters.config import ConfigError
-
-PEFT_PREFIX = "base_model.model."
-#: LoRA inits that rewrite the base weights (the adapter alone is not a delta of the base)
-BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "eva", "orthogonal")
-
-
-def peft_config(spec: dict[str, Any], where: str, steps: int) -> Any:
-    """The peft config object ``spec`` (a config's ``peft:`` mapping) describes."""
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-    from peft.utils import PeftType
-
-    spec = dict(spec)
-    peft_type = str(spec.pop("peft_type", "LORA")).upper()
-    try:
-        cls = PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(peft_type)]
-    except (ValueError, KeyError):
-        known = ", ".join(sorted(t.value for t in PEFT_TYPE_TO_CONFIG_MAPPING))
-        raise ConfigError(f"{where}: unknown peft_type {peft_type!r} (this peft has {known})") from None
-    spec.setdefault("task_type", "CAUSAL_LM")
-    if peft_type == "ADALORA":
-        spec.setdefault("total_step", steps)
-    try:
-        return cls(**spec)
-    except TypeError as e:
-        raise ConfigError(f"{where}: peft {peft_type}: {e}") from None
-    except ValueError as e:
-        raise ConfigError(f"{where}: peft {peft_type}: {e}") from None
-
-
-def is_plain_lora(config: Any) -> bool:
-    """Whether the adapter is a dense delta B·A·scaling of the base (what ``hub merge`` reads
-    from an adapter dir): LoRA, without DoRA, with an init that leaves the base weights as
-    they are, and no whole modules of its own (``modules_to_save``: a classifier's head)."""
-    init = getattr(config, "init_lora_weights", True)
-    return (str(config.peft_type.value if hasattr(config.peft_type, "value") else config.peft_type)
-            == "LORA" and not getattr(config, "use_dora", False)
-            and not getattr(config, "modules_to_save", None)
-            and not (isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS)))
-
-
-def lora_layers(model: torch.nn.Module, adapter: str = "default") -> dict[str, Any]:
-    """The peft LoRA layers of ``model`` by module name in the base model."""
-    from peft.tuners.lora import LoraLayer
-
-    return {name.removeprefix(PEFT_PREFIX): m for name, m in model.named_modules()
-            if isinstance(m, LoraLayer) and adapter in m.lora_A}
-
+from mergehub.adapters.methods.base import register
+from mergehub.adapters.methods.lora import PeftMethod, lora_layers, wrap_peft
+from mergehub.adapters.schema import ConfigError
 
 #: the fixed factor of a reserve component's output, and a grown rank's starting scale E (the
 #: reference's 1e-5)
@@ -374,3 +323,64 @@ class IncreLoRA:
             "total_rank": self.total_rank(), "ranks": self.ranks(),
             "history": [{"step": s, "module": n, "rank": r} for s, n, r in self.history]},
             indent=2) + "\n")
+
+
+@register
+class IncreLoRAMethod(PeftMethod):
+    """IncreLoRA: LoRA whose ranks grow by importance under a budget."""
+
+    name = "incrlora"
+    params = {"init_r": 1, "budget": None, "grow_every": 10, "grow_modules": 2,
+              "grow_rank": None, "warmup": 10, "beta": 0.85, "beta_unc": 0.85,
+              "init_std": 0.02, "score": "dense", "uncertainty": True, "reserve": True}
+
+    def build(self, model, resume):
+        spec = dict(self.cfg.peft or {})
+        if str(spec.get("peft_type", "LORA")).upper() != "LORA":
+            raise ConfigError(f"{self.cfg.source}: incrlora grows a LoRA: peft_type must be LORA")
+        if "r" in spec:
+            raise ConfigError(f"{self.cfg.source}: incrlora sets the rank itself: use "
+                              "method_params init_r and budget instead of peft r")
+        model = wrap_peft(model, self.cfg, r=int(self.cfg.param("init_r")))
+        p = self.cfg.param
+        self.grower = IncreLoRA(
+            model, init_r=int(p("init_r")), budget=p("budget"), grow_every=int(p("grow_every")),
+            grow_modules=int(p("grow_modules")), grow_rank=p("grow_rank"), warmup=int(p("warmup")),
+            beta=float(p("beta")), beta_unc=float(p("beta_unc")), init_std=float(p("init_std")),
+            score=str(p("score")), uncertainty=bool(p("uncertainty")),
+            reserve=bool(p("reserve")), seed=self.cfg.seed)
+        if resume is not None:
+            self.grower.restore(resume[1]["incrlora"])
+        return model
+
+    def after_backward(self, step: int) -> None:
+        self.grower.observe()
+
+    def after_step(self, step: int) -> None:
+        old = self.params
+        if not self.grower.maybe_grow(step):
+            return
+        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        old_opt, self.optimizer = self.optimizer, self.make_optimizer()
+        for name, p in self.params.items():  # carry Adam's moments over, zero for new ranks
+            state = old_opt.state.get(old[name]) if name in old else None
+            if state and RESERVE not in name:  # a reserve is drawn anew
+                self.optimizer.state[p] = {k: _pad(v, p.shape) if torch.is_tensor(v) and v.dim() else v
+                                           for k, v in state.items()}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"incrlora": self.grower.state()}
+
+    def save(self, out: Path, dtype: torch.dtype) -> tuple[str, dict[str, Any]]:
+        self.grower.finish()
+        self.grower.finalize_config(self.model.peft_config["default"])
+        kind, facts = super().save(out, dtype)
+        self.grower.write_side_config(out)
+        return kind, {**facts, "incrlora_total_rank": self.grower.total_rank(),
+                      "incrlora_budget": self.grower.budget}
+
+
+def _pad(value: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    out = value.new_zeros(shape)
+    out[tuple(slice(0, s) for s in value.shape)] = value
+    return out

@@ -21,16 +21,23 @@ and embeddings).
 The result is saved as a full HF model and stored as a fine-tune of its base: the store's
 lossless delta codec keeps only what differs, so the stored size follows the density (see
 ``benchmarks/RESULTS.md``).
+
+The ``sparse`` method (:class:`SparseMethod`) trains so; its parameters are ``density``,
+``scope``, ``fisher_batches``, ``include`` and ``exclude``.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch.nn.utils import parametrize
 
+from mergehub.adapters.layout import save_full
+from mergehub.adapters.methods.base import Method, register
 from mergehub.errors import InputError
 
 
@@ -164,3 +171,35 @@ def masks_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
                     out[f"{mname}.{attr}" if mname else attr] = p.idx
     return out
 
+
+@register
+class SparseMethod(Method):
+    """FISH-mask sparse fine-tuning (the module docstring)."""
+
+    name = "sparse"
+    params = {"density": 0.01, "scope": "global", "fisher_batches": 8, "include": None,
+              "exclude": None}
+
+    def build(self, model, resume):
+        p = self.cfg.param
+        selected = select(model, p("include"), p("exclude"))
+        if resume is not None:  # a global mask may leave a tensor out
+            masks = {n: resume[0][f"mask:{n}"] for n in selected if f"mask:{n}" in resume[0]}
+        else:
+            model.requires_grad_(True)
+            batches = (self.dataset.batch(10**9 + i, self.cfg.batch_size, self.cfg.seed).kwargs()
+                       for i in range(int(p("fisher_batches"))))
+            masks = fisher_masks(model, selected, batches, float(p("density")),
+                                        str(p("scope")))
+        attach(model, masks)
+        return model
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {**super().state_tensors(),
+                **{f"mask:{n}": idx for n, idx in masks_of(self.model).items()}}
+
+    def save(self, out: Path, dtype: torch.dtype) -> tuple[str, dict[str, Any]]:
+        masked = sum(idx.numel() for idx in masks_of(self.model).values())
+        detach(self.model)
+        save_full(self.model, out, dtype, self.layout)
+        return "finetune", {"sparse_entries": masked}
