@@ -550,8 +550,6 @@ class Composer:
             for name in todo:
                 self._held[name] = wanted[name]
             return written + len(todo)
-        if merger.plan.method.prepass_rounds() and not merger.state:
-            merger.prepass()
         specs = {s.name: s for s in merger.plan.specs}
         order = [specs[n] for n in todo]
         resident = all(spec.name in src.specs and src.reader.resident(spec.name, self.device)
@@ -569,7 +567,10 @@ class Composer:
         # a warm apply queues its fused merges and launches them together (one launch for
         # all tensors of like settings: launches one by one would bound it by the host)
         batch = MergeBatch() if resident else None
-        with torch.no_grad(), reads:
+        # on the CPU, torch's threads chosen by the machine's load, as hub merge does
+        with torch.no_grad(), reads, merger.watching_load():
+            if merger.plan.method.prepass_rounds() and not merger.state:
+                merger.prepass()
             for spec, raw in zip(order, raws):
                 target = targets[spec.name]
                 self._save(spec.name, target, merger)

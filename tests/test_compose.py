@@ -297,6 +297,32 @@ def test_a_plan_is_remembered_until_the_catalog_changes(models, tmp_path, monkey
     assert len(plans) == 6
 
 
+def test_cpu_apply_takes_one_thread_on_a_busy_machine(hub, tmp_path, monkeypatch):
+    """On a busy CPU a composer merges on one intra-op thread, as hub merge does (LoadWatch:
+    small ops split over cores that other processes keep busy stall at every barrier; a
+    composer without it took 115 s where hub merge took 17 s on a loaded 2-core machine), and
+    gives torch its threads back afterwards."""
+    from mergehub.merge import tensors
+
+    store, _ = hub
+    monkeypatch.setattr(tensors, "busy_machine", lambda: True)
+    monkeypatch.setattr(tensors, "BUSY_CHECK_BYTES", 0)
+    seen = []
+    chunked = tensors.TensorMerger._chunked
+    monkeypatch.setattr(tensors.TensorMerger, "_chunked",
+                        lambda self, spec: seen.append(torch.get_num_threads())
+                        or chunked(self, spec))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        text = recipe("ties", [("mlp", {"density": 0.5}), ("attn", {"density": 0.5})])
+        Composer(mergehub.load("base", store)).apply(text)
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_swap_rewrites_only_changed_tensors(hub, tmp_path):
     """A second apply rewrites only the tensors whose result changes (those where an input's
     tensor differs), and the ones it keeps are still exactly hub merge's."""

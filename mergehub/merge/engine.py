@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,8 +31,7 @@ from mergehub.merge.plan import MergePlan, plan_merge, side_files
 from mergehub.merge.recipe import Recipe, load_recipe
 from mergehub.merge.rmm import execute_rmm
 from mergehub.merge.tensors import (
-    BUSY_CHECK_BYTES, MergeResult, TensorMerger, byte_bar, merge_result, write_merged)
-from mergehub.storage.parallel import LoadWatch, busy_machine
+    MergeResult, TensorMerger, byte_bar, merge_result, write_merged)
 from mergehub.storage.store import Store, StoredModel
 from mergehub.storage.writer import DEFAULT_MAX_SHARD_SIZE, model_dir_layout
 
@@ -51,15 +50,8 @@ def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
     """
     merger = TensorMerger(plan, device, seed=seed, chunk_elements=chunk_elements, fused=fused)
     start = time.perf_counter()
-    # on a busy machine, one intra-op thread: small ops split across cores stall (LoadWatch);
-    # worth sampling before the start only for a merge that takes more than a moment, and
-    # looked at again as the merge reads
-    dev = merger.device
-    busy = dev.type == "cpu" and sum(s.nbytes for s in plan.specs) >= BUSY_CHECK_BYTES \
-        and busy_machine()
-    with LoadWatch(busy) if dev.type == "cpu" else nullcontext() as watch:
-        if watch is not None:
-            merger.between_chunks = watch.check
+    # on a busy machine, one intra-op thread: small ops split across cores stall
+    with merger.watching_load():
         merger.prepass(progress)
         side = side_files(plan)
         with byte_bar(sum(s.nbytes for s in plan.specs), "merge", progress) as bar, \

@@ -25,7 +25,7 @@ from mergehub.merge.methods import TensorContext
 from mergehub.merge.plan import MergeError, MergePlan
 from mergehub.merge.recipe import resolve_params
 from mergehub.progress import bar_disabled
-from mergehub.storage.parallel import background, ordered_map
+from mergehub.storage.parallel import LoadWatch, background, busy_machine, ordered_map
 from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
 from mergehub.storage.writer import write_shard
 
@@ -135,6 +135,23 @@ class TensorMerger:
                     method.observe(rnd, xs, self.params(spec), ctx)
             method.finish_round(rnd, self.state)
             rnd += 1
+
+    @contextmanager
+    def watching_load(self) -> Iterator[None]:
+        """On the CPU, torch's intra-op threads chosen by the machine's load for the work inside
+        (:class:`~mergehub.storage.parallel.LoadWatch`), looked at again between chunks; the
+        start is sampled only for a merge that takes more than a moment
+        (:data:`BUSY_CHECK_BYTES`). Elsewhere nothing."""
+        if self.device.type != "cpu":
+            yield
+            return
+        busy = sum(s.nbytes for s in self.plan.specs) >= BUSY_CHECK_BYTES and busy_machine()
+        with LoadWatch(busy) as watch:
+            self.between_chunks = watch.check
+            try:
+                yield
+            finally:
+                self.between_chunks = lambda: None
 
     def raw_inputs(self, spec: TensorSpec) -> list[torch.Tensor] | None:
         """The base's and every input's whole tensor as stored, for the fused path (``None``
