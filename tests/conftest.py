@@ -3,6 +3,7 @@ the test Hub servers (olah for reads, ``tests/hub_server.py`` for writes)."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -13,11 +14,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import transformers
 
-from mergehub.hub.demo import make_finetune, make_lora, make_tiny_llama
-from mergehub.storage.store import Store
-from tests.hub_server import READ_TOKEN, WRITE_TOKEN, StandInHub, new_repo_id
+if not torch.cuda.is_available():
+    # Without CUDA the Triton kernels' tests run them under Triton's interpreter, which must be
+    # on before anything imports mergehub's kernels (test modules do, while being collected,
+    # through mergehub), so here, before every test module; it changes nothing else (CPU
+    # tensors take the torch paths unless a test asks for Triton).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import transformers  # noqa: E402
+
+from mergehub.hub.demo import make_finetune, make_lora, make_tiny_llama  # noqa: E402
+from mergehub.storage.store import Store  # noqa: E402
+from tests.hub_server import READ_TOKEN, WRITE_TOKEN, StandInHub, new_repo_id  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()

@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import mergehub  # noqa: E402
 from mergehub import compose  # noqa: E402

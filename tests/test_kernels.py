@@ -1,8 +1,7 @@
 """The fused kernels against their torch references and independent oracles.
 
 Without CUDA the Triton kernels run under Triton's interpreter on the CPU (TRITON_INTERPRET is
-set below, before anything imports Triton; it only changes how ``triton.jit`` functions defined
-afterwards run, and nothing else in the suite defines any); with ``-m gpu`` on a CUDA machine
+set by conftest.py, before any test module imports Triton); with ``-m gpu`` on a CUDA machine
 the same tests run compiled on the GPU. Sizes are small and odd (the interpreter runs ~0.3M
 elements/s) and never a multiple of the kernels' blocks.
 
@@ -22,8 +21,6 @@ import numpy as np
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402

@@ -7,14 +7,10 @@ parameters they are evaluated at, and z = (theta+ - theta) / eps.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
-
-if not torch.cuda.is_available():  # the Triton path's tests run under the interpreter (as in
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # tests/test_kernels.py)
 from safetensors.torch import load_file, save_file
 
 from mergehub.adapters import mezo as mezo_mod
