@@ -33,7 +33,7 @@ torch.zeros(1, device="cuda")
 torch.cuda.synchronize()
 lap("CUDA context")
 from mergehub import kernels  # noqa: E402
-import mergehub.kernels.triton_kernels  # noqa: E402,F401
+import mergehub.kernels.triton_merge  # noqa: E402,F401
 
 lap("import kernels + triton")
 base = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)

@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from mergehub import kernels
-from mergehub.kernels import LowRankDelta, SignDelta, TernaryDelta, reference, triton_kernels
+from mergehub.kernels import (
+    LowRankDelta, SignDelta, TernaryDelta, reference, triton_merge, triton_select)
 from mergehub.ops.sparsify import cut_mask, kth_rank
 from mergehub.storage.atomic import write_file_atomic
 
@@ -148,7 +149,7 @@ def bench_sampled(bench, base, thetas, k, ties_args, ties_ms, rows, smoke):
 
         def graphed(fn):
             return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
-    device_ms = graphed(lambda: triton_kernels.sample_select(base.reshape(-1), flat, positions,
+    device_ms = graphed(lambda: triton_select.sample_select(base.reshape(-1), flat, positions,
                                                              ks))
     merge_device_ms = graphed(lambda: kernels.merge_tensor(base, thetas, **ties_args))
     rows.append({"op": f"cuts ~{tol}", "shape": list(base.shape), "K": k, "ms": ms,
@@ -162,10 +163,10 @@ def bench_blocks(bench, dev, copy, shape, rows, variants):
     base, thetas = inputs(shape, 4, dev, seed=4)
     cuts = kernels.magnitude_cuts(base, thetas, [DENSITY] * 4)
     n = base.numel()
-    saved = triton_kernels.MERGE_BLOCK, triton_kernels.MERGE_WARPS
+    saved = triton_merge.MERGE_BLOCK, triton_merge.MERGE_WARPS
     try:
         for block, warps in variants:
-            triton_kernels.MERGE_BLOCK, triton_kernels.MERGE_WARPS = block, warps
+            triton_merge.MERGE_BLOCK, triton_merge.MERGE_WARPS = block, warps
             for normalize in (True, False):
                 ms = bench(lambda: kernels.merge_tensor(base, thetas, weights=[1.0] * 4, lam=1.0,
                                                         cuts=cuts, elect="sum",
@@ -175,7 +176,7 @@ def bench_blocks(bench, dev, copy, shape, rows, variants):
                              "shape": list(shape), "K": 4, "ms": ms, "GB/s": gbs,
                              "of_copy": gbs / copy})
     finally:
-        triton_kernels.MERGE_BLOCK, triton_kernels.MERGE_WARPS = saved
+        triton_merge.MERGE_BLOCK, triton_merge.MERGE_WARPS = saved
 
 
 def bench_apply(bench, dev, copy, shape, rows, smoke, k=4, rank=16):

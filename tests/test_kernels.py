@@ -28,7 +28,7 @@ import triton.language as tl  # noqa: E402
 from mergehub import kernels  # noqa: E402
 from mergehub.errors import InputError  # noqa: E402
 from mergehub.kernels import (  # noqa: E402
-    Cut, LowRankDelta, SignDelta, TernaryDelta, triton_kernels)
+    Cut, LowRankDelta, SignDelta, TernaryDelta, triton_merge, triton_select)
 from mergehub.ops.sparsify import cut_mask  # noqa: E402
 from mergehub.storage.codecs import LOSSY  # noqa: E402
 
@@ -177,7 +177,7 @@ def _division_cases(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _quotient_kernel(a_ptr, b_ptr, out_ptr, n, BLOCK: tl.constexpr):
     off = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = off < n
-    q = triton_kernels._quotient(tl.load(a_ptr + off, mask=m, other=1.0),
+    q = triton_merge._quotient(tl.load(a_ptr + off, mask=m, other=1.0),
                                  tl.load(b_ptr + off, mask=m, other=1.0))
     tl.store(out_ptr + off, q, mask=m)
 
@@ -225,7 +225,7 @@ def test_merge_blocks_with_and_without_tie_ends(device, monkeypatch):
     """Blocks that hold no tie end take the kernel's plain path, the others (and the partial
     last block) the general one: tie ends at 0, on block boundaries, inside blocks and at n
     keep exactly the reference's entries."""
-    monkeypatch.setattr(triton_kernels, "MERGE_BLOCK", 32)
+    monkeypatch.setattr(triton_merge, "MERGE_BLOCK", 32)
     n = 32 * 12 + 5
     base, thetas = _inputs((n,), 5, torch.bfloat16, device, seed=21)
     taus = [(t.float() - base.float()).abs().cpu() for t in thetas]
@@ -243,7 +243,7 @@ def test_merge_batch_equals_one_launch_per_tensor(device, monkeypatch):
     many blocks with tie ends inside and on block boundaries, in two groups (other weights,
     other dtypes) and with merges that cannot join (given masks, a view off 16 bytes), which
     run at once."""
-    monkeypatch.setattr(triton_kernels, "MERGE_BLOCK", 32)
+    monkeypatch.setattr(triton_merge, "MERGE_BLOCK", 32)
     k = 3
     tensors = []
     for i, (shape, dtype) in enumerate([((1,), torch.bfloat16), ((45,), torch.bfloat16),
@@ -365,7 +365,7 @@ def test_cuts_exact(device, shape, ties):
 def test_cuts_tie_ends_over_many_blocks(device, monkeypatch):
     """A run of ties spread over many counting blocks (small ones here): the block holding the
     k-th is found from the running counts, for several inputs at once, whatever their k."""
-    monkeypatch.setattr(triton_kernels, "COUNT_BLOCK", 64)
+    monkeypatch.setattr(triton_select, "COUNT_BLOCK", 64)
     gen = torch.Generator().manual_seed(4)
     n = 64 * 50 + 13
     base = torch.zeros(n)
@@ -384,8 +384,8 @@ def test_cuts_sampled_ties_and_missed_bracket(device, monkeypatch, radix_bits):
     and a sample that lies about the data (the bracket misses: the whole-input selection gives
     the exact cut); 5-bit digits make the radix select run 7 rounds."""
     monkeypatch.setattr(kernels, "SAMPLE_SIZE", 512)
-    monkeypatch.setattr(triton_kernels, "RADIX_BITS", radix_bits)
-    monkeypatch.setattr(triton_kernels, "SELECT_SLOTS", 2)  # several blocks append to a list
+    monkeypatch.setattr(triton_select, "RADIX_BITS", radix_bits)
+    monkeypatch.setattr(triton_select, "SELECT_SLOTS", 2)  # several blocks append to a list
     whole = []
     monkeypatch.setattr(kernels, "_select_whole",
                         lambda *a: whole.append(a) or Cut(math.nan, 0))
@@ -436,7 +436,7 @@ def test_cuts_candidate_overflow(device, monkeypatch):
     base, thetas = _inputs((4, 1500), 3, torch.bfloat16, device, seed=5)
     monkeypatch.setattr(kernels, "SAMPLE_SIZE", 1024)
     monkeypatch.setattr(kernels, "CAP_SLACK", 0)
-    monkeypatch.setattr(triton_kernels, "LIST_SLACK", 0)
+    monkeypatch.setattr(triton_select, "LIST_SLACK", 0)
     monkeypatch.setattr(kernels, "CAP_FACTOR", 0.5)  # half the expected candidates: overflow
     dens = [0.2, 0.3, 1e-9]  # the last finds few candidates (its bracket has no upper end)
     want = kernels.magnitude_cuts(base, thetas, dens, backend="triton")

@@ -67,7 +67,7 @@ def triton_available() -> bool:
     """Whether the Triton kernels can be imported (Triton installed); asked once per process,
     since a failed import is searched for again on every try."""
     try:
-        import mergehub.kernels.triton_kernels  # noqa: F401
+        import mergehub.kernels.triton_base  # noqa: F401
     except ImportError:
         return False
     return True
@@ -160,7 +160,7 @@ def merge_tensor(base: torch.Tensor, thetas: list[torch.Tensor], *, weights: lis
         result = reference.merge_tensor(base, thetas, weights, lam, cuts, scales, elect,
                                         normalize, tall_lambdas, bool_masks, k, out_dtype)
         return result if out is None else out.copy_(result)
-    from mergehub.kernels import triton_kernels
+    from mergehub.kernels import triton_base, triton_merge
 
     nk = len(thetas)
     trims = [(-math.inf, 0) if c is None else (c.threshold, c.tie_end)
@@ -177,12 +177,12 @@ def merge_tensor(base: torch.Tensor, thetas: list[torch.Tensor], *, weights: lis
                   int(k), settings)
         return out
     coef = [weights, [c for c, _ in trims],
-            *triton_kernels.split_ints([tie for _, tie in trims]), scales, tall_lambdas]
+            *triton_base.split_ints([tie for _, tie in trims]), scales, tall_lambdas]
     flat = [t.contiguous().reshape(-1) for t in (base, *thetas)]
     into = out.view(-1) if out is not None and out.is_contiguous() else \
         torch.empty(base.numel(), dtype=out_dtype, device=base.device)
     if base.numel():
-        triton_kernels.merge(flat[0], flat[1:], into, coef, packed, float(lam), total, int(k),
+        triton_merge.merge(flat[0], flat[1:], into, coef, packed, float(lam), total, int(k),
                              **settings)
     if out is None:
         return into.reshape(base.shape)
@@ -196,7 +196,7 @@ class MergeBatch:
     of a few MB, so merging a model's tensors one launch each is bound by the host. A batch
     groups its merges by everything but the tensors themselves (method, weights, λ, dtypes)
     and :meth:`run` launches each group once over all its tensors
-    (:func:`triton_kernels.merge_many`): the same per-entry arithmetic as one launch per tensor,
+    (:func:`triton_merge.merge_many`): the same per-entry arithmetic as one launch per tensor,
     so the same bits. ``with MergeBatch() as batch:`` runs it when the block ends without error.
 
     ``flush_bytes``: launch what is queued once its tensors hold this many bytes, so that the
@@ -243,13 +243,13 @@ class MergeBatch:
 
     def run(self) -> None:
         """Launch every queued merge (one launch per group) and empty the batch."""
-        from mergehub.kernels import triton_kernels
+        from mergehub.kernels import triton_merge
 
         groups, self._groups, self._queued = self._groups, {}, 0
         for key, items in groups.items():
             _, _, _, _, weights, scales, tall_lambdas, lam, total, k, settings = key
             bases, thetas, outs, trims = (list(x) for x in zip(*items))
-            launch = triton_kernels.merge_many(
+            launch = triton_merge.merge_many(
                 bases, thetas, outs, trims, list(weights), list(scales), list(tall_lambdas),
                 lam, total, k, **dict(settings))
             self.replay.record(launch, bases, thetas, outs)
@@ -279,7 +279,7 @@ class MergeReplay:
 
     def record(self, launch: Callable[[list[torch.Tensor]], None], bases: list[torch.Tensor],
                thetas: list[list[torch.Tensor]], outs: list[torch.Tensor]) -> None:
-        """Add one launch: ``launch(likes)`` as :func:`triton_kernels.merge_many` returns it."""
+        """Add one launch: ``launch(likes)`` as :func:`triton_merge.merge_many` returns it."""
         read = [bases[0], *thetas[0], *bases, *(t for ts in thetas for t in ts)]
         self._launches.append((launch, [weakref.ref(t) for t in read],
                                [t._version for t in read],
@@ -329,8 +329,8 @@ def magnitude_cuts(base: torch.Tensor, thetas: list[torch.Tensor], densities: li
     ``SAMPLE_SIZE`` sampled values brackets each k-th largest, the pass counts the values above
     the bracket and at its ends and gathers those inside (a few %), and a radix select over
     their float bits picks the k-th and counts the entries tied with it
-    (:func:`triton_kernels.select`). Where the cut keeps only some of those ties (bf16 deltas:
-    nearly always), one more pass counts them per block (:func:`triton_kernels.count_equal`)
+    (:func:`triton_select.select`). Where the cut keeps only some of those ties (bf16 deltas:
+    nearly always), one more pass counts them per block (:func:`triton_select.count_equal`)
     and the block holding the last kept one is searched. A bracket that misses or candidates
     that overflow their room (both tell) fall back to ``torch.topk`` over the whole input, so
     the result is exact either way.
@@ -339,7 +339,7 @@ def magnitude_cuts(base: torch.Tensor, thetas: list[torch.Tensor], densities: li
     (``sparsify.sample_positions``: 72,744 values at ε = 0.01, whatever the tensor's size),
     which keeps a share within ε of the density with probability >= 1 − 1e-6 per input. On
     CUDA the sample's k-th value is gathered and radix-selected in a few small launches
-    (:func:`triton_kernels.sample_select`) instead of a pass over the inputs. Both backends
+    (:func:`triton_select.sample_select`) instead of a pass over the inputs. Both backends
     draw the same sample, so their results are equal. Tensors too small for a sample to save
     work are selected exactly.
     """
@@ -362,10 +362,10 @@ def magnitude_cuts(base: torch.Tensor, thetas: list[torch.Tensor], densities: li
     if positions is None:
         found = _select(flat, picked, [ks[t] for t in which], ties)
     else:
-        from mergehub.kernels import triton_kernels
+        from mergehub.kernels import triton_select
 
         on_device = _positions_on(n, tolerance, base.device)
-        values = triton_kernels.sample_select(flat, picked, on_device,
+        values = triton_select.sample_select(flat, picked, on_device,
                                               [ks[t] for t in which]).tolist()
         found = []
         for theta, t, value in zip(picked, which, values):
@@ -440,11 +440,11 @@ def _select(base: torch.Tensor, thetas: list[torch.Tensor], ks: list[int],
             ties: str) -> list[Cut]:
     """Exact top-k cut of |θt − base| per input (flat tensors): a sample brackets each k-th
     largest, one pass counts around the brackets and keeps the values inside, a radix select
-    over those picks it and counts its ties (:func:`triton_kernels.select`); an input whose
+    over those picks it and counts its ties (:func:`triton_select.select`); an input whose
     bracket missed or whose candidates overflowed their room (``CAP_FACTOR`` times the sample's
     prediction plus ``CAP_SLACK``) is selected whole with ``torch.topk``. Where a cut splits its
     ties, :func:`_tie_ends` finds where they end."""
-    from mergehub.kernels import triton_kernels
+    from mergehub.kernels import triton_select
 
     n = base.numel()
     blocks = n // SAMPLE_BLOCK
@@ -458,7 +458,7 @@ def _select(base: torch.Tensor, thetas: list[torch.Tensor], ks: list[int],
         lo = int(p + margin) if p + margin < m else m
         bracket.append((hi, lo))
         inside = max(inside, (lo - hi + 1) * n // m)
-    values, counts = triton_kernels.select(base, thetas, ks, SAMPLE_BLOCK, stride * SAMPLE_BLOCK,
+    values, counts = triton_select.select(base, thetas, ks, SAMPLE_BLOCK, stride * SAMPLE_BLOCK,
                                            m, bracket, int(CAP_FACTOR * inside) + CAP_SLACK)
     cuts: list[Cut | None] = []
     split = []
@@ -491,17 +491,17 @@ def _select_whole(base: torch.Tensor, theta: torch.Tensor, k: int, ties: str) ->
 def _tie_ends(base: torch.Tensor, thetas: list[torch.Tensor], values: list[float],
               ranks: list[int]) -> list[int]:
     """Per input, the flat position + 1 of the ranks[t]-th entry (in flat order) with
-    |θt − base| == values[t]: per-block counts from one pass (:func:`triton_kernels.
+    |θt − base| == values[t]: per-block counts from one pass (:func:`triton_select.
     count_equal`), their running sums tell the block, and a search of that block the entry."""
-    from mergehub.kernels import triton_kernels
+    from mergehub.kernels import triton_select
 
-    counts = triton_kernels.count_equal(base, thetas, values)
+    counts = triton_select.count_equal(base, thetas, values)
     running = torch.cumsum(counts, 1, dtype=torch.int64)
     rank = torch.tensor(ranks, dtype=torch.int64, device=base.device)[:, None]
     block = torch.searchsorted(running, rank)  # the first block whose running count reaches it
     before = (running.gather(1, block) - counts.gather(1, block)).reshape(-1).tolist()
     ends = []
-    size = triton_kernels.COUNT_BLOCK
+    size = triton_select.COUNT_BLOCK
     for theta, value, r, b, passed in zip(thetas, values, ranks, block.reshape(-1).tolist(),
                                           before):
         lo = b * size
@@ -525,11 +525,11 @@ def zo_direction(n: int, seed: int, eps: float, *, start: int = 0,
     lowest float32 mantissa bit of d is set (``mezo._sticky``). Triton only (CUDA, or the
     interpreter): the CPU path of MeZO draws with ``torch.randn``."""
     _check_stream("zo_direction", start, n)
-    from mergehub.kernels import triton_kernels
+    from mergehub.kernels import triton_zo
 
     d = torch.empty(n, dtype=torch.float32, device=device)
     if n:
-        triton_kernels.zo(None, d, n, start, seed, eps, 0, None)
+        triton_zo.zo(None, d, n, start, seed, eps, 0, None)
     return d
 
 
@@ -544,10 +544,10 @@ def zo_step(x: torch.Tensor, seed: int, eps: float, times: int, *, start: int = 
         raise InputError(f"zo_step: want a flat contiguous float tensor, not {x.dtype} "
                          f"{tuple(x.shape)}")
     _check_stream("zo_step", start, x.numel())
-    from mergehub.kernels import triton_kernels
+    from mergehub.kernels import triton_zo
 
     if x.numel():
-        triton_kernels.zo(x, None, x.numel(), start, seed, eps, times, update)
+        triton_zo.zo(x, None, x.numel(), start, seed, eps, times, update)
 
 
 _ZO_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -604,26 +604,26 @@ def zo_steps(xs: list[torch.Tensor], seeds: list[int] | torch.Tensor, eps: float
     if bounds is not None and (bits is None or bits.dtype != torch.uint8
                                or bits.numel() < zo_mask_bytes(xs)):
         raise InputError("zo_steps: masked moves need a uint8 bits buffer of zo_mask_bytes(xs)")
-    from mergehub.kernels import triton_kernels
+    from mergehub.kernels import triton_zo
 
     if not isinstance(seeds, torch.Tensor):
         seeds = seed_table(seeds, xs[0].device)
-    triton_kernels.zo_many(xs, seeds, eps, times, update, bounds, bits, fresh)
+    triton_zo.zo_many(xs, seeds, eps, times, update, bounds, bits, fresh)
 
 
 def smallest_magnitudes(xs: list[torch.Tensor], ks: list[int]) -> torch.Tensor:
     """float32 [T] on the tensors' device: the ks[t]-th smallest |x| of each flat contiguous
     tensor in ``xs`` (one dtype: bf16, fp16 or fp32; 1 <= k <= numel), exactly (NaN sorts
     last), without a host synchronization: a radix select over the magnitudes' bit patterns,
-    one counting pass over all the tensors per digit (:func:`triton_kernels.
+    one counting pass over all the tensors per digit (:func:`triton_zo.
     smallest_magnitudes`). Triton only (CUDA, or the interpreter)."""
     _check_many("smallest_magnitudes", xs)
     if len(ks) != len(xs) or any(not 1 <= k <= x.numel() for x, k in zip(xs, ks)):
         raise InputError(f"smallest_magnitudes: want one k in [1, numel] per tensor, got {ks} "
                          f"for {[x.numel() for x in xs]} entries")
-    from mergehub.kernels import triton_kernels
+    from mergehub.kernels import triton_zo
 
-    return triton_kernels.smallest_magnitudes(xs, to_device(torch.tensor(ks, dtype=torch.int64),
+    return triton_zo.smallest_magnitudes(xs, to_device(torch.tensor(ks, dtype=torch.int64),
                                                             xs[0].device))
 
 
@@ -645,7 +645,7 @@ def apply_deltas(base: torch.Tensor, deltas: list[Delta], scales: list[float] | 
     deltas, scales = [deltas[i] for i in order], [scales[i] for i in order]
     if not _use_triton(backend, base):
         return reference.apply_deltas(base, deltas, scales, out_dtype)
-    from mergehub.kernels import triton_kernels
+    from mergehub.kernels import triton_apply
 
     pairs = list(zip(deltas, scales))
     signs = [(d.bits, d.scales.float().expand(rows).contiguous()) for d, _ in pairs
@@ -658,7 +658,7 @@ def apply_deltas(base: torch.Tensor, deltas: list[Delta], scales: list[float] | 
     coef += [s for d, s in pairs if isinstance(d, LowRankDelta)]
     out = torch.empty(rows, cols, dtype=out_dtype, device=base.device)
     if base.numel():
-        triton_kernels.apply(base.contiguous().reshape(rows, cols), out, signs, terns, lows,
+        triton_apply.apply(base.contiguous().reshape(rows, cols), out, signs, terns, lows,
                              torch.tensor(coef + [0.0], dtype=torch.float32, device=base.device))
     return out.reshape(base.shape)
 

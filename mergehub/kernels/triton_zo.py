@@ -1,0 +1,261 @@
+"""MeZO's kernels: the perturbation drawn from Philox in registers (one tensor, or many in one
+launch with Sparse MeZO's masks) and Sparse MeZO's exact per-tensor quantiles of |θ|."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mergehub.kernels.triton_base import (
+    _FAST, _align, _digit_histogram, _first, _layout, _round_bf16, _tensor_block)
+
+ZO_BLOCK = 1024  # MeZO perturbation: entries per program
+#: many-tensor MeZO kernels: entries per program and warps of a move and of a quantile's
+#: counting pass, and the bits of the quantile's radix digits
+ZO_MANY_BLOCK, ZO_MANY_WARPS = 2048, 4
+QUANTILE_BLOCK, QUANTILE_WARPS, QUANTILE_BITS = 4096, 4, 5
+
+
+
+@triton.jit
+def _zo_direction(seed, first, eps, BLOCK: tl.constexpr):
+    """d = eps·z for the BLOCK stream positions from ``first`` (a multiple of 4), z ~ N(0, 1):
+    position p is normal p % 4 of the four ``tl.randn4x`` draws from Philox counter p // 4 (one
+    Philox call per four values), with the lowest mantissa bit of d set (MeZO's ``_sticky``:
+    keeps x + d off exact rounding ties)."""
+    n0, n1, n2, n3 = tl.randn4x(seed, (first // 4 + tl.arange(0, BLOCK // 4)).to(tl.int32))
+    z = tl.reshape(tl.join(tl.join(n0, n1), tl.join(n2, n3)), [BLOCK])
+    d = z * eps
+    return (d.to(tl.int32, bitcast=True) | 1).to(tl.float32, bitcast=True)
+
+
+
+@triton.jit(do_not_specialize=["seed", "n", "start", "times"])
+def _zo_kernel(x_ptr, d_ptr, n, start, seed, eps, times, update, WRITE_D: tl.constexpr,
+               UPDATE: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    # Entries [pid·BLOCK, ...) of x (stream positions start + i): with WRITE_D store d; else
+    # move x (:func:`_zo_block`).
+    first = tl.program_id(0).to(tl.int64) * BLOCK
+    if WRITE_D:
+        i = first + tl.arange(0, BLOCK)
+        tl.store(d_ptr + i, _zo_direction(seed, start + first, eps, BLOCK), mask=i < n)
+    else:
+        _zo_block(x_ptr, x_ptr, first, start + first, n, seed, eps, times, update, 0.0, 0, UPDATE,
+                  OUT_BF16, BLOCK, False)
+
+
+
+def zo(x: torch.Tensor | None, d: torch.Tensor | None, n: int, start: int, seed: int,
+       eps: float, times: int, update: float | None) -> None:
+    """Launch :func:`_zo_kernel` over ``n`` entries: fill ``d`` (float32) with the direction,
+    or move the flat contiguous ``x`` in place."""
+    target = d if x is None else x
+    _zo_kernel[(triton.cdiv(n, ZO_BLOCK),)](
+        target, target, n, start, seed, float(eps), times, float(update or 0.0),
+        WRITE_D=x is None, UPDATE=update is not None, OUT_BF16=target.dtype == torch.bfloat16,
+        BLOCK=ZO_BLOCK, num_warps=4, **_FAST)
+
+
+
+@triton.jit
+def _magnitude_key(x, KEY_BITS: tl.constexpr):
+    """|x|'s bit pattern as a non-negative int32 (ordered like |x|, NaN above inf): the 15
+    bits of a 16-bit float, the 31 of a float32."""
+    if KEY_BITS == 15:
+        return x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
+    else:
+        return x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+
+@triton.jit
+def _smallest_prefix(hist_row, rank, ROUNDS: tl.constexpr, D: tl.constexpr):
+    """Radix select from below over the first ROUNDS histograms of the keys' D-bit digits
+    (from the top; round r's 2^D bins at hist_row + 2^D r): the digits of the rank-th smallest
+    key those rounds fix."""
+    q = (rank * 0).to(tl.int32)
+    bins = tl.arange(0, 1 << D)
+    for r in tl.static_range(ROUNDS):
+        h = tl.load(hist_row + r * (1 << D) + bins)
+        sel = tl.sum((tl.cumsum(h, 0) < rank).to(tl.int32), 0)
+        rank = rank - tl.sum(tl.where(bins < sel, h, 0), 0)
+        q = q * (1 << D) + sel
+    return q
+
+
+
+@triton.jit
+def _quantile_counts(x_ptr, start, n, k, hist_row, ROUND: tl.constexpr, ROUNDS: tl.constexpr,
+                     KEY_BITS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                     FULL: tl.constexpr):
+    """Add this block's keys under the prefix the earlier rounds chose to the histogram of
+    their next D-bit digit (round ROUND of hist_row; the digits of round r are the key's bits
+    D (ROUNDS - 1 - r) and up)."""
+    i = start + tl.arange(0, BLOCK)
+    if FULL:
+        x = tl.load(x_ptr + i)
+        ok = tl.full([BLOCK], 1, tl.int1)
+    else:
+        ok = i < n
+        x = tl.load(x_ptr + i, mask=ok, other=0)
+    keys = _magnitude_key(x, KEY_BITS)
+    low = D * (ROUNDS - 1 - ROUND)
+    q = _smallest_prefix(hist_row, k, ROUND, D)
+    if ROUND > 0:
+        ok = ok & ((keys >> (low + D)) == q)
+    h = _digit_histogram(keys, ok, q, low + D, low, D)
+    tl.atomic_add(hist_row + ROUND * (1 << D) + tl.arange(0, 1 << D), h, mask=h > 0,
+                  sem="relaxed")
+
+
+
+@triton.jit
+def _quantile_kernel(like_ptr, meta_ptr, first_ptr, ks_ptr, hist_ptr, LOG_T: tl.constexpr,
+                     ROUND: tl.constexpr, ROUNDS: tl.constexpr, KEY_BITS: tl.constexpr,
+                     D: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+    # One counting round of the k-th smallest |x| of every tensor: each program histograms its
+    # block's next digit into its tensor's row of int32 [T, ROUNDS, 2^D].
+    t, x_ptr, start, n, _ = _tensor_block(like_ptr, meta_ptr, first_ptr, LOG_T, BLOCK, ALIGN)
+    hist_row = hist_ptr + t * (ROUNDS << D)
+    k = tl.load(ks_ptr + t)
+    if start + BLOCK <= n:
+        _quantile_counts(x_ptr, start, n, k, hist_row, ROUND, ROUNDS, KEY_BITS, D, BLOCK, True)
+    else:
+        _quantile_counts(x_ptr, start, n, k, hist_row, ROUND, ROUNDS, KEY_BITS, D, BLOCK,
+                         False)
+
+
+
+@triton.jit
+def _quantile_finish(ks_ptr, hist_ptr, out_ptr, ROUNDS: tl.constexpr, KEY_BITS: tl.constexpr,
+                     D: tl.constexpr, FP16: tl.constexpr):
+    # Program t: the key all the rounds' digits spell, as the float32 value of |x|.
+    t = tl.program_id(0)
+    key = _smallest_prefix(hist_ptr + t * (ROUNDS << D), tl.load(ks_ptr + t), ROUNDS, D)
+    if KEY_BITS == 31:
+        value = key.to(tl.int32).to(tl.float32, bitcast=True)
+    elif FP16:
+        value = key.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        value = (key.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    tl.store(out_ptr + t, value)
+
+
+
+def smallest_magnitudes(xs: list[torch.Tensor], ks: torch.Tensor) -> torch.Tensor:
+    """float32 [T]: the ks[t]-th smallest |x| of each flat contiguous tensor (one dtype: bf16,
+    fp16 or fp32; 1 <= k <= numel < 2^31; ``ks`` int64 on their device), exactly, on the
+    device and with no host synchronization: a radix select over |x|'s bit patterns,
+    QUANTILE_BITS a round, each round one pass over all the tensors that counts the next digit
+    of the keys under the prefix chosen so far (3 rounds for 16-bit floats, 7 for float32 at
+    5 bits), then one launch to read the keys off the histograms. Few bits a round, because
+    ``tl.histogram``'s work per value grows with its bins (8-bit digits took 3.5 ms a round
+    over 1.1B bf16 values on an H200, compute-bound; a round reads them in ~0.5 ms)."""
+    dev = xs[0].device
+    key_bits = 31 if xs[0].dtype == torch.float32 else 15
+    digit = QUANTILE_BITS
+    rounds = -(-key_bits // digit)
+    meta, first, programs, log_t = _layout(xs, QUANTILE_BLOCK)
+    hist = torch.zeros(len(xs) * (rounds << digit), dtype=torch.int32, device=dev)
+    for r in range(rounds):
+        _quantile_kernel[(programs,)](_first(xs), meta, first, ks, hist, LOG_T=log_t, ROUND=r,
+                                      ROUNDS=rounds, KEY_BITS=key_bits, D=digit,
+                                      BLOCK=QUANTILE_BLOCK, ALIGN=_align(xs),
+                                      num_warps=QUANTILE_WARPS)
+    out = torch.empty(len(xs), dtype=torch.float32, device=dev)
+    _quantile_finish[(len(xs),)](ks, hist, out, ROUNDS=rounds, KEY_BITS=key_bits, D=digit,
+                                 FP16=xs[0].dtype == torch.float16, num_warps=4)
+    return out
+
+
+
+@triton.jit
+def _zo_block(x_ptr, bits_ptr, start, position, n, seed, eps, times, update, bound,
+              MASK: tl.constexpr, UPDATE: tl.constexpr, OUT_BF16: tl.constexpr,
+              BLOCK: tl.constexpr, FULL: tl.constexpr):
+    """Entries [start, start + BLOCK) of x (below n; all of them with FULL), at stream
+    positions from ``position``: add d ``times`` times (subtract for times < 0), rounding to
+    x's dtype after each add as torch's in-place add does, then (UPDATE) add update·d once
+    more; d is masked by |x| <= bound at the step's start (MASK 1: computed here and stored as
+    packed bits from byte start / 8 of ``bits_ptr``; 2: read from them)."""
+    i = start + tl.arange(0, BLOCK)
+    if FULL:
+        m = tl.full([BLOCK], 1, tl.int1)
+        x = tl.load(x_ptr + i).to(tl.float32)
+    else:
+        m = i < n
+        x = tl.load(x_ptr + i, mask=m, other=0).to(tl.float32)
+    d = _zo_direction(seed, position, eps, BLOCK)
+    if MASK != 0:
+        byte = start // 8 + tl.arange(0, BLOCK // 8)
+        shift = 7 - tl.arange(0, 8)
+        if MASK == 1:
+            keep = tl.reshape((tl.abs(x) <= bound) & m, (BLOCK // 8, 8))
+            packed = tl.sum(keep.to(tl.int32) << shift[None, :], 1).to(tl.uint8)
+            if FULL:
+                tl.store(bits_ptr + byte, packed)
+            else:
+                tl.store(bits_ptr + byte, packed, mask=byte * 8 < n)
+        else:
+            if FULL:
+                packed = tl.load(bits_ptr + byte)
+            else:
+                packed = tl.load(bits_ptr + byte, mask=byte * 8 < n, other=0)
+            keep = ((packed.to(tl.int32)[:, None] >> shift[None, :]) & 1) != 0
+        d = d * tl.where(tl.reshape(keep, (BLOCK,)), 1.0, 0.0)  # as the torch path: d * mask
+    step = tl.where(times > 0, d, -d)
+    for _ in range(tl.abs(times)):
+        x = x + step
+        if OUT_BF16:
+            x = _round_bf16(x)
+        else:
+            x = x.to(x_ptr.dtype.element_ty).to(tl.float32)
+    if UPDATE:
+        x = x + d * update
+    if OUT_BF16:
+        x = _round_bf16(x)
+    if FULL:
+        tl.store(x_ptr + i, x.to(x_ptr.dtype.element_ty))
+    else:
+        tl.store(x_ptr + i, x.to(x_ptr.dtype.element_ty), mask=m)
+
+
+
+@triton.jit(do_not_specialize=["times"])
+def _zo_many_kernel(like_ptr, meta_ptr, first_ptr, seeds_ptr, bounds_ptr, bits_ptr, eps, times,
+                    update, LOG_T: tl.constexpr, MASK: tl.constexpr, UPDATE: tl.constexpr,
+                    OUT_BF16: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+    # :func:`_zo_kernel` over several tensors (stream positions from 0 in each, seeds_ptr[t]
+    # its seed): each program moves one block of one tensor.
+    t, x_ptr, start, n, first_byte = _tensor_block(like_ptr, meta_ptr, first_ptr, LOG_T, BLOCK,
+                                                   ALIGN)
+    seed = tl.load(seeds_ptr + t)
+    bound = 0.0
+    if MASK != 0:
+        bound = tl.load(bounds_ptr + t)
+    if start + BLOCK <= n:
+        _zo_block(x_ptr, bits_ptr + first_byte, start, start, n, seed, eps, times, update, bound,
+                  MASK, UPDATE, OUT_BF16, BLOCK, True)
+    else:
+        _zo_block(x_ptr, bits_ptr + first_byte, start, start, n, seed, eps, times, update, bound,
+                  MASK, UPDATE, OUT_BF16, BLOCK, False)
+
+
+
+def zo_many(xs: list[torch.Tensor], seeds: torch.Tensor, eps: float, times: int,
+            update: float | None, bounds: torch.Tensor | None, bits: torch.Tensor | None,
+            fresh: bool) -> None:
+    """Launch :func:`_zo_many_kernel` once over the flat contiguous tensors ``xs`` (one dtype;
+    checked by the caller), seeds int64 [T] on their device; with ``bounds`` (float32 [T]) the
+    moves are masked by the packed bits in ``bits`` (:func:`_layout`'s offsets), which are
+    computed first when ``fresh``."""
+    meta, first, programs, log_t = _layout(xs, ZO_MANY_BLOCK)
+    mask = 0 if bounds is None else 1 if fresh else 2
+    like = _first(xs)
+    _zo_many_kernel[(programs,)](
+        like, meta, first, seeds, seeds if bounds is None else bounds,
+        like if bits is None else bits, float(eps), times, float(update or 0.0), LOG_T=log_t,
+        MASK=mask, UPDATE=update is not None, OUT_BF16=xs[0].dtype == torch.bfloat16,
+        BLOCK=ZO_MANY_BLOCK, ALIGN=_align(xs), num_warps=ZO_MANY_WARPS,
+        **_FAST)
