@@ -136,7 +136,8 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
         torch.cuda.set_device(device)
     if joined:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
+                                device_id=device if cuda else None)
     group = dist.group.WORLD if joined else None
     model = _model(args, device, sharded)
     rows = distributed.rows(args.batch, rank, world)

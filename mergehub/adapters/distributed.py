@@ -50,9 +50,11 @@ def join(device: torch.device | str = "cpu") -> tuple[World | None, bool]:
     created = False
     if not dist.is_initialized():
         cuda = torch.device(device).type == "cuda"
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
+        local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else None
+        if local is not None:
+            torch.cuda.set_device(local)
+        # NCCL told its device up front (else it guesses one per rank, and warns)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=local)
         created = True
     if dist.get_world_size() == 1:
         return None, created
