@@ -218,10 +218,7 @@ def recipe(method: str, inputs: list[str], density: float | None = None) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--intermediate", type=int, default=5632)
-    ap.add_argument("--vocab", type=int, default=32000)
+    bm.shape_args(ap, layers=16, hidden=2048, intermediate=5632, vocab=32000)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--skip", default="", help="comma-separated row groups to skip: "
                     "peft, hubmerge, dense")

@@ -67,10 +67,7 @@ def digest(folder: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=1536)
-    ap.add_argument("--intermediate", type=int, default=4096)
-    ap.add_argument("--vocab", type=int, default=32000)
+    bm.shape_args(ap, layers=4, hidden=1536, intermediate=4096, vocab=32000)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--code", action="append", default=[],
                     help="NAME=PATH of a source tree to run (default: this checkout)")

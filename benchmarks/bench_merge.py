@@ -135,6 +135,19 @@ def log(msg: str) -> None:
 
 # --- the synthetic models -----------------------------------------------------------------------
 
+def shape_args(ap: argparse.ArgumentParser, layers: int, hidden: int, intermediate: int,
+               vocab: int, heads: int | None = None, kv_heads: int | None = None) -> None:
+    """The options of a Llama-style model's shape, with this benchmark's defaults (the
+    benchmarks that build such models share them)."""
+    ap.add_argument("--layers", type=int, default=layers)
+    ap.add_argument("--hidden", type=int, default=hidden)
+    ap.add_argument("--intermediate", type=int, default=intermediate)
+    ap.add_argument("--vocab", type=int, default=vocab)
+    if heads is not None:
+        ap.add_argument("--heads", type=int, default=heads)
+        ap.add_argument("--kv-heads", type=int, default=kv_heads)
+
+
 def llama_specs(layers: int, hidden: int, inter: int, vocab: int, dtype: str) -> list[TensorSpec]:
     """Tensor names and shapes of a Llama-style causal LM (MHA, untied embeddings)."""
     specs = [TensorSpec("model.embed_tokens.weight", dtype, (vocab, hidden))]
@@ -670,10 +683,7 @@ def run_ray(args: argparse.Namespace, work: Path, methods: list[str]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--intermediate", type=int, default=5632)
-    ap.add_argument("--vocab", type=int, default=32000)
+    shape_args(ap, layers=16, hidden=2048, intermediate=5632, vocab=32000)
     ap.add_argument("--shard-size", default="2GB", help="shard size of the inputs (default 2GB)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs of each tool per recipe (order alternates; default 1)")

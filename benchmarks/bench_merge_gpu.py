@@ -37,10 +37,7 @@ from mergehub.merge.recipe import load_recipe  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--intermediate", type=int, default=5632)
-    ap.add_argument("--vocab", type=int, default=32000)
+    bm.shape_args(ap, layers=16, hidden=2048, intermediate=5632, vocab=32000)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--chunked", action=argparse.BooleanOptionalAction, default=True,

@@ -59,6 +59,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import bench_merge as bm  # the model-shape options (benchmarks/ is on the path of a script)
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -271,12 +273,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8, help="global batch (rows), split over N")
     ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--intermediate", type=int, default=1408)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=4)
+    bm.shape_args(ap, layers=8, hidden=512, intermediate=1408, vocab=8192, heads=8, kv_heads=4)
     ap.add_argument("--json", action="store_true", help="one JSON object per row")
     args = ap.parse_args()
     if any(args.batch < n for n in args.procs):

@@ -78,6 +78,8 @@ from mergehub.storage.safetensors_format import TensorSpec
 from mergehub.storage.store import Store
 from mergehub.storage.writer import write_model_dir
 
+import bench_merge as bm  # the model-shape options (benchmarks/ is on the path of a script)
+
 MB = 1_000_000
 N_FINETUNES = 3
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -206,10 +208,7 @@ def human(n: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layers", type=int, default=34)
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--intermediate", type=int, default=2816)
-    ap.add_argument("--vocab", type=int, default=32000)
+    bm.shape_args(ap, layers=34, hidden=1024, intermediate=2816, vocab=32000)
     ap.add_argument("--rel", type=float, default=0.05,
                     help="fine-tune perturbation, relative to each tensor's std (default 0.05)")
     ap.add_argument("--shard-size", default="500MB")

@@ -44,6 +44,8 @@ import sys
 import time
 from pathlib import Path
 
+import bench_merge as bm  # the model-shape options (benchmarks/ is on the path of a script)
+
 FORWARD = "closure forward"  # the profiler range around each of the closure's forward passes
 CPU_MODES = ("inference", "mezo", "sparse-mezo", "adam")
 CUDA_MODES = ("inference", "mezo", "mezo-torch", "sparse-mezo", "sparse-mezo-torch",
@@ -255,8 +257,8 @@ def memory(args: argparse.Namespace) -> None:
               f"{first['rss_baseline_mib']:.0f} MiB; 'at start' is after building the model)")
     profiled = [r for r in results if "profile" in r]
     if profiled:
-        print(f"\n## One profiled step (torch.profiler; ms; 'fwd' = inside the closure's forward "
-              f"passes, 'other' = the optimizer's own work)")
+        print("\n## One profiled step (torch.profiler; ms; 'fwd' = inside the closure's forward "
+              "passes, 'other' = the optimizer's own work)")
         print(f"{'mode':18s} {'wall':>8s} {'fwd host':>8s} {'busy fwd':>8s} {'busy oth':>8s} "
               f"{'k fwd':>6s} {'k oth':>6s} {'waits':>5s} {'wait ms':>8s}")
         for r in profiled:
@@ -275,12 +277,8 @@ def main() -> None:
     mem = sub.add_parser("memory", help="peak memory of MeZO vs inference vs Adam backprop")
     mem.add_argument("--device", default="cpu")
     mem.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    mem.add_argument("--hidden", type=int, default=768)
-    mem.add_argument("--intermediate", type=int, default=2048)
-    mem.add_argument("--layers", type=int, default=12)
-    mem.add_argument("--heads", type=int, default=12)
-    mem.add_argument("--kv-heads", type=int, default=4)
-    mem.add_argument("--vocab", type=int, default=32000)
+    bm.shape_args(mem, layers=12, hidden=768, intermediate=2048, vocab=32000, heads=12,
+                  kv_heads=4)
     mem.add_argument("--batch", type=int, default=4)
     mem.add_argument("--seq", type=int, default=256)
     mem.add_argument("--steps", type=int, default=3)
