@@ -20,7 +20,8 @@ from click.testing import CliRunner
 from mergehub.errors import StoreError
 from mergehub.hub.cli import cli
 from mergehub.hub.demo import dir_digests
-from mergehub.storage.store import Store, _open_catalog
+from mergehub.storage.catalog import _open_catalog
+from mergehub.storage.store import Store
 
 
 def _hub(root: Path, *args: object) -> tuple[int, str]:
@@ -351,7 +352,8 @@ import json, sys
 from pathlib import Path
 from click.testing import CliRunner
 from mergehub.hub.cli import cli
-from mergehub.storage.store import Store, _open_catalog
+from mergehub.storage.catalog import _open_catalog
+from mergehub.storage.store import Store
 
 mount, base, out = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 root = mount / "store"

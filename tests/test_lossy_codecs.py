@@ -265,6 +265,41 @@ def test_compressed_blob_corruption_and_errors(stocked, tmp_path):
         stocked.compress("ft", "bit1", progress=False)
 
 
+@pytest.mark.parametrize("codec, damage", [("bit1", "swap"), ("bit1", "flip"),
+                                           ("compeft", "swap"), ("compeft", "flip")])
+def test_the_device_read_checks_a_lossy_blob_as_the_cpu_read_does(stocked, codec, damage):
+    """The read that decodes a lossy blob on a device (``StoredModel.load`` on a GPU), run
+    here on CPU tensors, checks what the CPU read checks, once: an intact blob decodes to the
+    CPU read's bytes; a blob file swapped for another valid blob (its header names another
+    original) and a payload with a flipped bit are both refused with the CPU read's error
+    naming model and tensor, not by hashing the stored bytes."""
+    stocked.compress("ft", codec, progress=False)
+    model = stocked.open(f"ft-{codec}")
+    (name, blob), (_, other) = stocked._db.execute(
+        "SELECT t.name, t.blob FROM tensors t JOIN blobs b ON b.id = t.blob JOIN models m ON "
+        "m.id = t.model_id WHERE b.codec = ? AND m.name = ? AND t.name LIKE "
+        "'%gate_proj.weight' ORDER BY t.name LIMIT 2", (codec, model.name)).fetchall()
+    size = next(s.nbytes for s in model.specs() if s.name == name)  # two layers': one shape
+    what = f"model 'ft-{codec}', tensor {name!r}"
+    cpu = torch.device("cpu")
+    decoded = stocked._decode_on(blob, what, cpu, size)
+    assert bytes(decoded.view(torch.uint8).numpy()) == bytes(model.read_bytes(name))
+    path = stocked._blob_path(blob)
+    if damage == "swap":
+        path.write_bytes(stocked._blob_path(other).read_bytes())
+        expected = "its header disagrees with the catalog"
+    else:
+        data = bytearray(path.read_bytes())
+        data[-3] ^= 0x10
+        path.write_bytes(bytes(data))
+        expected = "decodes to bytes whose sha256 does not match the original"
+    with pytest.raises(IntegrityError) as on_cpu:
+        model.read_bytes(name)
+    with pytest.raises(IntegrityError) as on_device:
+        stocked._decode_on(blob, what, cpu, size)
+    assert expected in str(on_cpu.value) and str(on_device.value) == str(on_cpu.value)
+
+
 def test_finetune_of_a_compressed_entry(stocked, models, tmp_path):
     stocked.compress("ft", "compeft", {"density": 0.3}, progress=False)
     stocked.add(models["ft-attn"], "child", base="ft-compeft", progress=False)
