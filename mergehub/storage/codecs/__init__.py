@@ -10,13 +10,13 @@ like it does for lossless blobs (see :mod:`mergehub.storage.codec`).
 
 ``decode`` runs on the base tensor's device: given a CUDA base, ``bit1``, ``compeft`` and
 ``lowrank`` decode with the fused decompress-and-apply kernel (:func:`mergehub.kernels.apply_deltas`)
-and ``tall`` with torch on the GPU. Where ``exact_on_cuda`` is true the CUDA result is
-bit-identical to the CPU's (same float32 operations in the same order), so the decoded-bytes
-sha256 still checks it. ``lowrank`` is not: a GPU matrix product sums in another order (relative
-error ~1e-6 of τ̂ before rounding to the tensor's dtype, tested against the CPU decode in
-tests/test_kernels.py), so a CUDA reader of a lowrank blob checks the blob's id instead (the
-sha256 of header + payload, which covers everything decoding reads) and must not compare the
-decoded bytes with the header's sha256.
+and ``tall`` with torch on the GPU. A reader that decodes on a GPU checks the blob against its
+id (the sha256 of header + payload, which covers everything decoding reads, and is small)
+rather than the decoded bytes, which stay on the device. Where ``exact_on_cuda`` is true the
+CUDA result is bit-identical to the CPU's (same float32 operations in the same order);
+``lowrank``'s is not: a GPU matrix product sums in another order (relative error ~1e-6 of τ̂
+before rounding to the tensor's dtype, tested against the CPU decode in tests/test_kernels.py),
+so its decoded bytes must not be compared with the header's sha256.
 """
 
 from __future__ import annotations
