@@ -574,9 +574,10 @@ class Composer:
             for spec, raw in zip(order, raws):
                 target = targets[spec.name]
                 self._save(spec.name, target, merger)
+                # held before it is written: a failure part-way through puts it back too
+                self._held[spec.name] = wanted[spec.name]
                 if not merger.merge_into(spec, raw, target, batch):
                     target.copy_(_whole(list(merger.merged(spec, raw)), spec))
-                self._held[spec.name] = wanted[spec.name]
                 written += 1
             if batch is not None:
                 batch.run()

@@ -446,6 +446,36 @@ def test_failed_apply_leaves_the_model_as_it_was(hub, tmp_path):
     assert_holds(model, expected)
 
 
+def test_failure_inside_a_tensor_puts_it_back(hub, monkeypatch):
+    """The CPU path writes a tensor's chunks straight into the parameter; a failure after its
+    first chunk has been written puts that tensor back too (from the loaded state and from an
+    applied recipe)."""
+    from mergehub.merge import tensors
+
+    store, _ = hub
+    monkeypatch.setattr(compose, "TensorMerger",
+                        functools.partial(tensors.TensorMerger, chunk_elements=64))
+    chunked = tensors.TensorMerger._chunked
+
+    def failing(self, spec):
+        for i, part in enumerate(chunked(self, spec)):
+            if i == 1 and spec.name.endswith("layers.1.mlp.up_proj.weight") \
+                    and self.plan.recipe.merge_method == "task_arithmetic":
+                raise ValueError("disk on fire")
+            yield part
+
+    monkeypatch.setattr(tensors.TensorMerger, "_chunked", failing)
+    model = mergehub.load("base", store)
+    composer = Composer(model)
+    for applied in (None, recipe("ties", [("mlp", {"density": 0.4})])):
+        if applied:
+            composer.apply(applied)
+        before = snapshot(model)
+        with pytest.raises(mergehub.merge.plan.MergeError, match="disk on fire"):
+            composer.apply(recipe("task_arithmetic", [("mlp", {}), ("attn", {})]))
+        assert_same(model, before)
+
+
 def test_applied_restores_on_exit_and_on_error(hub, tmp_path):
     store, _ = hub
     model = mergehub.load("base", store)

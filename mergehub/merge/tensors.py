@@ -176,15 +176,23 @@ class TensorMerger:
 
     def merge_into(self, spec: TensorSpec, raw: list[torch.Tensor] | None, out: torch.Tensor,
                    batch: Any = None) -> bool:
-        """Merge tensor ``spec`` on the fused path (given its :meth:`raw_inputs`) straight into
-        ``out`` (its shape and output dtype, on the device), or queue it in ``batch`` (a
+        """Merge tensor ``spec`` straight into ``out`` (its shape and output dtype, on the
+        device), without a whole-tensor result of its own: on the fused path (given its
+        :meth:`raw_inputs`) by one kernel, or queued in ``batch`` (a
         :class:`mergehub.kernels.MergeBatch`, where the merge can join one: ``out`` is written
-        when the batch runs). False, and nothing done, for a tensor that does not take the
-        fused path (see :meth:`merged`)."""
-        if raw is None or spec.name in self.plan.copy_from_base:
+        when the batch runs); else chunk by chunk into ``out``'s rows, which then hold part of
+        the result if the merge fails. False, and nothing done, for a tensor copied from the
+        base or an ``out`` that is not contiguous (see :meth:`merged`)."""
+        if spec.name in self.plan.copy_from_base or not out.is_contiguous():
             return False
         with self._named(spec):
-            self._fused(spec, raw, out, batch)
+            if raw is not None:
+                self._fused(spec, raw, out, batch)
+                return True
+            flat, at = out.view(-1), 0
+            for part in self._chunked(spec):
+                flat[at:at + part.numel()].copy_(part.reshape(-1))
+                at += part.numel()
         return True
 
     @contextmanager
