@@ -211,3 +211,59 @@ def test_the_worked_example_of_a_new_training_method_trains(models, tmp_path, mo
     norms = load_file(tmp_path / "norms-1" / "model.safetensors")
     full = load_file(tmp_path / "full-1" / "model.safetensors")
     assert all(torch.equal(norms[n], full[n] if "norm" in n else before[n]) for n in before)
+
+
+def test_the_worked_example_of_a_family_member_merges(models, tmp_path, monkeypatch):
+    """docs/architecture.md's family member, its one registry line as written there: TIES' trim
+    then plain task arithmetic. On the spec's 6-entry example it is the oracle's trim
+    (tests/merge_reference.py) followed by the oracle's task arithmetic; at density 1 it is
+    task arithmetic bit for bit through ``hub merge``; the fused path (the kernels' CPU
+    reference) gives the chunked path's bits at density 0.3; and recipes get exactly the
+    parameters the line declares (``sign_method`` is not one)."""
+    from safetensors.torch import load_file
+
+    import mergehub
+    from mergehub.merge.engine import execute
+    from mergehub.merge.methods import METHODS, members
+    from mergehub.merge.plan import plan_merge
+    from mergehub.merge.recipe import RecipeError, load_recipe
+    from tests import merge_reference as ref
+    from tests.test_merge_methods import BASE, TAUS, run
+
+    text = (ROOT.parent / "docs" / "architecture.md").read_text()
+    code = text.split("# mergehub/merge/methods/members.py\n", 1)[1].split("```", 1)[0]
+    monkeypatch.setitem(METHODS, "ties_linear", None)  # the registration is undone after the test
+    exec(compile(code, "members.py", "exec"), dict(vars(members)))  # noqa: S102 (our doc)
+
+    weights, densities = [1.0, 0.5, 2.0], [0.5, 0.34, 1.0]
+    out = run("ties_linear", {"lambda": 0.7},
+              [{"weight": w, "density": d} for w, d in zip(weights, densities)])
+    want = ref.task_arithmetic(BASE, [ref.trim(t, d) for t, d in zip(TAUS, densities)],
+                               weights, 0.7)
+    assert all(abs(a - b) <= 1e-6 for a, b in zip(out, want)), (out, want)
+
+    base, a, b = models["base-bf16"], models["ft-mlp"], models["ft-attn"]
+
+    def recipe(method: str, params: tuple[str, str], extra: str = "") -> str:
+        return (f"merge_method: {method}\nbase_model: {base}\nmodels:\n"
+                f"  - model: {a}\n    parameters: {{{params[0]}}}\n"
+                f"  - model: {b}\n    parameters: {{{params[1]}}}\n{extra}")
+
+    def merged(text: str, fused: bool = False) -> dict:
+        out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
+        execute(plan_merge(load_recipe(text)), out, progress=False, fused=fused,
+                chunk_elements=1000)
+        return load_file(out / "model.safetensors")
+
+    ours = merged(recipe("ties_linear", ("weight: 1.0", "weight: 0.5")))
+    ta = merged(recipe("task_arithmetic", ("weight: 1.0", "weight: 0.5")))
+    assert ours.keys() == ta.keys() and all(torch.equal(ours[k], ta[k]) for k in ta)
+    trimmed = recipe("ties_linear", ("weight: 1.0, density: 0.3", "weight: 0.5, density: 0.3"))
+    chunked, fused = merged(trimmed), merged(trimmed, fused=True)
+    assert all(torch.equal(chunked[k], fused[k]) for k in chunked)
+    assert any(not torch.equal(chunked[k], ta[k]) for k in ta)
+    with pytest.raises(RecipeError, match="unknown parameter 'sign_method' for merge_method "
+                                          "ties_linear"):
+        mergehub.merge(recipe("ties_linear", ("weight: 1.0", "weight: 0.5"),
+                              "parameters: {sign_method: count}\n"), tmp_path / "x",
+                       progress=False)

@@ -28,16 +28,17 @@ def run(method: str, params: dict, model_params: list[dict], base=BASE, taus=TAU
     xs = [torch.tensor(t, dtype=torch.float32) for t in taus]
     if not cls.on_deltas:
         xs = [b + x for x in xs]
-    ctx = TensorContext("t", torch.device("cpu"), seed, {"numel": b.numel(), "row_starts": [0]})
+    ctx = TensorContext("t", torch.device("cpu"), seed, row_size=1, numel=b.numel())
     rnd = 0
     while rnd < m.prepass_rounds():
         m.observe(rnd, xs, full, ctx)
         m.finish_round(rnd, ctx.state)
         rnd += 1
-    m.tensor_stats(lambda which=None: iter([(b, xs if which is None else [xs[i] for i in which])]),
-                   full, ctx)
-    ctx.rows = (0, b.numel())
-    return m.merge(b, xs, full, ctx).tolist()
+
+    def chunks(which=None):
+        yield b, xs if which is None else [xs[i] for i in which]
+
+    return torch.cat(list(m.merge_chunks(chunks, [(0, b.numel())], full, ctx))).tolist()
 
 
 def close(a, b, tol=1e-6):
@@ -239,15 +240,8 @@ def run_chunked(method: str, params: dict, model_params: list[dict], taus: list[
             yield base[r0:r1], [taus[i][r0:r1] for i in (range(len(taus)) if which is None
                                                          else which)]
 
-    ctx = TensorContext("t", torch.device("cpu"), 0,
-                        {"numel": rows * cols, "row_starts": [r for r, _ in ranges]},
-                        row_size=cols)
-    m.tensor_stats(chunks, full, ctx)
-    out = []
-    for r0, r1 in ranges:
-        ctx.rows = (r0, r1)
-        out.append(m.merge(base[r0:r1], [t[r0:r1] for t in taus], full, ctx))
-    return torch.cat(out), m
+    ctx = TensorContext("t", torch.device("cpu"), 0, row_size=cols, numel=rows * cols)
+    return torch.cat(list(m.merge_chunks(chunks, ranges, full, ctx))), m
 
 
 @pytest.mark.parametrize("shape, chunk_rows", [((64, 50), 1), ((64, 50), 7), ((64, 50), 64),
@@ -441,7 +435,7 @@ def test_global_trim_matches_oracle(ties):
     magnitudes tie at the cut; streamed in small chunks, so runs of ties straddle chunks and
     tensors. Density <= 0 keeps nothing there, as in the per-tensor scope."""
     from mergehub.ops.sparsify import cut_mask, magnitude_cuts
-    from mergehub.merge.methods.ties import GlobalCuts
+    from mergehub.merge.methods.global_cuts import GlobalCuts
 
     tensors = [[_bf16_taus(1000, 1 + t), _bf16_taus(37 * 11, 3 + t, 0.02).reshape(37, 11),
                 _bf16_taus(5000, 5 + t, 0.003)] for t in range(4)]

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
+from mergehub.merge.methods.family import GeneralizedTaskArithmetic
 from mergehub.merge.methods.linear import Linear
-from mergehub.merge.methods.task_arithmetic import TaskArithmetic
 from mergehub.merge.recipe import resolve_params
 from mergehub.merge.tensors import MergeResult
 from mergehub.storage.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -34,11 +34,12 @@ def lora_coefficients(plan: Any, target: str) -> list[float] | None:
     """Each input's coefficient on its delta for ``target``, or ``None`` if the method's result
     is not a linear combination of the deltas with these parameters."""
     method = plan.method
-    if not isinstance(method, (TaskArithmetic, Linear)):
+    plain = isinstance(method, GeneralizedTaskArithmetic) and method.member.linear
+    if not (plain or isinstance(method, Linear)):
         return None
     params = [resolve_params(p, target, plan.num_layers) for p in plan.model_params]
     weights = [float(p["weight"]) for p in params]
-    if isinstance(method, TaskArithmetic):
+    if plain:
         total = sum(weights) if method.params["normalize"] else 1.0
         total = total if abs(total) >= 1e-8 else 1.0
         return [float(method.params["lambda"]) * w / total for w in weights]

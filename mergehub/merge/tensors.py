@@ -209,11 +209,10 @@ class TensorMerger:
         ranges = row_ranges(spec, self.chunk)
         dtype = TORCH_DTYPE[spec.dtype]
         sources = [src for src in (self.plan.base, *self.plan.inputs) if src is not None]
-        ctx = TensorContext(spec.name, self.device, self.seed,
-                            {**self.state, "numel": math.prod(spec.shape),
-                             "row_starts": [r0 for r0, _ in ranges],
-                             "any_rows": not any(src.in_order(spec.name) for src in sources)},
-                            row_size=matrix_shape(spec)[1], out_dtype=dtype)
+        ctx = TensorContext(spec.name, self.device, self.seed, dict(self.state),
+                            row_size=matrix_shape(spec)[1], numel=math.prod(spec.shape),
+                            any_rows=not any(src.in_order(spec.name) for src in sources),
+                            out_dtype=dtype)
 
         def chunks(which: list[int] | None = None,
                    rows: list[tuple[int, int]] | None = None) -> Iterator[tuple[
@@ -228,9 +227,8 @@ class TensorMerger:
         from mergehub import kernels
 
         params = self.params(spec)
-        ctx = TensorContext(spec.name, self.device, self.seed,
-                            {**self.state, "numel": math.prod(spec.shape)},
-                            cut_memo=self.cut_memo)
+        ctx = TensorContext(spec.name, self.device, self.seed, dict(self.state),
+                            numel=math.prod(spec.shape), cut_memo=self.cut_memo)
         base, *thetas = (t if t.device == self.device else t.to(self.device, non_blocking=True)
                          for t in raw)
         args = self.plan.method.fused(base, thetas, params, ctx)

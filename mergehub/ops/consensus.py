@@ -4,7 +4,7 @@ Information for Improved Model Merging and Compression"), on whole tensors or ro
 For task vectors xt as the merged vector τMTL sums them (wt·τt, ÷ Σ wt when normalized), a
 task's mask keeps the entries where it matters relative to the merge,
 mt = 1{|xt| > λt·|τMTL − xt|} (strict, as the authors' code); Consensus keeps the entries of
-τMTL at least k tasks' masks keep. :mod:`mergehub.merge.methods.consensus` builds the merge
+τMTL at least k tasks' masks keep. :mod:`mergehub.merge.methods.members` builds the merge
 methods on these, :mod:`mergehub.storage.codecs.tall` the TALL storage codec.
 """
 

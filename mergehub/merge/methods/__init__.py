@@ -1,7 +1,9 @@
-"""Merge methods, one module each, registered by name in :data:`METHODS`."""
+"""Merge methods, registered by name in :data:`METHODS`: a module per method (a
+:class:`MergeMethod` subclass), and the task-arithmetic family's members, one line each in
+:mod:`~mergehub.merge.methods.members`."""
 
 from mergehub.merge.methods.base import METHODS, MergeMethod, TensorContext, register
 from mergehub.merge.methods import (  # noqa: F401  (importing registers them)
-    breadcrumbs, consensus, dare, linear, metric_weighted, rmm, task_arithmetic, ties)
+    linear, members, metric_weighted, rmm)
 
 __all__ = ["METHODS", "MergeMethod", "TensorContext", "register"]

@@ -6,7 +6,7 @@ import hashlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import torch
 
@@ -122,8 +122,7 @@ def value_problem(rule: Rule, value: Any) -> str | None:
 class TensorContext:
     """What a method may know about the tensor it merges besides the values.
 
-    ``state`` carries results of a method's pre-pass (e.g. global TIES thresholds per input) and
-    of :meth:`MergeMethod.tensor_stats` for the current tensor.
+    ``state`` carries the results of a method's pre-pass (:meth:`MergeMethod.finish_round`).
     """
 
     name: str
@@ -132,6 +131,9 @@ class TensorContext:
     state: dict[str, Any] = field(default_factory=dict)
     rows: tuple[int, int] = (0, 0)  # the row range of the chunk being merged
     row_size: int = 0  # entries per row (the chunk's first flat position is rows[0]·row_size)
+    numel: int = 0  # entries in the whole tensor
+    #: whether every input can read any rows in any order (none decodes in order only)
+    any_rows: bool = False
     #: the fused path's magnitude_cuts: a ``kernels.CutMemo`` where the caller keeps one
     #: (``None``: ``kernels.magnitude_cuts``)
     cut_memo: Any = None
@@ -202,15 +204,6 @@ class MergeMethod:
     def finish_round(self, round: int, state: dict[str, Any]) -> None:
         """End of pre-pass ``round``: put what :meth:`merge` needs into ``state``."""
 
-    def tensor_stats(self, chunks: Callable[..., Iterable[tuple[torch.Tensor | None,
-                                                                list[torch.Tensor]]]],
-                     model_params: list[dict[str, Any]], ctx: TensorContext) -> None:
-        """Before a tensor is merged: compute whole-tensor statistics into ``ctx.state``.
-
-        ``chunks()`` (or ``chunks(which)`` for some inputs) streams (base rows, input rows)
-        over the tensor, as often as needed. Elementwise methods need nothing.
-        """
-
     def merge_chunks(self, chunks: Callable[..., Iterable[tuple[torch.Tensor | None,
                                                                 list[torch.Tensor]]]],
                      ranges: list[tuple[int, int]], model_params: list[dict[str, Any]],
@@ -220,11 +213,10 @@ class MergeMethod:
         chunked path.
 
         ``chunks(which=None, rows=None)`` streams (base rows, input rows) over ``ranges``
-        (the row chunks, in order) or over the row ranges ``rows``. By default
-        :meth:`tensor_stats`, then :meth:`merge` chunk by chunk; a method may instead read
-        the tensor fewer times.
+        (the row chunks, in order), over the row ranges ``rows``, for all inputs or those in
+        ``which``. By default :meth:`merge` chunk by chunk; a method that needs whole-tensor
+        statistics first (the task-arithmetic family's trims) reads the tensor more often.
         """
-        self.tensor_stats(chunks, model_params, ctx)
         for (r0, r1), (base, xs) in zip(ranges, chunks()):
             ctx.rows = (r0, r1)
             yield self.merge(base, xs, model_params, ctx)
@@ -254,21 +246,40 @@ class MergeMethod:
         "about"); ``None`` for methods that keep every entry."""
         return None
 
-    def mix_args(self, model_params: list[dict[str, Any]]) -> dict[str, Any]:
-        """The weights, λ and normalize part of :meth:`fused`'s arguments."""
-        return {"weights": [float(p["weight"]) for p in model_params],
-                "lam": float(self.params["lambda"]), "normalize": bool(self.params["normalize"])}
-
     def merge(self, base: torch.Tensor | None, xs: list[torch.Tensor],
               model_params: list[dict[str, Any]], ctx: TensorContext) -> torch.Tensor:
         """Merge one chunk (rows ``ctx.rows`` of a tensor): return the merged weights (float32)."""
         raise NotImplementedError
 
 
-METHODS: dict[str, type[MergeMethod]] = {}
+class MethodType(Protocol):
+    """What :data:`METHODS` holds for a method name: a :class:`MergeMethod` subclass, or a
+    member of the task-arithmetic family (:class:`~mergehub.merge.methods.family.Member`).
+    Its parameters (name -> default) and their rules check a recipe; called with the recipe's
+    global parameters, it gives the method that merges."""
+
+    name: str
+    model_params: dict[str, Any]
+    global_params: dict[str, Any]
+    needs_base: bool
+    on_deltas: bool
+    base_is_input: bool
+
+    def rule(self, name: str) -> Rule: ...
+
+    def params_from_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]: ...
+
+    def __call__(self, params: dict[str, Any]) -> MergeMethod: ...
 
 
-def register(cls: type[MergeMethod]) -> type[MergeMethod]:
-    """Class decorator adding a method to :data:`METHODS` under its ``name``."""
-    METHODS[cls.name] = cls
-    return cls
+#: every merge method by its recipe name
+METHODS: dict[str, MethodType] = {}
+
+M = TypeVar("M", bound=MethodType)
+
+
+def register(method: M) -> M:
+    """Add a method (a :class:`MergeMethod` subclass, as a class decorator, or a family
+    :class:`~mergehub.merge.methods.family.Member`) to :data:`METHODS` under its ``name``."""
+    METHODS[method.name] = method
+    return method

@@ -1,5 +1,5 @@
 """TIES with exact per-tensor trims in one read of the inputs (the CPU path): the bits of
-``sparsify.magnitude_cuts`` followed by ``Ties.merge`` chunk by chunk, which reads every
+``sparsify.magnitude_cuts`` followed by the TIES member's plan chunk by chunk, which reads every
 input three or four times.
 
 A sample of whole rows brackets each input's k-th largest |τ| between two magnitudes lo and
