@@ -613,3 +613,38 @@ def test_chunked_merge_equals_whole_tensor_merge(models, tmp_path, method, param
                                             progress=False).out))
     for name in outs[0].tensors:
         assert torch.equal(outs[0].load(name), outs[1].load(name)), name
+
+
+def test_l1_rescale_does_not_change_with_torch_threads():
+    """DARE's and TIES' ``rescale: l1`` sums |τ| and |kept τ| per tensor; torch's float32 sum on
+    the CPU splits the work by thread and comes out differently with 1, 2 or 3 threads (as a
+    merge chooses them by the machine's load), which changed merged bytes from run to run. The
+    scales are the same whatever the threads, and equal Σ|τ| / Σ|kept τ| summed exactly."""
+    from mergehub.ops.sparsify import l1_scales
+
+    gen = torch.Generator().manual_seed(0)
+    n = (1 << 18) + 12345
+    xs = [torch.randn(n, generator=gen) * torch.rand(n, generator=gen) ** 4 for _ in range(2)]
+    keep = [torch.rand(n, generator=gen) < 0.5 for _ in range(2)]
+
+    def chunks(which=None):
+        for start in range(0, n, 100_000):
+            yield None, [x[start:start + 100_000] for x in xs]
+
+    def masks(t, c, offset, x):
+        return keep[t][offset:offset + x.numel()]
+
+    before = torch.get_num_threads()
+    got, torch_sums = [], set()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            got.append(l1_scales(chunks, masks, 2))
+            torch_sums.add(float((xs[0].abs() * keep[0]).sum()))
+    finally:
+        torch.set_num_threads(before)
+    assert len(torch_sums) > 1  # the input shows the problem
+    assert got[0] == got[1] == got[2]
+    exact = [math.fsum(x.abs().double().tolist()) / math.fsum((x.abs() * k).double().tolist())
+             for x, k in zip(xs, keep)]
+    assert got[0] == pytest.approx(exact, rel=1e-12)

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 #: chunks() or chunks(which): yields (base rows, [rows of each input, or of those in which])
@@ -470,11 +471,24 @@ def l1_scales(chunks: ChunkStream,
     for c, (_, xs) in enumerate(chunks()):
         for t, x in enumerate(xs):
             mask = masks(t, c, offset, x)
-            a = float(x.abs().sum())
+            a = _abs_sum(x)
             before[t] += a
-            after[t] += a if mask is None else float((x.abs() * mask).sum())
+            after[t] += a if mask is None else _abs_sum(x * mask)
         offset += xs[0].numel() if xs else 0
     return [b / a if b >= 1e-7 and a >= 1e-7 else 1.0 for b, a in zip(before, after)]
+
+
+def _abs_sum(x: torch.Tensor) -> float:
+    """Σ|x| in float64, the same whatever torch's thread count: torch's CPU sum splits the work
+    by thread, so its float32 result changes with the threads (which a merge chooses by the
+    machine's load), and a rescale with it; numpy's pairwise sum does not. On a GPU, torch's
+    (its order is fixed by the launch)."""
+    if x.device.type != "cpu":
+        return float(x.abs().sum(dtype=torch.float64))
+    values = x.detach().reshape(-1)
+    if values.dtype not in (torch.float32, torch.float64):
+        values = values.float()
+    return float(np.abs(values.numpy()).sum(dtype=np.float64))
 
 
 def apply_mask(x: torch.Tensor, mask: torch.Tensor | None, scale: float = 1.0) -> torch.Tensor:
