@@ -151,6 +151,30 @@ def test_apply_equals_hub_merge(hub, tmp_path, method):
     assert composer.active is None
 
 
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_apply_again_with_the_remembered_plan(hub, tmp_path, method):
+    """The same recipe applied again (after reset, and after another recipe) reuses its
+    remembered plan and merger: for every method (random ones included: the same seed, the
+    same masks) the model again holds what ``hub merge`` writes."""
+    store, paths = hub
+    per_model, params = METHODS[method]
+    inputs = [(ref, {**per_model, "weight": w}) for ref, w in zip(
+        ["mlp", "attn-compeft", "mlp-bit1"], (1.0, 0.6, 0.3))]
+    if method == "metric_weighted":
+        inputs = [(ref, {"loss": loss}) for (ref, _), loss in zip(inputs, (0.5, 0.7, 0.9))]
+    text = recipe(method, inputs, params)
+    want = hub_merge(text, store, tmp_path, seed=3)
+    model = mergehub.load("base", store)
+    composer = Composer(model)
+    composer.apply(text, seed=3)
+    composer.reset()
+    composer.apply(text, seed=3)
+    assert_holds(model, want)
+    composer.apply(recipe("task_arithmetic", [("attn", {})]))
+    composer.apply(text, seed=3)
+    assert_holds(model, want)
+
+
 def test_global_trim_and_gradients(hub, tmp_path):
     """A method with a pre-pass over every tensor (TIES' global trim) and per-layer gradient
     and filter parameters."""
