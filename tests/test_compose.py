@@ -886,3 +886,20 @@ def test_cut_memo_never_serves_a_changed_or_new_tensor():
     other = thetas[1].clone().mul_(2)  # a new object: selected, not taken from memory
     assert memo(base, [other], [0.5], ties="index", name="w") == kernels.magnitude_cuts(
         base, [other], [0.5], ties="index", name="w")
+
+
+def test_global_trim_applied_again_after_another_recipe(hub, tmp_path):
+    """A recipe whose trim is global (consensus_ties' default) applied, then another, then the
+    first again (its plan remembered, its tensors merged anew): each time what ``hub merge``
+    writes. The remembered method must not count the inputs' magnitudes a second time."""
+    store, _ = hub
+    model = mergehub.load("base", store)
+    composer = Composer(model)
+    first = recipe("consensus_ties", [("mlp", {}), ("attn", {"weight": 0.7})], {"k": 1})
+    other = recipe("task_arithmetic", [("mlp", {}), ("attn", {})])
+    want = hub_merge(first, store, tmp_path)
+    composer.apply(first)
+    assert_holds(model, want)
+    composer.apply(other)
+    composer.apply(first)
+    assert_holds(model, want)

@@ -94,6 +94,7 @@ class TensorMerger:
                      and not any(src.is_lora for src in plan.inputs))
         #: results of the method's pre-pass (:meth:`prepass`), e.g. global TIES thresholds
         self.state: dict[str, Any] = {}
+        self.prepassed = False  # whether :meth:`prepass` has run
         #: called before each chunk is read, in every pass (:func:`execute`: LoadWatch.check)
         self.between_chunks: Callable[[], None] = lambda: None
         self.reference = plan.base or plan.inputs[0]
@@ -123,7 +124,11 @@ class TensorMerger:
             yield base, xs
 
     def prepass(self, progress: bool | None = False) -> None:
-        """The method's full passes over every tensor before merging (global statistics)."""
+        """The method's full passes over every tensor before merging (global statistics),
+        once: the method accumulates what it sees, so a merger used again (the Composer's
+        remembered plans) must not pass again."""
+        if self.prepassed:
+            return
         method = self.plan.method
         mergeable = [s for s in self.plan.specs if s.name not in self.plan.copy_from_base]
         rnd = 0
@@ -135,6 +140,7 @@ class TensorMerger:
                     method.observe(rnd, xs, self.params(spec), ctx)
             method.finish_round(rnd, self.state)
             rnd += 1
+        self.prepassed = True
 
     @contextmanager
     def watching_load(self) -> Iterator[None]:
