@@ -362,6 +362,21 @@ def test_cuts_exact(device, shape, ties):
         == [None, Cut(math.inf, 0, 0)]
 
 
+def test_cuts_of_inputs_of_mixed_dtypes(device):
+    """Fine-tunes stored in different dtypes (a bf16 one and a float32 one) get each one's own
+    exact trim (the selection kernels take one dtype for all inputs: such inputs are selected
+    in float32, which holds every bf16 value exactly), exact or sampled."""
+    base, (a, b) = _inputs((3, 1001), 2, torch.bfloat16, device, seed=9)
+    b32 = b.float() + 1e-4 * torch.randn(b.shape, generator=torch.Generator().manual_seed(1)).to(
+        device)
+    thetas, dens = [a, b32], [0.3, 0.2]
+    _assert_oracle_cuts(base, thetas, dens, kernels.magnitude_cuts(base, thetas, dens,
+                                                                   backend="triton"))
+    got = kernels.magnitude_cuts(base, thetas, dens, tolerance=0.2, backend="triton")
+    assert got == kernels.magnitude_cuts(*_cpu((base, thetas)), dens, tolerance=0.2,
+                                         backend="torch")
+
+
 def test_cuts_tie_ends_over_many_blocks(device, monkeypatch):
     """A run of ties spread over many counting blocks (small ones here): the block holding the
     k-th is found from the running counts, for several inputs at once, whatever their k."""

@@ -359,6 +359,10 @@ def magnitude_cuts(base: torch.Tensor, thetas: list[torch.Tensor], densities: li
         return out
     flat = base.contiguous().reshape(-1)
     picked = [thetas[t].contiguous().reshape(-1) for t in which]
+    if len({t.dtype for t in picked}) > 1:
+        # the selection kernels take the inputs as one tuple of pointers, one dtype; float32
+        # holds every bf16 and fp16 value exactly, so τ and the cuts are the same
+        picked = [t.float() for t in picked]
     if positions is None:
         found = _select(flat, picked, [ks[t] for t in which], ties)
     else:
