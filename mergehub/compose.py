@@ -569,7 +569,7 @@ class Composer:
         batch = MergeBatch() if resident else None
         # on the CPU, torch's threads chosen by the machine's load, as hub merge does
         with torch.no_grad(), reads, merger.watching_load():
-            if merger.plan.method.prepass_rounds() and not merger.state:
+            if merger.plan.method.prepass_rounds():
                 merger.prepass()
             for spec, raw in zip(order, raws):
                 target = targets[spec.name]
