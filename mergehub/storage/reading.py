@@ -13,6 +13,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from mergehub.errors import InputError, IntegrityError, StoreError
 from mergehub.storage import codec as _codec
 from mergehub.storage import safetensors_format
@@ -265,7 +267,9 @@ class StoreReads:
                     self._reuse.put(blob_id, whole)
                 return whole
             pieces = iter(parts)
-        out = bytearray(header.nbytes)
+        # a bytearray is zero-filled first; numpy's empty buffer is not (every byte is
+        # written below)
+        out = bytearray(header.nbytes) if copy else memoryview(np.empty(header.nbytes, np.uint8))
         view, pos = memoryview(out), 0
         for piece in pieces:
             view[pos:pos + len(piece)] = piece
