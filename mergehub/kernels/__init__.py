@@ -271,19 +271,17 @@ class MergeReplay:
     returns whether it launched."""
 
     def __init__(self) -> None:
-        #: per launch: the function, the tensors it reads (the first base and first tensor of
-        #: each input, then all of them) and their versions, the tensors it writes (the
-        #: first, then all)
+        #: per launch: the function, the tensors it reads (every base, then every input's
+        #: tensors, tensor by tensor) and their versions, the tensors it writes
         self._launches: list[tuple[Callable[[list[torch.Tensor]], None], list[weakref.ref],
                                    list[int], list[weakref.ref]]] = []
 
     def record(self, launch: Callable[[list[torch.Tensor]], None], bases: list[torch.Tensor],
                thetas: list[list[torch.Tensor]], outs: list[torch.Tensor]) -> None:
         """Add one launch: ``launch(likes)`` as :func:`triton_merge.merge_many` returns it."""
-        read = [bases[0], *thetas[0], *bases, *(t for ts in thetas for t in ts)]
+        read = [*bases, *(t for ts in thetas for t in ts)]
         self._launches.append((launch, [weakref.ref(t) for t in read],
-                               [t._version for t in read],
-                               [weakref.ref(t) for t in (outs[0], *outs)]))
+                               [t._version for t in read], [weakref.ref(t) for t in outs]))
 
     def __call__(self) -> bool:
         """Launch everything again if every tensor is as recorded; else launch nothing."""
@@ -292,8 +290,9 @@ class MergeReplay:
             read, written = [r() for r in read_refs], [r() for r in write_refs]
             if any(t is None for t in read + written) or [t._version for t in read] != versions:
                 return False
-            # read holds (1 + K)·(T + 1) tensors, written T + 1: the first 1 + K are the likes
-            likes.append(read[:len(read) // len(written)] + written[:1])
+            tensors = len(written)  # the first base, the first tensor's K inputs, first output
+            likes.append([read[0], *read[tensors:tensors + len(read) // tensors - 1],
+                          written[0]])
         for (launch, *_), first in zip(self._launches, likes):
             launch(first)
         return bool(self._launches)
