@@ -81,9 +81,17 @@ def test_elect_combine_is_plain_combine(kind, elect, normalize, weights):
     kept = [apply_mask(x, x.abs() >= x.abs().median()) for x in taus]  # ±0 where dropped
     for lam in (1.0, 0.7):
         want = base + lam * combine(kept, params, elect, normalize)
+        before = [k.clone() for k in kept]
         mixed = fast.elect_combine(kept, w, elect, normalize)
         assert mixed is not None
         assert same(fast.finish(base, mixed, lam), want)
+        assert all(same(k, b) for k, b in zip(kept, before))  # left as they were
+        # temporaries marked spare may be overwritten: the same bits, the others untouched
+        spare = [t % 2 == 0 for t in range(len(kept))]
+        mixed = fast.elect_combine([k.clone() if s else k for k, s in zip(kept, spare)], w,
+                                   elect, normalize, spare)
+        assert same(fast.finish(base, mixed, lam), want)
+        assert all(same(k, b) for k, b in zip(kept, before))
     assert fast.elect_combine(kept[:1], w[:1], elect, normalize) is not None  # one input
 
 

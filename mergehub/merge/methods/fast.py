@@ -70,10 +70,13 @@ def split_shrink(x: torch.Tensor, threshold: float, split: int) -> torch.Tensor 
 
 
 def elect_combine(kept: list[torch.Tensor], weights: list[float], elect: str,
-                  normalize: bool) -> torch.Tensor | None:
+                  normalize: bool, spare: list[bool] | None = None) -> torch.Tensor | None:
     """``sparsify.combine(kept, ..., elect, normalize)`` bit for bit (``elect``: ``"sum"``
-    or ``"count"``), or ``None`` where a weighted entry or a sum of them is not finite. The
-    ``kept`` tensors are left as they are.
+    or ``"count"``), or ``None`` where a weighted entry or a sum of them is not finite.
+
+    The ``kept`` tensors are left as they are, except those marked ``spare`` (the caller's
+    temporaries), which are overwritten, also where ``None`` is returned: that saves a new
+    tensor per input and step, whose fresh pages cost a CPU as much as the arithmetic.
 
     With s = +1 where the elected sign is + (score >= 0) and -1 elsewhere, an input agrees
     where s·dt > 0, so the disjoint sum is s·Σt max(s·dt, 0) and the agreeing weights sum to
@@ -85,7 +88,10 @@ def elect_combine(kept: list[torch.Tensor], weights: list[float], elect: str,
     plain function: with positive weights a divisor is either 0 or at least the least weight,
     so ``clamp_min`` to that weight does it in one step (0 / w = 0 / 1).
     """
-    ds = [x if w == 1.0 else x * w for x, w in zip(kept, weights)]
+    spare = spare or [False] * len(kept)
+    ds = [x if w == 1.0 else x.mul_(w) if own else x * w
+          for x, w, own in zip(kept, weights, spare)]
+    spare = [own or w != 1.0 for own, w in zip(spare, weights)]  # a product is ours too
     if elect == "sum":
         score = ds[0] + ds[1] if len(ds) > 1 else ds[0].clone()
         for d in ds[2:]:
@@ -100,8 +106,8 @@ def elect_combine(kept: list[torch.Tensor], weights: list[float], elect: str,
         return None
     side = score.sign_().add_(0.5).sign_()  # +1 where score >= 0, else -1
     mixed = divisor = None
-    for d, w in zip(ds, weights):
-        agree = torch.nn.functional.threshold_(torch.mul(d, side), 0.0, 0.0)
+    for d, w, own in zip(ds, weights, spare):
+        agree = torch.nn.functional.threshold_(d.mul_(side) if own else d * side, 0.0, 0.0)
         if mixed is None:
             mixed = agree
             if normalize:
