@@ -477,11 +477,13 @@ def test_global_trim_matches_oracle(ties):
     assert g.kept()[2] == 0
 
 
-@pytest.mark.parametrize("pattern", ["random", "ties", "adversarial"])
+@pytest.mark.parametrize("pattern", ["random", "ties", "adversarial", "ternary", "signs"])
 def test_streamed_kth_largest_is_exact(pattern):
     """The sampled bracket + count selection equals a full sort (the k-th value and the counts
     above and at it), including when the strided sample misrepresents the tensor (then it
-    falls back to gathering)."""
+    falls back to gathering), and on the long runs of one magnitude that compressed deltas
+    have (ComPEFT's zeros and one ±value, a 1-bit delta's one scale per row), whose brackets
+    hold a single value."""
     from mergehub.ops.sparsify import kth_largest_abs
 
     n = 3_000_017
@@ -489,6 +491,10 @@ def test_streamed_kth_largest_is_exact(pattern):
     x = torch.randn(n, generator=gen)
     if pattern == "ties":
         x = torch.round(x * 8) / 8  # few distinct values
+    elif pattern == "ternary":  # 10% nonzero, all of one magnitude
+        x = torch.where(torch.rand(n, generator=gen) < 0.1, 0.03, 0.0) * x.sign()
+    elif pattern == "signs":  # one scale per row of 1000
+        x = x.sign() * torch.rand(n // 1000 + 1, generator=gen).repeat_interleave(1000)[:n]
     elif pattern == "adversarial":
         stride = max(1, n // (1 << 17))
         x = torch.full((n,), 0.01)

@@ -123,24 +123,34 @@ def _bracketed(chunks: ChunkStream, n: int, ks: list[list[int]], which: list[int
             per_k.append((lo, hi))
         brackets.append(per_k)
     above = [[0] * len(ks[t]) for t in which]
-    inside: list[list[list[torch.Tensor]]] = [[[] for _ in ks[t]] for t in which]
+    # a bracket of one value (a run of equal magnitudes: the zeros of a sparse delta, the
+    # one scale of a row of a 1-bit one) only counts its entries; others keep theirs
+    inside: list[list[list[torch.Tensor] | int]] = [
+        [0 if lo == hi else [] for lo, hi in per_k] for per_k in brackets]
     for _, xs in chunks(which):
         for i, x in enumerate(xs):
             v = x.reshape(-1).abs()
             for j, (lo, hi) in enumerate(brackets[i]):
                 above[i][j] += int((v > hi).sum())
-                inside[i][j].append(v[(v >= lo) & (v <= hi)])
+                if lo == hi:
+                    inside[i][j] += int((v == hi).sum())
+                else:
+                    inside[i][j].append(v[(v >= lo) & (v <= hi)])
     missed = []
     for i, t in enumerate(which):
         row = []
         for j, k in enumerate(ks[t]):
-            cand = torch.cat(inside[i][j])
-            if above[i][j] < k <= above[i][j] + cand.numel():
-                order = Order.of(cand, _kth(cand, k - above[i][j]))
-                row.append(order._replace(above=order.above + above[i][j]))
-            else:
+            cand = inside[i][j]
+            count = cand if isinstance(cand, int) else sum(c.numel() for c in cand)
+            if not above[i][j] < k <= above[i][j] + count:
                 missed.append(t)
                 break
+            if isinstance(cand, int):
+                row.append(Order(brackets[i][j][1], above[i][j], count))
+                continue
+            cand = torch.cat(cand)
+            order = Order.of(cand, _kth(cand, k - above[i][j]))
+            row.append(order._replace(above=order.above + above[i][j]))
         out[t] = row
     return sorted(set(missed))
 
