@@ -666,6 +666,29 @@ def _numpy_dense(d, shape):
     return d.left.cpu().double().numpy() @ d.right.cpu().double().numpy()
 
 
+@pytest.mark.parametrize("shape", [(37, 53), (101,), (5, 3, 7), ()])
+def test_dense_is_numpy_unpackbits_decode(shape):
+    """The reference decode of 1-bit and ternary deltas equals numpy's, bit for bit (signed
+    zeros too), also for awkward values: a zero or negative scale, a ternary value of ±0."""
+    gen = torch.Generator().manual_seed(3)
+    rows, cols = kernels.deltas.matrix_shape(shape)
+    nb = -(-rows * cols // 8)
+
+    def bits():
+        return torch.randint(0, 256, (nb,), dtype=torch.uint8, generator=gen)
+
+    scales = torch.rand(rows, generator=gen)
+    scales[::3] = 0.0
+    scales[1::3] *= -1
+    deltas = [SignDelta(bits(), scales), SignDelta(bits(), torch.tensor([0.25]).half())]
+    deltas += [TernaryDelta(bits(), bits(), v) for v in (0.0123, -0.5, 0.0, -0.0)]
+    for d in deltas:
+        got = kernels.deltas.dense(d, shape)
+        want = torch.from_numpy(_numpy_dense(d, shape)).reshape(shape)
+        assert got.dtype == torch.float32
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), d
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("shape", [(37, 53), (101,), (5, 3, 7), (1, 129), (33, 136), (3, 5, 8)])
 def test_apply_deltas(device, dtype, shape):
