@@ -84,6 +84,34 @@ def test_compeft_against_reference_and_layouts(density, layout):
     assert np.allclose(out.numpy(), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("density, layout", [(0.5, "bitmap"), (0.002, "gaps")])
+def test_compeft_payload_disagreeing_with_its_header_is_refused(density, layout):
+    """Positions that name other than ``kept`` distinct entries (a bitmap with a bit too many,
+    gaps that repeat a position) are an error, not a decode with shifted signs."""
+    import zstandard
+
+    from mergehub.storage.frames import inflate
+
+    gen = torch.Generator().manual_seed(2)
+    base = torch.randn(32, 40, generator=gen)
+    header, payload = LOSSY["compeft"].encode(base + torch.randn(32, 40, generator=gen), base,
+                                             {**LOSSY["compeft"].defaults, "density": density})
+    assert header["layout"] == layout
+    split = header["positions_bytes"]
+    n = 32 * 40
+    raw = bytearray(inflate(bytes(payload[:split]), -(-n // 8) if layout == "bitmap"
+                            else 4 * header["kept"]))
+    if layout == "bitmap":
+        i = next(i for i, b in enumerate(raw) if b != 0xFF)
+        raw[i] |= (raw[i] + 1) & ~raw[i] & 0xFF  # its lowest clear bit: one entry too many
+    else:
+        raw[4:8] = bytes(4)  # the second position repeats the first
+    bad = zstandard.ZstdCompressor().compress(bytes(raw)) + bytes(payload[split:])
+    with pytest.raises(ValueError, match="distinct entries"):
+        LOSSY["compeft"].decode(memoryview(bad), {**header, "positions_bytes": len(bad) -
+                                                  (len(payload) - split)}, base)
+
+
 def test_compeft_kept_zeros_decode_to_zero():
     """A 3%-dense delta at density 0.1: the top 10% holds exact zeros, and sign(0) = 0 makes
     each decode to the base's value (they were +alpha·σ), nor are they stored."""

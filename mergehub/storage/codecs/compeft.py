@@ -75,7 +75,7 @@ def decode(payload: memoryview, params: dict[str, Any], base: torch.Tensor,
     raw = inflate(payload[:split], -(-n // 8) if bitmap_layout else 4 * kept)
     if bitmap_layout:
         bitmap = np.frombuffer(raw, np.uint8)
-        pos = np.nonzero(np.unpackbits(bitmap, count=n))[0]
+        mask = np.unpackbits(bitmap, count=n).view(bool)
     else:
         pos = np.cumsum(np.frombuffer(raw, "<u4").astype(np.int64))
         if kept and pos[-1] >= n:
@@ -83,8 +83,12 @@ def decode(payload: memoryview, params: dict[str, Any], base: torch.Tensor,
         mask = np.zeros(n, dtype=bool)
         mask[pos] = True
         bitmap = np.packbits(mask)
-    signs = np.zeros(n, dtype=bool)
-    signs[pos] = np.unpackbits(np.frombuffer(payload[split:], np.uint8), count=kept)
+    if np.count_nonzero(mask) != kept:
+        raise ValueError(f"compeft positions name {np.count_nonzero(mask)} distinct entries, "
+                         f"its header {kept}")
+    # the kept entries' signs, in order, into their positions (np.place: no index array)
+    signs = np.zeros(n, dtype=np.uint8)
+    np.place(signs, mask, np.unpackbits(np.frombuffer(payload[split:], np.uint8), count=kept))
     dev = base.device
     delta = TernaryDelta(torch.from_numpy(bitmap.copy()).to(dev),
                          torch.from_numpy(np.packbits(signs)).to(dev),
