@@ -27,7 +27,10 @@ Recipes (mergekit YAML, the same file given to both tools, written into the work
 * ``ties``: base_model + the 4 fine-tunes with weights 1, 0.5, 0.75, 1 and density 0.2;
   normalize true, lambda 1.0; ``dtype: float32`` (mergekit computes in fp32, as mergehub
   always does), ``out_dtype: bfloat16``;
-* ``task_arithmetic``: the same models and weights, normalize false, lambda 0.5, same dtypes.
+* ``task_arithmetic``: the same models and weights, normalize false, lambda 0.5, same dtypes;
+* ``breadcrumbs`` (``--methods``): as task arithmetic, with density 0.2 and gamma 0.01 per
+  model; ``dare_ties``: as ``ties`` (its random drops differ between the tools: their outputs
+  are compared for the record only).
 
 For each recipe both tools run as child processes (``mergekit-yaml RECIPE OUT --no-cuda
 --no-copy-tokenizer --quiet`` from ``--mergekit``, and ``hub merge RECIPE -o OUT``), each under
@@ -112,6 +115,10 @@ MB = 1_000_000
 N_FINETUNES = 4
 WEIGHTS = (1.0, 0.5, 0.75, 1.0)
 DENSITY = 0.2
+GAMMA = 0.01  # breadcrumbs: the share of largest magnitudes dropped
+#: the recipes this benchmark can run, and those of them that sparsify (density per model)
+METHODS = ("ties", "task_arithmetic", "linear", "breadcrumbs", "dare_ties")
+SPARSE = ("ties", "breadcrumbs", "dare_ties")
 DENSE_REL = 0.05  # dense noise std, relative to the tensor's std
 SPARSE_FRAC = 0.005  # fraction of entries with a large change
 SPARSE_REL = 10.0  # size of a large change, relative to the tensor's std
@@ -241,10 +248,12 @@ def recipe_text(method: str, paths: dict[str, Path], out_dtype: str | None) -> s
     lines.append("models:")
     for i, w in enumerate(WEIGHTS, 1):
         lines += [f"  - model: {paths[f'ft{i}']}", "    parameters:", f"      weight: {w}"]
-        if method == "ties":
+        if method in SPARSE:
             lines.append(f"      density: {DENSITY}")
+        if method == "breadcrumbs":
+            lines.append(f"      gamma: {GAMMA}")
     lines.append("parameters:")
-    lines += (["  normalize: true", "  lambda: 1.0"] if method == "ties" else
+    lines += (["  normalize: true", "  lambda: 1.0"] if method in ("ties", "dare_ties") else
               ["  normalize: true"] if method == "linear" else
               ["  normalize: false", "  lambda: 0.5"])
     lines.append("dtype: float32")
@@ -688,7 +697,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs of each tool per recipe (order alternates; default 1)")
     ap.add_argument("--methods", default="ties,task_arithmetic,linear",
-                    help="comma-separated recipes to run (default: ties,task_arithmetic)")
+                    help="comma-separated recipes to run, of " + ",".join(METHODS)
+                    + " (default: ties,task_arithmetic,linear)")
     ap.add_argument("--fp32-check", action=argparse.BooleanOptionalAction, default=True,
                     help="also compare TIES (and task arithmetic) on a small float32 model")
     ap.add_argument("--mergekit", type=Path, default=Path("/tmp/mkvenv/bin/mergekit-yaml"),
@@ -717,8 +727,8 @@ def main() -> None:
     args = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not set(methods) <= {"ties", "task_arithmetic", "linear"}:
-        ap.error("--methods: ties, task_arithmetic and/or linear")
+    if not set(methods) <= set(METHODS):
+        ap.error(f"--methods: some of {', '.join(METHODS)}")
     if not args.ray and not os.access(args.mergekit, os.X_OK):
         ap.error(f"--mergekit {args.mergekit}: not an executable (install mergekit in its own "
                  "venv, e.g. python -m venv /tmp/mkvenv && /tmp/mkvenv/bin/pip install mergekit)")
