@@ -20,7 +20,7 @@ import torch
 import yaml
 
 import mergehub  # noqa: E402
-from mergehub import compose  # noqa: E402
+from mergehub.compose import composer as compose  # noqa: E402  (the module tests patch)
 from mergehub.compose import Composer, DeltaCache  # noqa: E402
 from mergehub.errors import BaseMismatchError, InputError, IntegrityError  # noqa: E402
 from mergehub.hub.demo import make_finetune, make_lora, make_tiny_llama  # noqa: E402
