@@ -53,8 +53,13 @@ def magnitude_cuts(base: torch.Tensor, thetas: list[torch.Tensor], densities: li
 
 def apply_deltas(base: torch.Tensor, deltas: list[Delta], scales: list[float],
                  out_dtype: torch.dtype) -> torch.Tensor:
-    """W + Σk sk·decode(δk), added in the given order, in float32."""
-    out = base.float()
+    """W + Σk sk·decode(δk), added in the given order, in float32 (each product rounded, then
+    added: no fused multiply-add). Accumulated in place: on a CPU each fresh tensor of this
+    size costs its page faults on top of the arithmetic."""
+    out = base.to(torch.float32, copy=True)
     for d, s in zip(deltas, scales):
-        out = out + float(s) * dense(d, base.shape)
+        term = dense(d, base.shape)
+        if float(s) != 1.0:
+            term.mul_(float(s))
+        out.add_(term)
     return out.to(out_dtype)
