@@ -234,6 +234,7 @@ def test_kernel_path_equals_hub_merge(hub, tmp_path, monkeypatch, method):
     the interpreter: the GPU tests cover them, test_gpu_compose.py.)"""
     pytest.importorskip("triton")
     from mergehub import kernels
+    from mergehub.kernels import dispatch
     from mergehub.merge import engine, plan, tensors
 
     store, _ = hub
@@ -243,8 +244,8 @@ def test_kernel_path_equals_hub_merge(hub, tmp_path, monkeypatch, method):
                            ("attn", {**per_model, "weight": 0.7})], params)
     cpu = hub_merge(text, store, tmp_path)
     calls = []
-    use = kernels._use_triton
-    monkeypatch.setattr(kernels, "_use_triton",
+    use = dispatch.use_triton
+    monkeypatch.setattr(dispatch, "use_triton",
                         lambda backend, t: calls.append(1) or use(backend or "triton", t))
     monkeypatch.setattr(compose, "TensorMerger", functools.partial(tensors.TensorMerger, fused=True))
     # the interpreter is not thread-safe: decode on the merging thread
@@ -840,14 +841,14 @@ def test_warm_apply_finds_trims_without_a_selection_pass(hub, tmp_path, monkeypa
     TIES recipe takes each input's trim from the composer's CutMemo: no magnitude_cuts call,
     and still hub merge's bits. Without a cache the inputs are new tensors: trims are found
     again."""
-    from mergehub import kernels
+    from mergehub.kernels import selection
     from mergehub.merge import tensors
 
     store, _ = hub
     monkeypatch.setattr(compose, "TensorMerger", functools.partial(tensors.TensorMerger, fused=True))
     calls = []
-    real = kernels.magnitude_cuts
-    monkeypatch.setattr(kernels, "magnitude_cuts",
+    real = selection.magnitude_cuts
+    monkeypatch.setattr(selection, "magnitude_cuts",
                         lambda *a, **k: calls.append(a[1]) or real(*a, **k))
     text = recipe("ties", [("mlp", {"density": 0.3}), ("attn-compeft", {"density": 0.5})],
                   {"lambda": 0.9})

@@ -28,7 +28,7 @@ import triton.language as tl  # noqa: E402
 from mergehub import kernels  # noqa: E402
 from mergehub.errors import InputError  # noqa: E402
 from mergehub.kernels import (  # noqa: E402
-    Cut, LowRankDelta, SignDelta, TernaryDelta, triton_merge, triton_select)
+    Cut, LowRankDelta, SignDelta, TernaryDelta, selection, triton_merge, triton_select)
 from mergehub.ops.sparsify import cut_mask  # noqa: E402
 from mergehub.storage.codecs import LOSSY  # noqa: E402
 
@@ -398,11 +398,11 @@ def test_cuts_sampled_ties_and_missed_bracket(device, monkeypatch, radix_bits):
     """Strided sampling (a small SAMPLE_SIZE), many tied values (the k-th at a bracket's end),
     and a sample that lies about the data (the bracket misses: the whole-input selection gives
     the exact cut); 5-bit digits make the radix select run 7 rounds."""
-    monkeypatch.setattr(kernels, "SAMPLE_SIZE", 512)
+    monkeypatch.setattr(selection, "SAMPLE_SIZE", 512)
     monkeypatch.setattr(triton_select, "RADIX_BITS", radix_bits)
     monkeypatch.setattr(triton_select, "SELECT_SLOTS", 2)  # several blocks append to a list
     whole = []
-    monkeypatch.setattr(kernels, "_select_whole",
+    monkeypatch.setattr(selection, "_select_whole",
                         lambda *a: whole.append(a) or Cut(math.nan, 0))
     n = 64 * 128 + 77
     base = torch.zeros(n, device=device)
@@ -437,7 +437,7 @@ def test_cuts_tie_at_top_prefix(device, monkeypatch):
     theta = values[torch.randperm(n, generator=gen)].to(device)
     base = torch.zeros(n, device=device)
     whole = []
-    monkeypatch.setattr(kernels, "_select_whole",
+    monkeypatch.setattr(selection, "_select_whole",
                         lambda *a: whole.append(a) or Cut(math.nan, 0))
     dens = [0.2, 0.3]  # ranks 1000 (in the run of 1.0s) and 1500 (below it)
     got = kernels.magnitude_cuts(base, [theta, theta], dens, backend="triton")
@@ -449,15 +449,15 @@ def test_cuts_candidate_overflow(device, monkeypatch):
     """Candidates beyond their room make that input fall back to the whole-input selection;
     the others keep the fast path's (exact) cut."""
     base, thetas = _inputs((4, 1500), 3, torch.bfloat16, device, seed=5)
-    monkeypatch.setattr(kernels, "SAMPLE_SIZE", 1024)
-    monkeypatch.setattr(kernels, "CAP_SLACK", 0)
+    monkeypatch.setattr(selection, "SAMPLE_SIZE", 1024)
+    monkeypatch.setattr(selection, "CAP_SLACK", 0)
     monkeypatch.setattr(triton_select, "LIST_SLACK", 0)
-    monkeypatch.setattr(kernels, "CAP_FACTOR", 0.5)  # half the expected candidates: overflow
+    monkeypatch.setattr(selection, "CAP_FACTOR", 0.5)  # half the expected candidates: overflow
     dens = [0.2, 0.3, 1e-9]  # the last finds few candidates (its bracket has no upper end)
     want = kernels.magnitude_cuts(base, thetas, dens, backend="triton")
     _assert_oracle_cuts(base, thetas, dens, want)
     whole = []
-    monkeypatch.setattr(kernels, "_select_whole",
+    monkeypatch.setattr(selection, "_select_whole",
                         lambda *a: whole.append(a) or Cut(math.nan, 0))
     got = kernels.magnitude_cuts(base, thetas, dens, backend="triton")
     assert len(whole) == 2 and math.isnan(got[0].threshold) and math.isnan(got[1].threshold)

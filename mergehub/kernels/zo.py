@@ -1,0 +1,128 @@
+"""MeZO's kernels' entry points: the perturbation drawn from Philox (:func:`zo_direction`),
+added to one parameter (:func:`zo_step`) or to many in one launch with Sparse MeZO's mask
+(:func:`zo_steps`), and Sparse MeZO's exact per-tensor quantiles of |θ|
+(:func:`smallest_magnitudes`). Triton only (CUDA, or the interpreter)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mergehub.errors import InputError
+
+
+def _check_stream(name: str, start: int, n: int) -> None:
+    if start % 4 or start < 0:
+        raise InputError(f"{name}: start must be a multiple of 4, not {start}")
+    if start + n > 2 ** 33:
+        raise InputError(f"{name}: stream positions up to {start + n} exceed 2^33")
+
+
+def zo_direction(n: int, seed: int, eps: float, *, start: int = 0,
+                 device: torch.device | str = "cuda") -> torch.Tensor:
+    """MeZO's perturbation d = eps·z for stream positions [start, start + n) of ``seed``
+    (``start`` a multiple of 4): z ~ N(0, 1) from Philox, four values per counter
+    (``tl.randn4x``), so a chunk drawn alone equals the same entries of one long draw; the
+    lowest float32 mantissa bit of d is set (``mezo._sticky``). Triton only (CUDA, or the
+    interpreter): the CPU path of MeZO draws with ``torch.randn``."""
+    _check_stream("zo_direction", start, n)
+    from mergehub.kernels import triton_zo
+
+    d = torch.empty(n, dtype=torch.float32, device=device)
+    if n:
+        triton_zo.zo(None, d, n, start, seed, eps, 0, None)
+    return d
+
+
+def zo_step(x: torch.Tensor, seed: int, eps: float, times: int, *, start: int = 0,
+            update: float | None = None) -> None:
+    """In place on the flat contiguous ``x`` (bf16, fp16 or fp32): ``times`` successive
+    rounded adds of d = :func:`zo_direction` (subtractions for times < 0), then one add of
+    ``update``·d, exactly as those torch in-place ops on the materialized d would do, in one
+    pass over ``x`` with d drawn in registers."""
+    if not (x.is_contiguous() and x.dim() == 1 and x.dtype in
+            (torch.bfloat16, torch.float16, torch.float32)):
+        raise InputError(f"zo_step: want a flat contiguous float tensor, not {x.dtype} "
+                         f"{tuple(x.shape)}")
+    _check_stream("zo_step", start, x.numel())
+    from mergehub.kernels import triton_zo
+
+    if x.numel():
+        triton_zo.zo(x, None, x.numel(), start, seed, eps, times, update)
+
+
+_ZO_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _check_many(name: str, xs: list[torch.Tensor]) -> None:
+    """Flat contiguous tensors of one float dtype on one device, each below 2^31 entries."""
+    for x in xs:
+        if not (x.is_contiguous() and x.dim() == 1 and x.dtype in _ZO_DTYPES):
+            raise InputError(f"{name}: want flat contiguous float tensors, not {x.dtype} "
+                             f"{tuple(x.shape)}")
+        if x.dtype != xs[0].dtype or x.device != xs[0].device:
+            raise InputError(f"{name}: tensors of one dtype on one device, not {x.dtype} on "
+                             f"{x.device} beside {xs[0].dtype} on {xs[0].device}")
+        if x.numel() >= 2 ** 31:
+            raise InputError(f"{name}: a tensor of {x.numel()} entries (at most 2^31 - 1)")
+
+
+def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor copied to ``device`` without waiting for the device's queued work
+    (through pinned memory on CUDA): kernel arguments that change from call to call."""
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
+def seed_table(seeds: list[int] | np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint64 seeds as the int64 [T] (same bits) :func:`zo_steps` takes, on ``device``."""
+    return to_device(torch.from_numpy(np.asarray(seeds, dtype=np.uint64).view(np.int64)), device)
+
+
+def zo_mask_bytes(xs: list[torch.Tensor]) -> int:
+    """Bytes of the packed masks :func:`zo_steps` keeps for ``xs``: ceil(numel / 8) each."""
+    return sum(-(-x.numel() // 8) for x in xs)
+
+
+def zo_steps(xs: list[torch.Tensor], seeds: list[int] | torch.Tensor, eps: float, times: int,
+             *, update: float | None = None, bounds: torch.Tensor | None = None,
+             bits: torch.Tensor | None = None, fresh: bool = False) -> None:
+    """:func:`zo_step` on each of the flat contiguous tensors ``xs`` (one dtype: bf16, fp16 or
+    fp32) from stream position 0 of its seed (``seeds``: ints, or int64 [T] on their device
+    holding the uint64 seeds' bits), in one launch: every tensor ends as ``zo_step(x, seed,
+    eps, times, update=update)`` leaves it.
+
+    With ``bounds`` (float32 [T], e.g. from :func:`smallest_magnitudes`) the move is Sparse
+    MeZO's: d is multiplied by the mask |x| <= bounds[t] (d·1 or d·0, as torch ops on a
+    materialized d and mask would), the mask of the parameter as it was when ``fresh`` (the
+    step's first move, which computes it and stores it into ``bits``) and read back from
+    ``bits`` otherwise. ``bits``: uint8 of :func:`zo_mask_bytes` entries, tensor t's
+    ceil(numel / 8) bytes after tensor t − 1's, each in ``np.packbits`` order."""
+    _check_many("zo_steps", xs)
+    if not any(x.numel() for x in xs):
+        return
+    if bounds is not None and (bits is None or bits.dtype != torch.uint8
+                               or bits.numel() < zo_mask_bytes(xs)):
+        raise InputError("zo_steps: masked moves need a uint8 bits buffer of zo_mask_bytes(xs)")
+    from mergehub.kernels import triton_zo
+
+    if not isinstance(seeds, torch.Tensor):
+        seeds = seed_table(seeds, xs[0].device)
+    triton_zo.zo_many(xs, seeds, eps, times, update, bounds, bits, fresh)
+
+
+def smallest_magnitudes(xs: list[torch.Tensor], ks: list[int]) -> torch.Tensor:
+    """float32 [T] on the tensors' device: the ks[t]-th smallest |x| of each flat contiguous
+    tensor in ``xs`` (one dtype: bf16, fp16 or fp32; 1 <= k <= numel), exactly (NaN sorts
+    last), without a host synchronization: a radix select over the magnitudes' bit patterns,
+    one counting pass over all the tensors per digit (:func:`triton_zo.
+    smallest_magnitudes`). Triton only (CUDA, or the interpreter)."""
+    _check_many("smallest_magnitudes", xs)
+    if len(ks) != len(xs) or any(not 1 <= k <= x.numel() for x, k in zip(xs, ks)):
+        raise InputError(f"smallest_magnitudes: want one k in [1, numel] per tensor, got {ks} "
+                         f"for {[x.numel() for x in xs]} entries")
+    from mergehub.kernels import triton_zo
+
+    return triton_zo.smallest_magnitudes(xs, to_device(torch.tensor(ks, dtype=torch.int64),
+                                                            xs[0].device))
