@@ -132,7 +132,8 @@ def export(ctx: click.Context, name: str, output: Path, max_shard_size: str | No
             revert(store, name, task, output, overwrite=overwrite, progress=progress_bars())
             click.echo(f"exported task {task!r} of {name!r} to {output}")
             return
-        store.export(name, output, max_shard_size=size, overwrite=overwrite, progress=progress_bars())
+        store.export(name, output, max_shard_size=size, overwrite=overwrite,
+                     progress=progress_bars())
     click.echo(f"exported {name!r} to {output}")
 
 
