@@ -620,12 +620,16 @@ def decode_lossless(header: BlobHeader, payload: Buffer | Payload,
     return bytes(out)
 
 
-def _tensor(raw: bytes | bytearray, dtype: str) -> "torch.Tensor":
+def _tensor(raw: Buffer, dtype: str, share: bool = False) -> "torch.Tensor":
+    """A flat tensor of ``raw``'s bytes: over a copy, or with ``share`` over a writable
+    ``raw`` itself (for a caller that only reads the tensor)."""
     import torch
 
     torch_dtype = safetensors_format.TORCH_DTYPE[dtype]
-    return torch.frombuffer(bytearray(raw), dtype=torch_dtype) if raw else \
-        torch.empty(0, dtype=torch_dtype)
+    if not len(raw):
+        return torch.empty(0, dtype=torch_dtype)
+    writable = share and not memoryview(raw).readonly
+    return torch.frombuffer(raw if writable else bytearray(raw), dtype=torch_dtype)
 
 
 def encode_lossy(raw: bytes | bytearray, dtype: str, shape: tuple[int, ...], codec: str,
@@ -644,11 +648,13 @@ def encode_lossy(raw: bytes | bytearray, dtype: str, shape: tuple[int, ...], cod
     return pack_blob(header, payload)
 
 
-def _decoded_bytes(theta: "torch.Tensor", dtype: str) -> bytes:
+def _decoded_bytes(theta: "torch.Tensor", dtype: str) -> memoryview:
+    """A decoded tensor's raw bytes in ``dtype``: a writable view of the converted tensor (not
+    copied again)."""
     import torch
 
     out = theta.to(safetensors_format.TORCH_DTYPE[dtype]).contiguous().reshape(-1)
-    return out.view(torch.uint8).numpy().tobytes()
+    return memoryview(out.view(torch.uint8).numpy())
 
 
 def encode_tall_task(tau: "torch.Tensor", mtl: "torch.Tensor", dtype: str,
@@ -686,7 +692,7 @@ def blob_needs(header: BlobHeader) -> dict[str, str]:
 
 
 def decode_blob(header: BlobHeader, payload: Buffer, ref_raw: Buffer | None,
-                extras: dict[str, Buffer] | None = None) -> bytes:
+                extras: dict[str, Buffer] | None = None) -> Buffer:
     """Decode any blob by its codec: ``lossless``, or a lossy codec of :data:`LOSSY` (which
     needs the base tensor's bytes, ``ref_raw``, and the raw float32 bytes of the blobs its
     header ``needs``, ``extras``), in memory."""
@@ -704,6 +710,6 @@ def decode_blob(header: BlobHeader, payload: Buffer, ref_raw: Buffer | None,
         raise BlobFormatError(f"base tensor of {len(ref_raw)} bytes for {header.nbytes}")
     if any(len(v) != 4 * math.prod(shape) for v in (extras or {}).values()):
         raise BlobFormatError(f"a float32 tensor that {header.codec} needs is not {shape}")
-    base = _tensor(ref_raw, header.dtype).reshape(shape)
-    tensors = {k: _tensor(v, "F32") for k, v in (extras or {}).items()}
+    base = _tensor(ref_raw, header.dtype, share=True).reshape(shape)  # decoders only read it
+    tensors = {k: _tensor(v, "F32", share=True) for k, v in (extras or {}).items()}
     return _decoded_bytes(lossy.decode(payload, header.params, base, tensors), header.dtype)

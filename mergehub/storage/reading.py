@@ -217,9 +217,12 @@ class StoreReads:
                 pieces: Iterable[Buffer] = decode_lossless_chunks(header, payload, ref)
             else:  # lossy codecs decode whole tensors (and read the base's whole)
                 shape = lossy_shape(header)
-                ref_raw = (self._read_raw(header.ref, what, header.nbytes, depth + 1)
-                           if header.ref else None)
-                extras = {key: self._read_raw(other, what, 4 * math.prod(shape), depth + 1)
+                # read-only inputs of the decode: kept bytes as they are, others not copied
+                ref_raw = (self._reused(header.ref, header.nbytes)
+                           or self._read_raw(header.ref, what, header.nbytes, depth + 1,
+                                             copy=False) if header.ref else None)
+                extras = {key: self._read_raw(other, what, 4 * math.prod(shape), depth + 1,
+                                              copy=False)
                           for key, other in blob_needs(header).items()}
                 pieces = [decode_blob(header, payload.read(0, len(payload)), ref_raw, extras)]
             for piece in pieces:
@@ -259,7 +262,8 @@ class StoreReads:
         if kept is not None:
             return bytearray(kept)
         header, pieces = self._blob_stream(blob_id, what, expect, _depth, check_id=False)
-        if not copy and header.nbytes <= _codec.CHUNK_BYTES:
+        # a lossy blob decodes whole, into a buffer of its own: taken as it is, like a small one
+        if not copy and (header.nbytes <= _codec.CHUNK_BYTES or header.codec != "lossless"):
             parts = list(pieces)  # all of it: the checks at the end have run
             if len(parts) == 1 and not memoryview(parts[0]).readonly:
                 whole = memoryview(parts[0]).cast("B")
