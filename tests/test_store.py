@@ -412,3 +412,37 @@ def test_disk_bytes_counts_shared_blobs_once(store, models):
     store.add(models["base-bf16"], "b", progress=False)  # no base: each "stores" everything
     assert store.disk_bytes() == store.show("a").stored_bytes == store.show("b").stored_bytes
     assert store.disk_bytes() == _blob_bytes(store)
+
+
+def test_a_multi_chunk_blob_is_hashed_beside_its_decoding(store, tmp_path):
+    """A blob of several decoded chunks is hashed on a thread while it decodes: a read gives
+    the same bytes, a byte flipped in the middle of its payload is still caught (naming the
+    model and tensor), and neither a finished read, nor a failed one, nor one stopped
+    part-way leaves the hashing thread running."""
+    import threading
+
+    from safetensors.torch import save_file
+
+    from mergehub.storage import codec
+
+    n = (codec.CHUNK_BYTES * 5 // 2) // 4  # 2.5 chunks of float32
+    big = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    (tmp_path / "m").mkdir()
+    save_file({"big": big, "small": torch.ones(3)}, str(tmp_path / "m" / "model.safetensors"))
+    store.add(tmp_path / "m", "m", progress=False)
+
+    def hashing() -> int:
+        return sum(t.name == "mergehub-sha256" and t.is_alive() for t in threading.enumerate())
+
+    assert torch.equal(store.open("m").load("big"), big)
+    pieces = store.open("m").iter_bytes("big")
+    next(iter(pieces))
+    pieces.close()  # stopped part-way
+    assert hashing() == 0
+    (blob,) = store._db.execute("SELECT blob FROM tensors WHERE name = 'big'").fetchone()
+    path = store._blob_path(blob)
+    _flip_byte(path, len(path.read_bytes()) // 2)
+    with pytest.raises(IntegrityError, match="model 'm', tensor 'big': blob .* decodes to bytes "
+                                             "whose sha256 does not match"):
+        store.open("m").load("big")
+    assert hashing() == 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import queue
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 #: decoded bytes a read may keep for reuse (:meth:`Store.reusing`); a blob of more than half
 #: of it is decoded again each time
 REUSE_BYTES = 256 << 20
+#: decoded pieces that may wait for their hash (:class:`_Sha256Beside`)
+_HASH_QUEUE = 4
 
 
 class _Reuse:
@@ -156,6 +159,33 @@ def _decodes_otherwise(what: str, blob_id: str) -> IntegrityError:
                           "affected)")
 
 
+
+class _Sha256Beside:
+    """sha256 of the pieces given to :meth:`update`, in order, computed on a thread of its own
+    while the caller decodes the next piece (``hashlib`` releases the GIL for large buffers):
+    a multi-chunk blob's check costs little more wall time than its decoding. At most
+    ``_HASH_QUEUE`` pieces wait (the memory they hold), and the caller must not change a piece
+    it has given until :meth:`hexdigest` returns, which ends the thread."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._queue: queue.Queue = queue.Queue(_HASH_QUEUE)
+        self._thread = threading.Thread(target=self._run, name="mergehub-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (piece := self._queue.get()) is not None:
+            self._digest.update(piece)
+
+    def update(self, piece: Buffer) -> None:
+        self._queue.put(piece)
+
+    def hexdigest(self) -> str:
+        self._queue.put(None)
+        self._thread.join()
+        return self._digest.hexdigest()
+
+
 class StoreReads:
     """The read part of :class:`~mergehub.storage.store.Store`: decoding blobs (on the CPU, or a
     lossy one on a device) with the checks described in :meth:`_blob_stream`."""
@@ -209,7 +239,8 @@ class StoreReads:
     def _decoded(self, blob_id: str, header: BlobHeader, payload: Payload, what: str,
                  depth: int) -> Iterator[Buffer]:
         """The pieces of :meth:`_blob_stream`, the decoded bytes checked at the end."""
-        digest, total = hashlib.sha256(), 0
+        digest, total = _Sha256Beside() if header.nbytes > _codec.CHUNK_BYTES else \
+            hashlib.sha256(), 0
         try:
             if header.codec == "lossless":
                 ref = (self._iter_raw(header.ref, what, header.nbytes, depth + 1)
@@ -231,7 +262,9 @@ class StoreReads:
                 yield piece
         except (BlobFormatError, ValueError, KeyError) as e:  # codec errors are ValueErrors
             raise _undecodable(what, blob_id, e) from e
-        if total != header.nbytes or digest.hexdigest() != header.sha256:
+        finally:  # also when the reader stops early: the thread ends
+            hexdigest = digest.hexdigest()
+        if total != header.nbytes or hexdigest != header.sha256:
             raise _decodes_otherwise(what, blob_id)
 
     def _reused(self, blob_id: str, expect: int | None) -> bytes | None:
