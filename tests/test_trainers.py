@@ -680,3 +680,18 @@ def test_mezo_over_an_adapter_evaluates_without_lora_dropout(models, tmp_path):
     (losses0, w0), (losses5, w5) = runs
     assert losses0 == losses5
     assert all(torch.equal(w0[k], w5[k]) for k in w0)
+
+
+def test_adapter_config_does_not_depend_on_the_hash_seed(trained):
+    """peft saves target_modules in a set's order; the written file lists them sorted."""
+    from mergehub.adapters.trainer import stable_adapter_config
+
+    assert stable_adapter_config({"target_modules": ["v_proj", "q_proj"], "r": 4}) == \
+        {"target_modules": ["q_proj", "v_proj"], "r": 4}
+    assert stable_adapter_config({"target_modules": "all-linear"}) == \
+        {"target_modules": "all-linear"}  # a pattern string stays as it is
+    written = list((trained[2] / "out").glob("*/adapter_config.json"))
+    assert written
+    for path in written:
+        modules = json.loads(path.read_text())["target_modules"]
+        assert not isinstance(modules, list) or modules == sorted(modules), path

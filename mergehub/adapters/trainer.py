@@ -360,6 +360,15 @@ def _same_checkpoint(ckpt: Path | None, world: World) -> None:
                          "shares")
 
 
+def stable_adapter_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``adapter_config.json``'s content with ``target_modules`` sorted: peft writes the set
+    it holds in the set's order, which changes with Python's hash seed, so the same training
+    would give another file (and, in a store that keeps files bit for bit, another blob)."""
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    return config
+
+
 def _write_output(cfg: TrainConfig, method: Method, dtype: torch.dtype, base_dir: Path,
                   base_name: str | None, store: Store | None, dataset: Dataset,
                   metrics: dict[str, Any], tmp: Path, seconds: float,
@@ -373,7 +382,7 @@ def _write_output(cfg: TrainConfig, method: Method, dtype: torch.dtype, base_dir
         if kind == "finetune":
             _copy_side_files(base_dir, out)
         if (out / ADAPTER_CONFIG).is_file():
-            config = read_json(out / ADAPTER_CONFIG)
+            config = stable_adapter_config(read_json(out / ADAPTER_CONFIG))
             config["base_model_name_or_path"] = base_reference(cfg.base, store)
             write_file_atomic(out / ADAPTER_CONFIG, (json.dumps(config, indent=2, sort_keys=True)
                                                      + "\n").encode())
