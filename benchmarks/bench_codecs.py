@@ -469,14 +469,17 @@ def throughput(size: int, rel: float, reps: int) -> list[tuple[str, float, float
         results.append((label, mb / t_bare, mb / t_enc, mb / t_dec,
                         f"size {len(blob) / len(ft_raw):.4f} of raw" + ("" if r == reps else f"; best of {r}")))
     try:  # TALL: one task's mask against a τMTL of 6 tasks
-        from mergehub.storage.codec import encode_tall_task
+        from mergehub.storage.codec import encode_task_blob
+        from mergehub.storage.codecs.tall import mask
 
         tau = ft.float() - base.float()
         mtl = tau + torch.randn(size, size, generator=gen) * 0.02 * rel * math.sqrt(5)
         mtl_raw = raw_of(mtl)
         mtl_id = sha256(encode_lossless(mtl_raw, "F32", sha256(mtl_raw)))
         p = {"lambda": 0.4, "alpha": 1.0}
-        t_enc, blob = best_time(lambda: encode_tall_task(tau, mtl, "BF16", p, (base_id, base_raw), mtl_id), reps)
+        t_enc, blob = best_time(lambda: encode_task_blob(
+            "tall", {"mask": mask(tau, mtl, p["lambda"])}, p, (size, size), "BF16",
+            (base_id, base_raw), {"mtl": (mtl_id, mtl)}), reps)
         header, payload = unpack_blob(blob)
         t_dec, _ = best_time(lambda: decode_blob(header, payload, base_raw, {"mtl": mtl_raw}), reps)
         results.append(("tall lambda=0.4 (1 task's mask)", float("nan"), mb / t_enc, mb / t_dec,

@@ -15,7 +15,7 @@ import mergehub
 from mergehub.errors import InputError, RemoteError
 from mergehub.hub.cli import cli
 from mergehub.hub.demo import dir_digests
-from mergehub.merge.hub_inputs import open_hub_input
+from mergehub.storage.hub_inputs import open_hub_input
 from tests.hub_server import new_repo_id
 
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 import mergehub
 from mergehub.hub.cli import cli
 from mergehub.hub.demo import make_lora
-from mergehub.merge.methods.rmm import decompose
+from mergehub.storage.codecs.rmm import decompose
 from mergehub.merge.rmm import revert
 from mergehub.storage.checkpoint import open_checkpoint
 from mergehub.storage.store import Store

@@ -20,12 +20,14 @@ from typing import Any, Protocol
 
 import torch
 
-from mergehub.errors import BaseMismatchError, InputError, RemoteError, shown
+from mergehub.errors import BaseMismatchError, InputError
 from mergehub.safejson import parse_json, read_json
 from mergehub.storage.checkpoint import (
-    ADAPTER_CONFIG, Checkpoint, check_adapter_config, open_checkpoint, peft_target_weight)
+    ADAPTER_CONFIG, Checkpoint, check_adapter_config, peft_target_weight)
+from mergehub.storage.hub_inputs import HubCheckpoint
+from mergehub.storage.references import open_reference
 from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
-from mergehub.storage.store import Store, StoredModel, names_entry
+from mergehub.storage.store import Store, StoredModel
 
 #: a store input's tensor of more bytes than this (a large embedding) is decoded in order a
 #: chunk at a time for each pass over its rows, rather than whole once and sliced: memory holds
@@ -296,17 +298,13 @@ def _checkpoint_source(ref: str, ckpt: Checkpoint, read: Callable[[str], Any]) -
 def resolve_input(ref: str, store: Store | None, where: str) -> Source:
     """Turn a recipe's model reference into a :class:`Source`.
 
-    ``ref`` is ``hf://org/name[@revision]`` (a Hub repo, :mod:`mergehub.merge.hub_inputs`), the name
-    of a model in ``store`` (:func:`~mergehub.storage.store.names_entry`), a path (HF dir,
-    PEFT dir, ``.safetensors`` file), or else ``org/name[@revision]`` on the Hub. ``where``
-    locates the reference in the recipe for error messages.
+    ``ref`` is ``hf://org/name[@revision]`` (a Hub repo), the name of a model in ``store``, a
+    path (HF dir, PEFT dir, ``.safetensors`` file), or else ``org/name[@revision]`` on the Hub
+    (:func:`~mergehub.storage.references.open_reference` says which). ``where`` locates the
+    reference in the recipe for error messages.
     """
-    from mergehub.merge.hub_inputs import HF_PREFIX, hub_ref
-
-    if ref.startswith(HF_PREFIX):
-        return _hub_source(ref, where)
-    if names_entry(ref, store):
-        model = store.open(ref)
+    model = open_reference(ref, store, where)
+    if isinstance(model, StoredModel):
         lora, config = None, {}
         if model.info.format == "peft":
             config_file = f"model {ref!r}: {ADAPTER_CONFIG}"
@@ -314,36 +312,10 @@ def resolve_input(ref: str, store: Store | None, where: str) -> Source:
                                                      config_file), config_file)
             lora = lora_targets(ref, config, {s.name: s for s in model.specs()})
         return Source(ref, model, dict(model.info.metrics), lora, config)
+    if isinstance(model, HubCheckpoint):
+        return _checkpoint_source(ref, model, lambda name: parse_json(
+            model.side_file(name), f"{ref}: {name}") if name in model.side_files else None)
     path = Path(ref).expanduser()
-    try:
-        exists = path.exists()
-    except OSError as e:  # a name too long for the file system, ...
-        raise InputError(f"{where}: input {shown(ref)}: {e.strerror}") from None
-    if exists:
-        root = path if path.is_dir() else path.parent
-        return _checkpoint_source(ref, open_checkpoint(path), lambda name: read_json(
-            root / name) if (root / name).is_file() else None)
-    where_store = (f" nor a model in store {store.root}{store.did_you_mean(ref)}"
-                   if store is not None else "")
-    if hub_ref(ref):
-        try:
-            return _hub_source(ref, where)
-        except RemoteError as e:
-            raise InputError(f"{where}: input {ref!r} is neither a local path{where_store} nor "
-                             f"a Hub repo ({e})") from None
-    raise InputError(f"{where}: input {ref!r} is neither a local path{where_store} nor a Hub "
-                     "repo (write org/name or hf://org/name[@revision])")
-
-
-def _hub_source(ref: str, where: str) -> Source:
-    """The Hub repo ``ref`` names as a :class:`Source` (headers read, weights fetched later)."""
-    from mergehub.merge.hub_inputs import HF_PREFIX, open_hub_input
-
-    try:
-        ckpt = open_hub_input(ref, where)
-    except RemoteError as e:
-        if ref.startswith(HF_PREFIX):
-            raise RemoteError(f"{where}: input {ref!r}: {e}") from None
-        raise
-    return _checkpoint_source(ref, ckpt, lambda name: parse_json(
-        ckpt.side_file(name), f"{ref}: {name}") if name in ckpt.side_files else None)
+    root = path if path.is_dir() else path.parent
+    return _checkpoint_source(ref, model, lambda name: read_json(
+        root / name) if (root / name).is_file() else None)

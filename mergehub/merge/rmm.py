@@ -1,14 +1,16 @@
 """Running reversible merges (RMM) and reverting their store entries to any input task.
 
-The math (closed-form bases and per-task coefficients, dense or in LoRA factor space) is in
-:mod:`mergehub.merge.methods.rmm`. The output is a directory (and, with ``--to-store``, one
+The math (closed-form bases and per-task coefficients, dense or in LoRA factor space) is the
+``rmm`` multi-model codec, :mod:`mergehub.storage.codecs.rmm`. The output is a directory (and, with ``--to-store``, one
 store entry) of float32 safetensors, for every tensor some task changes either
 ``NAME::basis`` (m × shape) and ``NAME::coef`` (T × m) (a dense basis), or ``NAME::left``,
 ``NAME::left_coef``, ``NAME::right`` and ``NAME::right_coef`` (a basis kept as factors: task t
 is (Σj left_coef[t, j]·left[j]) @ (Σj right_coef[t, j]·right[j])); ``rmm.json`` (tasks, m,
 basis, base, the relative reconstruction error of every task for every m and the bytes the
-basis takes for every m); and the base's config/tokenizer files. ``hub export NAME --task T``
-(or :func:`revert`) rebuilds task T's full model.
+basis takes for every m); and the base's config/tokenizer files: the codec's ``bundle``
+layout (:mod:`mergehub.storage.codecs.multi`). ``hub export NAME --task T`` (or
+:func:`revert`, which is :func:`mergehub.storage.tasks.export_task`) rebuilds task T's full
+model.
 """
 
 from __future__ import annotations
@@ -22,17 +24,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mergehub.errors import StoreError, spelled
-from mergehub.merge.methods.rmm import decompose, decompose_dense_lowrank, decompose_factors
 from mergehub.merge.plan import side_files
 from mergehub.merge.tensors import MergeResult
 from mergehub.progress import bar_disabled
-from mergehub.safejson import parse_json
-from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
-from mergehub.storage.store import Store
+from mergehub.storage.codecs.multi import bundle_parts
+from mergehub.storage.codecs.rmm import RMM, RMM_FILE, decompose_dense_lowrank, decompose_factors
+from mergehub.storage.safetensors_format import TensorSpec
+from mergehub.storage.tasks import export_task as revert  # noqa: F401  (its name in docs)
 from mergehub.storage.writer import DEFAULT_MAX_SHARD_SIZE, write_model_dir
-
-RMM_FILE = "rmm.json"
 
 
 def _dense_bytes(shape: tuple[int, ...], t: int, m: int) -> int:
@@ -65,9 +64,7 @@ def execute_rmm(plan: Any, out: Path, *, device: str = "cpu", seed: int = 0,
                 continue  # no adapter has this module: reverting takes the base's
             split = decompose_factors if basis_kind == "factors" else decompose_dense_lowrank
             full = split(factors)
-            kept = full.first(m)
-            results[spec.name] = {"left": kept.left, "left_coef": kept.left_coef,
-                                  "right": kept.right, "right_coef": kept.right_coef}
+            results[spec.name] = bundle_parts(full.first(m).encoded())
             norms, residuals = full.norms, full.residuals
             for j in range(t):
                 stored_by_m[j] += full.nbytes(j + 1)
@@ -77,9 +74,10 @@ def execute_rmm(plan: Any, out: Path, *, device: str = "cpu", seed: int = 0,
             xs = [src.tau(spec.name, base, dev).reshape(spec.shape) for src in plan.inputs]
             if all(not x.any() for x in xs):
                 continue  # no task changes this tensor: reverting takes the base's
-            basis, coef, residuals = decompose(xs, m)
+            encoded = RMM.encode(xs, [{"m": m}] * t)
+            residuals = encoded.stats["residuals"]
             norms = torch.stack([(x.double() ** 2).sum() for x in xs])
-            results[spec.name] = {"basis": basis, "coef": coef}
+            results[spec.name] = bundle_parts(encoded)
             for j in range(t):
                 stored_by_m[j] += _dense_bytes(spec.shape, t, j + 1)
         sq_norm += norms.double().cpu()
@@ -103,48 +101,3 @@ def execute_rmm(plan: Any, out: Path, *, device: str = "cpu", seed: int = 0,
                     overwrite=overwrite, progress=False)
     return MergeResult(Path(out), len(specs), sum(s.nbytes for s in specs),
                        time.perf_counter() - start, plan=plan, report=summary, format="rmm")
-
-
-def revert(store: Store, name: str, task: str | int, out: str | Path, *,
-           overwrite: bool = False, progress: bool | None = None) -> Path:
-    """Rebuild task ``task`` (its label, or index from 0) of the RMM entry ``name`` as an HF
-    model dir: θ0 + Σj ctj Bj for every tensor with a dense basis, θ0 + (Σj c^L_tj L^j) @
-    (Σj c^R_tj R^j) for every tensor with a factor basis, the base's tensor elsewhere."""
-    from mergehub.merge.inputs import resolve_input
-
-    entry = store.open(name)
-    if RMM_FILE not in entry.side_files:
-        raise StoreError(f"model {name!r} is not a reversible merge (no {RMM_FILE}); "
-                         f"{spelled('revert', '--task')} only applies to merge_method rmm "
-                         "entries")
-    summary = parse_json(entry.side_file(RMM_FILE), f"model {name!r}: {RMM_FILE}")
-    tasks = summary["tasks"]
-    if isinstance(task, str) and task.isdigit():
-        task = int(task)
-    index = task if isinstance(task, int) else tasks.index(task) if task in tasks else -1
-    if not 0 <= index < len(tasks):
-        raise StoreError(f"model {name!r} has no task {task!r}; its tasks are "
-                         + ", ".join(f"{i}: {t!r}" for i, t in enumerate(tasks)))
-    base_ref = summary["base_model"]
-    base = resolve_input(base_ref, store, f"base of {name!r}")
-    parts = {s.name for s in entry.specs()}
-    specs = list(base.specs.values())
-
-    def combined(tname: str, part: str) -> torch.Tensor:
-        """Σj coef[task, j]·basis[j] of one stored basis."""
-        coef = entry.load(f"{tname}::{part}_coef" if part != "basis" else f"{tname}::coef")
-        return torch.tensordot(coef[index], entry.load(f"{tname}::{part}"), dims=1)
-
-    def get(spec: TensorSpec) -> torch.Tensor:
-        theta = base.reader.load(spec.name)
-        if f"{spec.name}::basis" in parts:
-            delta = combined(spec.name, "basis")
-        elif f"{spec.name}::left" in parts:
-            delta = combined(spec.name, "left") @ combined(spec.name, "right")
-        else:
-            return theta
-        return (theta.float() + delta).to(TORCH_DTYPE[spec.dtype])
-
-    side = {p: entry.side_file(p) for p in entry.side_files if p != RMM_FILE}
-    return write_model_dir(out, specs, get, side_files=side, overwrite=overwrite,
-                           progress=progress)

@@ -221,7 +221,7 @@ def open_listing(where: str, tree: list[str], not_kept: dict[str, str],
     or an HF model dir (one ``.safetensors`` file, or an index and its shards, at the top);
     every other kept file is a side file. Errors name ``where``. ``read(name)`` parses a JSON
     file of the folder; ``make`` opens the checkpoint. Shared by local folders and Hub repos
-    (:mod:`mergehub.merge.hub_inputs`)."""
+    (:mod:`mergehub.storage.hub_inputs`)."""
     files = [f for f in tree if "/" not in f]  # the weights are at the top
     pickles = [f for f in not_kept if "/" not in f and f.lower().endswith(PICKLE_SUFFIXES)]
     if ADAPTER_CONFIG in files:

@@ -657,17 +657,23 @@ def _decoded_bytes(theta: "torch.Tensor", dtype: str) -> memoryview:
     return memoryview(out.view(torch.uint8).numpy())
 
 
-def encode_tall_task(tau: "torch.Tensor", mtl: "torch.Tensor", dtype: str,
-                     params: dict[str, Any], ref: tuple[str, bytes], mtl_blob: str) -> bytes:
-    """Task t's ``tall`` blob for one tensor: its mask against the shared τMTL (blob
-    ``mtl_blob``), a delta against the base tensor ``ref``."""
-    from mergehub.storage.codecs import LOSSY, tall
+def encode_task_blob(codec: str, code: dict[str, "torch.Tensor"], params: dict[str, Any],
+                     shape: tuple[int, ...], dtype: str, ref: tuple[str, bytes],
+                     shared: dict[str, tuple[str, "torch.Tensor"]]) -> bytes:
+    """Task t's blob of an ``entries`` multi-model codec (:mod:`mergehub.storage.codecs.multi`)
+    for one tensor: its ``code`` packed by the codec, a delta against the base tensor ``ref =
+    (blob id, raw bytes)``, whose header names the shared tensors' blobs (``shared``: key ->
+    (blob id, tensor)) in ``needs``; the header records the sha256 of the decoded bytes."""
+    from mergehub.storage.codecs import LOSSY
+    from mergehub.storage.codecs.multi import MULTI
 
-    header_params, payload = tall.encode_task(tau, mtl, params, mtl_blob)
-    base = _tensor(ref[1], dtype).reshape(tau.shape)
-    decoded = _decoded_bytes(LOSSY["tall"].decode(memoryview(payload), header_params, base,
-                                                  {"mtl": mtl.float()}), dtype)
-    return pack_blob(BlobHeader("tall", dtype, len(decoded), sha256(decoded), ref[0],
+    header_params, payload = MULTI[codec].pack(code, params, shape)
+    header_params["needs"] = {key: blob for key, (blob, _) in shared.items()}
+    base = _tensor(ref[1], dtype).reshape(shape)
+    decoded = _decoded_bytes(LOSSY[codec].decode(memoryview(payload), header_params, base,
+                                                 {key: t.float() for key, (_, t) in shared.items()}),
+                             dtype)
+    return pack_blob(BlobHeader(codec, dtype, len(decoded), sha256(decoded), ref[0],
                                 header_params), payload)
 
 

@@ -1,6 +1,6 @@
 """Lossy compression of stored fine-tunes into new entries: one codec per entry
-(:meth:`~StoreCompression.compress`, with a grid search), and TALL over several fine-tunes of one
-base (:meth:`~StoreCompression.compress_tall`)."""
+(:meth:`~StoreCompression.compress`, with a grid search), and a multi-model codec over several
+fine-tunes of one base, an entry per task (:meth:`~StoreCompression.compress_tall`: TALL)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ class StoreCompression:
         keep their lossless blobs. Export and merge read the entry like any other (decoding on the fly).
         """
         from mergehub.storage.codecs import LOSSY, resolve_params
+        from mergehub.storage.codecs.multi import MULTI
 
         model_id, kind, base_id, fmt = self._require(name)
         if base_id is None:
@@ -45,9 +46,9 @@ class StoreCompression:
             full = resolve_params(codec, params or {})
         except ValueError as e:
             raise StoreError(str(e)) from None
-        if codec == "tall":
-            raise StoreError("tall compresses several fine-tunes together: use " + spelled(
-                "compress_tall([A, B, ...])", "hub compress A B ... --codec tall"))
+        if codec in MULTI:
+            raise StoreError(f"{codec} compresses several fine-tunes together: use " + spelled(
+                f"compress_{codec}([A, B, ...])", f"hub compress A B ... --codec {codec}"))
         as_name = as_name or f"{name}-{codec}"
         info = self.show(name)
         base_blobs = {r[0]: r[5] for r in self._tensor_rows(base_id)}
@@ -133,23 +134,39 @@ class StoreCompression:
         Creates ``NAME + suffix`` for each of ``names``. ``params``: ``lambda`` (one number, or
         one per task, in the order of ``names``; default 0.4) and ``alpha`` (default 1).
         """
-        from mergehub.storage.codec import encode_tall_task
-        from mergehub.storage.codecs import resolve_params
+        return self.compress_multi(names, "tall", params, suffix=suffix, progress=progress)
 
+    def compress_multi(self, names: list[str], codec: str, params: dict[str, Any] | None = None,
+                       *, suffix: str | None = None,
+                       progress: bool | None = None) -> list[ModelInfo]:
+        """Store T fine-tunes of one base with the multi-model codec ``codec`` whose layout is
+        an entry per task (:mod:`mergehub.storage.codecs.multi`; ``tall``:
+        :meth:`compress_tall`): ``NAME + suffix`` (default ``-CODEC``) for each of ``names``,
+        whose float tensors that some task changes are task blobs of the codec that need the
+        tensor's shared blobs (lossless float32); the others keep their blobs. ``params``: the
+        codec's, a per-task one as one value or a list in the order of ``names``."""
+        import torch
+
+        from mergehub.storage.codec import encode_task_blob
+        from mergehub.storage.codecs.multi import MULTI, task_params
+
+        multi = MULTI.get(codec)
+        if multi is None or multi.layout != "entries":
+            raise StoreError(f"{codec!r} is not a multi-model codec that stores an entry per "
+                             "task (those: " + ", ".join(
+                                 sorted(n for n, c in MULTI.items() if c.layout == "entries"))
+                             + ")")
+        given = dict(params or {})
+        suffix = f"-{codec}" if suffix is None else suffix
         if len(names) < 2 or len(set(names)) != len(names):
-            raise StoreError("tall compresses two or more different fine-tunes of one base")
+            raise StoreError(f"{codec} compresses two or more different fine-tunes of one base")
         rows = [self._require(n) for n in names]
         bases = {r[2] for r in rows}
         if len(bases) != 1 or None in bases:
-            raise StoreError("tall needs fine-tunes of one and the same base: "
+            raise StoreError(f"{codec} needs fine-tunes of one and the same base: "
                              + ", ".join(f"{n!r} (base {self.show(n).base!r})" for n in names))
-        given = dict(params or {})
-        lambdas = given.pop("lambda", 0.4)
-        lambdas = list(lambdas) if isinstance(lambdas, (list, tuple)) else [lambdas] * len(names)
-        if len(lambdas) != len(names):
-            raise StoreError(f"tall: {len(lambdas)} lambdas for {len(names)} fine-tunes")
         try:
-            full = resolve_params("tall", {**given, "lambda": lambdas[0]})
+            params = task_params(multi, given, len(names))
         except ValueError as e:
             raise StoreError(str(e)) from None
         base_id = bases.pop()
@@ -164,8 +181,6 @@ class StoreCompression:
             return self._stage_blob(data, new_blobs, dirs)
 
         def encode(tname: str) -> list[str]:
-            import torch
-
             current = [m[tname][5] for m in per_model]
             ref = base_blobs.get(tname)
             dtype, shape = per_model[0][tname][3], tuple(json.loads(per_model[0][tname][4]))
@@ -179,33 +194,34 @@ class StoreCompression:
             taus = [torch.frombuffer(self._read_raw(b, f"model {n!r}, {what}", size),
                                      dtype=torch_dtype)
                     .float().reshape(shape) - theta0 for b, n in zip(current, names)]
-            mtl = sum(taus)
-            mtl_raw = mtl.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-            mtl_blob = put(encode_lossless(mtl_raw, "F32", sha256(mtl_raw)))
+            encoded = multi.encode(taus, params)
+            shared = {}
+            for key, tensor in encoded.shared.items():
+                raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                shared[key] = (put(encode_lossless(raw, "F32", sha256(raw))), tensor)
             out = []
-            for b, tau, lam in zip(current, taus, lambdas):
+            for b, code, p in zip(current, encoded.codes, params):
                 if b == ref:
                     out.append(b)
                     continue
-                blob = put(encode_tall_task(tau, mtl, dtype, {**full, "lambda": float(lam)},
-                                            (ref, base_raw), mtl_blob))
-                needs.append((blob, mtl_blob))
+                blob = put(encode_task_blob(codec, code, p, shape, dtype, (ref, base_raw), shared))
+                needs.extend((blob, other) for other, _ in shared.values())
                 out.append(blob)
             return out
 
         as_names = [n + suffix for n in names]
         with self._lock(exclusive=False):
             self._check_free(as_names)
-            bar = tqdm(order, desc="compress tall", unit="tensor", disable=bar_disabled(progress),
-                       leave=False)
+            bar = tqdm(order, desc=f"compress {codec}", unit="tensor",
+                       disable=bar_disabled(progress), leave=False)
             columns = [dict(zip(order, blobs)) for blobs in zip(*ordered_map(encode, bar))]
             derived = []
-            for (model_id, *_), name, as_name, lam, blobs in zip(rows, names, as_names, lambdas,
-                                                                 columns):
+            for (model_id, *_), name, as_name, p, blobs in zip(rows, names, as_names, params,
+                                                               columns):
                 info = self.show(name)
                 derived.append((model_id, name, as_name, blobs, {
-                    **info.provenance, "compressed_from": name, "codec": "tall",
-                    "codec_params": {**full, "lambda": float(lam)}, "tall_tasks": names}))
+                    **info.provenance, "compressed_from": name, "codec": codec,
+                    "codec_params": p, f"{codec}_tasks": names}))
             self._commit_derived(dirs, new_blobs, needs, derived)
         return [self.show(n) for n in as_names]
 

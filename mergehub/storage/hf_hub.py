@@ -2,7 +2,7 @@
 resolves a revision to a commit, and turns ``huggingface_hub`` and HTTP errors into one-line
 :class:`~mergehub.errors.RemoteError` messages with the token blanked out. ``hub push`` /
 ``hub pull`` (:mod:`mergehub.hub.remote`) and merge inputs on the Hub
-(:mod:`mergehub.merge.hub_inputs`) both use it.
+(:mod:`mergehub.storage.hub_inputs`) both use it.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ setup, listing, opening and removing of entries):
     blobs.py         blob files: writing, staging, opening and checking them
     reading.py       the read path: decoding blobs with their checks, :class:`StoredModel`
     folders.py       ``add`` and ``export`` of model folders
-    compression.py   ``compress``, ``compress_search``, ``compress_tall``
+    compression.py   ``compress``, ``compress_search``, ``compress_multi`` / ``compress_tall``
     shipping.py      entry manifests and ``import_entry`` (``hub push`` / ``hub pull``)
     maintenance.py   ``gc``, work folders, ``verify``
     repair.py        ``verify --repair``

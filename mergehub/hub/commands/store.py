@@ -127,9 +127,9 @@ def export(ctx: click.Context, name: str, output: Path, max_shard_size: str | No
     size = parse_size(max_shard_size) if max_shard_size is not None else None
     with open_store(ctx) as store:
         if task is not None:
-            from mergehub.merge.rmm import revert
+            from mergehub.storage.tasks import export_task
 
-            revert(store, name, task, output, overwrite=overwrite, progress=progress_bars())
+            export_task(store, name, task, output, overwrite=overwrite, progress=progress_bars())
             click.echo(f"exported task {task!r} of {name!r} to {output}")
             return
         store.export(name, output, max_shard_size=size, overwrite=overwrite,
@@ -168,9 +168,11 @@ def compress(ctx: click.Context, names: tuple[str, ...], codec: str, params: tup
             parsed[key] = value
     if as_name is not None and len(names) > 1:
         raise click.BadParameter("names one entry: give one NAME", param_hint="--name")
+    from mergehub.storage.codecs.multi import MULTI
+
     with open_store(ctx) as store:
-        if codec == "tall":
-            infos = store.compress_tall(list(names), parsed, progress=progress_bars())
+        if getattr(MULTI.get(codec), "layout", None) == "entries":  # tall: several together
+            infos = store.compress_multi(list(names), codec, parsed, progress=progress_bars())
         else:
             infos = [store.compress(n, codec, parsed, as_name=as_name, progress=progress_bars())
                      for n in names]

@@ -1,4 +1,6 @@
-"""Lossy delta codecs, one module each, registered by name in :data:`LOSSY`.
+"""Lossy delta codecs, one module each, registered by name in :data:`LOSSY`; the multi-model
+codecs (TALL, RMM) are in :data:`~mergehub.storage.codecs.multi.MULTI`, and those whose tasks
+are store entries of their own (TALL) enter their task blobs here too.
 
 A lossy codec stores an approximation of a fine-tune's task vector τ = θ − θ0 against its base
 tensor θ0 (the blob's ``ref``). ``encode(theta, base, params)`` returns the parameters to keep in
@@ -70,4 +72,4 @@ def resolve_params(name: str, given: dict[str, Any]) -> dict[str, Any]:
     return full
 
 
-from mergehub.storage.codecs import bit1, compeft, lowrank, tall  # noqa: E402,F401  (registers)
+from mergehub.storage.codecs import bit1, compeft, lowrank, rmm, tall  # noqa: E402,F401  (registers)

@@ -1,0 +1,170 @@
+"""Multi-model codecs: T task vectors of one base stored as shared tensors plus a small code
+per task, registered by name in :data:`MULTI`.
+
+A multi-model codec compresses several fine-tunes together, per tensor:
+``encode(taus, params)`` takes the T task vectors τt = θt − θ0 of one tensor and returns an
+:class:`Encoded`: ``shared`` float32 tensors stored once for all tasks and one code per task
+(a ``dict`` of small tensors); ``decode(shared, code, params)`` returns task t's
+approximation τ̂t in float32, and a reader adds it to the base tensor: θ̂t = θ0 + τ̂t. The
+codecs here:
+
+* ``tall`` (:mod:`.tall`): TALL masks; shared τMTL, per task a bitmask.
+* ``rmm`` (:mod:`.rmm`): reversible model merging; a shared basis, per task its
+  coefficients.
+
+The store keeps what ``encode`` returns in one of two layouts, chosen by the codec
+(:attr:`MultiCodec.layout`):
+
+* ``"entries"`` (TALL): one store entry per task. A shared tensor is a lossless float32 blob;
+  a task's code is a blob of the codec's name (:meth:`MultiCodec.pack` gives its header
+  parameters and payload) whose header names the shared blobs in ``needs`` and whose ``ref``
+  is the base tensor's blob. :func:`register` also enters that blob form in
+  :data:`~mergehub.storage.codecs.LOSSY`, so reading, export, merges and the live composer
+  decode the entries as any lossy entry (:meth:`MultiCodec.unpack`, then :meth:`decode`).
+* ``"bundle"`` (RMM): one entry for all tasks. For each tensor ``X`` that some task changes,
+  its shared tensors are ``X::KEY`` and its codes ``X::KEY`` too, the T tasks' codes stacked
+  along a first dimension (the keys in :attr:`MultiCodec.code_keys`); a side file
+  (:attr:`MultiCodec.manifest`) names the tasks and the base. ``hub export NAME --task T``
+  (:func:`mergehub.storage.tasks.export_task`) rebuilds task T from those and the base.
+
+Adding a multi-model codec is one module in this folder, a :class:`MultiCodec` subclass passed
+to :func:`register`, and its name added to the import at the end of
+:mod:`mergehub.storage.codecs`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from mergehub.errors import spelled
+from mergehub.storage.codecs import LossyCodec, register as register_lossy
+
+#: one task's code for one tensor (what :meth:`MultiCodec.decode` reads besides the shared part)
+Code = dict[str, torch.Tensor]
+
+
+@dataclass
+class Encoded:
+    """What :meth:`MultiCodec.encode` makes of one tensor's T task vectors."""
+
+    shared: dict[str, torch.Tensor]  # float32, stored once
+    codes: list[Code]  # one per task, in the order of the task vectors
+    #: what the encoder measured on the way (RMM: the residual of each task for each m)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class MultiCodec:
+    """A multi-model codec (see the module docstring). Subclasses set the class attributes and
+    implement :meth:`encode` and :meth:`decode`; an ``entries`` codec also :meth:`pack` and
+    :meth:`unpack`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    #: its parameters and their defaults
+    defaults: ClassVar[dict[str, Any]] = {}
+    #: how the store keeps it: an entry per task, or one entry for all (module docstring)
+    layout: ClassVar[Literal["entries", "bundle"]]
+    #: ``bundle``: the side file naming the tasks (``tasks``) and the base (``base_model``)
+    manifest: ClassVar[str] = ""
+    #: ``bundle``: the keys of the codes (stacked by task); every other key is shared
+    code_keys: ClassVar[tuple[str, ...]] = ()
+    #: ``bundle``: what an entry holding it is, and what makes one (for messages)
+    made_by: ClassVar[tuple[str, str]] = ("", "")
+    #: parameters that may differ per task (one value per task, in the order of the tasks)
+    task_params: ClassVar[tuple[str, ...]] = ()
+
+    def check(self, params: dict[str, Any]) -> None:
+        """Raise ``ValueError`` (one line naming the parameter) for a value the codec cannot
+        use."""
+
+    def encode(self, taus: list[torch.Tensor], params: list[dict[str, Any]]) -> Encoded:
+        """Shared tensors and one code per task for the task vectors ``taus`` (float32, one
+        shape) of one tensor; ``params[t]`` are task t's resolved parameters."""
+        raise NotImplementedError
+
+    def decode(self, shared: dict[str, torch.Tensor], code: Code,
+               params: dict[str, Any]) -> torch.Tensor:
+        """Task t's approximated task vector τ̂t (float32, on the shared tensors' device) from
+        the shared tensors and its ``code``; ``params`` are the task's parameters (for an
+        ``entries`` codec: its blob header's)."""
+        raise NotImplementedError
+
+    def pack(self, code: Code, params: dict[str, Any],
+             shape: tuple[int, ...]) -> tuple[dict[str, Any], bytes]:
+        """``entries``: a task's code as the header parameters (with ``shape``) and payload
+        of its blob."""
+        raise NotImplementedError
+
+    def unpack(self, payload: memoryview, params: dict[str, Any]) -> Code:
+        """``entries``: inverse of :meth:`pack`; ``params`` is the blob header's (its
+        ``shape`` checked against the tensor's size by the store before this runs)."""
+        raise NotImplementedError
+
+
+def bundle_parts(encoded: Encoded) -> dict[str, torch.Tensor]:
+    """One tensor's part of a ``bundle`` entry, by key (``X::KEY`` in the entry), in key order:
+    the shared tensors, and each code key's T codes stacked along a new first dimension."""
+    parts = dict(encoded.shared)
+    for key in encoded.codes[0]:
+        parts[key] = torch.stack([code[key] for code in encoded.codes])
+    return dict(sorted(parts.items()))
+
+
+def bundle_task(codec: MultiCodec, parts: dict[str, torch.Tensor],
+                task: int) -> tuple[dict[str, torch.Tensor], Code]:
+    """Inverse of :func:`bundle_parts` for task ``task``: the shared tensors and its code."""
+    return ({key: value for key, value in parts.items() if key not in codec.code_keys},
+            {key: value[task] for key, value in parts.items() if key in codec.code_keys})
+
+
+MULTI: dict[str, MultiCodec] = {}
+
+
+def register(codec: MultiCodec) -> MultiCodec:
+    """Enter ``codec`` in :data:`MULTI`; an ``entries`` codec's task blobs also in
+    :data:`~mergehub.storage.codecs.LOSSY` (decoded as θ0 + τ̂t, encoded only by
+    ``Store.compress_tall``: alone it is a ``ValueError``)."""
+    MULTI[codec.name] = codec
+    if codec.layout == "entries":
+        def encode(theta: torch.Tensor, base: torch.Tensor,
+                   params: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+            raise ValueError(f"{codec.name} compresses several fine-tunes together: use "
+                             + spelled(f"Store.compress_{codec.name}([A, B, ...])",
+                                       f"hub compress A B ... --codec {codec.name}"))
+
+        def decode(payload: memoryview, params: dict[str, Any], base: torch.Tensor,
+                   extras: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+            shared = {key: value.to(base.device) for key, value in (extras or {}).items()}
+            code = {key: value.to(base.device)
+                    for key, value in codec.unpack(payload, params).items()}
+            return base.float() + codec.decode(shared, code, params).reshape(params["shape"])
+
+        register_lossy(LossyCodec(codec.name, dict(codec.defaults), encode, decode,
+                                  codec.summary, check=codec.check))
+    return codec
+
+
+def task_params(codec: MultiCodec, given: dict[str, Any], tasks: int) -> list[dict[str, Any]]:
+    """Each task's resolved parameters: the codec's defaults updated with ``given``, where a
+    parameter of :attr:`MultiCodec.task_params` may be one value or a list of one per task
+    (each converted to its default's type). Unknown names, a list of the wrong length and values the codec cannot use are a
+    ``ValueError``."""
+    out = [{**codec.defaults, **given} for _ in range(tasks)]
+    for key in codec.task_params:
+        value = given.get(key, codec.defaults[key])
+        values = list(value) if isinstance(value, (list, tuple)) else [value] * tasks
+        if len(values) != tasks:
+            raise ValueError(f"{codec.name}: {len(values)} {key}s for {tasks} fine-tunes")
+        for params, v in zip(out, values):
+            params[key] = type(codec.defaults[key])(v)  # a per-task value has its default's type
+    unknown = sorted(set(given) - set(codec.defaults))
+    if unknown:
+        raise ValueError(f"codec {codec.name} has no parameter {unknown[0]!r} "
+                         f"(known: {', '.join(sorted(codec.defaults)) or 'none'})")
+    for params in out:
+        codec.check(params)
+    return out
+
