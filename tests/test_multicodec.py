@@ -15,6 +15,7 @@ import zstandard
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
+from mergehub.errors import StoreError
 from mergehub.hub.cli import cli
 from mergehub.merge.rmm import revert
 from mergehub.storage.checkpoint import open_checkpoint
@@ -148,6 +149,12 @@ def test_the_worked_example_of_a_new_multi_codec_compresses(models, tmp_path, mo
                                        "--codec", "meanscale"])
         assert res.exit_code == 0 and "compressed 'attn-meanscale'" in res.output, res.output
         assert "meanscale" in store.show("mlp-meanscale").codecs
+        with pytest.raises(StoreError, match="'rmm' is not a multi-model codec that stores an "
+                                             "entry per task"):
+            store.compress_multi(["mlp", "attn"], "rmm")
+        res = CliRunner().invoke(cli, ["--store", str(store.root), "compress", "mlp",
+                                       "--codec", "meanscale"])
+        assert res.exit_code == 2 and "two or more different fine-tunes" in res.output
         base = open_checkpoint(models["base-bf16"])
         fts = [open_checkpoint(models[k]) for k in ("ft-mlp", "ft-attn")]
         outs = [open_checkpoint(store.export(f"{n}-meanscale", tmp_path / n, progress=False))

@@ -48,7 +48,7 @@ class StoreCompression:
             raise StoreError(str(e)) from None
         if codec in MULTI:
             raise StoreError(f"{codec} compresses several fine-tunes together: use " + spelled(
-                f"compress_{codec}([A, B, ...])", f"hub compress A B ... --codec {codec}"))
+                MULTI[codec].store_call(), f"hub compress A B ... --codec {codec}"))
         as_name = as_name or f"{name}-{codec}"
         info = self.show(name)
         base_blobs = {r[0]: r[5] for r in self._tensor_rows(base_id)}

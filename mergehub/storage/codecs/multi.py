@@ -76,6 +76,10 @@ class MultiCodec:
     #: parameters that may differ per task (one value per task, in the order of the tasks)
     task_params: ClassVar[tuple[str, ...]] = ()
 
+    def store_call(self) -> str:
+        """``entries``: how a Python caller stores T fine-tunes with it (for messages)."""
+        return f"compress_multi([A, B, ...], {self.name!r})"
+
     def check(self, params: dict[str, Any]) -> None:
         """Raise ``ValueError`` (one line naming the parameter) for a value the codec cannot
         use."""
@@ -126,13 +130,13 @@ MULTI: dict[str, MultiCodec] = {}
 def register(codec: MultiCodec) -> MultiCodec:
     """Enter ``codec`` in :data:`MULTI`; an ``entries`` codec's task blobs also in
     :data:`~mergehub.storage.codecs.LOSSY` (decoded as θ0 + τ̂t, encoded only by
-    ``Store.compress_tall``: alone it is a ``ValueError``)."""
+    ``Store.compress_multi``: alone it is a ``ValueError``)."""
     MULTI[codec.name] = codec
     if codec.layout == "entries":
         def encode(theta: torch.Tensor, base: torch.Tensor,
                    params: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
             raise ValueError(f"{codec.name} compresses several fine-tunes together: use "
-                             + spelled(f"Store.compress_{codec.name}([A, B, ...])",
+                             + spelled(f"Store.{codec.store_call()}",
                                        f"hub compress A B ... --codec {codec.name}"))
 
         def decode(payload: memoryview, params: dict[str, Any], base: torch.Tensor,
@@ -150,8 +154,8 @@ def register(codec: MultiCodec) -> MultiCodec:
 def task_params(codec: MultiCodec, given: dict[str, Any], tasks: int) -> list[dict[str, Any]]:
     """Each task's resolved parameters: the codec's defaults updated with ``given``, where a
     parameter of :attr:`MultiCodec.task_params` may be one value or a list of one per task
-    (each converted to its default's type). Unknown names, a list of the wrong length and values the codec cannot use are a
-    ``ValueError``."""
+    (each converted to its default's type). Unknown names, a list of the wrong length and
+    values the codec cannot use are a ``ValueError``."""
     out = [{**codec.defaults, **given} for _ in range(tasks)]
     for key in codec.task_params:
         value = given.get(key, codec.defaults[key])

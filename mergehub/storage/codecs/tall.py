@@ -37,6 +37,9 @@ class Tall(MultiCodec):
     layout = "entries"
     task_params = ("lambda",)
 
+    def store_call(self) -> str:
+        return "compress_tall([A, B, ...])"
+
     def encode(self, taus: list[torch.Tensor], params: list[dict[str, Any]]) -> Encoded:
         """Shared ``mtl`` = Σt τt; task t's code ``mask`` = mt."""
         mtl = sum(taus)
