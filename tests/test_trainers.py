@@ -31,6 +31,8 @@ SETUPS = {
     "incrlora": (1e-2, {"method_params": {"init_r": 1, "budget": 20, "grow_every": 4, "warmup": 4}}),
     "sparse": (1e-2, {"method_params": {"density": 0.05, "fisher_batches": 2}}),
     "onebit": (1e-2, {"peft": {"r": 4, "lora_alpha": 8}}),
+    "adalora": (1e-2, {"peft": {"peft_type": "ADALORA", "init_r": 4, "target_r": 2, "tinit": 2,
+                                "tfinal": 2, "deltaT": 1}}),
     "mezo": (1e-3, {}),
     "sparse_mezo": (2e-3, {"method_params": {"density": 0.5}}),
     "mezo-adapter": (2e-2, {"method_params": {"over": "adapter", "eps": 1e-2},
@@ -43,7 +45,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def config(base, tmp_path, setup: str, **extra):
     lr, more = SETUPS[setup]
-    method = {"ia3": "lora", "dora": "lora", "mezo-adapter": "mezo"}.get(setup, setup)
+    method = {"ia3": "lora", "dora": "lora", "adalora": "lora",
+              "mezo-adapter": "mezo"}.get(setup, setup)
     cfg = {"base": str(base), "data": {"task": "copy", "eval_examples": 32}, "method": method,
            "steps": 30, "batch_size": 16, "lr": lr, "seed": 0,
            "run_dir": str(tmp_path / f"run-{setup}"), **more}
@@ -503,18 +506,22 @@ def test_incrlora_adapter_reloads_with_peft(trained, models):
         pytest.approx(trained_eval, abs=2e-3)
 
 
-@pytest.mark.parametrize("setup", ["lora", "incrlora", "sparse", "mezo"])
-def test_resume_continues_the_same_loss_curve(models, tmp_path, setup):
+@pytest.mark.parametrize("setup, steps, stop", [
+    ("lora", 12, 7), ("incrlora", 12, 7), ("sparse", 12, 7), ("mezo", 12, 7),
+    ("adalora", 16, 9),  # resumed while it masks ranks by its smoothed scores (kept with it)
+])
+def test_resume_continues_the_same_loss_curve(models, tmp_path, setup, steps, stop):
     base = models["base-bf16"]
-    extra = {"steps": 12, "checkpoint_every": 4}
+    extra = {"steps": steps, "checkpoint_every": 4}
     full = train(config(base, tmp_path / "a", setup, output={"dir": str(tmp_path / "a-out")},
                         **extra), progress=False)
     cfg = config(base, tmp_path / "b", setup, output={"dir": str(tmp_path / "b-out")}, **extra)
-    stopped = train(cfg, progress=False, stop_after=7)
-    assert stopped.interrupted and stopped.last_checkpoint.name == "checkpoint-0000004"
-    assert stopped.losses == full.losses[:7]
+    stopped = train(cfg, progress=False, stop_after=stop)
+    assert stopped.interrupted
+    assert stopped.last_checkpoint.name == f"checkpoint-{stop // 4 * 4:07d}"
+    assert stopped.losses == full.losses[:stop]
     resumed = train(cfg, progress=False)
-    assert resumed.resumed_from == 4
+    assert resumed.resumed_from == stop // 4 * 4
     assert resumed.losses == full.losses
     assert dir_digests(tmp_path / "a-out") == dir_digests(tmp_path / "b-out")
     assert not (tmp_path / "b" / f"run-{setup}").exists()  # checkpoints removed once done

@@ -73,6 +73,10 @@ def lora_layers(model: torch.nn.Module, adapter: str = "default") -> dict[str, A
             if isinstance(m, LoraLayer) and adapter in m.lora_A}
 
 
+#: AdaLoRA's rank allocator's per-weight scores (peft ``RankAllocator``): its state across steps
+ADALORA_SCORES = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+
 @register
 class PeftMethod(Method):
     """A peft tuner (LoRA by default) trained with AdamW."""
@@ -81,11 +85,36 @@ class PeftMethod(Method):
     peft = True
 
     def build(self, model, resume):
-        return wrap_peft(model, self.cfg)
+        wrapped = wrap_peft(model, self.cfg)
+        allocator = getattr(wrapped.base_model, "rankallocator", None)
+        if resume is not None and allocator is not None:  # AdaLoRA: its allocator's state
+            tensors, state = resume
+            for kind in ADALORA_SCORES:
+                prefix = f"adalora-{kind}:"
+                setattr(allocator, kind, {n[len(prefix):]: t.clone() for n, t in tensors.items()
+                                          if n.startswith(prefix)})
+            if state.get("rank_pattern") is not None:
+                wrapped.peft_config["default"].rank_pattern = state["rank_pattern"]
+        return wrapped
 
     def before_zero_grad(self, step: int) -> None:
         if hasattr(self.model.base_model, "update_and_allocate"):  # AdaLoRA's rank allocation
             self.model.base_model.update_and_allocate(step)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors, and AdaLoRA's smoothed importance scores (a resumed run
+        allocates ranks from them as the uninterrupted one does)."""
+        out = super().state_tensors()
+        allocator = getattr(self.model.base_model, "rankallocator", None)
+        for kind in ADALORA_SCORES if allocator is not None else ():
+            out.update({f"adalora-{kind}:{n}": t for n, t in getattr(allocator, kind).items()})
+        return out
+
+    def extra_state(self) -> dict[str, Any]:
+        """AdaLoRA's rank pattern once it has one (which ranks its masks keep)."""
+        if getattr(self.model.base_model, "rankallocator", None) is None:
+            return {}
+        return {"rank_pattern": self.model.peft_config["default"].rank_pattern}
 
     def save(self, out: Path, dtype: torch.dtype) -> tuple[str, dict[str, Any]]:
         return save_peft(self.model, self.cfg, out, dtype, self.layout)
