@@ -549,6 +549,21 @@ def test_config_errors_name_the_line(tmp_path):
         ("base: b\ndata: {task: copy}\nmethod: full\n", "output needs 'store'", ""),
         ("base: b\ndata: {task: copy}\nmethod: mezo\nmethod_params:\n  objective: acc\noutput: {dir: o}\n",
          ":5: objective must be 'loss' or 'token_error'", ""),
+        # checked at config time, before the base is loaded (were refused after it)
+        ("base: b\ndata: {task: copy}\nmethod: sparse\nmethod_params:\n  density: 1.5\n"
+         "output: {dir: o}\n", ":4: sparse: density must be in (0, 1]", ""),
+        ("base: b\ndata: {task: copy}\nmethod: sparse\nmethod_params:\n  scope: layer\n"
+         "output: {dir: o}\n", ":4: sparse: scope must be 'global' or 'tensor'", ""),
+        ("base: b\ndata: {task: copy}\nmethod: onebit\nmethod_params:\n  group: column\n"
+         "output: {dir: o}\n", ":4: onebit group must be 'matrix' or 'row'", ""),
+        ("base: b\ndata: {task: copy}\nmethod: onebit\nmethod_params:\n  mean: false\n"
+         "output: {dir: o}\n", ":4: onebit mean: false needs quantizer: meanabs", ""),
+        ("base: b\ndata: {task: copy}\nmethod: incrlora\npeft:\n  r: 8\noutput: {dir: o}\n",
+         ":5: incrlora sets the rank itself", "init_r"),
+        ("base: b\ndata: {task: copy}\nmethod: incrlora\npeft:\n  peft_type: IA3\n"
+         "output: {dir: o}\n", ":5: incrlora grows a LoRA", ""),
+        ("base: b\ndata: {task: copy}\nmethod: incrlora\nmethod_params:\n  score: grad\n"
+         "output: {dir: o}\n", ":5: incrlora score must be 'dense' or 'factors'", ""),
         ("base: b\ndata: {task: copy}\nmethod: sparse_mezo\nmethod_params:\n  eps: 0.01\n"
          "  sparsity: 0.25\noutput: {dir: o}\n",
          ":6: sparse_mezo parameter 'sparsity' was renamed 'density'", "fraction"),

@@ -79,6 +79,20 @@ class Method:
                               f"adapter (peft: applies to {peft_methods()})")
 
     @classmethod
+    def param_value(cls, params: Any, key: str) -> Any:
+        """A ``method_params`` value as given, or its default."""
+        return params.get(key, cls.params[key])
+
+    @staticmethod
+    def refuse_invalid(check: Callable[[], None], where: str) -> None:
+        """Run a method's own check of its parameters at config time: its ``InputError`` as a
+        ``ConfigError`` at ``where`` (the config's place of the parameters)."""
+        try:
+            check()
+        except (InputError, TypeError, ValueError) as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    @classmethod
     def trains_adapter(cls, cfg: TrainConfig) -> bool:
         """Whether ``cfg`` trains an adapter (which keeps no new head of the base model)."""
         return cls.peft

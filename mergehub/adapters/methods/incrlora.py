@@ -334,13 +334,22 @@ class IncreLoRAMethod(PeftMethod):
               "grow_rank": None, "warmup": 10, "beta": 0.85, "beta_unc": 0.85,
               "init_std": 0.02, "score": "dense", "uncertainty": True, "reserve": True}
 
-    def build(self, model, resume):
-        spec = dict(self.cfg.peft or {})
+    @classmethod
+    def check_params(cls, params, peft, task_type, at, doc):
+        super().check_params(params, peft, task_type, at, doc)
+        spec = peft or {}
         if str(spec.get("peft_type", "LORA")).upper() != "LORA":
-            raise ConfigError(f"{self.cfg.source}: incrlora grows a LoRA: peft_type must be LORA")
+            raise ConfigError(f"{at(spec, 'peft_type')}: incrlora grows a LoRA: peft_type must "
+                              "be LORA")
         if "r" in spec:
-            raise ConfigError(f"{self.cfg.source}: incrlora sets the rank itself: use "
+            raise ConfigError(f"{at(spec, 'r')}: incrlora sets the rank itself: use "
                               "method_params init_r and budget instead of peft r")
+        score = cls.param_value(params, "score")
+        if score not in SCORES:
+            raise ConfigError(f"{at(params, 'score')}: incrlora score must be 'dense' or "
+                              f"'factors', not {score!r}")
+
+    def build(self, model, resume):
         model = wrap_peft(model, self.cfg, r=int(self.cfg.param("init_r")))
         p = self.cfg.param
         self.grower = IncreLoRA(

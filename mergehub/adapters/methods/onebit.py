@@ -211,11 +211,18 @@ class OneBitMethod(PeftMethod):
     name = "onebit"
     params = {"group": "matrix", "quantizer": "normal", "mean": True}
 
+    @classmethod
+    def check_params(cls, params, peft, task_type, at, doc):
+        super().check_params(params, peft, task_type, at, doc)
+        cls.refuse_invalid(lambda: check(*(cls.param_value(params, k)
+                                           for k in ("group", "quantizer", "mean"))),
+                           at(doc, "method_params") if params else at(doc, "method"))
+
     def build(self, model, resume):
         model = super().build(model, resume)
         try:
             attach(model, *self.options())
-        except InputError as e:
+        except InputError as e:  # the model's part: a peft config that targets none of it
             raise ConfigError(f"{self.cfg.source}: {e}") from None
         return model
 

@@ -180,6 +180,13 @@ class SparseMethod(Method):
     params = {"density": 0.01, "scope": "global", "fisher_batches": 8, "include": None,
               "exclude": None}
 
+    @classmethod
+    def check_params(cls, params, peft, task_type, at, doc):
+        super().check_params(params, peft, task_type, at, doc)
+        cls.refuse_invalid(lambda: check(float(cls.param_value(params, "density")),
+                                         cls.param_value(params, "scope")),
+                           at(doc, "method_params") if params else at(doc, "method"))
+
     def build(self, model, resume):
         p = self.cfg.param
         selected = select(model, p("include"), p("exclude"))
