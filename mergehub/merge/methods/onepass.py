@@ -215,6 +215,8 @@ def _bracketed(stream: Iterable[tuple[torch.Tensor, list[torch.Tensor]]],
             raise _Declined
         bounds[t] = (lo, hi)
     above = dict.fromkeys(sel, 0)
+    # per input: |x| > hi is kept whatever the cut; |x| > below(lo) is |x| >= lo
+    shrinks = {t: (bits_value(hi), fast.below(bits_value(lo))) for t, (lo, hi) in bounds.items()}
     noted: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]] = []
     out = torch.empty(n, dtype=out_dtype)
     offset = 0
@@ -224,17 +226,17 @@ def _bracketed(stream: Iterable[tuple[torch.Tensor, list[torch.Tensor]]],
             if t not in bounds:
                 kept.append(_kept(x, ks[t]))
                 continue
-            lo, hi = (bits_value(b) for b in bounds[t])
+            hi, at_least_lo = shrinks[t]
             h = torch.nn.functional.hardshrink(x, hi)  # |x| > hi: kept whatever the cut
             kept.append(h)
             above[t] += int(torch.count_nonzero(h.view(torch.int32)))  # +0 where dropped
             # |x| >= lo minus |x| > hi: nonzero exactly inside the bracket (lo > 0)
             if inside is None:
-                inside = torch.nn.functional.hardshrink(x, fast.below(lo)).sub_(h)
+                inside = torch.nn.functional.hardshrink(x, at_least_lo).sub_(h)
                 inside = inside.view(torch.int32)
                 continue
             scratch = torch.empty_like(x) if scratch is None else scratch
-            torch.hardshrink(x, fast.below(lo), out=scratch).sub_(h)
+            torch.hardshrink(x, at_least_lo, out=scratch).sub_(h)
             inside.bitwise_or_(scratch.view(torch.int32))
         m = base.numel()
         out[offset:offset + m] = _merged(base, kept, weights, elect, normalize, lam, xs)
