@@ -159,7 +159,6 @@ def _decodes_otherwise(what: str, blob_id: str) -> IntegrityError:
                           "affected)")
 
 
-
 class _Sha256Beside:
     """sha256 of the pieces given to :meth:`update`, in order, computed on a thread of its own
     while the caller decodes the next piece (``hashlib`` releases the GIL for large buffers):
