@@ -310,6 +310,43 @@ out_dtype: float32
     assert (int(want.sum()) == k) if ties == "index" else (int(want.sum()) > k)
 
 
+def test_a_finished_prepass_passes_no_more(models, tmp_path, monkeypatch):
+    """The global trim's pre-pass results stay with the plan's method (its ``Prepass``): a
+    second merger of the same plan (what a Ray task or the Composer's remembered plan is)
+    reads no chunk in its pre-pass, and merges the first merger's bits, which are those of a
+    fresh ``hub merge`` of the recipe."""
+    from mergehub.merge.plan import plan_merge
+    from mergehub.merge.recipe import load_recipe
+    from mergehub.merge.tensors import TensorMerger
+
+    r = recipe(tmp_path, f"""
+merge_method: ties
+base_model: {models['base-bf16']}
+models:
+  - model: {models['ft-mlp']}
+    parameters: {{density: 0.1}}
+  - model: {models['ft-attn']}
+    parameters: {{density: 0.3}}
+parameters: {{trim_scope: global}}
+""")
+    plan = plan_merge(load_recipe(r))
+    first = TensorMerger(plan, chunk_elements=1000)
+    first.prepass()
+    want = {s.name: torch.cat([p.reshape(-1) for p in first.merged(s)]) for s in plan.specs}
+    second = TensorMerger(plan, chunk_elements=1000)
+    reads = []
+    chunks = second._chunks
+    monkeypatch.setattr(second, "_chunks", lambda spec, *a: reads.append(spec.name)
+                        or chunks(spec, *a))
+    second.prepass()
+    assert not reads
+    fresh = load_all(mergehub.merge(r, out=tmp_path / "out", progress=False).out)
+    for spec in plan.specs:
+        got = torch.cat([p.reshape(-1) for p in second.merged(spec)])
+        assert torch.equal(got, want[spec.name]), spec.name
+        assert torch.equal(fresh[spec.name].reshape(-1), got), spec.name
+
+
 @pytest.mark.parametrize("scope", ["tensor", "global"])
 def test_ties_density_zero_keeps_nothing(models, tmp_path, scope):
     """Density 0 trims every entry in both scopes: the merge is the base (the global scope

@@ -28,12 +28,13 @@ def run(method: str, params: dict, model_params: list[dict], base=BASE, taus=TAU
     xs = [torch.tensor(t, dtype=torch.float32) for t in taus]
     if not cls.on_deltas:
         xs = [b + x for x in xs]
-    ctx = TensorContext("t", torch.device("cpu"), seed, row_size=1, numel=b.numel())
-    rnd = 0
-    while rnd < m.prepass_rounds():
-        m.observe(rnd, xs, full, ctx)
-        m.finish_round(rnd, ctx.state)
-        rnd += 1
+    stats = m.prepass
+    while stats is not None and stats.passes < stats.rounds():
+        stats.observe("t", xs)
+        stats.finish()
+    ctx = TensorContext("t", torch.device("cpu"), seed,
+                        None if stats is None else stats.for_tensor("t", b.numel()),
+                        row_size=1, numel=b.numel())
 
     def chunks(which=None):
         yield b, xs if which is None else [xs[i] for i in which]
@@ -441,15 +442,13 @@ def test_global_trim_matches_oracle(ties):
                 _bf16_taus(5000, 5 + t, 0.003)] for t in range(4)]
     densities = [0.2, 0.05, 0.0, 1.0]
     g = GlobalCuts(densities, ties)
-    rnd = 0
-    while rnd < g.rounds():
+    while g.passes < g.rounds():
         for i, name in enumerate(("a", "b", "c")):
             flat = [tensors[t][i].reshape(-1) for t in range(4)]
             for c in range(0, flat[0].numel(), 300):
-                g.observe(rnd, name, [f[c:c + 300] for f in flat])
-        g.finish(rnd)
-        rnd += 1
-    assert rnd == (3 if ties == "index" else 2)  # the third pass only finds where ties end
+                g.observe(name, [f[c:c + 300] for f in flat])
+        g.finish()
+    assert g.passes == (3 if ties == "index" else 2)  # the third pass only finds where ties end
     total = sum(x.numel() for x in tensors[0])
     for t, density in enumerate(densities):
         flat = torch.cat([x.reshape(-1) for x in tensors[t]]).numpy()
@@ -458,7 +457,7 @@ def test_global_trim_matches_oracle(ties):
         got = []
         for i, name in enumerate(("a", "b", "c")):
             x = tensors[t][i]
-            cut = g.tensor_cuts(name, x.numel())[t]
+            cut = g.for_tensor(name, x.numel())[t]
             for c in range(0, x.numel(), 300):
                 part = x.reshape(-1)[c:c + 300]
                 mask = cut_mask(part, cut, c)

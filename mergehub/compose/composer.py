@@ -315,8 +315,7 @@ class Composer(PeftAdapters):
         batch = MergeBatch() if resident else None
         # on the CPU, torch's threads chosen by the machine's load, as hub merge does
         with torch.no_grad(), reads, merger.watching_load():
-            if merger.plan.method.prepass_rounds():
-                merger.prepass()
+            merger.prepass()
             for spec, raw in zip(order, raws):
                 target = targets[spec.name]
                 self._save(spec.name, target, merger)

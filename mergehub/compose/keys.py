@@ -58,7 +58,7 @@ def tensor_keys(merger: TensorMerger, names: list[str]) -> dict[str, str]:
     specs = {s.name: s for s in plan.specs}
     common = (plan.recipe.merge_method, sorted(plan.method.params.items()), merger.seed,
               merger.fuse, merger.chunk)
-    if plan.method.prepass_rounds():  # global statistics: every tensor of every input
+    if plan.method.prepass is not None:  # global statistics: every tensor of every input
         common += (sorted(plan.copy_from_base),
                    [[content(src, s.name) for s in plan.specs
                      if s.name not in plan.copy_from_base] for src in plan.inputs])

@@ -91,20 +91,18 @@ def _written(files: list[tuple[Path, list[TensorSpec]]]) -> int:
     return total
 
 
-def _merge_group(shared: tuple[MergePlan, dict[str, Any]], files: list[tuple[str, list[TensorSpec]]],
+def _merge_group(plan: MergePlan, files: list[tuple[str, list[TensorSpec]]],
                  device: str, seed: int, chunk_elements: int | None,
                  fused: bool | None) -> KeptTally | None:
     """One Ray task: merge the tensors of ``files`` (shard path, its tensors) and write the
-    shard files. ``shared`` is the plan and its pre-pass state; returns the method's tally of
-    kept entries over these tensors."""
-    plan, state = shared
+    shard files. ``plan`` comes with its method's pre-pass done (the driver's, whose results
+    it holds); returns the method's tally of kept entries over these tensors."""
     folder = Path(files[0][0]).parent
     if not folder.is_dir():
         raise InputError(f"{folder}: not found on Ray node {socket.gethostname()}: the output "
                          "(or the store, with --to-store) must be on a file system every node "
                          "of the cluster sees")
     merger = TensorMerger(plan, device, seed=seed, chunk_elements=chunk_elements, fused=fused)
-    merger.state = state
     try:
         write_merged(merger, [(Path(path), shard) for path, shard in files])
     finally:
@@ -182,7 +180,7 @@ def execute_ray(plan: MergePlan, out: Path, *, address: str | None = None, devic
                                  overwrite=overwrite, side_files=side) as files:
             groups = balanced_groups([sum(s.nbytes for s in shard) for _, shard in files],
                                      TASKS_PER_SLOT * slots)
-            shared = ray.put((plan, merger.state))
+            shared = ray.put(plan)  # with its method's pre-pass results
             pending = {task_fn.remote(shared, [(str(files[i][0]), files[i][1]) for i in group],
                                       device, seed, chunk_elements, fused): group
                        for group in groups}

@@ -217,7 +217,7 @@ def plan_merge(recipe: Recipe, *, store: Store | None = None, missing: str = "er
                               from_metrics.get(key), default)
                   if v is not None]
             for key, default in method_cls.model_params.items()})
-    if method.prepass_rounds() and any(isinstance(v[0], (list, dict)) for p in model_params
+    if method.prepass is not None and any(isinstance(v[0], (list, dict)) for p in model_params
                                        for v in p.values() if v):
         raise RecipeError(f"{recipe.where()}: merge_method {method_cls.name} with these global "
                           "parameters needs plain numbers per model, not gradients or filters")

@@ -92,9 +92,6 @@ class TensorMerger:
         self.fuse = (((self.device.type == "cuda") if fused is None else fused)
                      and plan.base is not None and method.on_deltas and method.fusable
                      and not any(src.is_lora for src in plan.inputs))
-        #: results of the method's pre-pass (:meth:`prepass`), e.g. global TIES thresholds
-        self.state: dict[str, Any] = {}
-        self.prepassed = False  # whether :meth:`prepass` has run
         #: called before each chunk is read, in every pass (:func:`execute`: LoadWatch.check)
         self.between_chunks: Callable[[], None] = lambda: None
         self.reference = plan.base or plan.inputs[0]
@@ -124,23 +121,30 @@ class TensorMerger:
             yield base, xs
 
     def prepass(self, progress: bool | None = False) -> None:
-        """The method's full passes over every tensor before merging (global statistics),
-        once: the method accumulates what it sees, so a merger used again (the Composer's
-        remembered plans) must not pass again."""
-        if self.prepassed:
+        """The passes of the method's :class:`~mergehub.merge.methods.base.Prepass` over every
+        merged tensor (whole-model statistics), before any tensor is merged; nothing for a
+        method without one, or once its passes are done (the statistics accumulate what they
+        see: a merger used again, as the Composer's remembered plans are, or a Ray task's copy
+        of the plan, passes no more)."""
+        stats = self.plan.method.prepass
+        if stats is None:
             return
-        method = self.plan.method
         mergeable = [s for s in self.plan.specs if s.name not in self.plan.copy_from_base]
-        rnd = 0
-        while rnd < method.prepass_rounds():
-            for spec in tqdm(mergeable, desc=f"pre-pass {rnd + 1}", unit="tensor",
+        while stats.passes < stats.rounds():
+            for spec in tqdm(mergeable, desc=f"pre-pass {stats.passes + 1}", unit="tensor",
                              disable=bar_disabled(progress), leave=False):
-                ctx = TensorContext(spec.name, self.device, self.seed, self.state)
                 for _, xs in self._chunks(spec, row_ranges(spec, self.chunk)):
-                    method.observe(rnd, xs, self.params(spec), ctx)
-            method.finish_round(rnd, self.state)
-            rnd += 1
-        self.prepassed = True
+                    stats.observe(spec.name, xs)
+            stats.finish()
+
+    def _context(self, spec: TensorSpec, **more: Any) -> TensorContext:
+        """The :class:`TensorContext` of merging ``spec``: with its result of the method's
+        pre-pass, on every path."""
+        stats = self.plan.method.prepass
+        numel = math.prod(spec.shape)
+        return TensorContext(spec.name, self.device, self.seed,
+                             None if stats is None else stats.for_tensor(spec.name, numel),
+                             numel=numel, **more)
 
     @contextmanager
     def watching_load(self) -> Iterator[None]:
@@ -215,8 +219,7 @@ class TensorMerger:
         ranges = row_ranges(spec, self.chunk)
         dtype = TORCH_DTYPE[spec.dtype]
         sources = [src for src in (self.plan.base, *self.plan.inputs) if src is not None]
-        ctx = TensorContext(spec.name, self.device, self.seed, dict(self.state),
-                            row_size=matrix_shape(spec)[1], numel=math.prod(spec.shape),
+        ctx = self._context(spec, row_size=matrix_shape(spec)[1],
                             any_rows=not any(src.in_order(spec.name) for src in sources),
                             out_dtype=dtype)
 
@@ -233,8 +236,7 @@ class TensorMerger:
         from mergehub import kernels
 
         params = self.params(spec)
-        ctx = TensorContext(spec.name, self.device, self.seed, dict(self.state),
-                            numel=math.prod(spec.shape), cut_memo=self.cut_memo)
+        ctx = self._context(spec, cut_memo=self.cut_memo)
         base, *thetas = (t if t.device == self.device else t.to(self.device, non_blocking=True)
                          for t in raw)
         args = self.plan.method.fused(base, thetas, params, ctx)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import torch
@@ -118,17 +118,50 @@ def value_problem(rule: Rule, value: Any) -> str | None:
     return None if rule.accepts(value) else f"must be {rule.describe()}, not {shown(value)}"
 
 
+class Prepass(Protocol):
+    """Whole-model statistics a merge gathers before it merges any tensor (TIES' ``trim_scope:
+    global``: each task's cut over its whole task vector, :class:`~mergehub.merge.methods.
+    global_cuts.GlobalCuts`): what it needs of every tensor (:meth:`observe` sees each chunk of
+    the inputs, as the method takes them, tensors in merge order, in full passes), how it
+    accumulates them (:meth:`finish` ends a pass; :meth:`rounds` says how many), and per tensor
+    the result the merge of its chunks reads (:meth:`for_tensor`, handed over as
+    :attr:`TensorContext.prepassed`). Every runner (the chunked CPU path, the fused GPU path,
+    the live composer, a Ray task) runs the passes through
+    :meth:`~mergehub.merge.tensors.TensorMerger.prepass` and reads the results the same way;
+    the object keeps its results (a Ray task gets them with the plan), and a finished one
+    passes no more."""
+
+    #: full passes done so far
+    passes: int
+
+    def rounds(self) -> int:
+        """Passes needed in all; asked again after each pass (an earlier pass may show that
+        fewer are needed)."""
+        ...
+
+    def observe(self, name: str, xs: list[torch.Tensor]) -> None:
+        """See one chunk of tensor ``name`` during pass :attr:`passes` (chunks in order)."""
+        ...
+
+    def finish(self) -> None:
+        """End the current pass (:attr:`passes` counts it)."""
+        ...
+
+    def for_tensor(self, name: str, numel: int) -> Any:
+        """After the passes, what merging tensor ``name`` (``numel`` entries) reads."""
+        ...
+
+
 @dataclass
 class TensorContext:
-    """What a method may know about the tensor it merges besides the values.
-
-    ``state`` carries the results of a method's pre-pass (:meth:`MergeMethod.finish_round`).
-    """
+    """What a method may know about the tensor it merges besides the values."""
 
     name: str
     device: torch.device
     seed: int = 0
-    state: dict[str, Any] = field(default_factory=dict)
+    #: this tensor's result of the merge's pre-pass (:meth:`Prepass.for_tensor`; ``None``:
+    #: the method has none)
+    prepassed: Any = None
     rows: tuple[int, int] = (0, 0)  # the row range of the chunk being merged
     row_size: int = 0  # entries per row (the chunk's first flat position is rows[0]·row_size)
     numel: int = 0  # entries in the whole tensor
@@ -192,17 +225,12 @@ class MergeMethod:
     def validate(self, model_params: list[dict[str, Any]], labels: list[str]) -> None:
         """Check the resolved per-model parameters; raise ``ValueError`` naming the input."""
 
-    def prepass_rounds(self) -> int:
-        """How many full passes over all tensors :meth:`observe` needs before merging (0: none);
-        asked again after each pass, so earlier passes may show that fewer are needed."""
-        return 0
-
-    def observe(self, round: int, xs: list[torch.Tensor], model_params: list[dict[str, Any]],
-                ctx: TensorContext) -> None:
-        """See one tensor's inputs during pre-pass ``round``."""
-
-    def finish_round(self, round: int, state: dict[str, Any]) -> None:
-        """End of pre-pass ``round``: put what :meth:`merge` needs into ``state``."""
+    @property
+    def prepass(self) -> Prepass | None:
+        """The whole-model statistics this merge gathers before merging any tensor (known
+        once :meth:`validate` has run); ``None`` for methods that merge each tensor on its
+        own."""
+        return None
 
     def merge_chunks(self, chunks: Callable[..., Iterable[tuple[torch.Tensor | None,
                                                                 list[torch.Tensor]]]],

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from mergehub.merge.methods import fast, onepass
-from mergehub.merge.methods.base import PARAM_RULES, MergeMethod, Rule, TensorContext
+from mergehub.merge.methods.base import PARAM_RULES, MergeMethod, Prepass, Rule, TensorContext
 from mergehub.merge.methods.sparsifiers import Params, Sparsifier, Sparsity
 from mergehub.ops.consensus import consensus
 from mergehub.ops.sparsify import ChunkStream, KeptTally, kth_rank
@@ -140,15 +140,9 @@ class GeneralizedTaskArithmetic(MergeMethod):
                              f"{self.params['k']}: no entry can be used by more tasks than "
                              f"there are")
 
-    def prepass_rounds(self) -> int:
-        return 0 if self.sparsifier is None else self.sparsifier.prepass_rounds()
-
-    def observe(self, rnd: int, xs: list[torch.Tensor], model_params: Params,
-                ctx: TensorContext) -> None:
-        self.sparsifier.observe(rnd, ctx.name, xs)
-
-    def finish_round(self, rnd: int, state: dict[str, Any]) -> None:
-        self.sparsifier.finish_round(rnd)
+    @property
+    def prepass(self) -> Prepass | None:
+        return None if self.sparsifier is None else self.sparsifier.prepass
 
     def plan(self, model_params: Params, sparsity: Sparsity | None) -> TensorPlan:
         """The plan of one tensor given its sparsifier's statistics."""

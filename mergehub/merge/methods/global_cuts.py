@@ -20,6 +20,8 @@ class GlobalCuts:
     bin, which spells the k-th largest exactly and counts the values above it and at it. Where
     the cut keeps only some of the tied values (``ties: index``), pass 3 counts them tensor by
     tensor up to the r-th and notes its position. Memory: two histograms per task.
+
+    The :class:`~mergehub.merge.methods.base.Prepass` of a TIES merge with a global trim.
     """
 
     def __init__(self, densities: list[float], ties: str):
@@ -36,6 +38,7 @@ class GlobalCuts:
         self.pending: dict[int, int] = {}  # pass 3: task -> tied values still to pass
         self.ends: list[dict[str, int]] = [{} for _ in densities]  # pass 3: tensor -> tie end
         self.tensor, self.offset = None, 0
+        self.passes = 0
 
     @staticmethod
     def _bits(x: torch.Tensor) -> torch.Tensor:
@@ -45,8 +48,9 @@ class GlobalCuts:
         """Passes needed in all: 3 until pass 2 has shown that no cut splits a run of ties."""
         return 3 if self.pending or not self.selected else 2
 
-    def observe(self, rnd: int, name: str, xs: list[torch.Tensor]) -> None:
+    def observe(self, name: str, xs: list[torch.Tensor]) -> None:
         """See one chunk of tensor ``name`` (chunks in order, tensors in merge order)."""
+        rnd = self.passes
         if rnd == 0:
             self.total += xs[0].numel()
             for h, x in zip(self.high, xs):
@@ -71,7 +75,10 @@ class GlobalCuts:
                     del self.pending[t]
             self.offset += xs[0].numel()
 
-    def finish(self, rnd: int) -> None:
+    def finish(self) -> None:
+        """End the current pass: after the first, each task's bin; after the second, its cut."""
+        rnd = self.passes
+        self.passes += 1
         if rnd == 0:
             for t, (h, density) in enumerate(zip(self.high, self.densities)):
                 self.ks[t] = kth_rank(density, self.total) or 0
@@ -97,7 +104,7 @@ class GlobalCuts:
             return Cut(order.value, 0, k)
         return cut_at(order, k, self.total, self.ties)
 
-    def tensor_cuts(self, name: str, n: int) -> list[Cut | None]:
+    def for_tensor(self, name: str, n: int) -> list[Cut | None]:
         """Each task's cut restricted to one tensor of n values (``None``: no trim): split
         ties are kept up to the position pass 3 noted, all of them in the tensors before its,
         none after."""

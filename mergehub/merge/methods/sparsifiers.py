@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from mergehub.merge.methods import fast
-from mergehub.merge.methods.base import TensorContext
+from mergehub.merge.methods.base import Prepass, TensorContext
 from mergehub.merge.methods.global_cuts import GlobalCuts
 from mergehub.ops.sparsify import (
     ChunkStream, Cut, KeptTally, apply_mask, band_kept, band_mask, bernoulli_mask, cut_mask,
@@ -59,15 +59,10 @@ class Sparsifier:
     def validate(self, model_params: Params, labels: list[str]) -> None:
         """Check the resolved per-model parameters; raise ``ValueError``."""
 
-    def prepass_rounds(self) -> int:
-        """Full passes over every tensor needed before merging (0: none)."""
-        return 0
-
-    def observe(self, rnd: int, name: str, xs: list[torch.Tensor]) -> None:
-        """See one chunk of tensor ``name`` during pre-pass ``rnd``."""
-
-    def finish_round(self, rnd: int) -> None:
-        """End of pre-pass ``rnd``."""
+    @property
+    def prepass(self) -> Prepass | None:
+        """Its whole-model statistics, gathered before merging (``None``: none)."""
+        return None
 
     #: whether :meth:`device_cuts` serves these parameters (the fused kernels' trim)
     fusable = False
@@ -147,14 +142,9 @@ class MagnitudeTrim(Sparsifier):
             self.global_cuts = GlobalCuts([float(p["density"]) for p in model_params],
                                           self.params["ties"])
 
-    def prepass_rounds(self) -> int:
-        return 0 if self.global_cuts is None else self.global_cuts.rounds()
-
-    def observe(self, rnd: int, name: str, xs: list[torch.Tensor]) -> None:
-        self.global_cuts.observe(rnd, name, xs)
-
-    def finish_round(self, rnd: int) -> None:
-        self.global_cuts.finish(rnd)
+    @property
+    def prepass(self) -> GlobalCuts | None:
+        return self.global_cuts
 
     @property
     def tolerance(self) -> float | None:
@@ -174,8 +164,8 @@ class MagnitudeTrim(Sparsifier):
         global``, found in the pre-passes) or ``per_tensor(densities)``; the per-tensor
         counts go into the tally."""
         n = ctx.numel
-        if self.global_cuts is not None:
-            return self.global_cuts.tensor_cuts(ctx.name, n)
+        if ctx.prepassed is not None:
+            return ctx.prepassed
         densities = [float(p["density"]) for p in model_params]
         cuts = per_tensor(densities)
         for t, (cut, d) in enumerate(zip(cuts, densities)):
