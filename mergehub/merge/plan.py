@@ -217,15 +217,16 @@ def plan_merge(recipe: Recipe, *, store: Store | None = None, missing: str = "er
                               from_metrics.get(key), default)
                   if v is not None]
             for key, default in method_cls.model_params.items()})
-    if method.prepass is not None and any(isinstance(v[0], (list, dict)) for p in model_params
-                                       for v in p.values() if v):
-        raise RecipeError(f"{recipe.where()}: merge_method {method_cls.name} with these global "
-                          "parameters needs plain numbers per model, not gradients or filters")
     try:
         method.validate([resolve_params(p, "", 1) for p in model_params],
                         [s.label for s in inputs])
     except ValueError as err:
         raise RecipeError(f"{recipe.where()}: merge_method {method_cls.name}: {err}") from err
+    # a pre-pass (known once validated) sees every tensor under one value per model
+    if method.prepass is not None and any(isinstance(v[0], (list, dict)) for p in model_params
+                                          for v in p.values() if v):
+        raise RecipeError(f"{recipe.where()}: merge_method {method_cls.name} with these global "
+                          "parameters needs plain numbers per model, not gradients or filters")
     reference = base if base is not None else inputs[0]
     if reference.is_lora:
         raise RecipeError(f"{recipe.where()}: LoRA inputs need a base_model to merge into")
