@@ -311,21 +311,27 @@ out_dtype: float32
 
 
 @pytest.mark.parametrize("params", ["{density: [0.1, 0.9]}",
+                                    "{density: [{filter: mlp, value: 0.2}, {value: 0.1}]}",
                                     "{density: 0.1, weight: [{filter: mlp, value: 2.0}, "
                                     "{value: 1.0}]}"])
 def test_global_trim_refuses_gradients_and_filters(models, tmp_path, params):
-    """A global trim sees the whole task vector at one density per model: a gradient or a
-    filter (a value per layer or tensor) is refused with one line naming the recipe, nothing
-    written (it used to be taken at its first value: the check ran before the trim existed)."""
+    """A global trim sees the whole task vector at one density per model: a density gradient
+    or filter (a value per layer or tensor) is refused with one line naming the recipe,
+    nothing written (it used to be taken at its first value: the check ran before the trim
+    existed); a weight may still vary by layer (it scales what the cut kept)."""
     r = recipe(tmp_path, f"merge_method: ties\nbase_model: {models['base-bf16']}\nmodels:\n"
                          f"  - model: {models['ft-mlp']}\n    parameters: {params}\n"
                          "parameters: {trim_scope: global}\n")
     res = CliRunner().invoke(cli, ["--store", str(tmp_path / "store"), "merge", str(r),
                                    str(tmp_path / "out")])
+    if "weight" in params:
+        assert res.exit_code == 0, res.output
+        return
     assert res.exit_code == 2, res.output
     assert res.output.startswith("error: ") and res.output.count("\n") == 1, res.output
-    assert (f"error: {r}: merge_method ties with these global parameters needs plain numbers "
-            "per model, not gradients or filters") in res.output
+    assert (f"error: {r}: merge_method ties with these global parameters needs one plain "
+            "density per model (its pre-pass sees the whole model at once), not a gradient or "
+            "filter") in res.output
     assert not (tmp_path / "out").exists()
 
 

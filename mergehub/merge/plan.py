@@ -222,11 +222,15 @@ def plan_merge(recipe: Recipe, *, store: Store | None = None, missing: str = "er
                         [s.label for s in inputs])
     except ValueError as err:
         raise RecipeError(f"{recipe.where()}: merge_method {method_cls.name}: {err}") from err
-    # a pre-pass (known once validated) sees every tensor under one value per model
-    if method.prepass is not None and any(isinstance(v[0], (list, dict)) for p in model_params
-                                          for v in p.values() if v):
+    # a pre-pass (known once validated) sees every tensor under one value per model of the
+    # parameters it reads (other parameters may still vary by layer or tensor)
+    prepass = method.prepass
+    varying = sorted({key for p in model_params for key in (prepass.reads if prepass else ())
+                      if p.get(key) and isinstance(p[key][0], (list, dict))})
+    if varying:
         raise RecipeError(f"{recipe.where()}: merge_method {method_cls.name} with these global "
-                          "parameters needs plain numbers per model, not gradients or filters")
+                          f"parameters needs one plain {' and '.join(varying)} per model (its "
+                          "pre-pass sees the whole model at once), not a gradient or filter")
     reference = base if base is not None else inputs[0]
     if reference.is_lora:
         raise RecipeError(f"{recipe.where()}: LoRA inputs need a base_model to merge into")

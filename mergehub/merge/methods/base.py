@@ -133,6 +133,9 @@ class Prepass(Protocol):
 
     #: full passes done so far
     passes: int
+    #: the per-model parameters it reads: one plain value per model each (no gradient or
+    #: filter, which would give each tensor its own)
+    reads: tuple[str, ...]
 
     def rounds(self) -> int:
         """Passes needed in all; asked again after each pass (an earlier pass may show that

@@ -24,6 +24,8 @@ class GlobalCuts:
     The :class:`~mergehub.merge.methods.base.Prepass` of a TIES merge with a global trim.
     """
 
+    reads = ("density",)
+
     def __init__(self, densities: list[float], ties: str):
         self.densities = densities
         self.ties = ties
