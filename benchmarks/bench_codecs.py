@@ -94,7 +94,9 @@ import torch
 from mergehub import Store
 from mergehub.adapters.data import (
     ALL_TASKS, PRETRAIN_TASKS, TASKS, accuracy, eval_split, make_batch, mixture)
-from mergehub.storage.codec import decode_blob, encode_lossless, encode_lossy, sha256, unpack_blob
+from mergehub.storage.blob_format import sha256, unpack_blob
+from mergehub.storage.codec import encode_lossless
+from mergehub.storage.lossy_blobs import decode_blob, encode_lossy
 from mergehub.storage.codecs import LOSSY
 
 # --- tasks (the built-in synthetic tasks of mergehub.adapters.data) ---------------------------
@@ -469,7 +471,7 @@ def throughput(size: int, rel: float, reps: int) -> list[tuple[str, float, float
         results.append((label, mb / t_bare, mb / t_enc, mb / t_dec,
                         f"size {len(blob) / len(ft_raw):.4f} of raw" + ("" if r == reps else f"; best of {r}")))
     try:  # TALL: one task's mask against a τMTL of 6 tasks
-        from mergehub.storage.codec import encode_task_blob
+        from mergehub.storage.lossy_blobs import encode_task_blob
         from mergehub.storage.codecs.tall import mask
 
         tau = ft.float() - base.float()

@@ -73,7 +73,9 @@ import zstandard
 
 from mergehub.hub.demo import dir_digests
 from mergehub.storage.checkpoint import open_checkpoint
-from mergehub.storage.codec import decode_blob, encode_lossless, sha256, unpack_blob
+from mergehub.storage.blob_format import sha256, unpack_blob
+from mergehub.storage.codec import encode_lossless
+from mergehub.storage.lossy_blobs import decode_blob
 from mergehub.storage.safetensors_format import TensorSpec
 from mergehub.storage.store import Store
 from mergehub.storage.writer import write_model_dir

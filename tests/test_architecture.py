@@ -43,8 +43,6 @@ KNOWN_UPWARD = {
 #: shrinks or gains its reason must leave this list
 LONG = 500
 KNOWN_LONG = {
-    "mergehub.storage.codec": "the lossless codec and the blob format; its split waits for the "
-                              "multi-model codec work in storage/ (issue 19 item 3)",
     "mergehub.ops.sparsify": "the TIES/DARE selection code, being changed for speed; split "
                              "after that lands",
 }

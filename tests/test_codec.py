@@ -10,8 +10,10 @@ import torch
 import zstandard
 
 from mergehub.storage import codec
-from mergehub.storage.codec import (
-    BlobFormatError, decode_blob, encode_lossless, sha256, unpack_blob)
+from mergehub.storage.blob_format import sha256, unpack_blob
+from mergehub.storage.codec import encode_lossless
+from mergehub.storage.frames import BlobFormatError
+from mergehub.storage.lossy_blobs import decode_blob
 from mergehub.storage.safetensors_format import SAFETENSORS_DTYPE
 
 

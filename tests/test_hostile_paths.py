@@ -25,7 +25,7 @@ from mergehub.errors import InputError, IntegrityError
 from mergehub.hub.cli import cli
 from mergehub.hub.demo import dir_digests
 from mergehub.hub.remote import MANIFEST, pull, push
-from mergehub.storage.codec import pack_blob, unpack_blob
+from mergehub.storage.blob_format import pack_blob, unpack_blob
 from mergehub.storage.store import Store
 from tests.hub_server import new_repo_id
 
@@ -108,7 +108,7 @@ def _import(store: Store, manifest: dict[str, Any], blobs: Path) -> None:
 
 def _replace_blob(manifest: dict[str, Any], blobs: Path, old: str, data: bytes) -> str:
     """Ship ``data`` instead of blob ``old`` (new id, manifest updated to agree)."""
-    from mergehub.storage.codec import sha256
+    from mergehub.storage.blob_format import sha256
 
     new = sha256(data)
     (blobs / new).write_bytes(data)

@@ -30,7 +30,9 @@ from mergehub.errors import InputError
 from mergehub.hub.demo import dir_digests
 from mergehub.hub.remote import BLOBS, MANIFEST, pull, push
 from mergehub.storage import codec
-from mergehub.storage.codec import BlobFormatError, BlobHeader, decode_blob, sha256, unpack_blob
+from mergehub.storage.blob_format import BlobHeader, sha256, unpack_blob
+from mergehub.storage.frames import BlobFormatError
+from mergehub.storage.lossy_blobs import decode_blob
 from mergehub.storage.safetensors_format import TensorSpec
 from mergehub.storage.store import Store
 from mergehub.storage.writer import write_model_dir

@@ -19,7 +19,8 @@ from mergehub.errors import StoreError
 from mergehub.hub.cli import cli
 from mergehub.merge.rmm import revert
 from mergehub.storage.checkpoint import open_checkpoint
-from mergehub.storage.codec import BlobHeader, decode_blob, sha256
+from mergehub.storage.blob_format import BlobHeader, sha256
+from mergehub.storage.lossy_blobs import decode_blob
 from mergehub.storage.codecs import LOSSY
 from mergehub.storage.codecs.multi import MULTI, bundle_parts, bundle_task
 from mergehub.storage.store import Store

@@ -260,7 +260,7 @@ def test_verify_checks_decoded_bytes(store, models):
     """A blob whose header lies about the original's hash is caught after decoding."""
     from dataclasses import replace
 
-    from mergehub.storage.codec import pack_blob, unpack_blob
+    from mergehub.storage.blob_format import pack_blob, unpack_blob
 
     store.add(models["base-bf16"], "base", progress=False)
     name, blob = store._db.execute("SELECT name, blob FROM tensors LIMIT 1").fetchone()

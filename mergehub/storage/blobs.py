@@ -13,8 +13,9 @@ from mergehub.errors import IntegrityError
 from mergehub.storage import codec as _codec
 from mergehub.storage.atomic import start_writeback
 from mergehub.storage.catalog import MAX_DELTA_DEPTH, _MAX_CHAIN
-from mergehub.storage.codec import (
-    BlobFormatError, BlobHeader, Buffer, Payload, read_header, sha256, unpack_blob)
+from mergehub.storage.blob_format import (
+    BlobHeader, Buffer, Payload, read_header, sha256, unpack_blob)
+from mergehub.storage.frames import BlobFormatError
 from mergehub.storage.writer import WRITEBACK_BYTES
 
 

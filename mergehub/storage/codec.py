@@ -1,10 +1,5 @@
-"""Blob format and the lossless tensor codec.
-
-A blob is the unit of the content-addressed store: ``b"MHB1"`` + ``u32`` header length + a JSON
-header + payload. The header makes every blob self-describing: codec and version, the dtype
-and size of the decoded bytes, their sha256, the blob it is a delta against (``ref``), and the
-codec parameters. A blob's id is the sha256 of the whole blob, so a tensor's bytes are stored
-once whichever models share it, and both the payload and the header are checked on every read.
+"""The lossless tensor codec, ``lossless``: what most blobs of the store are (the blob format
+itself is :mod:`mergehub.storage.blob_format`).
 
 The ``lossless`` codec (sizes below measured by ``benchmarks/bench_store.py`` on synthetic
 N(0, 0.02) bf16 weights and a fine-tune perturbed by 5% of each tensor's std; see
@@ -50,30 +45,22 @@ against the tensor's shape the same way.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import os
 import struct
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, BinaryIO, Union
+from typing import Any
 
 import numpy as np
 import zstandard
 
-from mergehub.storage import safetensors_format
+from mergehub.storage.blob_format import (
+    BlobHeader, Buffer, Payload, drain, is_count, pack_blob, rechunk)
 from mergehub.storage.frames import BlobFormatError, inflate, zstd_bound
-from mergehub.storage.safetensors_format import DTYPE_WIDTH, read_range
-
-if TYPE_CHECKING:
-    import torch
+from mergehub.storage.safetensors_format import DTYPE_WIDTH
 
 if sys.byteorder != "little":  # safetensors data is little-endian; the bit tricks assume it
     raise ImportError("mergehub's storage codecs require a little-endian machine")
 
-MAGIC = b"MHB1"
 ZSTD_LEVEL = 1  # measured: level 1 compresses bf16 planes better than 3 and 9, and fastest
 #: decoded bytes per chunk of a version-2 lossless blob (a multiple of every dtype's width);
 #: also the piece size in which version-1 blobs are decoded and tensors are hashed
@@ -86,174 +73,6 @@ _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _INT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 #: (exponent bits, mantissa bits) of the IEEE-style float dtypes the ``exp`` transform splits.
 _FLOAT_BITS = {"F16": (5, 10), "BF16": (8, 7), "F32": (8, 23), "F64": (11, 52)}
-
-Buffer = Union[bytes, bytearray, memoryview]
-
-
-@dataclass(frozen=True)
-class BlobHeader:
-    """What a blob decodes to and how. ``sha256``/``nbytes`` describe the decoded bytes."""
-
-    codec: str
-    dtype: str
-    nbytes: int
-    sha256: str
-    ref: str | None = None
-    params: dict[str, Any] = field(default_factory=dict)
-    version: int = 1
-
-    def to_json(self) -> bytes:
-        return json.dumps({"codec": self.codec, "version": self.version, "dtype": self.dtype,
-                           "nbytes": self.nbytes, "sha256": self.sha256, "ref": self.ref,
-                           "params": self.params}, sort_keys=True, separators=(",", ":")).encode()
-
-    def pack(self) -> bytes:
-        """What a blob with this header starts with: magic, header length, header."""
-        head = self.to_json()
-        return b"".join((MAGIC, struct.pack("<I", len(head)), head))
-
-
-def pack_blob(header: BlobHeader, payload: Buffer) -> bytes:
-    """Serialize a blob; its id is ``sha256(result)``."""
-    return header.pack() + payload
-
-
-def _count(value: object) -> bool:
-    """Whether ``value`` is a JSON integer >= 0 (not a bool, not a float)."""
-    return type(value) is int and value >= 0
-
-
-def read_header(blob: Payload) -> tuple[BlobHeader, int]:
-    """Parse the header at the start of a whole blob; returns it and where the payload starts.
-
-    Raises :class:`BlobFormatError` for a bad magic, a header that is not JSON or fields of the
-    wrong type (so later size arithmetic on them is safe).
-    """
-    if len(blob) < 8 or bytes(blob.read(0, 4)) != MAGIC:
-        raise BlobFormatError("not a mergehub blob (bad magic)")
-    (n,) = struct.unpack("<I", blob.read(4, 4))
-    try:
-        obj = json.loads(bytes(blob.read(8, n)))
-        header = BlobHeader(codec=obj["codec"], version=obj["version"], dtype=obj["dtype"],
-                            nbytes=obj["nbytes"], sha256=obj["sha256"], ref=obj["ref"],
-                            params=obj["params"])
-    except (ValueError, KeyError, TypeError, RecursionError) as e:
-        raise BlobFormatError(f"unreadable blob header: {e}") from e
-    if not (isinstance(header.codec, str) and isinstance(header.dtype, str)
-            and _count(header.nbytes) and _count(header.version)
-            and isinstance(header.sha256, str) and isinstance(header.params, dict)
-            and (header.ref is None or isinstance(header.ref, str))):
-        raise BlobFormatError("unreadable blob header: a field has the wrong type")
-    return header, 8 + n
-
-
-def unpack_blob(data: Buffer) -> tuple[BlobHeader, memoryview]:
-    """Split a blob held in memory into header and payload; raises :class:`BlobFormatError`
-    if malformed."""
-    view = memoryview(data).cast("B")
-    header, start = read_header(Payload(view))
-    return header, view[start:]
-
-
-def sha256(data: Buffer) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-class _FileRange:
-    """``read(n)`` over the bytes [start, start + size) of an open file, with ``pread`` (so
-    several can read one file at once): the source of a zstd stream reader."""
-
-    def __init__(self, file: BinaryIO, start: int, size: int):
-        self._fd, self._pos, self._end = file.fileno(), start, start + size
-
-    def read(self, n: int = -1) -> bytes:
-        n = self._end - self._pos if n < 0 else min(n, self._end - self._pos)
-        data = os.pread(self._fd, n, self._pos)
-        self._pos += len(data)
-        return data
-
-
-class Payload:
-    """Bytes of a blob, held in memory or read from an open file a piece at a time.
-
-    Decoding asks for byte ranges (:meth:`read`) or for a stream over one (:meth:`stream`, the
-    source of zstd's streaming decompressor). Both refuse ranges past the end before reading,
-    so a size field of a damaged or hostile blob cannot make a read allocate more than there is.
-    """
-
-    def __init__(self, data: Buffer | None = None, *, file: BinaryIO | None = None,
-                 start: int = 0, size: int = 0):
-        self._view = memoryview(data).cast("B") if data is not None else None
-        self._file, self._start = file, start
-        self.size = len(self._view) if self._view is not None else size
-
-    def __len__(self) -> int:
-        return self.size
-
-    def _check(self, offset: int, size: int) -> None:
-        if size < 0 or offset + size > self.size:
-            raise BlobFormatError(f"truncated: bytes {offset}..{offset + size} of a "
-                                  f"{self.size}-byte payload")
-
-    def read(self, offset: int, size: int) -> memoryview | bytearray:
-        """Bytes [offset, offset + size)."""
-        self._check(offset, size)
-        if self._view is not None:
-            return self._view[offset:offset + size]
-        try:
-            return read_range(self._file, self._start + offset, size)
-        except OSError as e:
-            raise BlobFormatError(f"cannot read bytes {offset}..{offset + size}: {e}") from e
-
-    def stream(self, offset: int, size: int) -> memoryview | _FileRange:
-        """A readable source of bytes [offset, offset + size) for a zstd stream reader."""
-        self._check(offset, size)
-        if self._view is not None:
-            return self._view[offset:offset + size]
-        return _FileRange(self._file, self._start + offset, size)
-
-    def tail(self, offset: int) -> Payload:
-        """The bytes from ``offset`` on, as a payload of their own."""
-        self._check(offset, 0)
-        if self._view is not None:
-            return Payload(self._view[offset:])
-        return Payload(file=self._file, start=self._start + offset, size=self.size - offset)
-
-
-def rechunk(pieces: Iterable[Buffer], size: int, total: int) -> Iterator[memoryview]:
-    """The ``total`` bytes ``pieces`` yields, cut again into consecutive pieces of ``size`` bytes
-    (the last one shorter).
-
-    The last piece comes only once ``pieces`` is exhausted, so checks a generator makes after
-    its last item (a decoded sha256) have run when the consumer has all the bytes. More or fewer
-    bytes than ``total`` is a :class:`BlobFormatError`.
-    """
-    buf = bytearray()
-    done = 0
-    for piece in pieces:
-        view = memoryview(piece).cast("B")
-        if done + len(buf) + len(view) > total:
-            raise BlobFormatError(f"more than the {total} bytes expected")
-        if not buf and len(view) == size and done + size < total:
-            done += size
-            yield view  # already a piece of the right size
-            continue
-        buf += view
-        while len(buf) >= size and done + size < total:
-            out = buf[:size]
-            del buf[:size]
-            done += size
-            yield memoryview(out)
-    if done + len(buf) != total:
-        raise BlobFormatError(f"{done + len(buf)} bytes where {total} were expected")
-    if buf:
-        yield memoryview(buf)
-
-
-def _finish(items: Iterator[Any] | None) -> None:
-    """Run an iterator to its end, so that checks its generator makes there run."""
-    for _ in items or ():
-        raise BlobFormatError("more bytes than expected")
 
 
 # --- byte-level transforms ------------------------------------------------------------------
@@ -404,7 +223,7 @@ def _lossless_params(header: BlobHeader) -> tuple[str, int, int]:
     if transform == "delta" and not header.ref:
         raise BlobFormatError("a delta blob without a reference")
     chunk = p.get("chunk") if header.version == 2 else CHUNK_BYTES
-    if not (_count(chunk) and 0 < chunk <= MAX_CHUNK_BYTES and chunk % w == 0):
+    if not (is_count(chunk) and 0 < chunk <= MAX_CHUNK_BYTES and chunk % w == 0):
         raise BlobFormatError(f"bad chunk size {chunk!r}")
     return transform, w, chunk
 
@@ -445,7 +264,7 @@ def encode_lossless_payload(header: BlobHeader, raw: Iterable[Buffer],
     refs = rechunk(ref, chunk, header.nbytes) if transform == "delta" else None
     for piece in rechunk(raw, chunk, header.nbytes):
         yield _encode_chunk(piece, transform, w, header.dtype, next(refs) if refs else None)
-    _finish(refs)
+    drain(refs)
 
 
 def encode_lossless(raw: Buffer, dtype: str, raw_sha256: str,
@@ -515,7 +334,7 @@ def _decode_v2(header: BlobHeader, payload: Payload, refs: Iterator[memoryview] 
             planes.append(inflate(payload.read(pos, frame_size), n))
             pos += frame_size
         yield _join(transform, planes, w, n, header.dtype, ref)
-    _finish(refs)
+    drain(refs)
 
 
 def _read_exactly(reader: Any, size: int) -> bytearray:
@@ -571,7 +390,7 @@ def _decode_v1(header: BlobHeader, payload: Payload, refs: Iterator[memoryview] 
         yield _join(transform, planes, w, c, header.dtype, next(refs) if refs is not None else None)
     if any(r.read(1) for r in readers):
         raise BlobFormatError("a zstd frame holds more than its plane")
-    _finish(refs)
+    drain(refs)
 
 
 def check_lossless_layout(header: BlobHeader, payload: Buffer | Payload) -> None:
@@ -618,104 +437,3 @@ def decode_lossless(header: BlobHeader, payload: Buffer | Payload,
                                         [ref_raw] if ref_raw is not None else None):
         out += piece
     return bytes(out)
-
-
-def _tensor(raw: Buffer, dtype: str, share: bool = False) -> "torch.Tensor":
-    """A flat tensor of ``raw``'s bytes: over a copy, or with ``share`` over a writable
-    ``raw`` itself (for a caller that only reads the tensor)."""
-    import torch
-
-    torch_dtype = safetensors_format.TORCH_DTYPE[dtype]
-    if not len(raw):
-        return torch.empty(0, dtype=torch_dtype)
-    writable = share and not memoryview(raw).readonly
-    return torch.frombuffer(raw if writable else bytearray(raw), dtype=torch_dtype)
-
-
-def encode_lossy(raw: bytes | bytearray, dtype: str, shape: tuple[int, ...], codec: str,
-                 params: dict[str, Any], ref: tuple[str, bytes]) -> bytes:
-    """Encode a fine-tune's tensor (raw bytes) with a lossy codec against its base tensor
-    ``ref = (blob id, raw bytes)``; the header records the sha256 of the decoded bytes."""
-    from mergehub.storage.codecs import LOSSY
-
-    if dtype not in safetensors_format.FLOAT_DTYPES:
-        raise BlobFormatError(f"lossy codecs need a float tensor, not {dtype}")
-    lossy = LOSSY[codec]
-    base = _tensor(ref[1], dtype).reshape(shape)
-    header_params, payload = lossy.encode(_tensor(raw, dtype).reshape(shape), base, params)
-    decoded = _decoded_bytes(lossy.decode(memoryview(payload), header_params, base), dtype)
-    header = BlobHeader(codec, dtype, len(decoded), sha256(decoded), ref[0], header_params)
-    return pack_blob(header, payload)
-
-
-def _decoded_bytes(theta: "torch.Tensor", dtype: str) -> memoryview:
-    """A decoded tensor's raw bytes in ``dtype``: a writable view of the converted tensor (not
-    copied again)."""
-    import torch
-
-    out = theta.to(safetensors_format.TORCH_DTYPE[dtype]).contiguous().reshape(-1)
-    return memoryview(out.view(torch.uint8).numpy())
-
-
-def encode_task_blob(codec: str, code: dict[str, "torch.Tensor"], params: dict[str, Any],
-                     shape: tuple[int, ...], dtype: str, ref: tuple[str, bytes],
-                     shared: dict[str, tuple[str, "torch.Tensor"]]) -> bytes:
-    """Task t's blob of an ``entries`` multi-model codec (:mod:`mergehub.storage.codecs.multi`)
-    for one tensor: its ``code`` packed by the codec, a delta against the base tensor ``ref =
-    (blob id, raw bytes)``, whose header names the shared tensors' blobs (``shared``: key ->
-    (blob id, tensor)) in ``needs``; the header records the sha256 of the decoded bytes."""
-    from mergehub.storage.codecs import LOSSY
-    from mergehub.storage.codecs.multi import MULTI
-
-    header_params, payload = MULTI[codec].pack(code, params, shape)
-    header_params["needs"] = {key: blob for key, (blob, _) in shared.items()}
-    base = _tensor(ref[1], dtype).reshape(shape)
-    decoded = _decoded_bytes(LOSSY[codec].decode(memoryview(payload), header_params, base,
-                                                 {key: t.float() for key, (_, t) in shared.items()}),
-                             dtype)
-    return pack_blob(BlobHeader(codec, dtype, len(decoded), sha256(decoded), ref[0],
-                                header_params), payload)
-
-
-def lossy_shape(header: BlobHeader) -> list[int]:
-    """The shape a lossy blob decodes to, checked against its dtype and ``nbytes`` (which the
-    store checks against the tensor's), so a codec allocates no more than the tensor."""
-    shape = header.params.get("shape")
-    if not (header.dtype in safetensors_format.FLOAT_DTYPES and isinstance(shape, list)
-            and all(_count(d) for d in shape)
-            and math.prod(shape) * DTYPE_WIDTH[header.dtype] == header.nbytes):
-        raise BlobFormatError(f"{header.codec} blob: shape {str(shape)[:80]} of {header.dtype} "
-                              f"is not its {header.nbytes} bytes")
-    return shape
-
-
-def blob_needs(header: BlobHeader) -> dict[str, str]:
-    """The other blobs a blob's decoding reads (TALL's τMTL), by key: ``params["needs"]``."""
-    needs = header.params.get("needs") or {}
-    if not (isinstance(needs, dict) and all(isinstance(v, str) for v in needs.values())):
-        raise BlobFormatError(f"needs {str(needs)[:80]} is not a table of blob ids")
-    return needs
-
-
-def decode_blob(header: BlobHeader, payload: Buffer, ref_raw: Buffer | None,
-                extras: dict[str, Buffer] | None = None) -> Buffer:
-    """Decode any blob by its codec: ``lossless``, or a lossy codec of :data:`LOSSY` (which
-    needs the base tensor's bytes, ``ref_raw``, and the raw float32 bytes of the blobs its
-    header ``needs``, ``extras``), in memory."""
-    if header.codec == "lossless":
-        return decode_lossless(header, payload, ref_raw)
-    from mergehub.storage.codecs import LOSSY
-
-    lossy = LOSSY.get(header.codec)
-    if lossy is None or header.version != 1:
-        raise BlobFormatError(f"unknown codec {header.codec!r} version {header.version}")
-    if ref_raw is None:
-        raise BlobFormatError(f"{header.codec} blob decoded without its base tensor")
-    shape = lossy_shape(header)
-    if len(ref_raw) != header.nbytes:
-        raise BlobFormatError(f"base tensor of {len(ref_raw)} bytes for {header.nbytes}")
-    if any(len(v) != 4 * math.prod(shape) for v in (extras or {}).values()):
-        raise BlobFormatError(f"a float32 tensor that {header.codec} needs is not {shape}")
-    base = _tensor(ref_raw, header.dtype, share=True).reshape(shape)  # decoders only read it
-    tensors = {k: _tensor(v, "F32", share=True) for k, v in (extras or {}).items()}
-    return _decoded_bytes(lossy.decode(payload, header.params, base, tensors), header.dtype)

@@ -16,7 +16,9 @@ from mergehub.progress import bar_disabled
 from mergehub.storage import safetensors_format
 from mergehub.storage.atomic import fsync_dir
 from mergehub.storage.catalog import ModelInfo, _spec, declared_size, now_utc
-from mergehub.storage.codec import encode_lossless, encode_lossy, sha256
+from mergehub.storage.blob_format import sha256
+from mergehub.storage.codec import encode_lossless
+from mergehub.storage.lossy_blobs import encode_lossy
 from mergehub.storage.parallel import ordered_map
 from mergehub.storage.safetensors_format import FLOAT_DTYPES
 
@@ -147,7 +149,7 @@ class StoreCompression:
         codec's, a per-task one as one value or a list in the order of ``names``."""
         import torch
 
-        from mergehub.storage.codec import encode_task_blob
+        from mergehub.storage.lossy_blobs import encode_task_blob
         from mergehub.storage.codecs.multi import MULTI, task_params
 
         multi = MULTI.get(codec)

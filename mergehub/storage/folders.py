@@ -20,8 +20,8 @@ from mergehub.storage.atomic import atomic_output_dir, fsync_dir
 from mergehub.storage.blobs import _sha256_pieces
 from mergehub.storage.catalog import KINDS, ModelInfo, _NAME, _spec, declared_size, now_utc
 from mergehub.storage.checkpoint import Checkpoint, open_checkpoint, peft_target_weight
-from mergehub.storage.codec import (
-    Buffer, encode_lossless, encode_lossless_payload, lossless_header, sha256)
+from mergehub.storage.blob_format import Buffer, sha256
+from mergehub.storage.codec import encode_lossless, encode_lossless_payload, lossless_header
 from mergehub.storage.parallel import ordered_map
 from mergehub.storage.paths import inside
 from mergehub.storage.safetensors_format import TensorSpec, read_range

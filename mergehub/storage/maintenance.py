@@ -21,7 +21,7 @@ from mergehub.errors import IntegrityError, StoreError
 from mergehub.progress import bar_disabled
 from mergehub.storage.atomic import fsync_dir
 from mergehub.storage.catalog import ENTRIES, _MAX_CHAIN, _repair_hint
-from mergehub.storage.codec import sha256
+from mergehub.storage.blob_format import sha256
 from mergehub.storage.paths import TRANSFERS
 from mergehub.storage.safetensors_format import DTYPE_WIDTH
 

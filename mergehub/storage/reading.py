@@ -20,9 +20,10 @@ from mergehub.errors import InputError, IntegrityError, StoreError
 from mergehub.storage import codec as _codec
 from mergehub.storage import safetensors_format
 from mergehub.storage.catalog import ModelInfo, _MAX_CHAIN, declared_size
-from mergehub.storage.codec import (
-    BlobFormatError, BlobHeader, Buffer, Payload, blob_needs, decode_blob,
-    decode_lossless_chunks, lossy_shape)
+from mergehub.storage.blob_format import BlobHeader, Buffer, Payload
+from mergehub.storage.codec import decode_lossless_chunks
+from mergehub.storage.frames import BlobFormatError
+from mergehub.storage.lossy_blobs import blob_needs, decode_blob, lossy_shape
 from mergehub.storage.safetensors_format import TensorSpec
 
 if TYPE_CHECKING:

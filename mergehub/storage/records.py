@@ -14,7 +14,7 @@ from typing import Any
 from mergehub.errors import IntegrityError, StoreError
 from mergehub.storage.atomic import fsync_dir, write_file_atomic
 from mergehub.storage.catalog import ENTRIES, KINDS, _NAME
-from mergehub.storage.codec import sha256
+from mergehub.storage.blob_format import sha256
 
 
 def _well_formed_record(record: Any) -> bool:

@@ -15,7 +15,9 @@ from mergehub.errors import CatalogDamagedError, IntegrityError, StoreError
 from mergehub.storage.atomic import fsync_dir, write_file_atomic
 from mergehub.storage.catalog import (
     CATALOG, ENTRIES, LAYOUT_VERSION, _flock, _open_catalog, _read_marker, default_root)
-from mergehub.storage.codec import BlobFormatError, blob_needs, sha256
+from mergehub.storage.blob_format import sha256
+from mergehub.storage.frames import BlobFormatError
+from mergehub.storage.lossy_blobs import blob_needs
 from mergehub.storage.paths import MARKER, safe_relpath
 
 

@@ -16,8 +16,9 @@ from mergehub.errors import BaseMismatchError, IntegrityError, StoreError, shown
 from mergehub.progress import bar_disabled
 from mergehub.storage.atomic import fsync_dir
 from mergehub.storage.catalog import KINDS, ModelInfo, _NAME, now_utc
-from mergehub.storage.codec import (
-    BlobFormatError, check_lossless_layout, pack_blob, sha256, unpack_blob)
+from mergehub.storage.blob_format import pack_blob, sha256, unpack_blob
+from mergehub.storage.codec import check_lossless_layout
+from mergehub.storage.frames import BlobFormatError
 from mergehub.storage.paths import safe_relpath
 from mergehub.storage.safetensors_format import DTYPE_WIDTH, TensorSpec
 

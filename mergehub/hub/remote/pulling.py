@@ -19,7 +19,7 @@ from mergehub.safejson import parse_json, read_json
 from mergehub.storage.checkpoint import (
     ADAPTER_CONFIG, OTHER_WEIGHTS, PICKLE_SUFFIXES, not_kept_reason, open_checkpoint,
     split_listing)
-from mergehub.storage.codec import sha256
+from mergehub.storage.blob_format import sha256
 from mergehub.storage.hf_hub import (
     hub_api, hub_errors, public_endpoint, resolve_revision, split_repo_ref)
 from mergehub.storage.parallel import ordered_map
