@@ -32,7 +32,8 @@ import torch
 from mergehub import kernels
 from mergehub.kernels import (
     LowRankDelta, SignDelta, TernaryDelta, reference, triton_merge, triton_select)
-from mergehub.ops.sparsify import cut_mask, kth_rank
+from mergehub.ops.selection import kth_rank
+from mergehub.ops.sparsify import cut_mask
 from mergehub.storage.atomic import write_file_atomic
 
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096), (1024, 4096)]  # MLP, q/o proj, k/v proj
@@ -129,7 +130,7 @@ def bench_sampled(bench, base, thetas, k, ties_args, ties_ms, rows, smoke):
     selection, the host's wait for the result; do_bench) and the device work alone, against
     the TIES merge's, both replayed from a CUDA graph (``do_bench_cudagraph``: no launch
     overhead in either). Checked equal to the reference's, kept share within the tolerance."""
-    from mergehub.ops.sparsify import sample_positions
+    from mergehub.ops.selection import sample_positions
 
     tol = 0.45 if smoke else TOLERANCE
     dens = [DENSITY] * k

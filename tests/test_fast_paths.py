@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from mergehub.merge.methods import fast, onepass
-from mergehub.ops.sparsify import (
-    NOTHING, Cut, apply_mask, bernoulli_mask, combine, cut_mask, magnitude_cuts)
+from mergehub.ops.selection import NOTHING, Cut, magnitude_cuts
+from mergehub.ops.sparsify import apply_mask, bernoulli_mask, combine, cut_mask
 
 WEIGHTS = {"mixed": [1.0, 0.5, 0.75, 1.0], "negative": [1.0, -0.5, 2.0, 1.0],
            "zero": [0.0, 1.0, 1e-30, 3.0]}
@@ -154,7 +154,7 @@ def test_dare_keep_is_bernoulli_mask(density, scale):
 # --- TIES in one read --------------------------------------------------------------------------
 
 def plain_ties(base, taus, densities, weights, lam, elect, normalize, ties):
-    """The reference: sparsify.magnitude_cuts over the whole tensor, then cut_mask,
+    """The reference: selection.magnitude_cuts over the whole tensor, then cut_mask,
     apply_mask and combine (chunking does not change them)."""
     flat = [t.reshape(-1) for t in taus]
     stream = lambda which=None: iter([(base.reshape(-1),  # noqa: E731

@@ -471,7 +471,7 @@ def test_cuts_approximate_equal_reference(device, k, dtype, shape):
     """With a tolerance both backends cut at the same entry of the same random sample (odd
     sizes, K up to 8), so they agree: its k_s-th largest value, its ties ending after the last
     kept sampled one; a tolerance too fine for the tensor gives the exact cuts."""
-    from mergehub.ops.sparsify import sample_positions
+    from mergehub.ops.selection import sample_positions
 
     base, thetas = _inputs(shape, k, dtype, device, seed=k)
     n = base.numel()
@@ -501,7 +501,7 @@ def test_cuts_approximate_equal_reference(device, k, dtype, shape):
 def test_cuts_approximate_ties_and_extremes(device):
     """A sample of few distinct values (zero, subnormal, 0.5, near the float32 maximum): the
     k_s-th sampled value sits in a long run of ties, found exactly at every density."""
-    from mergehub.ops.sparsify import sample_positions
+    from mergehub.ops.selection import sample_positions
 
     gen = torch.Generator().manual_seed(3)
     n = 9001

@@ -392,7 +392,7 @@ def test_kept_share_in_dry_run_and_summary(models, tmp_path, method, extra, word
     """``--dry-run`` says how many task-vector entries each input's sparsification will keep,
     the merge summary how many it kept: k = int(d·n) per tensor, exactly, with ``ties:
     index`` (bf16 deltas tie at nearly every cut); at least that with ``threshold``."""
-    from mergehub.ops.sparsify import kth_rank
+    from mergehub.ops.selection import kth_rank
 
     r = recipe(tmp_path, f"merge_method: {method}\nbase_model: {models['base-bf16']}\nmodels:\n"
                          f"  - model: {models['ft-mlp']}\n    parameters: {{density: 0.2}}\n"
@@ -541,7 +541,7 @@ def test_fused_path_reads_compressed_store_entries(models, tmp_path):
 def test_density_tolerance_samples_tensors(models, tmp_path):
     """``density_tolerance`` changes the trim of tensors large enough to sample (a sample's
     threshold may also hit the exact one), nothing else."""
-    from mergehub.ops.sparsify import sample_positions
+    from mergehub.ops.selection import sample_positions
 
     outs = {}
     for tol in (0, 0.3):

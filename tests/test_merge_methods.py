@@ -435,7 +435,8 @@ def test_global_trim_matches_oracle(ties):
     vector (tensors in merge order) keeps: exactly k = int(d·N) with ``index`` although many
     magnitudes tie at the cut; streamed in small chunks, so runs of ties straddle chunks and
     tensors. Density <= 0 keeps nothing there, as in the per-tensor scope."""
-    from mergehub.ops.sparsify import cut_mask, magnitude_cuts
+    from mergehub.ops.selection import magnitude_cuts
+    from mergehub.ops.sparsify import cut_mask
     from mergehub.merge.methods.global_cuts import GlobalCuts
 
     tensors = [[_bf16_taus(1000, 1 + t), _bf16_taus(37 * 11, 3 + t, 0.02).reshape(37, 11),
@@ -483,7 +484,7 @@ def test_streamed_kth_largest_is_exact(pattern):
     falls back to gathering), and on the long runs of one magnitude that compressed deltas
     have (ComPEFT's zeros and one ±value, a 1-bit delta's one scale per row), whose brackets
     hold a single value."""
-    from mergehub.ops.sparsify import kth_largest_abs
+    from mergehub.ops.selection import kth_largest_abs
 
     n = 3_000_017
     gen = torch.Generator().manual_seed(5)
@@ -541,7 +542,8 @@ def test_sampled_cuts_within_tolerance(pattern, ties):
     a prefix of the oracle's ranking; with ``threshold`` the entries above the threshold are at
     most d + ε and those at or above it at least d − ε. Streamed in chunks it equals one
     chunk."""
-    from mergehub.ops.sparsify import cut_mask, magnitude_cuts, sample_positions
+    from mergehub.ops.selection import magnitude_cuts, sample_positions
+    from mergehub.ops.sparsify import cut_mask
 
     n = 1 << 21
     x = _arranged(pattern, n)
@@ -575,7 +577,7 @@ def test_sampled_cuts_within_tolerance(pattern, ties):
 def test_sample_positions_plan():
     """The sample: the least count Hoeffding's bound allows, drawn uniformly, reproducibly,
     sorted, and none for small tensors."""
-    from mergehub.ops.sparsify import SAMPLE_FAILURE, sample_positions
+    from mergehub.ops.selection import SAMPLE_FAILURE, sample_positions
 
     def meets(c: int, tol: float) -> bool:
         return 2 * math.exp(-2 * c * (tol - 1 / c) ** 2) <= SAMPLE_FAILURE

@@ -44,7 +44,7 @@ from mergehub.kernels.merging import MergeBatch, MergeReplay, merge_tensor
 from mergehub.kernels.selection import CutMemo, magnitude_cut, magnitude_cuts
 from mergehub.kernels.zo import (
     seed_table, smallest_magnitudes, zo_direction, zo_mask_bytes, zo_step, zo_steps)
-from mergehub.ops.sparsify import Cut
+from mergehub.ops.selection import Cut
 
 __all__ = ["merge_tensor", "MergeBatch", "MergeReplay", "magnitude_cuts", "magnitude_cut", "Cut",
            "CutMemo", "apply_deltas", "zo_direction", "zo_step", "zo_steps", "zo_mask_bytes",

@@ -14,7 +14,7 @@ import torch
 from mergehub.errors import InputError
 from mergehub.kernels import dispatch, reference
 from mergehub.kernels.deltas import pack_bits, unpack_bits
-from mergehub.ops.sparsify import Cut
+from mergehub.ops.selection import Cut
 
 _ELECT = {None: 0, "sum": 1, "count": 2}
 

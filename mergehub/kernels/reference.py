@@ -11,8 +11,8 @@ import torch
 
 from mergehub.kernels.deltas import Delta, dense
 from mergehub.ops.consensus import consensus
-from mergehub.ops.sparsify import (
-    Cut, apply_mask, combine, cut_mask, magnitude_cuts as streamed_cuts)
+from mergehub.ops.selection import Cut, magnitude_cuts as streamed_cuts
+from mergehub.ops.sparsify import apply_mask, combine, cut_mask
 
 
 def merge_tensor(base: torch.Tensor, thetas: list[torch.Tensor], weights: list[float],
@@ -41,7 +41,7 @@ def merge_tensor(base: torch.Tensor, thetas: list[torch.Tensor], weights: list[f
 
 def magnitude_cuts(base: torch.Tensor, thetas: list[torch.Tensor], densities: list[float],
                    tolerance: float | None = None, ties: str = "index") -> list[Cut | None]:
-    """``sparsify.magnitude_cuts`` over the whole tensor as one chunk."""
+    """``selection.magnitude_cuts`` over the whole tensor as one chunk."""
     b = base.float()
 
     def chunks(which: list[int] | None = None):

@@ -39,7 +39,8 @@ from mergehub.merge.methods import fast, onepass
 from mergehub.merge.methods.base import PARAM_RULES, MergeMethod, Prepass, Rule, TensorContext
 from mergehub.merge.methods.sparsifiers import Params, Sparsifier, Sparsity
 from mergehub.ops.consensus import consensus
-from mergehub.ops.sparsify import ChunkStream, KeptTally, kth_rank
+from mergehub.ops.selection import ChunkStream, kth_rank
+from mergehub.ops.sparsify import KeptTally
 
 #: a member's election: by total mass, by count, by its ``sign_method`` parameter, or none
 ELECTIONS = (None, "sum", "count", "sign_method")

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from mergehub.ops import sparsify
-from mergehub.ops.sparsify import Cut
+from mergehub.ops.selection import Cut
 
 
 def below(value: float) -> float:

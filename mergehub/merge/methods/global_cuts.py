@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from mergehub.ops.sparsify import NOTHING, Cut, Order, cut_at, kth_rank, located
+from mergehub.ops.selection import NOTHING, Cut, Order, cut_at, kth_rank, located
 
 _BINS = 1 << 16  # a non-negative float32's bits, high half then low half (its sign is 0)
 

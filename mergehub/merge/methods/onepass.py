@@ -1,5 +1,5 @@
 """TIES with exact per-tensor trims in one read of the inputs (the CPU path): the bits of
-``sparsify.magnitude_cuts`` followed by the TIES member's plan chunk by chunk, which reads every
+``selection.magnitude_cuts`` followed by the TIES member's plan chunk by chunk, which reads every
 input three or four times.
 
 A sample of whole rows brackets each input's k-th largest |τ| between two magnitudes lo and
@@ -27,8 +27,7 @@ import numpy as np
 import torch
 
 from mergehub.merge.methods import fast
-from mergehub.ops.sparsify import (
-    NOTHING, ChunkStream, Cut, Order, cut_at, located, top_k_cuts)
+from mergehub.ops.selection import NOTHING, ChunkStream, Cut, Order, cut_at, located, top_k_cuts
 
 #: the largest merged tensor held whole for this path (bytes in the output dtype)
 ONE_PASS_BYTES = 512 << 20

@@ -27,9 +27,10 @@ import torch
 from mergehub.merge.methods import fast
 from mergehub.merge.methods.base import Prepass, TensorContext
 from mergehub.merge.methods.global_cuts import GlobalCuts
+from mergehub.ops.selection import ChunkStream, Cut, kth_rank, magnitude_cuts, planned, trim_count
 from mergehub.ops.sparsify import (
-    ChunkStream, Cut, KeptTally, apply_mask, band_kept, band_mask, bernoulli_mask, cut_mask,
-    kth_rank, l1_scales, magnitude_cuts, outlier_bands, planned, trim_count)
+    KeptTally, apply_mask, band_kept, band_mask, bernoulli_mask, cut_mask, l1_scales,
+    outlier_bands)
 
 Params = list[dict[str, Any]]
 
@@ -37,7 +38,7 @@ Params = list[dict[str, Any]]
 @dataclass(frozen=True)
 class Sparsity:
     """A sparsifier's statistics of one tensor, per input: what it keeps (``keeps``: a
-    :class:`~mergehub.ops.sparsify.Cut`, a breadcrumbs band or a density, by sparsifier;
+    :class:`~mergehub.ops.selection.Cut`, a breadcrumbs band or a density, by sparsifier;
     ``None`` keeps everything) and the factor the survivors are multiplied by."""
 
     keeps: list[Any]
@@ -119,7 +120,7 @@ class MagnitudeTrim(Sparsifier):
     find each task's exact cut, three where it splits a run of ties: :class:`GlobalCuts`).
     ``density_tolerance: ε`` (a mergehub extension, default 0: exact) takes each per-tensor cut
     from a random sample instead, so that the trim keeps within ε of the density with
-    probability >= 1 − 1e-6 per tensor and input (``sparsify.magnitude_cuts``); the GPU finds
+    probability >= 1 − 1e-6 per tensor and input (``selection.magnitude_cuts``); the GPU finds
     it in a few small launches instead of a pass over the inputs. ``rescale: true`` restores
     each input's L1 norm (mergekit's rescale; a pass of its own, never fused).
     """

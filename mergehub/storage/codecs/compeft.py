@@ -19,14 +19,15 @@ import torch
 import zstandard
 
 from mergehub.kernels import TernaryDelta, apply_deltas
-from mergehub.ops.sparsify import cut_mask, magnitude_cuts
+from mergehub.ops.selection import magnitude_cuts
+from mergehub.ops.sparsify import cut_mask
 from mergehub.storage.frames import inflate
 from mergehub.storage.codecs import LossyCodec, register
 
 
 def _positions(tau: torch.Tensor, density: float) -> torch.Tensor:
     """Sorted flat positions of the non-zero entries among the top k of |τ|, ranked as every
-    trim ranks them (:func:`~mergehub.ops.sparsify.magnitude_cuts`: exactly k, ties
+    trim ranks them (:func:`~mergehub.ops.selection.magnitude_cuts`: exactly k, ties
     by position). sign(0) = 0 makes a kept zero decode to 0, so it is left out rather than
     stored with a sign bit."""
     if not 0 < density <= 1:
