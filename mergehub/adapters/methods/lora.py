@@ -77,6 +77,11 @@ def lora_layers(model: torch.nn.Module, adapter: str = "default") -> dict[str, A
 ADALORA_SCORES = ("ipt", "exp_avg_ipt", "exp_avg_unc")
 
 
+def rank_allocator(model: torch.nn.Module) -> Any:
+    """A peft model's AdaLoRA rank allocator (``None`` for other tuners)."""
+    return getattr(model.base_model, "rankallocator", None)
+
+
 @register
 class PeftMethod(Method):
     """A peft tuner (LoRA by default) trained with AdamW."""
@@ -86,7 +91,7 @@ class PeftMethod(Method):
 
     def build(self, model, resume):
         wrapped = wrap_peft(model, self.cfg)
-        allocator = getattr(wrapped.base_model, "rankallocator", None)
+        allocator = rank_allocator(wrapped)
         if resume is not None and allocator is not None:  # AdaLoRA: its allocator's state
             tensors, state = resume
             for kind in ADALORA_SCORES:
@@ -105,14 +110,14 @@ class PeftMethod(Method):
         """The trainable tensors, and AdaLoRA's smoothed importance scores (a resumed run
         allocates ranks from them as the uninterrupted one does)."""
         out = super().state_tensors()
-        allocator = getattr(self.model.base_model, "rankallocator", None)
+        allocator = rank_allocator(self.model)
         for kind in ADALORA_SCORES if allocator is not None else ():
             out.update({f"adalora-{kind}:{n}": t for n, t in getattr(allocator, kind).items()})
         return out
 
     def extra_state(self) -> dict[str, Any]:
         """AdaLoRA's rank pattern once it has one (which ranks its masks keep)."""
-        if getattr(self.model.base_model, "rankallocator", None) is None:
+        if rank_allocator(self.model) is None:
             return {}
         return {"rank_pattern": self.model.peft_config["default"].rank_pattern}
 

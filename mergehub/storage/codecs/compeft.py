@@ -84,9 +84,9 @@ def decode(payload: memoryview, params: dict[str, Any], base: torch.Tensor,
         mask = np.zeros(n, dtype=bool)
         mask[pos] = True
         bitmap = np.packbits(mask)
-    if np.count_nonzero(mask) != kept:
-        raise ValueError(f"compeft positions name {np.count_nonzero(mask)} distinct entries, "
-                         f"its header {kept}")
+    named = int(np.count_nonzero(mask))
+    if named != kept:
+        raise ValueError(f"compeft positions name {named} distinct entries, its header {kept}")
     # the kept entries' signs, in order, into their positions (np.place: no index array)
     signs = np.zeros(n, dtype=np.uint8)
     np.place(signs, mask, np.unpackbits(np.frombuffer(payload[split:], np.uint8), count=kept))
