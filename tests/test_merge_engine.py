@@ -372,6 +372,37 @@ parameters: {{trim_scope: global}}
         assert torch.equal(fresh[spec.name].reshape(-1), got), spec.name
 
 
+def test_a_prepass_cut_short_starts_over(models, tmp_path, monkeypatch):
+    """A pre-pass that fails part-way (a read error, Ctrl-C) forgets its partial counts: the
+    same plan's next pre-pass (the Composer's remembered plan) gives a fresh merge's bits."""
+    from mergehub.merge.plan import plan_merge
+    from mergehub.merge.recipe import load_recipe
+    from mergehub.merge.tensors import TensorMerger
+
+    r = recipe(tmp_path, f"merge_method: ties\nbase_model: {models['base-bf16']}\nmodels:\n"
+                         f"  - model: {models['ft-mlp']}\n    parameters: {{density: 0.1}}\n"
+                         "parameters: {trim_scope: global}\n")
+    plan = plan_merge(load_recipe(r))
+    merger = TensorMerger(plan, chunk_elements=1000)
+    chunks, seen = merger._chunks, []
+
+    def failing(spec, *a):
+        seen.append(spec.name)
+        if len(seen) == 5:
+            raise OSError("read error")
+        return chunks(spec, *a)
+
+    monkeypatch.setattr(merger, "_chunks", failing)
+    with pytest.raises(OSError):
+        merger.prepass()
+    monkeypatch.setattr(merger, "_chunks", chunks)
+    merger.prepass()
+    fresh = load_all(mergehub.merge(r, out=tmp_path / "out", progress=False).out)
+    for spec in plan.specs:
+        got = torch.cat([p.reshape(-1) for p in merger.merged(spec)])
+        assert torch.equal(fresh[spec.name].reshape(-1), got), spec.name
+
+
 @pytest.mark.parametrize("scope", ["tensor", "global"])
 def test_ties_density_zero_keeps_nothing(models, tmp_path, scope):
     """Density 0 trims every entry in both scopes: the merge is the base (the global scope

@@ -130,12 +130,16 @@ class TensorMerger:
         if stats is None:
             return
         mergeable = [s for s in self.plan.specs if s.name not in self.plan.copy_from_base]
-        while stats.passes < stats.rounds():
-            for spec in tqdm(mergeable, desc=f"pre-pass {stats.passes + 1}", unit="tensor",
-                             disable=bar_disabled(progress), leave=False):
-                for _, xs in self._chunks(spec, row_ranges(spec, self.chunk)):
-                    stats.observe(spec.name, xs)
-            stats.finish()
+        try:
+            while stats.passes < stats.rounds():
+                for spec in tqdm(mergeable, desc=f"pre-pass {stats.passes + 1}", unit="tensor",
+                                 disable=bar_disabled(progress), leave=False):
+                    for _, xs in self._chunks(spec, row_ranges(spec, self.chunk)):
+                        stats.observe(spec.name, xs)
+                stats.finish()
+        except BaseException:  # a pass cut short: its counts are partial; start over next time
+            stats.reset()
+            raise
 
     def _context(self, spec: TensorSpec, **more: Any) -> TensorContext:
         """The :class:`TensorContext` of merging ``spec``: with its result of the method's

@@ -150,6 +150,10 @@ class Prepass(Protocol):
         """End the current pass (:attr:`passes` counts it)."""
         ...
 
+    def reset(self) -> None:
+        """Forget everything seen (a pass was cut short): the next run passes from the start."""
+        ...
+
     def for_tensor(self, name: str, numel: int) -> Any:
         """After the passes, what merging tensor ``name`` (``numel`` entries) reads."""
         ...

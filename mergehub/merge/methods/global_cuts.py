@@ -29,16 +29,20 @@ class GlobalCuts:
     def __init__(self, densities: list[float], ties: str):
         self.densities = densities
         self.ties = ties
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything seen: the next run passes from the start."""
         self.total = 0
-        self.high = [torch.zeros(_BINS, dtype=torch.int64) for _ in densities]
-        self.low = [torch.zeros(_BINS, dtype=torch.int64) for _ in densities]
-        self.ks = [0] * len(densities)  # k per task (0: no selection), once the total is known
-        self.bins = [0] * len(densities)
-        self.cuts: list[Cut | None] = [None] * len(densities)
+        self.high = [torch.zeros(_BINS, dtype=torch.int64) for _ in self.densities]
+        self.low = [torch.zeros(_BINS, dtype=torch.int64) for _ in self.densities]
+        self.ks = [0] * len(self.densities)  # k per task (0: no selection), once the total is known
+        self.bins = [0] * len(self.densities)
+        self.cuts: list[Cut | None] = [None] * len(self.densities)
         self.selected = False  # pass 2 done
         self.split: set[int] = set()  # tasks whose cut splits a run of ties
         self.pending: dict[int, int] = {}  # pass 3: task -> tied values still to pass
-        self.ends: list[dict[str, int]] = [{} for _ in densities]  # pass 3: tensor -> tie end
+        self.ends: list[dict[str, int]] = [{} for _ in self.densities]  # pass 3: tensor -> tie end
         self.tensor, self.offset = None, 0
         self.passes = 0
 
