@@ -25,10 +25,10 @@ CAP_FACTOR, CAP_SLACK = 2.0, 4096
 def magnitude_cuts(base: torch.Tensor, thetas: list[torch.Tensor], densities: list[float],
                    *, tolerance: float | None = None, ties: str = "index",
                    backend: str | None = None, name: str = "tensor") -> list[Cut | None]:
-    """Per input, the TIES trim of τt = θt − θ0 at ``density``, as ``selection.magnitude_cuts``:
+    """Per input, the TIES trim of τt = θt − θ0 at ``density``, as ``ops.selection.magnitude_cuts``:
     the top k = max(1, int(density·n)) entries by |τt|, ties by flat position (``ties:
     index``) or all entries tied with the k-th (``threshold``); ``None``: density >= 1, keep
-    all; ``sparsify.NOTHING``: density <= 0.
+    all; ``ops.selection.NOTHING``: density <= 0.
 
     On CUDA, one pass over the inputs (all K together) instead of a sort: a histogram of
     ``SAMPLE_SIZE`` sampled values brackets each k-th largest, the pass counts the values above
@@ -41,7 +41,7 @@ def magnitude_cuts(base: torch.Tensor, thetas: list[torch.Tensor], densities: li
     the result is exact either way.
 
     ``tolerance`` ε (0 < ε < 0.5): the cut of a random sample of the tensor instead
-    (``selection.sample_positions``: 72,744 values at ε = 0.01, whatever the tensor's size),
+    (``ops.selection.sample_positions``: 72,744 values at ε = 0.01, whatever the tensor's size),
     which keeps a share within ε of the density with probability >= 1 − 1e-6 per input. On
     CUDA the sample's k-th value is gathered and radix-selected in a few small launches
     (:func:`triton_select.sample_select`) instead of a pass over the inputs. Both backends

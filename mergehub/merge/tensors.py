@@ -92,7 +92,7 @@ class TensorMerger:
         self.fuse = (((self.device.type == "cuda") if fused is None else fused)
                      and plan.base is not None and method.on_deltas and method.fusable
                      and not any(src.is_lora for src in plan.inputs))
-        #: called before each chunk is read, in every pass (:func:`execute`: LoadWatch.check)
+        #: called before each chunk is read, in every pass (:meth:`watching_load`: LoadWatch.check)
         self.between_chunks: Callable[[], None] = lambda: None
         self.reference = plan.base or plan.inputs[0]
         self._params: dict[str, list[dict[str, Any]]] = {}  # see params

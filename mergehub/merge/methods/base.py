@@ -126,10 +126,10 @@ class Prepass(Protocol):
     accumulates them (:meth:`finish` ends a pass; :meth:`rounds` says how many), and per tensor
     the result the merge of its chunks reads (:meth:`for_tensor`, handed over as
     :attr:`TensorContext.prepassed`). Every runner (the chunked CPU path, the fused GPU path,
-    the live composer, a Ray task) runs the passes through
+    the live composer) runs the passes through
     :meth:`~mergehub.merge.tensors.TensorMerger.prepass` and reads the results the same way;
-    the object keeps its results (a Ray task gets them with the plan), and a finished one
-    passes no more."""
+    the object keeps its results (a Ray task gets the driver's finished ones with the plan),
+    a finished one passes no more, and one cut short starts over (:meth:`reset`)."""
 
     #: full passes done so far
     passes: int

@@ -135,11 +135,7 @@ class MagnitudeTrim(Sparsifier):
         if self.params["density_tolerance"] and self.params["trim_scope"] == "global":
             raise ValueError("density_tolerance applies to trim_scope: tensor (global thresholds "
                              "are always exact)")
-        if self.params["trim_scope"] == "global":
-            for p, label in zip(model_params, labels):
-                if not isinstance(p["density"], (int, float)):
-                    raise ValueError(f"{label}: trim_scope global needs one density per model, "
-                                     f"not {p['density']!r}")
+        if self.params["trim_scope"] == "global":  # one density per model: plan_merge checks it
             self.global_cuts = GlobalCuts([float(p["density"]) for p in model_params],
                                           self.params["ties"])
 
