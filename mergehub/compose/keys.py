@@ -62,6 +62,7 @@ def tensor_keys(merger: TensorMerger, names: list[str]) -> dict[str, str]:
         common += (sorted(plan.copy_from_base),
                    [[content(src, s.name) for s in plan.specs
                      if s.name not in plan.copy_from_base] for src in plan.inputs])
+    common = digest(common)  # once: each tensor's key holds it (with a pre-pass: every tensor's)
     out = {}
     for name in names:
         spec = specs[name]
