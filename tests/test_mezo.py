@@ -310,6 +310,15 @@ def test_resume_from_state_dict_continues_bit_exactly(master, tmp_path):
     assert all(torch.equal(a, b.detach()) for a, b in zip(final, model.parameters()))
 
 
+def test_state_with_an_unknown_z_transform_is_refused():
+    opt = MeZO([torch.nn.Parameter(torch.zeros(4))], lr=1.0)
+    state = opt.state_dict()
+    assert state["mezo"]["z_transform"] == "approximate" and not opt.accurate_z
+    state["mezo"]["z_transform"] = "box-muller-v9"
+    with pytest.raises(MeZOError, match="unknown z_transform 'box-muller-v9'"):
+        opt.load_state_dict(state)
+
+
 def test_weight_decay_only_on_matrices_and_sign_update():
     gen = torch.Generator().manual_seed(8)
     matrix = torch.nn.Parameter(torch.randn(6, 5, generator=gen, dtype=torch.float64))
@@ -408,8 +417,9 @@ def test_triton_path_equals_its_torch_reference(monkeypatch, options, device):
     from mergehub import kernels
     from mergehub.kernels.deltas import pack_bits, unpack_bits
 
-    def reference_step(x, seed, eps, times, *, start=0, update=None, mask=None):
-        d = kernels.zo_direction(x.numel(), seed, eps, start=start, device=x.device)
+    def reference_step(x, seed, eps, times, *, start=0, update=None, mask=None, accurate=False):
+        d = kernels.zo_direction(x.numel(), seed, eps, start=start, device=x.device,
+                                 accurate=accurate)
         if mask is not None:
             d = d * mask
         for _ in range(abs(times)):
@@ -418,7 +428,7 @@ def test_triton_path_equals_its_torch_reference(monkeypatch, options, device):
             x.add_(d * update)
 
     def reference_steps(xs, seeds, eps, times, *, update=None, bounds=None, bits=None,
-                        fresh=False):
+                        fresh=False, accurate=False):
         offset = 0
         for t, (x, seed) in enumerate(zip(xs, seeds.cpu().numpy().view(np.uint64))):
             mask = None
@@ -428,14 +438,15 @@ def test_triton_path_equals_its_torch_reference(monkeypatch, options, device):
                 if fresh:
                     segment.copy_(pack_bits(x.float().abs() <= bounds[t]))
                 mask = unpack_bits(segment, x.numel())
-            reference_step(x, int(seed), eps, times, update=update, mask=mask)
+            reference_step(x, int(seed), eps, times, update=update, mask=mask,
+                           accurate=accurate)
 
     def sorted_bounds(xs, ks):
         return torch.stack([x.float().abs().sort().values[k - 1] for x, k in zip(xs, ks)])
 
     monkeypatch.setattr(mezo_mod, "CHUNK", 300)  # chunks start mid-stream
 
-    def run(backend: str = "triton"):
+    def run(backend: str = "triton", old_state: bool = False):
         gen = torch.Generator().manual_seed(3)
         params = [torch.nn.Parameter(t.to(device)) for t in (
             (0.02 * torch.randn(40, 23, generator=gen)).bfloat16(),
@@ -447,10 +458,15 @@ def test_triton_path_equals_its_torch_reference(monkeypatch, options, device):
         loss = lambda: float(sum(p.double().sin().sum() for p in params))  # noqa: E731
         opt = MeZO([{"params": params[:4]}, {"params": params[4:], "lr": 2e-3}], lr=1e-3,
                    eps=1e-3, seed=0, backend=backend, **options)
+        if old_state:  # saved before the approximate transform: continues on libdevice's
+            state = opt.state_dict()
+            assert state["mezo"].pop("z_transform") == "approximate"
+            opt.load_state_dict(state)
+            assert opt.accurate_z and opt.state_dict()["mezo"]["z_transform"] == "libdevice"
         losses = [opt.step(loss) for _ in range(3)]
         return losses, [p.detach().clone() for p in params]
 
-    fused = run()
+    fused, fused_old = run(), run(old_state=True)
     saved = MeZO([torch.nn.Parameter(torch.zeros(4))], lr=1.0, backend="triton").state_dict()
     restored = MeZO([torch.nn.Parameter(torch.zeros(4))], lr=1.0)
     restored.load_state_dict(saved)
@@ -458,9 +474,11 @@ def test_triton_path_equals_its_torch_reference(monkeypatch, options, device):
     monkeypatch.setattr(kernels, "zo_step", reference_step)
     monkeypatch.setattr(kernels, "zo_steps", reference_steps)
     monkeypatch.setattr(kernels, "smallest_magnitudes", sorted_bounds)
-    reference = run()
-    assert fused[0] == reference[0]
-    assert all(torch.equal(a, b) for a, b in zip(fused[1], reference[1]))
+    for got, want in ((fused, run()), (fused_old, run(old_state=True))):
+        assert got[0] == want[0]
+        assert all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+    # the two transforms' streams differ (in the low bits: float32 parameters show it)
+    assert not all(torch.equal(a, b) for a, b in zip(fused_old[1], fused[1]))
     _, torch_path = run("torch")  # torch.randn: another stream
     assert not torch.equal(torch_path[0], fused[1][0])
 

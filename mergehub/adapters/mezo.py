@@ -55,7 +55,10 @@ eval mode ("Dropout is turned off too", Malladi et al.'s trainer); run ``step`` 
 Reproducibility: with the same seed, parameters, closure and data two runs are bit-identical
 on one device type (the CPU draws z with ``torch.randn``, CUDA with Triton's Philox: different
 streams); ``state_dict`` carries the step count (and the float32 copies), so a resumed run
-continues bit-exactly.
+continues bit-exactly. On CUDA, z's Box-Muller transform uses the GPU's approximate log2, sine
+and cosine (within ~2e-5 of the full-precision values, each move ~26% faster); a state saved
+before that (no ``z_transform`` in it) continues on the full-precision transform it started
+with.
 
 Speed: on CUDA every parameter held whole by this process, without a float32 copy or weight
 decay in its update (bf16, fp16 or fp32, contiguous) is moved by one launch per move for all of
@@ -374,6 +377,10 @@ class MeZO(torch.optim.Optimizer):
         self.master_weights = master_weights
         self.sign = sign
         self.backend = backend
+        #: z on the Triton path from libdevice's full-precision transform (the stream of states
+        #: saved before the approximate one, see ``load_state_dict``) instead of the GPU's
+        #: approximate log2/sin/cos (:func:`mergehub.kernels.zo_direction`)
+        self.accurate_z = False
         self.steps_done = 0
         self.last_projected_grad: float | None = None
         self.last_projected_grads: list[float] = []
@@ -471,7 +478,7 @@ class MeZO(torch.optim.Optimizer):
             skew = start % 4  # the Philox stream is addressed in fours
             seed = _seed(*_stream(self.seed, self.steps_done, index, j))
             d = kernels.zo_direction(n + skew, seed, eps, start=start - skew,
-                                     device=chunk.device)[skew:]
+                                     device=chunk.device, accurate=self.accurate_z)[skew:]
             return d.view(chunk.shape)
         d = torch.empty(n, dtype=torch.float32, device=chunk.device)
         at = start
@@ -563,7 +570,8 @@ class MeZO(torch.optim.Optimizer):
                             for index in launch.indices]), launch.xs[0].device)
             kernels.zo_steps(launch.xs, launch.seeds[j], launch.group["eps"], to - frm,
                              update=None if grad is None else self._step_scale(grad, launch.group),
-                             bounds=launch.bounds, bits=launch.bits, fresh=launch.fresh)
+                             bounds=launch.bounds, bits=launch.bits, fresh=launch.fresh,
+                             accurate=self.accurate_z)
             launch.fresh = False  # the masks are those of theta at the step's first move
         masks = plan.masks
         for index, p, group in plan.rest:
@@ -579,7 +587,8 @@ class MeZO(torch.optim.Optimizer):
                 kernels.zo_step(local.view(-1), _seed(*_stream(self.seed, self.steps_done,
                                                                index, j)),
                                 eps, to - frm, start=offset, update=None
-                                if grad is None else self._step_scale(grad, group))
+                                if grad is None else self._step_scale(grad, group),
+                                accurate=self.accurate_z)
                 continue
             for piece, (chunk, mchunk, start) in enumerate(self._pieces(local, master, offset)):
                 # d = eps z, zero outside the mask: every move below is a plain dense add
@@ -739,6 +748,7 @@ class MeZO(torch.optim.Optimizer):
         out["mezo"] = {"steps_done": self.steps_done, "seed": self.seed,
                        "master_weights": self.master_weights, "sign": self.sign,
                        "backend": self.backend, "n_perturbations": self.n_perturbations,
+                       "z_transform": "libdevice" if self.accurate_z else "approximate",
                        "last_projected_grad": self.last_projected_grad,
                        "last_projected_grads": self.last_projected_grads}
         return out
@@ -768,6 +778,12 @@ class MeZO(torch.optim.Optimizer):
         self.master_weights = bool(extra["master_weights"])
         self.sign = bool(extra["sign"])
         self.backend = extra.get("backend")  # states saved before the kernels have none
+        # states saved before the approximate transform have none: continue on their stream
+        transform = extra.get("z_transform", "libdevice")
+        if transform not in ("libdevice", "approximate"):
+            raise MeZOError(f"MeZO.load_state_dict: unknown z_transform {transform!r} (this "
+                            f"version knows 'libdevice' and 'approximate')")
+        self.accurate_z = transform == "libdevice"
         self.n_perturbations = int(extra.get("n_perturbations", 1))  # 1 before there was a choice
         self.last_projected_grad = extra["last_projected_grad"]
         self.last_projected_grads = list(extra.get("last_projected_grads", []))

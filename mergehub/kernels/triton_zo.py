@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from mergehub.kernels.triton_base import (
-    _FAST, _align, _digit_histogram, _first, _layout, _round_bf16, _tensor_block)
+    _FAST, _INTERPRETED, _align, _digit_histogram, _first, _layout, _round_bf16, _tensor_block)
 
 ZO_BLOCK = 1024  # MeZO perturbation: entries per program
 #: many-tensor MeZO kernels: entries per program and warps of a move and of a quantile's
@@ -18,13 +19,46 @@ QUANTILE_BLOCK, QUANTILE_WARPS, QUANTILE_BITS = 4096, 4, 5
 
 
 
+#: z's normal transform (:func:`_box_muller`): the GPU's approximate log2, sine and cosine
+#: (one special-function instruction each) when compiled; the interpreter has no libdevice, so
+#: there the same formula runs in numpy's float32 math (a stream of its own, as the CPU's is)
+_APPROX = tl.constexpr(not _INTERPRETED)
+
+
+
 @triton.jit
-def _zo_direction(seed, first, eps, BLOCK: tl.constexpr):
+def _box_muller(u1, u2):
+    """Two N(0, 1) values from two uniforms in [0, 1), those of ``tl.randn4x``'s Box-Muller
+    transform: r·cos(2π u2), r·sin(2π u2) with r = sqrt(-2 ln u1) (u1 >= 1e-7), computed as
+    -r·cos θ, -r·sin θ for θ = 2π u2 − π, in [-π, π) where the approximate sine and cosine are
+    accurate to ~2^-21."""
+    u1 = tl.maximum(1.0e-7, u1)
+    th = 6.283185307179586 * u2 - 3.141592653589793
+    if _APPROX:
+        r = -tl.sqrt(-1.3862943611198906 * libdevice.fast_log2f(u1))  # -2 ln 2 · log2 u1
+        return r * libdevice.fast_cosf(th), r * libdevice.fast_sinf(th)
+    else:
+        r = -tl.sqrt(-1.3862943611198906 * tl.log2(u1))
+        return r * tl.cos(th), r * tl.sin(th)
+
+
+
+@triton.jit
+def _zo_direction(seed, first, eps, BLOCK: tl.constexpr, ACCURATE: tl.constexpr):
     """d = eps·z for the BLOCK stream positions from ``first`` (a multiple of 4), z ~ N(0, 1):
-    position p is normal p % 4 of the four ``tl.randn4x`` draws from Philox counter p // 4 (one
-    Philox call per four values), with the lowest mantissa bit of d set (MeZO's ``_sticky``:
-    keeps x + d off exact rounding ties)."""
-    n0, n1, n2, n3 = tl.randn4x(seed, (first // 4 + tl.arange(0, BLOCK // 4)).to(tl.int32))
+    positions 4c .. 4c + 3 hold the normals n0, n2, n1, n3 of the two Box-Muller pairs (n0, n1),
+    (n2, n3) of Philox-4x32-10 counter c (one Philox call per four values), transformed by
+    :func:`_box_muller` (the GPU's approximate log2, sine and cosine: within ~2e-5 of the
+    full-precision values) or with ACCURATE by ``tl.randn4x`` (libdevice's full-precision log,
+    sine and cosine: the stream of CUDA runs started before the approximate one), with the lowest mantissa bit of d set (MeZO's
+    ``_sticky``: keeps x + d off exact rounding ties)."""
+    counters = (first // 4 + tl.arange(0, BLOCK // 4)).to(tl.int32)
+    if ACCURATE:
+        n0, n1, n2, n3 = tl.randn4x(seed, counters)
+    else:
+        u0, u1, u2, u3 = tl.rand4x(seed, counters)
+        n0, n1 = _box_muller(u0, u1)
+        n2, n3 = _box_muller(u2, u3)
     z = tl.reshape(tl.join(tl.join(n0, n1), tl.join(n2, n3)), [BLOCK])
     d = z * eps
     return (d.to(tl.int32, bitcast=True) | 1).to(tl.float32, bitcast=True)
@@ -33,28 +67,31 @@ def _zo_direction(seed, first, eps, BLOCK: tl.constexpr):
 
 @triton.jit(do_not_specialize=["seed", "n", "start", "times"])
 def _zo_kernel(x_ptr, d_ptr, n, start, seed, eps, times, update, WRITE_D: tl.constexpr,
-               UPDATE: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+               UPDATE: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr,
+               ACCURATE: tl.constexpr):
     # Entries [pid·BLOCK, ...) of x (stream positions start + i): with WRITE_D store d; else
     # move x (:func:`_zo_block`).
     first = tl.program_id(0).to(tl.int64) * BLOCK
     if WRITE_D:
         i = first + tl.arange(0, BLOCK)
-        tl.store(d_ptr + i, _zo_direction(seed, start + first, eps, BLOCK), mask=i < n)
+        tl.store(d_ptr + i, _zo_direction(seed, start + first, eps, BLOCK, ACCURATE),
+                 mask=i < n)
     else:
         _zo_block(x_ptr, x_ptr, first, start + first, n, seed, eps, times, update, 0.0, 0, UPDATE,
-                  OUT_BF16, BLOCK, False)
+                  OUT_BF16, BLOCK, False, ACCURATE)
 
 
 
 def zo(x: torch.Tensor | None, d: torch.Tensor | None, n: int, start: int, seed: int,
-       eps: float, times: int, update: float | None) -> None:
+       eps: float, times: int, update: float | None, accurate: bool) -> None:
     """Launch :func:`_zo_kernel` over ``n`` entries: fill ``d`` (float32) with the direction,
-    or move the flat contiguous ``x`` in place."""
+    or move the flat contiguous ``x`` in place (``accurate``: :func:`_zo_direction`'s
+    ACCURATE)."""
     target = d if x is None else x
     _zo_kernel[(triton.cdiv(n, ZO_BLOCK),)](
         target, target, n, start, seed, float(eps), times, float(update or 0.0),
         WRITE_D=x is None, UPDATE=update is not None, OUT_BF16=target.dtype == torch.bfloat16,
-        BLOCK=ZO_BLOCK, num_warps=4, **_FAST)
+        BLOCK=ZO_BLOCK, ACCURATE=accurate, num_warps=4, **_FAST)
 
 
 
@@ -173,7 +210,7 @@ def smallest_magnitudes(xs: list[torch.Tensor], ks: torch.Tensor) -> torch.Tenso
 @triton.jit
 def _zo_block(x_ptr, bits_ptr, start, position, n, seed, eps, times, update, bound,
               MASK: tl.constexpr, UPDATE: tl.constexpr, OUT_BF16: tl.constexpr,
-              BLOCK: tl.constexpr, FULL: tl.constexpr):
+              BLOCK: tl.constexpr, FULL: tl.constexpr, ACCURATE: tl.constexpr):
     """Entries [start, start + BLOCK) of x (below n; all of them with FULL), at stream
     positions from ``position``: add d ``times`` times (subtract for times < 0), rounding to
     x's dtype after each add as torch's in-place add does, then (UPDATE) add update·d once
@@ -186,7 +223,7 @@ def _zo_block(x_ptr, bits_ptr, start, position, n, seed, eps, times, update, bou
     else:
         m = i < n
         x = tl.load(x_ptr + i, mask=m, other=0).to(tl.float32)
-    d = _zo_direction(seed, position, eps, BLOCK)
+    d = _zo_direction(seed, position, eps, BLOCK, ACCURATE)
     if MASK != 0:
         byte = start // 8 + tl.arange(0, BLOCK // 8)
         shift = 7 - tl.arange(0, 8)
@@ -225,7 +262,8 @@ def _zo_block(x_ptr, bits_ptr, start, position, n, seed, eps, times, update, bou
 @triton.jit(do_not_specialize=["times"])
 def _zo_many_kernel(like_ptr, meta_ptr, first_ptr, seeds_ptr, bounds_ptr, bits_ptr, eps, times,
                     update, LOG_T: tl.constexpr, MASK: tl.constexpr, UPDATE: tl.constexpr,
-                    OUT_BF16: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+                    OUT_BF16: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
+                    ACCURATE: tl.constexpr):
     # :func:`_zo_kernel` over several tensors (stream positions from 0 in each, seeds_ptr[t]
     # its seed): each program moves one block of one tensor.
     t, x_ptr, start, n, first_byte = _tensor_block(like_ptr, meta_ptr, first_ptr, LOG_T, BLOCK,
@@ -236,20 +274,20 @@ def _zo_many_kernel(like_ptr, meta_ptr, first_ptr, seeds_ptr, bounds_ptr, bits_p
         bound = tl.load(bounds_ptr + t)
     if start + BLOCK <= n:
         _zo_block(x_ptr, bits_ptr + first_byte, start, start, n, seed, eps, times, update, bound,
-                  MASK, UPDATE, OUT_BF16, BLOCK, True)
+                  MASK, UPDATE, OUT_BF16, BLOCK, True, ACCURATE)
     else:
         _zo_block(x_ptr, bits_ptr + first_byte, start, start, n, seed, eps, times, update, bound,
-                  MASK, UPDATE, OUT_BF16, BLOCK, False)
+                  MASK, UPDATE, OUT_BF16, BLOCK, False, ACCURATE)
 
 
 
 def zo_many(xs: list[torch.Tensor], seeds: torch.Tensor, eps: float, times: int,
             update: float | None, bounds: torch.Tensor | None, bits: torch.Tensor | None,
-            fresh: bool) -> None:
+            fresh: bool, accurate: bool) -> None:
     """Launch :func:`_zo_many_kernel` once over the flat contiguous tensors ``xs`` (one dtype;
     checked by the caller), seeds int64 [T] on their device; with ``bounds`` (float32 [T]) the
     moves are masked by the packed bits in ``bits`` (:func:`_layout`'s offsets), which are
-    computed first when ``fresh``."""
+    computed first when ``fresh`` (``accurate``: :func:`_zo_direction`'s ACCURATE)."""
     meta, first, programs, log_t = _layout(xs, ZO_MANY_BLOCK)
     mask = 0 if bounds is None else 1 if fresh else 2
     like = _first(xs)
@@ -257,5 +295,5 @@ def zo_many(xs: list[torch.Tensor], seeds: torch.Tensor, eps: float, times: int,
         like, meta, first, seeds, seeds if bounds is None else bounds,
         like if bits is None else bits, float(eps), times, float(update or 0.0), LOG_T=log_t,
         MASK=mask, UPDATE=update is not None, OUT_BF16=xs[0].dtype == torch.bfloat16,
-        BLOCK=ZO_MANY_BLOCK, ALIGN=_align(xs), num_warps=ZO_MANY_WARPS,
+        BLOCK=ZO_MANY_BLOCK, ALIGN=_align(xs), ACCURATE=accurate, num_warps=ZO_MANY_WARPS,
         **_FAST)

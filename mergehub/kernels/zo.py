@@ -19,27 +19,29 @@ def _check_stream(name: str, start: int, n: int) -> None:
 
 
 def zo_direction(n: int, seed: int, eps: float, *, start: int = 0,
-                 device: torch.device | str = "cuda") -> torch.Tensor:
+                 device: torch.device | str = "cuda", accurate: bool = False) -> torch.Tensor:
     """MeZO's perturbation d = eps·z for stream positions [start, start + n) of ``seed``
-    (``start`` a multiple of 4): z ~ N(0, 1) from Philox, four values per counter
-    (``tl.randn4x``), so a chunk drawn alone equals the same entries of one long draw; the
-    lowest float32 mantissa bit of d is set (``mezo._sticky``). Triton only (CUDA, or the
-    interpreter): the CPU path of MeZO draws with ``torch.randn``."""
+    (``start`` a multiple of 4): z ~ N(0, 1) from Philox-4x32-10 and a Box-Muller transform,
+    four values per counter, so a chunk drawn alone equals the same entries of one long draw;
+    the lowest float32 mantissa bit of d is set (``mezo._sticky``). The transform uses the
+    GPU's approximate log2, sine and cosine, or with ``accurate`` libdevice's full-precision
+    ones (``tl.randn4x``: the stream of runs started before; each move ~2x slower). Triton only
+    (CUDA, or the interpreter): the CPU path of MeZO draws with ``torch.randn``."""
     _check_stream("zo_direction", start, n)
     from mergehub.kernels import triton_zo
 
     d = torch.empty(n, dtype=torch.float32, device=device)
     if n:
-        triton_zo.zo(None, d, n, start, seed, eps, 0, None)
+        triton_zo.zo(None, d, n, start, seed, eps, 0, None, accurate)
     return d
 
 
 def zo_step(x: torch.Tensor, seed: int, eps: float, times: int, *, start: int = 0,
-            update: float | None = None) -> None:
+            update: float | None = None, accurate: bool = False) -> None:
     """In place on the flat contiguous ``x`` (bf16, fp16 or fp32): ``times`` successive
     rounded adds of d = :func:`zo_direction` (subtractions for times < 0), then one add of
     ``update``·d, exactly as those torch in-place ops on the materialized d would do, in one
-    pass over ``x`` with d drawn in registers."""
+    pass over ``x`` with d drawn in registers (``accurate`` as :func:`zo_direction`)."""
     if not (x.is_contiguous() and x.dim() == 1 and x.dtype in
             (torch.bfloat16, torch.float16, torch.float32)):
         raise InputError(f"zo_step: want a flat contiguous float tensor, not {x.dtype} "
@@ -48,7 +50,7 @@ def zo_step(x: torch.Tensor, seed: int, eps: float, times: int, *, start: int = 
     from mergehub.kernels import triton_zo
 
     if x.numel():
-        triton_zo.zo(x, None, x.numel(), start, seed, eps, times, update)
+        triton_zo.zo(x, None, x.numel(), start, seed, eps, times, update, accurate)
 
 
 _ZO_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -87,11 +89,12 @@ def zo_mask_bytes(xs: list[torch.Tensor]) -> int:
 
 def zo_steps(xs: list[torch.Tensor], seeds: list[int] | torch.Tensor, eps: float, times: int,
              *, update: float | None = None, bounds: torch.Tensor | None = None,
-             bits: torch.Tensor | None = None, fresh: bool = False) -> None:
+             bits: torch.Tensor | None = None, fresh: bool = False,
+             accurate: bool = False) -> None:
     """:func:`zo_step` on each of the flat contiguous tensors ``xs`` (one dtype: bf16, fp16 or
     fp32) from stream position 0 of its seed (``seeds``: ints, or int64 [T] on their device
     holding the uint64 seeds' bits), in one launch: every tensor ends as ``zo_step(x, seed,
-    eps, times, update=update)`` leaves it.
+    eps, times, update=update, accurate=accurate)`` leaves it.
 
     With ``bounds`` (float32 [T], e.g. from :func:`smallest_magnitudes`) the move is Sparse
     MeZO's: d is multiplied by the mask |x| <= bounds[t] (d·1 or d·0, as torch ops on a
@@ -109,7 +112,7 @@ def zo_steps(xs: list[torch.Tensor], seeds: list[int] | torch.Tensor, eps: float
 
     if not isinstance(seeds, torch.Tensor):
         seeds = seed_table(seeds, xs[0].device)
-    triton_zo.zo_many(xs, seeds, eps, times, update, bounds, bits, fresh)
+    triton_zo.zo_many(xs, seeds, eps, times, update, bounds, bits, fresh, accurate)
 
 
 def smallest_magnitudes(xs: list[torch.Tensor], ks: list[int]) -> torch.Tensor:
