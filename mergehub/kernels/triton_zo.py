@@ -50,8 +50,8 @@ def _zo_direction(seed, first, eps, BLOCK: tl.constexpr, ACCURATE: tl.constexpr)
     (n2, n3) of Philox-4x32-10 counter c (one Philox call per four values), transformed by
     :func:`_box_muller` (the GPU's approximate log2, sine and cosine: within ~2e-5 of the
     full-precision values) or with ACCURATE by ``tl.randn4x`` (libdevice's full-precision log,
-    sine and cosine: the stream of CUDA runs started before the approximate one), with the lowest mantissa bit of d set (MeZO's
-    ``_sticky``: keeps x + d off exact rounding ties)."""
+    sine and cosine: the stream of CUDA runs started before the approximate one), with the
+    lowest mantissa bit of d set (MeZO's ``_sticky``: keeps x + d off exact rounding ties)."""
     counters = (first // 4 + tl.arange(0, BLOCK // 4)).to(tl.int32)
     if ACCURATE:
         n0, n1, n2, n3 = tl.randn4x(seed, counters)
