@@ -381,6 +381,12 @@ def test_errors_name_the_problem_and_leave_parameters_restored():
     with pytest.raises(RuntimeError, match="data loader died"):
         opt.step(boom)
     assert torch.equal(theta.detach(), before) and opt.steps_done == 0
+    for perturbations in (1, 2):  # read after the step's forwards: restored all the same
+        two = MeZO([theta], lr=0.1, eps=1e-3, seed=0, n_perturbations=perturbations)
+        with pytest.raises(MeZOError, match=r"must return a scalar .* not a Tensor of shape "
+                                            r"\(2,\)"):
+            two.step(lambda: theta.detach()[:2].clone())
+        assert torch.equal(theta.detach(), before) and two.steps_done == 0
 
     for kwargs, word in [({"lr": -1}, "lr"), ({"lr": 1, "eps": 0}, "eps"),
                          ({"lr": 1, "density": 1.5}, "density"),

@@ -318,8 +318,8 @@ def test_mezo_s_loss_sums_are_the_loss_transformers_computes_for_every_task(setu
         with torch.no_grad():
             out = model.eval()(input_ids=ids, labels=labels)
         total, count = token_loss(out.logits, labels, shift)
-        assert count == int((labels[:, 1:] if shift else labels).ne(-100).sum())
-        assert total / count == pytest.approx(float(out.loss), rel=1e-6)
+        assert int(count) == int((labels[:, 1:] if shift else labels).ne(-100).sum())
+        assert float(total) / int(count) == pytest.approx(float(out.loss), rel=1e-6)
     root, store, _ = setup
     out = hub_ok(store, "train", cls_config(root, "cls-mezo", "mezo",
                                             output="{dir: out-cls-mezo}"))

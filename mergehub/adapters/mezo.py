@@ -630,22 +630,34 @@ class MeZO(torch.optim.Optimizer):
 
     # --- evaluating -----------------------------------------------------------------------
 
-    def _evaluate(self, closure: Callable[[], Any], plan: _Plan, at: int,
-                  j: int) -> tuple[float, float]:
-        """(loss sum, weight) of closure() at offset ``at`` along z_j; on an exception the
-        parameters are restored before it propagates."""
+    def _evaluate(self, closure: Callable[[], Any], plan: _Plan, at: int, j: int) -> Any:
+        """closure() at offset ``at`` along z_j, as it returned it (read by :meth:`_pair` once
+        the step's forwards are all queued: one host synchronization per step, not one per
+        forward); on an exception the parameters are restored before it propagates."""
         try:
             value = closure()
+            if isinstance(value, torch.Tensor):
+                return value.detach()
             if isinstance(value, (tuple, list)):
-                total, weight = (float(v.detach() if isinstance(v, torch.Tensor) else v)
-                                 for v in value)
-            else:
-                total, weight = float(value.detach() if isinstance(value, torch.Tensor)
-                                      else value), 1.0
+                return tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in value)
+            return value
         except BaseException:
             self._move(plan, at, 0, j)
             raise
-        return total, weight
+
+    @staticmethod
+    def _pair(value: Any) -> tuple[float, float]:
+        """(loss sum, weight) of what the closure returned (:meth:`step`'s contract)."""
+        try:
+            if isinstance(value, tuple):
+                total, weight = (float(v) for v in value)
+                return total, weight
+            return float(value), 1.0
+        except (TypeError, ValueError, RuntimeError) as e:
+            shape = f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""
+            raise MeZOError(f"MeZO: the closure must return a scalar (a float or a one-element "
+                            f"tensor) or a pair (loss sum, weight), not a "
+                            f"{type(value).__name__}{shape} ({e})") from None
 
     def _losses(self, measured: dict[int, tuple[tuple[float, float], tuple[float, float]]],
                 by_perturbation: bool) -> list[tuple[float, float]]:
@@ -703,7 +715,12 @@ class MeZO(torch.optim.Optimizer):
             plus = self._evaluate(closure, plan, 1, 0)
             self._move(plan, 1, -1)
             minus = self._evaluate(closure, plan, -1, 0)
-            losses = self._losses({0: (plus, minus)}, False)
+            try:
+                pairs = self._pair(plus), self._pair(minus)
+            except BaseException:
+                self._move(plan, -1, 0)
+                raise
+            losses = self._losses({0: pairs}, False)
             if not all(math.isfinite(x) for x in losses[0]):
                 self._move(plan, -1, 0)
                 self._check_finite(losses)
@@ -720,7 +737,8 @@ class MeZO(torch.optim.Optimizer):
                 if j in mine:
                     measured[j] = (plus, self._evaluate(closure, plan, -1, j))
                 self._move(plan, -1, 0, j)
-            losses = self._losses(measured, by_perturbation)
+            losses = self._losses({j: (self._pair(plus), self._pair(minus))
+                                   for j, (plus, minus) in measured.items()}, by_perturbation)
             self._check_finite(losses)
             grads = [(lp - lm) / (2 * eps) for lp, lm in losses]
             for j, g in enumerate(grads):  # the mean of the P estimates g_j z_j

@@ -115,7 +115,7 @@ def evaluate(model: torch.nn.Module, dataset: Dataset) -> dict[str, float]:
         for b in batches:
             logits = model(**b.inputs()).logits
             mask = b.labels != -100
-            loss_sum += token_loss(logits, b.labels, causal=False)[0]
+            loss_sum += float(token_loss(logits, b.labels, causal=False)[0])
             right += float((logits.argmax(-1) == b.labels)[mask].sum())
             total += float(mask.sum())
         key = "eval_accuracy" if dataset.task_type == "seq_cls" else "eval_token_accuracy"
@@ -128,7 +128,7 @@ def _evaluate_completions(model: torch.nn.Module, batches: list[Batch]) -> dict[
     loss_sum = exact = right = total = examples = 0.0
     for b in batches:
         logits = model(**b.inputs()).logits
-        loss_sum += token_loss(logits, b.labels)[0]
+        loss_sum += float(token_loss(logits, b.labels)[0])
         e, r, t = completion_scores(logits, b.labels)
         exact, right, total, examples = exact + e, right + r, total + t, examples + len(b.labels)
     return {"eval_loss": loss_sum / max(total, 1), "eval_exact_match": exact / examples,

@@ -20,19 +20,21 @@ def completion_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, 
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor,
-               causal: bool = True) -> tuple[float, int]:
+               causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the cross-entropies of the scored targets, number of scored targets) of
     ``logits`` for ``labels`` (-100: not scored): the loss transformers computes, of the next
     token for a causal LM (``causal``), else of each position (a masked LM's masked tokens) or
     each row (a classifier's label), as a sum in float64 and a count, so that the loss of
     several batches, or of the parts of one batch on several ranks, is the sum of their sums
-    over the sum of their counts."""
+    over the sum of their counts. Both are 0-dim tensors on the logits' device: reading them
+    (``float``, ``int``) waits for the device, so a caller reads them when it needs them (MeZO
+    once per step, after both forwards are queued)."""
     if causal:
         logits, labels = logits[:, :-1], labels[:, 1:]
     mask = labels != -100
     losses = torch.nn.functional.cross_entropy(logits[mask].float(), labels[mask],
                                                reduction="none")
-    return float(losses.double().sum()), int(mask.sum())
+    return losses.double().sum(), mask.sum()
 
 
 @torch.no_grad()

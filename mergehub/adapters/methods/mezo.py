@@ -112,9 +112,10 @@ class MezoMethod(Method):
         objective = self.cfg.param("objective")  # checked by the config
         part = batch.part(self.optimizer.batch_rows(len(batch.input_ids)))
 
-        def closure() -> tuple[float, int]:
+        def closure() -> tuple[torch.Tensor | int, torch.Tensor | int]:
             """(loss sum, scored tokens) of this rank's rows: the ranks' sums and counts add
-            up to the loss of the whole batch."""
+            up to the loss of the whole batch (as tensors: MeZO reads both forwards' values
+            at once)."""
             logits = self.model(**part.inputs()).logits
             if objective == "loss":
                 return token_loss(logits, part.labels, self.cfg.task_type == "causal_lm")
