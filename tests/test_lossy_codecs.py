@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -358,17 +360,27 @@ def test_cli_compress(stocked):
 # --- TALL masks -------------------------------------------------------------------------------
 
 def test_tall_spec_example():
-    from mergehub.storage.codecs import tall
+    """The spec's example through the path ``Store.compress_tall`` takes: the codec's encode
+    (masks), task 1's blob as the store writes it, decoded as the store reads it."""
+    from mergehub.storage.blob_format import unpack_blob
+    from mergehub.storage.codecs.tall import TALL
+    from mergehub.storage.lossy_blobs import decode_blob, encode_task_blob
 
     base = torch.tensor([0.50, -0.20, 0.10, 0.00, 0.30, -0.40])
     taus = [torch.tensor(t) for t in (TAU1, [-0.40, 0.20, 0.01, 0.10, -0.05, -0.30],
                                       [0.10, 0.50, -0.02, -0.30, 0.15, 0.02])]
-    mtl = sum(taus)
-    assert [tall.mask(t, mtl, 0.4).int().tolist() for t in taus] == \
+    params = {"lambda": 0.4, "alpha": 1.0}
+    encoded = TALL.encode(taus, [params] * 3)
+    assert [code["mask"].int().tolist() for code in encoded.codes] == \
         [[1, 0, 1, 0, 1, 1], [1, 1, 0, 0, 0, 1], [1, 1, 0, 1, 1, 0]]
-    header, payload = tall.encode_task(taus[0], mtl, {"lambda": 0.4, "alpha": 1.0}, "x" * 64)
-    out = LOSSY["tall"].decode(memoryview(payload), header, base, {"mtl": mtl})
-    assert torch.allclose(out, torch.tensor([0.50, -0.20, 0.14, 0.00, 0.60, -1.28]), atol=1e-6)
+    mtl = encoded.shared["mtl"]
+    blob = encode_task_blob("tall", encoded.codes[0], params, (6,), "F32",
+                            ("b" * 64, base.numpy().tobytes()), {"mtl": ("m" * 64, mtl)})
+    header, payload = unpack_blob(blob)
+    assert header.params["needs"] == {"mtl": "m" * 64} and header.ref == "b" * 64
+    out = decode_blob(header, payload, base.numpy().tobytes(), {"mtl": mtl.numpy().tobytes()})
+    assert np.allclose(np.frombuffer(out, np.float32), [0.50, -0.20, 0.14, 0.00, 0.60, -1.28],
+                       atol=1e-6)
 
 
 def test_store_compress_tall(stocked, models, tmp_path):
@@ -411,11 +423,26 @@ def test_tall_errors_and_cli(stocked, models):
         stocked.compress_tall(["ft", "other-ft"], progress=False)
     with pytest.raises(StoreError, match="two or more"):
         stocked.compress_tall(["ft"], progress=False)
-    with pytest.raises(StoreError, match="use compress_tall"):
+    with pytest.raises(StoreError, match=r"use Store\.compress_tall\(\[A, B, \.\.\.\]\)$"):
         stocked.compress("ft", "tall", progress=False)
     stocked.add(models["ft-attn"], "attn", base="base", progress=False)
     with pytest.raises(StoreError, match="3 lambdas for 2"):
         stocked.compress_tall(["ft", "attn"], {"lambda": [0.1, 0.2, 0.3]}, progress=False)
+    # values TALL cannot use, one or per task: one line naming the parameter, nothing added
+    for bad, shown in [({"lambda": None}, "lambda must be a finite number, not None"),
+                       ({"lambda": [0.3, None]}, "lambda must be a finite number, not None"),
+                       ({"lambda": [0.3, {"a": 1}]},
+                        "lambda must be a finite number, not {'a': 1}"),
+                       ({"alpha": "x"}, "alpha must be a finite number, not 'x'"),
+                       ({"alpha": [1, 2]}, "alpha must be a finite number, not [1, 2]"),
+                       ({"lamda": 0.3}, "codec tall has no parameter 'lamda'")]:
+        with pytest.raises(StoreError, match=re.escape(shown)):
+            stocked.compress_tall(["ft", "attn"], bad, progress=False)
+    assert not any(i.name.endswith("-tall") for i in stocked.ls())
+    res = CliRunner().invoke(cli, ["--store", str(stocked.root), "compress", "ft", "attn",
+                                   "-c", "tall", "-p", "lambda=null"])
+    assert res.exit_code == 2 and res.output.strip() == \
+        "error: tall lambda must be a finite number, not None", res.output
     res = CliRunner().invoke(cli, ["--store", str(stocked.root), "compress", "ft", "attn",
                                    "-c", "tall", "-p", "lambda=[0.3,0.5]"])
     assert res.exit_code == 0 and "compressed 'attn-tall'" in res.output, res.output

@@ -5,6 +5,7 @@ fine-tunes of one base, an entry per task (:meth:`~StoreCompression.compress_tal
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,11 +36,14 @@ class StoreCompression:
         ``lowrank`` only factors matrices, ``bit1`` by default only the attention and MLP
         projections) is encoded with ``codec`` (see
         :data:`mergehub.storage.codecs.LOSSY`) as a delta against the base tensor; the others
-        keep their lossless blobs. Export and merge read the entry like any other (decoding on the fly).
+        keep their lossless blobs. Export and merge read the entry like any other (decoding on
+        the fly). A multi-model codec (``tall``, ``rmm``) is refused, with what stores with it.
         """
         from mergehub.storage.codecs import LOSSY, resolve_params
-        from mergehub.storage.codecs.multi import MULTI
+        from mergehub.storage.codecs.multi import MULTI, multi_only
 
+        if codec in MULTI:
+            raise StoreError(multi_only(MULTI[codec]))
         model_id, kind, base_id, fmt = self._require(name)
         if base_id is None:
             raise StoreError(f"model {name!r} has no base: a lossy codec stores the difference "
@@ -48,9 +52,6 @@ class StoreCompression:
             full = resolve_params(codec, params or {})
         except ValueError as e:
             raise StoreError(str(e)) from None
-        if codec in MULTI:
-            raise StoreError(f"{codec} compresses several fine-tunes together: use " + spelled(
-                MULTI[codec].store_call(), f"hub compress A B ... --codec {codec}"))
         as_name = as_name or f"{name}-{codec}"
         info = self.show(name)
         base_blobs = {r[0]: r[5] for r in self._tensor_rows(base_id)}
@@ -146,18 +147,20 @@ class StoreCompression:
         :meth:`compress_tall`): ``NAME + suffix`` (default ``-CODEC``) for each of ``names``,
         whose float tensors that some task changes are task blobs of the codec that need the
         tensor's shared blobs (lossless float32); the others keep their blobs. ``params``: the
-        codec's, a per-task one as one value or a list in the order of ``names``."""
+        codec's, a per-task one as one value or a list in the order of ``names``. A shared
+        tensor that breaks :class:`~mergehub.storage.codecs.multi.MultiCodec`'s contract
+        (float32, the tensor's size) is a ``StoreError`` and nothing is added."""
         import torch
 
         from mergehub.storage.lossy_blobs import encode_task_blob
-        from mergehub.storage.codecs.multi import MULTI, task_params
+        from mergehub.storage.codecs.multi import MULTI, multi_only, task_params
 
         multi = MULTI.get(codec)
         if multi is None or multi.layout != "entries":
             raise StoreError(f"{codec!r} is not a multi-model codec that stores an entry per "
                              "task (those: " + ", ".join(
                                  sorted(n for n, c in MULTI.items() if c.layout == "entries"))
-                             + ")")
+                             + ")" + (f"; {multi_only(multi)}" if multi else ""))
         given = dict(params or {})
         suffix = f"-{codec}" if suffix is None else suffix
         if len(names) < 2 or len(set(names)) != len(names):
@@ -188,27 +191,30 @@ class StoreCompression:
             dtype, shape = per_model[0][tname][3], tuple(json.loads(per_model[0][tname][4]))
             if ref is None or all(b == ref for b in current) or dtype not in FLOAT_DTYPES:
                 return current
+            changed = [i for i, b in enumerate(current) if b != ref]  # the others keep the base's
             torch_dtype = safetensors_format.TORCH_DTYPE[dtype]
             what = f"tensor {tname!r}"
             size = declared_size(_spec(per_model[0][tname]))
             base_raw = self._read_raw(ref, what, size)
             theta0 = torch.frombuffer(bytearray(base_raw), dtype=torch_dtype).float().reshape(shape)
-            taus = [torch.frombuffer(self._read_raw(b, f"model {n!r}, {what}", size),
-                                     dtype=torch_dtype)
-                    .float().reshape(shape) - theta0 for b, n in zip(current, names)]
-            encoded = multi.encode(taus, params)
+            taus = [torch.frombuffer(self._read_raw(current[i], f"model {names[i]!r}, {what}",
+                                                    size), dtype=torch_dtype)
+                    .float().reshape(shape) - theta0 for i in changed]
+            encoded = multi.encode(taus, [params[i] for i in changed])
             shared = {}
             for key, tensor in encoded.shared.items():
+                if tensor.dtype != torch.float32 or tensor.numel() != math.prod(shape):
+                    raise StoreError(  # what reads it takes it as the tensor's float32 numbers
+                        f"codec {codec!r}, {what}: shared tensor {key!r} is "
+                        f"{str(tensor.dtype).removeprefix('torch.')} of {tensor.numel()} numbers; "
+                        f"a multi-model codec's must be float32 of the tensor's {math.prod(shape)}")
                 raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
                 shared[key] = (put(encode_lossless(raw, "F32", sha256(raw))), tensor)
-            out = []
-            for b, code, p in zip(current, encoded.codes, params):
-                if b == ref:
-                    out.append(b)
-                    continue
-                blob = put(encode_task_blob(codec, code, p, shape, dtype, (ref, base_raw), shared))
-                needs.extend((blob, other) for other, _ in shared.values())
-                out.append(blob)
+            out = list(current)
+            for i, code in zip(changed, encoded.codes):
+                out[i] = put(encode_task_blob(codec, code, params[i], shape, dtype,
+                                              (ref, base_raw), shared))
+                needs.extend((out[i], other) for other, _ in shared.values())
             return out
 
         as_names = [n + suffix for n in names]

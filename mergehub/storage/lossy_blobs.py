@@ -74,8 +74,8 @@ def encode_task_blob(codec: str, code: dict[str, "torch.Tensor"], params: dict[s
     header_params, payload = MULTI[codec].pack(code, params, shape)
     header_params["needs"] = {key: blob for key, (blob, _) in shared.items()}
     base = _tensor(ref[1], dtype).reshape(shape)
-    decoded = _decoded_bytes(LOSSY[codec].decode(memoryview(payload), header_params, base,
-                                                 {key: t.float() for key, (_, t) in shared.items()}),
+    extras = {key: t.float() for key, (_, t) in shared.items()}
+    decoded = _decoded_bytes(LOSSY[codec].decode(memoryview(payload), header_params, base, extras),
                              dtype)
     return pack_blob(BlobHeader(codec, dtype, len(decoded), sha256(decoded), ref[0],
                                 header_params), payload)

@@ -5,9 +5,10 @@ multi-model codec, one entry for all tasks (:mod:`mergehub.storage.codecs.multi`
 The entry has the codec's manifest side file (``tasks``: the tasks' labels; ``base_model``:
 the base, a reference as a recipe writes it, :func:`~mergehub.storage.references.open_reference`)
 and, for each tensor ``X`` that some task changes, tensors ``X::KEY``: the codec's shared
-tensors and its codes stacked by task. Task t's tensor is θ0 + ``decode(shared, code_t)`` in the
-base tensor's dtype; every other tensor is the base's. The output is an HF model dir with the
-entry's other side files (the base's config and tokenizer files the merge kept).
+tensors and its codes stacked by task. Task t's tensor is θ0 + ``decode(shared, code_t,
+manifest)`` (the parsed side file as the parameters) in the base tensor's dtype; every other
+tensor is the base's. The output is an HF model dir with the entry's other side files (the
+base's config and tokenizer files the merge kept).
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ def bundle_codec(entry: StoredModel) -> MultiCodec | None:
 
 def export_task(store: Store, name: str, task: str | int, out: str | Path, *,
                 overwrite: bool = False, progress: bool | None = None) -> Path:
-    """Rebuild task ``task`` (its label, or index from 0) of the bundle entry ``name`` (a
-    reversible merge) as an HF model dir at ``out``, atomically (see the module docstring):
-    for RMM θ0 + Σj ctj Bj for every tensor with a dense basis, θ0 + (Σj c^L_tj L^j) @
-    (Σj c^R_tj R^j) for every tensor with a factor basis, the base's tensor elsewhere."""
+    """Rebuild task ``task`` (its label, or index from 0) of the bundle entry ``name`` as an HF
+    model dir at ``out``, atomically (see the module docstring): θ0 + the codec's
+    ``decode(shared, code_t, manifest)`` for every tensor the entry has parts of, the base's
+    tensor elsewhere."""
     entry = store.open(name)
     codec = bundle_codec(entry)
     if codec is None:

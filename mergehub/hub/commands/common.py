@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,23 @@ def note(text: str) -> None:
     """A note on stderr (what a merge or a training run reports on the way), unless ``--quiet``."""
     if not click.get_current_context().obj.get("quiet"):
         click.echo(text, err=True)
+
+
+class HelpFrom(click.Option):
+    """An option whose help text ``help_from()`` makes each time it is read, so that it can be
+    built from registries (the codecs) that import torch, which starting the CLI does not."""
+
+    def __init__(self, *args: Any, help_from: Callable[[], str], **kwargs: Any) -> None:
+        self.help_from = help_from
+        super().__init__(*args, **kwargs)
+
+    @property  # type: ignore[override]
+    def help(self) -> str:
+        return self.help_from()
+
+    @help.setter
+    def help(self, value: str | None) -> None:
+        """click's constructor sets ``help``; the text is ``help_from()``'s."""
 
 
 def open_store(ctx: click.Context, create: bool = False) -> Store:

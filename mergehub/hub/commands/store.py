@@ -10,7 +10,8 @@ from typing import Any
 import click
 
 from mergehub.errors import InputError
-from mergehub.hub.commands.common import json_arg, note, open_store, progress_bars, summary
+from mergehub.hub.commands.common import (HelpFrom, json_arg, note, open_store, progress_bars,
+                                          summary)
 from mergehub.safejson import parse_json
 from mergehub.storage.store import KINDS, Store, default_root
 from mergehub.units import human_bytes, parse_size
@@ -137,14 +138,27 @@ def export(ctx: click.Context, name: str, output: Path, max_shard_size: str | No
     click.echo(f"exported {name!r} to {output}")
 
 
+def _codec_help() -> str:
+    """``hub compress --codec``'s help, from the codec registries (a codec added there shows
+    up here)."""
+    from mergehub.storage.codecs import LOSSY
+    from mergehub.storage.codecs.multi import MULTI
+
+    def listed(names: list[str]) -> str:
+        return "; ".join(f"{n}: {(LOSSY.get(n) or MULTI[n]).summary}" for n in names)
+
+    return ("Lossy codec. One fine-tune at a time: "
+            + listed(sorted(n for n in LOSSY if n not in MULTI))
+            + ". Two or more fine-tunes of one base together (NAMES A B ...): "
+            + listed(sorted(n for n, c in MULTI.items() if c.layout == "entries"))
+            + ". Not this command's: " + "; ".join(
+                f"{c.name} ({c.made_by[0]} writes it: `hub merge` with {c.made_by[1]})"
+                for _, c in sorted(MULTI.items()) if c.layout == "bundle") + ".")
+
+
 @click.command()
 @click.argument("names", nargs=-1, required=True)
-@click.option("--codec", "-c", required=True,
-              help="Lossy codec: bit1 (1 sign bit per weight + a scale per matrix, attention "
-                   "and MLP projections only, as BitDelta), compeft "
-                   "(top-k signs times alpha·std), lowrank (truncated SVD of each matrix) or "
-                   "tall (several fine-tunes of one base: a shared multi-task vector plus one "
-                   "bitmask per task).")
+@click.option("--codec", "-c", required=True, cls=HelpFrom, help_from=_codec_help)
 @click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE",
               help="Codec parameter, repeatable: bit1 granularity=matrix|row "
                    "scope=bitdelta|linear|all; compeft "

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import zstandard
 
+from mergehub.errors import shown
 from mergehub.ops.consensus import tall_masks
 from mergehub.storage.codecs.multi import Code, Encoded, MultiCodec, register
 from mergehub.storage.frames import inflate
@@ -39,6 +40,14 @@ class Tall(MultiCodec):
 
     def store_call(self) -> str:
         return "compress_tall([A, B, ...])"
+
+    def check(self, params: dict[str, Any]) -> None:
+        """``lambda`` and ``alpha`` are finite numbers."""
+        for key in ("lambda", "alpha"):
+            value = params[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                raise ValueError(f"tall {key} must be a finite number, not {shown(value)}")
 
     def encode(self, taus: list[torch.Tensor], params: list[dict[str, Any]]) -> Encoded:
         """Shared ``mtl`` = Σt τt; task t's code ``mask`` = mt."""
@@ -70,11 +79,3 @@ class Tall(MultiCodec):
 
 TALL = register(Tall())
 
-
-def encode_task(tau: torch.Tensor, mtl: torch.Tensor, params: dict[str, Any],
-                mtl_blob: str) -> tuple[dict[str, Any], bytes]:
-    """Header parameters and payload of task t's mask for one tensor, against the τMTL blob
-    ``mtl_blob``."""
-    code = {"mask": mask(tau.float(), mtl.float(), float(params["lambda"]))}
-    header, payload = TALL.pack(code, params, tuple(tau.shape))
-    return {**header, "needs": {"mtl": mtl_blob}}, payload
