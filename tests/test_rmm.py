@@ -27,9 +27,10 @@ def test_m_equals_t_is_exact_and_error_decreases():
     xs = [torch.randn(16, 12, generator=gen) for _ in range(4)]
     prev = None
     for m in range(1, 5):
-        basis, coef, residuals = decompose(xs, m)
+        basis, coef, residuals, norms = decompose(xs, m)
         errs = torch.stack([((x - r) ** 2).sum() for x, r in zip(xs, _recon(basis, coef))])
         assert torch.allclose(errs, residuals[:, m - 1], rtol=1e-4, atol=1e-4)
+        assert torch.allclose(norms, torch.stack([(x.double() ** 2).sum() for x in xs]))
         total = errs.sum()
         if prev is not None:
             assert total <= prev + 1e-5
@@ -44,7 +45,7 @@ def test_deltas_in_an_m_dimensional_span_have_zero_error():
     gen = torch.Generator().manual_seed(1)
     d1, d2 = torch.randn(8, 8, generator=gen), torch.randn(8, 8, generator=gen)
     xs = [2 * d1, d1 - d2, 0.5 * d2, 3 * d1 + d2]
-    basis, coef, residuals = decompose(xs, 2)
+    basis, coef, residuals, _ = decompose(xs, 2)
     for x, r in zip(xs, _recon(basis, coef)):
         assert torch.allclose(x, r, atol=1e-5)
     assert residuals[:, 1].max() < 1e-6
@@ -65,7 +66,7 @@ def test_optimality_against_random_bases():
 def test_rmm_store_revert_each_task(models, tmp_path):
     base = models["base-fp32"]
     loras = [make_lora(base, tmp_path / f"lora{i}", seed=10 + i, rank=2) for i in range(3)]
-    text = f"merge_method: rmm\nbase_model: base\nmodels:\n" + "".join(
+    text = "merge_method: rmm\nbase_model: base\nmodels:\n" + "".join(
         f"  - model: {p}\n" for p in loras) + "parameters: {{m: {m}}}\n"
     with Store.init(tmp_path / "store") as store:
         store.add(base, "base", progress=False)

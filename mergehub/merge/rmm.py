@@ -1,8 +1,9 @@
 """Running reversible merges (RMM) and reverting their store entries to any input task.
 
 The math (closed-form bases and per-task coefficients, dense or in LoRA factor space) is the
-``rmm`` multi-model codec, :mod:`mergehub.storage.codecs.rmm`. The output is a directory (and, with ``--to-store``, one
-store entry) of float32 safetensors, for every tensor some task changes either
+``rmm`` multi-model codec, :mod:`mergehub.storage.codecs.rmm`. The output is a directory (and,
+with ``--to-store``, one store entry) of float32 safetensors, for every tensor some task
+changes either
 ``NAME::basis`` (m × shape) and ``NAME::coef`` (T × m) (a dense basis), or ``NAME::left``,
 ``NAME::left_coef``, ``NAME::right`` and ``NAME::right_coef`` (a basis kept as factors: task t
 is (Σj left_coef[t, j]·left[j]) @ (Σj right_coef[t, j]·right[j])); ``rmm.json`` (tasks, m,
@@ -30,8 +31,12 @@ from mergehub.progress import bar_disabled
 from mergehub.storage.codecs.multi import bundle_parts
 from mergehub.storage.codecs.rmm import RMM, RMM_FILE, decompose_dense_lowrank, decompose_factors
 from mergehub.storage.safetensors_format import TensorSpec
-from mergehub.storage.tasks import export_task as revert  # noqa: F401  (its name in docs)
+from mergehub.storage.tasks import export_task as revert
 from mergehub.storage.writer import DEFAULT_MAX_SHARD_SIZE, write_model_dir
+
+#: ``revert`` is :func:`~mergehub.storage.tasks.export_task` under the name the benchmarks,
+#: tests and messages use for it
+__all__ = ["execute_rmm", "revert"]
 
 
 def _dense_bytes(shape: tuple[int, ...], t: int, m: int) -> int:
@@ -57,15 +62,15 @@ def execute_rmm(plan: Any, out: Path, *, device: str = "cpu", seed: int = 0,
     factored = 0
     all_lora = all(src.is_lora for src in plan.inputs)
     mergeable = [s for s in plan.specs if s.name not in plan.copy_from_base]
-    for spec in tqdm(mergeable, desc="rmm", unit="tensor", disable=bar_disabled(progress), leave=False):
+    for spec in tqdm(mergeable, desc="rmm", unit="tensor", disable=bar_disabled(progress),
+                     leave=False):
         if all_lora and len(spec.shape) == 2:
             factors = [src.factors(spec.name, spec.shape, dev) for src in plan.inputs]
             if all(left.shape[1] == 0 for left, _ in factors):
                 continue  # no adapter has this module: reverting takes the base's
             split = decompose_factors if basis_kind == "factors" else decompose_dense_lowrank
             full = split(factors)
-            results[spec.name] = bundle_parts(full.first(m).encoded())
-            norms, residuals = full.norms, full.residuals
+            encoded = full.first(m).encoded()
             for j in range(t):
                 stored_by_m[j] += full.nbytes(j + 1)
             factored += 1
@@ -75,13 +80,11 @@ def execute_rmm(plan: Any, out: Path, *, device: str = "cpu", seed: int = 0,
             if all(not x.any() for x in xs):
                 continue  # no task changes this tensor: reverting takes the base's
             encoded = RMM.encode(xs, [{"m": m}] * t)
-            residuals = encoded.stats["residuals"]
-            norms = torch.stack([(x.double() ** 2).sum() for x in xs])
-            results[spec.name] = bundle_parts(encoded)
             for j in range(t):
                 stored_by_m[j] += _dense_bytes(spec.shape, t, j + 1)
-        sq_norm += norms.double().cpu()
-        sq_resid += residuals.double().cpu()
+        results[spec.name] = bundle_parts(encoded)
+        sq_norm += encoded.stats["norms"].double().cpu()
+        sq_resid += encoded.stats["residuals"].double().cpu()
     errors = {label: [float((sq_resid[i, j] / sq_norm[i]).sqrt()) if sq_norm[i] > 0 else 0.0
                       for j in range(t)] for i, label in enumerate(labels)}
     summary = {"format": "mergehub-rmm", "version": 2, "m": m, "basis": basis_kind,

@@ -45,6 +45,8 @@ from mergehub.storage.codecs.multi import Code, Encoded, MultiCodec, register
 
 #: the side file of an rmm entry (the tasks, m, basis, base and the errors by m)
 RMM_FILE = "rmm.json"
+
+
 def _spectrum(gram: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """From the T×T Gram matrix (float64): the mixing weights W (T × m) with Bj = Σt Wtj xt,
     the coefficients (T × m) and the residuals (T × T: task, number of terms)."""
@@ -61,20 +63,25 @@ def _spectrum(gram: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor, t
     return mixing, coef_all[:, :m] * keep, residuals
 
 
-def decompose(xs: list[torch.Tensor], m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Basis (m × shape), coefficients (T × m) and residuals (T × T: task, number of terms).
+def decompose(xs: list[torch.Tensor],
+              m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Basis (m × shape), coefficients (T × m), residuals (T × T: task, number of terms), all
+    float32, and the squared norms ||xt||² (T, float64).
 
     ``residuals[t, j]`` is ||xt − Σ_{i<=j} cti Bi||² for j + 1 terms.
     """
-    basis, coef, residuals = _decompose64(xs, m)
-    return basis.float(), coef.float(), residuals.float()
+    basis, coef, residuals, norms = _decompose64(xs, m)
+    return basis.float(), coef.float(), residuals.float(), norms
 
 
-def _decompose64(xs: list[torch.Tensor], m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`decompose` in float64."""
+def _decompose64(xs: list[torch.Tensor],
+                 m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`decompose` in float64, and the squared norms ||xt||² (the Gram matrix's
+    diagonal)."""
     x = torch.stack([t.reshape(-1) for t in xs]).double()
-    mixing, coef, residuals = _spectrum(x @ x.T, m)
-    return (mixing.T @ x).reshape((m, *xs[0].shape)), coef, residuals
+    gram = x @ x.T
+    mixing, coef, residuals = _spectrum(gram, m)
+    return (mixing.T @ x).reshape((m, *xs[0].shape)), coef, residuals, gram.diagonal()
 
 
 def _inner(l1: torch.Tensor, r1: torch.Tensor, l2: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
@@ -121,12 +128,13 @@ def decompose_factors(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> Facto
     zero-padded to the largest rank; their first m terms are the m-term bases), and the dense
     error of the rebuilt product for every m."""
     rank = max(left.shape[1] for left, _ in factors)
-    lefts = [torch.nn.functional.pad(left.double(), (0, rank - left.shape[1])) for left, _ in factors]
+    lefts = [torch.nn.functional.pad(left.double(), (0, rank - left.shape[1]))
+             for left, _ in factors]
     rights = [torch.nn.functional.pad(right.double(), (0, 0, 0, rank - right.shape[0]))
               for _, right in factors]
     t = len(factors)
-    lb, lc, _ = _decompose64(lefts, t)
-    rb, rc, _ = _decompose64(rights, t)
+    lb, lc, *_ = _decompose64(lefts, t)
+    rb, rc, *_ = _decompose64(rights, t)
     norms = torch.stack([_inner(left, right, left, right) for left, right in zip(lefts, rights)])
     residuals = torch.zeros((t, t), dtype=torch.float64, device=norms.device)
     for i, (left, right, norm) in enumerate(zip(lefts, rights, norms)):
@@ -156,24 +164,24 @@ def decompose_dense_lowrank(factors: list[tuple[torch.Tensor, torch.Tensor]]) ->
 
 
 class Rmm(MultiCodec):
-    """``m`` (default 1): the basis size. :meth:`encode` is the dense form (full fine-tunes);
+    """``m``: the basis size (its default and checks are the merge method's,
+    :mod:`mergehub.merge.methods.rmm`). :meth:`encode` is the dense form (full fine-tunes);
     LoRA inputs' factor forms are :func:`decompose_factors` and
     :func:`decompose_dense_lowrank` (:meth:`FactorBasis.encoded`)."""
 
     name = "rmm"
     summary = "a basis shared by the tasks + per-task coefficients (reversible merging)"
-    defaults = {"m": 1}
     layout = "bundle"
     manifest = RMM_FILE
     code_keys = ("coef", "left_coef", "right_coef")
     made_by = ("a reversible merge", "merge_method rmm")
 
     def encode(self, taus: list[torch.Tensor], params: list[dict[str, Any]]) -> Encoded:
-        """Shared ``basis`` (m × shape), task t's code ``coef`` (m); the stats ``residuals``
-        (T × T, see :func:`decompose`)."""
-        basis, coef, residuals = decompose(taus, int(params[0]["m"]))
+        """Shared ``basis`` (m × shape), task t's code ``coef`` (m); the stats ``norms`` (T)
+        and ``residuals`` (T × T), see :func:`decompose`."""
+        basis, coef, residuals, norms = decompose(taus, int(params[0]["m"]))
         return Encoded({"basis": basis}, [{"coef": row} for row in coef],
-                       {"residuals": residuals})
+                       {"norms": norms, "residuals": residuals})
 
     def decode(self, shared: dict[str, torch.Tensor], code: Code,
                params: dict[str, Any]) -> torch.Tensor:
