@@ -36,7 +36,7 @@ def use_triton(backend: str | None, tensor: torch.Tensor) -> bool:
 
 
 def check_inputs(name: str, base: torch.Tensor, thetas: list[torch.Tensor],
-                  per_input: dict[str, list | None]) -> None:
+                 per_input: dict[str, list | None]) -> None:
     if not thetas:
         raise InputError(f"{name}: no fine-tuned tensors to merge")
     for i, t in enumerate(thetas):

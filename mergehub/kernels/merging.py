@@ -57,7 +57,7 @@ def merge_tensor(base: torch.Tensor, thetas: list[torch.Tensor], *, weights: lis
             :meth:`MergeBatch.run` has launched the batch.
     """
     dispatch.check_inputs(name, base, thetas, {"weights": weights, "cuts": cuts,
-                                       "scales": scales, "TALL lambdas": tall_lambdas})
+                                               "scales": scales, "TALL lambdas": tall_lambdas})
     if elect not in _ELECT:
         raise InputError(f"{name}: elect must be None, 'sum' or 'count', not {elect!r}")
     if masks is not None and tall_lambdas is not None:
@@ -99,7 +99,7 @@ def merge_tensor(base: torch.Tensor, thetas: list[torch.Tensor], *, weights: lis
         torch.empty(base.numel(), dtype=out_dtype, device=base.device)
     if base.numel():
         triton_merge.merge(flat[0], flat[1:], into, coef, packed, float(lam), total, int(k),
-                             **settings)
+                           **settings)
     if out is None:
         return into.reshape(base.shape)
     return out if into.data_ptr() == out.data_ptr() else out.copy_(into.reshape(out.shape))

@@ -75,7 +75,7 @@ def magnitude_cuts(base: torch.Tensor, thetas: list[torch.Tensor], densities: li
 
         on_device = _positions_on(n, tolerance, base.device)
         values = triton_select.sample_select(flat, picked, on_device,
-                                              [ks[t] for t in which]).tolist()
+                                             [ks[t] for t in which]).tolist()
         found = []
         for theta, t, value in zip(picked, which, values):
             sample = (theta[on_device].float() - flat[on_device].float()).abs()

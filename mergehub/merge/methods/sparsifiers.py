@@ -160,9 +160,9 @@ class MagnitudeTrim(Sparsifier):
         """Each input's trim of this tensor: its part of the global cut (``trim_scope:
         global``, found in the pre-passes) or ``per_tensor(densities)``; the per-tensor
         counts go into the tally."""
-        n = ctx.numel
         if ctx.prepassed is not None:
             return ctx.prepassed
+        n = ctx.numel
         densities = [float(p["density"]) for p in model_params]
         cuts = per_tensor(densities)
         for t, (cut, d) in enumerate(zip(cuts, densities)):
