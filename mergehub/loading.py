@@ -31,7 +31,7 @@ from mergehub.errors import BaseMismatchError, InputError
 from mergehub.names import match_names, state_tensors
 from mergehub.storage.checkpoint import Checkpoint, open_checkpoint
 from mergehub.storage.safetensors_format import FLOAT_DTYPES, TORCH_DTYPE
-from mergehub.storage.store import Store, StoredModel, names_entry
+from mergehub.storage.store import Store, StoredModel, as_store, names_entry
 
 
 @dataclass
@@ -101,7 +101,7 @@ def _stored_dtype(reader: StoredModel | Checkpoint) -> torch.dtype | None:
     return TORCH_DTYPE[sizes.most_common(1)[0][0]] if sizes else None
 
 
-def load(name_or_path: str | Path, store: Store | None = None, *,
+def load(name_or_path: str | Path, store: Store | str | Path | None = None, *,
          device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
          model_class: type | None = None) -> Any:
     """A ready ``transformers`` model (in eval mode) of a store entry or an HF model dir.
@@ -109,7 +109,7 @@ def load(name_or_path: str | Path, store: Store | None = None, *,
     Args:
         name_or_path: a store entry of ``store`` (a fine-tune, merged, compressed or LoRA
             entry, or a base) or an HF model dir.
-        store: the store to read entries from.
+        store: the store to read entries from (a :class:`Store` or its root directory).
         device: where the model is built and its weights go (``cpu``, ``cuda``, ``cuda:1``).
         dtype: the parameters' dtype (default: the stored weights' dtype).
         model_class: the class to build (default: the config's ``architectures``).
@@ -118,6 +118,7 @@ def load(name_or_path: str | Path, store: Store | None = None, *,
     :class:`~mergehub.compose.Composer` reads for its default store and base.
     """
     ref = str(name_or_path)
+    store = as_store(store)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError("device cuda: no CUDA device is available")

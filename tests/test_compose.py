@@ -22,7 +22,7 @@ import yaml
 import mergehub  # noqa: E402
 from mergehub.compose import composer as compose  # noqa: E402  (the module tests patch)
 from mergehub.compose import Composer, DeltaCache  # noqa: E402
-from mergehub.errors import BaseMismatchError, InputError, IntegrityError  # noqa: E402
+from mergehub.errors import BaseMismatchError, InputError, IntegrityError, StoreError  # noqa: E402
 from mergehub.hub.demo import make_finetune, make_lora, make_tiny_llama  # noqa: E402
 from mergehub.names import state_tensors  # noqa: E402
 from mergehub.merge.recipe import RecipeError  # noqa: E402
@@ -611,6 +611,14 @@ def test_load_entries_and_dirs(hub, tmp_path):
         mergehub.load(str(paths["lora"]))
     with pytest.raises(InputError, match="'nope' is neither a local path nor a model in store"):
         mergehub.load("nope", store)
+    # the store as its root directory (str or Path), as the Composer takes it, for load and merge
+    _assert_same_model(mergehub.load("mlp", str(store.root)), _from_pretrained(paths["ft-mlp"]))
+    by_path = tmp_path / "lora-merged-by-path"
+    mergehub.merge(recipe("task_arithmetic", [("lora", {})]), out=by_path, store=store.root,
+                   output_format="hf", progress=False, echo=lambda line: None)
+    _assert_same_model(_from_pretrained(by_path), _from_pretrained(merged))
+    with pytest.raises(StoreError, match="no mergehub store at"):
+        mergehub.load("mlp", tmp_path / "not-a-store")
 
 
 def _perturbed(cls, config, out: Path, seed: int = 0, pattern: str | None = None) -> Path:

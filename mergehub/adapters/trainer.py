@@ -57,7 +57,7 @@ from mergehub.progress import bar_disabled
 from mergehub.safejson import read_json
 from mergehub.storage.atomic import atomic_output_dir, check_output_target, write_file_atomic
 from mergehub.storage.checkpoint import ADAPTER_CONFIG, open_checkpoint
-from mergehub.storage.store import ModelInfo, Store, base_reference, names_entry
+from mergehub.storage.store import ModelInfo, Store, as_store, base_reference, names_entry
 from mergehub.storage.writer import MODEL_SIDE_FILES
 
 __all__ = ["TrainResult", "check_world", "evaluate", "load_task_model", "lr_at", "train"]
@@ -175,7 +175,8 @@ def check_world(cfg: TrainConfig, size: int) -> None:
     METHODS[cfg.method].check_world(cfg, size)
 
 
-def train(config: str | Path | dict[str, Any] | TrainConfig, *, store: Store | None = None,
+def train(config: str | Path | dict[str, Any] | TrainConfig, *,
+          store: Store | str | Path | None = None,
           resume: bool = True, progress: bool | None = None, stop_after: int | None = None,
           echo: Callable[[str], None] = lambda text: None) -> TrainResult:
     """Train as ``config`` says (a YAML path, a dict or a :class:`TrainConfig`).
@@ -186,7 +187,8 @@ def train(config: str | Path | dict[str, Any] | TrainConfig, *, store: Store | N
     ``entry`` (see :mod:`mergehub.adapters.distributed`).
 
     Args:
-        store: where ``output.store`` goes and store-named bases come from.
+        store: where ``output.store`` goes and store-named bases come from (a
+            :class:`Store` or its root directory).
         resume: continue from the newest checkpoint in the run dir if there is one (else
             its checkpoints are removed and training starts afresh).
         progress: a progress bar with the loss on stderr: None (default) on a terminal
@@ -195,6 +197,7 @@ def train(config: str | Path | dict[str, Any] | TrainConfig, *, store: Store | N
             checkpoint stays and no output is written. For tests and step-wise runs.
         echo: receives one-line status messages.
     """
+    store = as_store(store)
     cfg = config if isinstance(config, TrainConfig) else load_config(config)
     world, created = distributed.join()
     try:

@@ -28,7 +28,7 @@ from mergehub.merge.tensors import READ_WORKERS, TensorMerger
 from mergehub.names import match_names, state_tensors
 from mergehub.storage.parallel import ordered_map
 from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
-from mergehub.storage.store import Store, StoredModel, names_entry
+from mergehub.storage.store import Store, StoredModel, as_store, names_entry
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class Composer(PeftAdapters):
         source = getattr(model, "mergehub_source", None)
         if store is None and source is not None:
             store = source.store
-        self.store = Store(store) if isinstance(store, (str, Path)) else store
+        self.store = as_store(store)
         self.base = base if base is not None else (source.base if source is not None else None)
         self.model = model
         self._tensors = state_tensors(model)

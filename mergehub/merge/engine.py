@@ -32,7 +32,7 @@ from mergehub.merge.recipe import Recipe, load_recipe
 from mergehub.merge.rmm import execute_rmm
 from mergehub.merge.tensors import (
     MergeResult, TensorMerger, byte_bar, merge_result, write_merged)
-from mergehub.storage.store import Store, StoredModel
+from mergehub.storage.store import Store, StoredModel, as_store
 from mergehub.storage.writer import DEFAULT_MAX_SHARD_SIZE, model_dir_layout
 
 #: where the tensors of a merge are computed: this process, or tasks on a Ray cluster
@@ -62,7 +62,8 @@ def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
 
 
 def merge(recipe: str | Path | Recipe, out: str | Path | None = None, *,
-          store: Store | None = None, to_store: str | None = None, device: str = "cpu",
+          store: Store | str | Path | None = None, to_store: str | None = None,
+          device: str = "cpu",
           missing: str = "error", seed: int = 0, dry_run: bool = False,
           max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
           output_format: str = "hf", progress: bool | None = None, allow_foreign_base: bool = False,
@@ -73,7 +74,8 @@ def merge(recipe: str | Path | Recipe, out: str | Path | None = None, *,
     Args:
         recipe: a recipe file path, YAML text, or a parsed :class:`Recipe`.
         out: output directory (created atomically; must not exist unless ``overwrite``).
-        store: store to resolve store names against and to add ``to_store`` into.
+        store: store to resolve store names against and to add ``to_store`` into (a
+            :class:`Store` or its root directory).
         to_store: add the result to ``store`` under this name (kind ``merged``, the recipe in
             its provenance).
         device: ``cpu`` or ``cuda``.
@@ -100,6 +102,7 @@ def merge(recipe: str | Path | Recipe, out: str | Path | None = None, *,
         raise InputError(f"executor must be one of {', '.join(EXECUTORS)}, not {executor!r}")
     if executor == "ray" and not dry_run:
         import_ray()  # before any work: says how to install it
+    store = as_store(store)
     parsed = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     plan = plan_merge(parsed, store=store, missing=missing,
                       allow_foreign_base=allow_foreign_base)

@@ -297,3 +297,9 @@ class Store(StoreCatalog, StoreRecords, StoreBlobs, StoreReads, StoreFolders, St
                                       self._entry_record(model_id))
             raise
 
+
+
+def as_store(store: Store | str | Path | None) -> Store | None:
+    """The ``store`` argument of the Python API as a :class:`Store`: a path opens the store
+    there (an error if there is none), a Store or ``None`` is kept."""
+    return Store(store) if isinstance(store, (str, os.PathLike)) else store
