@@ -407,6 +407,48 @@ def test_small_change_of_a_finetune_costs_only_its_own_delta(store, models, tmp_
     assert store.verify(progress=False).ok
 
 
+def test_checking_later_moves_the_hash_off_the_read_and_raises_at_finish(store, tmp_path):
+    """In a ``checking_later`` block (what a merge uses) a read returns before its bytes are
+    hashed, the caller may write into what it got at once, and ``finish`` raises for a blob
+    that decodes to other bytes (naming model and tensor); an error of the block's own is the
+    one that propagates; no block leaves its hashing thread running."""
+    import threading
+
+    from safetensors.torch import save_file
+
+    def hashing() -> int:
+        return sum(t.name == "mergehub-sha256" and t.is_alive() for t in threading.enumerate())
+
+    big = torch.randn(3 << 16, generator=torch.Generator().manual_seed(2))
+    (tmp_path / "m").mkdir()
+    save_file({"big": big, "small": torch.arange(5.0)}, str(tmp_path / "m" / "model.safetensors"))
+    store.add(tmp_path / "m", "m", progress=False)
+    with store.checking_later() as finish:
+        data = store.open("m").read_bytes("big")
+        data[:4] = b"\0\0\0\0"  # the check hashes its own copy
+        assert torch.equal(store.open("m").load("small"), torch.arange(5.0))
+        finish()
+    assert bytes(data[4:]) == big.numpy().tobytes()[4:]
+    (blob,) = store._db.execute("SELECT blob FROM tensors WHERE name = 'big'").fetchone()
+    path = store._blob_path(blob)
+    _flip_byte(path, len(path.read_bytes()) // 2)
+    with store.checking_later() as finish:
+        store.open("m").read_bytes("big")  # decodes without complaint: checked later
+        with pytest.raises(IntegrityError, match="model 'm', tensor 'big': blob .* decodes to "
+                                                 "bytes whose sha256 does not match"):
+            finish()
+    with pytest.raises(IntegrityError, match="decodes to bytes whose sha256"):
+        with store.checking_later():  # leaving the block finishes too
+            store.open("m").read_bytes("big")
+    with pytest.raises(RuntimeError, match="the block's own"):
+        with store.checking_later():
+            store.open("m").read_bytes("big")
+            raise RuntimeError("the block's own")
+    with pytest.raises(IntegrityError, match="decodes to bytes whose sha256"):
+        store.open("m").read_bytes("big")  # outside a block: checked by the read itself
+    assert hashing() == 0
+
+
 def test_disk_bytes_counts_shared_blobs_once(store, models):
     store.add(models["base-bf16"], "a", progress=False)
     store.add(models["base-bf16"], "b", progress=False)  # no base: each "stores" everything

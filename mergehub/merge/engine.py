@@ -51,13 +51,14 @@ def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
     merger = TensorMerger(plan, device, seed=seed, chunk_elements=chunk_elements, fused=fused)
     start = time.perf_counter()
     # on a busy machine, one intra-op thread: small ops split across cores stall
-    with merger.watching_load():
+    with merger.watching_load(), checking_reads_later(plan) as finish_checks:
         merger.prepass(progress)
         side = side_files(plan)
         with byte_bar(sum(s.nbytes for s in plan.specs), "merge", progress) as bar, \
                 model_dir_layout(out, plan.specs, max_shard_size=max_shard_size,
                                  side_files=side, overwrite=overwrite) as files:
             write_merged(merger, files, lambda spec: bar.update(spec.nbytes))
+            finish_checks()  # a damaged input blob fails here, before the rename
     return merge_result(plan, Path(out), time.perf_counter() - start)
 
 
@@ -160,20 +161,40 @@ def merge(recipe: str | Path | Recipe, out: str | Path | None = None, *,
     return result
 
 
-@contextmanager
-def reusing_reads(plan: MergePlan) -> Iterator[None]:
-    """Within the block, the stores that the plan's base and inputs come from keep the decoded
-    bytes of the blobs the merge reads more than once (:meth:`Store.reusing`): a base tensor
-    is then decoded once, not once more for each fine-tune whose delta references it."""
+def _plan_stores(plan: MergePlan) -> list[tuple[Store, list[str]]]:
+    """The stores that the plan's base and inputs are read from, each with those entries."""
     stores: dict[int, tuple[Store, list[str]]] = {}
     for src in (plan.base, *plan.inputs):
         if src is not None and isinstance(src.reader, StoredModel):
             stores.setdefault(id(src.reader.store), (src.reader.store, []))[1].append(
                 src.reader.name)
+    return list(stores.values())
+
+
+@contextmanager
+def reusing_reads(plan: MergePlan) -> Iterator[None]:
+    """Within the block, the stores that the plan's base and inputs come from keep the decoded
+    bytes of the blobs the merge reads more than once (:meth:`Store.reusing`): a base tensor
+    is then decoded once, not once more for each fine-tune whose delta references it."""
     with ExitStack() as stack:
-        for store, names in stores.values():
+        for store, names in _plan_stores(plan):
             stack.enter_context(store.reusing(store.shared_blobs(names)))
         yield
+
+
+@contextmanager
+def checking_reads_later(plan: MergePlan) -> Iterator[Callable[[], None]]:
+    """Within the block, the plan's stores check the bytes their reads decode on a thread
+    (:meth:`Store.checking_later`); yields the function that waits for those checks and
+    raises for a damaged blob, to call before the output is renamed into place."""
+    with ExitStack() as stack:
+        finishes = [stack.enter_context(store.checking_later()) for store, _ in _plan_stores(plan)]
+
+        def finish() -> None:
+            for each in finishes:
+                each()
+
+        yield finish
 
 
 def _add_result(store: Store, name: str, result: MergeResult, recipe: Recipe,

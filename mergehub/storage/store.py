@@ -76,7 +76,8 @@ from mergehub.storage.compression import StoreCompression
 from mergehub.storage.folders import StoreFolders
 from mergehub.storage.maintenance import GcReport, StoreMaintenance, VerifyReport
 from mergehub.storage.paths import MARKER
-from mergehub.storage.reading import REUSE_BYTES, StoredModel, StoreReads, _Reuse
+from mergehub.storage.reading import (
+    REUSE_BYTES, StoredModel, StoreReads, _HashThread, _Reuse)
 from mergehub.storage.records import StoreRecords
 from mergehub.storage.repair import RepairReport, StoreRepair
 from mergehub.storage.shipping import StoreShipping, check_manifest
@@ -146,6 +147,7 @@ class Store(StoreCatalog, StoreRecords, StoreBlobs, StoreReads, StoreFolders, St
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._reuse: _Reuse | None = None
+        self._later: _HashThread | None = None  # StoreReads.checking_later
         try:
             self._migrate()
         except BaseException:
