@@ -18,6 +18,7 @@ from mergehub.compose.attach import PeftAdapters
 from mergehub.compose.cache import CachedReader, DeltaCache, default_budget
 from mergehub.compose.keys import PLAN_MEMO, plan_key, tensor_keys
 from mergehub.errors import BaseMismatchError, InputError, MergehubError
+from mergehub.host_memory import keep_freed_memory
 from mergehub.kernels import CutMemo, MergeBatch
 from mergehub.merge.engine import reusing_reads
 from mergehub.merge.inputs import Source
@@ -97,6 +98,7 @@ class Composer(PeftAdapters):
             raise InputError(f"a Composer needs the model on one device, not on "
                              f"{', '.join(sorted(map(str, devices)))}")
         self.device = devices.pop()
+        keep_freed_memory()  # each apply frees and allocates what the last one did
         self.cache = DeltaCache(default_budget(self.device) if cache_bytes is None
                                 else cache_bytes)
         self._saved: dict[str, torch.Tensor] = {}  # bind-time values of the changed tensors

@@ -22,6 +22,7 @@ import click
 
 from mergehub import __version__
 from mergehub.errors import MergehubError, cli_spelling
+from mergehub.host_memory import keep_freed_memory
 from mergehub.hub.commands import demo, merge, store, train, transfer
 from mergehub.storage.store import default_root
 
@@ -120,4 +121,5 @@ def main() -> None:
     """Console-script entry point of both ``hub`` and ``mergehub`` (and ``python -m
     mergehub``); usage lines name the one that was run."""
     invoked = Path(sys.argv[0]).stem
+    keep_freed_memory()  # one command, then exit: what it frees is reused, not unmapped
     cli(prog_name={"mergehub": "mergehub", "__main__": "python -m mergehub"}.get(invoked, "hub"))

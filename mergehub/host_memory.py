@@ -1,0 +1,59 @@
+"""Host memory: freed buffers kept in the process for the next tensor's, not returned to the
+operating system.
+
+A merge or a live composition allocates and frees buffers of tens to hundreds of MiB for each
+tensor (decoded inputs, float32 task vectors, results). glibc's malloc serves each allocation
+above its mmap threshold (which it adjusts, up to 32 MiB) with a fresh mapping that it unmaps
+on free, and trims the top of its heap when enough is free there, so the next tensor's
+buffers are fresh pages again and every first touch of a page is a fault that the kernel
+answers with a zeroed page. With both thresholds raised, freed buffers are reused instead.
+Measured on the 1B benchmark (TIES of 4 compressed entries, 2 CPUs, `benchmarks/RESULTS.md`,
+issue 14): ``hub merge`` 42.0-43.3 s instead of 48.0-51.3 s (0.6 instead of 6.5 million minor
+faults), the first :meth:`Composer.apply` of a process 56.8-58.4 s instead of 72.8-76.1 s.
+
+The cost: what the process frees stays in it until it exits, and the heap holds a few of the
+largest buffers more at its peak (that ``hub merge``: 2.7-3.0 GiB peak RSS instead of
+2.3-2.4). ``hub`` (every command) and :class:`mergehub.Composer` ask for it; a program that
+calls :func:`mergehub.merge` in a loop can call :func:`keep_freed_memory` itself.
+``MERGEHUB_KEEP_FREED_MEMORY=0`` turns it off, and malloc settings a user gave in the
+environment (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``GLIBC_TUNABLES``) are
+left as they are.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+#: mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: the largest value mallopt takes (an int): buffers beyond 2 GiB are still mapped and unmapped
+_LARGEST = 2**31 - 1
+_USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+_kept: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Raise glibc malloc's mmap and trim thresholds to their largest (once per process), so
+    that freed buffers are reused by the next allocations instead of being unmapped. Returns
+    whether they are raised: ``False`` on another C library or system, when the environment
+    sets malloc's own settings, or with ``MERGEHUB_KEEP_FREED_MEMORY=0``."""
+    global _kept
+    if _kept is None:
+        _kept = _raise_thresholds()
+    return _kept
+
+
+def _raise_thresholds() -> bool:
+    if (os.environ.get("MERGEHUB_KEEP_FREED_MEMORY", "1") == "0"
+            or any(name in os.environ for name in _USER_SETTINGS)
+            or not sys.platform.startswith("linux")):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # glibc only: musl and others have no such mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(libc.mallopt(param, _LARGEST) == 1
+               for param in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD))
