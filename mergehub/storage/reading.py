@@ -374,7 +374,8 @@ class StoreReads:
         raises :class:`IntegrityError` for the first blob that decoded to other bytes than
         its original. For a merge, which writes its output to a temp folder: it calls
         ``finish`` before the folder is renamed into place, so nothing made from a damaged
-        blob appears (on the CPU about a sixth of a store read's time comes off the path).
+        blob appears (the hash, about an eighth of a lossless store read's CPU time, runs
+        beside the merge where a core is free: `benchmarks/RESULTS.md`, issue 15).
 
         Leaving the block calls ``finish`` if the block did not; leaving it by an exception
         only stops the thread. Decoded bytes a :meth:`reusing` block keeps are verified by
