@@ -8,7 +8,7 @@ on free, and trims the top of its heap when enough is free there, so the next te
 buffers are fresh pages again and every first touch of a page is a fault that the kernel
 answers with a zeroed page. With both thresholds raised, freed buffers are reused instead.
 Measured on the 1B benchmark (TIES of 4 compressed entries, 2 CPUs, `benchmarks/RESULTS.md`,
-issue 14): ``hub merge`` 42.0-43.3 s instead of 48.0-51.3 s (0.6 instead of 6.5 million minor
+issue 14): ``hub merge`` 42.0-43.3 s instead of 48.0-51.3 s (0.6 instead of 5.3-6.5 million minor
 faults), the first :meth:`Composer.apply` of a process 56.8-58.4 s instead of 72.8-76.1 s.
 
 The cost: what the process frees stays in it until it exits, and the heap holds a few of the
