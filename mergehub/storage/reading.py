@@ -385,20 +385,17 @@ class StoreReads:
         self._later = hasher
         done = False
 
-        def finish() -> None:
+        def finish(check: bool = True) -> None:
             nonlocal done
             if not done:
                 done = True
                 self._later = previous
-                hasher.finish()
+                hasher.finish(check)
 
         try:
             yield finish
         except BaseException:
-            if not done:
-                done = True
-                self._later = previous
-                hasher.finish(check=False)
+            finish(check=False)
             raise
         finish()
 
