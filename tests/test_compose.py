@@ -318,11 +318,15 @@ def test_a_plan_is_remembered_until_the_catalog_changes(models, tmp_path, monkey
     assert len(plans) == 6
 
 
-def test_cpu_apply_takes_one_thread_on_a_busy_machine(hub, tmp_path, monkeypatch):
-    """On a busy CPU a composer merges on one intra-op thread, as hub merge does (LoadWatch:
-    small ops split over cores that other processes keep busy stall at every barrier; a
-    composer without it took 115 s where hub merge took 17 s on a loaded 2-core machine), and
-    gives torch its threads back afterwards."""
+def test_cpu_apply_merges_tensors_at_once_as_hub_merge_does(hub, tmp_path, monkeypatch):
+    """On the CPU a composer merges as hub merge does: as many tensors at once as torch has
+    threads, each on one intra-op thread (TensorMerger.map_tensors; intra-op threads split
+    a chunk's short operations badly, and stall at every barrier where other processes keep
+    the cores busy: a composer on two of them took 115 s where hub merge took 17 s on a
+    loaded 2-core machine), in place, with the bits of hub merge; torch gets its threads
+    back afterwards."""
+    import threading
+
     from mergehub.merge import tensors
 
     store, _ = hub
@@ -331,17 +335,21 @@ def test_cpu_apply_takes_one_thread_on_a_busy_machine(hub, tmp_path, monkeypatch
     seen = []
     chunked = tensors.TensorMerger._chunked
     monkeypatch.setattr(tensors.TensorMerger, "_chunked",
-                        lambda self, spec: seen.append(torch.get_num_threads())
+                        lambda self, spec: seen.append((threading.current_thread().name,
+                                                        torch.get_num_threads()))
                         or chunked(self, spec))
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         text = recipe("ties", [("mlp", {"density": 0.5}), ("attn", {"density": 0.5})])
-        Composer(mergehub.load("base", store)).apply(text)
-        assert seen and set(seen) == {1}
+        model = mergehub.load("base", store)
+        Composer(model).apply(text)
+        assert seen and {n for _, n in seen} == {1}
+        assert len({name for name, _ in seen}) == 2
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+    assert_holds(model, hub_merge(text, store, tmp_path))
 
 
 def test_swap_rewrites_only_changed_tensors(hub, tmp_path):

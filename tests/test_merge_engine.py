@@ -689,3 +689,59 @@ def test_lora_merge_writes_a_model_by_default_and_an_adapter_that_finds_its_base
                          progress=False)
     assert json.loads((out.out / "adapter_config.json").read_text())[
         "base_model_name_or_path"] == str(base.absolute())
+
+
+@pytest.mark.parametrize("method, params", [
+    ("task_arithmetic", "{lambda: 0.7}"),
+    ("ties", "{lambda: 0.9}"),
+    ("ties", "{rescale: true}"),
+    ("dare_ties", "{lambda: 1.1}"),
+    ("breadcrumbs", "{normalize: false}"),
+])
+def test_tensors_merged_at_once_give_the_bits_of_one_at_a_time(models, tmp_path, method, params):
+    """On the CPU, ``hub merge`` merges as many tensors at once as torch has threads, each on
+    a thread of its own (TensorMerger.map_tensors). Inputs of every kind (a folder, a store
+    entry read through its deltas, a compressed one, a LoRA) give the same bytes and the same
+    kept counts as one tensor after another, and the merges did run on several threads."""
+    import threading
+
+    from mergehub.merge.tensors import TensorMerger
+
+    with Store.init(tmp_path / "store") as store:
+        store.add(models["base-bf16"], "base", progress=False)
+        store.add(models["ft-mlp"], "mlp", base="base", progress=False)
+        store.add(models["ft-attn"], "attn", base="base", progress=False)
+        store.compress("attn", "bit1", progress=False)
+        density = "" if method == "task_arithmetic" else ", density: 0.4"
+        text = (f"merge_method: {method}\nbase_model: base\nmodels:\n"
+                f"  - model: mlp\n    parameters: {{weight: 1.0{density}}}\n"
+                f"  - model: attn-bit1\n    parameters: {{weight: 0.6{density}}}\n"
+                f"  - model: {models['ft-sharded']}\n    parameters: {{weight: 0.8{density}}}\n"
+                f"  - model: {models['lora']}\n    parameters: {{weight: 0.5{density}}}\n"
+                f"parameters: {params}\n")
+        ran: list[tuple[str, int]] = []  # (thread, its torch threads) of each tensor's merge
+        merged = TensorMerger.merged
+
+        def recording(self, spec, raw=None):
+            ran.append((threading.current_thread().name, torch.get_num_threads()))
+            yield from merged(self, spec, raw)
+
+        before = torch.get_num_threads()
+        outs, kept = {}, {}
+        try:
+            for n in (1, 3):
+                torch.set_num_threads(n)
+                ran.clear()
+                with pytest.MonkeyPatch.context() as mp:
+                    mp.setattr(TensorMerger, "merged", recording)
+                    result = mergehub.merge(text, out=tmp_path / f"out{n}", store=store,
+                                            progress=False)
+                outs[n] = {p.name: p.read_bytes() for p in (tmp_path / f"out{n}").iterdir()}
+                kept[n] = result.report and result.report["kept"]
+        finally:
+            torch.set_num_threads(before)
+    assert outs[1] == outs[3]
+    assert kept[1] == kept[3]
+    assert len({name for name, _ in ran}) >= 2  # the last run: several workers ...
+    assert {n for _, n in ran} == {1}  # ... each on one torch thread
+    assert torch.get_num_threads() == before

@@ -135,3 +135,69 @@ def test_busy_machine_sees_a_spinning_core():
     finally:
         stop.set()
         worker.join()
+
+
+def _by_size_run(sizes: list[int], budget: int, workers: int) -> tuple[list[int], int]:
+    """ordered_map_by_size over items 0..n-1 of ``sizes``: the order they started in and the
+    most that ran at once, checking the results' order and the budget as it goes."""
+    from mergehub.storage.parallel import ordered_map_by_size
+
+    lock = threading.Lock()
+    started, held, yielded = [], set(), []
+    running, peak = [0], [0]
+
+    def work(i: int) -> int:
+        with lock:
+            started.append(i)
+            held.add(i)
+            # the next item in order may exceed the budget; any other must fit
+            assert i == len(yielded) or sum(sizes[j] for j in held) <= budget, (i, held)
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.005 * sizes[i] ** 0.5)
+        with lock:
+            running[0] -= 1
+        return -i
+
+    for r in ordered_map_by_size(work, list(range(len(sizes))), lambda i: sizes[i], budget,
+                                 workers):
+        with lock:
+            yielded.append(-r)
+            held.discard(-r)
+    assert yielded == list(range(len(sizes)))
+    assert sorted(started) == list(range(len(sizes)))
+    return started, peak[0]
+
+
+def test_ordered_map_by_size_starts_the_largest_first_within_the_budget():
+    """Results come in input order; items start largest first, the sizes of those started
+    and not yet yielded stay within the budget except for the next item in order, which
+    always starts; no more than ``workers`` run at once."""
+    started, peak = _by_size_run([5, 1, 1, 1, 40, 1, 1, 30, 1, 1], 50, workers=2)
+    assert started[:2] == [0, 4]  # the next in order, then the largest that fits (40 + 5)
+    assert peak <= 2
+    started, _ = _by_size_run([1] * 9 + [30], 50, workers=2)
+    assert started[:2] == [0, 9]  # the large last item does not run alone at the end
+    started, _ = _by_size_run([1] * 9 + [30], 20, workers=2)
+    assert started[-1] == 9  # it does where it does not fit
+
+
+def test_ordered_map_by_size_reraises_and_stops_starting():
+    from mergehub.storage.parallel import ordered_map_by_size
+
+    ran = []
+
+    def work(i: int) -> int:
+        ran.append(i)
+        if i == 2:
+            raise ValueError("tensor 'w2': bad")
+        time.sleep(0.01)
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match="tensor 'w2': bad"):
+        for r in ordered_map_by_size(work, list(range(200)), lambda i: 1, 10, workers=2):
+            got.append(r)
+    assert got == [0, 1]
+    assert len(ran) < 20  # what had not started was dropped
+    assert not any(t.name.startswith("mergehub_") for t in threading.enumerate())

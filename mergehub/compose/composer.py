@@ -3,6 +3,7 @@ back (see :mod:`mergehub.compose`); what it applied, :class:`Active`."""
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Iterator
@@ -315,17 +316,26 @@ class Composer(PeftAdapters):
         # a warm apply queues its fused merges and launches them together (one launch for
         # all tensors of like settings: launches one by one would bound it by the host)
         batch = MergeBatch() if resident else None
-        # on the CPU, torch's threads chosen by the machine's load, as hub merge does
+        def write(spec: TensorSpec, raw: list[torch.Tensor] | None) -> None:
+            target = targets[spec.name]
+            if not merger.merge_into(spec, raw, target, batch):
+                target.copy_(_whole(list(merger.merged(spec, raw)), spec))
+
+        for spec in order:
+            self._save(spec.name, targets[spec.name], merger)
+            # held before it is written: a failure part-way through puts it back too
+            self._held[spec.name] = wanted[spec.name]
+        # on the CPU, the cores used as hub merge uses them (several tensors at once)
         with torch.no_grad(), reads, merger.watching_load():
             merger.prepass()
-            for spec, raw in zip(order, raws):
-                target = targets[spec.name]
-                self._save(spec.name, target, merger)
-                # held before it is written: a failure part-way through puts it back too
-                self._held[spec.name] = wanted[spec.name]
-                if not merger.merge_into(spec, raw, target, batch):
-                    target.copy_(_whole(list(merger.merged(spec, raw)), spec))
-                written += 1
+            if merger.fuse:
+                for spec, raw in zip(order, raws):
+                    write(spec, raw)
+            else:  # written in place: nothing waits for its turn, whatever the budget
+                for _ in merger.map_tensors(lambda spec: write(spec, None), order,
+                                            sys.maxsize):
+                    pass
+            written += len(order)
             if batch is not None:
                 batch.run()
                 if batch.added == len(todo):  # every tensor in the batch: it can be replayed

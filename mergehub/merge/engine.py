@@ -50,7 +50,7 @@ def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
     """
     merger = TensorMerger(plan, device, seed=seed, chunk_elements=chunk_elements, fused=fused)
     start = time.perf_counter()
-    # on a busy machine, one intra-op thread: small ops split across cores stall
+    # the pre-pass on the threads the load allows; tensors several at once (map_tensors)
     with merger.watching_load(), checking_reads_later(plan) as finish_checks:
         merger.prepass(progress)
         side = side_files(plan)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,19 @@ from mergehub.storage.store import Store, StoredModel
 #: (a method's statistics pass, then the merge)
 STREAM_BYTES = 256 << 20
 
+
+
+class _Held(threading.local):
+    """What one thread's reads of a :class:`Source` keep between calls: merges on several
+    threads (:func:`~mergehub.merge.tensors.write_merged`) read different tensors of the same
+    input at once, each through its own."""
+
+    #: the last store tensor decoded whole: (name, device, flat tensor)
+    cached: tuple[str, torch.device, torch.Tensor] | None = None
+    #: a larger store tensor being decoded: (name, offset of ``buffer``, pieces, buffer)
+    stream: tuple[str, int, Iterator[Any], bytearray] | None = None
+    #: the last LoRA target's factors: (name, device, A, scaling·B)
+    factors: tuple[str, torch.device, torch.Tensor, torch.Tensor] | None = None
 
 
 class TensorReader(Protocol):
@@ -71,15 +85,14 @@ class Source:
 
     def __post_init__(self) -> None:
         self.specs = {s.name: s for s in self.reader.specs()}
-        self._cached: tuple[str, torch.device, torch.Tensor] | None = None  # store inputs
-        #: a larger store tensor being decoded: (name, offset of ``buffer``, pieces, buffer)
-        self._stream: tuple[str, int, Iterator[Any], bytearray] | None = None
-        self._factors: tuple[str, torch.device, torch.Tensor, torch.Tensor] | None = None
+        self._held = _Held()
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickled (to a Ray task) without the cached decoded tensor, the store tensor being
-        decoded and LoRA factors."""
-        return {**self.__dict__, "_cached": None, "_stream": None, "_factors": None}
+        """Pickled (to a Ray task) without what its reads keep (:class:`_Held`)."""
+        return {k: v for k, v in self.__dict__.items() if k != "_held"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _held=_Held())
 
     @property
     def is_lora(self) -> bool:
@@ -112,9 +125,10 @@ class Source:
                    else self._stored_range(name, start, stop, spec.nbytes))
             part = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
         else:
-            if self._cached is None or self._cached[:2] != (name, device):
-                self._cached = (name, device, self.reader.load(name, device=device).reshape(-1))
-            part = self._cached[2][r0 * cols:r1 * cols]
+            held = self._held
+            if held.cached is None or held.cached[:2] != (name, device):
+                held.cached = (name, device, self.reader.load(name, device=device).reshape(-1))
+            part = held.cached[2][r0 * cols:r1 * cols]
         # move the stored dtype (half the bytes of float32 for bf16), then widen on the device
         return part.reshape(r1 - r0, cols).to(device).to(torch.float32)
 
@@ -124,9 +138,10 @@ class Source:
         takes the next pieces, any other starts the tensor over. The range that ends the
         tensor runs the pieces to their end, where the decoded bytes' sha256 is checked (a
         mismatch raises there, before the merge's output is complete)."""
-        if self._stream is None or self._stream[0] != name or self._stream[1] != start:
-            self._stream = (name, 0, iter(self.reader.iter_bytes(name)), bytearray())
-        _, pos, pieces, buf = self._stream
+        held = self._held
+        if held.stream is None or held.stream[0] != name or held.stream[1] != start:
+            held.stream = (name, 0, iter(self.reader.iter_bytes(name)), bytearray())
+        _, pos, pieces, buf = held.stream
         while pos + len(buf) < stop:
             buf += next(pieces)
             if pos + len(buf) <= start:  # before the range: not kept
@@ -134,11 +149,11 @@ class Source:
                 buf.clear()
         out = buf[start - pos:stop - pos]
         del buf[:stop - pos]
-        self._stream = (name, stop, pieces, buf)
+        held.stream = (name, stop, pieces, buf)
         if stop == total:
             for _ in pieces:  # the end: the checksum
                 pass
-            self._stream = None
+            held.stream = None
         return out
 
     def raw(self, name: str, device: torch.device) -> torch.Tensor:
@@ -195,11 +210,12 @@ class Source:
         """A LoRA's A and scaling·B for target ``name`` as float32 on ``device`` (cached for the
         last tensor asked for)."""
         a_name, b_name, scaling, _ = self.lora[name]
-        if self._factors is None or self._factors[:2] != (name, device):
+        held = self._held
+        if held.factors is None or held.factors[:2] != (name, device):
             a = self.reader.load(a_name).to(device=device, dtype=torch.float32)
             b = self.reader.load(b_name).to(device=device, dtype=torch.float32) * scaling
-            self._factors = (name, device, a, b)
-        return self._factors[2], self._factors[3]
+            held.factors = (name, device, a, b)
+        return held.factors[2], held.factors[3]
 
     def factors(self, name: str, shape: tuple[int, int],
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ from contextlib import closing, contextmanager
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -25,9 +25,12 @@ from mergehub.merge.methods import TensorContext
 from mergehub.merge.plan import MergeError, MergePlan
 from mergehub.merge.recipe import resolve_params
 from mergehub.progress import bar_disabled
-from mergehub.storage.parallel import LoadWatch, background, busy_machine, ordered_map
+from mergehub.storage.parallel import (
+    LoadWatch, background, busy_machine, ordered_map, ordered_map_by_size)
 from mergehub.storage.safetensors_format import TORCH_DTYPE, TensorSpec
 from mergehub.storage.writer import write_shard
+
+R = TypeVar("R")
 
 @dataclass
 class MergeResult:
@@ -51,6 +54,9 @@ CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}
 #: threads reading whole input tensors ahead of the fused path (one read from the page cache
 #: runs at ~7 GB/s; a few in parallel keep a GPU fed)
 READ_WORKERS = 3
+#: merged tensors (output bytes) that may wait for their turn to be written while the threads
+#: of a CPU merge go on with others (:attr:`TensorMerger.workers`)
+AHEAD_BYTES = 512 << 20
 #: CPU merges of at least this many output bytes first check whether the machine is busy
 BUSY_CHECK_BYTES = 1 << 28
 
@@ -95,6 +101,9 @@ class TensorMerger:
         #: called before each chunk is read, in every pass (:meth:`watching_load`: LoadWatch.check)
         self.between_chunks: Callable[[], None] = lambda: None
         self.reference = plan.base or plan.inputs[0]
+        #: tensors :func:`write_merged` merges at once, each on a thread of its own
+        #: (:meth:`watching_load`)
+        self.workers = 1
         self._params: dict[str, list[dict[str, Any]]] = {}  # see params
 
     def params(self, spec: TensorSpec) -> list[dict[str, Any]]:
@@ -155,17 +164,55 @@ class TensorMerger:
         """On the CPU, torch's intra-op threads chosen by the machine's load for the work inside
         (:class:`~mergehub.storage.parallel.LoadWatch`), looked at again between chunks; the
         start is sampled only for a merge that takes more than a moment
-        (:data:`BUSY_CHECK_BYTES`). Elsewhere nothing."""
+        (:data:`BUSY_CHECK_BYTES`). A chunked merge (not ``fuse``) also gets :attr:`workers`:
+        torch's own thread count, the tensors :meth:`map_tensors` merges at once. Elsewhere
+        nothing."""
         if self.device.type != "cpu":
             yield
             return
         busy = sum(s.nbytes for s in self.plan.specs) >= BUSY_CHECK_BYTES and busy_machine()
         with LoadWatch(busy) as watch:
             self.between_chunks = watch.check
+            self.workers = 1 if self.fuse else watch.default
             try:
                 yield
             finally:
                 self.between_chunks = lambda: None
+                self.workers = 1
+
+    def map_tensors(self, fn: Callable[[TensorSpec], R], specs: list[TensorSpec],
+                    budget: int) -> Iterator[R]:
+        """``fn(spec)`` for each of ``specs``, the results in order: with :attr:`workers` > 1
+        (inside :meth:`watching_load`), that many tensors at once on threads of their own, each
+        on one torch intra-op thread, the largest first wherever the sizes (output bytes) of the
+        tensors started and not yet given to the caller stay within ``budget``
+        (:func:`~mergehub.storage.parallel.ordered_map_by_size`); else one after another.
+
+        Why: a chunk's operations are too short to split well across threads (on 2 cores, TIES
+        ran 1.25x faster on two intra-op threads than on one, `benchmarks/RESULTS.md`, issue
+        16), and where other processes keep the cores busy, one descheduled thread stalls
+        every operation's barrier; tensors merged on threads of their own share no barrier, so
+        the load no longer matters here. Each tensor's merge reads and computes what it would
+        alone (per-tensor random streams, per-thread reads: :class:`~mergehub.merge.inputs.Source`),
+        so the bits do not depend on the number of workers."""
+        if self.workers <= 1:
+            yield from map(fn, specs)
+            return
+        grad = torch.is_grad_enabled()  # thread-local: the caller's, on every worker
+
+        def run(spec: TensorSpec) -> R:
+            with torch.set_grad_enabled(grad):
+                return fn(spec)
+
+        threads, look = torch.get_num_threads(), self.between_chunks
+        torch.set_num_threads(1)
+        self.between_chunks = lambda: None  # the load's look would set the threads again
+        try:
+            yield from ordered_map_by_size(run, specs, lambda spec: spec.nbytes, budget,
+                                           self.workers)
+        finally:
+            self.between_chunks = look
+            torch.set_num_threads(threads)
 
     def raw_inputs(self, spec: TensorSpec) -> list[torch.Tensor] | None:
         """The base's and every input's whole tensor as stored, for the fused path (``None``
@@ -263,6 +310,14 @@ def write_merged(merger: TensorMerger, files: list[tuple[Path, list[TensorSpec]]
 
     def produce() -> Iterator[tuple[str, torch.Tensor | None]]:
         """Every output chunk in write order, then ``(name, None)`` at the end of each tensor."""
+        if merger.workers > 1:  # whole tensors from several threads (:meth:`map_tensors`)
+            wholes = merger.map_tensors(lambda spec: list(merger.merged(spec)), specs,
+                                        AHEAD_BYTES)
+            for spec, parts in zip(specs, wholes):
+                for part in parts:
+                    yield spec.name, part
+                yield spec.name, None
+            return
         raws = (ordered_map(merger.raw_inputs, specs, workers=READ_WORKERS)
                 if merger.fuse else (None for _ in specs))
         for spec, raw in zip(specs, raws):

@@ -14,6 +14,7 @@ mergekit and the papers):
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,11 @@ import numpy as np
 import torch
 
 from mergehub.ops.selection import NOTHING, ChunkStream, Cut, kth_largest_abs, top_k_cuts
+
+
+#: :meth:`KeptTally.add` from the threads that merge tensors at once (one lock for all
+#: tallies: a tally travels to Ray tasks, which a lock of its own could not)
+_TALLY_LOCK = threading.Lock()
 
 
 @dataclass
@@ -36,13 +42,14 @@ class KeptTally:
 
     def add(self, t: int, kept: int | None, nominal: int, n: int) -> None:
         """Input t kept ``kept`` of a tensor's n entries (``None``: about ``nominal``)."""
-        while len(self.kept) <= t:
-            self.kept.append(0)
-            self.seen.append(0)
-            self.approximate.append(False)
-        self.kept[t] += nominal if kept is None else kept
-        self.seen[t] += n
-        self.approximate[t] |= kept is None
+        with _TALLY_LOCK:
+            while len(self.kept) <= t:
+                self.kept.append(0)
+                self.seen.append(0)
+                self.approximate.append(False)
+            self.kept[t] += nominal if kept is None else kept
+            self.seen[t] += n
+            self.approximate[t] |= kept is None
 
     def __post_init__(self) -> None:
         self.approximate = self.approximate or [False] * len(self.kept)

@@ -11,8 +11,8 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -185,5 +185,56 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None = 
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def ordered_map_by_size(fn: Callable[[T], R], items: Sequence[T], size: Callable[[T], int],
+                        budget: int, workers: int) -> Iterator[R]:
+    """``map(fn, items)`` on ``workers`` threads, yielding results in input order, the items
+    started largest ``size`` first wherever the sizes of the items started and not yet
+    yielded stay within ``budget`` (the next item in order always starts).
+
+    For work whose items differ widely in size (a model's embedding is a quarter of it): in
+    input order with a window of a few items, one large item keeps the consumer waiting while
+    the other threads run out of work, and a large item last runs alone. ``budget`` bounds
+    what finished results wait for their turn (e.g. bytes of merged tensors). If the consumer
+    stops early or ``fn`` raises, work not started is dropped (what runs is waited for)."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    sizes = [size(item) for item in items]
+    queue_order = sorted(range(len(items)), key=lambda i: -sizes[i])
+    started: dict[int, Future[R]] = {}
+    held = 0  # sizes of the items started and not yet yielded
+
+    def start(i: int) -> None:
+        nonlocal held
+        started[i] = pool.submit(fn, items[i])
+        held += sizes[i]
+
+    def start_more(next_out: int) -> None:
+        """Start ``next_out`` if it waits, then the largest that fit while threads would
+        idle (one queued beside each running: none waits for the consumer)."""
+        if next_out not in started:
+            start(next_out)
+        busy = sum(not f.done() for f in started.values())
+        for i in queue_order:
+            if busy > workers:
+                return
+            if i > next_out and i not in started and held + sizes[i] <= budget:
+                start(i)
+                busy += 1
+
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="mergehub")
+    try:
+        for i in range(len(items)):
+            start_more(i)
+            while not started[i].done():
+                wait([f for f in started.values() if not f.done()], return_when=FIRST_COMPLETED)
+                start_more(i)
+            result = started.pop(i).result()
+            held -= sizes[i]
+            yield result
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
