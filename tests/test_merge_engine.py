@@ -702,9 +702,11 @@ def test_tensors_merged_at_once_give_the_bits_of_one_at_a_time(models, tmp_path,
     """On the CPU, ``hub merge`` merges as many tensors at once as torch has threads, each on
     a thread of its own (TensorMerger.map_tensors). Inputs of every kind (a folder, a store
     entry read through its deltas, a compressed one, a LoRA) give the same bytes and the same
-    kept counts as one tensor after another, and the merges did run on several threads."""
+    kept counts as one tensor after another, and the merges did run on several threads; a
+    tensor above ALONE_BYTES is merged alone, in chunks, on torch's own threads."""
     import threading
 
+    from mergehub.merge import tensors
     from mergehub.merge.tensors import TensorMerger
 
     with Store.init(tmp_path / "store") as store:
@@ -727,21 +729,28 @@ def test_tensors_merged_at_once_give_the_bits_of_one_at_a_time(models, tmp_path,
             yield from merged(self, spec, raw)
 
         before = torch.get_num_threads()
-        outs, kept = {}, {}
+        sizes = sorted({s.nbytes for s in store.open("base").specs()})
+        outs, kept, where = {}, {}, {}
         try:
-            for n in (1, 3):
+            # one thread; three; three with the larger tensors merged alone (ALONE_BYTES)
+            for run, n, ahead in (("1", 1, None), ("3", 3, None), ("3-alone", 3, sizes[-2])):
                 torch.set_num_threads(n)
                 ran.clear()
                 with pytest.MonkeyPatch.context() as mp:
                     mp.setattr(TensorMerger, "merged", recording)
-                    result = mergehub.merge(text, out=tmp_path / f"out{n}", store=store,
+                    if ahead is not None:
+                        mp.setattr(tensors, "ALONE_BYTES", ahead)
+                    result = mergehub.merge(text, out=tmp_path / run, store=store,
                                             progress=False)
-                outs[n] = {p.name: p.read_bytes() for p in (tmp_path / f"out{n}").iterdir()}
-                kept[n] = result.report and result.report["kept"]
+                outs[run] = {p.name: p.read_bytes() for p in (tmp_path / run).iterdir()}
+                kept[run] = result.report and result.report["kept"]
+                where[run] = set(ran)
         finally:
             torch.set_num_threads(before)
-    assert outs[1] == outs[3]
-    assert kept[1] == kept[3]
-    assert len({name for name, _ in ran}) >= 2  # the last run: several workers ...
-    assert {n for _, n in ran} == {1}  # ... each on one torch thread
+    assert outs["1"] == outs["3"] == outs["3-alone"]
+    assert kept["1"] == kept["3"] == kept["3-alone"]
+    assert len({name for name, _ in where["3"]}) >= 2  # several workers ...
+    assert {n for _, n in where["3"]} == {1}  # ... each on one torch thread
+    assert ("MainThread", 3) in where["3-alone"]  # the largest alone, on torch's threads
+    assert len({name for name, _ in where["3-alone"]}) >= 3  # the others at once
     assert torch.get_num_threads() == before

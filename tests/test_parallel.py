@@ -150,8 +150,8 @@ def _by_size_run(sizes: list[int], budget: int, workers: int) -> tuple[list[int]
         with lock:
             started.append(i)
             held.add(i)
-            # the next item in order may exceed the budget; any other must fit
-            assert i == len(yielded) or sum(sizes[j] for j in held) <= budget, (i, held)
+            # those started ahead of their turn (all held but the next in order) fit the budget
+            assert sum(sizes[j] for j in held if j != len(yielded)) <= budget, (i, held)
             running[0] += 1
             peak[0] = max(peak[0], running[0])
         time.sleep(0.005 * sizes[i] ** 0.5)
@@ -171,15 +171,17 @@ def _by_size_run(sizes: list[int], budget: int, workers: int) -> tuple[list[int]
 
 def test_ordered_map_by_size_starts_the_largest_first_within_the_budget():
     """Results come in input order; items start largest first, the sizes of those started
-    and not yet yielded stay within the budget except for the next item in order, which
-    always starts; no more than ``workers`` run at once."""
+    ahead of their turn stay within the budget (the next item in order always starts); no
+    more than ``workers`` run at once."""
     started, peak = _by_size_run([5, 1, 1, 1, 40, 1, 1, 30, 1, 1], 50, workers=2)
-    assert started[:2] == [0, 4]  # the next in order, then the largest that fits (40 + 5)
+    assert started[:2] == [0, 4]  # the next in order, then the largest that fits (40)
     assert peak <= 2
     started, _ = _by_size_run([1] * 9 + [30], 50, workers=2)
     assert started[:2] == [0, 9]  # the large last item does not run alone at the end
     started, _ = _by_size_run([1] * 9 + [30], 20, workers=2)
     assert started[-1] == 9  # it does where it does not fit
+    started, _ = _by_size_run([30, 1, 30] + [1] * 6, 30, workers=2)
+    assert started[:2] == [0, 2]  # the next in order is not counted against the budget
 
 
 def test_ordered_map_by_size_reraises_and_stops_starting():

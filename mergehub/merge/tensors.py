@@ -9,6 +9,7 @@ they compute the same bits. :class:`MergeResult` is what any of them reports.
 
 from __future__ import annotations
 
+import itertools
 import math
 from contextlib import closing, contextmanager
 from collections.abc import Callable, Iterator
@@ -32,6 +33,7 @@ from mergehub.storage.writer import write_shard
 
 R = TypeVar("R")
 
+
 @dataclass
 class MergeResult:
     """What a merge produced."""
@@ -54,9 +56,14 @@ CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}
 #: threads reading whole input tensors ahead of the fused path (one read from the page cache
 #: runs at ~7 GB/s; a few in parallel keep a GPU fed)
 READ_WORKERS = 3
-#: merged tensors (output bytes) that may wait for their turn to be written while the threads
-#: of a CPU merge go on with others (:attr:`TensorMerger.workers`)
-AHEAD_BYTES = 512 << 20
+#: merged tensors (output bytes) that a CPU merge's threads may start ahead of their turn to be
+#: written (:attr:`TensorMerger.workers`): room for a model's output head beside its embedding
+#: (on the 211M benchmark model, peak RSS 0.9-1.1 GiB with 128 MiB, 1.1-1.7 with 512 MiB, the
+#: same time)
+AHEAD_BYTES = 128 << 20
+#: a CPU merge's threads hold each tensor whole until it is written; a tensor of more output
+#: bytes than this is merged alone, in chunks, on torch's intra-op threads
+ALONE_BYTES = 512 << 20
 #: CPU merges of at least this many output bytes first check whether the machine is busy
 BUSY_CHECK_BYTES = 1 << 28
 
@@ -101,8 +108,8 @@ class TensorMerger:
         #: called before each chunk is read, in every pass (:meth:`watching_load`: LoadWatch.check)
         self.between_chunks: Callable[[], None] = lambda: None
         self.reference = plan.base or plan.inputs[0]
-        #: tensors :func:`write_merged` merges at once, each on a thread of its own
-        #: (:meth:`watching_load`)
+        #: tensors :meth:`map_tensors` merges at once, each on a thread of its own (set by
+        #: :meth:`watching_load`)
         self.workers = 1
         self._params: dict[str, list[dict[str, Any]]] = {}  # see params
 
@@ -302,7 +309,9 @@ def write_merged(merger: TensorMerger, files: list[tuple[Path, list[TensorSpec]]
     each tensor. What :func:`execute` runs for a whole model, and each Ray task of
     :mod:`mergehub.merge.cluster` for its shards.
 
-    On the fused path the inputs' raw tensors are read on threads ahead of the merge
+    On the CPU (inside :meth:`TensorMerger.watching_load`), tensors of at most
+    :data:`ALONE_BYTES` are merged several at once (:meth:`TensorMerger.map_tensors`). On the
+    fused path the inputs' raw tensors are read on threads ahead of the merge
     (:data:`READ_WORKERS`); on a GPU, reading and merging also run a few chunks ahead of the
     writer, so reading, merging and writing overlap.
     """
@@ -310,17 +319,23 @@ def write_merged(merger: TensorMerger, files: list[tuple[Path, list[TensorSpec]]
 
     def produce() -> Iterator[tuple[str, torch.Tensor | None]]:
         """Every output chunk in write order, then ``(name, None)`` at the end of each tensor."""
-        if merger.workers > 1:  # whole tensors from several threads (:meth:`map_tensors`)
-            wholes = merger.map_tensors(lambda spec: list(merger.merged(spec)), specs,
-                                        AHEAD_BYTES)
-            for spec, parts in zip(specs, wholes):
-                for part in parts:
-                    yield spec.name, part
-                yield spec.name, None
-            return
-        raws = (ordered_map(merger.raw_inputs, specs, workers=READ_WORKERS)
-                if merger.fuse else (None for _ in specs))
-        for spec, raw in zip(specs, raws):
+        for at_once, group in itertools.groupby(
+                specs, lambda spec: merger.workers > 1 and spec.nbytes <= ALONE_BYTES):
+            yield from (several if at_once else one_by_one)(list(group))
+
+    def several(group: list[TensorSpec]) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """Whole tensors merged on several threads (:meth:`TensorMerger.map_tensors`)."""
+        wholes = merger.map_tensors(lambda spec: list(merger.merged(spec)), group, AHEAD_BYTES)
+        for spec, parts in zip(group, wholes):
+            for part in parts:
+                yield spec.name, part
+            yield spec.name, None
+
+    def one_by_one(group: list[TensorSpec]) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """Tensors merged one after another, in chunks (a larger one is never held whole)."""
+        raws = (ordered_map(merger.raw_inputs, group, workers=READ_WORKERS)
+                if merger.fuse else (None for _ in group))
+        for spec, raw in zip(group, raws):
             for part in merger.merged(spec, raw):
                 yield spec.name, part.cpu()
             yield spec.name, None

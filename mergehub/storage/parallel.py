@@ -192,8 +192,9 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None = 
 def ordered_map_by_size(fn: Callable[[T], R], items: Sequence[T], size: Callable[[T], int],
                         budget: int, workers: int) -> Iterator[R]:
     """``map(fn, items)`` on ``workers`` threads, yielding results in input order, the items
-    started largest ``size`` first wherever the sizes of the items started and not yet
-    yielded stay within ``budget`` (the next item in order always starts).
+    started largest ``size`` first wherever the sizes of the items started ahead of their turn
+    (not yet yielded, the next in order aside) stay within ``budget``; the next item in order
+    always starts.
 
     For work whose items differ widely in size (a model's embedding is a quarter of it): in
     input order with a window of a few items, one large item keeps the consumer waiting while
@@ -206,24 +207,21 @@ def ordered_map_by_size(fn: Callable[[T], R], items: Sequence[T], size: Callable
     sizes = [size(item) for item in items]
     queue_order = sorted(range(len(items)), key=lambda i: -sizes[i])
     started: dict[int, Future[R]] = {}
-    held = 0  # sizes of the items started and not yet yielded
-
-    def start(i: int) -> None:
-        nonlocal held
-        started[i] = pool.submit(fn, items[i])
-        held += sizes[i]
+    ahead = 0  # sizes of the items started ahead of their turn and not yet yielded
 
     def start_more(next_out: int) -> None:
         """Start ``next_out`` if it waits, then the largest that fit while threads would
         idle (one queued beside each running: none waits for the consumer)."""
+        nonlocal ahead
         if next_out not in started:
-            start(next_out)
+            started[next_out] = pool.submit(fn, items[next_out])
         busy = sum(not f.done() for f in started.values())
         for i in queue_order:
             if busy > workers:
                 return
-            if i > next_out and i not in started and held + sizes[i] <= budget:
-                start(i)
+            if i > next_out and i not in started and ahead + sizes[i] <= budget:
+                started[i] = pool.submit(fn, items[i])
+                ahead += sizes[i]
                 busy += 1
 
     pool = ThreadPoolExecutor(workers, thread_name_prefix="mergehub")
@@ -234,7 +232,8 @@ def ordered_map_by_size(fn: Callable[[T], R], items: Sequence[T], size: Callable
                 wait([f for f in started.values() if not f.done()], return_when=FIRST_COMPLETED)
                 start_more(i)
             result = started.pop(i).result()
-            held -= sizes[i]
+            if i + 1 in started:  # its turn now: no longer ahead
+                ahead -= sizes[i + 1]
             yield result
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
