@@ -57,10 +57,10 @@ CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}
 #: runs at ~7 GB/s; a few in parallel keep a GPU fed)
 READ_WORKERS = 3
 #: merged tensors (output bytes) that a CPU merge's threads may start ahead of their turn to be
-#: written (:attr:`TensorMerger.workers`): room for a model's output head beside its embedding
-#: (on the 211M benchmark model, peak RSS 0.9-1.1 GiB with 128 MiB, 1.1-1.7 with 512 MiB, the
-#: same time)
-AHEAD_BYTES = 128 << 20
+#: written (:attr:`TensorMerger.workers`): room for a model's output head, merged beside its
+#: embedding and then waiting for its turn, and for the layers after it (1B TIES on 2 cores:
+#: 13.6-13.9 s with 256-512 MiB, 18.6 s with 128 MiB, where the waiting head leaves no room)
+AHEAD_BYTES = 512 << 20
 #: a CPU merge's threads hold each tensor whole until it is written; a tensor of more output
 #: bytes than this is merged alone, in chunks, on torch's intra-op threads
 ALONE_BYTES = 512 << 20
