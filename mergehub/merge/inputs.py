@@ -94,6 +94,12 @@ class Source:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, _held=_Held())
 
+    def release(self) -> None:
+        """Drop what this thread's reads keep (:class:`_Held`): a merge calls it when a tensor
+        is done, so that each of its threads does not hold every input's last decoded tensor
+        until its next one."""
+        self._held.__dict__.clear()
+
     @property
     def is_lora(self) -> bool:
         return self.lora is not None

@@ -288,6 +288,8 @@ class TensorMerger:
 
         for part in method.merge_chunks(chunks, ranges, params, ctx):
             yield part.to(dtype)
+        for src in sources:
+            src.release()
 
     def _fused(self, spec: TensorSpec, raw: list[torch.Tensor], out: torch.Tensor | None = None,
                batch: Any = None) -> torch.Tensor:
