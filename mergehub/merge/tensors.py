@@ -192,7 +192,7 @@ class TensorMerger:
         """``fn(spec)`` for each of ``specs``, the results in order: with :attr:`workers` > 1
         (inside :meth:`watching_load`), that many tensors at once on threads of their own, each
         on one torch intra-op thread, the largest first wherever the sizes (output bytes) of the
-        tensors started and not yet given to the caller stay within ``budget``
+        tensors started ahead of their turn stay within ``budget``
         (:func:`~mergehub.storage.parallel.ordered_map_by_size`); else one after another.
 
         Why: a chunk's operations are too short to split well across threads (on 2 cores, TIES
