@@ -317,14 +317,17 @@ class Composer(PeftAdapters):
         # all tensors of like settings: launches one by one would bound it by the host)
         batch = MergeBatch() if resident else None
         def write(spec: TensorSpec, raw: list[torch.Tensor] | None) -> None:
+            """Merge one tensor into the model (on the CPU from several threads at once: each
+            touches only its own tensor's entries here)."""
             target = targets[spec.name]
+            # its bind-time value kept just before: the base tensor it reads is then fresh in
+            # the store's reuse (reusing_reads) for the deltas decoded against it
+            self._save(spec.name, target, merger)
+            # held before it is written: a failure part-way through puts it back too
+            self._held[spec.name] = wanted[spec.name]
             if not merger.merge_into(spec, raw, target, batch):
                 target.copy_(_whole(list(merger.merged(spec, raw)), spec))
 
-        for spec in order:
-            self._save(spec.name, targets[spec.name], merger)
-            # held before it is written: a failure part-way through puts it back too
-            self._held[spec.name] = wanted[spec.name]
         # on the CPU, the cores used as hub merge uses them (several tensors at once)
         with torch.no_grad(), reads, merger.watching_load():
             merger.prepass()
