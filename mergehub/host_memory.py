@@ -6,15 +6,16 @@ tensor (decoded inputs, float32 task vectors, results). glibc's malloc serves ea
 above its mmap threshold (which it adjusts, up to 32 MiB) with a fresh mapping that it unmaps
 on free, and trims the top of its heap when enough is free there, so the next tensor's
 buffers are fresh pages again and every first touch of a page is a fault that the kernel
-answers with a zeroed page. With both thresholds raised, freed buffers are reused instead. Threads share the main heap
-(one arena): a thread's arena of its own is built of 64 MiB heaps, so it maps any larger buffer
-afresh each time whatever the thresholds, which a CPU merge's threads (several tensors at once,
-:meth:`~mergehub.merge.tensors.TensorMerger.map_tensors`) do for every embedding-sized tensor.
+answers with a zeroed page. With both thresholds raised, freed buffers are reused instead.
+Threads share the main heap (one arena): a thread's arena of its own is built of 64 MiB heaps,
+so it maps any larger buffer afresh each time whatever the thresholds, which a CPU merge's
+threads (several tensors at once, :meth:`~mergehub.merge.tensors.TensorMerger.map_tensors`)
+do for every embedding-sized tensor.
 Measured on the 1B benchmark (TIES of 4 compressed entries, 2 CPUs, `benchmarks/RESULTS.md`,
 issue 14): ``hub merge`` 42.0-43.3 s instead of 48.0-51.3 s (0.6 instead of 5.3-6.5 million minor
 faults), the first :meth:`Composer.apply` of a process 56.8-58.4 s instead of 72.8-76.1 s;
 the shared arena: TIES of 211M parameters on 2 threads 3.06 s instead of 3.43 s (medians of 5,
-issue 16).
+issue 16, set through ``MALLOC_ARENA_MAX=1``).
 
 The cost: what the process frees stays in it until it exits, and the heap holds a few of the
 largest buffers more at its peak (that ``hub merge``: 2.7-3.0 GiB peak RSS instead of
@@ -43,8 +44,7 @@ _kept: bool | None = None
 def keep_freed_memory() -> bool:
     """Raise glibc malloc's mmap and trim thresholds to their largest and let threads share
     one arena (once per process), so that freed buffers are reused by the next allocations
-    instead of being unmapped. Returns
-    whether they are raised: ``False`` on another C library or system, when the environment
+    instead of being unmapped. Returns whether they are raised: ``False`` on another C library or system, when the environment
     sets malloc's own settings, or with ``MERGEHUB_KEEP_FREED_MEMORY=0``."""
     global _kept
     if _kept is None:

@@ -39,9 +39,9 @@ STREAM_BYTES = 256 << 20
 
 
 class _Held(threading.local):
-    """What one thread's reads of a :class:`Source` keep between calls: merges on several
-    threads (:func:`~mergehub.merge.tensors.write_merged`) read different tensors of the same
-    input at once, each through its own."""
+    """What one thread's reads of a :class:`Source` keep between calls: a merge's threads
+    (:meth:`~mergehub.merge.tensors.TensorMerger.map_tensors`) read different tensors of the
+    same input at once, each through its own."""
 
     #: the last store tensor decoded whole: (name, device, flat tensor)
     cached: tuple[str, torch.device, torch.Tensor] | None = None
