@@ -44,8 +44,9 @@ _kept: bool | None = None
 def keep_freed_memory() -> bool:
     """Raise glibc malloc's mmap and trim thresholds to their largest and let threads share
     one arena (once per process), so that freed buffers are reused by the next allocations
-    instead of being unmapped. Returns whether they are raised: ``False`` on another C library or system, when the environment
-    sets malloc's own settings, or with ``MERGEHUB_KEEP_FREED_MEMORY=0``."""
+    instead of being unmapped. Returns whether they are: ``False`` on another C library or
+    system, when the environment sets malloc's own settings, or with
+    ``MERGEHUB_KEEP_FREED_MEMORY=0``."""
     global _kept
     if _kept is None:
         _kept = _raise_thresholds()
