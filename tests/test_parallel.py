@@ -203,3 +203,17 @@ def test_ordered_map_by_size_reraises_and_stops_starting():
     assert got == [0, 1]
     assert len(ran) < 20  # what had not started was dropped
     assert not any(t.name.startswith("mergehub_") for t in threading.enumerate())
+
+
+def test_ordered_map_by_size_scales_to_many_items():
+    """A model of tens of thousands of small tensors (a mixture of experts): each step looks
+    at a few waiting items, not all of them (a scan of every waiting item per step took
+    minutes here)."""
+    from mergehub.storage.parallel import ordered_map_by_size
+
+    n = 30_000
+    start = time.perf_counter()
+    out = list(ordered_map_by_size(lambda i: i, list(range(n)), lambda i: 1 + i % 7, 1 << 20,
+                                   workers=2))
+    assert out == list(range(n))
+    assert time.perf_counter() - start < 30
