@@ -140,11 +140,12 @@ def test_keep_below_is_rand_below_density():
 
 @pytest.mark.parametrize("density", [0.1, 0.3, 0.9, (9_000_000 + 0.3) / 2 ** 24])
 @pytest.mark.parametrize("scale", [1.0, 2.5])
-def test_dare_keep_is_bernoulli_mask(density, scale):
+@pytest.mark.parametrize("seed", [7, 0xDEAD_BEEF_CAFE, 2 ** 63 - 1])  # merges seed with 63 bits
+def test_dare_keep_is_bernoulli_mask(density, scale, seed):
     _, taus = deltas("random", (300, 70), torch.bfloat16)
     x = taus[1]
-    mask = bernoulli_mask(x, density, torch.Generator().manual_seed(7))
-    got = fast.dare_keep(x, density, torch.Generator().manual_seed(7), scale)
+    mask = bernoulli_mask(x, density, torch.Generator().manual_seed(seed))
+    got = fast.dare_keep(x, density, torch.Generator().manual_seed(seed), scale)
     assert got is not None
     kept, count = got
     assert same_value(kept, apply_mask(x, mask, scale))
