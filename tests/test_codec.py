@@ -70,6 +70,31 @@ def test_random_bit_patterns(dtype, npdtype):
     assert _roundtrip(raw, dtype, ref)[0] == raw
 
 
+@pytest.mark.parametrize("dtype, npdtype", [("BF16", np.uint16), ("F16", np.uint16),
+                                            ("F32", np.float32), ("F64", np.float64),
+                                            ("I64", np.int64), ("I32", np.int32),
+                                            ("U8", np.uint8)])
+def test_roundtrip_across_decoding_blocks(dtype, npdtype):
+    """Values are decoded a block at a time: tensors of several blocks and a partial one,
+    coded as planes, exponents or deltas (compressible values, so nothing is kept as is)."""
+    rng = np.random.default_rng(2)
+    n = 3 * codec._BLOCK + 13
+    if npdtype == np.uint16:  # half-precision bit patterns of small weights
+        values = torch.from_numpy(rng.normal(0, 0.02, n)).to(
+            torch.bfloat16 if dtype == "BF16" else torch.float16).view(torch.int16).numpy()
+    elif np.issubdtype(npdtype, np.floating):
+        values = rng.normal(0, 0.02, n).astype(npdtype)
+    else:
+        values = rng.integers(0, 50, n).astype(npdtype)
+    raw = values.tobytes()
+    out, info = _roundtrip(raw, dtype)
+    assert out == raw and info["transform"] in ("exp", "planes")
+    changed = values.copy()
+    changed[::3] = np.roll(values, 1)[::3]  # a third of the values differ
+    out, info = _roundtrip(raw, dtype, changed.tobytes())
+    assert out == raw and info["transform"] == "delta"
+
+
 def test_empty_and_unknown_dtype():
     assert _roundtrip(b"", "F32")[0] == b""
     raw = bytes(range(256)) * 3

@@ -73,6 +73,10 @@ _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _INT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 #: (exponent bits, mantissa bits) of the IEEE-style float dtypes the ``exp`` transform splits.
 _FLOAT_BITS = {"F16": (5, 10), "BF16": (8, 7), "F32": (8, 23), "F64": (11, 52)}
+#: values decoded at a time: a block's planes, values and temporaries stay in the CPU's cache
+#: through the dozen passes a value takes (a 16 MiB chunk decoded whole streams each pass
+#: through memory: measured 1.7x slower for float32 deltas)
+_BLOCK = 32768
 
 
 # --- byte-level transforms ------------------------------------------------------------------
@@ -86,17 +90,15 @@ def _planes(x: np.ndarray, keep: int | None = None) -> list[bytes]:
     return [np.ascontiguousarray(cols[:, i]).tobytes() for i in range(keep or w)]
 
 
-def _unplanes(planes: list[Buffer], w: int, n: int) -> np.ndarray:
-    """Inverse of :func:`_planes`: the ``n`` values of width ``w`` whose first byte planes are
-    ``planes`` (the missing ones are zero). Assembled with shifts and ors on whole values, not
-    byte by byte through a strided copy (several times faster)."""
-    t = _UINT[w]
-    if w == 1:
-        return np.frombuffer(planes[0], np.uint8, n).copy()
-    out = np.frombuffer(planes[-1], np.uint8, n).astype(t)
+def _unplanes(planes: list[np.ndarray], out: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_planes`: ``out`` (unsigned, returned) set to the values whose first
+    byte planes are ``planes`` (uint8 arrays of ``len(out)``; the missing ones are zero).
+    Assembled with shifts and ors on whole values, not byte by byte through a strided copy
+    (several times faster)."""
+    np.copyto(out, planes[-1], casting="unsafe")
     for plane in reversed(planes[:-1]):
-        out <<= t(8)
-        out |= np.frombuffer(plane, np.uint8, n)
+        out <<= out.dtype.type(8)
+        out |= plane
     return out
 
 
@@ -108,32 +110,32 @@ def _exp_split(x: np.ndarray, e: int, m: int) -> list[bytes]:
     return _planes(exp, keep=-(-e // 8)) + _planes(rest, keep=-(-(m + 1) // 8))
 
 
-def _exp_join(planes: list[Buffer], w: int, n: int, e: int, m: int) -> np.ndarray:
-    """Inverse of :func:`_exp_split` (in place where it can: each step is a pass over the
-    values).
+def _exp_join(planes: list[np.ndarray], out: np.ndarray, e: int, m: int) -> np.ndarray:
+    """Inverse of :func:`_exp_split`, into ``out`` (returned; ``planes`` as
+    :func:`_unplanes` takes them).
 
     For an 8-bit exponent under a mantissa of 8k - 1 bits (bfloat16, float32), the value's
     bytes are the (sign, mantissa) planes but the last, then two bytes that mix the last
     (sign, mantissa) plane with the exponent's: computed on those byte planes alone, then
     interleaved once (a third of the passes over whole values)."""
     if e == 8 and m % 8 == 7:
-        exp = np.frombuffer(planes[0], np.uint8, n)
-        top = np.frombuffer(planes[-1], np.uint8, n)  # sign bit, then the mantissa's top 7
+        exp, top = planes[0], planes[-1]  # top: the sign bit, then the mantissa's top 7
         low = top & np.uint8(0x7F)
         low |= exp << np.uint8(7)
         high = top & np.uint8(0x80)
         high |= exp >> np.uint8(1)
-        return _unplanes([*planes[1:-1], low, high], w, n)
-    t = _UINT[w]
+        return _unplanes([*planes[1:-1], low, high], out)
+    t = out.dtype.type
     split = -(-e // 8)
-    exp, rest = _unplanes(planes[:split], w, n), _unplanes(planes[split:], w, n)
-    out = rest >> t(m)
-    out <<= t(8 * w - 1)
+    exp = _unplanes(planes[:split], np.empty_like(out))
+    rest = _unplanes(planes[split:], out)
+    sign = rest >> t(m)
+    sign <<= t(8 * out.itemsize - 1)
     exp <<= t(m)
-    out |= exp
+    sign |= exp
     rest &= t((1 << m) - 1)
-    out |= rest
-    return out
+    rest |= sign
+    return rest
 
 
 def _zigzag_delta(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -180,14 +182,19 @@ def _compress_planes(planes: list[bytes]) -> bytes:
 def _join(transform: str, planes: list[Buffer], w: int, n: int, dtype: str,
           ref: Buffer | None) -> memoryview:
     """The ``n`` values of width ``w`` whose byte planes are ``planes`` (inverse of the
-    transform)."""
-    if transform == "delta":
-        x = _unzigzag_delta(_unplanes(planes, w, n), np.frombuffer(ref, _UINT[w]))
-    elif transform == "exp":
-        x = _exp_join(planes, w, n, *_FLOAT_BITS[dtype])
-    else:
-        x = _unplanes(planes, w, n)
-    return memoryview(x).cast("B")
+    transform), decoded :data:`_BLOCK` values at a time."""
+    bytes_ = [np.frombuffer(p, np.uint8, n) for p in planes]
+    refs = np.frombuffer(ref, _UINT[w], n) if transform == "delta" else None
+    out = np.empty(n, _UINT[w])
+    for start in range(0, n, _BLOCK):
+        part, block = [p[start:start + _BLOCK] for p in bytes_], out[start:start + _BLOCK]
+        if transform == "exp":
+            _exp_join(part, block, *_FLOAT_BITS[dtype])
+        else:
+            _unplanes(part, block)
+            if refs is not None:
+                _unzigzag_delta(block, refs[start:start + _BLOCK])
+    return memoryview(out).cast("B")
 
 
 # --- the lossless codec ---------------------------------------------------------------------
