@@ -754,3 +754,41 @@ def test_tensors_merged_at_once_give_the_bits_of_one_at_a_time(models, tmp_path,
     assert ("MainThread", 3) in where["3-alone"]  # the largest alone, on torch's threads
     assert len({name for name, _ in where["3-alone"]}) >= 3  # the others at once
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_store_merge_with_a_damaged_input_fails_and_writes_nothing(tmp_path, threads):
+    """A fine-tune's blob that decodes to other bytes than its original fails the merge
+    (naming the entry and tensor) and leaves no output, whether the merge takes a tensor at a
+    time (the hash checked on a thread of its own, before the rename) or several at once (each
+    tensor hashed on the thread that decodes it)."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(4)
+    for name in ("base", "ft"):
+        (tmp_path / name).mkdir()
+        save_file({"big": torch.randn(3 << 16, generator=gen),
+                   "small": torch.randn(64, generator=gen)},
+                  str(tmp_path / name / "model.safetensors"))
+    previous = torch.get_num_threads()
+    with Store.init(tmp_path / "store") as store:
+        store.add(tmp_path / "base", "base", progress=False)
+        store.add(tmp_path / "ft", "ft", base="base", progress=False)
+        (blob,) = store._db.execute(
+            "SELECT t.blob FROM tensors t JOIN models m ON t.model_id = m.id "
+            "WHERE m.name = 'ft' AND t.name = 'big'").fetchone()
+        path = store._blob_path(blob)
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # the random values were stored as they are: still decodes
+        path.write_bytes(bytes(data))
+        torch.set_num_threads(threads)
+        try:
+            with pytest.raises(MergehubError, match="model 'ft', tensor 'big': blob .* decodes "
+                                                    "to bytes whose sha256 does not match"):
+                mergehub.merge("merge_method: task_arithmetic\nbase_model: base\nmodels:\n"
+                               "  - model: ft\n", out=tmp_path / "out", store=store,
+                               progress=False)
+        finally:
+            torch.set_num_threads(previous)
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft", "store"]

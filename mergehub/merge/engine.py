@@ -51,7 +51,7 @@ def execute(plan: MergePlan, out: Path, *, device: str = "cpu", seed: int = 0,
     merger = TensorMerger(plan, device, seed=seed, chunk_elements=chunk_elements, fused=fused)
     start = time.perf_counter()
     # the pre-pass on the threads the load allows; tensors several at once (map_tensors)
-    with merger.watching_load(), checking_reads_later(plan) as finish_checks:
+    with merger.watching_load(), checking_reads_later(plan, merger.workers == 1) as finish_checks:
         merger.prepass(progress)
         side = side_files(plan)
         with byte_bar(sum(s.nbytes for s in plan.specs), "merge", progress) as bar, \
@@ -183,12 +183,18 @@ def reusing_reads(plan: MergePlan) -> Iterator[None]:
 
 
 @contextmanager
-def checking_reads_later(plan: MergePlan) -> Iterator[Callable[[], None]]:
+def checking_reads_later(plan: MergePlan, enabled: bool = True) -> Iterator[Callable[[], None]]:
     """Within the block, the plan's stores check the bytes their reads decode on a thread
     (:meth:`Store.checking_later`); yields the function that waits for those checks and
-    raises for a damaged blob, to call before the output is renamed into place."""
+    raises for a damaged blob, to call before the output is renamed into place.
+
+    Not ``enabled`` (a CPU merge that takes several tensors at once): reads check their bytes
+    as they decode them, on the merge's own threads, side by side; a hashing thread would only
+    add a copy of every decoded piece (a `hub merge` from the store 2.32 -> 2.15 s without it,
+    `benchmarks/RESULTS.md`, issue 15)."""
     with ExitStack() as stack:
-        finishes = [stack.enter_context(store.checking_later()) for store, _ in _plan_stores(plan)]
+        finishes = [stack.enter_context(store.checking_later()) for store, _ in _plan_stores(plan)
+                    if enabled]
 
         def finish() -> None:
             for each in finishes:
