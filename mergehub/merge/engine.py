@@ -190,8 +190,7 @@ def checking_reads_later(plan: MergePlan, enabled: bool = True) -> Iterator[Call
 
     Not ``enabled`` (a CPU merge that takes several tensors at once): reads check their bytes
     as they decode them, on the merge's own threads, side by side; a hashing thread would only
-    add a copy of every decoded piece (a `hub merge` from the store 2.32 -> 2.15 s without it,
-    `benchmarks/RESULTS.md`, issue 15)."""
+    add a copy of every decoded piece (`benchmarks/RESULTS.md`, issue 15)."""
     with ExitStack() as stack:
         finishes = [stack.enter_context(store.checking_later()) for store, _ in _plan_stores(plan)
                     if enabled]
