@@ -185,8 +185,9 @@ def run_one_pass(base, taus, densities, weights, lam, elect, normalize, ties, ch
     return done, sum(reads)
 
 
-CASES = [  # (shape, chunk rows): whole (<= WHOLE entries), held, and in chunks of any size
-    ((64, 48), 5),
+CASES = [  # (shape, chunk rows): whole (<= WHOLE entries), held (rows too few to sample),
+    ((64, 48), 5),  # and streamed after a sample of rows, in chunks of any size
+    ((6, 50_000), 2),
     ((700, 400), 64),
     ((700, 400), 700),
     ((5000, 60), 333),
@@ -207,7 +208,11 @@ def test_one_pass_ties_is_plain_ties(shape, chunk_rows, kind, dtype, ties):
     assert same(got, want)
     assert [c if c is None else (c.threshold, c.tie_end, c.kept) for c in cuts] == \
         [c if c is None else (c.threshold, c.tie_end, c.kept) for c in want_cuts]
-    assert read == shape[0]  # one read of the rows
+    rows, n = shape[0], math.prod(shape)
+    if n <= onepass.WHOLE or onepass.sample_rows(*shape, onepass.sample_size(n)) is None:
+        assert read == rows  # one read of the rows, held
+    else:
+        assert rows < read < 1.25 * rows  # a few sampled rows, then one read
 
 
 @pytest.mark.parametrize("elect, normalize, weights", [("count", True, "negative"),
@@ -231,8 +236,8 @@ def test_one_pass_ties_in_the_output_dtype():
 
 
 def test_one_pass_ties_streamed_sample(monkeypatch):
-    """Inputs too large to hold: the sample is read as rows, the tensor once more."""
-    monkeypatch.setattr(onepass, "HOLD_BYTES", 0)
+    """The sample is read as rows, the tensor once more (whatever could be held)."""
+    monkeypatch.setattr(onepass, "HOLD_BYTES", 1 << 40)
     base, taus = deltas("ties", (5000, 60), torch.bfloat16)
     want, _ = plain_ties(base, taus, [0.2, 0.4, 0.0, 1.0], WEIGHTS["mixed"], 1.0, "sum", True,
                          "index")
@@ -240,6 +245,16 @@ def test_one_pass_ties_streamed_sample(monkeypatch):
                               True, "index", 300)
     assert done is not None and same(done[0], want)
     assert 5000 < read < 1.25 * 5000
+
+
+def test_one_pass_ties_holds_only_what_fits(monkeypatch):
+    """A few long rows cannot be sampled as rows: held and sampled in memory up to
+    HOLD_BYTES, beyond it the plain path (``None``)."""
+    base, taus = deltas("random", (6, 50_000), torch.bfloat16)
+    args = (base, taus, [0.2] * 4, WEIGHTS["mixed"], 1.0, "sum", True, "index", 2)
+    assert run_one_pass(*args)[0] is not None
+    monkeypatch.setattr(onepass, "HOLD_BYTES", 5 * 300_000 * 4 - 1)
+    assert run_one_pass(*args)[0] is None
 
 
 @pytest.mark.parametrize("kind", ["zeros", "sparse"])
@@ -264,8 +279,8 @@ def test_one_pass_ties_declines_what_is_not_finite():
 # --- through the engine ------------------------------------------------------------------------
 
 def _write_models(root, dtype):
-    """A base and three fine-tunes: a tensor past WHOLE entries (one read, held), a small one,
-    a vector and an all-zero task vector."""
+    """A base and three fine-tunes: a tensor past WHOLE entries (rows sampled, then one read),
+    a small one, a vector and an all-zero task vector."""
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(11)

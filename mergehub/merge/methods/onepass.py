@@ -15,7 +15,11 @@ sampling outlier) or an entry is not finite, the tensor goes to the plain path i
 
 The merged tensor is held whole until its last chunk, so the engine takes this path only for
 tensors of at most :data:`ONE_PASS_BYTES`; tensors of at most :data:`WHOLE` entries are read
-once into memory and selected there.
+once into memory and selected there. Larger ones are sampled by reading a few whole rows and
+then streamed a chunk at a time (held in memory only where rows cannot be sampled: a few
+long rows): the chunks' buffers are reused while they are warm in the cache, where holding
+the inputs of several tensors merged at once costs memory the system must first map
+(`benchmarks/RESULTS.md`, issue 16: a TIES merge of 211M bf16 parameters on 2 cores).
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ from mergehub.ops.selection import NOTHING, ChunkStream, Cut, Order, cut_at, loc
 ONE_PASS_BYTES = 512 << 20
 #: tensors of at most this many entries are read once into memory and selected there
 WHOLE = 1 << 18
-#: larger tensors whose inputs (base and task vectors, float32) take at most this many bytes
-#: are read once into memory too, and sampled there; larger ones are sampled by reading rows
+#: larger tensors whose rows cannot be sampled (:func:`sample_rows`) are read once into memory
+#: and sampled there where their inputs (base and task vectors, float32) take at most this
+#: many bytes; beyond it they take the plain path
 HOLD_BYTES = 256 << 20
 #: values sampled per input to bracket its k-th largest |τ|: about 2.8·n^(2/3) for a tensor
 #: of n (the sample's cost, ∝ its size, against the re-merged positions', ∝ n / √size),
@@ -130,16 +135,16 @@ def one_pass_ties(chunks: ChunkStream, ranges: list[tuple[int, int]], cols: int,
     try:
         if n <= WHOLE:
             return _whole(chunks, n, ks, ties, weights, elect, normalize, lam, out_dtype)
-        if (len(ks) + 1) * n * 4 <= HOLD_BYTES:
+        rows = sample_rows(ranges[-1][1], cols, size)
+        if rows is None:
+            if (len(ks) + 1) * n * 4 > HOLD_BYTES:
+                return None
             held = [(base.reshape(-1), [x.reshape(-1) for x in xs]) for base, xs in chunks()]
             stride = max(1, n // size)
             blocks = [_blocks(torch.cat([magnitude_bits(xs[t][::stride]) for _, xs in held]))
                       for t in sel]
             return _bracketed(held, blocks, n, ks, ties, weights, elect, normalize, lam,
                               out_dtype)
-        rows = sample_rows(ranges[-1][1], cols, size)
-        if rows is None:
-            return None
         sampled: list[list[torch.Tensor]] = [[] for _ in sel]
         for _, xs in chunks(sel, rows=rows):
             for b, x in zip(sampled, xs):
