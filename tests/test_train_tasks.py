@@ -28,6 +28,9 @@ VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "movie", "film", "
          "plot", "cast", *POSITIVE, *NEGATIVE]
 #: a LoRA over the attention's query/value and every dense layer (the pooler's too)
 LORA = "peft: {r: 4, lora_alpha: 8, target_modules: [query, value, dense]}\n"
+#: LoRA's rate for the classifier: 1e-2 oscillates (eval accuracy 0.31-1.0 over 40-120 steps
+#: with transformers 5.25 / peft 0.21.2), 5e-3 reaches 1.0 at every step count from 40 to 120
+LORA_LR = "5.0e-3"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -93,8 +96,9 @@ def cls_config(root: Path, name: str, method: str = "full", extra: str = "",
                data: str = "path: train.jsonl, eval_path: eval.jsonl",
                output: str | None = None) -> Path:
     path = root / f"{name}.yaml"
+    peft, lr = (LORA, LORA_LR) if method == "lora" else ("", "1.0e-2")
     path.write_text(f"base: tiny-bert\ntask_type: seq_cls\ndata: {{{data}}}\nmethod: {method}\n"
-                    f"{LORA if method == 'lora' else ''}steps: 40\nbatch_size: 16\nlr: 1.0e-2\n"
+                    f"{peft}steps: 40\nbatch_size: 16\nlr: {lr}\n"
                     f"{extra}output: {output or f'{{store: {name}, dir: out-{name}}}'}\n")
     return path
 
