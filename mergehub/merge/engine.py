@@ -183,7 +183,7 @@ def reusing_reads(plan: MergePlan) -> Iterator[None]:
 
 
 @contextmanager
-def checking_reads_later(plan: MergePlan, enabled: bool = True) -> Iterator[Callable[[], None]]:
+def checking_reads_later(plan: MergePlan, enabled: bool) -> Iterator[Callable[[], None]]:
     """Within the block, the plan's stores check the bytes their reads decode on a thread
     (:meth:`Store.checking_later`); yields the function that waits for those checks and
     raises for a damaged blob, to call before the output is renamed into place.
@@ -192,8 +192,8 @@ def checking_reads_later(plan: MergePlan, enabled: bool = True) -> Iterator[Call
     as they decode them, on the merge's own threads, side by side; a hashing thread would only
     add a copy of every decoded piece (`benchmarks/RESULTS.md`, issue 15)."""
     with ExitStack() as stack:
-        finishes = [stack.enter_context(store.checking_later()) for store, _ in _plan_stores(plan)
-                    if enabled]
+        stores = _plan_stores(plan) if enabled else []
+        finishes = [stack.enter_context(store.checking_later()) for store, _ in stores]
 
         def finish() -> None:
             for each in finishes:
