@@ -15,7 +15,12 @@ subprocess, so one mode's allocations cannot hide in another's peak:
 - ``adam``: backprop fine-tuning, ``loss.backward()`` + ``torch.optim.Adam`` over all
   parameters in the model's dtype;
 - ``adam-amp`` (CUDA): the usual mixed-precision recipe, float32 weights, gradients and Adam
-  moments with the forward under ``torch.autocast(bfloat16)``.
+  moments with the forward under ``torch.autocast(bfloat16)``;
+- ``inference-graph``, ``mezo-graph``, ``sparse-mezo-graph`` (CUDA): the same with the forward
+  pass and its loss replayed from a CUDA graph (``mergehub.adapters.graphs.cuda_graphed``):
+  the host launches one graph per forward instead of the model's hundreds of kernels. The
+  ``x inf`` / ``x inf-graph`` columns give each mode's s/step over ``inference``'s and
+  ``inference-graph``'s of the same run.
 
 ``--profile`` (CUDA) adds one more step per mode under ``torch.profiler`` and a summary of its
 timeline: device time inside and outside the closure's forward passes, kernels launched, the
@@ -49,7 +54,8 @@ import bench_merge as bm  # the model-shape options (benchmarks/ is on the path 
 FORWARD = "closure forward"  # the profiler range around each of the closure's forward passes
 CPU_MODES = ("inference", "mezo", "sparse-mezo", "adam")
 CUDA_MODES = ("inference", "mezo", "mezo-torch", "sparse-mezo", "sparse-mezo-torch",
-              "mezo-master", "mezo-master-torch", "adam", "adam-amp")
+              "mezo-master", "mezo-master-torch", "adam", "adam-amp", "inference-graph",
+              "mezo-graph", "sparse-mezo-graph")
 
 
 def _status_kib(field: str) -> int:
@@ -75,6 +81,7 @@ def run_mode(args: argparse.Namespace) -> dict:
     from torch.profiler import record_function
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from mergehub.adapters.graphs import cuda_graphed
     from mergehub.adapters.mezo import MeZO
 
     mode, device = args.child, torch.device(args.device)
@@ -94,16 +101,21 @@ def run_mode(args: argparse.Namespace) -> dict:
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(args.vocab, (args.batch, args.seq), generator=gen).to(device)
 
+    def forward(input_ids):
+        return model(input_ids=input_ids, labels=input_ids).loss
+
+    run = cuda_graphed(forward) if mode.endswith("-graph") else forward
+
     def loss():
         with record_function(FORWARD):
-            return model(input_ids=ids, labels=ids).loss
+            return run(input_ids=ids)
 
-    if mode == "inference":
+    if mode.startswith("inference"):
         def step():
             with torch.no_grad():
                 return float(loss())
     elif "mezo" in mode:
-        variant = mode.removesuffix("-torch")
+        variant = mode.removesuffix("-torch").removesuffix("-graph")
         opt = MeZO(model.parameters(), lr=1e-6, eps=1e-3,
                    density=0.25 if variant == "sparse-mezo" else None,
                    master_weights=variant == "mezo-master",
@@ -244,14 +256,21 @@ def memory(args: argparse.Namespace) -> None:
     print(f"\n## Peak memory ({first['params']:,} params; MiB = 2^20 bytes; "
           f"{'torch.cuda.max_memory_allocated on ' + first['gpu'] if cuda else 'peak RSS of the process (VmHWM)'}"
           f"; ratios to inference)")
+    steps = {r["mode"]: r["step_s"] for r in results}
+
+    def times(mode: str, step_s: float) -> str:
+        return f"{step_s / steps[mode]:.2f}x" if mode in steps else "-"
+
     print(f"{'mode':18s} {'dtype':9s} {'peak MiB':>10s} {'vs inference':>12s} "
-          f"{'at start MiB':>12s} {'reserved MiB':>12s} {'s/step':>8s}")
+          f"{'at start MiB':>12s} {'reserved MiB':>12s} {'s/step':>8s} {'x inf':>6s} "
+          f"{'x inf-graph':>11s}")
     for r in results:
         ratio = f"{r[key] / ref:.2f}x" if ref else "-"
         start = r["start_mib"] if cuda else r["rss_start_mib"]
         reserved = f"{r['reserved_mib']:12.0f}" if cuda else f"{'-':>12s}"
         print(f"{r['mode']:18s} {r['dtype']:9s} {r[key]:10.0f} {ratio:>12s} {start:12.0f} "
-              f"{reserved} {r['step_s']:8.3f}")
+              f"{reserved} {r['step_s']:8.4f} {times('inference', r['step_s']):>6s} "
+              f"{times('inference-graph', r['step_s']):>11s}")
     if not cuda:
         print(f"(RSS of the interpreter with torch and transformers imported, before the model: "
               f"{first['rss_baseline_mib']:.0f} MiB; 'at start' is after building the model)")
