@@ -159,8 +159,16 @@ def _weights(n: int, dtype: torch.dtype, seed: int = 0) -> bytes:
 
 
 def _pieces(header, payload, ref: bytes | None) -> list[bytes]:
-    return [bytes(p) for p in codec.decode_lossless_chunks(
-        header, codec.Payload(payload), [ref] if ref is not None else None)]
+    """The decoded pieces; decoding in place (``into``) must give the same bytes in each
+    piece's place, every byte written (the buffer starts as 0xA5 everywhere)."""
+    refs = (lambda: [ref] if ref is not None else None)
+    pieces = [bytes(p) for p in codec.decode_lossless_chunks(header, codec.Payload(payload),
+                                                             refs())]
+    into = bytearray(b"\xa5" * header.nbytes)
+    placed = [bytes(p) for p in codec.decode_lossless_chunks(
+        header, codec.Payload(payload), refs(), memoryview(into))]
+    assert placed == pieces and bytes(into) == b"".join(pieces)
+    return pieces
 
 
 @pytest.mark.parametrize("dtype, torch_dtype", [("BF16", torch.bfloat16), ("F16", torch.float16),
@@ -194,6 +202,7 @@ def test_chunked_stores_a_chunk_that_does_not_shrink_as_is(monkeypatch):
     second = struct.unpack_from("<I", payload, 12 + first[1])[0]
     assert first[0] == 1 and second == 0  # one zstd frame, then a chunk stored as is
     assert decode_blob(header, payload, None) == raw
+    assert b"".join(_pieces(header, payload, None)) == raw
     # nothing shrinks: the blob is "none", without the reference it would not use
     header, payload = unpack_blob(encode_lossless(noise, "U8", sha256(noise), ("r" * 64, raw[:4096])))
     assert header.params["transform"] == "none" and header.ref is None

@@ -621,13 +621,13 @@ def test_store_merge_decodes_each_blob_once(models, tmp_path, monkeypatch):
         deltas = store._db.execute("SELECT COUNT(*) FROM blobs WHERE ref IS NOT NULL").fetchone()
         assert deltas[0] > 0  # the fine-tunes' changed tensors are deltas against the base's
         decoded: list[str] = []
-        blob_stream = Store._blob_stream
+        open_for_read = Store._open_for_read  # every decode opens its blob there
 
         def counting(self, blob_id, *args, **kwargs):
             decoded.append(blob_id)
-            return blob_stream(self, blob_id, *args, **kwargs)
+            return open_for_read(self, blob_id, *args, **kwargs)
 
-        monkeypatch.setattr(Store, "_blob_stream", counting)
+        monkeypatch.setattr(Store, "_open_for_read", counting)
         recipe = ("merge_method: task_arithmetic\nbase_model: {}\nmodels:\n  - model: {}\n"
                   "  - model: {}\n    parameters: {{weight: 0.5}}\n")
         mergehub.merge(recipe.format("base", "mlp", "attn"), out=tmp_path / "stored",
@@ -640,6 +640,32 @@ def test_store_merge_decodes_each_blob_once(models, tmp_path, monkeypatch):
     stored, folders = load_all(tmp_path / "stored"), load_all(tmp_path / "folders")
     assert stored.keys() == folders.keys()
     assert all(torch.equal(stored[n], folders[n]) for n in stored)
+
+
+def test_reused_bytes_are_dropped_after_their_last_expected_read(models, tmp_path):
+    """Store.reusing keeps a base tensor's decoded bytes only until every read that
+    shared_blobs counted has had them (a merge then holds a base tensor while its fine-tunes
+    are read, not the whole base); a read beyond the count decodes again, to the same bytes."""
+    with Store.init(tmp_path / "store") as store:
+        store.add(models["base-bf16"], "base", progress=False)
+        store.add(models["ft-mlp"], "mlp", base="base", progress=False)
+        store.add(models["ft-attn"], "attn", base="base", progress=False)
+        reads = store.shared_blobs(["base", "mlp", "attn"])
+        base, mlp, attn = (store.open(n) for n in ("base", "mlp", "attn"))
+        name = next(n for n in (s.name for s in base.specs()) if base.blob(n) != mlp.blob(n))
+        # read three times: as the base's, as the reference of mlp's delta, as attn's own
+        # (attn leaves this tensor as it is: the base's blob)
+        assert attn.blob(name) == base.blob(name) and reads[base.blob(name)] == 3
+        with store.reusing(reads):
+            kept = store._reuse
+            first = base.load(name).clone()
+            assert base.blob(name) in kept.held
+            mlp.load(name)
+            assert base.blob(name) in kept.held
+            attn.load(name)  # the last read counted
+            assert base.blob(name) not in kept.held and kept.size == sum(
+                len(b) for b in kept.held.values())
+            assert torch.equal(base.load(name), first)  # decoded again
 
 
 def test_lora_merge_writes_a_model_by_default_and_an_adapter_that_finds_its_base(models,

@@ -180,12 +180,13 @@ def _compress_planes(planes: list[bytes]) -> bytes:
 
 
 def _join(transform: str, planes: list[Buffer], w: int, n: int, dtype: str,
-          ref: Buffer | None) -> memoryview:
+          ref: Buffer | None, into: memoryview | None = None) -> memoryview:
     """The ``n`` values of width ``w`` whose byte planes are ``planes`` (inverse of the
-    transform), decoded :data:`_BLOCK` values at a time."""
+    transform), decoded :data:`_BLOCK` values at a time, into ``into`` (``n * w`` writable
+    bytes) or a new buffer."""
     bytes_ = [np.frombuffer(p, np.uint8, n) for p in planes]
     refs = np.frombuffer(ref, _UINT[w], n) if transform == "delta" else None
-    out = np.empty(n, _UINT[w])
+    out = np.empty(n, _UINT[w]) if into is None else np.frombuffer(into, _UINT[w], n)
     for start in range(0, n, _BLOCK):
         part, block = [p[start:start + _BLOCK] for p in bytes_], out[start:start + _BLOCK]
         if transform == "exp":
@@ -195,6 +196,14 @@ def _join(transform: str, planes: list[Buffer], w: int, n: int, dtype: str,
             if refs is not None:
                 _unzigzag_delta(block, refs[start:start + _BLOCK])
     return memoryview(out).cast("B")
+
+
+def _stored(piece: Buffer, into: memoryview | None) -> Buffer:
+    """A chunk stored as is: ``piece``, or copied into ``into`` when the caller gave a place."""
+    if into is None:
+        return piece
+    into[:] = piece
+    return into
 
 
 # --- the lossless codec ---------------------------------------------------------------------
@@ -329,18 +338,22 @@ def _v2_layout(header: BlobHeader, payload: Payload, transform: str, w: int,
 
 
 def _decode_v2(header: BlobHeader, payload: Payload, refs: Iterator[memoryview] | None,
-               transform: str, w: int, chunk: int) -> Iterator[memoryview]:
+               transform: str, w: int, chunk: int,
+               into: memoryview | None) -> Iterator[Buffer]:
+    start = 0
     for size, pos, sizes in _v2_layout(header, payload, transform, w, chunk):
         ref = next(refs) if refs is not None else None
+        dest = None if into is None else into[start:start + size]
+        start += size
         if not sizes:
-            yield payload.read(pos, size)
+            yield _stored(payload.read(pos, size), dest)
             continue
         n = size // w
         planes = []
         for frame_size in sizes:
             planes.append(inflate(payload.read(pos, frame_size), n))
             pos += frame_size
-        yield _join(transform, planes, w, n, header.dtype, ref)
+        yield _join(transform, planes, w, n, header.dtype, ref, dest)
     drain(refs)
 
 
@@ -371,13 +384,19 @@ def _v1_layout(header: BlobHeader, payload: Payload, transform: str,
 
 
 def _decode_v1(header: BlobHeader, payload: Payload, refs: Iterator[memoryview] | None,
-               transform: str, w: int, chunk: int) -> Iterator[memoryview]:
+               transform: str, w: int, chunk: int,
+               into: memoryview | None) -> Iterator[Buffer]:
     nbytes = header.nbytes
+
+    def dest(start: int, size: int) -> memoryview | None:
+        return None if into is None else into[start:start + size]
+
     if transform == "none":
         if len(payload) != nbytes:
             raise BlobFormatError(f"{len(payload)} bytes stored for {nbytes}")
         for start in range(0, nbytes, chunk):
-            yield payload.read(start, min(chunk, nbytes - start))
+            size = min(chunk, nbytes - start)
+            yield _stored(payload.read(start, size), dest(start, size))
         return
     n = nbytes // w
     pos, sizes = _v1_layout(header, payload, transform, w)
@@ -394,7 +413,8 @@ def _decode_v1(header: BlobHeader, payload: Payload, refs: Iterator[memoryview] 
     for start in range(0, n, values):
         c = min(values, n - start)
         planes = [_read_exactly(r, c) for r in readers]
-        yield _join(transform, planes, w, c, header.dtype, next(refs) if refs is not None else None)
+        yield _join(transform, planes, w, c, header.dtype,
+                    next(refs) if refs is not None else None, dest(start * w, c * w))
     if any(r.read(1) for r in readers):
         raise BlobFormatError("a zstd frame holds more than its plane")
     drain(refs)
@@ -418,18 +438,20 @@ def check_lossless_layout(header: BlobHeader, payload: Buffer | Payload) -> None
         raise BlobFormatError(f"{len(payload)} bytes stored for {header.nbytes}")
 
 
-def decode_lossless_chunks(header: BlobHeader, payload: Payload,
-                           ref: Iterable[Buffer] | None) -> Iterator[memoryview]:
+def decode_lossless_chunks(header: BlobHeader, payload: Payload, ref: Iterable[Buffer] | None,
+                           into: memoryview | None = None) -> Iterator[Buffer]:
     """A ``lossless`` blob's decoded bytes, a chunk at a time, not yet verified (the caller
     hashes them). ``ref`` yields the reference tensor's bytes (in pieces of any size) for a
-    delta blob; it is read in step and run to its end."""
+    delta blob; it is read in step and run to its end. With ``into`` (``header.nbytes``
+    writable bytes) every chunk is decoded into its place there, and the pieces are views of
+    it: a whole tensor without a copy of each piece."""
     transform, w, chunk = _lossless_params(header)
     if transform == "delta" and ref is None:
         raise BlobFormatError("delta blob decoded without its reference")
     refs = rechunk(ref, chunk, header.nbytes) if transform == "delta" else None
     decode = _decode_v2 if header.version == 2 else _decode_v1
     try:
-        yield from decode(header, payload, refs, transform, w, chunk)
+        yield from decode(header, payload, refs, transform, w, chunk, into)
     except zstandard.ZstdError as e:
         raise BlobFormatError(f"bad zstd frame: {e}") from e
 

@@ -10,7 +10,7 @@ import math
 import queue
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -39,11 +39,18 @@ _HASH_QUEUE = 4
 
 
 class _Reuse:
-    """Decoded, verified bytes of chosen blobs, kept for :meth:`Store.reusing` (least recently
-    used dropped first beyond ``max_bytes``); safe to use from several threads."""
+    """Decoded, verified bytes of chosen blobs, kept for :meth:`Store.reusing` until they have
+    been read as often as expected (least recently used dropped first beyond ``max_bytes``);
+    safe to use from several threads.
 
-    def __init__(self, wanted: set[str], max_bytes: int):
-        self.wanted, self.max_bytes = wanted, max_bytes
+    ``reads``: how many times each blob is expected to be decoded; the first read puts the
+    bytes here, and once the others have got them they are dropped, so a merge holds a base
+    tensor's bytes only while the fine-tunes of that tensor are read (a read beyond the count
+    decodes the blob again)."""
+
+    def __init__(self, reads: Mapping[str, int], max_bytes: int):
+        self.left = dict(reads)
+        self.max_bytes = max_bytes
         self.held: OrderedDict[str, bytes] = OrderedDict()
         self.size = 0
         self.lock = threading.Lock()
@@ -52,20 +59,28 @@ class _Reuse:
         with self.lock:
             data = self.held.get(blob_id)
             if data is not None:
-                self.held.move_to_end(blob_id)
+                self.left[blob_id] -= 1
+                if self.left[blob_id] > 0:
+                    self.held.move_to_end(blob_id)
+                else:
+                    self._drop(blob_id)
             return data
 
     def put(self, blob_id: str, data: Buffer) -> None:
-        if blob_id not in self.wanted or len(data) > self.max_bytes // 2:
+        if self.left.get(blob_id, 0) < 2 or len(data) > self.max_bytes // 2:
             return
         copy = bytes(data)  # readers get copies: a consumer may write into what it was given
         with self.lock:
             if blob_id in self.held:
                 return
+            self.left[blob_id] -= 1  # this read is the first
             self.held[blob_id] = copy
             self.size += len(copy)
             while self.size > self.max_bytes:
-                self.size -= len(self.held.popitem(last=False)[1])
+                self._drop(next(iter(self.held)))
+
+    def _drop(self, blob_id: str) -> None:
+        self.size -= len(self.held.pop(blob_id))
 
 
 class StoredModel:
@@ -260,9 +275,10 @@ class StoreReads:
         return header, payload
 
     def _decoded(self, blob_id: str, header: BlobHeader, payload: Payload, what: str,
-                 depth: int) -> Iterator[Buffer]:
+                 depth: int, into: memoryview | None = None) -> Iterator[Buffer]:
         """The pieces of :meth:`_blob_stream`, the decoded bytes checked at the end (or, in a
-        :meth:`checking_later` block, by the block's hashing thread)."""
+        :meth:`checking_later` block, by the block's hashing thread); a lossless blob's decoded
+        into ``into`` (``header.nbytes`` writable bytes) when given, the pieces views of it."""
         later = self._later
         own = (_HashThread(copy=False) if later is None and header.nbytes > _codec.CHUNK_BYTES
                else None)
@@ -272,7 +288,8 @@ class StoreReads:
             if header.codec == "lossless":
                 ref = (self._iter_raw(header.ref, what, header.nbytes, depth + 1)
                        if header.ref else None)
-                pieces: Iterable[Buffer] = decode_lossless_chunks(header, payload, ref)
+                pieces: Iterable[Buffer] = decode_lossless_chunks(header, payload, ref,
+                                                                   into)
             else:  # lossy codecs decode whole tensors (and read the base's whole)
                 shape = lossy_shape(header)
                 # read-only inputs of the decode: kept bytes as they are, others not copied
@@ -329,38 +346,46 @@ class StoreReads:
         kept = self._reused(blob_id, expect)
         if kept is not None:
             return bytearray(kept)
-        header, pieces = self._blob_stream(blob_id, what, expect, _depth, check_id=False)
+        header, payload = self._open_for_read(blob_id, what, expect, _depth, False)
+        parts = None
         # a lossy blob decodes whole, into a buffer of its own: taken as it is, like a small one
         if not copy and (header.nbytes <= _codec.CHUNK_BYTES or header.codec != "lossless"):
-            parts = list(pieces)  # all of it: the checks at the end have run
+            parts = list(self._decoded(blob_id, header, payload, what, _depth))  # checked
             if len(parts) == 1 and not memoryview(parts[0]).readonly:
                 whole = memoryview(parts[0]).cast("B")
                 if self._reuse is not None:
                     self._reuse.put(blob_id, whole)
                 return whole
-            pieces = iter(parts)
         # a bytearray is zero-filled first; numpy's empty buffer is not (every byte is
         # written below)
         out = bytearray(header.nbytes) if copy else memoryview(np.empty(header.nbytes, np.uint8))
-        view, pos = memoryview(out), 0
-        for piece in pieces:
-            view[pos:pos + len(piece)] = piece
-            pos += len(piece)
+        view = memoryview(out).cast("B")
+        if parts is None and header.codec == "lossless":  # each chunk decoded in its place
+            for _ in self._decoded(blob_id, header, payload, what, _depth, view):
+                pass  # taking every piece runs the checks at the end
+        else:
+            pos = 0
+            for piece in parts if parts is not None else self._decoded(blob_id, header,
+                                                                       payload, what, _depth):
+                view[pos:pos + len(piece)] = piece
+                pos += len(piece)
         if self._reuse is not None:
             self._reuse.put(blob_id, out)
         return out
 
     @contextmanager
-    def reusing(self, blobs: Iterable[str], max_bytes: int = REUSE_BYTES) -> Iterator[None]:
-        """Within the block, keep the decoded bytes of ``blobs`` once a read has decoded and
-        verified them whole (up to ``max_bytes``, the least recently used dropped first), so
-        that reading them again copies them instead of decoding again.
+    def reusing(self, reads: Mapping[str, int],
+                max_bytes: int = REUSE_BYTES) -> Iterator[None]:
+        """Within the block, keep the decoded bytes of the blobs of ``reads`` (blob id -> how
+        many times the block decodes it) once a read has decoded and verified them whole, until
+        they have been read that often (up to ``max_bytes``, the least recently used dropped
+        first), so that reading them again copies them instead of decoding again.
 
         What a merge wants for :meth:`shared_blobs`: it reads the base's tensor, then each
         fine-tune's, whose lossless delta is decoded against that same base tensor; without
         this the base tensor is decoded once for the base and once more per fine-tune.
         """
-        previous, self._reuse = self._reuse, _Reuse(set(blobs), max_bytes)
+        previous, self._reuse = self._reuse, _Reuse(reads, max_bytes)
         try:
             yield
         finally:
@@ -399,10 +424,11 @@ class StoreReads:
             raise
         finish()
 
-    def shared_blobs(self, names: Iterable[str]) -> set[str]:
+    def shared_blobs(self, names: Iterable[str]) -> dict[str, int]:
         """The blobs that reading every tensor of the models ``names`` (a name listed twice is
-        read twice) decodes more than once: a tensor several of them share, or a reference
-        that their deltas are decoded against (each read of a delta decodes its reference)."""
+        read twice) decodes more than once, with how many times: a tensor several of them
+        share, or a reference that their deltas are decoded against (each read of a delta
+        decodes its reference)."""
         refs: dict[str, str | None] = {}
         counts: Counter[str] = Counter()
         for name in names:
@@ -418,7 +444,7 @@ class StoreReads:
                     if refs[blob] is None:
                         break
                     blob = refs[blob]
-        return {blob for blob, n in counts.items() if n > 1}
+        return {blob: n for blob, n in counts.items() if n > 1}
 
     def _decode_on(self, blob_id: str, what: str, device: torch.device,
                    expect: int | None = None) -> torch.Tensor | None:
