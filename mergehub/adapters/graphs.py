@@ -118,6 +118,8 @@ def cuda_graphed(fn: Callable[..., Any], max_graphs: int = 8,
         loss = cuda_graphed(lambda input_ids: model(input_ids=input_ids, labels=input_ids).loss)
         opt.step(lambda: loss(input_ids=ids))
 
-    Bit for bit the results of ``fn`` itself (the same kernels run); see
+    Bit for bit the results of ``fn`` itself where ``fn`` launches the same kernels while it
+    is captured (code that checks for a capture may not: transformers builds an attention
+    mask under capture that an eager call skips when it is all ones); see
     :class:`GraphedCallable`."""
     return GraphedCallable(fn, max_graphs, warmup)
