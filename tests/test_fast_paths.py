@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from mergehub.merge.methods import fast, onepass
-from mergehub.ops.selection import NOTHING, Cut, magnitude_cuts
+from mergehub.ops.selection import NOTHING, Appended, Cut, magnitude_cuts
 from mergehub.ops.sparsify import apply_mask, bernoulli_mask, combine, cut_mask
 
 WEIGHTS = {"mixed": [1.0, 0.5, 0.75, 1.0], "negative": [1.0, -0.5, 2.0, 1.0],
@@ -344,3 +344,22 @@ def test_engine_fast_paths_give_the_plain_bits(tmp_path, monkeypatch, method, pa
     assert kept[0] == kept[1]
     if method == "ties":  # big, small and norm in one read; frozen (cut among zeros) declined
         assert sorted(t is not None for t in taken) == [False, True, True, True]
+
+
+def test_appended_holds_the_pieces_in_order_in_few_buffers():
+    """Appended (the candidates a streamed selection notes) gives back exactly what was
+    appended or written into what it reserved, in order, and regrows its buffer only
+    O(log n) times (one buffer instead of a tensor per chunk)."""
+    gen = torch.Generator().manual_seed(0)
+    pieces = [torch.randn(int(m), generator=gen) for m in
+              torch.randint(0, 3000, (200,), generator=gen)] + [torch.randn(20_000, generator=gen)]
+    held, buffers = Appended(torch.float32), set()
+    for i, piece in enumerate(pieces):
+        if i % 2:
+            held.append(piece)
+        else:  # written in place, as index_select(out=...) does
+            torch.neg(piece, out=held.reserve(piece.numel())).neg_()
+        buffers.add(held.buffer.data_ptr())
+    assert torch.equal(held.values(), torch.cat(pieces)) and held.size == held.values().numel()
+    assert len(buffers) <= 10
+    assert Appended(torch.int64).values().numel() == 0

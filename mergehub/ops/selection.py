@@ -29,6 +29,38 @@ _SAMPLE = 1 << 17  # values sampled per tensor and input to bracket an order sta
 _EXACT = 1 << 20  # tensors this small are selected exactly in one pass
 
 
+class Appended:
+    """A flat tensor built chunk by chunk (the candidates a streamed selection notes), held in
+    one buffer that grows by doubling instead of as a small tensor per chunk. On the CPU those
+    small tensors, allocated between a chunk's large temporaries and kept, split the freed
+    blocks that the next chunk's temporaries would have reused, so the heap grew by about
+    two chunks' worth per chunk (TIES's one pass over a 49M-entry tensor: 700 MB instead of
+    220; `benchmarks/RESULTS.md`, issue 16)."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        self.size = 0
+        self.buffer = torch.empty(0, dtype=dtype, device=device)
+
+    def reserve(self, m: int) -> torch.Tensor:
+        """The next ``m`` entries, to be written by the caller (e.g. as an ``out=``)."""
+        end = self.size + m
+        if end > self.buffer.numel():
+            grown = torch.empty(max(end, 2 * self.buffer.numel(), 1 << 12),
+                                dtype=self.buffer.dtype, device=self.buffer.device)
+            grown[:self.size] = self.buffer[:self.size]
+            self.buffer = grown
+        out, self.size = self.buffer[self.size:end], end
+        return out
+
+    def append(self, values: torch.Tensor) -> None:
+        """Copy ``values`` (flat) after what is held."""
+        self.reserve(values.numel()).copy_(values)
+
+    def values(self) -> torch.Tensor:
+        """Everything appended, in order (a view of the buffer)."""
+        return self.buffer[:self.size]
+
+
 @dataclass(frozen=True)
 class Cut:
     """What a magnitude trim keeps of a tensor: the entries with |x| > ``threshold``, and those
@@ -119,8 +151,8 @@ def _bracketed(chunks: ChunkStream, n: int, ks: list[list[int]], which: list[int
     above = [[0] * len(ks[t]) for t in which]
     # a bracket of one value (a run of equal magnitudes: the zeros of a sparse delta, the
     # one scale of a row of a 1-bit one) only counts its entries; others keep theirs
-    inside: list[list[list[torch.Tensor] | int]] = [
-        [0 if lo == hi else [] for lo, hi in per_k] for per_k in brackets]
+    inside: list[list[Appended | int]] = [
+        [0 if lo == hi else None for lo, hi in per_k] for per_k in brackets]
     for _, xs in chunks(which):
         for i, x in enumerate(xs):
             v = x.reshape(-1).abs()
@@ -129,20 +161,24 @@ def _bracketed(chunks: ChunkStream, n: int, ks: list[list[int]], which: list[int
                 if lo == hi:
                     inside[i][j] += int((v == hi).sum())
                 else:
+                    if inside[i][j] is None:
+                        inside[i][j] = Appended(v.dtype, v.device)
                     inside[i][j].append(v[(v >= lo) & (v <= hi)])
     missed = []
     for i, t in enumerate(which):
         row = []
         for j, k in enumerate(ks[t]):
             cand = inside[i][j]
-            count = cand if isinstance(cand, int) else sum(c.numel() for c in cand)
+            if cand is None:  # no chunk: an empty tensor
+                cand = Appended(torch.float32)
+            count = cand if isinstance(cand, int) else cand.size
             if not above[i][j] < k <= above[i][j] + count:
                 missed.append(t)
                 break
             if isinstance(cand, int):
                 row.append(Order(brackets[i][j][1], above[i][j], count))
                 continue
-            cand = torch.cat(cand)
+            cand = cand.values()
             order = Order.of(cand, _kth(cand, k - above[i][j]))
             row.append(order._replace(above=order.above + above[i][j]))
         out[t] = row

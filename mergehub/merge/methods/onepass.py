@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from mergehub.merge.methods import fast
-from mergehub.ops.selection import NOTHING, ChunkStream, Cut, Order, cut_at, located, top_k_cuts
+from mergehub.ops.selection import (
+    NOTHING, Appended, ChunkStream, Cut, Order, cut_at, located, top_k_cuts)
 
 #: the largest merged tensor held whole for this path (bytes in the output dtype)
 ONE_PASS_BYTES = 512 << 20
@@ -205,37 +206,26 @@ def _whole(chunks: ChunkStream, n: int, ks: list[int | None], ties: str,
 
 
 class _Notes:
-    """The positions :func:`_bracketed` notes and the base's and inputs' values there, copied
-    into a few buffers that grow by doubling rather than kept as small tensors per chunk:
-    those, allocated between each chunk's large temporaries, split the blocks that the next
-    chunk's temporaries would reuse, and the heap grew by ~2 MB a chunk (700 MB over a 49M
-    entry tensor of whose entries 4% were noted)."""
+    """The positions :func:`_bracketed` notes and the base's and inputs' values there, each
+    an :class:`~mergehub.ops.selection.Appended`."""
 
-    def __init__(self, inputs: int):
-        self.size = 0
-        self.at = torch.empty(0, dtype=torch.int64)
-        self.values = torch.empty(1 + inputs, 0)  # row 0 the base's, then each input's
+    def __init__(self) -> None:
+        self.at = Appended(torch.int64)
+        self.values: list[Appended] = []  # the base's, then each input's (from the first add)
 
     def add(self, at: torch.Tensor, offset: int, base: torch.Tensor,
             xs: list[torch.Tensor]) -> None:
         """Note positions ``at`` of a chunk that starts at flat position ``offset``."""
-        m, end = at.numel(), self.size + at.numel()
-        if end > self.at.numel():
-            grown = max(end, 2 * self.at.numel(), 1 << 12)
-            at_buf = torch.empty(grown, dtype=torch.int64)
-            values = torch.empty(self.values.shape[0], grown, dtype=base.dtype)
-            at_buf[:self.size] = self.at[:self.size]
-            values[:, :self.size] = self.values[:, :self.size]
-            self.at, self.values = at_buf, values
-        torch.add(at, offset, out=self.at[self.size:end])
-        for row, x in enumerate((base, *xs)):
-            torch.index_select(x, 0, at, out=self.values[row, self.size:end])
-        self.size = end
+        if not self.values:
+            self.values = [Appended(x.dtype) for x in (base, *xs)]
+        torch.add(at, offset, out=self.at.reserve(at.numel()))
+        for buffer, x in zip(self.values, (base, *xs)):
+            torch.index_select(x, 0, at, out=buffer.reserve(at.numel()))
 
     def taken(self) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """(positions, the base's values, each input's values), in the order noted."""
-        values = self.values[:, :self.size]
-        return self.at[:self.size], values[0], list(values[1:])
+        base, *values = (v.values() for v in self.values)
+        return self.at.values(), base, values
 
 
 def _bracketed(stream: Iterable[tuple[torch.Tensor, list[torch.Tensor]]],
@@ -255,7 +245,7 @@ def _bracketed(stream: Iterable[tuple[torch.Tensor, list[torch.Tensor]]],
     above = dict.fromkeys(sel, 0)
     # per input: |x| > hi is kept whatever the cut; |x| > below(lo) is |x| >= lo
     shrinks = {t: (bits_value(hi), fast.below(bits_value(lo))) for t, (lo, hi) in bounds.items()}
-    noted = _Notes(len(ks))
+    noted = _Notes()
     out = torch.empty(n, dtype=out_dtype)
     offset = 0
     for base, xs in stream:
