@@ -151,7 +151,7 @@ def _bracketed(chunks: ChunkStream, n: int, ks: list[list[int]], which: list[int
     above = [[0] * len(ks[t]) for t in which]
     # a bracket of one value (a run of equal magnitudes: the zeros of a sparse delta, the
     # one scale of a row of a 1-bit one) only counts its entries; others keep theirs
-    inside: list[list[Appended | int]] = [
+    inside: list[list[Appended | int | None]] = [
         [0 if lo == hi else None for lo, hi in per_k] for per_k in brackets]
     for _, xs in chunks(which):
         for i, x in enumerate(xs):
