@@ -18,7 +18,7 @@ def test_inputs_must_be_cuda_tensors():
     with pytest.raises(InputError, match="input 'x' is a tensor on cpu; every input must be a "
                                          "CUDA tensor"):
         graphed(x=torch.ones(3))
-    with pytest.raises(InputError, match="input 'x' is a int"):
+    with pytest.raises(InputError, match="input 'x' is of type int"):
         graphed(x=3)
 
 

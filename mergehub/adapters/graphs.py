@@ -87,7 +87,7 @@ class GraphedCallable:
         for name, value in inputs.items():
             if not isinstance(value, torch.Tensor) or value.device.type != "cuda":
                 what = (f"a tensor on {value.device}" if isinstance(value, torch.Tensor)
-                        else f"a {type(value).__name__}")
+                        else f"of type {type(value).__name__}")
                 raise InputError(f"cuda_graphed: input {name!r} is {what}; every input must "
                                  "be a CUDA tensor (call the function itself on the CPU)")
         return tuple((name, tuple(v.shape), v.dtype, v.device)
