@@ -112,12 +112,16 @@ def main() -> None:
     for kind, text in texts.items():
         (work / f"{kind}.yaml").write_text(text)
     hub = [sys.executable, "-c", "from mergehub.hub.cli import main; main()"]
+    # `python -c` looks in its working directory first: run it in the tree this process
+    # imported mergehub from (a code tree on PYTHONPATH, not the checkout it was started in)
+    tree = Path(mergehub.__file__).resolve().parents[1]
 
     def cli(kind: str) -> float:
         start = time.perf_counter()
         subprocess.run([*hub, "--store", str(work / "store"), "merge", str(work / f"{kind}.yaml"),
                         "-o", str(work / f"cli-{kind}"), "--overwrite"], check=True,
-                       capture_output=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+                       capture_output=True, cwd=tree,
+                       env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
         return time.perf_counter() - start
 
     cli_ratios = []

@@ -10,7 +10,7 @@ import torch
 from mergehub.adapters.graphs import cuda_graphed
 from mergehub.adapters.mezo import MeZO
 from mergehub.errors import InputError
-from tests.test_mezo import tiny_llama
+from tests.test_mezo import TOKENS, tiny_llama
 
 
 def test_inputs_must_be_cuda_tensors():
@@ -47,11 +47,10 @@ def test_replays_follow_inputs_and_weights_changed_in_place():
 @pytest.mark.gpu
 @pytest.mark.parametrize("density", [None, 0.3])
 def test_mezo_with_a_graphed_closure_takes_the_eager_steps_bit_for_bit(density):
-    tokens = (torch.arange(16)[None, :] * 3 + torch.arange(8)[:, None]) % 64
     runs = []
     for graph in (False, True):
         model = tiny_llama(0, torch.bfloat16).cuda().eval()
-        ids = tokens.cuda()
+        ids = TOKENS.cuda()
 
         def forward(input_ids, model=model):
             return model(input_ids=input_ids, labels=input_ids).loss
