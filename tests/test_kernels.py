@@ -221,6 +221,33 @@ def test_ties_disjoint_mean_divisions(device, weights):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("weights", [[1.0, -0.5, 2.0, 0.75], [-1.0, -0.5, -2.0, -0.75]])
+@pytest.mark.parametrize("elect", ["sum", "count"])
+@pytest.mark.parametrize("trim", [False, True])
+def test_ties_signed_zeros(device, elect, trim, weights):
+    """TIES's sign election and disjoint mean on deltas that are zeros of both signs (also
+    from a negative weight times 0, and sums that cancel), subnormal and ordinary values:
+    every output bit, the sign of a zero included, is the reference's, with and without a
+    magnitude cut. (Infinite or NaN deltas are outside the kernels' promise: where the
+    reference multiplies by a 0/1 mask, they select.)"""
+    special = [0.0, -0.0, 1.5, -1.5, -2.0, 3e-39, -3e-39, -0.25, 0.25]
+    gen = torch.Generator().manual_seed(5)
+    k, n = 4, 1031
+    base = torch.randn(n, generator=gen)
+    base[:9] = torch.tensor([0.0, -0.0, 1.0, -1.0, 0.0, -0.0, 2.0, 0.0, -0.0])
+    taus = torch.tensor(special)[torch.randint(0, len(special), (k, n), generator=gen)]
+    thetas = [base + tau for tau in taus]
+    thetas[1][:9] = base[:9]  # τ = +0 or -0 (−0 − +0) at the start
+    thetas[2][:9] = -0.0
+    for theta in thetas:  # every τ +0 where the base is -0 (a negative weight makes it -0)
+        theta[20:30] = base[20:30] = -0.0
+    cuts = [Cut(0.5, 100 * t) for t in range(k)] if trim else None
+    got, want = _both(kernels.merge_tensor, base.to(device), [t.to(device) for t in thetas],
+                      weights=weights, lam=1.0, cuts=cuts, elect=elect)
+    same = got.view(torch.int32) == want.view(torch.int32)
+    assert bool(same.all()), (got[~same][:5], want[~same][:5])
+
+
 def test_merge_blocks_with_and_without_tie_ends(device, monkeypatch):
     """Blocks that hold no tie end take the kernel's plain path, the others (and the partial
     last block) the general one: tie ends at 0, on block boundaries, inside blocks and at n

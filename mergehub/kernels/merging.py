@@ -76,7 +76,7 @@ def merge_tensor(base: torch.Tensor, thetas: list[torch.Tensor], *, weights: lis
         result = reference.merge_tensor(base, thetas, weights, lam, cuts, scales, elect,
                                         normalize, tall_lambdas, bool_masks, k, out_dtype)
         return result if out is None else out.copy_(result)
-    from mergehub.kernels import triton_base, triton_merge
+    from mergehub.kernels import triton_merge
 
     nk = len(thetas)
     trims = [(-math.inf, 0) if c is None else (c.threshold, c.tie_end)
@@ -92,8 +92,7 @@ def merge_tensor(base: torch.Tensor, thetas: list[torch.Tensor], *, weights: lis
         batch.add(base, thetas, out, trims, weights, scales, tall_lambdas, float(lam), total,
                   int(k), settings)
         return out
-    coef = [weights, [c for c, _ in trims],
-            *triton_base.split_ints([tie for _, tie in trims]), scales, tall_lambdas]
+    coef = [weights, [c for c, _ in trims], [tie for _, tie in trims], scales, tall_lambdas]
     flat = [t.contiguous().reshape(-1) for t in (base, *thetas)]
     into = out.view(-1) if out is not None and out.is_contiguous() else \
         torch.empty(base.numel(), dtype=out_dtype, device=base.device)

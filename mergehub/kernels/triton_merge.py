@@ -15,10 +15,11 @@ import triton
 import triton.language as tl
 
 from mergehub.kernels.triton_base import (
-    _FAST, _INTERPRETED, _joined, _packed_bit, _store, _tensor_of)
+    _FAST, _INTERPRETED, _packed_bit, _store, _tensor_of)
 
 MERGE_BLOCK = 512  # elements per program (measured best on an H100: benchmarks/RESULTS.md)
 MERGE_WARPS = 4
+_COMPILED = tl.constexpr(not _INTERPRETED)
 
 
 
@@ -47,14 +48,36 @@ def _quotient(a, b):
 
 
 @triton.jit
-def _merge_kernel(base_ptr, thetas, out_ptr, weights, thresholds, below, tie_hi, tie_lo, scales,
-                  tall_lambdas, masks_ptr, recips_ptr, n, mask_stride, lam, total, votes_needed,
+def _opaque(i):
+    """``i`` (int32), hidden from the compiler's arithmetic: an address ``ptr + i`` then takes
+    one wide multiply-add, where LLVM would otherwise spread the sum that makes ``i`` over
+    64-bit address arithmetic (~7 more instructions per entry for a table lookup)."""
+    if _COMPILED:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [i], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        return i
+
+
+
+@triton.jit
+def _vote(d):
+    """TIES's ``elect: count``: +1, -1 or 0 by the sign of d."""
+    return tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+
+
+
+@triton.jit
+def _merge_kernel(base_ptr, thetas, out_ptr, weights, thresholds, below, tie_blocks, tie_rests,
+                  scales, tall_lambdas, masks_ptr, recips_ptr, n, mask_stride, lam, total,
+                  votes_needed,
                   K: tl.constexpr, TRIM: tl.constexpr, SCALE: tl.constexpr,
                   ELECT: tl.constexpr, NORMALIZE: tl.constexpr, CONSENSUS: tl.constexpr,
                   DIVIDE: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr):
-    # weights, thresholds, below, tie_hi, tie_lo, scales, tall_lambdas: K float32 scalars each.
-    # TRIM keeps |τ| > threshold, and |τ| == threshold at flat positions below the tie end
-    # (tie_hi·4096 + tie_lo): |τ| > below there, ``below`` being the float under the threshold.
+    # weights, thresholds, below, tie_blocks, tie_rests, scales, tall_lambdas: K float32
+    # scalars each. TRIM keeps |τ| > threshold, and |τ| == threshold at flat positions below the
+    # tie end (tie_blocks·BLOCK + tie_rests, :func:`_tie_places`): |τ| > below there, ``below``
+    # being the float under the threshold.
     # ELECT: 0 none, 1 sum, 2 count. CONSENSUS: 0 none, 1 TALL masks computed here, 2 given.
     # DIVIDE, the disjoint mean's division (all three correctly rounded): 0 ``div_rn``; 1 by the
     # float64 reciprocal of each agreeing set's divisor, from recips_ptr[Σ 2^t over the agreeing
@@ -62,10 +85,11 @@ def _merge_kernel(base_ptr, thetas, out_ptr, weights, thresholds, below, tie_hi,
     # sums of positive weights in [2^-100, 2^100], checked by the caller).
     # ROUND_BF16: round the bf16 output by :func:`_round_bf16` (the interpreter's cast
     # truncates).
-    _merge_program(base_ptr, thetas, out_ptr, weights, thresholds, below, tie_hi, tie_lo, scales,
-                   tall_lambdas, masks_ptr, recips_ptr, tl.program_id(0).to(tl.int64) * BLOCK, n,
-                   mask_stride, lam, total, votes_needed, K, TRIM, SCALE, ELECT, NORMALIZE,
-                   CONSENSUS, DIVIDE, ROUND_BF16, BLOCK)
+    pid = tl.program_id(0)
+    _merge_program(base_ptr, thetas, out_ptr, weights, thresholds, below, tie_blocks, tie_rests,
+                   scales, tall_lambdas, masks_ptr, recips_ptr, pid.to(tl.float32),
+                   pid.to(tl.int64) * BLOCK, n, mask_stride, lam, total, votes_needed, K, TRIM,
+                   SCALE, ELECT, NORMALIZE, CONSENSUS, DIVIDE, ROUND_BF16, BLOCK)
 
 
 
@@ -80,31 +104,32 @@ def _merge_many_kernel(base_like, thetas_like, out_like, meta_ptr, cut_ptr, firs
     merges a block of tensor t, found by binary search over the tensors' first programs
     (``first_ptr``). Row t of ``meta_ptr`` (int64, 3 + 2K): the base's, the output's and the
     K inputs' offsets in entries from ``base_like``, ``out_like`` and ``thetas_like[k]`` (each
-    a multiple of 16 bytes), the entry count, then the K tie ends; row t of ``cut_ptr``
-    (float32, 2K): the K thresholds, then the floats below them. Everything else is one value
-    for all the tensors (no given TALL masks)."""
+    a multiple of 16 bytes), the entry count, then the K tie ends (:func:`_tie_places`' blocks
+    and rests: K of each); row t of ``cut_ptr`` (float32, 2K): the K thresholds, then the
+    floats below them. Everything else is one value for all the tensors (no given TALL
+    masks)."""
     pid = tl.program_id(0).to(tl.int64)
     t = _tensor_of(first_ptr, pid, LOG_T)
-    row = meta_ptr + t * (3 + 2 * K)
+    row = meta_ptr + t * (3 + 3 * K)
     base_ptr = _at(base_like, tl.load(row))
     out_ptr = _at(out_like, tl.load(row + 1))
     n = tl.load(row + 2)
     thetas = ()
     thresholds = ()
     below = ()
-    tie_hi = ()
-    tie_lo = ()
+    tie_blocks = ()
+    tie_rests = ()
     for k in tl.static_range(K):
         thetas = thetas + (_at(thetas_like[k], tl.load(row + 3 + k)),)
-        tie = tl.load(row + 3 + K + k)
-        tie_hi = tie_hi + (tie >> 12,)
-        tie_lo = tie_lo + (tie & 4095,)
+        tie_blocks = tie_blocks + (tl.load(row + 3 + K + k),)
+        tie_rests = tie_rests + (tl.load(row + 3 + 2 * K + k),)
         thresholds = thresholds + (tl.load(cut_ptr + t * 2 * K + k),)
         below = below + (tl.load(cut_ptr + t * 2 * K + K + k),)
-    _merge_program(base_ptr, thetas, out_ptr, weights, thresholds, below, tie_hi, tie_lo, scales,
-                   tall_lambdas, base_ptr, recips_ptr, (pid - tl.load(first_ptr + t)) * BLOCK, n,
-                   0, lam, total, votes_needed, K, TRIM, SCALE, ELECT, NORMALIZE, CONSENSUS,
-                   DIVIDE, ROUND_BF16, BLOCK)
+    block = pid - tl.load(first_ptr + t)
+    _merge_program(base_ptr, thetas, out_ptr, weights, thresholds, below, tie_blocks, tie_rests,
+                   scales, tall_lambdas, base_ptr, recips_ptr, block, block * BLOCK, n, 0, lam,
+                   total, votes_needed, K, TRIM, SCALE, ELECT, NORMALIZE, CONSENSUS, DIVIDE,
+                   ROUND_BF16, BLOCK)
 
 
 
@@ -117,36 +142,37 @@ def _at(like_ptr, offset):
 
 
 @triton.jit
-def _merge_program(base_ptr, thetas, out_ptr, weights, thresholds, below, tie_hi, tie_lo, scales,
-                   tall_lambdas, masks_ptr, recips_ptr, start, n, mask_stride, lam, total,
-                   votes_needed, K: tl.constexpr, TRIM: tl.constexpr, SCALE: tl.constexpr,
-                   ELECT: tl.constexpr, NORMALIZE: tl.constexpr, CONSENSUS: tl.constexpr,
-                   DIVIDE: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr):
-    """One program of the merge kernels: the entries [start, start + BLOCK) of one tensor.
-    Blocks that are whole and hold no input's tie end (all but a few) take a path without
-    per-entry bounds checks or tie-end compares."""
+def _merge_program(base_ptr, thetas, out_ptr, weights, thresholds, below, tie_blocks, tie_rests,
+                   scales, tall_lambdas, masks_ptr, recips_ptr, block, start, n, mask_stride, lam,
+                   total, votes_needed, K: tl.constexpr, TRIM: tl.constexpr,
+                   SCALE: tl.constexpr, ELECT: tl.constexpr, NORMALIZE: tl.constexpr,
+                   CONSENSUS: tl.constexpr, DIVIDE: tl.constexpr, ROUND_BF16: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """One program of the merge kernels: the entries [start, start + BLOCK) of one tensor, its
+    ``block``-th (an index of the type of ``tie_blocks``, so that comparing them converts
+    nothing). Blocks that are whole and hold no input's tie end (all but a few) take a path
+    without per-entry bounds checks or tie-end compares, their cut one value per input."""
     plain = start + BLOCK <= n
     if TRIM:
         for t in tl.static_range(K):
-            tied = _joined(tie_hi[t], tie_lo[t]) - start
-            plain = plain & ((tied <= 0) | (tied >= BLOCK))
+            plain = plain & ((block != tie_blocks[t]) | (tie_rests[t] == 0))
     if plain:
-        _merge_block(base_ptr, thetas, out_ptr, weights, thresholds, below, tie_hi, tie_lo,
-                     scales, tall_lambdas, masks_ptr, recips_ptr, start, n, mask_stride, lam,
-                     total, votes_needed, K, TRIM, SCALE, ELECT, NORMALIZE, CONSENSUS, DIVIDE,
-                     ROUND_BF16, BLOCK, True)
+        _merge_block(base_ptr, thetas, out_ptr, weights, thresholds, below, tie_blocks,
+                     tie_rests, scales, tall_lambdas, masks_ptr, recips_ptr, block, start, n,
+                     mask_stride, lam, total, votes_needed, K, TRIM, SCALE, ELECT, NORMALIZE,
+                     CONSENSUS, DIVIDE, ROUND_BF16, BLOCK, True)
     else:
-        _merge_block(base_ptr, thetas, out_ptr, weights, thresholds, below, tie_hi, tie_lo,
-                     scales, tall_lambdas, masks_ptr, recips_ptr, start, n, mask_stride, lam,
-                     total, votes_needed, K, TRIM, SCALE, ELECT, NORMALIZE, CONSENSUS, DIVIDE,
-                     ROUND_BF16, BLOCK, False)
+        _merge_block(base_ptr, thetas, out_ptr, weights, thresholds, below, tie_blocks,
+                     tie_rests, scales, tall_lambdas, masks_ptr, recips_ptr, block, start, n,
+                     mask_stride, lam, total, votes_needed, K, TRIM, SCALE, ELECT, NORMALIZE,
+                     CONSENSUS, DIVIDE, ROUND_BF16, BLOCK, False)
 
 
 
 @triton.jit
-def _merge_block(base_ptr, thetas, out_ptr, weights, thresholds, below, tie_hi, tie_lo, scales,
-                 tall_lambdas, masks_ptr, recips_ptr, start, n, mask_stride, lam, total,
-                 votes_needed, K: tl.constexpr, TRIM: tl.constexpr, SCALE: tl.constexpr,
+def _merge_block(base_ptr, thetas, out_ptr, weights, thresholds, below, tie_blocks, tie_rests,
+                 scales, tall_lambdas, masks_ptr, recips_ptr, block, start, n, mask_stride, lam,
+                 total, votes_needed, K: tl.constexpr, TRIM: tl.constexpr, SCALE: tl.constexpr,
                  ELECT: tl.constexpr, NORMALIZE: tl.constexpr, CONSENSUS: tl.constexpr,
                  DIVIDE: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr,
                  PLAIN: tl.constexpr):
@@ -166,10 +192,11 @@ def _merge_block(base_ptr, thetas, out_ptr, weights, thresholds, below, tie_hi, 
         taus = taus + (tau,)
         d = tau
         if TRIM:
-            tied = tl.minimum(tl.maximum(_joined(tie_hi[t], tie_lo[t]) - start, 0), BLOCK)
-            if PLAIN:
-                cut = tl.where(tied > 0, below[t], thresholds[t])
-            else:
+            if PLAIN:  # the whole block lies before the tie end or after it
+                cut = tl.where(block < tie_blocks[t], below[t], thresholds[t])
+            else:  # entries below ``tied`` lie before it
+                tied = tl.where(block < tie_blocks[t], BLOCK,
+                                tl.where(block == tie_blocks[t], tie_rests[t], 0))
                 cut = tl.where(local < tied.to(tl.int32), below[t], thresholds[t])
             d = tl.where(tl.abs(d) > cut, d, 0.0)
         if SCALE:
@@ -182,25 +209,24 @@ def _merge_block(base_ptr, thetas, out_ptr, weights, thresholds, below, tie_hi, 
         if NORMALIZE:
             mixed = tl.math.div_rn(mixed, tl.zeros([BLOCK], tl.float32) + total)
     else:
-        score = tl.zeros([BLOCK], tl.float32)
-        for t in tl.static_range(K):
-            if ELECT == 1:
-                score += ds[t]
-            else:
-                score += tl.where(ds[t] > 0, 1.0, tl.where(ds[t] < 0, -1.0, 0.0))
-        sign = tl.where(score >= 0, 1.0, -1.0)
+        score = ds[0] if ELECT == 1 else _vote(ds[0])  # no + 0: only score's sign is used
+        for t in tl.static_range(1, K):
+            score += ds[t] if ELECT == 1 else _vote(ds[t])
+        positive = score >= 0  # the elected sign
         divisor = tl.zeros([BLOCK], tl.float32)
         agreeing = tl.zeros([BLOCK], tl.int32)
         for t in tl.static_range(K):
-            agree = ds[t] * sign > 0  # ds > 0 where the elected sign is +, ds < 0 where it is -
-            mixed += tl.where(agree, ds[t], 0.0)
+            # ds where its sign is the elected one (ds * sign > 0), else ±0: one min/max
+            kept = tl.where(positive, tl.maximum(ds[t], 0.0), tl.minimum(ds[t], 0.0))
+            mixed += kept
             if DIVIDE == 1:
-                agreeing += tl.where(agree, 1 << t, 0)
+                agreeing |= (kept != 0).to(tl.int32) << t
             else:
-                divisor += tl.where(agree, weights[t], 0.0)
+                divisor += tl.where(kept != 0, weights[t], 0.0)
         if NORMALIZE:
             if DIVIDE == 1:
-                mixed = (mixed.to(tl.float64) * tl.load(recips_ptr + agreeing)).to(tl.float32)
+                mixed = (mixed.to(tl.float64) * tl.load(recips_ptr + _opaque(agreeing))
+                         ).to(tl.float32)
             elif DIVIDE == 2:
                 mixed = _quotient(mixed, tl.where(divisor == 0, 1.0, divisor))
             else:
@@ -274,21 +300,32 @@ def _division(weights: list[float], k: int, elect: int, normalize: bool,
 
 
 
+def _tie_places(ends: list[int]) -> tuple[list[int], list[int]]:
+    """Each tie end as the merge kernels take it: the index of the MERGE_BLOCK-entry block it
+    falls in and its place there, so that a program finds its cut with one compare per input
+    (and whole blocks without a tie end with one more) instead of 64-bit arithmetic."""
+    return [e // MERGE_BLOCK for e in ends], [e % MERGE_BLOCK for e in ends]
+
+
+
 def merge(base: torch.Tensor, thetas: list[torch.Tensor], out: torch.Tensor,
           coef: list[list[float]], masks: torch.Tensor | None, lam: float, total: float,
           votes_needed: int, *, trim: bool, scale: bool, elect: int, normalize: bool,
           consensus: int) -> None:
     """Launch :func:`_merge_kernel` over flat contiguous tensors (checked by the caller);
-    ``coef``: weights, thresholds, tie ends (as :func:`split_ints`' two halves), scales and
-    TALL lambdas, K of each."""
+    ``coef``: weights, thresholds, tie ends, scales and TALL lambdas, K of each."""
     n = base.numel()
+    if triton.cdiv(n, MERGE_BLOCK) > 1 << 24:  # block indices travel as exact float32
+        raise ValueError(f"merge kernel: {n} entries in one tensor is more than it takes")
+    blocks, rests = _tie_places([int(e) for e in coef[2]])
     weights, thresholds = [float(w) for w in coef[0]], [float(c) for c in coef[1]]
     below = [_float32_below(c) for c in thresholds]
     divide, recips = _division(weights, len(thetas), elect, normalize, base.device)
     grid = (triton.cdiv(n, MERGE_BLOCK),)
     _merge_kernel[grid](
         base, tuple(thetas), out, tuple(weights), tuple(thresholds), tuple(below),
-        *(tuple(map(float, c)) for c in coef[2:]), masks if masks is not None else base,
+        *(tuple(map(float, c)) for c in (blocks, rests, *coef[3:])),
+        masks if masks is not None else base,
         base if recips is None else recips,
         n, masks.shape[1] if masks is not None else 0, lam, total, votes_needed,
         K=len(thetas), TRIM=trim, SCALE=scale, ELECT=elect, NORMALIZE=normalize,
@@ -317,7 +354,8 @@ def merge_many(bases: list[torch.Tensor], thetas: list[list[torch.Tensor]],
     for i, n in enumerate(b.numel() for b in bases):
         off = [(xs[i].data_ptr() - like.data_ptr()) // like.element_size()
                for xs, like in zip(roles, likes)]
-        rows += [off[0], off[-1], n, *off[1:-1], *(tie for _, tie in cuts[i])]
+        blocks, rests = _tie_places([tie for _, tie in cuts[i]])
+        rows += [off[0], off[-1], n, *off[1:-1], *blocks, *rests]
         floats += [c for c, _ in cuts[i]] + [_float32_below(c) for c, _ in cuts[i]]
         first.append(programs)
         programs += triton.cdiv(n, MERGE_BLOCK)
