@@ -17,9 +17,10 @@ import math
 import pytest
 import torch
 
-from mergehub.merge.methods import fast, onepass
+from mergehub.merge.methods import fast, onepass, sparsifiers
 from mergehub.ops.selection import NOTHING, Appended, Cut, magnitude_cuts
-from mergehub.ops.sparsify import apply_mask, bernoulli_mask, combine, cut_mask
+from mergehub.ops.sparsify import (
+    apply_mask, bernoulli_mask, combine, cut_mask, draw_words, keep_threshold)
 
 WEIGHTS = {"mixed": [1.0, 0.5, 0.75, 1.0], "negative": [1.0, -0.5, 2.0, 1.0],
            "zero": [0.0, 1.0, 1e-30, 3.0]}
@@ -128,14 +129,40 @@ def test_shrink_is_the_plain_mask(kind):
 
 # --- DARE's draws ----------------------------------------------------------------------------
 
-def test_keep_below_is_rand_below_density():
-    """u < d, with torch.rand's u = r·2^-24 and d rounded to float32 by the comparison: r < T.
-    Densities whose float32 rounding moves d·2^24 across an integer included."""
-    for d in [0.1, 0.2, 1 / 3, 0.5, 0.9, 1e-7, 1 - 1e-9, (12345678 + 0.3) / 2 ** 24,
-              (12345678 + 0.7) / 2 ** 24, (3_000_000 + 0.4) / 2 ** 24]:
-        t = fast.keep_below(d)
-        edge = torch.tensor([(t - 1) * 2.0 ** -24, t * 2.0 ** -24], dtype=torch.float32)
-        assert (edge < d).tolist() == [True, False], d
+def test_keep_threshold_is_u_below_density():
+    """An entry is kept iff its 31-bit uniform u = ⌊r/2⌋ + 2^30 satisfies u·2^-31 < d, d
+    rounded to float32 (checked in exact rationals at the two words around the threshold), for
+    densities whose float32 rounding moves d·2^31 across an integer, and one that rounds to 1
+    (everything kept: no word reaches the threshold)."""
+    from fractions import Fraction
+
+    for d in [0.1, 0.2, 1 / 3, 0.5, 0.9, 1e-7, (12345678 + 0.3) / 2 ** 24,
+              (12345678 + 0.7) / 2 ** 24, (3_000_000 + 0.4) / 2 ** 24, 1 - 2 ** -30]:
+        f = Fraction(float(torch.tensor(d, dtype=torch.float32)))
+        k = keep_threshold(d)
+        words = torch.tensor([2 * (k - 1 - 2 ** 30), 2 * (k - 1 - 2 ** 30) + 1,
+                              2 * (k - 2 ** 30), 2 * (k - 2 ** 30) + 1], dtype=torch.int64)
+        words = words[(words >= -2 ** 31) & (words < 2 ** 31)]
+        want = [Fraction(int(w) // 2 + 2 ** 30, 2 ** 31) < f for w in words]
+        got = ((words >> 1) + 2 ** 30 < k).tolist()
+        assert got == want and want[:2] == [True, True], d
+    assert keep_threshold(1 - 2 ** -30) == 2 ** 31  # float32(d) = 1: all 2^31 values below
+
+
+def test_dare_draws_two_words_per_64_bit_draw_and_keep_the_density():
+    """The words are the generator's 64-bit draws split in two (in the byte order of an int64),
+    and over 2^20 entries the kept share is within 5 standard deviations of the density."""
+    a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    words = draw_words(7, a, "cpu")
+    draws = torch.empty(4, dtype=torch.int64).random_(-2 ** 63, None, generator=b)
+    lows = (draws & 0xFFFFFFFF).tolist()
+    highs = (draws >> 32).tolist()
+    want = [w - (1 << 32) if w >= 1 << 31 else w for pair in zip(lows, highs) for w in pair][:7]
+    assert words.tolist() == want
+    x = torch.ones(1 << 20)
+    for d in (0.05, 0.3, 0.9):
+        share = float(bernoulli_mask(x, d, torch.Generator().manual_seed(11)).float().mean())
+        assert abs(share - d) < 5 * math.sqrt(d * (1 - d) / x.numel()), (d, share)
 
 
 @pytest.mark.parametrize("density", [0.1, 0.3, 0.9, (9_000_000 + 0.3) / 2 ** 24])
@@ -146,7 +173,6 @@ def test_dare_keep_is_bernoulli_mask(density, scale, seed):
     x = taus[1]
     mask = bernoulli_mask(x, density, torch.Generator().manual_seed(seed))
     got = fast.dare_keep(x, density, torch.Generator().manual_seed(seed), scale)
-    assert got is not None
     kept, count = got
     assert same_value(kept, apply_mask(x, mask, scale))
     assert count == int(mask.sum())
@@ -305,7 +331,7 @@ def _plain_only(monkeypatch):
     monkeypatch.setattr(onepass, "one_pass_ties", lambda *a, **k: None)
     monkeypatch.setattr(fast, "shrink", lambda *a, **k: None)
     monkeypatch.setattr(fast, "elect_combine", lambda *a, **k: None)
-    monkeypatch.setattr(fast, "dare_keep", lambda *a, **k: None)
+    monkeypatch.setattr(sparsifiers.RandomDrop, "_fast_drop", lambda *a, **k: None)
 
 
 @pytest.mark.parametrize("method, params, dtype", [

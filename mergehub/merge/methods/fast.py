@@ -8,8 +8,8 @@ costs differ far more than their count suggests: float arithmetic and ``hardshri
 ~3-5 ns, ``torch.rand`` ~7 ns (measured on the 2-core VM of ``benchmarks/RESULTS.md``, one
 thread, 2^18-element chunks). The plain functions spend most of their time in the slow ones.
 Here a trim is one ``hardshrink`` per input (:func:`shrink`), the sign election uses only
-float arithmetic (:func:`elect_combine`), and DARE's keep-masks come from the same
-generator's integer draws (:func:`dare_keep`).
+float arithmetic (:func:`elect_combine`), and DARE's keep-masks are made from the same
+generator's words with integer operations (:func:`dare_keep`).
 
 Every function here gives exactly what the plain one gives, or says that it cannot
 (``None``), where the plain one then runs: for finite inputs always the former. Signed zeros
@@ -19,7 +19,6 @@ for negative x), never in a result; the tests compare results bit for bit on awk
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -146,40 +145,16 @@ def finish(base: torch.Tensor, mixed: torch.Tensor, lam: float) -> torch.Tensor:
     return mixed.add_(base)
 
 
-#: DARE's draws: torch.rand gives (r & 0xFFFFFF) · 2^-24 for each 32-bit draw r
-_BITS = 24
-
-
-@functools.lru_cache(maxsize=1)
-def _draws_match() -> bool:
-    """Whether this torch's ``random_(0, 2**24)`` draws the integers behind ``torch.rand``'s
-    floats from the same generator (checked once: both are its Mersenne Twister's 32-bit
-    outputs masked to 24 bits)."""
-    a, b = torch.Generator().manual_seed(0x5EED), torch.Generator().manual_seed(0x5EED)
-    ints = torch.empty(4096, dtype=torch.int32).random_(0, 1 << _BITS, generator=a)
-    return torch.equal(torch.ldexp(ints.float(), torch.tensor(-_BITS)),
-                       torch.rand(4096, generator=b))
-
-
-def keep_below(density: float) -> int:
-    """T with ``torch.rand(...) < density`` exactly where the draw's 24-bit integer is < T:
-    the comparison rounds ``density`` to float32 (f) and the draw u = r·2^-24 is exact, so
-    u < f ⇔ r < f·2^24 ⇔ r < ceil(f·2^24)."""
-    f = float(torch.tensor(density, dtype=torch.float32))
-    return math.ceil(math.ldexp(f, _BITS))
-
-
 def dare_keep(x: torch.Tensor, density: float, gen: torch.Generator, scale: float
-              ) -> tuple[torch.Tensor, int] | None:
+              ) -> tuple[torch.Tensor, int]:
     """``apply_mask(x, bernoulli_mask(x, density, gen), scale)`` for 0 < density < 1 on the
-    CPU, and how many entries the mask keeps: the same numbers drawn from ``gen`` as
-    integers, the mask applied with integer operations; ``None`` (nothing drawn) where this
-    torch draws otherwise (see :func:`_draws_match`). For finite ``x``: an infinite entry
+    CPU, and how many entries the mask keeps: the same words drawn, the mask made and applied
+    with in-place integer operations (u < K ⇔ ⌊r/2⌋ − (K − 2^30) < 0, which cannot overflow;
+    its sign bit spread over the word is the mask). For finite ``x``: an infinite entry
     dropped is 0 here, NaN in ``x * mask``."""
-    if not _draws_match():
-        return None
-    mask = torch.empty(x.shape, dtype=torch.int32).random_(0, 1 << _BITS, generator=gen)
-    mask.sub_(keep_below(density)).bitwise_right_shift_(31)  # -1 where kept, else 0
+    mask = sparsify.draw_words(x.numel(), gen, x.device)
+    mask.bitwise_right_shift_(1).sub_(sparsify.keep_threshold(density) - 2 ** 30)
+    mask = mask.bitwise_right_shift_(31).view(x.shape)  # -1 where kept, else 0
     kept = torch.bitwise_and(x.view(torch.int32), mask).view(torch.float32)
     # summed in int32 where that cannot overflow: 20x faster than torch's int64 sum of int32
     count = -int(mask.sum(dtype=torch.int32 if mask.numel() < 1 << 31 else torch.int64))

@@ -257,10 +257,7 @@ class RandomDrop(Sparsifier):
         if x.device.type != "cpu" or not 0 < density < 1 \
                 or not math.isfinite(float(x.sum())):  # x * False of an infinite x is NaN
             return None
-        done = fast.dare_keep(x, density, ctx.generator("dare", t, ctx.rows[0]), scale)
-        if done is None:
-            return None
-        kept, count = done
+        kept, count = fast.dare_keep(x, density, ctx.generator("dare", t, ctx.rows[0]), scale)
         self.tally.add(t, count, 0, x.numel())
         return kept
 
