@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mergehub.kernels.triton_base import _FAST, _packed_bit, _store
+from mergehub.kernels.triton_base import _FAST, _INTERPRETED, _packed_bit, _store
 
 APPLY_BM, APPLY_BN = 32, 128  # decompress-and-apply tile; low-rank factors are padded to 16
 
@@ -35,7 +35,7 @@ def _tile_bits(ptr, r, c0, rows, cols, off, m, ALIGNED: tl.constexpr, BM: tl.con
 @triton.jit
 def _apply_kernel(w_ptr, out_ptr, rows, cols, sign_bits, sign_scales, tern_masks, tern_signs,
                   lefts, rights, coef_ptr, KS: tl.constexpr, KT: tl.constexpr,
-                  KL: tl.constexpr, R: tl.constexpr, OUT_BF16: tl.constexpr,
+                  KL: tl.constexpr, R: tl.constexpr, ROUND_BF16: tl.constexpr,
                   ALIGNED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     # coef_ptr: float32 [KS + 2 KT + KL] = sign scales s_k, ternary (s_k, value_k), low-rank s_k.
     r = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
@@ -62,7 +62,7 @@ def _apply_kernel(w_ptr, out_ptr, rows, cols, sign_bits, sign_scales, tern_masks
                         other=0)
         term = tl.dot(left, right, input_precision="ieee")
         acc = acc + tl.load(coef_ptr + KS + 2 * KT + k) * term
-    _store(out_ptr, off, acc, m, OUT_BF16)
+    _store(out_ptr, off, acc, m, ROUND_BF16)
 
 
 
@@ -91,5 +91,6 @@ def apply(base2d: torch.Tensor, out2d: torch.Tensor, signs: list[tuple[torch.Ten
         base2d, out2d, rows, cols, tuple(b for b, _ in signs), tuple(s for _, s in signs),
         tuple(mk for mk, _ in ternaries), tuple(sg for _, sg in ternaries), tuple(lefts),
         tuple(rights), coef, KS=len(signs), KT=len(ternaries), KL=len(lowranks), R=pad,
-        OUT_BF16=out2d.dtype == torch.bfloat16, ALIGNED=cols % 8 == 0, BM=APPLY_BM, BN=APPLY_BN,
+        ROUND_BF16=_INTERPRETED and out2d.dtype == torch.bfloat16,
+        ALIGNED=cols % 8 == 0, BM=APPLY_BM, BN=APPLY_BN,
         num_warps=4, **_FAST)

@@ -38,8 +38,10 @@ def _round_bf16(x):
 
 
 @triton.jit
-def _store(ptr, off, val, m, OUT_BF16: tl.constexpr):
-    if OUT_BF16:
+def _store(ptr, off, val, m, ROUND_BF16: tl.constexpr):
+    """Store ``val`` in ``ptr``'s dtype; ROUND_BF16: rounded by :func:`_round_bf16` first (for
+    the interpreter, whose bf16 cast truncates)."""
+    if ROUND_BF16:
         val = _round_bf16(val)
     tl.store(ptr + off, val.to(ptr.dtype.element_ty), mask=m)
 

@@ -67,7 +67,7 @@ def _zo_direction(seed, first, eps, BLOCK: tl.constexpr, ACCURATE: tl.constexpr)
 
 @triton.jit(do_not_specialize=["seed", "n", "start", "times"])
 def _zo_kernel(x_ptr, d_ptr, n, start, seed, eps, times, update, WRITE_D: tl.constexpr,
-               UPDATE: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr,
+               UPDATE: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr,
                ACCURATE: tl.constexpr):
     # Entries [pid·BLOCK, ...) of x (stream positions start + i): with WRITE_D store d; else
     # move x (:func:`_zo_block`).
@@ -78,7 +78,7 @@ def _zo_kernel(x_ptr, d_ptr, n, start, seed, eps, times, update, WRITE_D: tl.con
                  mask=i < n)
     else:
         _zo_block(x_ptr, x_ptr, first, start + first, n, seed, eps, times, update, 0.0, 0, UPDATE,
-                  OUT_BF16, BLOCK, False, ACCURATE)
+                  ROUND_BF16, BLOCK, False, ACCURATE)
 
 
 
@@ -90,7 +90,8 @@ def zo(x: torch.Tensor | None, d: torch.Tensor | None, n: int, start: int, seed:
     target = d if x is None else x
     _zo_kernel[(triton.cdiv(n, ZO_BLOCK),)](
         target, target, n, start, seed, float(eps), times, float(update or 0.0),
-        WRITE_D=x is None, UPDATE=update is not None, OUT_BF16=target.dtype == torch.bfloat16,
+        WRITE_D=x is None, UPDATE=update is not None,
+        ROUND_BF16=_INTERPRETED and target.dtype == torch.bfloat16,
         BLOCK=ZO_BLOCK, ACCURATE=accurate, num_warps=4, **_FAST)
 
 
@@ -209,13 +210,15 @@ def smallest_magnitudes(xs: list[torch.Tensor], ks: torch.Tensor) -> torch.Tenso
 
 @triton.jit
 def _zo_block(x_ptr, bits_ptr, start, position, n, seed, eps, times, update, bound,
-              MASK: tl.constexpr, UPDATE: tl.constexpr, OUT_BF16: tl.constexpr,
+              MASK: tl.constexpr, UPDATE: tl.constexpr, ROUND_BF16: tl.constexpr,
               BLOCK: tl.constexpr, FULL: tl.constexpr, ACCURATE: tl.constexpr):
     """Entries [start, start + BLOCK) of x (below n; all of them with FULL), at stream
     positions from ``position``: add d ``times`` times (subtract for times < 0), rounding to
     x's dtype after each add as torch's in-place add does, then (UPDATE) add update·d once
     more; d is masked by |x| <= bound at the step's start (MASK 1: computed here and stored as
-    packed bits from byte start / 8 of ``bits_ptr``; 2: read from them)."""
+    packed bits from byte start / 8 of ``bits_ptr``; 2: read from them). ROUND_BF16: round to
+    bf16 by :func:`_round_bf16` (the interpreter's cast truncates; compiled, the cast itself
+    rounds to nearest-even, in one instruction)."""
     i = start + tl.arange(0, BLOCK)
     if FULL:
         m = tl.full([BLOCK], 1, tl.int1)
@@ -244,13 +247,13 @@ def _zo_block(x_ptr, bits_ptr, start, position, n, seed, eps, times, update, bou
     step = tl.where(times > 0, d, -d)
     for _ in range(tl.abs(times)):
         x = x + step
-        if OUT_BF16:
+        if ROUND_BF16:
             x = _round_bf16(x)
         else:
             x = x.to(x_ptr.dtype.element_ty).to(tl.float32)
     if UPDATE:
         x = x + d * update
-    if OUT_BF16:
+    if ROUND_BF16:
         x = _round_bf16(x)
     if FULL:
         tl.store(x_ptr + i, x.to(x_ptr.dtype.element_ty))
@@ -262,7 +265,7 @@ def _zo_block(x_ptr, bits_ptr, start, position, n, seed, eps, times, update, bou
 @triton.jit(do_not_specialize=["times"])
 def _zo_many_kernel(like_ptr, meta_ptr, first_ptr, seeds_ptr, bounds_ptr, bits_ptr, eps, times,
                     update, LOG_T: tl.constexpr, MASK: tl.constexpr, UPDATE: tl.constexpr,
-                    OUT_BF16: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
+                    ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
                     ACCURATE: tl.constexpr):
     # :func:`_zo_kernel` over several tensors (stream positions from 0 in each, seeds_ptr[t]
     # its seed): each program moves one block of one tensor.
@@ -274,10 +277,10 @@ def _zo_many_kernel(like_ptr, meta_ptr, first_ptr, seeds_ptr, bounds_ptr, bits_p
         bound = tl.load(bounds_ptr + t)
     if start + BLOCK <= n:
         _zo_block(x_ptr, bits_ptr + first_byte, start, start, n, seed, eps, times, update, bound,
-                  MASK, UPDATE, OUT_BF16, BLOCK, True, ACCURATE)
+                  MASK, UPDATE, ROUND_BF16, BLOCK, True, ACCURATE)
     else:
         _zo_block(x_ptr, bits_ptr + first_byte, start, start, n, seed, eps, times, update, bound,
-                  MASK, UPDATE, OUT_BF16, BLOCK, False, ACCURATE)
+                  MASK, UPDATE, ROUND_BF16, BLOCK, False, ACCURATE)
 
 
 
@@ -294,6 +297,7 @@ def zo_many(xs: list[torch.Tensor], seeds: torch.Tensor, eps: float, times: int,
     _zo_many_kernel[(programs,)](
         like, meta, first, seeds, seeds if bounds is None else bounds,
         like if bits is None else bits, float(eps), times, float(update or 0.0), LOG_T=log_t,
-        MASK=mask, UPDATE=update is not None, OUT_BF16=xs[0].dtype == torch.bfloat16,
+        MASK=mask, UPDATE=update is not None,
+        ROUND_BF16=_INTERPRETED and xs[0].dtype == torch.bfloat16,
         BLOCK=ZO_MANY_BLOCK, ALIGN=_align(xs), ACCURATE=accurate, num_warps=ZO_MANY_WARPS,
         **_FAST)
