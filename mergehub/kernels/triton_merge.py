@@ -17,7 +17,7 @@ import triton.language as tl
 from mergehub.kernels.triton_base import (
     _FAST, _INTERPRETED, _packed_bit, _store, _tensor_of)
 
-MERGE_BLOCK = 512  # elements per program (measured best on an H100: benchmarks/RESULTS.md)
+MERGE_BLOCK = 1024  # entries per program (measured best for K <= 4 on an H200: benchmarks/RESULTS.md)
 MERGE_WARPS = 4
 _COMPILED = tl.constexpr(not _INTERPRETED)
 

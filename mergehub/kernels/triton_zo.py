@@ -12,9 +12,11 @@ from mergehub.kernels.triton_base import (
     _FAST, _INTERPRETED, _align, _digit_histogram, _first, _layout, _round_bf16, _tensor_block)
 
 ZO_BLOCK = 1024  # MeZO perturbation: entries per program
-#: many-tensor MeZO kernels: entries per program and warps of a move and of a quantile's
-#: counting pass, and the bits of the quantile's radix digits
-ZO_MANY_BLOCK, ZO_MANY_WARPS = 2048, 4
+#: many-tensor MeZO kernels: entries per block, blocks per program (one search for the
+#: program's tensor serves them all: measured ~12% of a move on an H200 with one block a
+#: program) and warps of a move, then those of a quantile's counting pass, and the bits of the
+#: quantile's radix digits
+ZO_MANY_BLOCK, ZO_MANY_SUB, ZO_MANY_WARPS = 1024, 4, 4
 QUANTILE_BLOCK, QUANTILE_WARPS, QUANTILE_BITS = 4096, 4, 5
 
 
@@ -265,22 +267,24 @@ def _zo_block(x_ptr, bits_ptr, start, position, n, seed, eps, times, update, bou
 @triton.jit(do_not_specialize=["times"])
 def _zo_many_kernel(like_ptr, meta_ptr, first_ptr, seeds_ptr, bounds_ptr, bits_ptr, eps, times,
                     update, LOG_T: tl.constexpr, MASK: tl.constexpr, UPDATE: tl.constexpr,
-                    ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
-                    ACCURATE: tl.constexpr):
+                    ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
+                    ALIGN: tl.constexpr, ACCURATE: tl.constexpr):
     # :func:`_zo_kernel` over several tensors (stream positions from 0 in each, seeds_ptr[t]
-    # its seed): each program moves one block of one tensor.
-    t, x_ptr, start, n, first_byte = _tensor_block(like_ptr, meta_ptr, first_ptr, LOG_T, BLOCK,
-                                                   ALIGN)
+    # its seed): each program moves SUB consecutive blocks of one tensor.
+    t, x_ptr, first, n, first_byte = _tensor_block(like_ptr, meta_ptr, first_ptr, LOG_T,
+                                                   BLOCK * SUB, ALIGN)
     seed = tl.load(seeds_ptr + t)
     bound = 0.0
     if MASK != 0:
         bound = tl.load(bounds_ptr + t)
-    if start + BLOCK <= n:
-        _zo_block(x_ptr, bits_ptr + first_byte, start, start, n, seed, eps, times, update, bound,
-                  MASK, UPDATE, ROUND_BF16, BLOCK, True, ACCURATE)
-    else:
-        _zo_block(x_ptr, bits_ptr + first_byte, start, start, n, seed, eps, times, update, bound,
-                  MASK, UPDATE, ROUND_BF16, BLOCK, False, ACCURATE)
+    for s in tl.static_range(SUB):
+        start = first + s * BLOCK
+        if start + BLOCK <= n:
+            _zo_block(x_ptr, bits_ptr + first_byte, start, start, n, seed, eps, times, update,
+                      bound, MASK, UPDATE, ROUND_BF16, BLOCK, True, ACCURATE)
+        elif start < n:
+            _zo_block(x_ptr, bits_ptr + first_byte, start, start, n, seed, eps, times, update,
+                      bound, MASK, UPDATE, ROUND_BF16, BLOCK, False, ACCURATE)
 
 
 
@@ -291,7 +295,7 @@ def zo_many(xs: list[torch.Tensor], seeds: torch.Tensor, eps: float, times: int,
     checked by the caller), seeds int64 [T] on their device; with ``bounds`` (float32 [T]) the
     moves are masked by the packed bits in ``bits`` (:func:`_layout`'s offsets), which are
     computed first when ``fresh`` (``accurate``: :func:`_zo_direction`'s ACCURATE)."""
-    meta, first, programs, log_t = _layout(xs, ZO_MANY_BLOCK)
+    meta, first, programs, log_t = _layout(xs, ZO_MANY_BLOCK * ZO_MANY_SUB)
     mask = 0 if bounds is None else 1 if fresh else 2
     like = _first(xs)
     _zo_many_kernel[(programs,)](
@@ -299,5 +303,6 @@ def zo_many(xs: list[torch.Tensor], seeds: torch.Tensor, eps: float, times: int,
         like if bits is None else bits, float(eps), times, float(update or 0.0), LOG_T=log_t,
         MASK=mask, UPDATE=update is not None,
         ROUND_BF16=_INTERPRETED and xs[0].dtype == torch.bfloat16,
-        BLOCK=ZO_MANY_BLOCK, ALIGN=_align(xs), ACCURATE=accurate, num_warps=ZO_MANY_WARPS,
+        BLOCK=ZO_MANY_BLOCK, SUB=ZO_MANY_SUB, ALIGN=_align(xs), ACCURATE=accurate,
+        num_warps=ZO_MANY_WARPS,
         **_FAST)
