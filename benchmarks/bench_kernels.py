@@ -12,10 +12,15 @@ a sample's exact threshold; the whole call, and its device work alone against th
 both from CUDA graphs). Then decompress-and-apply of 4
 BitDelta / ComPEFT / low-rank deltas against decoding them densely with torch. Every kernel
 result is checked against its reference (bit-exact; low-rank within 1e-5) on the timed data.
+``moves``: MeZO's three moves (+εz, −2εz, +εz with the update) as one ``kernels.zo_steps``
+launch over the 201 bf16 parameters of a 1.1B Llama shape, against a copy of as many bytes
+(each move reads and writes every parameter once); each move's result checked equal to the
+same move applied one parameter at a time (``kernels.zo_step``).
 
     python benchmarks/bench_kernels.py                 # on a CUDA GPU; --json PATH saves rows
     python benchmarks/bench_kernels.py --parts merge,breakdown --ks 4   # a subset; breakdown:
         # an exact threshold selection's and a TIES merge's kernels under torch.profiler
+    python benchmarks/bench_kernels.py --parts moves    # MeZO's moves (issue 16, item 1)
     TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --smoke   # CPU check of the script
 """
 
@@ -216,6 +221,39 @@ def bench_apply(bench, dev, copy, shape, rows, smoke, k=4, rank=16):
                      "speedup": ref_ms / ms})
 
 
+def llama_shapes(smoke: bool) -> list[tuple[int, ...]]:
+    """The parameter shapes of a 1.1B Llama (hidden 2048, intermediate 5632, 22 layers, 4 KV
+    heads of 64, vocab 32000, untied embeddings), or a few small ones with ``smoke``."""
+    if smoke:
+        return [(300, 8), (5,), (64, 33), (1000,)]
+    h, inter, kv, vocab = 2048, 5632, 256, 32000
+    layer = [(h, h), (kv, h), (kv, h), (h, h), (inter, h), (inter, h), (h, inter), (h,), (h,)]
+    return [(vocab, h), *layer * 22, (h,), (vocab, h)]
+
+
+def bench_moves(bench, dev, copy, rows, smoke) -> None:
+    """MeZO's moves over all parameters in one launch, against a copy of their bytes."""
+    gen = torch.Generator(device=dev).manual_seed(0)
+    xs = [torch.randn(s, device=dev, generator=gen).bfloat16().reshape(-1)
+          for s in llama_shapes(smoke)]
+    seeds = [7919 * t + 3 for t in range(len(xs))]
+    n = sum(x.numel() for x in xs)
+    start = [x.clone() for x in xs]
+    for name, times, update in (("+eps z", 1, None), ("-2 eps z", -2, None),
+                                ("+eps z, update", 1, -1e-3)):
+        kernels.zo_steps(xs, seeds, 1e-3, times, update=update)
+        for x, s0, seed in zip(xs, start, seeds):
+            one = s0.clone()
+            kernels.zo_step(one, seed, 1e-3, times, update=update)
+            assert torch.equal(x, one), name
+        ms = bench(lambda: kernels.zo_steps(xs, seeds, 1e-3, times, update=update))
+        for x, s0 in zip(xs, start):
+            x.copy_(s0)
+        gbs = 4 * n / ms / 1e6
+        rows.append({"op": f"move {name}", "shape": [n], "K": len(xs), "ms": ms, "GB/s": gbs,
+                     "of_copy": gbs / copy})
+
+
 def breakdown(dev, shape, k, rows) -> None:
     """Where an exact threshold selection's time goes, against the TIES merge it serves: one
     call of each (after a warm-up) under ``torch.profiler``, its wall time (host clock, synced)
@@ -248,7 +286,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (interpreter)")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--parts", default="blocks,merge,apply",
-                    help="comma-separated: blocks, merge, apply, breakdown (GPU only)")
+                    help="comma-separated: blocks, merge, apply, moves, breakdown (GPU only)")
     ap.add_argument("--ks", default="2,4,8", help="numbers of fine-tunes for the merge rows")
     args = ap.parse_args()
     parts = args.parts.split(",")
@@ -272,6 +310,8 @@ def main() -> None:
                     args.smoke)
     if "apply" in parts:
         bench_apply(bench, dev, copy, shapes[0], rows, args.smoke)
+    if "moves" in parts:
+        bench_moves(bench, dev, copy, rows, args.smoke)
     if "breakdown" in parts and not args.smoke:
         breakdown(dev, shapes[0], 4, rows)
     print(f"{'op':34} {'shape':>12} {'K':>2} {'ms':>8} {'GB/s':>7} {'copy':>5} "
