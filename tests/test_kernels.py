@@ -248,6 +248,15 @@ def test_ties_signed_zeros(device, elect, trim, weights):
     assert bool(same.all()), (got[~same][:5], want[~same][:5])
 
 
+def test_merge_refuses_more_blocks_than_floats_count(monkeypatch):
+    """Block indices reach the kernel as exact float32: a tensor of more than 2^24 blocks is
+    refused by name before any launch."""
+    monkeypatch.setattr(triton_merge, "MERGE_BLOCK", 1)
+    base = torch.zeros(2 ** 24 + 1, dtype=torch.bfloat16)
+    with pytest.raises(InputError, match=r"2\^24 blocks"):
+        kernels.merge_tensor(base, [base], weights=[1.0], lam=1.0, backend="triton")
+
+
 def test_merge_blocks_with_and_without_tie_ends(device, monkeypatch):
     """Blocks that hold no tie end take the kernel's plain path, the others (and the partial
     last block) the general one: tie ends at 0, on block boundaries, inside blocks and at n

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mergehub.errors import InputError
 from mergehub.kernels.triton_base import (
     _FAST, _INTERPRETED, _packed_bit, _store, _tensor_of)
 
@@ -316,7 +317,8 @@ def merge(base: torch.Tensor, thetas: list[torch.Tensor], out: torch.Tensor,
     ``coef``: weights, thresholds, tie ends, scales and TALL lambdas, K of each."""
     n = base.numel()
     if triton.cdiv(n, MERGE_BLOCK) > 1 << 24:  # block indices travel as exact float32
-        raise ValueError(f"merge kernel: {n} entries in one tensor is more than it takes")
+        raise InputError(f"merge_tensor: a tensor of {n:,} entries is more than the fused "
+                         f"kernel takes (2^24 blocks of {MERGE_BLOCK}); merge it on the CPU")
     blocks, rests = _tie_places([int(e) for e in coef[2]])
     weights, thresholds = [float(w) for w in coef[0]], [float(c) for c in coef[1]]
     below = [_float32_below(c) for c in thresholds]
