@@ -25,6 +25,9 @@ _FAST = {"enable_fp_fusion": False}
 #: under Triton's interpreter a float32 -> bf16 cast truncates: :func:`_round_bf16` rounds first
 #: (compiled, the cast itself rounds to nearest-even, in one instruction)
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+#: the same as a kernel's compile-time constant: what only compiled code has (inline PTX,
+#: libdevice's approximate functions) goes under ``if _COMPILED:``
+_COMPILED = tl.constexpr(not _INTERPRETED)
 
 
 

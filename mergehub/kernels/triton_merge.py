@@ -16,11 +16,11 @@ import triton.language as tl
 
 from mergehub.errors import InputError
 from mergehub.kernels.triton_base import (
-    _FAST, _INTERPRETED, _packed_bit, _store, _tensor_of)
+    _COMPILED, _FAST, _INTERPRETED, _packed_bit, _store, _tensor_of)
 
-MERGE_BLOCK = 1024  # entries per program (measured best for K <= 4 on an H200: benchmarks/RESULTS.md)
+#: entries per program (measured best for K <= 4 on an H200: benchmarks/RESULTS.md)
+MERGE_BLOCK = 1024
 MERGE_WARPS = 4
-_COMPILED = tl.constexpr(not _INTERPRETED)
 
 
 

@@ -9,7 +9,8 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from mergehub.kernels.triton_base import (
-    _FAST, _INTERPRETED, _align, _digit_histogram, _first, _layout, _round_bf16, _tensor_block)
+    _COMPILED, _FAST, _INTERPRETED, _align, _digit_histogram, _first, _layout, _round_bf16,
+    _tensor_block)
 
 ZO_BLOCK = 1024  # MeZO perturbation: entries per program
 #: many-tensor MeZO kernels: entries per block, blocks per program (one search for the
@@ -21,10 +22,6 @@ QUANTILE_BLOCK, QUANTILE_WARPS, QUANTILE_BITS = 4096, 4, 5
 
 
 
-#: z's normal transform (:func:`_box_muller`): the GPU's approximate log2, sine and cosine
-#: (one special-function instruction each) when compiled; the interpreter has no libdevice, so
-#: there the same formula runs in numpy's float32 math (a stream of its own, as the CPU's is)
-_APPROX = tl.constexpr(not _INTERPRETED)
 
 
 
@@ -36,7 +33,8 @@ def _box_muller(u1, u2):
     accurate to ~2^-21."""
     u1 = tl.maximum(1.0e-7, u1)
     th = 6.283185307179586 * u2 - 3.141592653589793
-    if _APPROX:
+    if _COMPILED:  # the GPU's approximate log2, cosine and sine: one instruction each (the
+        # interpreter has no libdevice: there numpy's float32 math, a stream of its own)
         r = -tl.sqrt(-1.3862943611198906 * libdevice.fast_log2f(u1))  # -2 ln 2 · log2 u1
         return r * libdevice.fast_cosf(th), r * libdevice.fast_sinf(th)
     else:

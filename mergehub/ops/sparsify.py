@@ -5,9 +5,10 @@ that apply a trim (a :class:`~mergehub.ops.selection.Cut`, found in
 the sign election with the disjoint combine. Conventions (docs/merging.md compares them with
 mergekit and the papers):
 
-* DARE drops each entry with probability 1 − density (to 2^-31) from a generator seeded by
-  (seed, tensor, input, chunk), 31 random bits per entry, and rescales survivors by 1/density (``rescale: true``, the paper's, keeps E[τ])
-  or to the original L1 norm (``rescale: l1``, mergekit 0.1.5);
+* DARE drops each entry with probability 1 − density (to 2^-31; 31 random bits an entry) from
+  a generator seeded by (seed, tensor, input, chunk) and rescales survivors by 1/density
+  (``rescale: true``, the paper's, keeps E[τ]) or to the original L1 norm (``rescale: l1``,
+  mergekit 0.1.5);
 * breadcrumbs keeps int(density·n) entries after dropping the int(gamma·n) first in the
   trims' order (fewer where they would not fit), mergekit's ``magnitude_outliers``.
 """
