@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Trainer benchmarks (issue 6). ``memory``: peak memory of MeZO vs inference vs backprop.
+"""Trainer benchmarks (issue 6). ``memory``: peak memory of MeZO vs inference vs backprop;
+``speed``: step times against inference's, alternating in one process (issue 16).
 
 (Accuracy per method on the synthetic tasks is ``bench_trainer_accuracy.py``.)
 
@@ -36,6 +37,13 @@ against ``inference`` measured in the same run.
         --intermediate 5632 --layers 22 --heads 32 --kv-heads 4 --batch 8 --seq 512
     python benchmarks/bench_trainers.py memory --hidden 64 --intermediate 128 --layers 2 \\
         --vocab 256 --heads 4 --kv-heads 2 --batch 2 --seq 16      # smoke test, seconds
+
+``speed`` builds the model once and runs rounds of one step per mode (inference first, then
+``--modes``, default ``mezo,sparse-mezo``), so every ratio compares steps taken seconds apart
+on the same device state (:func:`speed`)::
+
+    python benchmarks/bench_trainers.py speed --device cuda --dtype bfloat16 --hidden 2048 \\
+        --intermediate 5632 --layers 22 --heads 32 --kv-heads 4 --batch 8 --seq 512
 """
 
 from __future__ import annotations
@@ -47,9 +55,14 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import bench_merge as bm  # the model-shape options (benchmarks/ is on the path of a script)
+
+if TYPE_CHECKING:
+    import torch
 
 FORWARD = "closure forward"  # the profiler range around each of the closure's forward passes
 CPU_MODES = ("inference", "mezo", "sparse-mezo", "adam")
@@ -75,18 +88,12 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def run_mode(args: argparse.Namespace) -> dict:
-    """Build the model, run ``args.child`` for ``args.steps`` steps, return its peak memory."""
+def build(args: argparse.Namespace, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The benchmark's model (random init, built in ``dtype`` on ``args.device``) and its batch."""
     import torch
-    from torch.profiler import record_function
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mergehub.adapters.graphs import cuda_graphed
-    from mergehub.adapters.mezo import MeZO
-
-    mode, device = args.child, torch.device(args.device)
-    dtype = torch.float32 if mode == "adam-amp" else getattr(torch, args.dtype)
-    baseline_kib = _status_kib("VmRSS")
+    device = torch.device(args.device)
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
                          intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                          num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
@@ -97,9 +104,18 @@ def run_mode(args: argparse.Namespace) -> dict:
     with device:
         model = LlamaForCausalLM(config)
     torch.set_default_dtype(default)
-    params = sum(p.numel() for p in model.parameters())
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(args.vocab, (args.batch, args.seq), generator=gen).to(device)
+    return model, ids
+
+
+def step_of(mode: str, model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], float]:
+    """One step of ``mode`` (the module docstring's modes) on ``model`` and the batch ``ids``."""
+    import torch
+    from torch.profiler import record_function
+
+    from mergehub.adapters.graphs import cuda_graphed
+    from mergehub.adapters.mezo import MeZO
 
     def forward(input_ids):
         return model(input_ids=input_ids, labels=input_ids).loss
@@ -128,7 +144,8 @@ def run_mode(args: argparse.Namespace) -> dict:
         opt = torch.optim.Adam(model.parameters(), lr=1e-5)
 
         def step():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "adam-amp"):
+            with torch.autocast(ids.device.type, dtype=torch.bfloat16,
+                                enabled=mode == "adam-amp"):
                 value = loss()
             value.backward()
             opt.step()
@@ -136,6 +153,19 @@ def run_mode(args: argparse.Namespace) -> dict:
             return float(value)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
+    return step
+
+
+def run_mode(args: argparse.Namespace) -> dict:
+    """Build the model, run ``args.child`` for ``args.steps`` steps, return its peak memory."""
+    import torch
+
+    mode, device = args.child, torch.device(args.device)
+    dtype = torch.float32 if mode == "adam-amp" else getattr(torch, args.dtype)
+    baseline_kib = _status_kib("VmRSS")
+    model, ids = build(args, dtype)
+    params = sum(p.numel() for p in model.parameters())
+    step = step_of(mode, model, ids)
 
     cuda = device.type == "cuda"
     if cuda:
@@ -290,23 +320,84 @@ def memory(args: argparse.Namespace) -> None:
                 print(f"{'':18s}   {ms:8.3f} ms {count:5d}x {name}")
 
 
+def speed(args: argparse.Namespace) -> None:
+    """Step time of each mode against inference's, the modes alternating in one process.
+
+    Every round runs one step of each mode (``--modes``, inference first) on the same model
+    and batch, each timed alone (synchronized before and after); after ``--warmup`` rounds,
+    ``--rounds`` rounds are kept. Printed per mode: the median, min and max step time, the
+    median over the median of its baseline (``inference-graph`` for a ``-graph`` mode where
+    that runs too, else ``inference``), and the median and range of the per-round ratios.
+    Where the device's speed drifts over minutes (clocks, a neighbour on the host), the
+    rounds see the same drift and the ratios stay put, unlike those of :func:`memory`, whose
+    modes run minutes apart in processes of their own.
+    """
+    import statistics
+
+    import torch
+
+    modes = ["inference", *[m for m in (args.modes or "mezo,sparse-mezo").split(",")
+                            if m != "inference"]]
+    cuda = args.device == "cuda"
+    model, ids = build(args, getattr(torch, args.dtype))
+    steps = {mode: step_of(mode, model, ids) for mode in modes}
+    print(f"trainer speed benchmark: Llama hidden {args.hidden}, intermediate "
+          f"{args.intermediate}, {args.layers} layers, heads {args.heads}/{args.kv_heads}, vocab "
+          f"{args.vocab}; {sum(p.numel() for p in model.parameters()):,} params; batch "
+          f"{args.batch} x {args.seq} tokens; {args.dtype}; device "
+          f"{torch.cuda.get_device_name() if cuda else 'cpu'}; {args.warmup} + {args.rounds} "
+          f"rounds of {', '.join(modes)}; torch {torch.__version__}", flush=True)
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    for r in range(args.warmup + args.rounds):
+        for mode, step in steps.items():
+            if cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+            if r >= args.warmup:
+                times[mode].append(time.perf_counter() - t)
+    print(f"{'mode':18s} {'median ms':>9s} {'min ms':>8s} {'max ms':>8s} {'against':>16s} "
+          f"{'x':>6s} {'per round: median [min, max]':>30s}")
+    for mode, ts in times.items():
+        against = ("inference-graph" if mode.endswith("-graph") and "inference-graph" in times
+                   else "inference")
+        ratios = [t / i for t, i in zip(ts, times[against])]
+        print(f"{mode:18s} {statistics.median(ts) * 1e3:9.2f} {min(ts) * 1e3:8.2f} "
+              f"{max(ts) * 1e3:8.2f} {against:>16s} "
+              f"{statistics.median(ts) / statistics.median(times[against]):5.2f}x "
+              f"{statistics.median(ratios):11.2f}x [{min(ratios):.2f}, {max(ratios):.2f}]")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="part", required=True)
     mem = sub.add_parser("memory", help="peak memory of MeZO vs inference vs Adam backprop")
-    mem.add_argument("--device", default="cpu")
-    mem.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    bm.shape_args(mem, layers=12, hidden=768, intermediate=2048, vocab=32000, heads=12,
-                  kv_heads=4)
-    mem.add_argument("--batch", type=int, default=4)
-    mem.add_argument("--seq", type=int, default=256)
+    spd = sub.add_parser("speed", help="step time of MeZO vs inference, alternating in one "
+                                       "process")
+    for part in (mem, spd):  # the model and its batch
+        part.add_argument("--device", default="cpu")
+        part.add_argument("--dtype", default="float32",
+                          choices=["float32", "bfloat16", "float16"])
+        bm.shape_args(part, layers=12, hidden=768, intermediate=2048, vocab=32000, heads=12,
+                      kv_heads=4)
+        part.add_argument("--batch", type=int, default=4)
+        part.add_argument("--seq", type=int, default=256)
     mem.add_argument("--steps", type=int, default=3)
     mem.add_argument("--modes", default=None, help="comma-separated subset of the modes")
     mem.add_argument("--profile", action="store_true",
                      help="CUDA: profile one more step per mode and summarize its timeline")
     mem.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    spd.add_argument("--modes", default=None,
+                     help="comma-separated modes timed against inference (default: mezo,"
+                          "sparse-mezo; e.g. inference-graph,mezo-graph on CUDA)")
+    spd.add_argument("--rounds", type=int, default=30, help="rounds kept")
+    spd.add_argument("--warmup", type=int, default=3, help="rounds run first, not kept")
     args = ap.parse_args()
-    if args.child:
+    if args.part == "speed":
+        speed(args)
+    elif args.child:
         print(json.dumps(run_mode(args)))
     else:
         memory(args)
