@@ -489,6 +489,46 @@ def test_triton_path_equals_its_torch_reference(monkeypatch, options, device):
     assert not torch.equal(torch_path[0], fused[1][0])
 
 
+@pytest.mark.parametrize("device", [pytest.param("cpu", id="interp"),
+                                    pytest.param("cuda", id="gpu", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("density", [None, 0.5])
+def test_kept_launches_follow_the_parameters(device, density):
+    """The launches kept from step to step move the parameters as they are at each step: a
+    run whose parameters get new storage (``p.data = clone``, ``model.to``-like), change dtype,
+    are frozen or are unfrozen between steps ends bit for bit where a run that starts each of
+    those steps with a fresh optimizer does (the same seed and step counts give the same
+    z); a kept launch on the old storage would leave the new tensors unmoved."""
+    pytest.importorskip("triton")
+
+    def params():
+        gen = torch.Generator().manual_seed(5)
+        return [torch.nn.Parameter(t.to(device)) for t in (
+            (0.02 * torch.randn(31, 17, generator=gen)).bfloat16(),
+            torch.randn(700, generator=gen), torch.randn(9, generator=gen))]
+
+    def loss_of(ps):
+        return lambda: float(sum(p.double().sin().sum() for p in ps if p.requires_grad))
+
+    changes = [lambda ps: None,
+               lambda ps: [setattr(p, "data", p.data.clone()) for p in ps],
+               lambda ps: setattr(ps[1], "data", ps[1].data.bfloat16()),
+               lambda ps: ps[0].requires_grad_(False),
+               lambda ps: ps[0].requires_grad_(True)]
+    kept, fresh = params(), params()
+    opt = MeZO(kept, lr=1e-3, eps=1e-3, density=density, backend="triton")
+    for step, change in enumerate(changes):
+        change(kept)
+        change(fresh)
+        before = [p.detach().clone() for p in kept]
+        opt.step(loss_of(kept))
+        other = MeZO(fresh, lr=1e-3, eps=1e-3, density=density, backend="triton")
+        other.steps_done = step
+        other.step(loss_of(fresh))
+        for a, b in zip(kept, fresh):
+            assert a.dtype == b.dtype and torch.equal(a, b), step
+        assert any(not torch.equal(a, b) for a, b in zip(before, kept)), step
+
+
 def test_seeds_of_many_keys_are_seed_sequences():
     """The vectorized seeds (one per parameter and step) equal numpy's SeedSequence words, for
     keys whose values take one or two 32-bit words and keys of 3 and 4 values."""

@@ -17,9 +17,9 @@ from the merge methods' own functions) otherwise or when Triton is not installed
   (:mod:`mergehub.kernels.deltas`), decoded tile by tile, never materialized;
 * :func:`zo_direction` / :func:`zo_step` / :func:`zo_steps`: MeZO's perturbation drawn from
   Philox, materialized or added to a parameter in one pass with the draw in registers, or to
-  many parameters in one launch, Sparse MeZO's mask computed in the same pass (their oracle is
-  torch ops on the materialized draw; the CPU path of MeZO draws with ``torch.randn``
-  instead); :func:`smallest_magnitudes`: Sparse MeZO's per-tensor quantiles of |θ|, exact.
+  many parameters in one launch (:class:`ZoTensors`: those parameters checked and laid out
+  once), Sparse MeZO's mask computed in the same pass (their oracle is torch ops on the
+  materialized draw; the CPU path of MeZO draws with ``torch.randn`` instead); :func:`smallest_magnitudes`: Sparse MeZO's per-tensor quantiles of |θ|, exact.
 
 Tolerances (tests/test_kernels.py checks them): float32 arithmetic is done in the reference's
 order with its roundings, so merge results and sign/ternary deltas are bit-identical to the
@@ -43,10 +43,10 @@ from mergehub.kernels.dispatch import triton_available
 from mergehub.kernels.merging import MergeBatch, MergeReplay, merge_tensor
 from mergehub.kernels.selection import CutMemo, magnitude_cut, magnitude_cuts
 from mergehub.kernels.zo import (
-    seed_table, smallest_magnitudes, zo_direction, zo_mask_bytes, zo_step, zo_steps)
+    ZoTensors, seed_table, smallest_magnitudes, zo_direction, zo_mask_bytes, zo_step, zo_steps)
 from mergehub.ops.selection import Cut
 
 __all__ = ["merge_tensor", "MergeBatch", "MergeReplay", "magnitude_cuts", "magnitude_cut", "Cut",
-           "CutMemo", "apply_deltas", "zo_direction", "zo_step", "zo_steps", "zo_mask_bytes",
-           "seed_table", "smallest_magnitudes", "SignDelta", "TernaryDelta", "LowRankDelta",
-           "dense", "triton_available"]
+           "CutMemo", "apply_deltas", "zo_direction", "zo_step", "zo_steps", "ZoTensors",
+           "zo_mask_bytes", "seed_table", "smallest_magnitudes", "SignDelta", "TernaryDelta",
+           "LowRankDelta", "dense", "triton_available"]

@@ -1,6 +1,6 @@
 """What the Triton kernels share (imported only when Triton is, see :mod:`mergehub.kernels`):
 launch options, bf16 rounding, packed bits, integers passed as floats, and the addressing of
-many tensors from one pointer.
+many tensors from one pointer (their layout tables: :class:`mergehub.kernels.zo.ZoTensors`).
 
 Every kernel makes one pass over memory and does its float32 arithmetic in the same order, with
 the same roundings, as the torch reference: launches pass ``enable_fp_fusion=False`` (no
@@ -13,7 +13,6 @@ excepted: a ``tl.dot`` sums in another order than a CPU matmul).
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -70,52 +69,6 @@ def split_ints(values: list[int]) -> tuple[tuple[float, ...], tuple[float, ...]]
 def _joined(hi, lo):
     """The integer :func:`split_ints` passed as ``hi`` and ``lo``."""
     return tl.cast(hi, tl.int64) * 4096 + tl.cast(lo, tl.int64)
-
-
-
-def _layout(xs: list[torch.Tensor], block: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """:func:`_layout_of` the tensors ``xs`` (one dtype, one of them not empty: the first such
-    is the kernels' ``like_ptr``, :func:`_first`)."""
-    return _layout_of(tuple((x.data_ptr(), x.numel()) for x in xs), xs[0].element_size(), block,
-                      xs[0].device)
-
-
-
-def _first(xs: list[torch.Tensor]) -> torch.Tensor:
-    """The first tensor with entries: the one the many-tensor kernels address the others from."""
-    return next(x for x in xs if x.numel())
-
-
-
-@functools.lru_cache(maxsize=16)
-def _layout_of(tensors: tuple[tuple[int, int], ...], size: int, block: int,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Programs over several flat tensors, ``block`` entries each, for the (data_ptr, numel)
-    pairs ``tensors`` of ``size``-byte entries: int64 [T, 3] (where the tensor starts, in
-    entries from the first non-empty one's start, so that the kernels address it from a
-    pointer argument whose alignment Triton knows; its entries; the first byte of its packed
-    bits: each tensor takes ceil(numel / 8) bytes, in order), int64 [2^log_t] (tensor t's
-    first program, then the program count up to the power of two the search in
-    :func:`_tensor_of` spans), the program count and log_t. It depends on addresses and sizes
-    alone, so it is cached on them."""
-    starts, meta, programs, nbytes = [], [], 0, 0
-    origin = next(ptr for ptr, n in tensors if n)
-    for ptr, n in tensors:
-        meta.append(((ptr - origin) // size if n else 0, n, nbytes))
-        starts.append(programs)
-        programs += triton.cdiv(n, block)
-        nbytes += triton.cdiv(n, 8)
-    log_t = max(1, (len(tensors) - 1).bit_length())
-    starts += [programs] * ((1 << log_t) - len(starts))
-    return (torch.tensor(meta, dtype=torch.int64, device=device),
-            torch.tensor(starts, dtype=torch.int64, device=device), programs, log_t)
-
-
-
-def _align(xs: list[torch.Tensor]) -> int:
-    """Entries per 16 bytes if every tensor starts on 16 bytes, else 1 (``ALIGN``)."""
-    return 16 // xs[0].element_size() if all(x.data_ptr() % 16 == 0 for x in xs if x.numel()) \
-        else 1
 
 
 

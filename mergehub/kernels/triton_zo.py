@@ -9,8 +9,8 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from mergehub.kernels.triton_base import (
-    _COMPILED, _FAST, _INTERPRETED, _align, _digit_histogram, _first, _layout, _round_bf16,
-    _tensor_block)
+    _COMPILED, _FAST, _INTERPRETED, _digit_histogram, _round_bf16, _tensor_block)
+from mergehub.kernels.zo import ZoTensors
 
 ZO_BLOCK = 1024  # MeZO perturbation: entries per program
 #: many-tensor MeZO kernels: entries per block, blocks per program (one search for the
@@ -181,7 +181,7 @@ def _quantile_finish(ks_ptr, hist_ptr, out_ptr, ROUNDS: tl.constexpr, KEY_BITS: 
 
 
 
-def smallest_magnitudes(xs: list[torch.Tensor], ks: torch.Tensor) -> torch.Tensor:
+def smallest_magnitudes(xs: ZoTensors, ks: torch.Tensor) -> torch.Tensor:
     """float32 [T]: the ks[t]-th smallest |x| of each flat contiguous tensor (one dtype: bf16,
     fp16 or fp32; 1 <= k <= numel < 2^31; ``ks`` int64 on their device), exactly, on the
     device and with no host synchronization: a radix select over |x|'s bit patterns,
@@ -194,12 +194,12 @@ def smallest_magnitudes(xs: list[torch.Tensor], ks: torch.Tensor) -> torch.Tenso
     key_bits = 31 if xs[0].dtype == torch.float32 else 15
     digit = QUANTILE_BITS
     rounds = -(-key_bits // digit)
-    meta, first, programs, log_t = _layout(xs, QUANTILE_BLOCK)
+    meta, first, programs, log_t = xs.layout(QUANTILE_BLOCK)
     hist = torch.zeros(len(xs) * (rounds << digit), dtype=torch.int32, device=dev)
     for r in range(rounds):
-        _quantile_kernel[(programs,)](_first(xs), meta, first, ks, hist, LOG_T=log_t, ROUND=r,
+        _quantile_kernel[(programs,)](xs.first, meta, first, ks, hist, LOG_T=log_t, ROUND=r,
                                       ROUNDS=rounds, KEY_BITS=key_bits, D=digit,
-                                      BLOCK=QUANTILE_BLOCK, ALIGN=_align(xs),
+                                      BLOCK=QUANTILE_BLOCK, ALIGN=xs.align,
                                       num_warps=QUANTILE_WARPS)
     out = torch.empty(len(xs), dtype=torch.float32, device=dev)
     _quantile_finish[(len(xs),)](ks, hist, out, ROUNDS=rounds, KEY_BITS=key_bits, D=digit,
@@ -286,21 +286,21 @@ def _zo_many_kernel(like_ptr, meta_ptr, first_ptr, seeds_ptr, bounds_ptr, bits_p
 
 
 
-def zo_many(xs: list[torch.Tensor], seeds: torch.Tensor, eps: float, times: int,
+def zo_many(xs: ZoTensors, seeds: torch.Tensor, eps: float, times: int,
             update: float | None, bounds: torch.Tensor | None, bits: torch.Tensor | None,
             fresh: bool, accurate: bool) -> None:
-    """Launch :func:`_zo_many_kernel` once over the flat contiguous tensors ``xs`` (one dtype;
-    checked by the caller), seeds int64 [T] on their device; with ``bounds`` (float32 [T]) the
-    moves are masked by the packed bits in ``bits`` (:func:`_layout`'s offsets), which are
-    computed first when ``fresh`` (``accurate``: :func:`_zo_direction`'s ACCURATE)."""
-    meta, first, programs, log_t = _layout(xs, ZO_MANY_BLOCK * ZO_MANY_SUB)
+    """Launch :func:`_zo_many_kernel` once over the tensors ``xs``, seeds int64 [T] on their
+    device; with ``bounds`` (float32 [T]) the moves are masked by the packed bits in ``bits``
+    (at the offsets of ``xs.layout``), which are computed first when ``fresh`` (``accurate``:
+    :func:`_zo_direction`'s ACCURATE)."""
+    meta, first, programs, log_t = xs.layout(ZO_MANY_BLOCK * ZO_MANY_SUB)
     mask = 0 if bounds is None else 1 if fresh else 2
-    like = _first(xs)
+    like = xs.first
     _zo_many_kernel[(programs,)](
         like, meta, first, seeds, seeds if bounds is None else bounds,
         like if bits is None else bits, float(eps), times, float(update or 0.0), LOG_T=log_t,
         MASK=mask, UPDATE=update is not None,
         ROUND_BF16=_INTERPRETED and xs[0].dtype == torch.bfloat16,
-        BLOCK=ZO_MANY_BLOCK, SUB=ZO_MANY_SUB, ALIGN=_align(xs), ACCURATE=accurate,
+        BLOCK=ZO_MANY_BLOCK, SUB=ZO_MANY_SUB, ALIGN=xs.align, ACCURATE=accurate,
         num_warps=ZO_MANY_WARPS,
         **_FAST)
