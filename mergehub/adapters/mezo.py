@@ -65,10 +65,12 @@ decay in its update (bf16, fp16 or fp32, contiguous) is moved by one launch per 
 them (:func:`mergehub.kernels.zo_steps`): z drawn in registers from each parameter's seed,
 Sparse MeZO's mask computed in the pass of the first move and kept as packed bits, its
 thresholds found exactly on the device beforehand (:func:`mergehub.kernels.
-smallest_magnitudes`), and no host synchronization but the closure's losses. A shard's whole
-parameter moves in one pass too (:func:`mergehub.kernels.zo_step`); the other cases draw d into
-a float32 chunk (:func:`mergehub.kernels.zo_direction`) and move with torch ops. All do the
-same float32 operations in the same order.
+smallest_magnitudes`), and no host synchronization but the closure's losses; which parameter
+goes in which launch, and the launches' tables, are kept from step to step while the parameters
+keep their storage (:class:`mergehub.kernels.ZoTensors`). A shard's whole parameter moves in
+one pass too (:func:`mergehub.kernels.zo_step`); the other cases draw d into a float32 chunk
+(:func:`mergehub.kernels.zo_direction`) and move with torch ops. All do the same float32
+operations in the same order.
 
 z of an entry is a function of (seed, step, parameter index, perturbation, the entry's position
 in the flattened parameter), whatever part of the parameter a process holds: Triton's Philox
