@@ -3,6 +3,8 @@ launch with Sparse MeZO's masks) and Sparse MeZO's exact per-tensor quantiles of
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import triton
 import triton.language as tl
@@ -10,7 +12,9 @@ from triton.language.extra import libdevice
 
 from mergehub.kernels.triton_base import (
     _COMPILED, _FAST, _INTERPRETED, _digit_histogram, _round_bf16, _tensor_block)
-from mergehub.kernels.zo import ZoTensors
+
+if TYPE_CHECKING:  # zo imports this module when it launches a kernel
+    from mergehub.kernels.zo import ZoTensors
 
 ZO_BLOCK = 1024  # MeZO perturbation: entries per program
 #: many-tensor MeZO kernels: entries per block, blocks per program (one search for the
