@@ -23,6 +23,7 @@ whose config classes reject unknown options.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ __all__ = ["ConfigError", "TrainConfig", "load_config", "parse_config"]
 
 TOP_LEVEL = {"base", "data", "task_type", "method", "method_params", "peft", "steps",
              "batch_size", "lr", "weight_decay", "schedule", "warmup_steps", "seed",
-             "checkpoint_every", "keep_checkpoints", "run_dir", "output"}
+             "checkpoint_every", "keep_checkpoints", "run_dir", "output", "device"}
 DATA_KEYS = {"task", "path", "eval_path", "max_length", "eval_examples", "labels",
              "mlm_probability"}
 #: what the model is trained to do: the transformers auto class it is loaded with
@@ -45,6 +46,7 @@ OUTPUT_KEYS = {"store", "base", "dir", "as", "dtype", "overwrite"}
 SCHEDULES = ("constant", "linear")
 OUTPUT_AS = ("auto", "adapter", "merged")
 OUTPUT_DTYPES = ("base", "float32", "bfloat16", "float16")
+DEVICE_FORM = re.compile(r"cpu|cuda(:\d+)?")
 
 
 def load_config(path_or_dict: str | Path | dict[str, Any]) -> TrainConfig:
@@ -159,6 +161,10 @@ def parse_config(doc: Any, source: str = "<config>", root: Path | None = None) -
     if schedule not in SCHEDULES:
         raise ConfigError(f"{at(doc, 'schedule')}: schedule must be one of {', '.join(SCHEDULES)}"
                           f", not {shown(schedule)}")
+    device = doc.get("device", "cpu")
+    if not (isinstance(device, str) and DEVICE_FORM.fullmatch(device)):
+        raise ConfigError(f"{at(doc, 'device')}: device must be cpu, cuda or cuda:N, not "
+                          f"{shown(device)}")
     run_dir = scalar_text(doc, "run_dir", source, "a directory", ConfigError)
     if run_dir is None and output.get("dir"):
         run_dir = output["dir"] + ".run"
@@ -170,7 +176,7 @@ def parse_config(doc: Any, source: str = "<config>", root: Path | None = None) -
         lr=number("lr", float, 1e-3, 0), weight_decay=number("weight_decay", float, 0.0, 0),
         schedule=schedule, warmup_steps=number("warmup_steps", int, 0, 0),
         seed=number("seed", int, 0, 0), checkpoint_every=number("checkpoint_every", int, 0, 0),
-        keep_checkpoints=number("keep_checkpoints", int, 2, 1),
+        keep_checkpoints=number("keep_checkpoints", int, 2, 1), device=device,
         run_dir=(root / str(run_dir)).expanduser(), method_params=dict(params),
         peft=dict(peft_cfg) if peft_cfg is not None else None, output=output, source=source,
         raw=_plain(doc), param_defaults=dict(trainer.params))

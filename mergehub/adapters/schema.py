@@ -38,6 +38,9 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
+    #: where the model trains: ``cpu``, ``cuda`` or ``cuda:N`` (under torchrun ``cuda`` is each
+    #: process's local GPU)
+    device: str = "cpu"
     run_dir: Path | None = None
     method_params: dict[str, Any] = field(default_factory=dict)
     peft: dict[str, Any] | None = None

@@ -2,7 +2,8 @@
 evaluation, checkpoints, resume, and the output dir and store entry.
 
 :func:`train` reads a config (:mod:`mergehub.adapters.config`), loads the base (an HF dir, or a
-store entry exported to a temp dir) in float32, builds the method's trainable model (the
+store entry exported to a temp dir) in float32 on the config's ``device`` (the CPU, or a GPU;
+batches are drawn on the CPU and moved there, checkpoints and results written from it), builds the method's trainable model (the
 method's class in :mod:`mergehub.adapters.methods`), and runs ``steps`` steps with a progress
 bar showing the loss. Every ``checkpoint_every`` steps it writes ``RUN_DIR/checkpoint-NNNNNNN/``
 atomically (:mod:`mergehub.adapters.checkpoints`); a later run of the same config resumes from
@@ -30,6 +31,7 @@ merging and ``hub show`` use them as they are.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -47,7 +49,7 @@ from tqdm.auto import tqdm
 from mergehub.adapters import distributed
 from mergehub.adapters.checkpoints import (
     OPTIMIZER_FILE, latest_checkpoint, load_optimizer_state, read_checkpoint, write_checkpoint)
-from mergehub.adapters.config import ConfigError, TrainConfig, load_config
+from mergehub.adapters.config import DEVICE_FORM, ConfigError, TrainConfig, load_config
 from mergehub.adapters.data import Batch, Dataset, build_dataset, completion_scores, token_loss
 from mergehub.adapters.distributed import World
 from mergehub.adapters.layout import BaseLayout
@@ -106,6 +108,8 @@ def evaluate(model: torch.nn.Module, dataset: Dataset) -> dict[str, float]:
     batches = dataset.eval_batches()
     if not batches:
         return {}
+    device = next(model.parameters()).device
+    batches = [b.to(device) for b in batches]
     was_training = model.training
     model.eval()
     try:
@@ -176,7 +180,7 @@ def check_world(cfg: TrainConfig, size: int) -> None:
 
 
 def train(config: str | Path | dict[str, Any] | TrainConfig, *,
-          store: Store | str | Path | None = None,
+          store: Store | str | Path | None = None, device: str | None = None,
           resume: bool = True, progress: bool | None = None, stop_after: int | None = None,
           echo: Callable[[str], None] = lambda text: None) -> TrainResult:
     """Train as ``config`` says (a YAML path, a dict or a :class:`TrainConfig`).
@@ -189,6 +193,9 @@ def train(config: str | Path | dict[str, Any] | TrainConfig, *,
     Args:
         store: where ``output.store`` goes and store-named bases come from (a
             :class:`Store` or its root directory).
+        device: ``cpu``, ``cuda`` or ``cuda:N``, instead of the config's ``device``
+            (under torchrun ``cuda`` is each process's local GPU). Refused before anything
+            loads where there is no such device.
         resume: continue from the newest checkpoint in the run dir if there is one (else
             its checkpoints are removed and training starts afresh).
         progress: a progress bar with the loss on stderr: None (default) on a terminal
@@ -199,7 +206,12 @@ def train(config: str | Path | dict[str, Any] | TrainConfig, *,
     """
     store = as_store(store)
     cfg = config if isinstance(config, TrainConfig) else load_config(config)
-    world, created = distributed.join()
+    if device is not None:
+        if not (isinstance(device, str) and DEVICE_FORM.fullmatch(device)):
+            raise InputError(f"device must be cpu, cuda or cuda:N, not {device!r}")
+        cfg = dataclasses.replace(cfg, device=device)
+    _check_device(cfg)
+    world, created = distributed.join(torch.device(cfg.device).type)
     try:
         check_world(cfg, world.size if world else 1)
         if world is not None and not world.main:
@@ -208,6 +220,19 @@ def train(config: str | Path | dict[str, Any] | TrainConfig, *,
     finally:
         if created:
             torch.distributed.destroy_process_group()
+
+
+def _check_device(cfg: TrainConfig) -> None:
+    """Refuse ``cfg.device`` where this machine has no such device, before anything loads."""
+    device = torch.device(cfg.device)
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise InputError(f"{cfg.source}: device {cfg.device}: this machine has no CUDA device "
+                         f"torch can use (torch.cuda.is_available() is false)")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"{cfg.source}: device {cfg.device}: this machine has "
+                         f"{torch.cuda.device_count()} CUDA device(s), numbered from 0")
 
 
 def _train(cfg: TrainConfig, world: World | None, store: Store | None, resume: bool,
@@ -243,7 +268,10 @@ def _train(cfg: TrainConfig, world: World | None, store: Store | None, resume: b
         dataset = build_dataset(cfg.data, base_dir, cfg.task_type)
         model, layout = load_task_model(cfg, base_dir, dataset)
         base_dtype = next(model.parameters()).dtype
-        model = model.float()
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and device.index is None:  # this process's (join chose it)
+            device = torch.device("cuda", torch.cuda.current_device())
+        model = model.float().to(device)
         model.train()
 
         ckpt = latest_checkpoint(cfg.run_dir) if resume else None
@@ -276,7 +304,8 @@ def _train(cfg: TrainConfig, world: World | None, store: Store | None, resume: b
                                        rank=world.rank if world else 0)
                 _set_lr(method.optimizer, lr_at(cfg, step))
                 torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout etc.: same on resume
-                loss = method.step(dataset.batch(step, cfg.batch_size, cfg.seed), step)
+                loss = method.step(dataset.batch(step, cfg.batch_size, cfg.seed).to(device),
+                                   step)
                 if not math.isfinite(loss):
                     raise InputError(f"{cfg.source}: loss is {loss} at step {step + 1} (lower lr?)")
                 losses.append(loss)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,12 +78,20 @@ class Batch:
         """``kwargs()`` without the labels: the model returns logits and computes no loss."""
         return {k: v for k, v in self.kwargs().items() if k != "labels"}
 
+    def to(self, device: torch.device) -> "Batch":
+        """The batch on ``device`` (where the model trains)."""
+        return self._map(lambda t: t.to(device))
+
     def part(self, rows: slice) -> "Batch":
         """The batch of ``rows`` (same width: the padding of the whole batch is kept)."""
-        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t[rows]
-        return Batch(self.input_ids[rows], self.labels[rows], cut(self.attention_mask),
-                     cut(self.token_type_ids))
+        return self._map(lambda t: t[rows])
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Batch":
+        """The batch of ``fn`` of each tensor it has."""
+        def each(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else fn(t)
+        return Batch(fn(self.input_ids), fn(self.labels), each(self.attention_mask),
+                     each(self.token_type_ids))
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:

@@ -236,7 +236,7 @@ class OneBitMethod(PeftMethod):
         for name, module in self.model.named_modules():
             if hasattr(module, "parametrizations") and "weight" in module.parametrizations:
                 saved = name.removesuffix(".default") + ".weight"
-                latent[saved] = module.parametrizations.weight.original.detach().float()
+                latent[saved] = module.parametrizations.weight.original.detach().float().cpu()
         detach(self.model)
         kind, facts = super().save(out, dtype)
         if kind == "adapter":

@@ -47,7 +47,7 @@ class SparseDelta(torch.nn.Module):
     def __init__(self, idx: torch.Tensor):
         super().__init__()
         self.register_buffer("idx", idx)
-        self.values = torch.nn.Parameter(torch.zeros(idx.numel()))
+        self.values = torch.nn.Parameter(torch.zeros(idx.numel(), device=idx.device))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return w.reshape(-1).index_add(0, self.idx, self.values.to(w.dtype)).reshape(w.shape)
@@ -124,7 +124,7 @@ def top_masks(fisher: dict[str, torch.Tensor], density: float,
     out, start = {}, 0
     for n, f in fisher.items():
         stop = start + f.numel()
-        lo, hi = torch.searchsorted(kept, torch.tensor([start, stop]))
+        lo, hi = torch.searchsorted(kept, torch.tensor([start, stop], device=kept.device))
         if hi > lo:
             out[n] = kept[lo:hi] - start
         start = stop
@@ -148,7 +148,8 @@ def attach(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, 
     for name, idx in masks.items():
         owner, _, attr = name.rpartition(".")
         module = modules[owner]
-        parametrize.register_parametrization(module, attr, SparseDelta(idx))
+        weight = getattr(module, attr)  # a resumed mask comes from the CPU
+        parametrize.register_parametrization(module, attr, SparseDelta(idx.to(weight.device)))
         out[name] = getattr(module.parametrizations, attr)[0].values
     return out
 
@@ -194,8 +195,9 @@ class SparseMethod(Method):
             masks = {n: resume[0][f"mask:{n}"] for n in selected if f"mask:{n}" in resume[0]}
         else:
             model.requires_grad_(True)
-            batches = (self.dataset.batch(10**9 + i, self.cfg.batch_size, self.cfg.seed).kwargs()
-                       for i in range(int(p("fisher_batches"))))
+            device = next(model.parameters()).device
+            batches = (self.dataset.batch(10**9 + i, self.cfg.batch_size, self.cfg.seed)
+                       .to(device).kwargs() for i in range(int(p("fisher_batches"))))
             masks = fisher_masks(model, selected, batches, float(p("density")),
                                         str(p("scope")))
         attach(model, masks)

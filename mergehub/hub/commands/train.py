@@ -21,6 +21,10 @@ from mergehub.storage.store import Store, default_root
 @click.option("--stop-after", type=click.IntRange(min=1), default=None, metavar="STEPS",
               help="Stop after this many steps as if interrupted (the last checkpoint stays, "
                    "no output is written); a later run resumes from it.")
+@click.option("--device", default=None, metavar="cpu|cuda|cuda:N",
+              help="Where the model trains, instead of the config's device (default cpu): "
+                   "cuda for this machine's GPU (with --nproc, each process's own), cuda:N for "
+                   "GPU N. Refused before anything loads where there is no such device.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None, metavar="N",
               help="Train on N processes of this machine (mezo and sparse_mezo): starts "
                    "torchrun, which runs `python -m mergehub train CONFIG` N times; the ranks "
@@ -34,26 +38,28 @@ from mergehub.storage.store import Store, default_root
                    "address of one of them that all can reach.")
 @click.pass_context
 def train_(ctx: click.Context, config: Path, fresh: bool, stop_after: int | None,
-           nproc: int | None, nnodes: str | None, rdzv_endpoint: str | None) -> None:
+           device: str | None, nproc: int | None, nnodes: str | None,
+           rdzv_endpoint: str | None) -> None:
     """Fine-tune a base as CONFIG (YAML) says and put the result in the store and/or a dir.
 
     CONFIG names the base (store name or HF dir), the data (a built-in synthetic task, or a
     JSONL of prompt/completion pairs or plain text), the method (full, lora and any peft
     tuner, incrlora, sparse, onebit, mezo, sparse_mezo) and its parameters, steps, batch
-    size, learning rate, seed, checkpoint interval and output (store entry name and/or output
-    dir). See docs/training.md for every key. Shows a progress bar with the loss; writes a
+    size, learning rate, seed, checkpoint interval, device and output (store entry name
+    and/or output dir). See docs/training.md for every key. Shows a progress bar with the loss; writes a
     checkpoint every checkpoint_every steps; interrupted, the same command resumes.
     """
     from mergehub.adapters.trainer import train
 
     if nproc is not None or nnodes is not None or rdzv_endpoint is not None:
-        ctx.exit(_torchrun(ctx, config, fresh, stop_after, nproc, nnodes, rdzv_endpoint))
+        ctx.exit(_torchrun(ctx, config, fresh, stop_after, device, nproc, nnodes,
+                           rdzv_endpoint))
     root = ctx.obj["store"]
     exists = (root or default_root()).joinpath("mergehub-store.json").is_file()
     store = Store(root, create=True) if exists or _wants_store(config) else None
     try:
-        result = train(config, store=store, resume=not fresh, progress=progress_bars(),
-                       stop_after=stop_after, echo=note)
+        result = train(config, store=store, device=device, resume=not fresh,
+                       progress=progress_bars(), stop_after=stop_after, echo=note)
     finally:
         if store is not None:
             store.close()
@@ -73,7 +79,8 @@ def train_(ctx: click.Context, config: Path, fresh: bool, stop_after: int | None
 
 
 def _torchrun(ctx: click.Context, config: Path, fresh: bool, stop_after: int | None,
-              nproc: int | None, nnodes: str | None, rdzv_endpoint: str | None) -> int:
+              device: str | None, nproc: int | None, nnodes: str | None,
+              rdzv_endpoint: str | None) -> int:
     """``hub train --nproc N``: check the config here (one error line, nothing started), then
     run ``torchrun ... -m mergehub train CONFIG`` with this command's options; its exit
     status."""
@@ -107,7 +114,8 @@ def _torchrun(ctx: click.Context, config: Path, fresh: bool, stop_after: int | N
         command += [f"--nnodes={nodes}", "--rdzv-backend=c10d",
                     f"--rdzv-endpoint={rdzv_endpoint}"]
     command += ["-m", "mergehub", "train", str(config)]
-    command += ["--fresh"] * fresh + ([f"--stop-after={stop_after}"] if stop_after else [])
+    command += ["--fresh"] * fresh + ([f"--stop-after={stop_after}"] if stop_after else []) \
+        + ([f"--device={device}"] if device else [])
     obj = ctx.obj
     command += ([f"--store={obj['store']}"] if obj.get("store") else []) + \
         ["--quiet"] * bool(obj.get("quiet")) + ["--debug"] * bool(obj.get("debug")) + \
