@@ -6,7 +6,9 @@ parameters they are evaluated at, and z = (theta+ - theta) / eps.
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -492,12 +494,13 @@ def test_triton_path_equals_its_torch_reference(monkeypatch, options, device):
 @pytest.mark.parametrize("device", [pytest.param("cpu", id="interp"),
                                     pytest.param("cuda", id="gpu", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("density", [None, 0.5])
-def test_kept_launches_follow_the_parameters(device, density):
-    """The launches kept from step to step move the parameters as they are at each step: a
-    run whose parameters get new storage (``p.data = clone``, ``model.to``-like), change dtype,
-    are frozen or are unfrozen between steps ends bit for bit where a run that starts each of
-    those steps with a fresh optimizer does (the same seed and step counts give the same
-    z); a kept launch on the old storage would leave the new tensors unmoved."""
+def test_launches_follow_the_parameters_and_hold_nothing_between_steps(device, density):
+    """Each step's launches move the parameters as they are then: a run whose parameters get
+    new storage (``p.data = clone``, ``model.to``-like), change dtype, are frozen or are
+    unfrozen between steps ends bit for bit where a run that starts each of those steps with
+    a fresh optimizer does (the same seed and step counts give the same z); launches kept on
+    the old storage would leave the new tensors unmoved. Nothing of a step outlives it: the
+    old storage of a parameter given new storage is freed."""
     pytest.importorskip("triton")
 
     def params():
@@ -527,6 +530,13 @@ def test_kept_launches_follow_the_parameters(device, density):
         for a, b in zip(kept, fresh):
             assert a.dtype == b.dtype and torch.equal(a, b), step
         assert any(not torch.equal(a, b) for a, b in zip(before, kept)), step
+    # between steps the optimizer holds no parameter's storage (the old one of a parameter
+    # given new storage is freed: the memory MeZO is for)
+    olds = [weakref.ref(p.untyped_storage()) for p in kept]
+    for p in kept:
+        p.data = p.data.clone()
+    gc.collect()
+    assert all(old() is None for old in olds)
 
 
 def test_seeds_of_many_keys_are_seed_sequences():

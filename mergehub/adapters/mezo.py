@@ -65,11 +65,10 @@ decay in its update (bf16, fp16 or fp32, contiguous) is moved by one launch per 
 them (:func:`mergehub.kernels.zo_steps`): z drawn in registers from each parameter's seed,
 Sparse MeZO's mask computed in the pass of the first move and kept as packed bits, its
 thresholds found exactly on the device beforehand (:func:`mergehub.kernels.
-smallest_magnitudes`), and no host synchronization but the closure's losses; which parameter
-goes in which launch, and the launches' tables, are kept from step to step while the parameters
-keep their storage (:class:`mergehub.kernels.ZoTensors`). A shard's whole parameter moves in
-one pass too (:func:`mergehub.kernels.zo_step`); the other cases draw d into a float32 chunk
-(:func:`mergehub.kernels.zo_direction`) and move with torch ops. All do the same float32
+smallest_magnitudes`), no host synchronization but the closure's losses, and the launches'
+tensors checked once a step (:class:`mergehub.kernels.ZoTensors`). A shard's whole parameter
+moves in one pass too (:func:`mergehub.kernels.zo_step`); the other cases draw d into a float32
+chunk (:func:`mergehub.kernels.zo_direction`) and move with torch ops. All do the same float32
 operations in the same order.
 
 z of an entry is a function of (seed, step, parameter index, perturbation, the entry's position
@@ -278,10 +277,10 @@ def _sticky(d: torch.Tensor) -> torch.Tensor:
 @dataclasses.dataclass
 class _Launch:
     """The parameters of one group, dtype and device that one :func:`mergehub.kernels.zo_steps`
-    launch moves (flat views, checked and laid out once: :class:`mergehub.kernels.ZoTensors`,
-    and their indices among all parameters), their seeds per perturbation (int64 on their
-    device) and, in a sparse step, their thresholds and packed masks (``fresh`` until the
-    step's first move computes them)."""
+    launch moves this step (flat views, checked and laid out: :class:`mergehub.kernels.
+    ZoTensors`, and their indices among all parameters), their seeds per perturbation (int64
+    on their device) and, in a sparse step, their thresholds and packed masks (``fresh``
+    until the step's first move computes them)."""
     group: dict[str, Any]
     xs: kernels.ZoTensors
     indices: list[int]
@@ -387,8 +386,6 @@ class MeZO(torch.optim.Optimizer):
         self.steps_done = 0
         self.last_projected_grad: float | None = None
         self.last_projected_grads: list[float] = []
-        #: (:meth:`_plan_key`, :meth:`_split_launches`) of the last step
-        self._split: tuple[tuple, Any] | None = None
 
     def _on_triton(self, p: torch.Tensor) -> bool:
         """Whether ``p``'s perturbations come from the Triton kernels (see ``backend``)."""
@@ -506,20 +503,28 @@ class MeZO(torch.optim.Optimizer):
         """This step's launches: the parameters the Triton kernels move in registers (whole
         on this process, flat, contiguous, bf16 / fp16 / fp32, no float32 copy, no weight decay
         in the update), one :func:`mergehub.kernels.zo_steps` launch per group, dtype and
-        device for each move, each parameter with its own seed (the stream the parameter-by-
-        parameter path draws), Sparse MeZO's thresholds exact on the device
-        (:func:`mergehub.kernels.smallest_magnitudes`) and its masks computed in the first
-        move's pass; the other parameters move one by one, with :meth:`_masks`.
-
-        Which parameter goes where, and the launches' tensors, are kept from step to step
-        while the parameters stay the same objects on the same storage (:meth:`_plan_key`):
-        working them out again took the host ~1.5 ms a step, time a GPU waits for before the
-        step's first move."""
-        key = self._plan_key(trained)
-        if self._split is None or self._split[0] != key:
-            self._split = key, self._split_launches(trained)
-        groups, rest = self._split[1]
-        launches = [_Launch(group, xs, indices) for group, xs, indices in groups]
+        device for each move (their tensors checked once a step, their address tables kept
+        while they stay where they are: :class:`mergehub.kernels.ZoTensors`), each parameter
+        with its own seed (the stream the parameter-by-parameter path draws), Sparse MeZO's
+        thresholds exact on the device (:func:`mergehub.kernels.smallest_magnitudes`) and its
+        masks computed in the first move's pass; the other parameters move one by one, with
+        :meth:`_masks`. Made anew each step, from the parameters as they are: nothing of it
+        outlives the step (kept, a flat view would hold a parameter's old storage alive after
+        ``model.to(...)``)."""
+        groups: dict[tuple[int, torch.dtype, torch.device],
+                     tuple[dict[str, Any], list[torch.Tensor], list[int]]] = {}
+        rest = []
+        for index, p, group in trained:
+            if self._on_triton(p) and not self.master_weights and not distributed.is_dtensor(p) \
+                    and p.is_contiguous() and p.dtype in _IN_REGISTERS and p.numel() < 2 ** 31 \
+                    and not (group["weight_decay"] and p.dim() >= 2):
+                _, xs, indices = groups.setdefault((id(group), p.dtype, p.device), (group, [], []))
+                xs.append(p.data.view(-1))
+                indices.append(index)
+            else:
+                rest.append((index, p, group))
+        launches = [_Launch(group, kernels.ZoTensors(xs, "MeZO"), indices)
+                    for group, xs, indices in groups.values()]
         for launch in launches:
             q = launch.group["density"]
             if q is not None:
@@ -529,36 +534,6 @@ class MeZO(torch.optim.Optimizer):
                                           device=launch.xs[0].device)
                 launch.fresh = True
         return _Plan(launches, rest, self._masks(rest))
-
-    def _plan_key(self, trained: list[tuple[int, torch.Tensor, dict[str, Any]]]) -> tuple:
-        """What :meth:`_split_launches` depends on: each trained parameter's object, storage,
-        dtype, size, layout and whether its group decays it, and the backend."""
-        return self.backend, tuple(
-            (index, id(p), id(group), bool(group["weight_decay"]))
-            + (() if distributed.is_dtensor(p) else
-               (p.data_ptr(), p.dtype, p.is_cuda, p.numel(), p.is_contiguous()))
-            for index, p, group in trained)
-
-    def _split_launches(self, trained: list[tuple[int, torch.Tensor, dict[str, Any]]]
-                        ) -> tuple[list[tuple[dict[str, Any], kernels.ZoTensors, list[int]]],
-                                   list[tuple[int, torch.Tensor, dict[str, Any]]]]:
-        """(group, tensors, indices) of each launch of :meth:`_plan`, and the parameters moved
-        one by one."""
-        launches: dict[tuple[int, torch.dtype, torch.device],
-                       tuple[dict[str, Any], list[torch.Tensor], list[int]]] = {}
-        rest = []
-        for index, p, group in trained:
-            if self._on_triton(p) and not self.master_weights and not distributed.is_dtensor(p) \
-                    and p.is_contiguous() and p.dtype in _IN_REGISTERS and p.numel() < 2 ** 31 \
-                    and not (group["weight_decay"] and p.dim() >= 2):
-                _, xs, indices = launches.setdefault((id(group), p.dtype, p.device),
-                                                     (group, [], []))
-                xs.append(p.data.view(-1))
-                indices.append(index)
-            else:
-                rest.append((index, p, group))
-        return [(group, kernels.ZoTensors(xs, "MeZO"), indices)
-                for group, xs, indices in launches.values()], rest
 
     def _bound(self, ref: torch.Tensor, q: float, index: int,
                fused: bool) -> float | torch.Tensor:

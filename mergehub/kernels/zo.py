@@ -75,18 +75,18 @@ def _check_many(name: str, xs: list[torch.Tensor]) -> None:
 class ZoTensors(Sequence[torch.Tensor]):
     """Flat contiguous tensors of one float dtype (bf16, fp16 or fp32) on one device, each below
     2^31 entries, checked once, with the tables by which the many-tensor kernels
-    (:func:`zo_steps`, :func:`smallest_magnitudes`) address them from one pointer, built once.
+    (:func:`zo_steps`, :func:`smallest_magnitudes`) address them from one pointer.
 
-    Why: MeZO moves the same parameters every step. Checking and laying out ~200 of them took
-    ~1 ms of host time a launch (2.4 of the ~4.3 ms a step's host spent while an H100 waited:
-    at a step's first move, and at its last, which comes after the losses' synchronization).
-    The tables hold the tensors' addresses: this object keeps the tensors it was made from, and
-    a tensor whose storage changes (``model.to``, a new ``.data``) needs a new one."""
+    Why: MeZO moves the same parameters three times a step; checking and laying them out for
+    every launch cost the host time a GPU waits for at the step's first move and at its last
+    (after the losses' synchronization). The tables depend on the tensors' addresses and sizes
+    alone, so they are kept for the last few such layouts (:func:`_tables`), and a new
+    ``ZoTensors`` over tensors where the last step's were (MeZO makes one a step, from the
+    parameters as they are then) copies nothing to the device."""
 
     def __init__(self, xs: Iterable[torch.Tensor], name: str = "ZoTensors") -> None:
         self._xs = tuple(xs)
         _check_many(name, self._xs)
-        self._tables: dict[int, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
 
     def __len__(self) -> int:
         return len(self._xs)
@@ -108,28 +108,33 @@ class ZoTensors(Sequence[torch.Tensor]):
             x.data_ptr() % 16 == 0 for x in self._xs if x.numel()) else 1
 
     def layout(self, block: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-        """Programs of ``block`` entries over the tensors (one not empty): int64 [T, 3] (where
-        tensor t starts, in entries from :attr:`first`'s start; its entries; the first byte of
-        its packed bits, each tensor taking ceil(numel / 8) bytes in order), int64 [2^log_t]
-        (tensor t's first program, then the program count up to the power of two that the
-        kernels' binary search spans), the program count and log_t; on the tensors' device,
-        copied there without waiting for its queued work, once per ``block``."""
-        if block not in self._tables:
-            size, origin = self.first.element_size(), self.first.data_ptr()
-            starts, meta, programs, nbytes = [], [], 0, 0
-            for x in self._xs:
-                n = x.numel()
-                meta.append(((x.data_ptr() - origin) // size if n else 0, n, nbytes))
-                starts.append(programs)
-                programs += -(-n // block)
-                nbytes += -(-n // 8)
-            log_t = max(1, (len(self._xs) - 1).bit_length())
-            starts += [programs] * ((1 << log_t) - len(starts))
-            device = self.first.device
-            self._tables[block] = (to_device(torch.tensor(meta, dtype=torch.int64), device),
-                                   to_device(torch.tensor(starts, dtype=torch.int64), device),
-                                   programs, log_t)
-        return self._tables[block]
+        """:func:`_tables` of these tensors for programs of ``block`` entries."""
+        return _tables(tuple((x.data_ptr(), x.numel()) for x in self._xs),
+                       self.first.element_size(), block, self.first.device)
+
+
+@functools.lru_cache(maxsize=16)
+def _tables(tensors: tuple[tuple[int, int], ...], size: int, block: int,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Programs of ``block`` entries over the tensors of (address, entries) ``tensors`` (one
+    not empty; ``size``-byte entries): int64 [T, 3] (where tensor t starts, in entries from the
+    first non-empty one's start; its entries; the first byte of its packed bits, each tensor
+    taking ceil(numel / 8) bytes in order), int64 [2^log_t] (tensor t's first program, then
+    the program count up to the power of two that the kernels' binary search spans), the
+    program count and log_t; on ``device``, copied there without waiting for its queued work.
+    Cached on addresses and sizes, which are all the tables depend on: they hold no tensor of
+    the caller's, and stay valid for any tensors at those places."""
+    origin = next(ptr for ptr, n in tensors if n)
+    starts, meta, programs, nbytes = [], [], 0, 0
+    for ptr, n in tensors:
+        meta.append(((ptr - origin) // size if n else 0, n, nbytes))
+        starts.append(programs)
+        programs += -(-n // block)
+        nbytes += -(-n // 8)
+    log_t = max(1, (len(tensors) - 1).bit_length())
+    starts += [programs] * ((1 << log_t) - len(starts))
+    return (to_device(torch.tensor(meta, dtype=torch.int64), device),
+            to_device(torch.tensor(starts, dtype=torch.int64), device), programs, log_t)
 
 
 def to_device(values: torch.Tensor, device: torch.device | str) -> torch.Tensor:
