@@ -677,7 +677,7 @@ def test_each_method_trains_on_cuda(models, tmp_path, setup):
     result lands in the store and exports as written."""
     store = mergehub.Store.init(tmp_path / "store")
     store.add(models["base-bf16"], "base", progress=False)
-    on_cpu = train(config("base", tmp_path / "cpu", setup, steps=1,
+    on_cpu = train(config("base", tmp_path / "cpu", setup, steps=5,  # AdaLoRA's schedule: >= 5
                           output={"dir": str(tmp_path / "cpu-out")}), store=store,
                    progress=False)
     r = train(config("base", tmp_path, setup, device="cuda",
