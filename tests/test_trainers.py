@@ -531,6 +531,8 @@ def test_checkpoint_of_another_config_is_refused(models, tmp_path):
     cfg = config(models["base-bf16"], tmp_path, "lora", steps=8, checkpoint_every=4,
                  output={"dir": str(tmp_path / "out")})
     train(cfg, progress=False, stop_after=5)
+    moved = train({**cfg, "device": "cpu"}, progress=False, stop_after=6)  # may change
+    assert moved.interrupted and moved.resumed_from == 4
     with pytest.raises(ConfigError, match="another config"):
         train({**cfg, "lr": 0.5}, progress=False)
     assert train({**cfg, "lr": 0.5}, progress=False, resume=False).steps == 8

@@ -26,7 +26,8 @@ from mergehub.storage.atomic import atomic_output_dir
 STATE_FILE, TENSORS_FILE, OPTIMIZER_FILE = ("state.json", "trainable.safetensors",
                                             "optimizer.safetensors")
 #: config keys that may change between an interrupted run and its resumption
-RESUMABLE_CHANGES = ("steps", "output", "checkpoint_every", "keep_checkpoints", "run_dir")
+RESUMABLE_CHANGES = ("steps", "output", "checkpoint_every", "keep_checkpoints", "run_dir",
+                     "device")
 
 
 def config_digest(cfg: TrainConfig) -> str:

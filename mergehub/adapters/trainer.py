@@ -3,13 +3,14 @@ evaluation, checkpoints, resume, and the output dir and store entry.
 
 :func:`train` reads a config (:mod:`mergehub.adapters.config`), loads the base (an HF dir, or a
 store entry exported to a temp dir) in float32 on the config's ``device`` (the CPU, or a GPU;
-batches are drawn on the CPU and moved there, checkpoints and results written from it), builds the method's trainable model (the
-method's class in :mod:`mergehub.adapters.methods`), and runs ``steps`` steps with a progress
-bar showing the loss. Every ``checkpoint_every`` steps it writes ``RUN_DIR/checkpoint-NNNNNNN/``
-atomically (:mod:`mergehub.adapters.checkpoints`); a later run of the same config resumes from
-the newest one. Batches are a function of (seed, step) and every step reseeds torch's global
+batches are drawn on the CPU and moved there, checkpoints and results written from it),
+builds the method's trainable model (the method's class in :mod:`mergehub.adapters.methods`),
+and runs ``steps`` steps with a progress bar showing the loss. Every ``checkpoint_every``
+steps it writes ``RUN_DIR/checkpoint-NNNNNNN/`` atomically
+(:mod:`mergehub.adapters.checkpoints`); a later run of the same config resumes from the
+newest one (on the same device or another). Batches are a function of (seed, step) and every step reseeds torch's global
 generator with (seed, step), so a resumed run reproduces the uninterrupted run's loss curve
-exactly.
+exactly (on a GPU within float tolerance: its kernels may sum in another order).
 
 The model is loaded with the auto class of the config's ``task_type``: a causal LM, a sequence
 classifier (``AutoModelForSequenceClassification``, e.g. a BERT-style encoder with a new

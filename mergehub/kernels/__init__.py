@@ -18,8 +18,9 @@ from the merge methods' own functions) otherwise or when Triton is not installed
 * :func:`zo_direction` / :func:`zo_step` / :func:`zo_steps`: MeZO's perturbation drawn from
   Philox, materialized or added to a parameter in one pass with the draw in registers, or to
   many parameters in one launch (:class:`ZoTensors`: those parameters checked and laid out
-  once), Sparse MeZO's mask computed in the same pass (their oracle is torch ops on the
-  materialized draw; the CPU path of MeZO draws with ``torch.randn`` instead); :func:`smallest_magnitudes`: Sparse MeZO's per-tensor quantiles of |θ|, exact.
+  once for a step's launches), Sparse MeZO's mask computed in the same pass (their oracle is
+  torch ops on the materialized draw; the CPU path of MeZO draws with ``torch.randn``
+  instead); :func:`smallest_magnitudes`: Sparse MeZO's per-tensor quantiles of |θ|, exact.
 
 Tolerances (tests/test_kernels.py checks them): float32 arithmetic is done in the reference's
 order with its roundings, so merge results and sign/ternary deltas are bit-identical to the

@@ -46,8 +46,9 @@ def train_(ctx: click.Context, config: Path, fresh: bool, stop_after: int | None
     JSONL of prompt/completion pairs or plain text), the method (full, lora and any peft
     tuner, incrlora, sparse, onebit, mezo, sparse_mezo) and its parameters, steps, batch
     size, learning rate, seed, checkpoint interval, device and output (store entry name
-    and/or output dir). See docs/training.md for every key. Shows a progress bar with the loss; writes a
-    checkpoint every checkpoint_every steps; interrupted, the same command resumes.
+    and/or output dir). See docs/training.md for every key. Shows a progress bar with the
+    loss; writes a checkpoint every checkpoint_every steps; interrupted, the same command
+    resumes.
     """
     from mergehub.adapters.trainer import train
 
