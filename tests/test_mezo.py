@@ -539,15 +539,22 @@ def test_launches_follow_the_parameters_and_hold_nothing_between_steps(device, d
     assert all(old() is None for old in olds)
 
 
-def test_seeds_of_many_keys_are_seed_sequences():
-    """The vectorized seeds (one per parameter and step) equal numpy's SeedSequence words, for
-    keys whose values take one or two 32-bit words and keys of 3 and 4 values."""
+def test_seeds_of_a_step_are_seed_sequences():
+    """The vectorized seeds of a step (one per parameter) equal numpy's SeedSequence words of
+    each parameter's key, for seeds and steps of one and two 32-bit words (and a 64-bit seed
+    near its top), parameter indices from 0 to 2^32 - 1, the first perturbation and later ones
+    (whose keys are longer)."""
     gen = np.random.default_rng(0)
-    keys = [(int(gen.integers(2 ** 64, dtype=np.uint64)) if i % 3 else int(gen.integers(2 ** 31)),
-             int(gen.integers(2 ** 40)) if i % 5 == 0 else i, i % 301)
-            + ((1,) if i % 7 == 0 else ()) for i in range(500)] + [(0, 0, 0), (0, 0, 0, 1)]
-    want = [np.random.SeedSequence(list(key)).generate_state(2, dtype=np.uint32) for key in keys]
-    assert [int(s) for s in mezo_mod._seeds(keys)] == [int(w[0]) | int(w[1]) << 32 for w in want]
+    indices = [0, 1, 2, 300, 2 ** 31, 2 ** 32 - 1] + [int(i) for i in gen.integers(2 ** 32, size=60)]
+    for seed, step, j in [(0, 0, 0), (0, 0, 1), (7, 12, 0), (2 ** 40 + 3, 5, 0),
+                          (2 ** 64 - 1, 2 ** 33 + 1, 0), (123, 2 ** 40, 3), (2 ** 32, 0, 2)]:
+        want = [np.random.SeedSequence(list(mezo_mod._stream(seed, step, index, j)))
+                .generate_state(2, dtype=np.uint32) for index in indices]
+        got = mezo_mod._stream_seeds(seed, step, indices, j)
+        assert got.dtype == np.uint64
+        assert [int(s) for s in got] == [int(w[0]) | int(w[1]) << 32 for w in want], (seed, step, j)
+        assert [int(s) for s in got] == [mezo_mod._seed(*mezo_mod._stream(seed, step, index, j))
+                                         for index in indices]
 
 
 @pytest.mark.gpu

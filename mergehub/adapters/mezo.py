@@ -186,18 +186,23 @@ _POOL, _INIT_A, _MULT_A, _INIT_B, _MULT_B = 4, 0x43B0D7E5, 0x931E8875, 0x8B51F9D
 _MIX_L, _MIX_R = 0xCA01F9DD, 0x4973F715
 
 
-def _seeds(keys: list[tuple[int, ...]]) -> np.ndarray:
-    """:func:`_seed` of many keys at once (uint64): numpy's ``SeedSequence(key)
-    .generate_state(2)`` computed over all keys in one pass of array operations (its hash is
-    specified word by word, so a vectorized copy gives the same words; tests check it against
-    ``SeedSequence``). A step needs one seed per parameter: ~0.3 ms for 200 keys instead of
-    ~5 ms of ``SeedSequence`` calls."""
-    words = [[w for v in key for w in _words(v)] for key in keys]
-    out = np.empty(len(keys), dtype=np.uint64)
-    for width in {len(w) for w in words}:  # keys whose values take as many 32-bit words
-        rows = [i for i, w in enumerate(words) if len(w) == width]
-        out[rows] = _seed_words(np.array([words[i] for i in rows], dtype=np.uint32).T)
-    return out
+def _stream_seeds(seed: int, step: int, indices: list[int], j: int = 0) -> np.ndarray:
+    """:func:`_seed` of the keys :func:`_stream` gives parameters ``indices`` (each below
+    2^32) at (``seed``, ``step``, perturbation ``j``), at once (uint64): numpy's
+    ``SeedSequence(key).generate_state(2)`` computed over all keys in one pass of array
+    operations (its hash is specified word by word, so a vectorized copy gives the same words;
+    tests check it against ``SeedSequence``). The keys differ in the index alone, one 32-bit
+    word, so their words are a column per key built without a loop over keys. A step needs one
+    seed per parameter: ~0.08 ms for 200 keys, against ~5 ms of ``SeedSequence`` calls (and
+    ~0.3 ms with the words gathered key by key)."""
+    first, rest = _stream(seed, step, 0, j)[:2], _stream(seed, step, 0, j)[3:]
+    head = [w for v in first for w in _words(v)]
+    tail = [w for v in rest for w in _words(v)]
+    entropy = np.empty((len(head) + 1 + len(tail), len(indices)), dtype=np.uint32)
+    entropy[:len(head)] = np.array(head, dtype=np.uint32)[:, None]
+    entropy[len(head)] = np.asarray(indices, dtype=np.uint32)
+    entropy[len(head) + 1:] = np.array(tail, dtype=np.uint32).reshape(-1, 1)
+    return _seed_words(entropy)
 
 
 def _words(value: int) -> list[int]:
@@ -575,8 +580,8 @@ class MeZO(torch.optim.Optimizer):
         for launch in plan.launches:
             if j not in launch.seeds:
                 launch.seeds[j] = kernels.seed_table(
-                    _seeds([_stream(self.seed, self.steps_done, index, j)
-                            for index in launch.indices]), launch.xs[0].device)
+                    _stream_seeds(self.seed, self.steps_done, launch.indices, j),
+                    launch.xs[0].device)
             kernels.zo_steps(launch.xs, launch.seeds[j], launch.group["eps"], to - frm,
                              update=None if grad is None else self._step_scale(grad, launch.group),
                              bounds=launch.bounds, bits=launch.bits, fresh=launch.fresh,
