@@ -649,8 +649,9 @@ def test_hub_train_cli_store_merge_export(models, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a missing GPU")
 def test_a_device_this_machine_lacks_is_refused_before_anything_loads(models, tmp_path):
-    """``device: cuda`` (config, ``train(device=)``, ``hub train --device``) on a machine
-    without CUDA: one error naming the config and the device, no run dir, no output."""
+    """``device: cuda`` (config, ``train(device=)``, ``hub train --device``, with ``--nproc``
+    too) on a machine without CUDA: one error naming the config and the device, no run dir,
+    no output."""
     from click.testing import CliRunner
 
     from mergehub.hub.cli import cli
@@ -663,9 +664,10 @@ def test_a_device_this_machine_lacks_is_refused_before_anything_loads(models, tm
         train(cfg, progress=False, device="gpu")
     path = tmp_path / "c.yaml"
     path.write_text(json.dumps(cfg))
-    result = CliRunner().invoke(cli, ["train", str(path), "--device", "cuda"])
-    assert result.exit_code == 2 and f"error: {path}: device cuda" in result.output, \
-        result.output
+    for more in ([], ["--nproc", "2"]):  # refused before torchrun starts its processes
+        result = CliRunner().invoke(cli, ["train", str(path), "--device", "cuda", *more])
+        assert result.exit_code == 2 and f"error: {path}: device cuda" in result.output, \
+            result.output
     assert not (tmp_path / "run-lora").exists() and not (tmp_path / "out").exists()
     assert "cuda:N" in CliRunner().invoke(cli, ["train", "--help"]).output
 

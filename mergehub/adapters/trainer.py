@@ -63,7 +63,8 @@ from mergehub.storage.checkpoint import ADAPTER_CONFIG, open_checkpoint
 from mergehub.storage.store import ModelInfo, Store, as_store, base_reference, names_entry
 from mergehub.storage.writer import MODEL_SIDE_FILES
 
-__all__ = ["TrainResult", "check_world", "evaluate", "load_task_model", "lr_at", "train"]
+__all__ = ["TrainResult", "check_world", "evaluate", "load_task_model", "lr_at", "on_device",
+           "train"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -207,11 +208,7 @@ def train(config: str | Path | dict[str, Any] | TrainConfig, *,
     """
     store = as_store(store)
     cfg = config if isinstance(config, TrainConfig) else load_config(config)
-    if device is not None:
-        if not (isinstance(device, str) and DEVICE_FORM.fullmatch(device)):
-            raise InputError(f"device must be cpu, cuda or cuda:N, not {device!r}")
-        cfg = dataclasses.replace(cfg, device=device)
-    _check_device(cfg)
+    cfg = on_device(cfg, device)
     world, created = distributed.join(torch.device(cfg.device).type)
     try:
         check_world(cfg, world.size if world else 1)
@@ -223,17 +220,23 @@ def train(config: str | Path | dict[str, Any] | TrainConfig, *,
             torch.distributed.destroy_process_group()
 
 
-def _check_device(cfg: TrainConfig) -> None:
-    """Refuse ``cfg.device`` where this machine has no such device, before anything loads."""
+def on_device(cfg: TrainConfig, device: str | None = None) -> TrainConfig:
+    """``cfg`` on ``device`` (``cpu``, ``cuda`` or ``cuda:N``; None: the config's own),
+    refused where this machine has no such device: checked before anything loads (and
+    before ``hub train --nproc`` starts its processes)."""
+    if device is not None:
+        if not (isinstance(device, str) and DEVICE_FORM.fullmatch(device)):
+            raise InputError(f"device must be cpu, cuda or cuda:N, not {device!r}")
+        cfg = dataclasses.replace(cfg, device=device)
     device = torch.device(cfg.device)
-    if device.type != "cuda":
-        return
-    if not torch.cuda.is_available():
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"{cfg.source}: device {cfg.device}: this machine has no CUDA device "
                          f"torch can use (torch.cuda.is_available() is false)")
-    if device.index is not None and device.index >= torch.cuda.device_count():
+    if device.type == "cuda" and device.index is not None \
+            and device.index >= torch.cuda.device_count():
         raise InputError(f"{cfg.source}: device {cfg.device}: this machine has "
                          f"{torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    return cfg
 
 
 def _train(cfg: TrainConfig, world: World | None, store: Store | None, resume: bool,

@@ -90,7 +90,7 @@ def _torchrun(ctx: click.Context, config: Path, fresh: bool, stop_after: int | N
 
     from mergehub.adapters import distributed
     from mergehub.adapters.config import load_config
-    from mergehub.adapters.trainer import check_world
+    from mergehub.adapters.trainer import check_world, on_device
 
     if nproc is None:
         raise InputError("--nnodes and --rdzv-endpoint go with --nproc N (processes per "
@@ -106,7 +106,7 @@ def _torchrun(ctx: click.Context, config: Path, fresh: bool, stop_after: int | N
     if nodes != "1" and rdzv_endpoint is None:
         raise InputError("--nnodes: machines meet at --rdzv-endpoint HOST:PORT (on one of "
                          "them); give it on every machine")
-    cfg = load_config(config)
+    cfg = on_device(load_config(config), device)
     check_world(cfg, nproc * int(nodes.split(":")[0] or 1))  # the fewest machines
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
     if rdzv_endpoint is None:
