@@ -568,6 +568,9 @@ def test_config_errors_name_the_line(tmp_path):
          "output: {dir: o}\n", ":5: incrlora score must be 'dense' or 'factors'", ""),
         ("base: b\ndata: {task: copy}\nmethod: full\ndevice: gpu\noutput: {dir: o}\n",
          ":4: device must be cpu, cuda or cuda:N, not 'gpu'", ""),
+        ("base: b\ndata: {task: copy}\nmethod: mezo\ndtype: half\noutput: {dir: o}\n",
+         ":4: dtype (the weights' while training) must be one of float32, bfloat16, float16, "
+         "base, not 'half'", ""),
         ("base: b\ndata: {task: copy}\nmethod: sparse_mezo\nmethod_params:\n  eps: 0.01\n"
          "  sparsity: 0.25\noutput: {dir: o}\n",
          ":6: sparse_mezo parameter 'sparsity' was renamed 'density'", "fraction"),
@@ -645,6 +648,28 @@ def test_hub_train_cli_store_merge_export(models, tmp_path):
     out = hub("train", bad, code=2)
     assert out.startswith(f"error: {bad}:4: unknown key 'batch'")
     assert "--stop-after" in hub("train", "--help")
+
+
+@pytest.mark.parametrize("setup", ["full", "mezo"])
+def test_dtype_base_trains_in_the_base_dtype(models, tmp_path, setup):
+    """``dtype: base`` on a bf16 base trains the weights in bf16 (a checkpoint holds them as
+    they train: bf16, float32 without the key), the loss falls, and a changed dtype does not
+    resume the other's checkpoint (it is another run)."""
+    from mergehub.adapters.checkpoints import TENSORS_FILE
+
+    base = models["base-bf16"]
+    for dtype, want in (("base", torch.bfloat16), (None, torch.float32)):
+        extra = {"dtype": dtype} if dtype else {}
+        cfg = config(base, tmp_path / str(dtype), setup, checkpoint_every=10, **extra,
+                     output={"dir": str(tmp_path / f"out-{dtype}")})
+        stopped = train(cfg, progress=False, stop_after=11)
+        held = load_file(stopped.last_checkpoint / TENSORS_FILE)
+        assert held and {t.dtype for t in held.values()} == {want}, (dtype, setup)
+        if dtype:
+            with pytest.raises(ConfigError, match="another config"):
+                train({**cfg, "dtype": "float32"}, progress=False)
+        r = train(cfg, progress=False)
+        assert sum(r.losses[-5:]) / 5 < sum(r.losses[:5]) / 5 - 0.02, (dtype, r.losses)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a missing GPU")

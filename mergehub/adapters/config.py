@@ -36,7 +36,7 @@ __all__ = ["ConfigError", "TrainConfig", "load_config", "parse_config"]
 
 TOP_LEVEL = {"base", "data", "task_type", "method", "method_params", "peft", "steps",
              "batch_size", "lr", "weight_decay", "schedule", "warmup_steps", "seed",
-             "checkpoint_every", "keep_checkpoints", "run_dir", "output", "device"}
+             "checkpoint_every", "keep_checkpoints", "run_dir", "output", "device", "dtype"}
 DATA_KEYS = {"task", "path", "eval_path", "max_length", "eval_examples", "labels",
              "mlm_probability"}
 #: what the model is trained to do: the transformers auto class it is loaded with
@@ -47,6 +47,7 @@ SCHEDULES = ("constant", "linear")
 OUTPUT_AS = ("auto", "adapter", "merged")
 OUTPUT_DTYPES = ("base", "float32", "bfloat16", "float16")
 DEVICE_FORM = re.compile(r"cpu|cuda(:\d+)?")
+TRAIN_DTYPES = ("float32", "bfloat16", "float16", "base")
 
 
 def load_config(path_or_dict: str | Path | dict[str, Any]) -> TrainConfig:
@@ -165,6 +166,10 @@ def parse_config(doc: Any, source: str = "<config>", root: Path | None = None) -
     if not (isinstance(device, str) and DEVICE_FORM.fullmatch(device)):
         raise ConfigError(f"{at(doc, 'device')}: device must be cpu, cuda or cuda:N, not "
                           f"{shown(device)}")
+    dtype = doc.get("dtype", "float32")
+    if dtype not in TRAIN_DTYPES:
+        raise ConfigError(f"{at(doc, 'dtype')}: dtype (the weights' while training) must be one "
+                          f"of {', '.join(TRAIN_DTYPES)}, not {shown(dtype)}")
     run_dir = scalar_text(doc, "run_dir", source, "a directory", ConfigError)
     if run_dir is None and output.get("dir"):
         run_dir = output["dir"] + ".run"
@@ -176,7 +181,7 @@ def parse_config(doc: Any, source: str = "<config>", root: Path | None = None) -
         lr=number("lr", float, 1e-3, 0), weight_decay=number("weight_decay", float, 0.0, 0),
         schedule=schedule, warmup_steps=number("warmup_steps", int, 0, 0),
         seed=number("seed", int, 0, 0), checkpoint_every=number("checkpoint_every", int, 0, 0),
-        keep_checkpoints=number("keep_checkpoints", int, 2, 1), device=device,
+        keep_checkpoints=number("keep_checkpoints", int, 2, 1), device=device, dtype=dtype,
         run_dir=(root / str(run_dir)).expanduser(), method_params=dict(params),
         peft=dict(peft_cfg) if peft_cfg is not None else None, output=output, source=source,
         raw=_plain(doc), param_defaults=dict(trainer.params))

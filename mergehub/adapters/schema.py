@@ -41,6 +41,9 @@ class TrainConfig:
     #: where the model trains: ``cpu``, ``cuda`` or ``cuda:N`` (under torchrun ``cuda`` is each
     #: process's local GPU)
     device: str = "cpu"
+    #: the dtype the weights train in: ``float32``, ``bfloat16``, ``float16`` or ``base`` (the
+    #: base's own)
+    dtype: str = "float32"
     run_dir: Path | None = None
     method_params: dict[str, Any] = field(default_factory=dict)
     peft: dict[str, Any] | None = None

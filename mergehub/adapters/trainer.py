@@ -2,15 +2,16 @@
 evaluation, checkpoints, resume, and the output dir and store entry.
 
 :func:`train` reads a config (:mod:`mergehub.adapters.config`), loads the base (an HF dir, or a
-store entry exported to a temp dir) in float32 on the config's ``device`` (the CPU, or a GPU;
-batches are drawn on the CPU and moved there, checkpoints and results written from it),
-builds the method's trainable model (the method's class in :mod:`mergehub.adapters.methods`),
-and runs ``steps`` steps with a progress bar showing the loss. Every ``checkpoint_every``
-steps it writes ``RUN_DIR/checkpoint-NNNNNNN/`` atomically
-(:mod:`mergehub.adapters.checkpoints`); a later run of the same config resumes from the
-newest one (on the same device or another). Batches are a function of (seed, step) and every step reseeds torch's global
-generator with (seed, step), so a resumed run reproduces the uninterrupted run's loss curve
-exactly (on a GPU within float tolerance: its kernels may sum in another order).
+store entry exported to a temp dir) in the config's ``dtype`` (float32 unless it says
+otherwise) on its ``device`` (the CPU, or a GPU; batches are drawn on the CPU and moved there,
+checkpoints and results written from it), builds the method's trainable model (the method's
+class in :mod:`mergehub.adapters.methods`), and runs ``steps`` steps with a progress bar
+showing the loss. Every ``checkpoint_every`` steps it writes ``RUN_DIR/checkpoint-NNNNNNN/``
+atomically (:mod:`mergehub.adapters.checkpoints`); a later run of the same config resumes from
+the newest one (on the same device or another). Batches are a function of (seed, step) and
+every step reseeds torch's global generator with (seed, step), so a resumed run reproduces
+the uninterrupted run's loss curve exactly (on a GPU within float tolerance: its kernels may
+sum in another order).
 
 The model is loaded with the auto class of the config's ``task_type``: a causal LM, a sequence
 classifier (``AutoModelForSequenceClassification``, e.g. a BERT-style encoder with a new
@@ -272,10 +273,11 @@ def _train(cfg: TrainConfig, world: World | None, store: Store | None, resume: b
         dataset = build_dataset(cfg.data, base_dir, cfg.task_type)
         model, layout = load_task_model(cfg, base_dir, dataset)
         base_dtype = next(model.parameters()).dtype
+        train_dtype = base_dtype if cfg.dtype == "base" else DTYPES[cfg.dtype]
         device = torch.device(cfg.device)
         if device.type == "cuda" and device.index is None:  # this process's (join chose it)
             device = torch.device("cuda", torch.cuda.current_device())
-        model = model.float().to(device)
+        model = model.to(device=device, dtype=train_dtype)
         model.train()
 
         ckpt = latest_checkpoint(cfg.run_dir) if resume else None
@@ -333,7 +335,7 @@ def _train(cfg: TrainConfig, world: World | None, store: Store | None, resume: b
             else DTYPES[cfg.output["dtype"]]
         result = TrainResult(cfg.steps, losses, history, metrics, resumed_from=start or None,
                              rank=world.rank if world else 0)
-        method.whole_model(lambda: load_task_model(cfg, base_dir, dataset)[0].float())
+        method.whole_model(lambda: load_task_model(cfg, base_dir, dataset)[0].to(train_dtype))
         if not main:
             return result
         result.output_dir, result.entry, result.facts = _write_output(
