@@ -720,6 +720,22 @@ def test_each_method_trains_on_cuda(models, tmp_path, setup):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("setup", ["mezo", "sparse_mezo"])
+def test_mezo_trains_in_the_base_dtype_on_cuda(models, tmp_path, setup):
+    """``device: cuda`` with ``dtype: base``: MeZO moves bf16 weights (the Triton kernels'
+    path), its checkpoint holds them in bf16, and the loss falls."""
+    from mergehub.adapters.checkpoints import TENSORS_FILE
+
+    cfg = config(models["base-bf16"], tmp_path, setup, device="cuda", dtype="base",
+                 checkpoint_every=10, output={"dir": str(tmp_path / "out")})
+    stopped = train(cfg, progress=False, stop_after=11)
+    held = load_file(stopped.last_checkpoint / TENSORS_FILE)
+    assert {t.dtype for t in held.values()} == {torch.bfloat16}
+    r = train(cfg, progress=False)
+    assert sum(r.losses[-5:]) / 5 < sum(r.losses[:5]) / 5 - 0.02, r.losses
+
+
+@pytest.mark.gpu
 def test_hub_train_device_cuda_resumes(models, tmp_path):
     """``hub train --device cuda``: stopped and resumed on the GPU, the same losses and weights
     as one uninterrupted GPU run (within float tolerance)."""
