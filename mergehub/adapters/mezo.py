@@ -195,9 +195,9 @@ def _stream_seeds(seed: int, step: int, indices: list[int], j: int = 0) -> np.nd
     word, so their words are a column per key built without a loop over keys. A step needs one
     seed per parameter: ~0.08 ms for 200 keys, against ~5 ms of ``SeedSequence`` calls (and
     ~0.3 ms with the words gathered key by key)."""
-    first, rest = _stream(seed, step, 0, j)[:2], _stream(seed, step, 0, j)[3:]
-    head = [w for v in first for w in _words(v)]
-    tail = [w for v in rest for w in _words(v)]
+    key = _stream(seed, step, 0, j)  # the index is the third value
+    head = [w for v in key[:2] for w in _words(v)]
+    tail = [w for v in key[3:] for w in _words(v)]
     entropy = np.empty((len(head) + 1 + len(tail), len(indices)), dtype=np.uint32)
     entropy[:len(head)] = np.array(head, dtype=np.uint32)[:, None]
     entropy[len(head)] = np.asarray(indices, dtype=np.uint32)

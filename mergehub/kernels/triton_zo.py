@@ -26,9 +26,6 @@ QUANTILE_BLOCK, QUANTILE_WARPS, QUANTILE_BITS = 4096, 4, 5
 
 
 
-
-
-
 @triton.jit
 def _box_muller(u1, u2):
     """Two N(0, 1) values from two uniforms in [0, 1), those of ``tl.randn4x``'s Box-Muller

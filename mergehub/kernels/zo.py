@@ -156,8 +156,7 @@ def zo_mask_bytes(xs: list[torch.Tensor]) -> int:
 
 
 def zo_steps(xs: list[torch.Tensor] | ZoTensors, seeds: list[int] | torch.Tensor, eps: float,
-             times: int,
-             *, update: float | None = None, bounds: torch.Tensor | None = None,
+             times: int, *, update: float | None = None, bounds: torch.Tensor | None = None,
              bits: torch.Tensor | None = None, fresh: bool = False,
              accurate: bool = False) -> None:
     """:func:`zo_step` on each of the flat contiguous tensors ``xs`` (one dtype: bf16, fp16 or
