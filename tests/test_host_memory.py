@@ -59,14 +59,17 @@ def _huge_pages_always() -> bool:
 def test_a_freed_buffer_is_reused_not_faulted_in_again():
     """With the thresholds raised and one arena, once the heap has settled, ten more 64 MiB
     buffers (16,384 pages of 4 KiB each) reuse freed pages: almost no page faults, also ten
-    96 MiB buffers on another thread; with malloc left alone (opted out, or malloc settings of
+    96 MiB buffers on another thread (at most one of them faulted in again); with malloc left alone (opted out, or malloc settings of
     the user's own in the environment, which win) each is mapped afresh and every page faults
     again (unless transparent huge pages are always on: then few either way)."""
     kept, faults, thread_faults = _run()
     if not kept:
         pytest.skip("not glibc")
     assert faults < 16384, faults  # less than one buffer's pages in all
-    assert thread_faults < 24576, thread_faults
+    # the heap the threads share may grow once more while the ten are measured (one buffer
+    # faulted in, in ~3 of 10 fresh interpreters of a clean venv): at most one of ten, against
+    # all ten below
+    assert thread_faults < 2 * 24576, thread_faults
     for env in ({"MERGEHUB_KEEP_FREED_MEMORY": "0"}, {"MALLOC_TRIM_THRESHOLD_": "131072"},
                 {"MALLOC_ARENA_MAX": "4"}):
         kept, faults, thread_faults = _run(**env)
