@@ -439,6 +439,7 @@ def test_triton_path_equals_its_torch_reference(monkeypatch, options, device):
                         fresh=False, accurate=False):
         offset = 0
         for t, (x, seed) in enumerate(zip(xs, seeds.cpu().numpy().view(np.uint64))):
+            x = x.view(-1)  # contiguous tensors of any shape, addressed as flat
             mask = None
             if bounds is not None:
                 segment = bits[offset:offset + (x.numel() + 7) // 8]
@@ -450,7 +451,8 @@ def test_triton_path_equals_its_torch_reference(monkeypatch, options, device):
                            accurate=accurate)
 
     def sorted_bounds(xs, ks):
-        return torch.stack([x.float().abs().sort().values[k - 1] for x, k in zip(xs, ks)])
+        return torch.stack([x.float().abs().view(-1).sort().values[k - 1]
+                            for x, k in zip(xs, ks)])
 
     monkeypatch.setattr(mezo_mod, "CHUNK", 300)  # chunks start mid-stream
 

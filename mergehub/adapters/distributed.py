@@ -99,9 +99,13 @@ def rows(n: int, rank: int, size: int) -> slice:
     return slice(start, start + share + (rank < extra))
 
 
+#: tensor types that are no DTensor (asked of every parameter at every MeZO step)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def is_dtensor(t: torch.Tensor) -> bool:
     """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (e.g. an FSDP2 parameter)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if type(t) in _PLAIN or not (dist.is_available() and dist.is_initialized()):
         return False
     from torch.distributed.tensor import DTensor
 

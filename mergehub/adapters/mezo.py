@@ -506,7 +506,7 @@ class MeZO(torch.optim.Optimizer):
 
     def _plan(self, trained: list[tuple[int, torch.Tensor, dict[str, Any]]]) -> _Plan:
         """This step's launches: the parameters the Triton kernels move in registers (whole
-        on this process, flat, contiguous, bf16 / fp16 / fp32, no float32 copy, no weight decay
+        on this process, contiguous, bf16 / fp16 / fp32, no float32 copy, no weight decay
         in the update), one :func:`mergehub.kernels.zo_steps` launch per group, dtype and
         device for each move (their tensors checked once a step, their address tables kept
         while they stay where they are: :class:`mergehub.kernels.ZoTensors`), each parameter
@@ -524,7 +524,7 @@ class MeZO(torch.optim.Optimizer):
                     and p.is_contiguous() and p.dtype in _IN_REGISTERS and p.numel() < 2 ** 31 \
                     and not (group["weight_decay"] and p.dim() >= 2):
                 _, xs, indices = groups.setdefault((id(group), p.dtype, p.device), (group, [], []))
-                xs.append(p.data.view(-1))
+                xs.append(p)  # contiguous: addressed as flat, no view needed
                 indices.append(index)
             else:
                 rest.append((index, p, group))

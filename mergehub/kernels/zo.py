@@ -59,13 +59,14 @@ def zo_step(x: torch.Tensor, seed: int, eps: float, times: int, *, start: int = 
 _ZO_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _check_many(name: str, xs: list[torch.Tensor]) -> None:
-    """Flat contiguous tensors of one float dtype on one device, each below 2^31 entries."""
+def _check_many(name: str, xs: tuple[torch.Tensor, ...]) -> None:
+    """Contiguous tensors of one float dtype on one device, each below 2^31 entries."""
+    dtype, device = xs[0].dtype, xs[0].device
     for x in xs:
-        if not (x.is_contiguous() and x.dim() == 1 and x.dtype in _ZO_DTYPES):
-            raise InputError(f"{name}: want flat contiguous float tensors, not {x.dtype} "
-                             f"{tuple(x.shape)}")
-        if x.dtype != xs[0].dtype or x.device != xs[0].device:
+        if not (x.is_contiguous() and x.dtype in _ZO_DTYPES):
+            raise InputError(f"{name}: want contiguous float tensors, not {x.dtype} "
+                             f"{tuple(x.shape)}{'' if x.is_contiguous() else ' (strided)'}")
+        if x.dtype != dtype or x.device != device:
             raise InputError(f"{name}: tensors of one dtype on one device, not {x.dtype} on "
                              f"{x.device} beside {xs[0].dtype} on {xs[0].device}")
         if x.numel() >= 2 ** 31:
@@ -73,9 +74,10 @@ def _check_many(name: str, xs: list[torch.Tensor]) -> None:
 
 
 class ZoTensors(Sequence[torch.Tensor]):
-    """Flat contiguous tensors of one float dtype (bf16, fp16 or fp32) on one device, each below
-    2^31 entries, checked once, with the tables by which the many-tensor kernels
-    (:func:`zo_steps`, :func:`smallest_magnitudes`) address them from one pointer.
+    """Contiguous tensors of one float dtype (bf16, fp16 or fp32) on one device, each below
+    2^31 entries and addressed as flat (a parameter needs no flat view), checked once, with
+    the tables by which the many-tensor kernels (:func:`zo_steps`,
+    :func:`smallest_magnitudes`) address them from one pointer.
 
     Why: MeZO moves the same parameters three times a step; checking and laying them out for
     every launch cost the host time a GPU waits for at the step's first move and at its last
@@ -87,12 +89,19 @@ class ZoTensors(Sequence[torch.Tensor]):
     def __init__(self, xs: Iterable[torch.Tensor], name: str = "ZoTensors") -> None:
         self._xs = tuple(xs)
         _check_many(name, self._xs)
+        #: (address, entries) of each tensor: all that the tables depend on
+        self._places = tuple((x.data_ptr(), x.numel()) for x in self._xs)
 
     def __len__(self) -> int:
         return len(self._xs)
 
     def __getitem__(self, i):  # type: ignore[override]
         return self._xs[i]
+
+    @functools.cached_property
+    def entries(self) -> int:
+        """The tensors' entries in all."""
+        return sum(n for _, n in self._places)
 
     @functools.cached_property
     def first(self) -> torch.Tensor:
@@ -105,12 +114,11 @@ class ZoTensors(Sequence[torch.Tensor]):
         """Entries per 16 bytes if every tensor starts on 16 bytes, else 1 (the kernels'
         ``ALIGN``: their loads can then be 16 bytes wide)."""
         return 16 // self._xs[0].element_size() if all(
-            x.data_ptr() % 16 == 0 for x in self._xs if x.numel()) else 1
+            ptr % 16 == 0 for ptr, n in self._places if n) else 1
 
     def layout(self, block: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """:func:`_tables` of these tensors for programs of ``block`` entries."""
-        return _tables(tuple((x.data_ptr(), x.numel()) for x in self._xs),
-                       self.first.element_size(), block, self.first.device)
+        return _tables(self._places, self.first.element_size(), block, self.first.device)
 
 
 @functools.lru_cache(maxsize=16)
@@ -159,8 +167,8 @@ def zo_steps(xs: list[torch.Tensor] | ZoTensors, seeds: list[int] | torch.Tensor
              times: int, *, update: float | None = None, bounds: torch.Tensor | None = None,
              bits: torch.Tensor | None = None, fresh: bool = False,
              accurate: bool = False) -> None:
-    """:func:`zo_step` on each of the flat contiguous tensors ``xs`` (one dtype: bf16, fp16 or
-    fp32) from stream position 0 of its seed (``seeds``: ints, or int64 [T] on their device
+    """:func:`zo_step` on each of the contiguous tensors ``xs`` (as flat; one dtype: bf16, fp16
+    or fp32) from stream position 0 of its seed (``seeds``: ints, or int64 [T] on their device
     holding the uint64 seeds' bits), in one launch: every tensor ends as ``zo_step(x, seed,
     eps, times, update=update, accurate=accurate)`` leaves it.
 
@@ -173,7 +181,7 @@ def zo_steps(xs: list[torch.Tensor] | ZoTensors, seeds: list[int] | torch.Tensor
     :class:`ZoTensors`: checked and laid out when that was made (a list: every call)."""
     if not isinstance(xs, ZoTensors):
         xs = ZoTensors(xs, "zo_steps")
-    if not any(x.numel() for x in xs):
+    if not xs.entries:
         return
     if bounds is not None and (bits is None or bits.dtype != torch.uint8
                                or bits.numel() < zo_mask_bytes(xs)):
@@ -186,8 +194,8 @@ def zo_steps(xs: list[torch.Tensor] | ZoTensors, seeds: list[int] | torch.Tensor
 
 
 def smallest_magnitudes(xs: list[torch.Tensor] | ZoTensors, ks: list[int]) -> torch.Tensor:
-    """float32 [T] on the tensors' device: the ks[t]-th smallest |x| of each flat contiguous
-    tensor in ``xs`` (one dtype: bf16, fp16 or fp32; 1 <= k <= numel), exactly (NaN sorts
+    """float32 [T] on the tensors' device: the ks[t]-th smallest |x| of each contiguous tensor
+    in ``xs`` (one dtype: bf16, fp16 or fp32; 1 <= k <= numel), exactly (NaN sorts
     last), without a host synchronization: a radix select over the magnitudes' bit patterns,
     one counting pass over all the tensors per digit (:func:`triton_zo.
     smallest_magnitudes`). Triton only (CUDA, or the interpreter). ``xs`` as for
