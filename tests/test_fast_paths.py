@@ -192,6 +192,25 @@ def plain_ties(base, taus, densities, weights, lam, elect, normalize, ties):
     return base.reshape(-1) + lam * mixed, cuts
 
 
+@pytest.fixture(params=["compiled", "torch"])
+def chunk_loop(request, monkeypatch):
+    """Each one-pass test twice: its chunks merged in Numba's compiled loop, then in torch
+    operations (the path where Numba is not installed). Yields the compiled loop's calls
+    (a list that grows by one per chunk), or None for torch."""
+    from mergehub.kernels import numba_ties
+
+    if request.param == "compiled":
+        if not numba_ties.available():
+            pytest.skip("numba is not installed")
+        calls = []
+        real = numba_ties.ties_chunk
+        monkeypatch.setattr(numba_ties, "ties_chunk", lambda *a: calls.append(1) or real(*a))
+        yield calls
+        return
+    monkeypatch.setattr(numba_ties, "available", lambda: False)
+    yield None
+
+
 def run_one_pass(base, taus, densities, weights, lam, elect, normalize, ties, chunk_rows,
                  out_dtype=torch.float32):
     rows, cols = base.shape
@@ -224,7 +243,7 @@ CASES = [  # (shape, chunk rows): whole (<= WHOLE entries), held (rows too few t
 @pytest.mark.parametrize("kind, dtype", [("random", torch.bfloat16), ("ties", torch.float16),
                                          ("heavy", torch.float32)])
 @pytest.mark.parametrize("ties", ["index", "threshold"])
-def test_one_pass_ties_is_plain_ties(shape, chunk_rows, kind, dtype, ties):
+def test_one_pass_ties_is_plain_ties(shape, chunk_rows, kind, dtype, ties, chunk_loop):
     base, taus = deltas(kind, shape, dtype)
     densities, weights = [0.2, 0.05, 0.0, 1.0], WEIGHTS["mixed"]
     want, want_cuts = plain_ties(base, taus, densities, weights, 0.9, "sum", True, ties)
@@ -239,12 +258,14 @@ def test_one_pass_ties_is_plain_ties(shape, chunk_rows, kind, dtype, ties):
         assert read == rows  # one read of the rows, held
     else:
         assert rows < read < 1.25 * rows  # a few sampled rows, then one read
+    if chunk_loop is not None:  # each chunk of a tensor past WHOLE in the compiled loop
+        assert len(chunk_loop) == (0 if n <= onepass.WHOLE else -(-rows // chunk_rows))
 
 
 @pytest.mark.parametrize("elect, normalize, weights", [("count", True, "negative"),
                                                        ("sum", False, "zero"),
                                                        ("count", False, "mixed")])
-def test_one_pass_ties_elections_and_weights(elect, normalize, weights):
+def test_one_pass_ties_elections_and_weights(elect, normalize, weights, chunk_loop):
     base, taus = deltas("ties", (700, 400), torch.bfloat16, seed=3)
     densities = [0.3, 0.1, 0.5, 1e-6]  # the last keeps k = 1
     w = WEIGHTS[weights]
@@ -253,7 +274,7 @@ def test_one_pass_ties_elections_and_weights(elect, normalize, weights):
     assert done is not None and same(done[0], want)
 
 
-def test_one_pass_ties_in_the_output_dtype():
+def test_one_pass_ties_in_the_output_dtype(chunk_loop):
     base, taus = deltas("random", (700, 400), torch.bfloat16)
     want, _ = plain_ties(base, taus, [0.2] * 4, WEIGHTS["mixed"], 1.0, "sum", True, "index")
     done, _ = run_one_pass(base, taus, [0.2] * 4, WEIGHTS["mixed"], 1.0, "sum", True, "index",
@@ -261,7 +282,7 @@ def test_one_pass_ties_in_the_output_dtype():
     assert done[0].dtype == torch.bfloat16 and torch.equal(done[0], want.to(torch.bfloat16))
 
 
-def test_one_pass_ties_streamed_sample(monkeypatch):
+def test_one_pass_ties_streamed_sample(monkeypatch, chunk_loop):
     """The sample is read as rows, the tensor once more (whatever could be held)."""
     monkeypatch.setattr(onepass, "HOLD_BYTES", 1 << 40)
     base, taus = deltas("ties", (5000, 60), torch.bfloat16)
@@ -292,7 +313,7 @@ def test_one_pass_ties_declines_cuts_among_zeros(kind):
     assert done is None
 
 
-def test_one_pass_ties_declines_what_is_not_finite():
+def test_one_pass_ties_declines_what_is_not_finite(chunk_loop):
     base, taus = deltas("random", (700, 400), torch.float32)
     for bad in (math.inf, math.nan):
         xs = [t.clone() for t in taus]

@@ -30,6 +30,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
+from mergehub.kernels import numba_ties
 from mergehub.merge.methods import fast
 from mergehub.ops.selection import (
     NOTHING, Appended, ChunkStream, Cut, Order, cut_at, located, top_k_cuts)
@@ -242,38 +243,29 @@ def _bracketed(stream: Iterable[tuple[torch.Tensor, list[torch.Tensor]]],
         if lo == 0:  # the cut may fall among zeros: the plain path counts those better
             raise _Declined
         bounds[t] = (lo, hi)
-    above = dict.fromkeys(sel, 0)
+    above = np.zeros(len(ks), dtype=np.int64)
     # per input: |x| > hi is kept whatever the cut; |x| > below(lo) is |x| >= lo
     shrinks = {t: (bits_value(hi), fast.below(bits_value(lo))) for t, (lo, hi) in bounds.items()}
     noted = _Notes()
     out = torch.empty(n, dtype=out_dtype)
+    buffer = torch.empty(0)  # a chunk's float32 merge, where the output is not float32
     offset = 0
     for base, xs in stream:
-        kept, inside, scratch = [], None, None
-        for t, x in enumerate(xs):
-            if t not in bounds:
-                kept.append(_kept(x, ks[t]))
-                continue
-            hi, at_least_lo = shrinks[t]
-            h = torch.nn.functional.hardshrink(x, hi)  # |x| > hi: kept whatever the cut
-            kept.append(h)
-            above[t] += int(torch.count_nonzero(h.view(torch.int32)))  # +0 where dropped
-            # |x| >= lo minus |x| > hi: nonzero exactly inside the bracket (lo > 0)
-            if inside is None:
-                inside = torch.nn.functional.hardshrink(x, at_least_lo).sub_(h)
-                inside = inside.view(torch.int32)
-                continue
-            scratch = torch.empty_like(x) if scratch is None else scratch
-            torch.hardshrink(x, at_least_lo, out=scratch).sub_(h)
-            inside.bitwise_or_(scratch.view(torch.int32))
         m = base.numel()
-        out[offset:offset + m] = _merged(base, kept, weights, elect, normalize, lam, xs)
-        noted.add(torch.from_numpy(np.flatnonzero((inside != 0).numpy())), offset, base, xs)
+        if out_dtype == torch.float32:
+            merged = out[offset:offset + m]
+        else:
+            buffer = buffer if buffer.numel() >= m else torch.empty(m)
+            merged = buffer[:m]
+        at = _chunk(base, xs, ks, shrinks, above, weights, elect, normalize, lam, merged)
+        if out_dtype != torch.float32:
+            out[offset:offset + m] = merged
+        noted.add(at, offset, base, xs)
         offset += m
     at, base, values = noted.taken()
     cuts: list[Cut | None] = [None if k is None else NOTHING for k in ks]
     for t in sel:
-        cuts[t] = _cut_among(values[t], at, bounds[t], above[t], ks[t], n, ties)
+        cuts[t] = _cut_among(values[t], at, bounds[t], int(above[t]), ks[t], n, ties)
     kept = []
     for t, (x, cut) in enumerate(zip(values, cuts)):
         if t not in bounds:
@@ -286,6 +278,49 @@ def _bracketed(stream: Iterable[tuple[torch.Tensor, list[torch.Tensor]]],
     out.index_copy_(0, at, _merged(base, kept, weights, elect, normalize, lam,
                                    values).to(out_dtype))
     return out, cuts
+
+
+def _chunk(base: torch.Tensor, xs: list[torch.Tensor], ks: list[int | None],
+           shrinks: dict[int, tuple[float, float]], above: np.ndarray, weights: list[float],
+           elect: str, normalize: bool, lam: float, out: torch.Tensor) -> torch.Tensor:
+    """Merge one chunk into ``out`` (float32) as if each selecting input t kept its entries
+    above its bracket (``shrinks[t]``: |x| > hi kept, |x| > below(lo) inside or above), count
+    those into ``above[t]``, and return the chunk's positions where some input lies inside
+    its bracket; :class:`_Declined` where a value is not finite. In one compiled loop
+    (:mod:`mergehub.kernels.numba_ties`) where Numba is installed and the inputs are float32
+    (a base of 16 bits widened exactly), else in torch operations; the same bits either
+    way."""
+    if numba_ties.available() and all(x.dtype == torch.float32 for x in xs) \
+            and base.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        inf = math.inf
+        his = [shrinks[t][0] if t in shrinks else -1.0 if k is None else inf
+               for t, k in enumerate(ks)]
+        los = [shrinks[t][1] if t in shrinks else -1.0 if k is None else inf
+               for t, k in enumerate(ks)]
+        at = numba_ties.ties_chunk(base, xs, his, los, weights, elect, normalize, lam, above,
+                                   out.view(-1))
+        if at is None:
+            raise _Declined
+        return at
+    kept, inside, scratch = [], None, None
+    for t, x in enumerate(xs):
+        if t not in shrinks:
+            kept.append(_kept(x, ks[t]))
+            continue
+        hi, at_least_lo = shrinks[t]
+        h = torch.nn.functional.hardshrink(x, hi)  # |x| > hi: kept whatever the cut
+        kept.append(h)
+        above[t] += int(torch.count_nonzero(h.view(torch.int32)))  # +0 where dropped
+        # |x| >= lo minus |x| > hi: nonzero exactly inside the bracket (lo > 0)
+        if inside is None:
+            inside = torch.nn.functional.hardshrink(x, at_least_lo).sub_(h)
+            inside = inside.view(torch.int32)
+            continue
+        scratch = torch.empty_like(x) if scratch is None else scratch
+        torch.hardshrink(x, at_least_lo, out=scratch).sub_(h)
+        inside.bitwise_or_(scratch.view(torch.int32))
+    out.view(-1).copy_(_merged(base, kept, weights, elect, normalize, lam, xs).view(-1))
+    return torch.from_numpy(np.flatnonzero((inside != 0).numpy()))
 
 
 def _cut_among(values: torch.Tensor, at: torch.Tensor, bounds: tuple[int, int], above: int,
