@@ -47,7 +47,8 @@ def _kernel():  # noqa: ANN202  (a Numba dispatcher)
     import numba
 
     @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
-    def ties_loop(xs, base, hi, lo, w, lam, count, normalize, out, above, at):  # noqa: ANN001
+    def ties_loop(xs, base, hi, lo, w, lam, count, normalize, out, above, at,  # noqa: ANN001
+                  noted_values):  # noqa: ANN001
         k, m = len(xs), base.size
         zero, one = np.float32(0.0), np.float32(1.0)
         big = np.float32(_MAX)
@@ -113,6 +114,9 @@ def _kernel():  # noqa: ANN202  (a Numba dispatcher)
             for j in range(n):
                 if inside[j]:
                     at[noted] = s0 + j
+                    noted_values[0, noted] = base[s0 + j]
+                    for t in range(k):
+                        noted_values[t + 1, noted] = xs[t][s0 + j]
                     noted += 1
         return noted
 
@@ -121,23 +125,27 @@ def _kernel():  # noqa: ANN202  (a Numba dispatcher)
 
 def ties_chunk(base: torch.Tensor, xs: list[torch.Tensor], hi: list[float], lo: list[float],
                weights: list[float], elect: str, normalize: bool, lam: float,
-               above: np.ndarray, out: torch.Tensor) -> torch.Tensor | None:
+               above: np.ndarray, out: torch.Tensor, spare: np.ndarray
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The TIES merge of one chunk as if each input t kept exactly its entries with |x| >
     ``hi[t]`` (``hardshrink``), written to ``out`` (float32, the chunk's size): what
     ``fast.finish(base, fast.elect_combine(kept, weights, elect, normalize), lam)`` gives,
     bit for bit. Adds each input's kept count to ``above[t]`` (int64) and returns the
-    positions (int64, ascending) where some input has lo[t] < |x| <= hi[t]; ``None`` where
-    an input, a weighted value, a score or a sum is not finite (the caller's other path
-    then merges the tensor; ``above`` is then partial).
+    positions (int64, ascending) where some input has lo[t] < |x| <= hi[t], with the base's
+    and each input's values there (float32 [1 + K, positions]); ``None`` where an input, a
+    weighted value, a score or a sum is not finite (the caller's other path then merges the
+    tensor; ``above`` is then partial).
 
     ``hi[t] = -1`` keeps all of input t, ``hi[t] = lo[t] = inf`` none of it. Contiguous
-    float32 tensors of one size (``base`` float32 or 16-bit, widened); ``elect``: ``"sum"`` or ``"count"``."""
+    float32 tensors of one size (``base`` float32 or 16-bit, widened); ``elect``: ``"sum"``
+    or ``"count"``. ``spare``: float32 [1 + K, >= size] for the noted values, reused from
+    chunk to chunk (the result's values are a view of it)."""
     at = np.empty(base.numel(), dtype=np.int64)
     noted = _kernel()(tuple(x.reshape(-1).numpy() for x in xs),
                       base.reshape(-1).to(torch.float32).numpy(),
                       np.asarray(hi, np.float32), np.asarray(lo, np.float32),
                       np.asarray(weights, np.float32), np.float32(lam), elect == "count",
-                      normalize, out.numpy(), above, at)
+                      normalize, out.numpy(), above, at, spare)
     if noted < 0:
         return None
-    return torch.from_numpy(at[:noted])
+    return torch.from_numpy(at[:noted]), torch.from_numpy(spare[:, :noted])

@@ -223,6 +223,15 @@ class _Notes:
         for buffer, x in zip(self.values, (base, *xs)):
             torch.index_select(x, 0, at, out=buffer.reserve(at.numel()))
 
+    def extend(self, at: torch.Tensor, offset: int, values: torch.Tensor) -> None:
+        """Note positions ``at`` of a chunk that starts at ``offset``, with the base's and
+        each input's values there already taken (rows of ``values``)."""
+        if not self.values:
+            self.values = [Appended(values.dtype) for _ in values]
+        torch.add(at, offset, out=self.at.reserve(at.numel()))
+        for buffer, row in zip(self.values, values):
+            buffer.append(row)
+
     def taken(self) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """(positions, the base's values, each input's values), in the order noted."""
         base, *values = (v.values() for v in self.values)
@@ -249,6 +258,7 @@ def _bracketed(stream: Iterable[tuple[torch.Tensor, list[torch.Tensor]]],
     noted = _Notes()
     out = torch.empty(n, dtype=out_dtype)
     buffer = torch.empty(0)  # a chunk's float32 merge, where the output is not float32
+    spare = None  # the compiled loop's buffer for the noted values
     offset = 0
     for base, xs in stream:
         m = base.numel()
@@ -257,10 +267,10 @@ def _bracketed(stream: Iterable[tuple[torch.Tensor, list[torch.Tensor]]],
         else:
             buffer = buffer if buffer.numel() >= m else torch.empty(m)
             merged = buffer[:m]
-        at = _chunk(base, xs, ks, shrinks, above, weights, elect, normalize, lam, merged)
+        spare = _chunk(base, xs, ks, shrinks, above, weights, elect, normalize, lam, merged,
+                       noted, offset, spare)
         if out_dtype != torch.float32:
             out[offset:offset + m] = merged
-        noted.add(at, offset, base, xs)
         offset += m
     at, base, values = noted.taken()
     cuts: list[Cut | None] = [None if k is None else NOTHING for k in ks]
@@ -282,14 +292,16 @@ def _bracketed(stream: Iterable[tuple[torch.Tensor, list[torch.Tensor]]],
 
 def _chunk(base: torch.Tensor, xs: list[torch.Tensor], ks: list[int | None],
            shrinks: dict[int, tuple[float, float]], above: np.ndarray, weights: list[float],
-           elect: str, normalize: bool, lam: float, out: torch.Tensor) -> torch.Tensor:
-    """Merge one chunk into ``out`` (float32) as if each selecting input t kept its entries
-    above its bracket (``shrinks[t]``: |x| > hi kept, |x| > below(lo) inside or above), count
-    those into ``above[t]``, and return the chunk's positions where some input lies inside
-    its bracket; :class:`_Declined` where a value is not finite. In one compiled loop
-    (:mod:`mergehub.kernels.numba_ties`) where Numba is installed and the inputs are float32
-    (a base of 16 bits widened exactly), else in torch operations; the same bits either
-    way."""
+           elect: str, normalize: bool, lam: float, out: torch.Tensor, noted: _Notes,
+           offset: int, spare: np.ndarray | None) -> np.ndarray | None:
+    """Merge one chunk (first flat position ``offset``) into ``out`` (float32) as if each
+    selecting input t kept its entries above its bracket (``shrinks[t]``: |x| > hi kept,
+    |x| > below(lo) inside or above), count those into ``above[t]``, and note the positions
+    where some input lies inside its bracket; :class:`_Declined` where a value is not finite.
+    In one compiled loop (:mod:`mergehub.kernels.numba_ties`, which keeps the noted values in
+    ``spare``, returned for the next chunk) where Numba is installed and the inputs are
+    float32 (a base of 16 bits widened exactly), else in torch operations; the same bits
+    either way."""
     if numba_ties.available() and all(x.dtype == torch.float32 for x in xs) \
             and base.dtype in (torch.float32, torch.bfloat16, torch.float16):
         inf = math.inf
@@ -297,11 +309,15 @@ def _chunk(base: torch.Tensor, xs: list[torch.Tensor], ks: list[int | None],
                for t, k in enumerate(ks)]
         los = [shrinks[t][1] if t in shrinks else -1.0 if k is None else inf
                for t, k in enumerate(ks)]
-        at = numba_ties.ties_chunk(base, xs, his, los, weights, elect, normalize, lam, above,
-                                   out.view(-1))
-        if at is None:
+        if spare is None or spare.shape[1] < base.numel():
+            spare = np.empty((1 + len(xs), base.numel()), dtype=np.float32)
+        done = numba_ties.ties_chunk(base, xs, his, los, weights, elect, normalize, lam, above,
+                                     out.view(-1), spare)
+        if done is None:
             raise _Declined
-        return at
+        at, values = done
+        noted.extend(at, offset, values)
+        return spare
     kept, inside, scratch = [], None, None
     for t, x in enumerate(xs):
         if t not in shrinks:
@@ -320,7 +336,8 @@ def _chunk(base: torch.Tensor, xs: list[torch.Tensor], ks: list[int | None],
         torch.hardshrink(x, at_least_lo, out=scratch).sub_(h)
         inside.bitwise_or_(scratch.view(torch.int32))
     out.view(-1).copy_(_merged(base, kept, weights, elect, normalize, lam, xs).view(-1))
-    return torch.from_numpy(np.flatnonzero((inside != 0).numpy()))
+    noted.add(torch.from_numpy(np.flatnonzero((inside != 0).numpy())), offset, base, xs)
+    return spare
 
 
 def _cut_among(values: torch.Tensor, at: torch.Tensor, bounds: tuple[int, int], above: int,
