@@ -17,6 +17,7 @@ import math
 import pytest
 import torch
 
+from mergehub.kernels import numba_merge
 from mergehub.merge.methods import fast, onepass, sparsifiers
 from mergehub.ops.selection import NOTHING, Appended, Cut, magnitude_cuts
 from mergehub.ops.sparsify import (
@@ -178,6 +179,35 @@ def test_dare_keep_is_bernoulli_mask(density, scale, seed):
     assert count == int(mask.sum())
 
 
+@pytest.mark.parametrize("elect, normalize, weights, lam", [
+    ("sum", True, "mixed", 1.0), ("count", True, "negative", 0.7), ("sum", False, "zero", 1.3),
+    ("count", False, "mixed", 1.0)])
+def test_compiled_dare_chunk_is_plain_dare_ties(elect, normalize, weights, lam):
+    """DARE-TIES's chunk in Numba's loop gives the plain reference's bits (bernoulli_mask,
+    apply_mask, combine, base + lam * mixed), kept counts included; an infinite input
+    declines (None) instead of merging it."""
+    if not numba_merge.available():
+        pytest.skip("numba is not installed")
+    base, taus = deltas("random", (300, 70), torch.bfloat16)  # not a multiple of BLOCK
+    densities, scales = [0.1, 0.3, 0.9, 0.5], [10.0, 1.0, 1 / 0.9, 2.0]
+    w = WEIGHTS[weights]
+    masks = [bernoulli_mask(x, d, torch.Generator().manual_seed(7 + t))
+             for t, (x, d) in enumerate(zip(taus, densities))]
+    kept = [apply_mask(x, m, s) for x, m, s in zip(taus, masks, scales)]
+    mixed = combine([k.reshape(-1) for k in kept], [{"weight": v} for v in w], elect, normalize)
+    want = base.reshape(-1) + lam * mixed
+    words = [draw_words(x.numel(), torch.Generator().manual_seed(7 + t), "cpu")
+             for t, x in enumerate(taus)]
+    out = torch.empty(base.numel())
+    counts = numba_merge.dare_chunk(base, taus, words, [keep_threshold(d) for d in densities],
+                                    scales, w, elect, normalize, lam, out)
+    assert same(out, want)
+    assert counts == [int(m.sum()) for m in masks]
+    taus[2].view(-1)[4444] = math.inf
+    assert numba_merge.dare_chunk(base, taus, words, [keep_threshold(d) for d in densities],
+                                  scales, w, elect, normalize, lam, out) is None
+
+
 # --- TIES in one read --------------------------------------------------------------------------
 
 def plain_ties(base, taus, densities, weights, lam, elect, normalize, ties):
@@ -197,17 +227,15 @@ def chunk_loop(request, monkeypatch):
     """Each one-pass test twice: its chunks merged in Numba's compiled loop, then in torch
     operations (the path where Numba is not installed). Yields the compiled loop's calls
     (a list that grows by one per chunk), or None for torch."""
-    from mergehub.kernels import numba_ties
-
     if request.param == "compiled":
-        if not numba_ties.available():
+        if not numba_merge.available():
             pytest.skip("numba is not installed")
         calls = []
-        real = numba_ties.ties_chunk
-        monkeypatch.setattr(numba_ties, "ties_chunk", lambda *a: calls.append(1) or real(*a))
+        real = numba_merge.ties_chunk
+        monkeypatch.setattr(numba_merge, "ties_chunk", lambda *a: calls.append(1) or real(*a))
         yield calls
         return
-    monkeypatch.setattr(numba_ties, "available", lambda: False)
+    monkeypatch.setattr(numba_merge, "available", lambda: False)
     yield None
 
 
@@ -353,6 +381,7 @@ def _plain_only(monkeypatch):
     monkeypatch.setattr(fast, "shrink", lambda *a, **k: None)
     monkeypatch.setattr(fast, "elect_combine", lambda *a, **k: None)
     monkeypatch.setattr(sparsifiers.RandomDrop, "_fast_drop", lambda *a, **k: None)
+    monkeypatch.setattr(numba_merge, "available", lambda: False)
 
 
 @pytest.mark.parametrize("method, params, dtype", [

@@ -35,9 +35,9 @@ The entry points live by concern, re-exported here: :mod:`~mergehub.kernels.merg
 (merges, batches, replays), :mod:`~mergehub.kernels.selection` (trims),
 :mod:`~mergehub.kernels.apply` (decompress-and-apply), :mod:`~mergehub.kernels.zo` (MeZO), what
 they share :mod:`~mergehub.kernels.dispatch` (the backend choice, input checks); the Triton
-kernels themselves in the ``triton_*`` modules. On the CPU, the one-pass TIES's chunk loop is
-compiled by Numba (:mod:`~mergehub.kernels.numba_ties`, imported where it runs), its oracle
-the torch operations it replaces.
+kernels themselves in the ``triton_*`` modules. On the CPU, the one-pass TIES's and
+DARE-TIES's chunk loops are compiled by Numba (:mod:`~mergehub.kernels.numba_merge`, imported
+where they run), their oracle the torch operations they replace.
 """
 
 from mergehub.kernels.apply import apply_deltas

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from mergehub.kernels import numba_merge
 from mergehub.merge.methods import fast, onepass
 from mergehub.merge.methods.base import PARAM_RULES, MergeMethod, Prepass, Rule, TensorContext
 from mergehub.merge.methods.sparsifiers import Params, Sparsifier, Sparsity
@@ -229,6 +230,9 @@ class TensorPlan:
     def chunk(self, base: torch.Tensor, xs: list[torch.Tensor],
               ctx: TensorContext) -> torch.Tensor:
         """Merge one chunk (rows ``ctx.rows``) of task vectors ``xs``: θ0 + λ·τm (float32)."""
+        merged = self._compiled_drop(base, xs, ctx)
+        if merged is not None:
+            return merged
         kept = xs if self.sparsifier is None else self.sparsifier.keep(
             xs, self.sparsity, self.model_params, ctx)
         mixed = fast.combine(kept, self.model_params, self.elect, self.normalize)
@@ -236,6 +240,28 @@ class TensorPlan:
             mixed = consensus(xs, mixed, self.model_params, self.k,
                               self.normalize and self.elect is None)
         return fast.finish(base, mixed, self.lam)
+
+    def _compiled_drop(self, base: torch.Tensor, xs: list[torch.Tensor],
+                       ctx: TensorContext) -> torch.Tensor | None:
+        """DARE-TIES's chunk in one compiled loop (:func:`mergehub.kernels.numba_merge.
+        dare_chunk`: the same bits as the steps below), where it applies: a random drop whose
+        draws :meth:`Sparsifier.words` gives, a sign election, no consensus, float32 task
+        vectors on the CPU (:func:`~mergehub.kernels.numba_merge.applies`); ``None`` elsewhere, or where a value is not
+        finite (the steps below then draw the same words again)."""
+        if self.sparsifier is None or self.elect is None or self.k is not None \
+                or not numba_merge.applies(base, xs):
+            return None
+        draws = self.sparsifier.words(xs, self.sparsity, ctx)
+        if draws is None:
+            return None
+        out = torch.empty(base.shape)
+        counts = numba_merge.dare_chunk(base, xs, *draws, self.sparsity.scales,
+                                        [float(p["weight"]) for p in self.model_params],
+                                        self.elect, self.normalize, self.lam, out)
+        if counts is None:
+            return None
+        self.sparsifier.add_kept(counts, base.numel())
+        return out
 
     def kernel_args(self) -> dict[str, Any]:
         """The same merge as keyword arguments of :func:`mergehub.kernels.merge_tensor`, for

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
-from mergehub.kernels import numba_ties
+from mergehub.kernels import numba_merge
 from mergehub.merge.methods import fast
 from mergehub.ops.selection import (
     NOTHING, Appended, ChunkStream, Cut, Order, cut_at, located, top_k_cuts)
@@ -298,12 +298,11 @@ def _chunk(base: torch.Tensor, xs: list[torch.Tensor], ks: list[int | None],
     selecting input t kept its entries above its bracket (``shrinks[t]``: |x| > hi kept,
     |x| > below(lo) inside or above), count those into ``above[t]``, and note the positions
     where some input lies inside its bracket; :class:`_Declined` where a value is not finite.
-    In one compiled loop (:mod:`mergehub.kernels.numba_ties`, which keeps the noted values in
-    ``spare``, returned for the next chunk) where Numba is installed and the inputs are
-    float32 (a base of 16 bits widened exactly), else in torch operations; the same bits
+    In one compiled loop (:mod:`mergehub.kernels.numba_merge`, which keeps the noted values in
+    ``spare``, returned for the next chunk) where it applies
+    (:func:`~mergehub.kernels.numba_merge.applies`), else in torch operations; the same bits
     either way."""
-    if numba_ties.available() and all(x.dtype == torch.float32 for x in xs) \
-            and base.dtype in (torch.float32, torch.bfloat16, torch.float16):
+    if numba_merge.applies(base, xs):
         inf = math.inf
         his = [shrinks[t][0] if t in shrinks else -1.0 if k is None else inf
                for t, k in enumerate(ks)]
@@ -311,7 +310,7 @@ def _chunk(base: torch.Tensor, xs: list[torch.Tensor], ks: list[int | None],
                for t, k in enumerate(ks)]
         if spare is None or spare.shape[1] < base.numel():
             spare = np.empty((1 + len(xs), base.numel()), dtype=np.float32)
-        done = numba_ties.ties_chunk(base, xs, his, los, weights, elect, normalize, lam, above,
+        done = numba_merge.ties_chunk(base, xs, his, los, weights, elect, normalize, lam, above,
                                      out.view(-1), spare)
         if done is None:
             raise _Declined

@@ -29,8 +29,8 @@ from mergehub.merge.methods.base import Prepass, TensorContext
 from mergehub.merge.methods.global_cuts import GlobalCuts
 from mergehub.ops.selection import ChunkStream, Cut, kth_rank, magnitude_cuts, planned, trim_count
 from mergehub.ops.sparsify import (
-    KeptTally, apply_mask, band_kept, band_mask, bernoulli_mask, cut_mask, l1_scales,
-    outlier_bands)
+    KeptTally, apply_mask, band_kept, band_mask, bernoulli_mask, cut_mask, draw_words,
+    keep_threshold, l1_scales, outlier_bands)
 
 Params = list[dict[str, Any]]
 
@@ -88,6 +88,19 @@ class Sparsifier:
              ctx: TensorContext) -> list[torch.Tensor]:
         """What is kept of one chunk (rows ``ctx.rows``) of every input."""
         raise NotImplementedError
+
+    def words(self, xs: list[torch.Tensor], sparsity: Sparsity, ctx: TensorContext
+              ) -> tuple[list[torch.Tensor], list[int]] | None:
+        """A random drop's draws for one chunk, for the CPU's compiled loop
+        (:func:`mergehub.kernels.numba_merge.dare_chunk`): each input's words and keep
+        threshold; ``None`` where the sparsifier is no such drop or its loop does not apply
+        (its kept counts then go through :meth:`keep`, else through :meth:`add_kept`)."""
+        return None
+
+    def add_kept(self, counts: list[int], numel: int) -> None:
+        """Tally the entries each input kept of a chunk of ``numel`` (a compiled drop's)."""
+        for t, count in enumerate(counts):
+            self.tally.add(t, count, 0, numel)
 
     def planned_kept(self, densities: list[list[float]], numels: list[int]
                      ) -> tuple[list[float], str]:
@@ -248,6 +261,15 @@ class RandomDrop(Sparsifier):
                 kept = apply_mask(x, mask, s)
             out.append(kept)
         return out
+
+    def words(self, xs: list[torch.Tensor], sparsity: Sparsity, ctx: TensorContext
+              ) -> tuple[list[torch.Tensor], list[int]] | None:
+        """The words :meth:`keep` draws (:func:`draw_words` from the same generators), where
+        every density is in (0, 1) and the inputs are on the CPU."""
+        if xs[0].device.type != "cpu" or not all(0 < d < 1 for d in sparsity.keeps):
+            return None
+        return ([draw_words(x.numel(), ctx.generator("dare", t, ctx.rows[0]), x.device)
+                 for t, x in enumerate(xs)], [keep_threshold(d) for d in sparsity.keeps])
 
     def _fast_drop(self, x: torch.Tensor, density: float, ctx: TensorContext, t: int,
                    scale: float) -> torch.Tensor | None:

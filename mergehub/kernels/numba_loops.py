@@ -1,0 +1,143 @@
+"""The compiled loops of :mod:`mergehub.kernels.numba_merge` (imported by it where they run:
+importing Numba costs ~0.2 s). Module-level functions, so that Numba's cache holds them
+across processes (a closure's is made anew in each)."""
+
+import numba
+import numpy as np
+
+#: entries per block: K inputs' weighted values, the scores, sums and divisors of a block
+#: (4 bytes each) stay in a 32 KiB L1 cache for K = 4
+BLOCK = 1024
+#: the largest finite float32: a value beyond it (or NaN) makes the chunk decline
+_MAX = float(np.finfo(np.float32).max)
+
+_jit = numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+
+
+@_jit
+def score_of(v, count, t, score, j):
+    """Add input t's weighted value to the block's score at j (its sign, with count)."""
+    one, zero = np.float32(1.0), np.float32(0.0)
+    if count:  # the score counts signs, as torch.sign gives them
+        v = one if v > zero else -one if v < zero else zero
+    score[j] = v if t == 0 else score[j] + v
+
+
+@_jit
+def elect_finish(d, score, mixed, div, n, w, lam, normalize, base, out, s0):
+    """The sign election, disjoint (weighted) mean and base + lam * mean of a block whose
+    weighted values are d[t, :n] and scores score[:n] (``fast.elect_combine``, then
+    ``fast.finish``, their operations in their order); whether a value is not finite."""
+    k = d.shape[0]
+    zero, one = np.float32(0.0), np.float32(1.0)
+    big = np.float32(_MAX)
+    wmin = w.min()
+    bad = False
+    for j in range(n):
+        bad |= not abs(score[j]) <= big
+        score[j] = one if score[j] >= zero else -one  # the side: + where score >= 0
+    for t in range(k):
+        wt = w[t]
+        for j in range(n):
+            agree = d[t, j] * score[j]
+            agree = agree if agree > zero else zero
+            s = one if agree > zero else zero
+            if t == 0:
+                mixed[j] = agree
+                div[j] = s if wt == one else s * wt
+            else:
+                mixed[j] = mixed[j] + agree
+                div[j] = div[j] + s * wt
+    for j in range(n):
+        value = mixed[j] * score[j]
+        bad |= not abs(value) <= big
+        if normalize:  # a divisor of 0 counts as 1 (with positive weights: >= wmin)
+            if wmin > zero:
+                value = value / (div[j] if div[j] > wmin else wmin)
+            else:
+                value = value / (div[j] if div[j] != zero else one)
+        if lam != one:
+            value = value * lam
+        out[s0 + j] = value + base[s0 + j]
+    return bad
+
+
+@_jit
+def ties(xs, base, hi, lo, w, lam, count, normalize, out, above, at,
+         noted_values):
+    k, m = len(xs), base.size
+    zero, one = np.float32(0.0), np.float32(1.0)
+    big = np.float32(_MAX)
+    noted = 0
+    d = np.empty((k, BLOCK), np.float32)
+    score, mixed, div = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32), \
+        np.empty(BLOCK, np.float32)
+    inside = np.empty(BLOCK, np.bool_)
+    for s0 in range(0, m, BLOCK):
+        n = min(BLOCK, m - s0)
+        bad = False
+        for j in range(n):
+            inside[j] = False
+        for t in range(k):
+            x_t, h, low, wt = xs[t], hi[t], lo[t], w[t]
+            kept = 0
+            for j in range(n):
+                x = x_t[s0 + j]
+                a = abs(x)
+                bad |= not a <= big
+                keep = a > h  # hardshrink(x, h)
+                kept += keep
+                inside[j] |= (a > low) & (a <= h)
+                v = x if keep else zero
+                if wt != one:
+                    v = v * wt
+                    bad |= not abs(v) <= big
+                d[t, j] = v
+                score_of(v, count, t, score, j)
+            above[t] += kept
+        bad |= elect_finish(d, score, mixed, div, n, w, lam, normalize, base, out, s0)
+        if bad:
+            return -1
+        for j in range(n):
+            if inside[j]:
+                at[noted] = s0 + j
+                noted_values[0, noted] = base[s0 + j]
+                for t in range(k):
+                    noted_values[t + 1, noted] = xs[t][s0 + j]
+                noted += 1
+    return noted
+
+
+@_jit
+def dare(xs, words, below, scales, base, w, lam, count, normalize, out,
+         kept_counts):
+    k, m = len(xs), base.size
+    zero, one = np.float32(0.0), np.float32(1.0)
+    big = np.float32(_MAX)
+    d = np.empty((k, BLOCK), np.float32)
+    score, mixed, div = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32), \
+        np.empty(BLOCK, np.float32)
+    for s0 in range(0, m, BLOCK):
+        n = min(BLOCK, m - s0)
+        bad = False
+        for t in range(k):
+            x_t, r_t, b, sc, wt = xs[t], words[t], below[t], scales[t], w[t]
+            kept = 0
+            for j in range(n):
+                x = x_t[s0 + j]
+                bad |= not abs(x) <= big
+                keep = (r_t[s0 + j] >> 1) - b < 0  # u = floor(r / 2) + 2^30 < K
+                kept += keep
+                v = x if keep else zero
+                if sc != one:
+                    v = v * sc
+                if wt != one:
+                    v = v * wt
+                bad |= not abs(v) <= big
+                d[t, j] = v
+                score_of(v, count, t, score, j)
+            kept_counts[t] += kept
+        bad |= elect_finish(d, score, mixed, div, n, w, lam, normalize, base, out, s0)
+        if bad:
+            return False
+    return True

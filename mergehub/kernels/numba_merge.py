@@ -1,0 +1,104 @@
+"""The CPU's merge of one chunk in one compiled loop (Numba): TIES's one-pass chunk
+(:func:`mergehub.merge.methods.onepass.one_pass_ties`) and DARE-TIES's chunk, without a
+temporary tensor per input and step.
+
+In eager torch that work is about ten elementwise passes per input over each ~1 MB chunk
+(trim or drop, count, weight, sum the scores, agree, sum and count the agreeing entries, and
+for TIES note the entries inside a bracket), each cheap but together ~3.5 ns per input entry
+on one core, 2-3x what task arithmetic spends on the whole merge (`benchmarks/RESULTS.md`,
+issue 16 item 2). Here each block of 1024 entries stays in the cache while every step
+runs over it, in the same float32 operations and order as the torch path
+(:func:`mergehub.merge.methods.fast.dare_keep`, ``fast.elect_combine``, ``fast.finish``),
+so the results are those bits (tests: against that path and the plain reference, every
+weight, ``elect`` and ``normalize``). Compiled without fast-math, so no multiply-add is
+contracted.
+
+Numba compiles a loop the first time a process calls it for a number of inputs, and keeps the
+machine code in its cache (``__pycache__`` beside this file, or the user's cache where that is
+not writable), so later processes only load it (~0.4 s, once per process; the loops are in :mod:`~mergehub.kernels.numba_loops`).
+:func:`available`
+is false where Numba cannot be imported; the torch path then runs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+@functools.cache
+def available() -> bool:
+    """Whether Numba can be imported (then the loops compile)."""
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def applies(base: torch.Tensor, xs: list[torch.Tensor]) -> bool:
+    """Whether the loops take this chunk: Numba installed, float32 task vectors and a float32
+    or 16-bit base (widened exactly), all on the CPU."""
+    return available() and base.dtype in (torch.float32, torch.bfloat16, torch.float16) \
+        and base.device.type == "cpu" \
+        and all(x.dtype == torch.float32 and x.device.type == "cpu" for x in xs)
+
+
+@functools.cache
+def _loops():  # noqa: ANN202  (the module, imported on first use)
+    from mergehub.kernels import numba_loops
+
+    return numba_loops
+
+
+def _flat32(x: torch.Tensor) -> np.ndarray:
+    """A tensor's entries as a flat float32 array (a 16-bit one widened, exactly)."""
+    return x.reshape(-1).to(torch.float32).numpy()
+
+
+def ties_chunk(base: torch.Tensor, xs: list[torch.Tensor], hi: list[float], lo: list[float],
+               weights: list[float], elect: str, normalize: bool, lam: float,
+               above: np.ndarray, out: torch.Tensor, spare: np.ndarray
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The TIES merge of one chunk as if each input t kept exactly its entries with |x| >
+    ``hi[t]`` (``hardshrink``), written to ``out`` (float32, the chunk's size): what
+    ``fast.finish(base, fast.elect_combine(kept, weights, elect, normalize), lam)`` gives,
+    bit for bit. Adds each input's kept count to ``above[t]`` (int64) and returns the
+    positions (int64, ascending) where some input has lo[t] < |x| <= hi[t], with the base's
+    and each input's values there (float32 [1 + K, positions]); ``None`` where an input, a
+    weighted value, a score or a sum is not finite (the caller's other path then merges the
+    tensor; ``above`` is then partial).
+
+    ``hi[t] = -1`` keeps all of input t, ``hi[t] = lo[t] = inf`` none of it. Contiguous
+    float32 tensors of one size (``base`` float32 or 16-bit, widened); ``elect``: ``"sum"``
+    or ``"count"``. ``spare``: float32 [1 + K, >= size] for the noted values, reused from
+    chunk to chunk (the result's values are a view of it)."""
+    at = np.empty(base.numel(), dtype=np.int64)
+    noted = _loops().ties(tuple(x.reshape(-1).numpy() for x in xs), _flat32(base),
+                          np.asarray(hi, np.float32), np.asarray(lo, np.float32),
+                          np.asarray(weights, np.float32), np.float32(lam), elect == "count",
+                          normalize, out.view(-1).numpy(), above, at, spare)
+    if noted < 0:
+        return None
+    return torch.from_numpy(at[:noted]), torch.from_numpy(spare[:, :noted])
+
+
+def dare_chunk(base: torch.Tensor, xs: list[torch.Tensor], words: list[torch.Tensor],
+               thresholds: list[int], scales: list[float], weights: list[float], elect: str,
+               normalize: bool, lam: float, out: torch.Tensor) -> list[int] | None:
+    """The DARE-TIES merge of one chunk into ``out`` (contiguous float32, the chunk's size):
+    each input t dropped by its words (int32, one per entry, as :func:`mergehub.ops.sparsify.
+    draw_words` gives them: kept where ⌊r/2⌋ + 2^30 < ``thresholds[t]``, the
+    :func:`~mergehub.ops.sparsify.keep_threshold`), the kept entries times ``scales[t]``,
+    then elected and combined as :func:`ties_chunk` does: what ``fast.dare_keep`` per input
+    and ``fast.finish(base, fast.elect_combine(...), lam)`` give, bit for bit. Returns how
+    many entries each input kept, or ``None`` where an input or a value is not finite."""
+    counts = np.zeros(len(xs), dtype=np.int64)
+    done = _loops().dare(tuple(x.reshape(-1).numpy() for x in xs),
+                         tuple(r.numpy() for r in words),
+                         np.asarray([k - 2 ** 30 for k in thresholds], np.int64),
+                         np.asarray(scales, np.float32), _flat32(base),
+                         np.asarray(weights, np.float32), np.float32(lam), elect == "count",
+                         normalize, out.view(-1).numpy(), counts)
+    return [int(c) for c in counts] if done else None
