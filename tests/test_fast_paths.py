@@ -21,7 +21,7 @@ from mergehub.kernels import numba_merge
 from mergehub.merge.methods import fast, onepass, sparsifiers
 from mergehub.ops.selection import NOTHING, Appended, Cut, magnitude_cuts
 from mergehub.ops.sparsify import (
-    apply_mask, bernoulli_mask, combine, cut_mask, draw_words, keep_threshold)
+    apply_mask, bernoulli_mask, combine, cut_mask, draw_words, keep_threshold, philox4x32)
 
 WEIGHTS = {"mixed": [1.0, 0.5, 0.75, 1.0], "negative": [1.0, -0.5, 2.0, 1.0],
            "zero": [0.0, 1.0, 1e-30, 3.0]}
@@ -150,30 +150,54 @@ def test_keep_threshold_is_u_below_density():
     assert keep_threshold(1 - 2 ** -30) == 2 ** 31  # float32(d) = 1: all 2^31 values below
 
 
-def test_dare_draws_two_words_per_64_bit_draw_and_keep_the_density():
-    """The words are the generator's 64-bit draws split in two (in the byte order of an int64),
-    and over 2^20 entries the kept share is within 5 standard deviations of the density."""
-    a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    words = draw_words(7, a, "cpu")
-    draws = torch.empty(4, dtype=torch.int64).random_(-2 ** 63, None, generator=b)
-    lows = (draws & 0xFFFFFFFF).tolist()
-    highs = (draws >> 32).tolist()
-    want = [w - (1 << 32) if w >= 1 << 31 else w for pair in zip(lows, highs) for w in pair][:7]
-    assert words.tolist() == want
+#: Random123's known answers for Philox4x32-10 (counter, key with its low word first, output)
+PHILOX_KAT = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+              ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2,
+               (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+              ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+               (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+
+
+def test_dare_words_are_philox_and_keep_the_density():
+    """DARE's words are Philox4x32-10's (Random123's known answers), word p of a stream that
+    of block p // 4 (any range drawn alone gives the same words, so chunking changes
+    nothing), and over 2^20 entries the kept share is within 5 standard deviations of the
+    density; two inputs' streams are not correlated."""
+    for counter, (k0, k1), want in PHILOX_KAT:
+        got = philox4x32(torch.tensor([counter]), k0 | k1 << 32)[0].tolist()
+        assert got == list(want)
+    key = 0xFEDC_BA98_7654_3210
+    blocks = philox4x32(torch.stack([torch.arange(5), torch.zeros(5, dtype=torch.int64),
+                                     torch.zeros(5, dtype=torch.int64),
+                                     torch.zeros(5, dtype=torch.int64)], dim=-1), key)
+    whole = [w - (1 << 32) if w >= 1 << 31 else w for w in blocks.reshape(-1).tolist()]
+    assert draw_words(20, key, 0, "cpu").tolist() == whole
+    for start, n in [(0, 7), (3, 9), (5, 1), (13, 7)]:
+        assert draw_words(n, key, start, "cpu").tolist() == whole[start:start + n]
+    high = draw_words(3, key, (1 << 34) + 1, "cpu")  # a block past 2^32: its high word counts
+    assert high.tolist() != draw_words(3, key, 1, "cpu").tolist()
+    if numba_merge.available():  # the CPU's compiled words are the same
+        for start, n in [(0, 20), (3, 9), (5, 1), (13, 7), ((1 << 34) + 1, 3), (0, 0)]:
+            assert torch.equal(numba_merge.draw_words(n, key, start),
+                               draw_words(n, key, start, "cpu"))
+        assert torch.equal(numba_merge.draw_words(4099, 2 ** 64 - 1, 77),
+                           draw_words(4099, 2 ** 64 - 1, 77, "cpu"))
     x = torch.ones(1 << 20)
     for d in (0.05, 0.3, 0.9):
-        share = float(bernoulli_mask(x, d, torch.Generator().manual_seed(11)).float().mean())
+        share = float(bernoulli_mask(x, d, 11).float().mean())
         assert abs(share - d) < 5 * math.sqrt(d * (1 - d) / x.numel()), (d, share)
+    a, b = bernoulli_mask(x, 0.5, 11).float(), bernoulli_mask(x, 0.5, 12).float()
+    assert abs(float(((a - 0.5) * (b - 0.5)).mean()) * 4) < 5 / math.sqrt(x.numel())
 
 
 @pytest.mark.parametrize("density", [0.1, 0.3, 0.9, (9_000_000 + 0.3) / 2 ** 24])
 @pytest.mark.parametrize("scale", [1.0, 2.5])
-@pytest.mark.parametrize("seed", [7, 0xDEAD_BEEF_CAFE, 2 ** 63 - 1])  # merges seed with 63 bits
-def test_dare_keep_is_bernoulli_mask(density, scale, seed):
+@pytest.mark.parametrize("key, start", [(7, 0), (0xDEAD_BEEF_CAFE, 13), (2 ** 64 - 1, 2 ** 33)])
+def test_dare_keep_is_bernoulli_mask(density, scale, key, start):
     _, taus = deltas("random", (300, 70), torch.bfloat16)
     x = taus[1]
-    mask = bernoulli_mask(x, density, torch.Generator().manual_seed(seed))
-    got = fast.dare_keep(x, density, torch.Generator().manual_seed(seed), scale)
+    mask = bernoulli_mask(x, density, key, start)
+    got = fast.dare_keep(x, density, key, start, scale)
     kept, count = got
     assert same_value(kept, apply_mask(x, mask, scale))
     assert count == int(mask.sum())
@@ -191,21 +215,20 @@ def test_compiled_dare_chunk_is_plain_dare_ties(elect, normalize, weights, lam):
     base, taus = deltas("random", (300, 70), torch.bfloat16)  # not a multiple of BLOCK
     densities, scales = [0.1, 0.3, 0.9, 0.5], [10.0, 1.0, 1 / 0.9, 2.0]
     w = WEIGHTS[weights]
-    masks = [bernoulli_mask(x, d, torch.Generator().manual_seed(7 + t))
-             for t, (x, d) in enumerate(zip(taus, densities))]
+    keys, start = [7 + t for t in range(4)], 5 * 2 ** 32 + 3  # a chunk deep in a tensor
+    masks = [bernoulli_mask(x, d, key, start) for x, d, key in zip(taus, densities, keys)]
     kept = [apply_mask(x, m, s) for x, m, s in zip(taus, masks, scales)]
     mixed = combine([k.reshape(-1) for k in kept], [{"weight": v} for v in w], elect, normalize)
     want = base.reshape(-1) + lam * mixed
-    words = [draw_words(x.numel(), torch.Generator().manual_seed(7 + t), "cpu")
-             for t, x in enumerate(taus)]
+    thresholds = [keep_threshold(d) for d in densities]
     out = torch.empty(base.numel())
-    counts = numba_merge.dare_chunk(base, taus, words, [keep_threshold(d) for d in densities],
-                                    scales, w, elect, normalize, lam, out)
+    counts = numba_merge.dare_chunk(base, taus, keys, start, thresholds, scales, w, elect,
+                                    normalize, lam, out)
     assert same(out, want)
     assert counts == [int(m.sum()) for m in masks]
     taus[2].view(-1)[4444] = math.inf
-    assert numba_merge.dare_chunk(base, taus, words, [keep_threshold(d) for d in densities],
-                                  scales, w, elect, normalize, lam, out) is None
+    assert numba_merge.dare_chunk(base, taus, keys, start, thresholds, scales, w, elect,
+                                  normalize, lam, out) is None
 
 
 # --- TIES in one read --------------------------------------------------------------------------

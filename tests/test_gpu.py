@@ -44,6 +44,10 @@ def test_dare_on_cuda_is_seeded(models, tmp_path):
     names = list(loaded[0].tensors)
     assert all(torch.equal(loaded[0].load(n), loaded[1].load(n)) for n in names)
     assert not all(torch.equal(loaded[0].load(n), loaded[2].load(n)) for n in names)
+    # the masks are those of the CPU (one counter-based stream, whatever the device and chunks)
+    cpu = open_checkpoint(mergehub.merge(text, out=tmp_path / "cpu", seed=1, progress=False).out)
+    for name in names:
+        assert torch.allclose(cpu.load(name), loaded[0].load(name), atol=2e-6, rtol=1e-5), name
 
 
 @pytest.mark.parametrize("method, extra", [

@@ -5,6 +5,8 @@ across processes (a closure's is made anew in each)."""
 import numba
 import numpy as np
 
+from mergehub.ops.sparsify import PHILOX_M, PHILOX_W
+
 #: entries per block: K inputs' weighted values, the scores, sums and divisors of a block
 #: (4 bytes each) stay in a 32 KiB L1 cache for K = 4
 BLOCK = 1024
@@ -109,7 +111,32 @@ def ties(xs, base, hi, lo, w, lam, count, normalize, out, above, at,
 
 
 @_jit
-def dare(xs, words, below, scales, base, w, lam, count, normalize, out,
+def philox_words(key, first, blocks, out):
+    """Words 4·first .. 4·(first + blocks) − 1 of stream ``key`` into ``out`` (uint32):
+    :func:`mergehub.ops.sparsify.philox4x32` of the counters (block's low and high words, 0,
+    0), in uint64 arithmetic on 32-bit values."""
+    low = np.uint64(0xFFFFFFFF)
+    m0, m1 = np.uint64(PHILOX_M[0]), np.uint64(PHILOX_M[1])
+    w0, w1 = np.uint64(PHILOX_W[0]), np.uint64(PHILOX_W[1])
+    key0, key1 = np.uint64(key) & low, np.uint64(key) >> np.uint64(32)
+    for i in range(blocks):
+        b = np.uint64(first + i)
+        c0, c1, c2, c3 = b & low, b >> np.uint64(32), np.uint64(0), np.uint64(0)
+        k0, k1 = key0, key1
+        for r in range(10):
+            if r:
+                k0, k1 = (k0 + w0) & low, (k1 + w1) & low
+            p0, p1 = c0 * m0, c2 * m1
+            c0, c1, c2, c3 = ((p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & low,
+                              (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & low)
+        out[4 * i] = np.uint32(c0)
+        out[4 * i + 1] = np.uint32(c1)
+        out[4 * i + 2] = np.uint32(c2)
+        out[4 * i + 3] = np.uint32(c3)
+
+
+@_jit
+def dare(xs, keys, start, thresholds, scales, base, w, lam, count, normalize, out,
          kept_counts):
     k, m = len(xs), base.size
     zero, one = np.float32(0.0), np.float32(1.0)
@@ -117,16 +144,21 @@ def dare(xs, words, below, scales, base, w, lam, count, normalize, out,
     d = np.empty((k, BLOCK), np.float32)
     score, mixed, div = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32), \
         np.empty(BLOCK, np.float32)
+    words = np.empty(BLOCK + 8, np.uint32)
     for s0 in range(0, m, BLOCK):
         n = min(BLOCK, m - s0)
+        first = (start + s0) >> 2
+        lane = (start + s0) & 3
         bad = False
         for t in range(k):
-            x_t, r_t, b, sc, wt = xs[t], words[t], below[t], scales[t], w[t]
+            philox_words(keys[t], first, ((start + s0 + n - 1) >> 2) - first + 1, words)
+            x_t, big_k, sc, wt = xs[t], thresholds[t], scales[t], w[t]
             kept = 0
             for j in range(n):
                 x = x_t[s0 + j]
                 bad |= not abs(x) <= big
-                keep = (r_t[s0 + j] >> 1) - b < 0  # u = floor(r / 2) + 2^30 < K
+                # u = floor(r / 2) + 2^30 of the word r as int32: (r >> 1) ^ 2^30 of it unsigned
+                keep = ((np.int64(words[lane + j]) >> 1) ^ 0x40000000) < big_k
                 kept += keep
                 v = x if keep else zero
                 if sc != one:

@@ -1,23 +1,23 @@
 """The CPU's merge of one chunk in one compiled loop (Numba): TIES's one-pass chunk
 (:func:`mergehub.merge.methods.onepass.one_pass_ties`) and DARE-TIES's chunk, without a
-temporary tensor per input and step.
+temporary tensor per input and step; and DARE's words (Philox4x32-10), drawn in the loop.
 
 In eager torch that work is about ten elementwise passes per input over each ~1 MB chunk
 (trim or drop, count, weight, sum the scores, agree, sum and count the agreeing entries, and
 for TIES note the entries inside a bracket), each cheap but together ~3.5 ns per input entry
 on one core, 2-3x what task arithmetic spends on the whole merge (`benchmarks/RESULTS.md`,
-issue 16 item 2). Here each block of 1024 entries stays in the cache while every step
-runs over it, in the same float32 operations and order as the torch path
+issue 16 item 2). Here each block of 1024 entries stays in the cache while every step runs
+over it, in the same float32 operations and order as the torch path
 (:func:`mergehub.merge.methods.fast.dare_keep`, ``fast.elect_combine``, ``fast.finish``),
 so the results are those bits (tests: against that path and the plain reference, every
 weight, ``elect`` and ``normalize``). Compiled without fast-math, so no multiply-add is
 contracted.
 
 Numba compiles a loop the first time a process calls it for a number of inputs, and keeps the
-machine code in its cache (``__pycache__`` beside this file, or the user's cache where that is
-not writable), so later processes only load it (~0.4 s, once per process; the loops are in :mod:`~mergehub.kernels.numba_loops`).
-:func:`available`
-is false where Numba cannot be imported; the torch path then runs.
+machine code in its cache (``__pycache__`` beside the loops' module
+:mod:`~mergehub.kernels.numba_loops`, or the user's cache where that is not writable), so
+later processes only load it (~0.4 s, once per process). :func:`available` is false where
+Numba cannot be imported; the torch path then runs.
 """
 
 from __future__ import annotations
@@ -52,6 +52,18 @@ def _loops():  # noqa: ANN202  (the module, imported on first use)
     return numba_loops
 
 
+def draw_words(n: int, key: int, start: int) -> torch.Tensor:
+    """:func:`mergehub.ops.sparsify.draw_words` on the CPU, compiled: the same int32 words
+    (~0.4 ns a word, where the reference's int64 torch operations take ~40)."""
+    if n == 0:
+        return torch.empty(0, dtype=torch.int32)
+    first = start >> 2
+    blocks = ((start + n - 1) >> 2) - first + 1
+    out = np.empty(4 * blocks, dtype=np.uint32)
+    _loops().philox_words(np.uint64(key), first, blocks, out)
+    return torch.from_numpy(out[start & 3:(start & 3) + n].view(np.int32))
+
+
 def _flat32(x: torch.Tensor) -> np.ndarray:
     """A tensor's entries as a flat float32 array (a 16-bit one widened, exactly)."""
     return x.reshape(-1).to(torch.float32).numpy()
@@ -84,21 +96,21 @@ def ties_chunk(base: torch.Tensor, xs: list[torch.Tensor], hi: list[float], lo: 
     return torch.from_numpy(at[:noted]), torch.from_numpy(spare[:, :noted])
 
 
-def dare_chunk(base: torch.Tensor, xs: list[torch.Tensor], words: list[torch.Tensor],
+def dare_chunk(base: torch.Tensor, xs: list[torch.Tensor], keys: list[int], start: int,
                thresholds: list[int], scales: list[float], weights: list[float], elect: str,
                normalize: bool, lam: float, out: torch.Tensor) -> list[int] | None:
     """The DARE-TIES merge of one chunk into ``out`` (contiguous float32, the chunk's size):
-    each input t dropped by its words (int32, one per entry, as :func:`mergehub.ops.sparsify.
-    draw_words` gives them: kept where ⌊r/2⌋ + 2^30 < ``thresholds[t]``, the
-    :func:`~mergehub.ops.sparsify.keep_threshold`), the kept entries times ``scales[t]``,
-    then elected and combined as :func:`ties_chunk` does: what ``fast.dare_keep`` per input
-    and ``fast.finish(base, fast.elect_combine(...), lam)`` give, bit for bit. Returns how
-    many entries each input kept, or ``None`` where an input or a value is not finite."""
+    each input t dropped by the words of stream ``keys[t]`` at the chunk's flat positions
+    (from ``start``; drawn in the loop, as :func:`mergehub.ops.sparsify.draw_words` gives
+    them: kept where ⌊r/2⌋ + 2^30 < ``thresholds[t]``, the :func:`~mergehub.ops.sparsify.
+    keep_threshold`), the kept entries times ``scales[t]``, then elected and combined as
+    :func:`ties_chunk` does: what ``fast.dare_keep`` per input and ``fast.finish(base,
+    fast.elect_combine(...), lam)`` give, bit for bit. Returns how many entries each input
+    kept, or ``None`` where an input or a value is not finite."""
     counts = np.zeros(len(xs), dtype=np.int64)
     done = _loops().dare(tuple(x.reshape(-1).numpy() for x in xs),
-                         tuple(r.numpy() for r in words),
-                         np.asarray([k - 2 ** 30 for k in thresholds], np.int64),
-                         np.asarray(scales, np.float32), _flat32(base),
-                         np.asarray(weights, np.float32), np.float32(lam), elect == "count",
-                         normalize, out.view(-1).numpy(), counts)
+                         np.asarray(keys, dtype=np.uint64), start,
+                         np.asarray(thresholds, np.int64), np.asarray(scales, np.float32),
+                         _flat32(base), np.asarray(weights, np.float32), np.float32(lam),
+                         elect == "count", normalize, out.view(-1).numpy(), counts)
     return [int(c) for c in counts] if done else None

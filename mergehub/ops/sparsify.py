@@ -6,7 +6,8 @@ the sign election with the disjoint combine. Conventions (docs/merging.md compar
 mergekit and the papers):
 
 * DARE drops each entry with probability 1 − density (to 2^-31; 31 random bits an entry) from
-  a generator seeded by (seed, tensor, input, chunk) and rescales survivors by 1/density
+  a counter-based stream (Philox4x32-10) keyed by (seed, tensor, input), one word per flat
+  position, and rescales survivors by 1/density
   (``rescale: true``, the paper's, keeps E[τ]) or to the original L1 norm (``rescale: l1``,
   mergekit 0.1.5);
 * breadcrumbs keeps int(density·n) entries after dropping the int(gamma·n) first in the
@@ -146,30 +147,68 @@ def band_mask(x: torch.Tensor, band: Band | None, offset: int = 0) -> torch.Tens
     return mask if outliers is None else mask & ~_inside(x, outliers, offset)
 
 
-def draw_words(n: int, gen: torch.Generator, device: torch.device | str) -> torch.Tensor:
-    """int32 [n]: n uniform 32-bit words from ``gen``, two from each full-range 64-bit draw
-    (half the generator calls of one draw per entry: on the CPU ~1.3 ns an entry where
-    ``torch.rand`` takes ~2.7; on CUDA the same calls to its Philox)."""
-    draws = torch.empty((n + 1) // 2, dtype=torch.int64, device=device)
-    return draws.random_(-2 ** 63, None, generator=gen).view(torch.int32)[:n]
+#: Philox4x32-10's round multipliers and key increments (Salmon et al., 2011)
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+_LOW = 0xFFFFFFFF
+
+
+def _mul_hi_lo(c: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit halves of c·m for 32-bit values ``c`` (int64) and ``m``, exactly in
+    int64 arithmetic (c split into 16-bit halves: no product overflows)."""
+    a, b = (c >> 16) * m, (c & 0xFFFF) * m  # c·m = a·2^16 + b, each below 2^48
+    return (a + (b >> 16)) >> 16, (((a & 0xFFFF) << 16) + b) & _LOW
+
+
+def philox4x32(counters: torch.Tensor, key: int) -> torch.Tensor:
+    """Philox4x32-10 (Salmon, Moraes, Dror & Shaw, "Parallel random numbers: as easy as 1, 2,
+    3", SC 2011; Random123's reference): int64 [n, 4] blocks of four 32-bit words from int64
+    [n, 4] counters (32-bit words) under a 64-bit ``key`` (its low word first). Counter-based:
+    any block is computed from its counter alone, so any range of a stream can be drawn on
+    its own, on any device, in the same bits."""
+    c0, c1, c2, c3 = counters.unbind(-1)
+    k0, k1 = key & _LOW, (key >> 32) & _LOW
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + PHILOX_W[0]) & _LOW, (k1 + PHILOX_W[1]) & _LOW
+        hi0, lo0 = _mul_hi_lo(c0, PHILOX_M[0])
+        hi1, lo1 = _mul_hi_lo(c2, PHILOX_M[1])
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return torch.stack((c0, c1, c2, c3), dim=-1)
+
+
+def draw_words(n: int, key: int, start: int, device: torch.device | str) -> torch.Tensor:
+    """int32 [n]: the 32-bit words at positions [start, start + n) of stream ``key`` (a 64-bit
+    integer), word p being word p mod 4 of :func:`philox4x32` of the counter (⌊p/4⌋'s low and
+    high 32 bits, 0, 0). A chunk's words are those of its flat positions in the tensor, so
+    they do not depend on how the tensor is chunked, nor on the device."""
+    if n == 0:
+        return torch.empty(0, dtype=torch.int32, device=device)
+    first, last = start >> 2, (start + n - 1) >> 2
+    blocks = torch.arange(first, last + 1, dtype=torch.int64, device=device)
+    zero = torch.zeros_like(blocks)
+    words = philox4x32(torch.stack((blocks & _LOW, blocks >> 32, zero, zero), dim=-1), key)
+    words = words.reshape(-1)[start & 3:(start & 3) + n]
+    return (words - ((words >> 31) << 32)).to(torch.int32)  # the same bits as int32
 
 
 def keep_threshold(density: float) -> int:
     """K = ⌈f·2^31⌉ for f the float32 value of ``density`` (0 < f, exact: f·2^31 is a float):
-    DARE keeps an entry whose word r (:func:`draw_words`) gives the 31-bit uniform
+    DARE keeps an entry whose word r (:func:`draw_words`, as int32) gives the 31-bit uniform
     u = ⌊r/2⌋ + 2^30 < K, so with probability K/2^31, within 2^-31 above f."""
     f = float(np.float32(density))  # rounded to nearest as torch does (~0.1 us, not ~5)
     return math.ceil(math.ldexp(f, 31))
 
 
-def bernoulli_mask(x: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor | None:
-    """DARE: keep each entry with probability ``density`` (:func:`keep_threshold`), from one
-    word of :func:`draw_words` per entry in flat order."""
+def bernoulli_mask(x: torch.Tensor, density: float, key: int, start: int = 0
+                   ) -> torch.Tensor | None:
+    """DARE: keep each entry with probability ``density`` (:func:`keep_threshold`), from the
+    word of stream ``key`` at its flat position (``start``: that of x's first entry)."""
     if density >= 1:
         return None
     if density <= 0:
         return torch.zeros_like(x, dtype=torch.bool)
-    u = (draw_words(x.numel(), gen, x.device).to(torch.int64) >> 1) + 2 ** 30
+    u = (draw_words(x.numel(), key, start, x.device).to(torch.int64) >> 1) + 2 ** 30
     return (u < keep_threshold(density)).view(x.shape)
 
 

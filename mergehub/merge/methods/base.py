@@ -184,13 +184,11 @@ class TensorContext:
         """The flat position of the chunk's first entry in its tensor."""
         return self.rows[0] * self.row_size
 
-    def generator(self, *salt: object) -> torch.Generator:
-        """A generator seeded from (seed, tensor name, salt): the same random draws whatever
-        the order tensors are merged in or the number of workers."""
+    def key(self, *salt: object) -> int:
+        """A 64-bit key from (seed, tensor name, salt): the same random draws whatever the
+        order tensors are merged in or the number of workers."""
         digest = hashlib.sha256(repr((self.seed, self.name, salt)).encode()).digest()
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-        return gen
+        return int.from_bytes(digest[:8], "little")
 
 
 class MergeMethod:

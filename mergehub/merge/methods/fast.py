@@ -9,7 +9,7 @@ costs differ far more than their count suggests: float arithmetic and ``hardshri
 thread, 2^18-element chunks). The plain functions spend most of their time in the slow ones.
 Here a trim is one ``hardshrink`` per input (:func:`shrink`), the sign election uses only
 float arithmetic (:func:`elect_combine`), and DARE's keep-masks are made from the same
-generator's words with integer operations (:func:`dare_keep`).
+stream's words with integer operations (:func:`dare_keep`).
 
 Every function here gives exactly what the plain one gives, or says that it cannot
 (``None``), where the plain one then runs: for finite inputs always the former. Signed zeros
@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from mergehub.kernels import numba_merge
 from mergehub.ops import sparsify
 from mergehub.ops.selection import Cut
 
@@ -145,14 +146,15 @@ def finish(base: torch.Tensor, mixed: torch.Tensor, lam: float) -> torch.Tensor:
     return mixed.add_(base)
 
 
-def dare_keep(x: torch.Tensor, density: float, gen: torch.Generator, scale: float
+def dare_keep(x: torch.Tensor, density: float, key: int, start: int, scale: float
               ) -> tuple[torch.Tensor, int]:
-    """``apply_mask(x, bernoulli_mask(x, density, gen), scale)`` for 0 < density < 1 on the
-    CPU, and how many entries the mask keeps: the same words drawn, the mask made and applied
-    with in-place integer operations (u < K ⇔ ⌊r/2⌋ − (K − 2^30) < 0, which cannot overflow;
-    its sign bit spread over the word is the mask). For finite ``x``: an infinite entry
-    dropped is 0 here, NaN in ``x * mask``."""
-    mask = sparsify.draw_words(x.numel(), gen, x.device)
+    """``apply_mask(x, bernoulli_mask(x, density, key, start), scale)`` for 0 < density < 1 on
+    the CPU, and how many entries the mask keeps: the same words drawn, the mask made and
+    applied with in-place integer operations (u < K ⇔ ⌊r/2⌋ − (K − 2^30) < 0, which cannot
+    overflow; its sign bit spread over the word is the mask). For finite ``x``: an infinite
+    entry dropped is 0 here, NaN in ``x * mask``."""
+    mask = numba_merge.draw_words(x.numel(), key, start) if numba_merge.available() \
+        and x.device.type == "cpu" else sparsify.draw_words(x.numel(), key, start, x.device)
     mask.bitwise_right_shift_(1).sub_(sparsify.keep_threshold(density) - 2 ** 30)
     mask = mask.bitwise_right_shift_(31).view(x.shape)  # -1 where kept, else 0
     kept = torch.bitwise_and(x.view(torch.int32), mask).view(torch.float32)

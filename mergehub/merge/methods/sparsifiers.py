@@ -29,8 +29,8 @@ from mergehub.merge.methods.base import Prepass, TensorContext
 from mergehub.merge.methods.global_cuts import GlobalCuts
 from mergehub.ops.selection import ChunkStream, Cut, kth_rank, magnitude_cuts, planned, trim_count
 from mergehub.ops.sparsify import (
-    KeptTally, apply_mask, band_kept, band_mask, bernoulli_mask, cut_mask, draw_words,
-    keep_threshold, l1_scales, outlier_bands)
+    KeptTally, apply_mask, band_kept, band_mask, bernoulli_mask, cut_mask, keep_threshold,
+    l1_scales, outlier_bands)
 
 Params = list[dict[str, Any]]
 
@@ -90,11 +90,12 @@ class Sparsifier:
         raise NotImplementedError
 
     def words(self, xs: list[torch.Tensor], sparsity: Sparsity, ctx: TensorContext
-              ) -> tuple[list[torch.Tensor], list[int]] | None:
+              ) -> tuple[list[int], int, list[int]] | None:
         """A random drop's draws for one chunk, for the CPU's compiled loop
-        (:func:`mergehub.kernels.numba_merge.dare_chunk`): each input's words and keep
-        threshold; ``None`` where the sparsifier is no such drop or its loop does not apply
-        (its kept counts then go through :meth:`keep`, else through :meth:`add_kept`)."""
+        (:func:`mergehub.kernels.numba_merge.dare_chunk`): each input's stream key, the
+        chunk's first flat position and each input's keep threshold; ``None`` where the
+        sparsifier is no such drop or its loop does not apply (its kept counts then go
+        through :meth:`keep`, else through :meth:`add_kept`)."""
         return None
 
     def add_kept(self, counts: list[int], numel: int) -> None:
@@ -226,26 +227,32 @@ class MagnitudeTrim(Sparsifier):
 
 class RandomDrop(Sparsifier):
     """DARE's drop: each entry of τt kept with probability ``density`` (= 1 − drop rate p),
-    drawn from a generator seeded by (``seed``, tensor name, input index, chunk): the same seed
-    on the same device gives the same output. Survivors are rescaled by 1/density (``rescale:
-    true``, the paper's: E[output] = τ), to the original L1 norm (``rescale: l1``, mergekit
-    0.1.5; a pass over the tensor first), or not at all (``rescale: false``)."""
+    drawn from a counter-based stream keyed by (``seed``, tensor name, input index), one word
+    per flat position (:func:`~mergehub.ops.sparsify.draw_words`): the same seed gives the
+    same output on any device and in any chunking. Survivors are rescaled by 1/density
+    (``rescale: true``, the paper's: E[output] = τ), to the original L1 norm (``rescale: l1``,
+    mergekit 0.1.5; a pass over the tensor first), or not at all (``rescale: false``)."""
 
     reads = ("rescale",)
 
     @staticmethod
+    def _start(x: torch.Tensor, ctx: TensorContext) -> int:
+        """The flat position of chunk ``x`` (rows ``ctx.rows``) in its tensor."""
+        rows = ctx.rows[1] - ctx.rows[0]
+        return ctx.rows[0] * (x.numel() // rows) if rows else 0
+
+    @staticmethod
     def _mask(x: torch.Tensor, density: float, ctx: TensorContext, t: int,
-              row: int) -> torch.Tensor | None:
-        return bernoulli_mask(x, density, ctx.generator("dare", t, row))
+              start: int) -> torch.Tensor | None:
+        return bernoulli_mask(x, density, ctx.key("dare", t), start)
 
     def statistics(self, chunks: ChunkStream, ranges: list[tuple[int, int]],
                    model_params: Params, ctx: TensorContext) -> Sparsity:
         densities = [float(p["density"]) for p in model_params]
         rescale = self.params["rescale"]
         if rescale == "l1":
-            starts = [r0 for r0, _ in ranges]
             scales = l1_scales(chunks, lambda t, c, offset, x: self._mask(
-                x, densities[t], ctx, t, starts[c]), len(densities))
+                x, densities[t], ctx, t, offset), len(densities))
         else:
             scales = [1 / d if rescale and 0 < d < 1 else 1.0 for d in densities]
         return Sparsity(densities, scales)
@@ -256,30 +263,31 @@ class RandomDrop(Sparsifier):
         for t, (x, density, s) in enumerate(zip(xs, sparsity.keeps, sparsity.scales)):
             kept = self._fast_drop(x, density, ctx, t, s)
             if kept is None:
-                mask = self._mask(x, density, ctx, t, ctx.rows[0])
+                mask = self._mask(x, density, ctx, t, self._start(x, ctx))
                 self.tally.add(t, x.numel() if mask is None else int(mask.sum()), 0, x.numel())
                 kept = apply_mask(x, mask, s)
             out.append(kept)
         return out
 
     def words(self, xs: list[torch.Tensor], sparsity: Sparsity, ctx: TensorContext
-              ) -> tuple[list[torch.Tensor], list[int]] | None:
-        """The words :meth:`keep` draws (:func:`draw_words` from the same generators), where
-        every density is in (0, 1) and the inputs are on the CPU."""
+              ) -> tuple[list[int], int, list[int]] | None:
+        """The streams :meth:`keep` draws from (each input's key, the chunk's first flat
+        position) and each input's keep threshold, where every density is in (0, 1) and the
+        inputs are on the CPU."""
         if xs[0].device.type != "cpu" or not all(0 < d < 1 for d in sparsity.keeps):
             return None
-        return ([draw_words(x.numel(), ctx.generator("dare", t, ctx.rows[0]), x.device)
-                 for t, x in enumerate(xs)], [keep_threshold(d) for d in sparsity.keeps])
+        return ([ctx.key("dare", t) for t in range(len(xs))], self._start(xs[0], ctx),
+                [keep_threshold(d) for d in sparsity.keeps])
 
     def _fast_drop(self, x: torch.Tensor, density: float, ctx: TensorContext, t: int,
                    scale: float) -> torch.Tensor | None:
-        """Input t's drop on the CPU by :func:`fast.dare_keep` (the same draws and bits), its
-        kept count tallied; ``None`` where that does not apply: the plain masks then draw
-        from a fresh generator of the same seed."""
+        """Input t's drop on the CPU by :func:`fast.dare_keep` (the same words and bits), its
+        kept count tallied; ``None`` where that does not apply (the plain masks then draw the
+        same words)."""
         if x.device.type != "cpu" or not 0 < density < 1 \
                 or not math.isfinite(float(x.sum())):  # x * False of an infinite x is NaN
             return None
-        kept, count = fast.dare_keep(x, density, ctx.generator("dare", t, ctx.rows[0]), scale)
+        kept, count = fast.dare_keep(x, density, ctx.key("dare", t), self._start(x, ctx), scale)
         self.tally.add(t, count, 0, x.numel())
         return kept
 
