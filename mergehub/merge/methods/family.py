@@ -246,8 +246,9 @@ class TensorPlan:
         """DARE-TIES's chunk in one compiled loop (:func:`mergehub.kernels.numba_merge.
         dare_chunk`: the same bits as the steps below), where it applies: a random drop whose
         draws :meth:`Sparsifier.words` gives, a sign election, no consensus, float32 task
-        vectors on the CPU (:func:`~mergehub.kernels.numba_merge.applies`); ``None`` elsewhere, or where a value is not
-        finite (the steps below then draw the same words again)."""
+        vectors on the CPU (:func:`~mergehub.kernels.numba_merge.applies`); ``None``
+        elsewhere, or where a value is not finite (the steps below then draw the same words
+        again)."""
         if self.sparsifier is None or self.elect is None or self.k is not None \
                 or not numba_merge.applies(base, xs):
             return None

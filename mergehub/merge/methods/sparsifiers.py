@@ -92,10 +92,10 @@ class Sparsifier:
     def words(self, xs: list[torch.Tensor], sparsity: Sparsity, ctx: TensorContext
               ) -> tuple[list[int], int, list[int]] | None:
         """A random drop's draws for one chunk, for the CPU's compiled loop
-        (:func:`mergehub.kernels.numba_merge.dare_chunk`): each input's stream key, the
-        chunk's first flat position and each input's keep threshold; ``None`` where the
-        sparsifier is no such drop or its loop does not apply (its kept counts then go
-        through :meth:`keep`, else through :meth:`add_kept`)."""
+        (:func:`mergehub.kernels.numba_merge.dare_chunk`, whose kept counts the caller
+        tallies with :meth:`add_kept`): each input's stream key, the chunk's first flat
+        position and each input's keep threshold; ``None`` where the sparsifier is no such
+        drop or the loop does not apply (:meth:`keep` then drops and tallies)."""
         return None
 
     def add_kept(self, counts: list[int], numel: int) -> None:
