@@ -17,12 +17,19 @@ _jit = numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy"
 
 
 @_jit
-def score_of(v, count, t, score, j):
-    """Add input t's weighted value to the block's score at j (its sign, with count)."""
+def weigh(v, wt, count, t, j, d, score):
+    """Input t's kept value v at j of the block: weighted (``x * w``), stored in d[t, j] and
+    added to the block's score (its sign, with count, as torch.sign gives it); whether the
+    weighted value is not finite."""
     one, zero = np.float32(1.0), np.float32(0.0)
-    if count:  # the score counts signs, as torch.sign gives them
-        v = one if v > zero else -one if v < zero else zero
-    score[j] = v if t == 0 else score[j] + v
+    if wt != one:
+        v = v * wt
+    d[t, j] = v
+    s = v
+    if count:
+        s = one if v > zero else -one if v < zero else zero
+    score[j] = s if t == 0 else score[j] + s
+    return not abs(v) <= np.float32(_MAX)
 
 
 @_jit
@@ -68,7 +75,7 @@ def elect_finish(d, score, mixed, div, n, w, lam, normalize, base, out, s0):
 def ties(xs, base, hi, lo, w, lam, count, normalize, out, above, at,
          noted_values):
     k, m = len(xs), base.size
-    zero, one = np.float32(0.0), np.float32(1.0)
+    zero = np.float32(0.0)
     big = np.float32(_MAX)
     noted = 0
     d = np.empty((k, BLOCK), np.float32)
@@ -90,12 +97,7 @@ def ties(xs, base, hi, lo, w, lam, count, normalize, out, above, at,
                 keep = a > h  # hardshrink(x, h)
                 kept += keep
                 inside[j] |= (a > low) & (a <= h)
-                v = x if keep else zero
-                if wt != one:
-                    v = v * wt
-                    bad |= not abs(v) <= big
-                d[t, j] = v
-                score_of(v, count, t, score, j)
+                bad |= weigh(x if keep else zero, wt, count, t, j, d, score)
             above[t] += kept
         bad |= elect_finish(d, score, mixed, div, n, w, lam, normalize, base, out, s0)
         if bad:
@@ -161,13 +163,7 @@ def dare(xs, keys, start, thresholds, scales, base, w, lam, count, normalize, ou
                 keep = ((np.int64(words[lane + j]) >> 1) ^ 0x40000000) < big_k
                 kept += keep
                 v = x if keep else zero
-                if sc != one:
-                    v = v * sc
-                if wt != one:
-                    v = v * wt
-                bad |= not abs(v) <= big
-                d[t, j] = v
-                score_of(v, count, t, score, j)
+                bad |= weigh(v if sc == one else v * sc, wt, count, t, j, d, score)
             kept_counts[t] += kept
         bad |= elect_finish(d, score, mixed, div, n, w, lam, normalize, base, out, s0)
         if bad:
