@@ -248,6 +248,21 @@ def test_ties_signed_zeros(device, elect, trim, weights):
     assert bool(same.all()), (got[~same][:5], want[~same][:5])
 
 
+def test_dare_words_are_the_reference_words(device):
+    """DARE's words from the Triton kernel (one Philox block per four positions, the lane
+    picked per position) equal the torch reference's, for ranges starting at any lane, deep
+    in a tensor and across a block of programs; on the CPU by default the compiled words."""
+    from mergehub.ops.sparsify import draw_words
+
+    for n, key, start in [(1, 7, 0), (1030, 2 ** 64 - 1, 3), (2500, 0xDEAD_BEEF, 2 ** 33 + 5),
+                          (0, 5, 9)]:
+        want = draw_words(n, key, start, "cpu")
+        got = kernels.dare_words(n, key, start, device, backend="triton")
+        assert got.dtype == torch.int32 and torch.equal(got.cpu(), want)
+        assert torch.equal(kernels.dare_words(n, key, start, device).cpu(), want)
+        assert torch.equal(kernels.dare_words(n, key, start, device, backend="torch").cpu(), want)
+
+
 def test_merge_refuses_more_blocks_than_floats_count(monkeypatch):
     """Block indices reach the kernel as exact float32: a tensor of more than 2^24 blocks is
     refused by name before any launch."""

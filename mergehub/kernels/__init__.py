@@ -13,6 +13,8 @@ from the merge methods' own functions) otherwise or when Triton is not installed
   inside, a radix select among those few picks it, and where the cut splits a run of ties a
   counting pass finds the position of its last kept entry; or, given a ``tolerance``, the cut
   of a random sample, radix-selected without a pass;
+* :func:`dare_words`: DARE's random words (Philox4x32-10 by flat position) in one launch on
+  CUDA, compiled on the CPU, their reference :func:`mergehub.ops.sparsify.draw_words`;
 * :func:`apply_deltas`: W + Σk sk·decode(δk) for BitDelta, ComPEFT and low-rank deltas
   (:mod:`mergehub.kernels.deltas`), decoded tile by tile, never materialized;
 * :func:`zo_direction` / :func:`zo_step` / :func:`zo_steps`: MeZO's perturbation drawn from
@@ -43,13 +45,13 @@ where they run), their oracle the torch operations they replace.
 from mergehub.kernels.apply import apply_deltas
 from mergehub.kernels.deltas import LowRankDelta, SignDelta, TernaryDelta, dense
 from mergehub.kernels.dispatch import triton_available
-from mergehub.kernels.merging import MergeBatch, MergeReplay, merge_tensor
+from mergehub.kernels.merging import MergeBatch, MergeReplay, dare_words, merge_tensor
 from mergehub.kernels.selection import CutMemo, magnitude_cut, magnitude_cuts
 from mergehub.kernels.zo import (
     ZoTensors, seed_table, smallest_magnitudes, zo_direction, zo_mask_bytes, zo_step, zo_steps)
 from mergehub.ops.selection import Cut
 
-__all__ = ["merge_tensor", "MergeBatch", "MergeReplay", "magnitude_cuts", "magnitude_cut", "Cut",
+__all__ = ["merge_tensor", "MergeBatch", "MergeReplay", "dare_words", "magnitude_cuts", "magnitude_cut", "Cut",
            "CutMemo", "apply_deltas", "zo_direction", "zo_step", "zo_steps", "ZoTensors",
            "zo_mask_bytes", "seed_table", "smallest_magnitudes", "SignDelta", "TernaryDelta",
            "LowRankDelta", "dense", "triton_available"]

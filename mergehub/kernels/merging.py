@@ -1,6 +1,6 @@
 """The merge kernels' entry points: :func:`merge_tensor` (task arithmetic, TIES, the consensus
-merges of one tensor in one pass), :class:`MergeBatch` (merges queued and launched together)
-and :class:`MergeReplay` (a batch's launches made again)."""
+merges of one tensor in one pass), :class:`MergeBatch` (merges queued and launched together),
+:class:`MergeReplay` (a batch's launches made again) and :func:`dare_words` (DARE's draws)."""
 
 from __future__ import annotations
 
@@ -229,3 +229,24 @@ def _packed_masks(name: str, masks: Any, base: torch.Tensor, k: int) -> torch.Te
         raise InputError(f"{name}: TALL masks of {stacked[0].numel()} values for a tensor of {n} "
                          f"(want {n} booleans or {nbytes} packed bytes each)")
     return pack_bits(stacked.reshape(k, -1).bool()).to(base.device)
+
+
+def dare_words(n: int, key: int, start: int, device: torch.device | str,
+               backend: str | None = None) -> torch.Tensor:
+    """DARE's words :func:`mergehub.ops.sparsify.draw_words` (int32 [n] on ``device``, the
+    same bits) where they are cheapest: Triton on CUDA (one launch: the reference's int64
+    torch operations take ~260 launches), Numba's compiled loop on the CPU
+    (:func:`mergehub.kernels.numba_merge.draw_words`), else the reference. ``backend`` as for
+    :func:`merge_tensor`; positions must stay below 2^34 for Triton."""
+    from mergehub.kernels import numba_merge
+    from mergehub.ops.sparsify import draw_words
+
+    probe = torch.empty(0, device=device)
+    if backend != "torch":
+        if dispatch.use_triton(backend, probe) and start + n <= 1 << 34:
+            from mergehub.kernels import triton_merge
+
+            return triton_merge.dare_words(n, key, start, probe.device)
+        if probe.device.type == "cpu" and numba_merge.available():
+            return numba_merge.draw_words(n, key, start)
+    return draw_words(n, key, start, device)

@@ -382,3 +382,27 @@ def merge_many(bases: list[torch.Tensor], thetas: list[list[torch.Tensor]],
 
     launch(likes)
     return launch
+
+
+@triton.jit
+def _dare_words_kernel(out_ptr, n, start, key, BLOCK: tl.constexpr):
+    """Words start .. start + n − 1 of DARE's stream ``key`` (uint64): word p is word p mod 4
+    of Philox4x32-10 of the counter (⌊p/4⌋, 0, 0, 0) under the key's low and high words, as
+    :func:`mergehub.ops.sparsify.draw_words` (positions below 2^34)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    p = offs + start
+    block = (p >> 2).to(tl.uint32)
+    zero = block * 0
+    r0, r1, r2, r3 = tl.philox(key, block, zero, zero, zero)
+    lane = p & 3
+    word = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
+    tl.store(out_ptr + offs, word.to(tl.int32, bitcast=True), mask=offs < n)
+
+
+def dare_words(n: int, key: int, start: int, device: torch.device) -> torch.Tensor:
+    """:func:`mergehub.ops.sparsify.draw_words` in one launch (int32 [n] on ``device``)."""
+    out = torch.empty(n, dtype=torch.int32, device=device)
+    if n:
+        block = 1024
+        _dare_words_kernel[(triton.cdiv(n, block),)](out, n, start, key, BLOCK=block)
+    return out

@@ -200,15 +200,19 @@ def keep_threshold(density: float) -> int:
     return math.ceil(math.ldexp(f, 31))
 
 
-def bernoulli_mask(x: torch.Tensor, density: float, key: int, start: int = 0
-                   ) -> torch.Tensor | None:
+def bernoulli_mask(x: torch.Tensor, density: float, key: int, start: int = 0,
+                   words: torch.Tensor | None = None) -> torch.Tensor | None:
     """DARE: keep each entry with probability ``density`` (:func:`keep_threshold`), from the
-    word of stream ``key`` at its flat position (``start``: that of x's first entry)."""
+    word of stream ``key`` at its flat position (``start``: that of x's first entry);
+    ``words``: those words already drawn (:func:`mergehub.kernels.dare_words`), else
+    :func:`draw_words` draws them."""
     if density >= 1:
         return None
     if density <= 0:
         return torch.zeros_like(x, dtype=torch.bool)
-    u = (draw_words(x.numel(), key, start, x.device).to(torch.int64) >> 1) + 2 ** 30
+    if words is None:
+        words = draw_words(x.numel(), key, start, x.device)
+    u = (words.to(torch.int64) >> 1) + 2 ** 30
     return (u < keep_threshold(density)).view(x.shape)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from mergehub.kernels import numba_merge
+from mergehub.kernels import dare_words
 from mergehub.ops import sparsify
 from mergehub.ops.selection import Cut
 
@@ -153,8 +153,7 @@ def dare_keep(x: torch.Tensor, density: float, key: int, start: int, scale: floa
     applied with in-place integer operations (u < K ⇔ ⌊r/2⌋ − (K − 2^30) < 0, which cannot
     overflow; its sign bit spread over the word is the mask). For finite ``x``: an infinite
     entry dropped is 0 here, NaN in ``x * mask``."""
-    mask = numba_merge.draw_words(x.numel(), key, start) if numba_merge.available() \
-        and x.device.type == "cpu" else sparsify.draw_words(x.numel(), key, start, x.device)
+    mask = dare_words(x.numel(), key, start, x.device)
     mask.bitwise_right_shift_(1).sub_(sparsify.keep_threshold(density) - 2 ** 30)
     mask = mask.bitwise_right_shift_(31).view(x.shape)  # -1 where kept, else 0
     kept = torch.bitwise_and(x.view(torch.int32), mask).view(torch.float32)

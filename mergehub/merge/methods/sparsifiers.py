@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from mergehub.kernels import dare_words
 from mergehub.merge.methods import fast
 from mergehub.merge.methods.base import Prepass, TensorContext
 from mergehub.merge.methods.global_cuts import GlobalCuts
@@ -244,7 +245,9 @@ class RandomDrop(Sparsifier):
     @staticmethod
     def _mask(x: torch.Tensor, density: float, ctx: TensorContext, t: int,
               start: int) -> torch.Tensor | None:
-        return bernoulli_mask(x, density, ctx.key("dare", t), start)
+        key = ctx.key("dare", t)
+        words = dare_words(x.numel(), key, start, x.device) if 0 < density < 1 else None
+        return bernoulli_mask(x, density, key, start, words)
 
     def statistics(self, chunks: ChunkStream, ranges: list[tuple[int, int]],
                    model_params: Params, ctx: TensorContext) -> Sparsity:
