@@ -169,3 +169,18 @@ def dare(xs, keys, start, thresholds, scales, base, w, lam, count, normalize, ou
         if bad:
             return False
     return True
+
+
+@_jit
+def bracket_candidates(bits, at, lo, hi, cand, where):
+    """The magnitudes (bits of float32 values as int32, sign cleared) within [lo, hi] and
+    their positions ``at``, compacted into ``cand`` and ``where`` in order; how many."""
+    n = 0
+    span = np.uint32(hi - lo)
+    for i in range(bits.size):
+        key = bits[i] & 0x7FFFFFFF
+        if np.uint32(key - lo) <= span:
+            cand[n] = key
+            where[n] = at[i]
+            n += 1
+    return n

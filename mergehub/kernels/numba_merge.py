@@ -64,6 +64,18 @@ def draw_words(n: int, key: int, start: int) -> torch.Tensor:
     return torch.from_numpy(out[start & 3:(start & 3) + n].view(np.int32))
 
 
+def bracket_candidates(values: np.ndarray, at: np.ndarray, lo: int, hi: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """The magnitude bits (int32) of the float32 ``values`` that lie within [lo, hi] (bits)
+    and their positions ``at`` (int64), in order: numpy's boolean indexing of both, in one
+    compiled pass (~7x faster)."""
+    cand = np.empty(values.size, dtype=np.int32)
+    where = np.empty(values.size, dtype=np.int64)
+    n = _loops().bracket_candidates(values.view(np.int32), at, np.int32(lo), np.int32(hi),
+                                    cand, where)
+    return cand[:n], where[:n]
+
+
 def _flat32(x: torch.Tensor) -> np.ndarray:
     """A tensor's entries as a flat float32 array (a 16-bit one widened, exactly)."""
     return x.reshape(-1).to(torch.float32).numpy()

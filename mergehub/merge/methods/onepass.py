@@ -344,9 +344,12 @@ def _cut_among(values: torch.Tensor, at: torch.Tensor, bounds: tuple[int, int], 
     """The exact top-k cut of a tensor, from its values noted by the pass at flat positions
     ``at`` (ascending), ``above`` entries lying above the bracket ``bounds`` (magnitude
     bits); raises :class:`_Declined` where the k-th largest lies outside the bracket."""
-    keys = np.bitwise_and(values.numpy().view(np.int32), 0x7FFFFFFF)
-    inside = (keys - bounds[0]).view(np.uint32) <= bounds[1] - bounds[0]  # lo <= key <= hi
-    cand, where = keys[inside], at.numpy()[inside]
+    if numba_merge.available() and values.dtype == torch.float32:
+        cand, where = numba_merge.bracket_candidates(values.numpy(), at.numpy(), *bounds)
+    else:
+        keys = np.bitwise_and(values.numpy().view(np.int32), 0x7FFFFFFF)
+        inside = (keys - bounds[0]).view(np.uint32) <= bounds[1] - bounds[0]  # lo <= key <= hi
+        cand, where = keys[inside], at.numpy()[inside]
     r = k - above
     if not 0 < r <= cand.size:
         raise _Declined
