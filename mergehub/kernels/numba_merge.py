@@ -27,6 +27,7 @@ import functools
 import numpy as np
 import torch
 
+
 @functools.cache
 def available() -> bool:
     """Whether Numba can be imported (then the loops compile)."""
@@ -68,7 +69,8 @@ def bracket_candidates(values: np.ndarray, at: np.ndarray, lo: int, hi: int
                        ) -> tuple[np.ndarray, np.ndarray]:
     """The magnitude bits (int32) of the float32 ``values`` that lie within [lo, hi] (bits)
     and their positions ``at`` (int64), in order: numpy's boolean indexing of both, in one
-    compiled pass (~7x faster)."""
+    compiled pass (~4x faster: 0.36 -> ~0.09 CPU s for the 54M values a 211M-parameter TIES
+    merge notes)."""
     cand = np.empty(values.size, dtype=np.int32)
     where = np.empty(values.size, dtype=np.int64)
     n = _loops().bracket_candidates(values.view(np.int32), at, np.int32(lo), np.int32(hi),
