@@ -282,10 +282,10 @@ def _sticky(d: torch.Tensor) -> torch.Tensor:
 @dataclasses.dataclass
 class _Launch:
     """The parameters of one group, dtype and device that one :func:`mergehub.kernels.zo_steps`
-    launch moves this step (flat views, checked and laid out: :class:`mergehub.kernels.
-    ZoTensors`, and their indices among all parameters), their seeds per perturbation (int64
-    on their device) and, in a sparse step, their thresholds and packed masks (``fresh``
-    until the step's first move computes them)."""
+    launch moves this step (the parameters themselves, addressed as flat, checked and laid
+    out: :class:`mergehub.kernels.ZoTensors`, and their indices among all parameters), their
+    seeds per perturbation (int64 on their device) and, in a sparse step, their thresholds and
+    packed masks (``fresh`` until the step's first move computes them)."""
     group: dict[str, Any]
     xs: kernels.ZoTensors
     indices: list[int]
@@ -514,8 +514,8 @@ class MeZO(torch.optim.Optimizer):
         thresholds exact on the device (:func:`mergehub.kernels.smallest_magnitudes`) and its
         masks computed in the first move's pass; the other parameters move one by one, with
         :meth:`_masks`. Made anew each step, from the parameters as they are: nothing of it
-        outlives the step (kept, a flat view would hold a parameter's old storage alive after
-        ``model.to(...)``)."""
+        outlives the step (a parameter given new storage, e.g. by ``model.to(...)``, is
+        addressed where it now is)."""
         groups: dict[tuple[int, torch.dtype, torch.device],
                      tuple[dict[str, Any], list[torch.Tensor], list[int]]] = {}
         rest = []

@@ -183,7 +183,7 @@ def _quantile_finish(ks_ptr, hist_ptr, out_ptr, ROUNDS: tl.constexpr, KEY_BITS: 
 
 
 def smallest_magnitudes(xs: ZoTensors, ks: torch.Tensor) -> torch.Tensor:
-    """float32 [T]: the ks[t]-th smallest |x| of each flat contiguous tensor (one dtype: bf16,
+    """float32 [T]: the ks[t]-th smallest |x| of each contiguous tensor (one dtype: bf16,
     fp16 or fp32; 1 <= k <= numel < 2^31; ``ks`` int64 on their device), exactly, on the
     device and with no host synchronization: a radix select over |x|'s bit patterns,
     QUANTILE_BITS a round, each round one pass over all the tensors that counts the next digit
