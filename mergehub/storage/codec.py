@@ -186,7 +186,7 @@ def _join(transform: str, planes: list[Buffer], w: int, n: int, dtype: str,
     bytes) or a new buffer."""
     bytes_ = [np.frombuffer(p, np.uint8, n) for p in planes]
     refs = np.frombuffer(ref, _UINT[w], n) if transform == "delta" else None
-    out = np.empty(n, _UINT[w]) if into is None else np.frombuffer(into, _UINT[w], n)
+    out = np.frombuffer(new_buffer(n * w) if into is None else into, _UINT[w], n)
     for start in range(0, n, _BLOCK):
         part, block = [p[start:start + _BLOCK] for p in bytes_], out[start:start + _BLOCK]
         if transform == "exp":
@@ -196,6 +196,21 @@ def _join(transform: str, planes: list[Buffer], w: int, n: int, dtype: str,
             if refs is not None:
                 _unzigzag_delta(block, refs[start:start + _BLOCK])
     return memoryview(out).cast("B")
+
+
+def new_buffer(nbytes: int) -> bytearray:
+    """A new buffer for ``nbytes`` decoded bytes (zeros until written).
+
+    A ``bytearray``, not a numpy array: numpy asks the kernel to back arrays of 4 MiB and
+    more with transparent huge pages, and where the kernel's huge-page defrag setting is
+    ``madvise`` (a common default) the first write to such memory can wait while the kernel
+    compacts memory to make a huge page. Measured on the first merge of store entries in a
+    process (`benchmarks/RESULTS.md`, issue 15): 1.3-1.9 s with numpy's arrays, a steady
+    0.73-0.86 s with these. A bytearray comes from malloc's heap, where ``hub``'s settings
+    (:func:`mergehub.host_memory.keep_freed_memory`) reuse freed memory; zeroing it costs a
+    pass at memory speed.
+    """
+    return bytearray(nbytes)
 
 
 def _stored(piece: Buffer, into: memoryview | None) -> Buffer:

@@ -14,8 +14,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from mergehub.errors import InputError, IntegrityError, StoreError
 from mergehub.storage import codec as _codec
 from mergehub.storage import safetensors_format
@@ -356,9 +354,7 @@ class StoreReads:
                 if self._reuse is not None:
                     self._reuse.put(blob_id, whole)
                 return whole
-        # a bytearray is zero-filled first; numpy's empty buffer is not (every byte is
-        # written below)
-        out = bytearray(header.nbytes) if copy else memoryview(np.empty(header.nbytes, np.uint8))
+        out = _codec.new_buffer(header.nbytes)  # the bytearray a copy is; not numpy memory
         view = memoryview(out).cast("B")
         if parts is None and header.codec == "lossless":  # each chunk decoded in its place
             for _ in self._decoded(blob_id, header, payload, what, _depth, view):
