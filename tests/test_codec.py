@@ -233,3 +233,38 @@ def test_version_1_blobs_still_decode(monkeypatch, dtype, torch_dtype):
         assert max(map(len, pieces)) <= 4096 and b"".join(pieces) == data
         assert decode_blob(header, payload, r if header.ref else None) == data
     assert {"delta", "none"} <= transforms and transforms & {"exp", "planes"}
+
+
+def test_rechunk_cuts_pieces_of_any_size_and_passes_a_whole_last_piece_as_it_came():
+    """rechunk gives `total` bytes in pieces of `size` (the last shorter), from pieces of any
+    size; a final piece that needs no joining (a delta's reference of at most a chunk) comes
+    out as the same memory, not a copy, and only once its source is exhausted (so the checks
+    the source makes after its last piece have run); more or fewer bytes raise."""
+    from mergehub.storage.blob_format import rechunk
+
+    data = bytes(range(256)) * 40  # 10240 bytes
+    for cuts in ([10240], [1, 4095, 4096, 4048], [5000, 5240], [4096, 4096, 2048],
+                 [3] * 3413 + [1]):
+        pieces, at = [], 0
+        for c in cuts:
+            pieces.append(data[at:at + c])
+            at += c
+        out = [bytes(p) for p in rechunk(pieces, 4096, len(data))]
+        assert [len(p) for p in out] == [4096, 4096, 2048] and b"".join(out) == data, cuts
+    whole = np.frombuffer(bytearray(data[:3000]), np.uint8)
+    exhausted = []
+
+    def source():
+        yield memoryview(whole)
+        exhausted.append(True)
+
+    (only,) = list(rechunk(source(), 4096, 3000))
+    assert np.frombuffer(only, np.uint8).ctypes.data == whole.ctypes.data  # not copied
+    stream = rechunk(source(), 4096, 3000)
+    exhausted.clear()
+    next(stream)
+    assert exhausted == [True]  # the source ran to its end before the piece came out
+    for pieces, total in (([data[:3000], b"x"], 3000), ([data[:3000]], 3001),
+                          ([data[:5000]], 4999)):
+        with pytest.raises(BlobFormatError):
+            list(rechunk(pieces, 4096, total))

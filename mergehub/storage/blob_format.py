@@ -171,13 +171,17 @@ def rechunk(pieces: Iterable[Buffer], size: int, total: int) -> Iterator[memoryv
     """
     buf = bytearray()
     done = 0
+    last = None  # the last piece as it came (nothing to join it to), yielded at the end
     for piece in pieces:
         view = memoryview(piece).cast("B")
-        if done + len(buf) + len(view) > total:
+        if last is not None or done + len(buf) + len(view) > total:
             raise BlobFormatError(f"more than the {total} bytes expected")
         if not buf and len(view) == size and done + size < total:
             done += size
             yield view  # already a piece of the right size
+            continue
+        if not buf and len(view) <= size and done + len(view) == total:
+            last = view  # already the last piece (a tensor of at most a chunk: not copied)
             continue
         buf += view
         while len(buf) >= size and done + size < total:
@@ -185,6 +189,8 @@ def rechunk(pieces: Iterable[Buffer], size: int, total: int) -> Iterator[memoryv
             del buf[:size]
             done += size
             yield memoryview(out)
+    if last is not None:
+        buf = last
     if done + len(buf) != total:
         raise BlobFormatError(f"{done + len(buf)} bytes where {total} were expected")
     if buf:
