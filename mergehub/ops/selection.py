@@ -153,9 +153,12 @@ def _bracketed(chunks: ChunkStream, n: int, ks: list[list[int]], which: list[int
     # one scale of a row of a 1-bit one) only counts its entries; others keep theirs
     inside: list[list[Appended | int | None]] = [
         [0 if lo == hi else None for lo, hi in per_k] for per_k in brackets]
+    floors = [min(lo for lo, _ in per_k) for per_k in brackets]
     for _, xs in chunks(which):
         for i, x in enumerate(xs):
             v = x.reshape(-1).abs()
+            if floors[i] > -math.inf:  # what every count below needs: at or above a bracket
+                v = v[v >= floors[i]]
             for j, (lo, hi) in enumerate(brackets[i]):
                 above[i][j] += int((v > hi).sum())
                 if lo == hi:
