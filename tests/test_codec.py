@@ -244,7 +244,7 @@ def test_rechunk_cuts_pieces_of_any_size_and_passes_a_whole_last_piece_as_it_cam
 
     data = bytes(range(256)) * 40  # 10240 bytes
     for cuts in ([10240], [1, 4095, 4096, 4048], [5000, 5240], [4096, 4096, 2048],
-                 [3] * 3413 + [1]):
+                 [3] * 3413 + [1], [0, 4096, 0, 6144, 0]):
         pieces, at = [], 0
         for c in cuts:
             pieces.append(data[at:at + c])
@@ -258,6 +258,7 @@ def test_rechunk_cuts_pieces_of_any_size_and_passes_a_whole_last_piece_as_it_cam
         yield memoryview(whole)
         exhausted.append(True)
 
+    assert list(rechunk([b"", b""], 4096, 0)) == []
     (only,) = list(rechunk(source(), 4096, 3000))
     assert np.frombuffer(only, np.uint8).ctypes.data == whole.ctypes.data  # not copied
     stream = rechunk(source(), 4096, 3000)

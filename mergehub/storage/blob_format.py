@@ -174,6 +174,8 @@ def rechunk(pieces: Iterable[Buffer], size: int, total: int) -> Iterator[memoryv
     last = None  # the last piece as it came (nothing to join it to), yielded at the end
     for piece in pieces:
         view = memoryview(piece).cast("B")
+        if not len(view):
+            continue
         if last is not None or done + len(buf) + len(view) > total:
             raise BlobFormatError(f"more than the {total} bytes expected")
         if not buf and len(view) == size and done + size < total:
