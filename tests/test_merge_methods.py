@@ -429,6 +429,28 @@ def _bf16_taus(n: int, seed: int, scale: float = 0.01) -> torch.Tensor:
     return theta.float() - base.float()
 
 
+def test_breadcrumbs_band_of_a_large_bf16_delta_matches_oracle():
+    """Above the size that is selected in one exact pass, the band's two cuts come from the
+    sampled brackets; on bf16 deltas both fall inside runs of tied magnitudes, and the entries
+    kept are still exactly ranks [top, top + keep) of the oracle's ranking (ties by position),
+    streamed in chunks of 97 rows."""
+    from mergehub.ops.selection import _EXACT
+
+    rows, cols = 1100, 1000
+    assert rows * cols > _EXACT
+    tau = _bf16_taus(rows * cols, seed=9).reshape(rows, cols)
+    flat = tau.reshape(-1).numpy()
+    out, m = run_chunked("breadcrumbs", {"ties": "index"}, [{"density": 0.2, "gamma": 0.01}],
+                         [tau], 97)
+    want = ref.band_mask(flat, 0.2, 0.01)
+    mags = np.abs(flat)
+    for rank in (int(0.01 * flat.size), int(0.21 * flat.size)):  # the test means something:
+        at = mags == np.sort(mags)[::-1][rank - 1]  # each cut splits a run of ties
+        assert 0 < (at & want).sum() < at.sum()
+    assert torch.equal(out.reshape(-1), tau.reshape(-1) * torch.from_numpy(want))
+    assert m.kept_report().kept == [int(0.2 * flat.size)]
+
+
 @pytest.mark.parametrize("ties", ["index", "threshold"])
 def test_global_trim_matches_oracle(ties):
     """trim_scope: global keeps, per task, what the oracle's trim of the whole flattened task
