@@ -8,7 +8,8 @@ method's outputs are also compared across them byte for byte.
 The inputs are ``bench_merge.py``'s synthetic Llama-style bf16 base and 4 fine-tunes (default
 here: 4 layers, hidden 1536, intermediate 4096, vocab 32000: 211,564,032 parameters); the
 recipes use its weights and density 0.2 (TIES: normalize, lambda 1; DARE-TIES: lambda 1;
-task arithmetic: lambda 0.5), dtype float32, out_dtype bfloat16. CPU seconds are the child's
+task arithmetic: lambda 0.5; with ``--methods``, breadcrumbs: as task arithmetic, with gamma
+0.01), dtype float32, out_dtype bfloat16. CPU seconds are the child's
 ``getrusage`` user + system time around the merge call (imports outside); the child first
 sets malloc as ``hub`` does (:func:`mergehub.host_memory.keep_freed_memory`).
 The page cache is warm after the first merge. On a shared machine the ratios of one repeat
@@ -16,6 +17,7 @@ The page cache is warm after the first merge. On a shared machine the ratios of 
 
     python benchmarks/bench_cpu_ratio.py --repeats 3
     python benchmarks/bench_cpu_ratio.py --code before=/tmp/before --code after=. --repeats 3
+    python benchmarks/bench_cpu_ratio.py --methods ties breadcrumbs --repeats 3
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_merge as bm  # noqa: E402
 
 METHODS = ("task_arithmetic", "ties", "dare_ties")
+#: methods ``--methods`` may add (task arithmetic always runs: the ratios' baseline)
+MORE = ("breadcrumbs",)
 
 CHILD = r"""
 import resource, sys, time
@@ -57,9 +61,12 @@ def recipe(method: str, paths: dict[str, Path]) -> str:
         lines += [f"  - model: {paths[f'ft{i}']}", "    parameters:", f"      weight: {w}"]
         if method != "task_arithmetic":
             lines.append(f"      density: {bm.DENSITY}")
+        if method == "breadcrumbs":
+            lines.append(f"      gamma: {bm.GAMMA}")
     lines.append("parameters:")
     lines += {"ties": ["  normalize: true", "  lambda: 1.0"], "dare_ties": ["  lambda: 1.0"],
-              "task_arithmetic": ["  normalize: false", "  lambda: 0.5"]}[method]
+              "task_arithmetic": ["  normalize: false", "  lambda: 0.5"],
+              "breadcrumbs": ["  normalize: false", "  lambda: 0.5"]}[method]
     lines += ["dtype: float32", "out_dtype: bfloat16"]
     return "\n".join(lines) + "\n"
 
@@ -79,7 +86,11 @@ def main() -> None:
                     help="NAME=PATH of a source tree to run (default: this checkout)")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="where the models go (kept and reused if given)")
+    ap.add_argument("--methods", nargs="+", choices=METHODS + MORE, default=list(METHODS),
+                    help="methods to time (task_arithmetic is always added: the baseline; "
+                         "breadcrumbs: as task arithmetic, density 0.2, gamma 0.01)")
     args = ap.parse_args()
+    methods = ["task_arithmetic"] + [m for m in args.methods if m != "task_arithmetic"]
     root = Path(__file__).resolve().parent.parent
     codes = [c.split("=", 1) for c in args.code] or [["this", str(root)]]
     codes = [(name, str(Path(path).resolve())) for name, path in codes]
@@ -93,7 +104,7 @@ def main() -> None:
     print(f"{sum(s.nbytes for s in specs) // 2:,} parameters bf16, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f} at the start; codes: "
           + ", ".join(f"{n}={p}" for n, p in codes))
-    runs = [(code, m) for code in codes for m in METHODS]
+    runs = [(code, m) for code in codes for m in methods]
     times: dict[tuple[str, str], list[tuple[float, float]]] = {}
     digests: dict[tuple[str, str], str] = {}
     for r in range(args.repeats):
@@ -114,13 +125,13 @@ def main() -> None:
                   f"(load {os.getloadavg()[0]:.1f})", flush=True)
     for name, _ in codes:
         ta = times[(name, "task_arithmetic")]
-        for m in METHODS[1:]:
+        for m in methods[1:]:
             v = times[(name, m)]
             print(f"{name} {m}/task_arithmetic: wall "
                   + ", ".join(f"{a[0] / b[0]:.2f}" for a, b in zip(v, ta)) + "; CPU "
                   + ", ".join(f"{a[1] / b[1]:.2f}" for a, b in zip(v, ta)))
     if len(codes) > 1:
-        for m in METHODS:
+        for m in methods:
             same = len({digests[(name, m)] for name, _ in codes}) == 1
             print(f"{m}: outputs of {', '.join(n for n, _ in codes)} "
                   f"{'identical' if same else 'DIFFER'}")

@@ -429,19 +429,31 @@ def _bf16_taus(n: int, seed: int, scale: float = 0.01) -> torch.Tensor:
     return theta.float() - base.float()
 
 
-def test_breadcrumbs_band_of_a_large_bf16_delta_matches_oracle():
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+def test_breadcrumbs_band_of_a_large_bf16_delta_matches_oracle(compiled, monkeypatch):
     """Above the size that is selected in one exact pass, the band's two cuts come from the
     sampled brackets; on bf16 deltas both fall inside runs of tied magnitudes, and the entries
     kept are still exactly ranks [top, top + keep) of the oracle's ranking (ties by position),
-    streamed in chunks of 97 rows."""
+    streamed in chunks of 97 rows: with the compiled bracket pass (which notes where the runs
+    are cut) and in torch operations (a pass more finds it)."""
+    from mergehub.kernels import numba_merge
     from mergehub.ops.selection import _EXACT
 
     rows, cols = 1100, 1000
     assert rows * cols > _EXACT
     tau = _bf16_taus(rows * cols, seed=9).reshape(rows, cols)
     flat = tau.reshape(-1).numpy()
+    calls = []
+    if compiled:
+        if not numba_merge.available():
+            pytest.skip("no Numba")
+        real = numba_merge.bracket_pass
+        monkeypatch.setattr(numba_merge, "bracket_pass", lambda *a: calls.append(1) or real(*a))
+    else:
+        monkeypatch.setattr(numba_merge, "available", lambda: False)
     out, m = run_chunked("breadcrumbs", {"ties": "index"}, [{"density": 0.2, "gamma": 0.01}],
                          [tau], 97)
+    assert len(calls) == (-(-rows // 97) if compiled else 0)  # every chunk compiled, or none
     want = ref.band_mask(flat, 0.2, 0.01)
     mags = np.abs(flat)
     for rank in (int(0.01 * flat.size), int(0.21 * flat.size)):  # the test means something:
@@ -499,14 +511,20 @@ def test_global_trim_matches_oracle(ties):
     assert g.kept()[2] == 0
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["torch", "compiled"])
 @pytest.mark.parametrize("pattern", ["random", "ties", "adversarial", "ternary", "signs"])
-def test_streamed_kth_largest_is_exact(pattern):
+def test_streamed_kth_largest_is_exact(pattern, compiled):
     """The sampled bracket + count selection equals a full sort (the k-th value and the counts
     above and at it), including when the strided sample misrepresents the tensor (then it
     falls back to gathering), and on the long runs of one magnitude that compressed deltas
     have (ComPEFT's zeros and one ±value, a 1-bit delta's one scale per row), whose brackets
-    hold a single value."""
+    hold a single value. In torch operations or the compiled bracket pass, which also notes
+    the k-th entry's position in the ranking (ties by position: a stable sort's)."""
+    from mergehub.kernels import numba_merge
     from mergehub.ops.selection import kth_largest_abs
+
+    if compiled and not numba_merge.available():
+        pytest.skip("no Numba")
 
     n = 3_000_017
     gen = torch.Generator().manual_seed(5)
@@ -529,12 +547,22 @@ def test_streamed_kth_largest_is_exact(pattern):
             yield None, [c, -c] if which is None else [[c, -c][i] for i in which]
 
     ks = [[1, 17, n // 5, n - 1, n], [n // 2]]
-    got, _ = kth_largest_abs(chunks, n, ks)
+    got, whole, kth_at = kth_largest_abs(chunks, n, ks,
+                                         numba_merge.bracket_pass if compiled else None)
     mag = x.abs()
-    ordered = mag.sort(descending=True).values
-    for row, kk in zip(got, ks):
-        v = [ordered[k - 1].item() for k in kk]
+    ordered = mag.sort(descending=True, stable=True)
+    for t, (row, kk) in enumerate(zip(got, ks)):
+        v = [ordered.values[k - 1].item() for k in kk]
         assert row == [(u, int((mag > u).sum()), int((mag == u).sum())) for u in v]
+        for j, k in enumerate(kk):
+            if (t, j) in kth_at:
+                assert kth_at[(t, j)] == int(ordered.indices[k - 1]), (t, k)
+    if not compiled:
+        assert not kth_at
+    elif pattern == "random":  # brackets of several values, none missed: every position
+        assert not whole and len(kth_at) == sum(map(len, ks))
+    elif pattern == "ties":  # some brackets hold one value (counted only), others several
+        assert 0 < len(kth_at) < sum(map(len, ks))
 
 
 def _arranged(pattern: str, n: int) -> torch.Tensor:

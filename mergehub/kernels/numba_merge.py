@@ -128,3 +128,30 @@ def dare_chunk(base: torch.Tensor, xs: list[torch.Tensor], keys: list[int], star
                          _flat32(base), np.asarray(weights, np.float32), np.float32(lam),
                          elect == "count", normalize, out.view(-1).numpy(), counts)
     return [int(c) for c in counts] if done else None
+
+
+def bracket_pass(x: torch.Tensor, brackets: list[tuple[float, float]], offset: int
+                 ) -> tuple[list[int], list[int | tuple[torch.Tensor, torch.Tensor]]] | None:
+    """The bracket pass of :func:`mergehub.ops.selection.kth_largest_abs` over one input's
+    chunk ``x`` (flat positions from ``offset``) in one compiled loop: per bracket (lo, hi) of
+    |x|, how many entries lie above hi, and either how many equal it (a bracket of one value,
+    lo == hi) or the entries within [lo, hi] with their flat positions (float32, int64), in
+    order: the counts and values of the torch path (float32 comparisons against bounds that
+    are float32 values), with the positions besides. ``None`` where it does not apply (not
+    a float32 tensor on the CPU, or Numba missing)."""
+    if not available() or x.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    flat = x.reshape(-1).contiguous().numpy()
+    nb = len(brackets)
+    single = np.array([lo == hi for lo, hi in brackets], dtype=np.bool_)
+    above = np.zeros(nb, dtype=np.int64)
+    counts = np.zeros(nb, dtype=np.int64)
+    room = 0 if single.all() else flat.size
+    cand = torch.empty((nb, room), dtype=torch.float32)  # torch's memory: see codec.new_buffer
+    where = torch.empty((nb, room), dtype=torch.int64)
+    _loops().bracket_pass(flat, np.array([lo for lo, _ in brackets], np.float32),
+                          np.array([hi for _, hi in brackets], np.float32), single, offset,
+                          above, counts, cand.numpy(), where.numpy())
+    inside = [int(c) if s else (cand[j, :c], where[j, :c])
+              for j, (s, c) in enumerate(zip(single, counts))]
+    return [int(a) for a in above], inside

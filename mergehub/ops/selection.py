@@ -25,6 +25,14 @@ import torch
 #: chunks() or chunks(which): yields (base rows, [rows of each input, or of those in which])
 ChunkStream = Callable[..., Iterable[tuple[torch.Tensor | None, list[torch.Tensor]]]]
 
+#: a compiled bracket pass over one input's chunk (the merge layer passes
+#: :func:`mergehub.kernels.numba_merge.bracket_pass`): (flat chunk, [(lo, hi) per bracket of
+#: |x|], the chunk's first flat position) -> (entries above each hi, per bracket the count of
+#: entries equal to a one-value bracket or (values, positions) within [lo, hi]), or ``None``
+#: where it does not take the chunk (the torch operations then run)
+BracketPass = Callable[[torch.Tensor, list[tuple[float, float]], int],
+                       "tuple[list[int], list[int | tuple[torch.Tensor, torch.Tensor]]] | None"]
+
 _SAMPLE = 1 << 17  # values sampled per tensor and input to bracket an order statistic
 _EXACT = 1 << 20  # tensors this small are selected exactly in one pass
 
@@ -98,38 +106,47 @@ class Order(NamedTuple):
         return cls(value, int((magnitudes > value).sum()), int((magnitudes == value).sum()))
 
 
-def kth_largest_abs(chunks: ChunkStream, n: int, ks: list[list[int]]
-                    ) -> tuple[list[list[Order]], dict[int, torch.Tensor]]:
+def kth_largest_abs(chunks: ChunkStream, n: int, ks: list[list[int]],
+                    bracket: BracketPass | None = None
+                    ) -> tuple[list[list[Order]], dict[int, torch.Tensor],
+                               dict[tuple[int, int], int]]:
     """For each input t and each k in ``ks[t]`` (1 <= k <= n), the k-th largest |x| over the
     whole tensor and the counts above it and at it; also the inputs whose |x| had to be gathered
-    whole (flat, in order), by input.
+    whole (flat, in order), by input; and, where the compiled ``bracket`` pass noted it, the
+    flat position of the k-th entry of the ranking (ties by position), by (input, index into
+    ``ks[t]``).
 
     Exact, without a sort of the tensor: a first pass samples every ``n / 2**17``-th value to
     bracket each order statistic, a second counts the values above the bracket and keeps those
-    inside it (about 1% of the tensor), among which the k-th is selected; every value equal to
-    it lies inside the bracket, so the counts are exact too. Tensors of at most ``_EXACT``
-    values, and an input whose bracket misses (a sampling outlier; the counts tell), are
-    gathered whole instead.
+    inside it (about 1% of the tensor; with ``bracket``, in one compiled loop per chunk, with
+    their positions), among which the k-th is selected; every value equal to it lies inside
+    the bracket, so the counts, and the positions of the entries tied at it, are exact too.
+    Tensors of at most ``_EXACT`` values, and an input whose bracket misses (a sampling
+    outlier; the counts tell), are gathered whole instead; a bracket of a single value (a run
+    of one magnitude) is only counted.
     """
     which = [t for t, k in enumerate(ks) if k]
     out: list[list[Order]] = [[] for _ in ks]
     whole: dict[int, torch.Tensor] = {}
+    kth_at: dict[tuple[int, int], int] = {}
     if not which:
-        return out, whole
+        return out, whole, kth_at
     if n <= _EXACT:
         redo = which
     else:
-        redo = _bracketed(chunks, n, ks, which, out)
+        redo = _bracketed(chunks, n, ks, which, out, kth_at, bracket)
     if redo:
         for t, v in zip(redo, _gather(chunks, redo)):
             whole[t] = v
             out[t] = [Order.of(v, _kth(v, k)) for k in ks[t]]
-    return out, whole
+    return out, whole, kth_at
 
 
 def _bracketed(chunks: ChunkStream, n: int, ks: list[list[int]], which: list[int],
-               out: list[list[Order]]) -> list[int]:
-    """:func:`kth_largest_abs`'s sampled brackets: fills ``out`` for the inputs in ``which``
+               out: list[list[Order]], kth_at: dict[tuple[int, int], int],
+               bracket: BracketPass | None) -> list[int]:
+    """:func:`kth_largest_abs`'s sampled brackets: fills ``out`` (and ``kth_at``, for the
+    inputs whose every chunk the compiled ``bracket`` pass took) for the inputs in ``which``
     whose brackets hold their k-th largest values; returns the others."""
     stride = max(1, n // _SAMPLE)
     samples = [[] for _ in which]
@@ -153,9 +170,27 @@ def _bracketed(chunks: ChunkStream, n: int, ks: list[list[int]], which: list[int
     # one scale of a row of a 1-bit one) only counts its entries; others keep theirs
     inside: list[list[Appended | int | None]] = [
         [0 if lo == hi else None for lo, hi in per_k] for per_k in brackets]
+    # the candidates' flat positions, while the compiled pass took every chunk of the input
+    where: list[list[Appended] | None] = [[Appended(torch.int64) for _ in per_k]
+                                          for per_k in brackets]
     floors = [min(lo for lo, _ in per_k) for per_k in brackets]
+    offset = 0
     for _, xs in chunks(which):
         for i, x in enumerate(xs):
+            done = bracket(x, brackets[i], offset) if bracket is not None else None
+            if done is not None:
+                for j, (count, got) in enumerate(zip(*done)):
+                    above[i][j] += count
+                    if isinstance(got, int):
+                        inside[i][j] += got
+                        continue
+                    if inside[i][j] is None:
+                        inside[i][j] = Appended(got[0].dtype)
+                    inside[i][j].append(got[0])
+                    if where[i] is not None:
+                        where[i][j].append(got[1])
+                continue
+            where[i] = None
             v = x.reshape(-1).abs()
             if floors[i] > -math.inf:  # what every count below needs: at or above a bracket
                 v = v[v >= floors[i]]
@@ -167,9 +202,10 @@ def _bracketed(chunks: ChunkStream, n: int, ks: list[list[int]], which: list[int
                     if inside[i][j] is None:
                         inside[i][j] = Appended(v.dtype, v.device)
                     inside[i][j].append(v[(v >= lo) & (v <= hi)])
+        offset += xs[0].numel() if xs else 0
     missed = []
     for i, t in enumerate(which):
-        row = []
+        row, at = [], {}
         for j, k in enumerate(ks[t]):
             cand = inside[i][j]
             if cand is None:  # no chunk: an empty tensor
@@ -184,6 +220,11 @@ def _bracketed(chunks: ChunkStream, n: int, ks: list[list[int]], which: list[int
             cand = cand.values()
             order = Order.of(cand, _kth(cand, k - above[i][j]))
             row.append(order._replace(above=order.above + above[i][j]))
+            if where[i] is not None:  # the k-th: the (k - above)-th tied at it, by position
+                tied = where[i][j].values()[cand == order.value]
+                at[(t, j)] = int(tied[k - row[-1].above - 1])
+        else:  # no bracket missed: the input's positions stand
+            kth_at.update(at)
         out[t] = row
     return sorted(set(missed))
 
@@ -221,22 +262,25 @@ def cut_at(order: Order, k: int, n: int, ties: str, magnitudes: torch.Tensor | N
 
 
 def top_k_cuts(chunks: ChunkStream, n: int, ks: list[list[int]], ties: str,
-               locate: bool = False) -> list[list[Cut]]:
+               locate: bool = False, bracket: BracketPass | None = None) -> list[list[Cut]]:
     """For each input t and each k in ``ks[t]`` (1 <= k <= n), the :class:`Cut` keeping its k
     largest |x| (``ties: index``: exactly k, ties by position; ``threshold``: all tied; tie
     ends as :func:`cut_at`).
 
-    :func:`kth_largest_abs` finds the k-th value and the counts; where the cut falls inside a
-    run of tied values of an input not gathered whole, one more pass over the chunks (stopping
-    where the last such run is resolved) finds the position of the r-th tied entry.
+    :func:`kth_largest_abs` (with the compiled ``bracket`` pass where given) finds the k-th
+    value and the counts; where the cut falls inside a run of tied values of an input not
+    gathered whole, the position of the r-th tied entry is the one that pass noted, or else one
+    more pass over the chunks (stopping where the last such run is resolved) finds it.
     """
-    orders, whole = kth_largest_abs(chunks, n, ks)
+    orders, whole, kth_at = kth_largest_abs(chunks, n, ks, bracket)
     out: list[list[Cut | None]] = [[None] * len(row) for row in orders]
     pending: dict[tuple[int, int], int] = {}  # (input, index into ks) -> ties still to pass
     for t, row in enumerate(orders):
         for j, (k, order) in enumerate(zip(ks[t], row)):
             if t in whole or not located(order, k, ties, locate):
                 out[t][j] = cut_at(order, k, n, ties, whole.get(t), locate)
+            elif (t, j) in kth_at:
+                out[t][j] = Cut(order.value, kth_at[(t, j)] + 1, k)
             else:
                 pending[(t, j)] = k - order.above
     which = sorted({t for t, _ in pending})
@@ -338,10 +382,12 @@ def check_ties(rule: Any) -> None:
 
 def magnitude_cuts(chunks: ChunkStream, n: int, densities: list[float],
                    tolerance: float | None = None, ties: str = "index",
-                   locate: bool = False) -> list[Cut | None]:
+                   locate: bool = False, bracket: BracketPass | None = None
+                   ) -> list[Cut | None]:
     """Per input, the trim's :class:`Cut` at its density: the top k = :func:`kth_rank` entries
-    (``ties`` as :func:`top_k_cuts`); ``None`` keeps all (density >= 1), :data:`NOTHING` none
-    (density <= 0). ``locate``: tie ends as :func:`cut_at` (a sample's cut needs it).
+    (``ties`` and the compiled ``bracket`` pass as :func:`top_k_cuts`); ``None`` keeps all
+    (density >= 1), :data:`NOTHING` none (density <= 0). ``locate``: tie ends as
+    :func:`cut_at` (a sample's cut needs it).
 
     ``tolerance`` ε: instead of the top k of the tensor, the cut at the k_s-th entry of a random
     sample of S values (:func:`sample_positions`) in the same ranking, k_s = max(1, int(d·S));
@@ -362,7 +408,7 @@ def magnitude_cuts(chunks: ChunkStream, n: int, densities: list[float],
                               ties=ties, locate=True)
         return [sampled_cut(c, positions, n, ties) for c in cuts]
     ks = [[k] if (k := kth_rank(d, n)) else [] for d in densities]
-    found = top_k_cuts(chunks, n, ks, ties, locate)
+    found = top_k_cuts(chunks, n, ks, ties, locate, bracket)
     return [None if d >= 1 or not n else NOTHING if d <= 0 else f[0]
             for d, f in zip(densities, found)]
 

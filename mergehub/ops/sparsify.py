@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mergehub.ops.selection import NOTHING, ChunkStream, Cut, kth_largest_abs, top_k_cuts
+from mergehub.ops.selection import (
+    NOTHING, BracketPass, ChunkStream, Cut, kth_largest_abs, top_k_cuts)
 
 
 #: :meth:`KeptTally.add` from the threads that merge tensors at once (one lock for all
@@ -70,7 +71,8 @@ Band = tuple[Cut | None, Cut | None]
 
 
 def outlier_bands(chunks: ChunkStream, n: int, densities: list[float], gammas: list[float],
-                  ties: str = "index") -> list[Band | None]:
+                  ties: str = "index", bracket: BracketPass | None = None
+                  ) -> list[Band | None]:
     """Breadcrumbs, per input: keep = int(d·n) entries after the top = int(gamma·n) first of
     the ranking, top cut down to n − keep where both would not fit (mergekit's
     magnitude_outliers); ``None`` keeps everything (d >= 1).
@@ -78,7 +80,8 @@ def outlier_bands(chunks: ChunkStream, n: int, densities: list[float], gammas: l
     ``ties: index``: exactly those ranks (the cuts at top + keep and at top). ``threshold``:
     the band between the values at those ranks, lo < |x| <= hi, with lo the (top + keep + 1)-th
     largest |x| and hi the (top + 1)-th (so ties at the upper end are kept, at the lower end
-    dropped, and the band may hold more or fewer than keep).
+    dropped, and the band may hold more or fewer than keep). ``bracket``: the compiled
+    selection pass, as :func:`~mergehub.ops.selection.top_k_cuts` takes it.
     """
     ks, plans = [], []
     for d, g in zip(densities, gammas):
@@ -97,9 +100,10 @@ def outlier_bands(chunks: ChunkStream, n: int, densities: list[float], gammas: l
             ks.append([top + 1] + ([top + keep + 1] if top + keep < n else []))
             plans.append("values")
     if ties == "index":
-        found = top_k_cuts(chunks, n, ks, ties)
+        found = top_k_cuts(chunks, n, ks, ties, bracket=bracket)
     else:  # |x| > lo and not |x| > hi: cuts with no tied entry
-        found = [[Cut(o.value, 0, o.above) for o in row] for row in kth_largest_abs(chunks, n, ks)[0]]
+        found = [[Cut(o.value, 0, o.above) for o in row]
+                 for row in kth_largest_abs(chunks, n, ks, bracket)[0]]
     out: list[Band | None] = []
     for plan, f in zip(plans, found):
         if plan is None:

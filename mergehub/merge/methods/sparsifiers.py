@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from mergehub.kernels import dare_words
+from mergehub.kernels import dare_words, numba_merge
 from mergehub.merge.methods import fast
 from mergehub.merge.methods.base import Prepass, TensorContext
 from mergehub.merge.methods.global_cuts import GlobalCuts
@@ -196,7 +196,8 @@ class MagnitudeTrim(Sparsifier):
     def statistics(self, chunks: ChunkStream, ranges: list[tuple[int, int]],
                    model_params: Params, ctx: TensorContext) -> Sparsity:
         cuts = self.cuts(model_params, ctx, lambda densities: magnitude_cuts(
-            chunks, ctx.numel, densities, self.tolerance, self.params["ties"]))
+            chunks, ctx.numel, densities, self.tolerance, self.params["ties"],
+            bracket=numba_merge.bracket_pass))
         return self.l1_rescaled(chunks, cuts, cut_mask)
 
     def keep(self, xs: list[torch.Tensor], sparsity: Sparsity, model_params: Params,
@@ -315,7 +316,8 @@ class OutlierBand(Sparsifier):
                    model_params: Params, ctx: TensorContext) -> Sparsity:
         n = ctx.numel
         bands = outlier_bands(chunks, n, [float(p["density"]) for p in model_params],
-                              [float(p["gamma"]) for p in model_params], self.params["ties"])
+                              [float(p["gamma"]) for p in model_params], self.params["ties"],
+                              bracket=numba_merge.bracket_pass)
         for t, band in enumerate(bands):
             self.tally.add(t, band_kept(band, n), 0, n)
         return self.l1_rescaled(chunks, bands, band_mask)
