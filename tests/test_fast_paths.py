@@ -21,7 +21,8 @@ from mergehub.kernels import numba_merge
 from mergehub.merge.methods import fast, onepass, sparsifiers
 from mergehub.ops.selection import NOTHING, Appended, Cut, magnitude_cuts
 from mergehub.ops.sparsify import (
-    apply_mask, bernoulli_mask, combine, cut_mask, draw_words, keep_threshold, philox4x32)
+    apply_mask, band_mask, bernoulli_mask, combine, cut_mask, draw_words, keep_threshold,
+    outlier_bands, philox4x32)
 
 WEIGHTS = {"mixed": [1.0, 0.5, 0.75, 1.0], "negative": [1.0, -0.5, 2.0, 1.0],
            "zero": [0.0, 1.0, 1e-30, 3.0]}
@@ -126,6 +127,29 @@ def test_shrink_is_the_plain_mask(kind):
     inf = torch.tensor([1.0, math.inf, -math.inf, math.nan, 0.0])
     assert same(fast.shrink(inf, NOTHING, 0), apply_mask(inf, cut_mask(inf, NOTHING)))
     assert fast.shrink(inf, Cut(math.inf, 5), 0) is None
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "sparse", "zeros"])
+@pytest.mark.parametrize("ties", ["index", "threshold"])
+def test_band_shrink_is_the_plain_band_mask(kind, ties):
+    """Breadcrumbs' band as two shrinks and a subtraction gives the plain mask's values
+    (signed zeros aside) for the bands that outlier_bands selects: every density and gamma
+    shape (no keep cut, no outlier cut, nothing kept, cuts inside runs of ties), at chunk
+    offsets that split the runs; a chunk that is not finite is left to the plain mask."""
+    _, taus = deltas(kind, (4096,), torch.bfloat16)
+    x = taus[0]
+    stream = lambda which=None: iter([(None, [x])])  # noqa: E731
+    for density, gamma in ((0.2, 0.01), (0.5, 0.1), (0.6, 0.45), (0.0, 0.1), (0.3, 0.0),
+                           (1.0, 0.1), (0.999, 0.0)):
+        (band,) = outlier_bands(stream, x.numel(), [density], [gamma], ties)
+        for offset in (0, 1000, 2048):
+            chunk = x[offset:offset + 2048]
+            want = apply_mask(chunk, band_mask(chunk, band, offset))
+            assert same_value(fast.band_shrink(chunk, band, offset), want), (band, offset)
+    for bad in (math.inf, -math.inf, math.nan):  # declined: the plain mask runs
+        odd = torch.tensor([1.0, bad, 0.0, -2.0, 0.5, -0.0, 3.0])
+        (band,) = outlier_bands(lambda which=None: iter([(None, [odd])]), 7, [0.5], [0.2], ties)
+        assert band is not None and fast.band_shrink(odd, band, 0) is None
 
 
 # --- DARE's draws ----------------------------------------------------------------------------

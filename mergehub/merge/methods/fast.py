@@ -7,7 +7,8 @@ costs differ far more than their count suggests: float arithmetic and ``hardshri
 ~0.1-0.15 ns per element, a comparison that writes a boolean tensor ~0.7 ns, ``torch.where``
 ~3-5 ns, ``torch.rand`` ~7 ns (measured on the 2-core VM of ``benchmarks/RESULTS.md``, one
 thread, 2^18-element chunks). The plain functions spend most of their time in the slow ones.
-Here a trim is one ``hardshrink`` per input (:func:`shrink`), the sign election uses only
+Here a trim is one ``hardshrink`` per input (:func:`shrink`; breadcrumbs' band two and a
+subtraction, :func:`band_shrink`), the sign election uses only
 float arithmetic (:func:`elect_combine`), and DARE's keep-masks are made from the same
 stream's words with integer operations (:func:`dare_keep`).
 
@@ -46,6 +47,26 @@ def shrink(x: torch.Tensor, cut: Cut | None, offset: int) -> torch.Tensor | None
     if cut.tie_end <= 0 and cut.threshold == math.inf:  # keeps nothing: exactly x * False
         return x * 0.0
     return split_shrink(x, cut.threshold, min(max(cut.tie_end - offset, 0), x.numel()))
+
+
+def band_shrink(x: torch.Tensor, band: sparsify.Band | None, offset: int
+                ) -> torch.Tensor | None:
+    """``apply_mask(x, band_mask(x, band, offset))`` of a float32 chunk whose first flat
+    position is ``offset`` (breadcrumbs' band): what the keep cut keeps less what the outlier
+    cut keeps, two :func:`shrink` and a subtraction (the outliers are among the entries the
+    keep cut keeps, so each entry is x - x = +0, x - 0 = x or 0 - 0); ``None`` for a chunk
+    that is not finite (where the plain mask drops an infinite entry it gives NaN, and where
+    it keeps one, inf) or where a shrink is ``None``."""
+    if band is None:
+        return x
+    if not math.isfinite(float(x.sum())):
+        return None
+    keep, outliers = band
+    kept = x if keep is None else shrink(x, keep, offset)
+    if kept is None or outliers is None:
+        return kept
+    top = shrink(x, outliers, offset)
+    return None if top is None else kept - top
 
 
 def split_shrink(x: torch.Tensor, threshold: float, split: int) -> torch.Tensor | None:

@@ -324,8 +324,14 @@ class OutlierBand(Sparsifier):
 
     def keep(self, xs: list[torch.Tensor], sparsity: Sparsity, model_params: Params,
              ctx: TensorContext) -> list[torch.Tensor]:
-        return [apply_mask(x, band_mask(x, b, ctx.offset), s)
-                for x, b, s in zip(xs, sparsity.keeps, sparsity.scales)]
+        """Each chunk restricted to its band (on the CPU by :func:`fast.band_shrink` where it
+        applies: the same bits)."""
+        out = []
+        for x, band, s in zip(xs, sparsity.keeps, sparsity.scales):
+            kept = fast.band_shrink(x, band, ctx.offset) if x.device.type == "cpu" else None
+            out.append(apply_mask(x, band_mask(x, band, ctx.offset), s) if kept is None
+                       else kept if band is None or s == 1.0 else kept * s)
+        return out
 
     def planned_kept(self, densities: list[list[float]], numels: list[int]
                      ) -> tuple[list[float], str]:
