@@ -1,6 +1,8 @@
 """The CPU's merge of one chunk in one compiled loop (Numba): TIES's one-pass chunk
 (:func:`mergehub.merge.methods.onepass.one_pass_ties`) and DARE-TIES's chunk, without a
-temporary tensor per input and step; and DARE's words (Philox4x32-10), drawn in the loop.
+temporary tensor per input and step; DARE's words (Philox4x32-10), drawn in the loop; and the
+counting pass of the streamed top-k selection (:func:`bracket_pass`, breadcrumbs' and the
+magnitude trims' cuts).
 
 In eager torch that work is about ten elementwise passes per input over each ~1 MB chunk
 (trim or drop, count, weight, sum the scores, agree, sum and count the agreeing entries, and
