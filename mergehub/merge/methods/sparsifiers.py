@@ -114,6 +114,22 @@ class Sparsifier:
         """The entries kept per input in the tensors merged so far."""
         return self.tally
 
+    @staticmethod
+    def masked(xs: list[torch.Tensor], sparsity: Sparsity, offset: int,
+               mask: Callable[[torch.Tensor, Any, int], torch.Tensor | None],
+               fast_kept: Callable[[torch.Tensor, Any, int], torch.Tensor | None]
+               ) -> list[torch.Tensor]:
+        """Each chunk (first flat position ``offset``) with what its keep keeps, times its
+        scale: ``apply_mask(x, mask(x, keep, offset), scale)``, on the CPU by
+        ``fast_kept(x, keep, offset)`` where that does not return ``None`` (the same
+        values, signed zeros aside; ``None`` keeps everything, unscaled, either way)."""
+        out = []
+        for x, keep, s in zip(xs, sparsity.keeps, sparsity.scales):
+            kept = fast_kept(x, keep, offset) if x.device.type == "cpu" else None
+            out.append(apply_mask(x, mask(x, keep, offset), s) if kept is None
+                       else kept if keep is None or s == 1.0 else kept * s)
+        return out
+
     def l1_rescaled(self, chunks: ChunkStream, keeps: list[Any],
                     mask: Callable[[torch.Tensor, Any, int], torch.Tensor | None]) -> Sparsity:
         """``keeps`` with survivors rescaled to each input's L1 norm where ``rescale`` is true
@@ -204,12 +220,7 @@ class MagnitudeTrim(Sparsifier):
              ctx: TensorContext) -> list[torch.Tensor]:
         """Each chunk restricted to its largest magnitudes (on the CPU by :func:`fast.shrink`
         where it applies: the same bits)."""
-        out = []
-        for x, cut, s in zip(xs, sparsity.keeps, sparsity.scales):
-            kept = fast.shrink(x, cut, ctx.offset) if x.device.type == "cpu" else None
-            out.append(apply_mask(x, cut_mask(x, cut, ctx.offset), s) if kept is None
-                       else kept if cut is None or s == 1.0 else kept * s)
-        return out
+        return self.masked(xs, sparsity, ctx.offset, cut_mask, fast.shrink)
 
     def kept_report(self) -> KeptTally:
         if self.global_cuts is not None:
@@ -326,12 +337,7 @@ class OutlierBand(Sparsifier):
              ctx: TensorContext) -> list[torch.Tensor]:
         """Each chunk restricted to its band (on the CPU by :func:`fast.band_shrink` where it
         applies: the same bits)."""
-        out = []
-        for x, band, s in zip(xs, sparsity.keeps, sparsity.scales):
-            kept = fast.band_shrink(x, band, ctx.offset) if x.device.type == "cpu" else None
-            out.append(apply_mask(x, band_mask(x, band, ctx.offset), s) if kept is None
-                       else kept if band is None or s == 1.0 else kept * s)
-        return out
+        return self.masked(xs, sparsity, ctx.offset, band_mask, fast.band_shrink)
 
     def planned_kept(self, densities: list[list[float]], numels: list[int]
                      ) -> tuple[list[float], str]:
