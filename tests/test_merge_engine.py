@@ -646,7 +646,7 @@ def test_store_reads_decode_into_no_numpy_arrays_of_huge_page_size(tmp_path, mon
     """Decoding a large lossless tensor, whole (a merge's read) or a chunk at a time (an
     export's), and its delta against the base, allocates no numpy array of 4 MiB or more:
     numpy advises huge pages for those, and the kernel may compact memory at their first
-    write (1.3-1.9 s against 0.75-0.86 s for a first merge of store entries, issue 15,
+    write (1.27-1.74 s against 0.75-0.86 s for a first merge of store entries, issue 15,
     item 4; see codec.new_buffer). The bytes are exact."""
     import numpy as np
     from safetensors.torch import load_file

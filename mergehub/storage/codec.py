@@ -205,7 +205,7 @@ def new_buffer(nbytes: int) -> bytearray:
     more with transparent huge pages, and where the kernel's huge-page defrag setting is
     ``madvise`` (a common default) the first write to such memory can wait while the kernel
     compacts memory to make a huge page. Measured on the first merge of store entries in a
-    process (`benchmarks/RESULTS.md`, issue 15): 1.3-1.9 s with numpy's arrays, a steady
+    process (`benchmarks/RESULTS.md`, issue 15): 1.27-1.74 s with numpy's arrays, a steady
     0.75-0.86 s with these. A bytearray comes from malloc's heap, where ``hub``'s settings
     (:func:`mergehub.host_memory.keep_freed_memory`) reuse freed memory; zeroing it costs a
     pass at memory speed.
